@@ -1,0 +1,221 @@
+//! What MLX this process runs on: version, backend, device, memory, BLAS and library path.
+//!
+//! `mlxd doctor` prints [`Report::gather`]; the daemon's status message reuses it. mlx-rs does not
+//! wrap these queries, so this file talks to mlx-c directly; every call is checked and a failure
+//! becomes a field that says so rather than an abort.
+
+use std::ffi::{CStr, CString};
+use std::fmt::Write as _;
+
+/// A snapshot of the MLX runtime this process loaded.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    /// MLX version reported by the loaded library.
+    pub mlx_version: String,
+    /// MLX version the bindings were built for.
+    pub built_for: &'static str,
+    /// `cuda`, `metal` or `cpu`: the best backend the loaded library can use.
+    pub backend: &'static str,
+    /// MLX's default device, e.g. `Device(gpu, 0)`.
+    pub default_device: String,
+    /// The device's name where the backend reports one (GPU model, CPU architecture).
+    pub device_name: Option<String>,
+    /// Total device memory in bytes where the backend reports it.
+    pub device_memory: Option<u64>,
+    /// MLX's memory limit in bytes.
+    pub memory_limit: Option<u64>,
+    /// Bytes held by live arrays.
+    pub active_memory: Option<u64>,
+    /// Bytes held in MLX's buffer cache.
+    pub cache_memory: Option<u64>,
+    /// The BLAS library mapped into this process, if any.
+    pub blas: String,
+    /// Path of the `libmlx` mapped into this process.
+    pub libmlx: String,
+    /// Where the build provisioned libmlx, and which BLAS it wired.
+    pub build_lib_dir: &'static str,
+}
+
+impl Report {
+    /// Queries the loaded MLX library.
+    pub fn gather() -> Self {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+        let info = device_info();
+        Report {
+            mlx_version: mlx_version().unwrap_or_else(|| "unknown".into()),
+            built_for: mlx_sys::build_info::MLX_VERSION,
+            backend: backend(),
+            default_device: default_device().unwrap_or_else(|| "unknown".into()),
+            device_name: info.name,
+            device_memory: info.memory,
+            memory_limit: size_query(mlx_sys::mlx_get_memory_limit),
+            active_memory: size_query(mlx_sys::mlx_get_active_memory),
+            cache_memory: size_query(mlx_sys::mlx_get_cache_memory),
+            blas: mapped_blas(&maps),
+            libmlx: mapped(&maps, |name| name.starts_with("libmlx."))
+                .unwrap_or_else(|| "not mapped (statically linked?)".into()),
+            build_lib_dir: mlx_sys::build_info::MLX_LIB_DIR,
+        }
+    }
+
+    /// True when the loaded MLX is the version the bindings were written for.
+    pub fn version_matches(&self) -> bool {
+        self.mlx_version == self.built_for
+    }
+
+    /// The human-readable form `mlxd doctor` prints.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let gib = |b: Option<u64>| match b {
+            Some(b) => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
+            None => "unknown".into(),
+        };
+        let _ = writeln!(s, "mlxd {}", env!("CARGO_PKG_VERSION"));
+        let _ = writeln!(s, "  MLX version     {} (built for {})", self.mlx_version, self.built_for);
+        let _ = writeln!(s, "  backend         {}", self.backend);
+        let _ = writeln!(s, "  default device  {}", self.default_device);
+        if let Some(name) = &self.device_name {
+            let _ = writeln!(s, "  device name     {name}");
+        }
+        if self.device_memory.is_some() {
+            let _ = writeln!(s, "  device memory   {}", gib(self.device_memory));
+        }
+        let _ = writeln!(s, "  memory limit    {}", gib(self.memory_limit));
+        let _ = writeln!(s, "  active / cache  {} / {}", gib(self.active_memory), gib(self.cache_memory));
+        let _ = writeln!(s, "  BLAS            {}", self.blas);
+        let _ = writeln!(s, "  libmlx          {}", self.libmlx);
+        let _ = writeln!(s, "  provisioned in  {} (BLAS at build: {})", self.build_lib_dir, mlx_sys::build_info::MLX_BLAS);
+        if !self.version_matches() {
+            let _ = writeln!(
+                s,
+                "\nwarning: the loaded MLX is {}, but mlxd was built for {}. Unset LD_LIBRARY_PATH \
+                 or point it at an MLX {} library (e.g. the mlx-cuda-13=={} wheel's mlx/lib).",
+                self.mlx_version, self.built_for, self.built_for, self.built_for
+            );
+        }
+        if self.blas.starts_with("reference") {
+            let _ = writeln!(
+                s,
+                "\nnote: CPU matmuls use the wheel's reference BLAS (about 40x slower than OpenBLAS). \
+                 Install OpenBLAS (Debian: apt-get install libopenblas0) and rebuild."
+            );
+        }
+        s
+    }
+}
+
+fn mlx_version() -> Option<String> {
+    // SAFETY: mlx_string is created, filled and freed here; the data pointer is copied first.
+    unsafe {
+        let mut s = mlx_sys::mlx_string_new();
+        let ok = mlx_sys::mlx_version(&mut s) == 0;
+        let out = ok.then(|| cstr(mlx_sys::mlx_string_data(s))).flatten();
+        mlx_sys::mlx_string_free(s);
+        out
+    }
+}
+
+fn backend() -> &'static str {
+    let mut cuda = false;
+    let mut metal = false;
+    // SAFETY: both write a bool through a valid pointer.
+    unsafe {
+        if mlx_sys::mlx_cuda_is_available(&mut cuda) != 0 {
+            cuda = false;
+        }
+        if mlx_sys::mlx_metal_is_available(&mut metal) != 0 {
+            metal = false;
+        }
+    }
+    match (cuda, metal) {
+        (true, _) => "cuda",
+        (_, true) => "metal",
+        _ => "cpu",
+    }
+}
+
+fn default_device() -> Option<String> {
+    // SAFETY: device and string objects are created and freed here.
+    unsafe {
+        let mut dev = mlx_sys::mlx_device_new();
+        let mut s = mlx_sys::mlx_string_new();
+        let ok = mlx_sys::mlx_get_default_device(&mut dev) == 0
+            && mlx_sys::mlx_device_tostring(&mut s, dev) == 0;
+        let out = ok.then(|| cstr(mlx_sys::mlx_string_data(s))).flatten();
+        mlx_sys::mlx_string_free(s);
+        mlx_sys::mlx_device_free(dev);
+        out
+    }
+}
+
+#[derive(Default)]
+struct DeviceInfo {
+    name: Option<String>,
+    memory: Option<u64>,
+}
+
+fn device_info() -> DeviceInfo {
+    let mut out = DeviceInfo::default();
+    // SAFETY: the info object is created, queried with NUL-terminated keys, and freed here;
+    // returned strings are copied before the free.
+    unsafe {
+        let mut dev = mlx_sys::mlx_device_new();
+        if mlx_sys::mlx_get_default_device(&mut dev) != 0 {
+            mlx_sys::mlx_device_free(dev);
+            return out;
+        }
+        let mut info = mlx_sys::mlx_device_info_new();
+        if mlx_sys::mlx_device_info_get(&mut info, dev) == 0 {
+            for key in ["device_name", "architecture"] {
+                let k = CString::new(key).expect("static key");
+                let mut v: *const std::os::raw::c_char = std::ptr::null();
+                if out.name.is_none() && mlx_sys::mlx_device_info_get_string(&mut v, info, k.as_ptr()) == 0 {
+                    out.name = cstr(v);
+                }
+            }
+            for key in ["total_memory", "memory_size"] {
+                let k = CString::new(key).expect("static key");
+                let mut v = 0usize;
+                if out.memory.is_none() && mlx_sys::mlx_device_info_get_size(&mut v, info, k.as_ptr()) == 0 {
+                    out.memory = Some(v as u64);
+                }
+            }
+        }
+        mlx_sys::mlx_device_info_free(info);
+        mlx_sys::mlx_device_free(dev);
+    }
+    out
+}
+
+fn size_query(f: unsafe extern "C" fn(*mut usize) -> std::os::raw::c_int) -> Option<u64> {
+    let mut v = 0usize;
+    // SAFETY: the query writes one size_t through a valid pointer.
+    (unsafe { f(&mut v) } == 0).then_some(v as u64)
+}
+
+fn cstr(p: *const std::os::raw::c_char) -> Option<String> {
+    // SAFETY: callers pass NUL-terminated strings owned by live MLX objects, or null.
+    (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+}
+
+/// The first file mapped into this process whose name passes `pred`, with links resolved.
+fn mapped(maps: &str, pred: impl Fn(&str) -> bool) -> Option<String> {
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|path| path.rsplit('/').next().is_some_and(&pred))
+        .map(|p| std::fs::canonicalize(p).map(|c| c.display().to_string()).unwrap_or(p.into()))
+}
+
+/// Which BLAS the process actually mapped: the wheel's links may point at OpenBLAS.
+fn mapped_blas(maps: &str) -> String {
+    if let Some(p) = mapped(maps, |n| n.starts_with("libopenblas")) {
+        return format!("OpenBLAS ({p})");
+    }
+    if let Some(p) = mapped(maps, |n| n.starts_with("libblas")) {
+        return format!("reference BLAS ({p})");
+    }
+    if cfg!(target_os = "macos") {
+        return "Accelerate (linked by libmlx)".into();
+    }
+    "none mapped".into()
+}
