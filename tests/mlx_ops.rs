@@ -34,6 +34,12 @@ fn pseudo(n: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
+/// MLX's CUDA backend runs f32 matmuls in TF32 (10-bit mantissa): relative errors near 1e-3
+/// there, 1e-6 on the CPU. Measured on an H100: 5.4e-4 for a 33-long dot product.
+fn matmul_tolerance() -> f32 {
+    if mlx_rs::Device::default().to_string().contains("gpu") { 3e-3 } else { 1e-5 }
+}
+
 fn naive_matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     let mut out = vec![0.0; m * n];
     for i in 0..m {
@@ -53,7 +59,7 @@ fn matmul_small_and_against_loops() {
     let (m, k, n) = (7, 33, 5);
     let (x, y) = (pseudo(m * k, 1), pseudo(k * n, 2));
     let got = matmul(Array::from_slice(&x, &[m as i32, k as i32]), Array::from_slice(&y, &[k as i32, n as i32])).unwrap();
-    assert_close(&vec_f32(&got), &naive_matmul(&x, &y, m, k, n), 1e-5, "matmul");
+    assert_close(&vec_f32(&got), &naive_matmul(&x, &y, m, k, n), matmul_tolerance(), "matmul");
 }
 
 #[test]
@@ -240,9 +246,14 @@ fn quantize_and_quantized_matmul() {
 
     let deq = dequantize(&wq, &scales, &biases, 64, 4).unwrap();
     let deq_v = vec_f32(&deq);
-    // 4 bits over a group's range: error at most half a step of (max - min) / 15.
-    for (i, (a, b)) in w.iter().zip(&deq_v).enumerate() {
-        assert!((a - b).abs() <= 2.0 / 15.0 / 2.0 + 1e-4, "dequantize[{i}]: {a} vs {b}");
+    // 4 bits over a group of 64: MLX snaps one edge of the range onto the grid, so the error
+    // stays within one step of (max - min) / 15 of that group.
+    for (g, (orig, back)) in w.chunks(64).zip(deq_v.chunks(64)).enumerate() {
+        let (lo, hi) = orig.iter().fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+        let step = (hi - lo) / 15.0;
+        for (i, (a, b)) in orig.iter().zip(back).enumerate() {
+            assert!((a - b).abs() <= step + 1e-5, "group {g} [{i}]: {a} vs {b}, step {step}");
+        }
     }
     let xa = Array::from_slice(&x, &[m as i32, k as i32]);
     let got = quantized_matmul(&xa, &wq, &scales, &biases, true, 64, 4).unwrap();
@@ -252,7 +263,7 @@ fn quantize_and_quantized_matmul() {
             deq_t[c * n + r] = deq_v[r * k + c];
         }
     }
-    assert_close(&vec_f32(&got), &naive_matmul(&x, &deq_t, m, k, n), 1e-4, "quantized_matmul");
+    assert_close(&vec_f32(&got), &naive_matmul(&x, &deq_t, m, k, n), matmul_tolerance().max(1e-4), "quantized_matmul");
 }
 
 #[test]

@@ -34,6 +34,8 @@ pub struct Report {
     pub libmlx: String,
     /// Where the build provisioned libmlx, and which BLAS it wired.
     pub build_lib_dir: &'static str,
+    /// Measured f32 matmul throughput (1024^3) on the default device, when asked for.
+    pub matmul_gflops: Option<f64>,
 }
 
 impl Report {
@@ -55,7 +57,15 @@ impl Report {
             libmlx: mapped(&maps, |name| name.starts_with("libmlx."))
                 .unwrap_or_else(|| "not mapped (statically linked?)".into()),
             build_lib_dir: mlx_sys::build_info::MLX_LIB_DIR,
+            matmul_gflops: None,
         }
+    }
+
+    /// Adds a short matmul measurement: it tells at a glance whether the CPU path runs on an
+    /// optimized BLAS and whether the GPU is really used.
+    pub fn with_matmul_benchmark(mut self) -> Self {
+        self.matmul_gflops = matmul_gflops(1024).ok();
+        self
     }
 
     /// True when the loaded MLX is the version the bindings were written for.
@@ -83,6 +93,9 @@ impl Report {
         let _ = writeln!(s, "  memory limit    {}", gib(self.memory_limit));
         let _ = writeln!(s, "  active / cache  {} / {}", gib(self.active_memory), gib(self.cache_memory));
         let _ = writeln!(s, "  BLAS            {}", self.blas);
+        if let Some(g) = self.matmul_gflops {
+            let _ = writeln!(s, "  matmul 1024^3   {g:.1} GFLOP/s (f32, default device)");
+        }
         let _ = writeln!(s, "  libmlx          {}", self.libmlx);
         let _ = writeln!(s, "  provisioned in  {} (BLAS at build: {})", self.build_lib_dir, mlx_sys::build_info::MLX_BLAS);
         if !self.version_matches() {
@@ -93,7 +106,7 @@ impl Report {
                 self.mlx_version, self.built_for, self.built_for, self.built_for
             );
         }
-        if self.blas.starts_with("reference") {
+        if self.backend == "cpu" && self.blas.starts_with("reference") {
             let _ = writeln!(
                 s,
                 "\nnote: CPU matmuls use the wheel's reference BLAS (about 40x slower than OpenBLAS). \
@@ -102,6 +115,24 @@ impl Report {
         }
         s
     }
+}
+
+/// Median of five timed f32 `n x n` matmuls after one warm-up.
+fn matmul_gflops(n: i32) -> Result<f64, mlx_rs::error::Exception> {
+    let a = mlx_rs::random::normal::<f32>(&[n, n], None, None, None)?;
+    let b = mlx_rs::random::normal::<f32>(&[n, n], None, None, None)?;
+    mlx_rs::transforms::eval([&a, &b])?;
+    let mut times = Vec::new();
+    for i in 0..6 {
+        let t = std::time::Instant::now();
+        let c = mlx_rs::ops::matmul(&a, &b)?;
+        c.eval()?;
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(2.0 * f64::from(n).powi(3) / times[times.len() / 2] / 1e9)
 }
 
 fn mlx_version() -> Option<String> {

@@ -5,7 +5,7 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("doctor") => {
-            print!("{}", mlxd::runtime::Report::gather().render());
+            print!("{}", mlxd::runtime::Report::gather().with_matmul_benchmark().render());
             Ok(())
         }
         _ => {
