@@ -1,0 +1,1 @@
+//! GGUF parsing (being written).
