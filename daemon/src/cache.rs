@@ -1,0 +1,119 @@
+//! Per-sequence key/value cache, kept outside the model and passed in on every forward call.
+//!
+//! Storage grows in steps of [`STEP`] positions and is written with slice updates, so a decode
+//! step never copies the whole history; `trim` rewinds (prompt-cache reuse, speculative paths).
+
+use mlx_rs::ops::indexing::{TryIndexMutOp, TryIndexOp};
+use mlx_rs::{ops, Array};
+
+/// Positions added whenever the cache runs out of room.
+pub const STEP: i32 = 256;
+
+/// One attention layer's cache for one sequence (batch size 1 or a fixed batch).
+#[derive(Debug, Clone, Default)]
+pub struct LayerCache {
+    keys: Option<Array>,
+    values: Option<Array>,
+    offset: i32,
+}
+
+impl LayerCache {
+    /// Positions filled so far.
+    pub fn offset(&self) -> i32 {
+        self.offset
+    }
+
+    /// Appends `k`, `v` (`[B, kv_heads, T, head_dim]`) and returns everything cached so far.
+    pub fn update_and_fetch(&mut self, k: &Array, v: &Array) -> Result<(Array, Array), mlx_rs::error::Exception> {
+        let t = k.shape()[2];
+        let needed = self.offset + t;
+        let capacity = self.keys.as_ref().map_or(0, |a| a.shape()[2]);
+        if needed > capacity {
+            let grow = (needed - capacity + STEP - 1) / STEP * STEP;
+            let (b, h, d) = (k.shape()[0], k.shape()[1], k.shape()[3]);
+            let vd = v.shape()[3];
+            let new_k = ops::zeros_dtype(&[b, h, grow, d], k.dtype())?;
+            let new_v = ops::zeros_dtype(&[b, h, grow, vd], v.dtype())?;
+            self.keys = Some(match self.keys.take() {
+                Some(old) => ops::concatenate(&[old.try_index((.., .., ..self.offset, ..))?, new_k], 2)?,
+                None => new_k,
+            });
+            self.values = Some(match self.values.take() {
+                Some(old) => ops::concatenate(&[old.try_index((.., .., ..self.offset, ..))?, new_v], 2)?,
+                None => new_v,
+            });
+        }
+        let (keys, values) = (self.keys.as_mut().expect("allocated"), self.values.as_mut().expect("allocated"));
+        keys.try_index_mut((.., .., self.offset..needed, ..), k)?;
+        values.try_index_mut((.., .., self.offset..needed, ..), v)?;
+        self.offset = needed;
+        Ok((keys.try_index((.., .., ..needed, ..))?, values.try_index((.., .., ..needed, ..))?))
+    }
+
+    /// Forgets the last `n` positions (at most all of them); returns how many were dropped.
+    pub fn trim(&mut self, n: i32) -> i32 {
+        let n = n.clamp(0, self.offset);
+        self.offset -= n;
+        n
+    }
+
+    /// Device bytes held by the storage.
+    pub fn nbytes(&self) -> usize {
+        self.keys.as_ref().map_or(0, |a| a.nbytes()) + self.values.as_ref().map_or(0, |a| a.nbytes())
+    }
+
+    /// A cache holding the first `len` positions of this one, in storage of its own.
+    pub fn prefix_copy(&self, len: i32) -> Result<LayerCache, mlx_rs::error::Exception> {
+        let len = len.min(self.offset);
+        let slice = |a: &Option<Array>| -> Result<Option<Array>, mlx_rs::error::Exception> {
+            match a {
+                Some(a) if len > 0 => Ok(Some(a.try_index((.., .., ..len, ..))?)),
+                _ => Ok(None),
+            }
+        };
+        Ok(LayerCache { keys: slice(&self.keys)?, values: slice(&self.values)?, offset: len.max(0) })
+    }
+}
+
+/// The caches of every layer of one sequence.
+#[derive(Debug, Clone, Default)]
+pub struct SequenceCache {
+    /// One entry per decoder block.
+    pub layers: Vec<LayerCache>,
+}
+
+impl SequenceCache {
+    /// An empty cache for a model with `n` layers.
+    pub fn new(n: usize) -> Self {
+        SequenceCache { layers: vec![LayerCache::default(); n] }
+    }
+
+    /// Positions cached (the same in every layer).
+    pub fn offset(&self) -> i32 {
+        self.layers.first().map_or(0, LayerCache::offset)
+    }
+
+    /// Rewinds every layer by `n` positions.
+    pub fn trim(&mut self, n: i32) {
+        for l in &mut self.layers {
+            l.trim(n);
+        }
+    }
+
+    /// Device bytes held.
+    pub fn nbytes(&self) -> usize {
+        self.layers.iter().map(LayerCache::nbytes).sum()
+    }
+
+    /// Evaluates the cached keys and values (the end of a prefill chunk).
+    pub fn eval(&self) -> Result<(), mlx_rs::error::Exception> {
+        let arrays: Vec<&Array> =
+            self.layers.iter().flat_map(|l| [l.keys.as_ref(), l.values.as_ref()]).flatten().collect();
+        mlx_rs::transforms::eval(arrays)
+    }
+
+    /// The first `len` positions, as an independent cache.
+    pub fn prefix_copy(&self, len: i32) -> Result<SequenceCache, mlx_rs::error::Exception> {
+        Ok(SequenceCache { layers: self.layers.iter().map(|l| l.prefix_copy(len)).collect::<Result<_, _>>()? })
+    }
+}

@@ -1,0 +1,202 @@
+//! Building blocks shared by every architecture: linear layers (dense or MLX-quantized),
+//! embeddings, RMS norm, and rotary embeddings (plain and Llama 3 scaled).
+
+use super::weights::Weights;
+use super::ModelError;
+use mlx_rs::ops::indexing::TryIndexOp;
+use mlx_rs::ops::{self, dequantize, quantized_matmul};
+use mlx_rs::{fast, Array};
+
+type Result<T> = std::result::Result<T, ModelError>;
+
+/// MLX's affine quantization parameters of one tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub struct Quant {
+    /// Elements sharing one scale and bias.
+    pub group_size: i32,
+    /// Bits per element.
+    pub bits: i32,
+}
+
+/// A weight matrix stored `[out, in]` as checkpoints do, dense or quantized.
+#[derive(Debug)]
+pub enum Matrix {
+    /// A plain float matrix.
+    Dense(Array),
+    /// MLX-quantized: packed `u32` weights with per-group scales and biases.
+    Quantized {
+        /// Packed weights `[out, in * bits / 32]`.
+        weight: Array,
+        /// Per-group scales `[out, in / group_size]`.
+        scales: Array,
+        /// Per-group biases `[out, in / group_size]`.
+        biases: Array,
+        /// Quantization parameters.
+        quant: Quant,
+    },
+}
+
+impl Matrix {
+    /// Takes `{prefix}.weight` (and `.scales` / `.biases` when quantized) out of `w`.
+    pub fn load(w: &mut Weights, prefix: &str, quant: Option<Quant>) -> Result<Self> {
+        let weight = w.take(&format!("{prefix}.weight"))?;
+        match w.take_opt(&format!("{prefix}.scales")) {
+            Some(scales) => {
+                let biases = w.take(&format!("{prefix}.biases"))?;
+                let quant = quant.or(w.quant_of(prefix)).ok_or_else(|| {
+                    ModelError::Weights(format!("`{prefix}` is quantized but no group size / bits are known"))
+                })?;
+                Ok(Matrix::Quantized { weight, scales, biases, quant })
+            }
+            None => Ok(Matrix::Dense(weight)),
+        }
+    }
+
+    /// Bytes the tensor occupies on the device.
+    pub fn nbytes(&self) -> usize {
+        match self {
+            Matrix::Dense(w) => w.nbytes(),
+            Matrix::Quantized { weight, scales, biases, .. } => weight.nbytes() + scales.nbytes() + biases.nbytes(),
+        }
+    }
+
+    /// `x @ W^T`.
+    pub fn apply(&self, x: &Array) -> Result<Array> {
+        Ok(match self {
+            Matrix::Dense(w) => ops::matmul(x, w.t())?,
+            Matrix::Quantized { weight, scales, biases, quant } => {
+                quantized_matmul(x, weight, scales, biases, true, quant.group_size, quant.bits)?
+            }
+        })
+    }
+
+    /// Rows `ids` of the matrix, dequantized: the embedding lookup.
+    pub fn rows(&self, ids: &Array) -> Result<Array> {
+        Ok(match self {
+            Matrix::Dense(w) => w.take_axis(ids, 0)?,
+            Matrix::Quantized { weight, scales, biases, quant } => {
+                let w = weight.take_axis(ids, 0)?;
+                let s = scales.take_axis(ids, 0)?;
+                let b = biases.take_axis(ids, 0)?;
+                dequantize(&w, &s, &b, quant.group_size, quant.bits)?
+            }
+        })
+    }
+}
+
+/// A linear layer with an optional bias.
+#[derive(Debug)]
+pub struct Linear {
+    /// The weight matrix.
+    pub weight: Matrix,
+    /// The bias, when the checkpoint has one.
+    pub bias: Option<Array>,
+}
+
+impl Linear {
+    /// Loads `{prefix}.weight` and, if `bias`, `{prefix}.bias`.
+    pub fn load(w: &mut Weights, prefix: &str, bias: bool, quant: Option<Quant>) -> Result<Self> {
+        let weight = Matrix::load(w, prefix, quant)?;
+        let bias = if bias { Some(w.take(&format!("{prefix}.bias"))?) } else { None };
+        Ok(Linear { weight, bias })
+    }
+
+    /// Applies the layer to `x` (`[..., in]`).
+    pub fn forward(&self, x: &Array) -> Result<Array> {
+        let y = self.weight.apply(x)?;
+        Ok(match &self.bias {
+            Some(b) => ops::add(&y, b)?,
+            None => y,
+        })
+    }
+}
+
+/// RMS normalisation with a learned scale.
+#[derive(Debug)]
+pub struct RmsNorm {
+    /// Per-channel scale.
+    pub weight: Array,
+    /// Added to the mean square before the root.
+    pub eps: f32,
+}
+
+impl RmsNorm {
+    /// Loads `{prefix}.weight`.
+    pub fn load(w: &mut Weights, prefix: &str, eps: f32) -> Result<Self> {
+        Ok(RmsNorm { weight: w.take(&format!("{prefix}.weight"))?, eps })
+    }
+
+    /// Normalises over the last axis.
+    pub fn forward(&self, x: &Array) -> Result<Array> {
+        Ok(fast::rms_norm(x, Some(&self.weight), self.eps)?)
+    }
+}
+
+/// Llama 3's frequency-dependent RoPE scaling (`rope_scaling.rope_type == "llama3"`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Llama3Scaling {
+    /// Overall stretch of the low frequencies.
+    pub factor: f32,
+    /// Wavelengths longer than `original / low_freq_factor` are fully scaled.
+    pub low_freq_factor: f32,
+    /// Wavelengths shorter than `original / high_freq_factor` are left alone.
+    pub high_freq_factor: f32,
+    /// The context length the model was pre-trained with.
+    pub original_max_position_embeddings: f32,
+}
+
+/// Rotary position embedding over the first `dims` channels of each head, in the split-halves
+/// layout Hugging Face checkpoints use (channel `i` pairs with `i + dims / 2`).
+#[derive(Debug)]
+pub struct Rope {
+    dims: i32,
+    base: f32,
+    scale: f32,
+    /// Per-pair periods `base^(2i/dims)`, adjusted, when the scaling needs custom ones.
+    periods: Option<Array>,
+}
+
+impl Rope {
+    /// Plain RoPE; `linear_factor` divides positions (`rope_scaling.type == "linear"`).
+    pub fn new(dims: i32, base: f32, linear_factor: f32) -> Self {
+        Rope { dims, base, scale: 1.0 / linear_factor, periods: None }
+    }
+
+    /// Llama 3 scaled RoPE: long wavelengths stretched by `factor`, short ones kept, a smooth
+    /// blend between.
+    pub fn llama3(dims: i32, base: f32, s: Llama3Scaling) -> Self {
+        let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
+        let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
+        let periods: Vec<f32> = (0..dims / 2)
+            .map(|i| {
+                let period = base.powf(2.0 * i as f32 / dims as f32);
+                let wavelen = 2.0 * std::f32::consts::PI * period;
+                if wavelen > low_wavelen {
+                    period * s.factor
+                } else if wavelen < high_wavelen {
+                    period
+                } else {
+                    let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+                        / (s.high_freq_factor - s.low_freq_factor);
+                    period / ((1.0 - smooth) / s.factor + smooth)
+                }
+            })
+            .collect();
+        let n = periods.len() as i32;
+        Rope { dims, base, scale: 1.0, periods: Some(Array::from_slice(&periods, &[n])) }
+    }
+
+    /// Rotates `x` (`[B, heads, T, head_dim]`) for positions `offset..offset + T`.
+    pub fn forward(&self, x: &Array, offset: i32) -> Result<Array> {
+        Ok(match &self.periods {
+            Some(p) => fast::rope(x, self.dims, false, None, self.scale, offset, p)?,
+            None => fast::rope(x, self.dims, false, self.base, self.scale, offset, None)?,
+        })
+    }
+}
+
+/// The last position of `[B, T, D]`, kept as `[B, 1, D]`.
+pub fn last_position(h: &Array) -> Result<Array> {
+    let t = h.shape()[1];
+    Ok(h.try_index((.., t - 1..t, ..))?)
+}

@@ -1,0 +1,230 @@
+//! The decoder shared by the Llama, Mistral, Qwen2 and Qwen3 families: pre-norm blocks of
+//! grouped-query attention with RoPE and a SwiGLU MLP. The families differ only in switches that
+//! [`ModelArgs`] carries (q/k/v biases, per-head q/k norms, RoPE scaling, tied embeddings).
+//! Field names follow the checkpoints' tensor names.
+
+use super::config::{ModelArgs, RopeScaling};
+use super::layers::{last_position, Linear, Matrix, Rope, RmsNorm};
+use super::weights::Weights;
+use super::ModelError;
+use crate::cache::{LayerCache, SequenceCache};
+use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
+use mlx_rs::{nn, ops, Array};
+
+type Result<T> = std::result::Result<T, ModelError>;
+
+/// Multi-head attention with grouped key/value heads.
+#[derive(Debug)]
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    rope: Rope,
+    heads: i32,
+    kv_heads: i32,
+    head_dim: i32,
+    scale: f32,
+}
+
+impl Attention {
+    fn load(w: &mut Weights, p: &str, a: &ModelArgs) -> Result<Self> {
+        let rope = match a.rope_scaling {
+            RopeScaling::None => Rope::new(a.head_dim, a.rope_theta, 1.0),
+            RopeScaling::Linear(f) => Rope::new(a.head_dim, a.rope_theta, f),
+            RopeScaling::Llama3(s) => Rope::llama3(a.head_dim, a.rope_theta, s),
+        };
+        let norm = |w: &mut Weights, name: &str| -> Result<Option<RmsNorm>> {
+            if a.qk_norm { Ok(Some(RmsNorm::load(w, &format!("{p}.{name}"), a.eps)?)) } else { Ok(None) }
+        };
+        Ok(Attention {
+            q_proj: Linear::load(w, &format!("{p}.q_proj"), a.qkv_bias, a.quant)?,
+            k_proj: Linear::load(w, &format!("{p}.k_proj"), a.qkv_bias, a.quant)?,
+            v_proj: Linear::load(w, &format!("{p}.v_proj"), a.qkv_bias, a.quant)?,
+            o_proj: Linear::load(w, &format!("{p}.o_proj"), a.o_bias, a.quant)?,
+            q_norm: norm(w, "q_norm")?,
+            k_norm: norm(w, "k_norm")?,
+            rope,
+            heads: a.heads,
+            kv_heads: a.kv_heads,
+            head_dim: a.head_dim,
+            scale: (a.head_dim as f32).powf(-0.5),
+        })
+    }
+
+    fn forward(&self, x: &Array, cache: &mut LayerCache) -> Result<Array> {
+        let (b, t) = (x.shape()[0], x.shape()[1]);
+        let split = |y: Array, heads: i32, norm: &Option<RmsNorm>| -> Result<Array> {
+            let y = y.reshape(&[b, t, heads, self.head_dim])?;
+            let y = match norm {
+                Some(n) => n.forward(&y)?,
+                None => y,
+            };
+            Ok(ops::transpose_axes(&y, &[0, 2, 1, 3])?)
+        };
+        let q = split(self.q_proj.forward(x)?, self.heads, &self.q_norm)?;
+        let k = split(self.k_proj.forward(x)?, self.kv_heads, &self.k_norm)?;
+        let v = split(self.v_proj.forward(x)?, self.kv_heads, &None)?;
+        let offset = cache.offset();
+        let q = self.rope.forward(&q, offset)?;
+        let k = self.rope.forward(&k, offset)?;
+        let (k, v) = cache.update_and_fetch(&k, &v)?;
+        // MLX aligns the causal mask to the end of the keys, which is what a cached prefix needs.
+        let mask = (t > 1).then_some(ScaledDotProductAttentionMask::Causal);
+        let o = fast::scaled_dot_product_attention(&q, &k, &v, self.scale, mask, None)?;
+        let o = ops::transpose_axes(&o, &[0, 2, 1, 3])?.reshape(&[b, t, self.heads * self.head_dim])?;
+        self.o_proj.forward(&o)
+    }
+}
+
+/// SwiGLU feed-forward.
+#[derive(Debug)]
+pub struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(w: &mut Weights, p: &str, a: &ModelArgs) -> Result<Self> {
+        Ok(Mlp {
+            gate_proj: Linear::load(w, &format!("{p}.gate_proj"), false, a.quant)?,
+            up_proj: Linear::load(w, &format!("{p}.up_proj"), false, a.quant)?,
+            down_proj: Linear::load(w, &format!("{p}.down_proj"), false, a.quant)?,
+        })
+    }
+
+    fn forward(&self, x: &Array) -> Result<Array> {
+        let g = nn::silu(self.gate_proj.forward(x)?)?;
+        let h = ops::multiply(&g, self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&h)
+    }
+}
+
+/// One pre-norm decoder block.
+#[derive(Debug)]
+pub struct Block {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn forward(&self, x: &Array, cache: &mut LayerCache) -> Result<Array> {
+        let h = ops::add(x, self.self_attn.forward(&self.input_layernorm.forward(x)?, cache)?)?;
+        Ok(ops::add(&h, self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
+    }
+}
+
+/// The whole decoder with its embedding and LM head.
+#[derive(Debug)]
+pub struct Transformer {
+    /// Checked hyper-parameters.
+    pub args: ModelArgs,
+    embed_tokens: Matrix,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Option<Linear>,
+}
+
+impl Transformer {
+    /// Builds the model from `w`, consuming the tensors it uses; any tensor left over is an error
+    /// (a checkpoint of another shape or architecture).
+    pub fn load(args: ModelArgs, mut w: Weights) -> Result<Self> {
+        let embed_tokens = Matrix::load(&mut w, "model.embed_tokens", args.quant)?;
+        let layers = (0..args.layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                Ok(Block {
+                    input_layernorm: RmsNorm::load(&mut w, &format!("{p}.input_layernorm"), args.eps)?,
+                    self_attn: Attention::load(&mut w, &format!("{p}.self_attn"), &args)?,
+                    post_attention_layernorm: RmsNorm::load(&mut w, &format!("{p}.post_attention_layernorm"), args.eps)?,
+                    mlp: Mlp::load(&mut w, &format!("{p}.mlp"), &args)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(&mut w, "model.norm", args.eps)?;
+        let lm_head = if !args.tie_embeddings || w.contains("lm_head.weight") {
+            Some(Linear::load(&mut w, "lm_head", false, args.quant)?)
+        } else {
+            None
+        };
+        let left = w.leftovers();
+        if !left.is_empty() {
+            let shown: Vec<_> = left.iter().take(5).cloned().collect();
+            return Err(ModelError::Weights(format!(
+                "{} unused tensors, e.g. {} — is this checkpoint of another architecture?",
+                left.len(),
+                shown.join(", ")
+            )));
+        }
+        Ok(Transformer { args, embed_tokens, layers, norm, lm_head })
+    }
+
+    /// Number of decoder blocks (one cache entry each).
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Device bytes of the weights read per token (all of them, for a dense decoder).
+    pub fn weight_bytes(&self) -> usize {
+        // Embedding rows are gathered, not streamed; the LM head (tied or not) is read in full.
+        let head = self.lm_head.as_ref().map_or(self.embed_tokens.nbytes(), |l| l.weight.nbytes());
+        let blocks: usize = self
+            .layers
+            .iter()
+            .map(|b| {
+                let a = &b.self_attn;
+                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &b.mlp.gate_proj, &b.mlp.up_proj, &b.mlp.down_proj]
+                    .iter()
+                    .map(|l| l.weight.nbytes())
+                    .sum::<usize>()
+            })
+            .sum();
+        head + blocks
+    }
+
+    /// Runs `tokens` (`[B, T]` int32) through the model, appending to `cache`. Returns logits
+    /// `[B, V]` for the last position only (the LM head is the largest matmul of a step).
+    pub fn forward_last(&self, tokens: &Array, cache: &mut SequenceCache) -> Result<Array> {
+        let h = self.hidden(tokens, cache)?;
+        let h = last_position(&h)?;
+        let logits = self.head(&h)?;
+        let (b, v) = (logits.shape()[0], logits.shape()[2]);
+        Ok(logits.reshape(&[b, v])?)
+    }
+
+    /// Runs `tokens` only to fill `cache` (a prefill chunk that is not the prompt's last): the
+    /// norm and LM head are never evaluated.
+    pub fn prefill(&self, tokens: &Array, cache: &mut SequenceCache) -> Result<()> {
+        self.hidden(tokens, cache)?;
+        Ok(cache.eval()?)
+    }
+
+    /// Logits for every position, `[B, T, V]` (tests, scoring).
+    pub fn forward_all(&self, tokens: &Array, cache: &mut SequenceCache) -> Result<Array> {
+        let h = self.hidden(tokens, cache)?;
+        self.head(&h)
+    }
+
+    fn hidden(&self, tokens: &Array, cache: &mut SequenceCache) -> Result<Array> {
+        if cache.layers.len() != self.layers.len() {
+            *cache = SequenceCache::new(self.layers.len());
+        }
+        let mut h = self.embed_tokens.rows(tokens)?;
+        for (block, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            h = block.forward(&h, c)?;
+        }
+        self.norm.forward(&h)
+    }
+
+    fn head(&self, h: &Array) -> Result<Array> {
+        match &self.lm_head {
+            Some(l) => l.forward(h),
+            None => Ok(self.embed_tokens.apply(h)?),
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! Token selection on the device: `[B, V]` logits in, `[B]` token ids out, one compiled MLX graph
+//! per combination of active stages, nothing read back to the host but the ids (and, when a
+//! request asks, its top-n logprobs) through [`read_ids`] / [`read_logprobs`].
+//!
+//! # Pipeline
+//! Each row of a batch has its own [`SamplingParams`]; a row whose stage is off carries the
+//! stage's neutral value, so one graph serves the whole batch.
+//!
+//! 1. **Logit bias** — `logit += bias[token]`, one scatter-add for the batch.
+//! 2. **Repetition penalty** (CTRL) — for tokens in the last `repetition_context_size` tokens of
+//!    prompt + output: positive logits divided by the penalty, negative ones multiplied. One
+//!    scatter-add marks each row's window.
+//! 3. **Presence / frequency penalties** (OpenAI) —
+//!    `logit -= presence * (count > 0) + frequency * count`, counts of generated tokens kept on
+//!    the device (`[V]` per request, one scatter-add per step).
+//! 4. **Temperature** — logits / T; T = 0 means argmax of the logits after step 3.
+//! 5. **Top-k** — the k highest tempered logits survive.
+//! 6. **Top-p** — of the survivors (renormalized), the smallest most-likely prefix whose
+//!    probability reaches p.
+//! 7. **Min-p** — drop tokens with probability below `min_p` times the best one's.
+//! 8. **Typical-p** — of the survivors (renormalized), keep the tokens whose surprisal is
+//!    closest to the entropy, smallest such set holding mass p (Meister et al. 2022).
+//! 9. **Pick** — Gumbel-max draw (`argmax(logit + Gumbel noise)`, which samples the softmax
+//!    exactly) from a per-request key split every step; or argmax for greedy rows.
+//!
+//! Steps 1-3 follow mlx-lm's `make_logits_processors` (bias, repetition, presence, frequency).
+//! Steps 4-8 differ from mlx-lm (and llama.cpp), which filter the *untempered* distribution
+//! and apply the temperature only in the final draw; mlxd follows Hugging Face transformers'
+//! warper order (temperature, top-k, top-p, min-p, typical). Filtering after the temperature
+//! means the thresholds cut the distribution that is actually sampled: with `top_p = 0.9` the
+//! draw comes from the smallest set holding 90% of the probability it is drawn with, which is
+//! what OpenAI's description of `top_p` says and what the chi-square test checks. Top-k is
+//! unaffected by the order (temperature is monotone); top-p and min-p are not.
+//!
+//! The filters sort the candidates once (only the `max k` best when every drawing row has a
+//! top-k, via argpartition) and work on ranks. Logprobs are the log-softmax of the logits after
+//! step 3 (before temperature and filters), as mlx-lm reports them.
+//!
+//! # Layout
+//! - [`params`]: [`SamplingParams`], their validation and [`SamplingError`].
+//! - `pipeline`: the graph itself and the cache of compiled closures.
+//! - `sequence`: [`SequenceSampler`] (one request's device state) and [`sample_batch`].
+//! - `read`: the host-read gate and its counters; a unit test there fails if any other code of
+//!   `sampling/` or `engine/` reads an array to the host.
+
+pub mod params;
+mod pipeline;
+mod read;
+mod sequence;
+
+pub use params::{SamplingError, SamplingParams, MAX_LOGPROBS, MAX_REPETITION_CONTEXT};
+pub use pipeline::set_compiled;
+pub use read::{host_read_stats, read_ids, read_logprobs, thread_host_read_stats, HostReadStats, MAX_HOST_READ_ELEMENTS};
+pub use sequence::{
+    sample_batch, sample_batch_inspect, sample_batch_with_logprobs, Inspection, Logprobs, Sampled, SequenceSampler,
+};
+
+/// The engine's original two-knob spec, kept so existing callers compile; it converts into
+/// [`SamplingParams`] with every other stage off.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SamplerSpec {
+    /// 0 means greedy (argmax).
+    pub temperature: f32,
+    /// Seed of the request's random key; `None` draws one from the clock.
+    pub seed: Option<u64>,
+}
+
+impl From<SamplerSpec> for SamplingParams {
+    fn from(s: SamplerSpec) -> Self {
+        SamplingParams { temperature: s.temperature, seed: s.seed, ..SamplingParams::default() }
+    }
+}
+
+impl From<SamplingError> for crate::models::ModelError {
+    fn from(e: SamplingError) -> Self {
+        match e {
+            SamplingError::Mlx(e) => crate::models::ModelError::Mlx(e),
+            e => crate::models::ModelError::Config(e.to_string()),
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Every architecture against an independent numpy implementation (tests/reference/
+//! transformer_ref.py) on tiny random checkpoints written here: logits of a full prefill and of
+//! incremental decoding through the KV cache, f32 and MLX-quantized.
+
+mod common;
+
+use common::{read_f32, rel_err, tiny_config, to_vec, write_checkpoint};
+use mlx_rs::ops::indexing::TryIndexOp;
+use mlx_rs::Array;
+use mlxd::cache::SequenceCache;
+use mlxd::models::{read_hf_config, weights, Transformer};
+use std::path::Path;
+use std::process::Command;
+
+const TOKENS: [u32; 9] = [1, 5, 17, 96, 0, 42, 42, 7, 64];
+
+fn reference_logits(dir: &Path, tokens: &[u32]) -> Vec<f32> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/transformer_ref.py");
+    let out = dir.join("ref.f32");
+    let toks: Vec<String> = tokens.iter().map(u32::to_string).collect();
+    let status = Command::new("python3")
+        .arg(&script)
+        .arg(dir)
+        .arg(toks.join(","))
+        .arg(&out)
+        .status()
+        .expect("python3 runs (./dev test installs numpy)");
+    assert!(status.success(), "reference implementation failed");
+    read_f32(&out)
+}
+
+fn load(dir: &Path) -> Transformer {
+    let (_, args) = read_hf_config(dir).unwrap();
+    Transformer::load(args, weights::load_safetensors_dir(dir).unwrap()).unwrap()
+}
+
+fn ids(tokens: &[u32]) -> Array {
+    let v: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+    Array::from_slice(&v, &[1, v.len() as i32])
+}
+
+fn check(model_type: &str, quant: Option<i32>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write_checkpoint(dir, &tiny_config(model_type), quant);
+    let model = load(dir);
+    let want = reference_logits(dir, &TOKENS);
+    let vocab = 97usize;
+    assert_eq!(want.len(), TOKENS.len() * vocab);
+
+    // Prefill: every position at once.
+    let mut cache = SequenceCache::new(model.num_layers());
+    let all = model.forward_all(&ids(&TOKENS), &mut cache).unwrap();
+    assert_eq!(all.shape(), &[1, TOKENS.len() as i32, vocab as i32]);
+    let err = rel_err(&to_vec(&all), &want);
+    assert!(err <= 1e-4, "{model_type} quant={quant:?}: prefill rel err {err:e}");
+
+    // Incremental: a 4-token prefix, then one token at a time through the cache.
+    let mut cache = SequenceCache::new(model.num_layers());
+    let first = model.forward_all(&ids(&TOKENS[..4]), &mut cache).unwrap();
+    let err = rel_err(&to_vec(&first), &want[..4 * vocab]);
+    assert!(err <= 1e-4, "{model_type}: prefix rel err {err:e}");
+    for (i, &t) in TOKENS.iter().enumerate().skip(4) {
+        let step = model.forward_last(&ids(&[t]), &mut cache).unwrap();
+        assert_eq!(cache.offset(), i as i32 + 1);
+        let err = rel_err(&to_vec(&step), &want[i * vocab..(i + 1) * vocab]);
+        assert!(err <= 1e-4, "{model_type} quant={quant:?}: decode step {i} rel err {err:e}");
+    }
+
+    // Trimming the cache and re-feeding gives the same logits.
+    cache.trim(2);
+    let again = model.forward_all(&ids(&TOKENS[TOKENS.len() - 2..]), &mut cache).unwrap();
+    let last = again.try_index((.., 1, ..)).unwrap();
+    let err = rel_err(&to_vec(&last), &want[(TOKENS.len() - 1) * vocab..]);
+    assert!(err <= 1e-4, "{model_type}: after trim rel err {err:e}");
+}
+
+#[test]
+fn llama_with_llama3_rope_scaling_matches_reference() {
+    check("llama", None);
+}
+
+#[test]
+fn mistral_matches_reference() {
+    check("mistral", None);
+}
+
+#[test]
+fn qwen2_with_biases_and_tied_embeddings_matches_reference() {
+    check("qwen2", None);
+}
+
+#[test]
+fn qwen3_with_qk_norm_matches_reference() {
+    check("qwen3", None);
+}
+
+#[test]
+fn mlx_quantized_4bit_llama_matches_reference() {
+    check("llama", Some(4));
+}
+
+#[test]
+fn mlx_quantized_8bit_qwen3_matches_reference() {
+    check("qwen3", Some(8));
+}
+
+#[test]
+fn config_errors_name_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = tiny_config("llama");
+    cfg["num_key_value_heads"] = serde_json::json!(3);
+    std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
+    let err = read_hf_config(tmp.path()).unwrap_err().to_string();
+    assert!(err.contains("num_key_value_heads") && err.contains("config.json"), "{err}");
+
+    cfg["num_key_value_heads"] = serde_json::json!(2);
+    cfg["model_type"] = serde_json::json!("gpt_neox");
+    std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
+    let err = read_hf_config(tmp.path()).unwrap_err().to_string();
+    assert!(err.contains("gpt_neox"), "{err}");
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_checkpoint(tmp.path(), &tiny_config("mistral"), None);
+    let (_, args) = read_hf_config(tmp.path()).unwrap();
+    let mut w = weights::load_safetensors_dir(tmp.path()).unwrap();
+    w.take("model.layers.1.mlp.up_proj.weight").unwrap();
+    let err = Transformer::load(args, w).unwrap_err().to_string();
+    assert!(err.contains("model.layers.1.mlp.up_proj.weight"), "{err}");
+}
+
+#[test]
+fn gguf_qk_unpermutation_inverts_llama_cpp_permutation() {
+    // llama.cpp's converter: rows (head, half, pair) become (head, pair, half).
+    let (heads, hd, cols) = (3usize, 8usize, 5usize);
+    let rows = heads * hd;
+    let hf: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+    let mut gguf = vec![0.0f32; rows * cols];
+    for h in 0..heads {
+        for half in 0..2 {
+            for pair in 0..hd / 2 {
+                let src = h * hd + half * (hd / 2) + pair;
+                let dst = h * hd + pair * 2 + half;
+                gguf[dst * cols..(dst + 1) * cols].copy_from_slice(&hf[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    let back = weights::unpermute_rows(&Array::from_slice(&gguf, &[rows as i32, cols as i32]), heads as i32).unwrap();
+    assert_eq!(to_vec(&back), hf);
+}
