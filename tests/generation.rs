@@ -5,7 +5,7 @@
 use mlxd::chat::{ChatTemplate, Message};
 use mlxd::engine::{Engine, EngineOptions, FinishReason, GenerateRequest};
 use mlxd::models;
-use mlxd::sampling::SamplerSpec;
+use mlxd::sampling::SamplingParams;
 
 fn engine(prompt_cache_bytes: usize) -> Engine {
     let path = mlxd::default_model::ensure().expect("default model available");
@@ -23,7 +23,7 @@ fn chat_prompt(e: &Engine, turns: &[(&str, &str)]) -> Vec<u32> {
 }
 
 fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
-    GenerateRequest { prompt, max_tokens, stop: vec![], sampler: SamplerSpec::default() }
+    GenerateRequest { prompt, max_tokens, stop: vec![], sampler: SamplingParams::default() }
 }
 
 #[test]
@@ -100,7 +100,7 @@ fn seeded_sampling_is_reproducible() {
     let mut e = engine(0);
     let prompt = chat_prompt(&e, &[("user", "Write a short poem about the sea.")]);
     let run = |e: &mut Engine, seed| {
-        let req = GenerateRequest { sampler: SamplerSpec { temperature: 1.0, seed: Some(seed) }, ..greedy(prompt.clone(), 20) };
+        let req = GenerateRequest { sampler: SamplingParams { temperature: 1.0, seed: Some(seed), ..Default::default() }, ..greedy(prompt.clone(), 20) };
         e.generate(&req, |_| true).unwrap().ids
     };
     let a = run(&mut e, 1);

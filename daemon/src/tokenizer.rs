@@ -559,8 +559,11 @@ impl PreFamily {
 /// the last emitted token(s) as context, then the pending ones; what the window adds beyond the
 /// context's own text is new. Text ending in U+FFFD (an incomplete UTF-8 sequence) is held back
 /// until a later token completes it, or until [`Self::finish`].
-pub struct StreamDecoder<'t> {
-    tokenizer: &'t Tokenizer,
+///
+/// Generic over how the tokenizer is held: `&Tokenizer` for a borrow, `Arc<Tokenizer>` where the
+/// decoder outlives the borrow (a sequence in the engine's batch).
+pub struct StreamDecoder<T: std::borrow::Borrow<Tokenizer>> {
+    tokenizer: T,
     skip_special: bool,
     /// `ids[..read]` were emitted already (context), `ids[read..]` are pending.
     ids: Vec<u32>,
@@ -569,21 +572,21 @@ pub struct StreamDecoder<'t> {
     context_text: String,
 }
 
-impl<'t> StreamDecoder<'t> {
+impl<T: std::borrow::Borrow<Tokenizer>> StreamDecoder<T> {
     /// A decoder that leaves special tokens out of the text.
-    pub fn new(tokenizer: &'t Tokenizer) -> Self {
+    pub fn new(tokenizer: T) -> Self {
         Self::with_special(tokenizer, true)
     }
 
     /// A decoder that leaves special tokens out if `skip_special`, or writes them out.
-    pub fn with_special(tokenizer: &'t Tokenizer, skip_special: bool) -> Self {
+    pub fn with_special(tokenizer: T, skip_special: bool) -> Self {
         Self { tokenizer, skip_special, ids: Vec::new(), read: 0, context_text: String::new() }
     }
 
     /// Adds one id; returns the text it completes (often empty while a character is pending).
     pub fn push(&mut self, id: u32) -> Result<String, TokenizerError> {
         self.ids.push(id);
-        let text = match self.tokenizer.decode(&self.ids, self.skip_special) {
+        let text = match self.tokenizer.borrow().decode(&self.ids, self.skip_special) {
             Ok(text) => text,
             Err(e) => {
                 // Leave the decoder as it was, so one bad id does not poison the stream.
@@ -599,13 +602,13 @@ impl<'t> StreamDecoder<'t> {
         // The tokens just emitted become the context for the next ones.
         self.ids.drain(..self.read);
         self.read = self.ids.len();
-        self.context_text = self.tokenizer.decode(&self.ids, self.skip_special)?;
+        self.context_text = self.tokenizer.borrow().decode(&self.ids, self.skip_special)?;
         Ok(new)
     }
 
     /// Text still held back (an incomplete character becomes U+FFFD here); resets the decoder.
     pub fn finish(&mut self) -> Result<String, TokenizerError> {
-        let text = self.tokenizer.decode(&self.ids, self.skip_special)?;
+        let text = self.tokenizer.borrow().decode(&self.ids, self.skip_special)?;
         let start = self.context_text.len();
         let rest = match text.get(start..) {
             Some(rest) if text.len() > start => rest.to_string(),

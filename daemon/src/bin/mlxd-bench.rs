@@ -12,7 +12,7 @@
 use anyhow::{bail, Context, Result};
 use mlx_rs::{random, Array, Dtype};
 use mlxd::engine::{Engine, EngineOptions, GenerateRequest, Outcome};
-use mlxd::sampling::SamplerSpec;
+use mlxd::sampling::SamplingParams;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -102,7 +102,7 @@ fn main() -> Result<()> {
     let mut engine = Engine::new(model, EngineOptions { prompt_cache_bytes: 0, ..Default::default() });
     engine.model.eos_ids.clear(); // random weights: run to the token count, like mlx-lm's loop
     let prompt = random_prompt(args.prompt, vocab, 7);
-    let req = GenerateRequest { prompt, max_tokens: args.gen, stop: vec![], sampler: SamplerSpec::default() };
+    let req = GenerateRequest { prompt, max_tokens: args.gen, stop: vec![], sampler: SamplingParams::default() };
 
     let mut ours = Vec::new();
     for r in 0..=args.repeats {
@@ -148,7 +148,7 @@ fn run_json(o: &Outcome, peak: usize) -> Value {
 /// Time to first token of a 2,000-token prompt, cold and when sent again.
 fn prompt_cache_ttft(engine: &mut Engine, vocab: u32) -> Result<Value> {
     engine.set_prompt_cache_budget(4 << 30);
-    let req = GenerateRequest { prompt: random_prompt(2000, vocab, 11), max_tokens: 2, stop: vec![], sampler: SamplerSpec::default() };
+    let req = GenerateRequest { prompt: random_prompt(2000, vocab, 11), max_tokens: 2, stop: vec![], sampler: SamplingParams::default() };
     let mut cold = Vec::new();
     let mut warm = Vec::new();
     for _ in 0..3 {

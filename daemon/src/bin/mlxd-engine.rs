@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use mlxd::chat::{ChatTemplate, Message};
 use mlxd::engine::{Engine, EngineOptions, GenerateRequest};
-use mlxd::sampling::SamplerSpec;
+use mlxd::sampling::SamplingParams;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -34,7 +34,7 @@ fn main() -> Result<()> {
 fn generate(args: &[String]) -> Result<()> {
     let mut model: Option<PathBuf> = None;
     let mut max_tokens = 256usize;
-    let mut sampler = SamplerSpec::default();
+    let mut sampler = SamplingParams::default();
     let mut raw = false;
     let mut prompt = None;
     let mut it = args.iter();

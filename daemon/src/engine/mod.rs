@@ -1,21 +1,25 @@
-//! Generation for one resident model: prompt-cache lookup, chunked prefill, pipelined decode,
-//! stop conditions and incremental detokenization.
+//! Generation for one resident model: prompt-cache lookup, chunked prefill, and a decode step
+//! that advances any number of sequences together (continuous batching).
 //!
 //! All MLX work of a model happens on the thread that owns its [`Engine`] and on the engine's own
-//! stream. The decode loop builds step n+1 and hands it to MLX (`async_eval`) before it reads
-//! step n's token, so the device never waits for the host; each step moves one token id per
-//! sequence to the host and nothing else.
+//! stream. A step builds the next tokens of every running sequence and hands them to MLX
+//! (`async_eval`) *before* it reads the previous tokens, so the device never waits for the host;
+//! each step moves one token id per sequence to the host (plus the top-n logprobs a request asked
+//! for) and nothing else. [`Engine::generate`] is the same machinery with a batch of one.
 
 pub mod prompt_cache;
 pub mod stop;
+pub mod worker;
 
 use crate::cache::SequenceCache;
 use crate::models::{LoadedModel, ModelError};
-use crate::sampling::{read_ids, SamplerSpec, SequenceSampler};
-use crate::tokenizer::StreamDecoder;
+use crate::sampling::{read_ids, read_logprobs, sample_batch_with_logprobs, SamplingParams, SequenceSampler};
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::transforms::async_eval;
-use mlx_rs::{Array, Stream};
+use mlx_rs::{ops, Array, Stream};
 use prompt_cache::PromptCache;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use stop::{StopMatcher, StopOutcome};
 
@@ -45,8 +49,8 @@ pub struct GenerateRequest {
     pub max_tokens: usize,
     /// Strings that end the generation; they are not part of the output.
     pub stop: Vec<String>,
-    /// Token selection.
-    pub sampler: SamplerSpec,
+    /// Token selection (including how many logprobs to report).
+    pub sampler: SamplingParams,
 }
 
 /// Why a generation ended.
@@ -61,6 +65,15 @@ pub enum FinishReason {
     Cancelled,
 }
 
+/// Log-probabilities of one generated token.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TokenLogprobs {
+    /// The chosen token's log-probability.
+    pub logprob: f32,
+    /// The most likely alternatives, best first: `(token id, log-probability)`.
+    pub top: Vec<(u32, f32)>,
+}
+
 /// A piece of output, as it is produced.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenEvent {
@@ -69,6 +82,8 @@ pub struct TokenEvent {
     /// Text completed by this token (may be empty while a character or a possible stop string
     /// is incomplete).
     pub text: String,
+    /// Present when the request asked for logprobs.
+    pub logprobs: Option<TokenLogprobs>,
 }
 
 /// Summary of a finished generation.
@@ -104,6 +119,52 @@ impl Outcome {
     }
 }
 
+/// A sampled token (and its logprobs) still on the device.
+struct Pending {
+    token: Array,
+    logprobs: Option<(Array, Array, Array)>,
+}
+
+/// One sequence in flight: its cache, sampler state and the text produced so far.
+pub struct Row {
+    req: GenerateRequest,
+    cache: SequenceCache,
+    sampler: SequenceSampler,
+    decoder: StreamDecoder<Arc<Tokenizer>>,
+    stops: StopMatcher,
+    /// Exactly the tokens `cache` covers.
+    fed: Vec<u32>,
+    ids: Vec<u32>,
+    text: String,
+    pending: Option<Pending>,
+    started: Instant,
+    first_token_at: Option<Instant>,
+    cached_tokens: usize,
+    finished: Option<FinishReason>,
+}
+
+impl Row {
+    /// Why it ended, once it has.
+    pub fn finished(&self) -> Option<FinishReason> {
+        self.finished
+    }
+
+    /// Ends the generation at the next step boundary (client cancel or disconnect).
+    pub fn cancel(&mut self) {
+        self.finished.get_or_insert(FinishReason::Cancelled);
+    }
+
+    /// Prompt length in tokens.
+    pub fn prompt_tokens(&self) -> usize {
+        self.req.prompt.len()
+    }
+
+    /// Device bytes of its KV cache.
+    pub fn cache_bytes(&self) -> usize {
+        self.cache.nbytes()
+    }
+}
+
 /// A resident model and the state that serves it.
 pub struct Engine {
     /// The model, tokenizer and template.
@@ -112,17 +173,17 @@ pub struct Engine {
     prompt_cache: PromptCache,
     stream: Stream,
     host_reads: u64,
+    steps: u64,
 }
 
 impl Engine {
     /// Takes ownership of a loaded model. Call on the thread that will run it.
     pub fn new(model: LoadedModel, options: EngineOptions) -> Self {
         let prompt_cache = PromptCache::new(options.prompt_cache_bytes);
-        Engine { model, options, prompt_cache, stream: Stream::new(), host_reads: 0 }
+        Engine { model, options, prompt_cache, stream: Stream::new(), host_reads: 0, steps: 0 }
     }
 
-    /// Number of arrays read back to the host so far (one per decode step per sequence);
-    /// tests use it to prove logits never leave the device.
+    /// Number of host reads of sampled ids so far (one per decode step, for the whole batch).
     pub fn host_reads(&self) -> u64 {
         self.host_reads
     }
@@ -143,23 +204,29 @@ impl Engine {
         self.prompt_cache.clear();
     }
 
-    /// Runs one generation. `on_token` sees every token as it is produced and returns `false`
-    /// to cancel; the generation then ends within that step with [`FinishReason::Cancelled`].
+    /// Runs one generation to its end. `on_token` sees every token as it is produced and
+    /// returns `false` to cancel; the generation then ends with [`FinishReason::Cancelled`].
     pub fn generate(
         &mut self,
         req: &GenerateRequest,
         mut on_token: impl FnMut(&TokenEvent) -> bool,
     ) -> Result<Outcome, ModelError> {
-        let stream = self.stream.clone();
-        mlx_rs::with_stream(&stream, || self.generate_on_stream(req, &mut on_token))
+        let mut row = self.start(req.clone())?;
+        while row.finished.is_none() {
+            self.step(&mut [&mut row], |_, ev| on_token(ev))?;
+        }
+        Ok(self.finish(row))
     }
 
-    fn generate_on_stream(
-        &mut self,
-        req: &GenerateRequest,
-        on_token: &mut dyn FnMut(&TokenEvent) -> bool,
-    ) -> Result<Outcome, ModelError> {
-        let start = Instant::now();
+    /// Admits a request: checks it, reuses the longest cached prefix, prefills the rest in
+    /// chunks and queues the first token. The row then advances with [`Engine::step`].
+    pub fn start(&mut self, req: GenerateRequest) -> Result<Row, ModelError> {
+        let stream = self.stream.clone();
+        mlx_rs::with_stream(&stream, || self.start_on_stream(req))
+    }
+
+    fn start_on_stream(&mut self, req: GenerateRequest) -> Result<Row, ModelError> {
+        let started = Instant::now();
         let prompt = &req.prompt;
         if prompt.is_empty() {
             return Err(ModelError::Config("the prompt is empty".into()));
@@ -168,103 +235,196 @@ impl Engine {
         if let Some(bad) = prompt.iter().find(|&&t| t >= vocab) {
             return Err(ModelError::Config(format!("prompt token id {bad} is outside the vocabulary (size {vocab})")));
         }
+        let mut sampler = SequenceSampler::new(&req.sampler, vocab as usize, prompt)?;
         let model = &self.model.model;
         let (mut cache, cached) = match self.prompt_cache.lookup(prompt) {
             Some((c, n)) => (c, n),
             None => (SequenceCache::new(model.num_layers()), 0),
         };
         let mut fed: Vec<u32> = prompt[..cached].to_vec();
-
-        // Prefill all but the last prompt token in chunks; the last one produces the logits.
+        // All but the last prompt token fill the cache; the last one produces the logits.
         let body = &prompt[cached..prompt.len() - 1];
         for chunk in body.chunks(self.options.prefill_chunk.max(1)) {
             model.prefill(&tokens_array(chunk), &mut cache)?;
             fed.extend_from_slice(chunk);
         }
         let last = &prompt[prompt.len() - 1..];
-        let mut sampler = SequenceSampler::new(&req.sampler.clone().into(), vocab as usize, prompt)?;
-        let mut y = sampler.sample(&model.forward_last(&tokens_array(last), &mut cache)?)?;
+        let logits = model.forward_last(&tokens_array(last), &mut cache)?;
         fed.extend_from_slice(last);
-        async_eval([&y])?;
-
-        let mut decoder = StreamDecoder::new(&self.model.tokenizer);
-        let mut stops = StopMatcher::new(&req.stop);
-        let mut ids = Vec::new();
-        let mut text = String::new();
-        let mut first_token_at = None;
-        let finish = loop {
-            if ids.len() >= req.max_tokens {
-                break FinishReason::Length;
-            }
-            // Queue the next step before reading this one, unless this is the last allowed.
-            let next = if ids.len() + 1 < req.max_tokens {
-                let logits = model.forward_last(&y.reshape(&[1, 1])?, &mut cache)?;
-                let n = sampler.sample(&logits)?;
-                async_eval([&n])?;
-                Some(n)
-            } else {
-                None
-            };
-            let id = read_ids(&y)?[0];
-            self.host_reads += 1;
-            first_token_at.get_or_insert_with(Instant::now);
-            if next.is_some() {
-                fed.push(id);
-            }
-            ids.push(id);
-            if ids.len() % self.options.clear_cache_every.max(1) == 0 {
-                let _ = mlx_rs::memory::clear_cache();
-            }
-            if self.model.eos_ids.contains(&id) {
-                let rest = stops.flush();
-                text.push_str(&rest);
-                if !rest.is_empty() {
-                    on_token(&TokenEvent { id, text: rest });
-                }
-                break FinishReason::Stop;
-            }
-            let piece = decoder.push(id).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-            let (shown, stopped) = match stops.push(&piece) {
-                StopOutcome::Continue(t) => (t, false),
-                StopOutcome::Stopped(t) => (t, true),
-            };
-            text.push_str(&shown);
-            let keep_going = on_token(&TokenEvent { id, text: shown });
-            if stopped {
-                break FinishReason::Stop;
-            }
-            if !keep_going {
-                break FinishReason::Cancelled;
-            }
-            match next {
-                Some(n) => y = n,
-                None => {
-                    let tail = decoder.finish().map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-                    let tail = match stops.push(&tail) {
-                        StopOutcome::Continue(t) | StopOutcome::Stopped(t) => t + &stops.flush(),
-                    };
-                    if !tail.is_empty() {
-                        text.push_str(&tail);
-                        on_token(&TokenEvent { id, text: tail });
-                    }
-                    break FinishReason::Length;
-                }
-            }
-        };
-        let first = first_token_at.unwrap_or_else(Instant::now);
-        if cache.offset() as usize == fed.len() {
-            self.prompt_cache.insert(fed, cache);
-        }
-        Ok(Outcome {
-            finish,
-            ids,
-            text,
-            prompt_tokens: prompt.len(),
+        let pending = sample(&logits, &mut [&mut sampler], req.sampler.logprobs.unwrap_or(0) > 0)?;
+        let stops = StopMatcher::new(&req.stop);
+        Ok(Row {
+            decoder: StreamDecoder::new(self.model.tokenizer.clone()),
+            stops,
+            cache,
+            sampler,
+            fed,
+            ids: Vec::new(),
+            text: String::new(),
+            pending: pending.into_iter().next(),
+            started,
+            first_token_at: None,
             cached_tokens: cached,
-            time_to_first_token: first - start,
-            decode_time: first.elapsed(),
+            finished: (req.max_tokens == 0).then_some(FinishReason::Length),
+            req,
         })
     }
+
+    /// Advances every unfinished row by one token: queues the next step of the rows that go on,
+    /// then reads this step's tokens (one host read for the whole batch) and reports them.
+    /// `on_token(i, event)` returning `false` cancels row `i`.
+    pub fn step(
+        &mut self,
+        rows: &mut [&mut Row],
+        mut on_token: impl FnMut(usize, &TokenEvent) -> bool,
+    ) -> Result<(), ModelError> {
+        let stream = self.stream.clone();
+        mlx_rs::with_stream(&stream, || self.step_on_stream(rows, &mut on_token))
+    }
+
+    fn step_on_stream(
+        &mut self,
+        rows: &mut [&mut Row],
+        on_token: &mut dyn FnMut(usize, &TokenEvent) -> bool,
+    ) -> Result<(), ModelError> {
+        let live: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].finished.is_none() && rows[i].pending.is_some()).collect();
+        if live.is_empty() {
+            return Ok(());
+        }
+        // Rows that may need another token after this one get their next step queued now.
+        let going_on: Vec<usize> = live.iter().copied().filter(|&i| rows[i].ids.len() + 1 < rows[i].req.max_tokens).collect();
+        let mut next: Vec<Option<Pending>> = (0..rows.len()).map(|_| None).collect();
+        if !going_on.is_empty() {
+            let inputs: Vec<Array> =
+                going_on.iter().map(|&i| rows[i].pending.as_ref().expect("live rows have a token").token.clone()).collect();
+            let tokens = ops::concatenate(&inputs, 0)?;
+            let model = &self.model.model;
+            let want_logprobs = going_on.iter().any(|&i| rows[i].req.sampler.logprobs.unwrap_or(0) > 0);
+            let (mut caches, mut samplers): (Vec<&mut SequenceCache>, Vec<&mut SequenceSampler>) = rows
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| going_on.contains(i))
+                .map(|(_, r)| (&mut r.cache, &mut r.sampler))
+                .unzip();
+            let logits = model.forward_batch(&tokens, &mut caches)?;
+            for (slot, p) in going_on.iter().zip(sample(&logits, &mut samplers, want_logprobs)?) {
+                next[*slot] = Some(p);
+            }
+        }
+
+        // One read of this step's tokens for the whole batch.
+        let current: Vec<Array> = live.iter().map(|&i| rows[i].pending.as_ref().expect("live").token.clone()).collect();
+        let ids = read_ids(&ops::concatenate(&current, 0)?)?;
+        self.host_reads += 1;
+        self.steps += 1;
+        if self.steps % self.options.clear_cache_every.max(1) as u64 == 0 {
+            let _ = mlx_rs::memory::clear_cache();
+        }
+        for (k, &i) in live.iter().enumerate() {
+            let row = &mut *rows[i];
+            let logprobs = match row.pending.take().and_then(|p| p.logprobs) {
+                Some(lp) => Some(read_row_logprobs(&lp, row.req.sampler.logprobs.unwrap_or(0))?),
+                None => None,
+            };
+            let event = self.accept(row, ids[k], next[i].is_some(), logprobs)?;
+            if let Some(ev) = event {
+                if !on_token(i, &ev) {
+                    row.finished.get_or_insert(FinishReason::Cancelled);
+                }
+            }
+            if row.finished.is_none() {
+                row.pending = next[i].take();
+                if row.pending.is_none() {
+                    row.finished = Some(FinishReason::Length);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Books a sampled token into its row: end-of-sequence, detokenization, stop strings, length.
+    fn accept(&self, row: &mut Row, id: u32, was_fed: bool, logprobs: Option<TokenLogprobs>) -> Result<Option<TokenEvent>, ModelError> {
+        row.first_token_at.get_or_insert_with(Instant::now);
+        if was_fed {
+            row.fed.push(id);
+        }
+        row.ids.push(id);
+        let tok_err = |e: crate::tokenizer::TokenizerError| ModelError::Tokenizer(e.to_string());
+        if self.model.eos_ids.contains(&id) {
+            row.finished = Some(FinishReason::Stop);
+            let rest = row.stops.flush();
+            row.text.push_str(&rest);
+            return Ok(Some(TokenEvent { id, text: rest, logprobs }));
+        }
+        let piece = row.decoder.push(id).map_err(tok_err)?;
+        let mut shown = match row.stops.push(&piece) {
+            StopOutcome::Continue(t) => t,
+            StopOutcome::Stopped(t) => {
+                row.finished = Some(FinishReason::Stop);
+                t
+            }
+        };
+        if row.finished.is_none() && row.ids.len() >= row.req.max_tokens {
+            row.finished = Some(FinishReason::Length);
+            let tail = row.decoder.finish().map_err(tok_err)?;
+            match row.stops.push(&tail) {
+                StopOutcome::Continue(t) => shown.push_str(&(t + &row.stops.flush())),
+                StopOutcome::Stopped(t) => {
+                    shown.push_str(&t);
+                    row.finished = Some(FinishReason::Stop);
+                }
+            }
+        }
+        row.text.push_str(&shown);
+        Ok(Some(TokenEvent { id, text: shown, logprobs }))
+    }
+
+    /// Ends a row: its KV state goes to the prompt cache, its summary to the caller.
+    pub fn finish(&mut self, row: Row) -> Outcome {
+        let first = row.first_token_at.unwrap_or_else(Instant::now);
+        let outcome = Outcome {
+            finish: row.finished.unwrap_or(FinishReason::Cancelled),
+            prompt_tokens: row.req.prompt.len(),
+            cached_tokens: row.cached_tokens,
+            time_to_first_token: first - row.started,
+            decode_time: first.elapsed(),
+            ids: row.ids,
+            text: row.text,
+        };
+        if row.cache.offset() as usize == row.fed.len() {
+            self.prompt_cache.insert(row.fed, row.cache);
+        }
+        outcome
+    }
+}
+
+/// Samples every row of `logits` and queues the result on the device.
+fn sample(logits: &Array, samplers: &mut [&mut SequenceSampler], want_logprobs: bool) -> Result<Vec<Pending>, ModelError> {
+    let sampled = sample_batch_with_logprobs(logits, samplers)?;
+    let lp = if want_logprobs { sampled.logprobs } else { None };
+    let mut queue: Vec<&Array> = vec![&sampled.tokens];
+    if let Some(l) = &lp {
+        queue.extend([&l.chosen, &l.top_ids, &l.top_logprobs]);
+    }
+    async_eval(queue)?;
+    (0..samplers.len() as i32)
+        .map(|i| {
+            let token = sampled.tokens.try_index(i..i + 1)?;
+            let logprobs = match &lp {
+                Some(l) => Some((l.chosen.try_index(i..i + 1)?, l.top_ids.try_index(i)?, l.top_logprobs.try_index(i)?)),
+                None => None,
+            };
+            Ok(Pending { token, logprobs })
+        })
+        .collect()
+}
+
+fn read_row_logprobs(lp: &(Array, Array, Array), n: u32) -> Result<TokenLogprobs, ModelError> {
+    let chosen = read_logprobs(&lp.0)?;
+    let ids = read_ids(&lp.1)?;
+    let values = read_logprobs(&lp.2)?;
+    let top = ids.into_iter().zip(values).take(n as usize).collect();
+    Ok(TokenLogprobs { logprob: chosen.first().copied().unwrap_or(f32::NAN), top })
 }
 
 fn tokens_array(ids: &[u32]) -> Array {

@@ -35,6 +35,9 @@ pub enum ModelError {
     /// The tokenizer could not be built.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// Sampling parameters out of range (the message names the field).
+    #[error("{0}")]
+    Sampling(crate::sampling::SamplingError),
     /// MLX reported an error while building or running the graph.
     #[error("mlx: {0}")]
     Mlx(#[from] mlx_rs::error::Exception),
@@ -50,8 +53,8 @@ impl ModelError {
 pub struct LoadedModel {
     /// The network.
     pub model: Transformer,
-    /// Its tokenizer.
-    pub tokenizer: Tokenizer,
+    /// Its tokenizer (shared with the decoders of running sequences).
+    pub tokenizer: std::sync::Arc<Tokenizer>,
     /// The Jinja chat template, when the checkpoint ships one.
     pub chat_template: Option<String>,
     /// Token ids that end a generation.
@@ -107,7 +110,7 @@ fn load_hf_dir(dir: &Path) -> Result<LoadedModel, ModelError> {
         }
     }
     merge_ids(&mut eos_ids, tokenizer.eos_ids());
-    Ok(LoadedModel { model, chat_template: tokenizer.chat_template().map(String::from), tokenizer, eos_ids, source: dir.to_path_buf() })
+    Ok(LoadedModel { model, chat_template: tokenizer.chat_template().map(String::from), tokenizer: tokenizer.into(), eos_ids, source: dir.to_path_buf() })
 }
 
 fn eos_from_json(v: Option<&serde_json::Value>) -> Vec<u32> {
@@ -141,7 +144,7 @@ fn load_gguf(path: &Path) -> Result<LoadedModel, ModelError> {
     let model = Transformer::load(args, w)?;
     let tokenizer = Tokenizer::from_gguf(&meta).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
     let eos_ids = tokenizer.eos_ids().to_vec();
-    Ok(LoadedModel { model, chat_template: tokenizer.chat_template().map(String::from), tokenizer, eos_ids, source: path.to_path_buf() })
+    Ok(LoadedModel { model, chat_template: tokenizer.chat_template().map(String::from), tokenizer: tokenizer.into(), eos_ids, source: path.to_path_buf() })
 }
 
 /// Hyper-parameters from GGUF metadata (`{arch}.*` keys), through the same validation as

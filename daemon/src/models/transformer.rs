@@ -9,6 +9,7 @@ use super::weights::Weights;
 use super::ModelError;
 use crate::cache::{LayerCache, SequenceCache};
 use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
+use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::{nn, ops, Array};
 
 type Result<T> = std::result::Result<T, ModelError>;
@@ -79,6 +80,39 @@ impl Attention {
     }
 }
 
+impl Attention {
+    /// One decode step for `B` sequences at once (`x`: `[B, 1, D]`): the projections run batched
+    /// (that is where the weights are read), RoPE, cache and attention run per row, since each
+    /// sequence has its own length.
+    fn forward_rows(&self, x: &Array, caches: &mut [&mut LayerCache]) -> Result<Array> {
+        let b = x.shape()[0];
+        let split = |y: Array, heads: i32, norm: &Option<RmsNorm>| -> Result<Array> {
+            let y = y.reshape(&[b, 1, heads, self.head_dim])?;
+            let y = match norm {
+                Some(n) => n.forward(&y)?,
+                None => y,
+            };
+            Ok(ops::transpose_axes(&y, &[0, 2, 1, 3])?)
+        };
+        let q = split(self.q_proj.forward(x)?, self.heads, &self.q_norm)?;
+        let k = split(self.k_proj.forward(x)?, self.kv_heads, &self.k_norm)?;
+        let v = split(self.v_proj.forward(x)?, self.kv_heads, &None)?;
+        let mut outs = Vec::with_capacity(caches.len());
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let i = i as i32;
+            let row = |a: &Array| a.try_index(i..i + 1);
+            let offset = cache.offset();
+            let qi = self.rope.forward(&row(&q)?, offset)?;
+            let ki = self.rope.forward(&row(&k)?, offset)?;
+            let (ki, vi) = cache.update_and_fetch(&ki, &row(&v)?)?;
+            outs.push(fast::scaled_dot_product_attention(&qi, &ki, &vi, self.scale, None, None)?);
+        }
+        let o = ops::concatenate(&outs, 0)?;
+        let o = ops::transpose_axes(&o, &[0, 2, 1, 3])?.reshape(&[b, 1, self.heads * self.head_dim])?;
+        self.o_proj.forward(&o)
+    }
+}
+
 /// SwiGLU feed-forward.
 #[derive(Debug)]
 pub struct Mlp {
@@ -113,6 +147,11 @@ pub struct Block {
 }
 
 impl Block {
+    fn forward_rows(&self, x: &Array, caches: &mut [&mut LayerCache]) -> Result<Array> {
+        let h = ops::add(x, self.self_attn.forward_rows(&self.input_layernorm.forward(x)?, caches)?)?;
+        Ok(ops::add(&h, self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
+    }
+
     fn forward(&self, x: &Array, cache: &mut LayerCache) -> Result<Array> {
         let h = ops::add(x, self.self_attn.forward(&self.input_layernorm.forward(x)?, cache)?)?;
         Ok(ops::add(&h, self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
@@ -202,6 +241,26 @@ impl Transformer {
     pub fn prefill(&self, tokens: &Array, cache: &mut SequenceCache) -> Result<()> {
         self.hidden(tokens, cache)?;
         Ok(cache.eval()?)
+    }
+
+    /// One decode step for several sequences: `tokens` is `[B]` (the last sampled id of each
+    /// row, still on the device), `caches[i]` is row `i`'s cache. Returns logits `[B, V]`.
+    pub fn forward_batch(&self, tokens: &Array, caches: &mut [&mut SequenceCache]) -> Result<Array> {
+        let b = caches.len() as i32;
+        for c in caches.iter_mut() {
+            if c.layers.len() != self.layers.len() {
+                **c = SequenceCache::new(self.layers.len());
+            }
+        }
+        let mut h = self.embed_tokens.rows(&tokens.reshape(&[b, 1])?)?;
+        for (l, block) in self.layers.iter().enumerate() {
+            let mut layer: Vec<&mut LayerCache> = caches.iter_mut().map(|c| &mut c.layers[l]).collect();
+            h = block.forward_rows(&h, &mut layer)?;
+        }
+        let h = self.norm.forward(&h)?;
+        let logits = self.head(&h)?;
+        let v = logits.shape()[2];
+        Ok(logits.reshape(&[b, v])?)
     }
 
     /// Logits for every position, `[B, T, V]` (tests, scoring).

@@ -17,23 +17,27 @@
 //! 5. **Top-k** — the k highest tempered logits survive.
 //! 6. **Top-p** — of the survivors (renormalized), the smallest most-likely prefix whose
 //!    probability reaches p.
-//! 7. **Min-p** — drop tokens with probability below `min_p` times the best one's.
+//! 7. **Min-p** — drop tokens with probability below `min_p` times the best one's (the best
+//!    token always survives, so renormalizing first would not change this cut).
 //! 8. **Typical-p** — of the survivors (renormalized), keep the tokens whose surprisal is
 //!    closest to the entropy, smallest such set holding mass p (Meister et al. 2022).
 //! 9. **Pick** — Gumbel-max draw (`argmax(logit + Gumbel noise)`, which samples the softmax
 //!    exactly) from a per-request key split every step; or argmax for greedy rows.
 //!
-//! Steps 1-3 follow mlx-lm's `make_logits_processors` (bias, repetition, presence, frequency).
+//! Steps 1-3 follow mlx-lm's `make_logits_processors` order (bias, repetition, presence,
+//! frequency). Presence and frequency count generated tokens only, over the whole output, as
+//! OpenAI defines them (mlx-lm counts the last 20 tokens of prompt + output instead).
 //! Steps 4-8 differ from mlx-lm (and llama.cpp), which filter the *untempered* distribution
 //! and apply the temperature only in the final draw; mlxd follows Hugging Face transformers'
 //! warper order (temperature, top-k, top-p, min-p, typical). Filtering after the temperature
 //! means the thresholds cut the distribution that is actually sampled: with `top_p = 0.9` the
-//! draw comes from the smallest set holding 90% of the probability it is drawn with, which is
-//! what OpenAI's description of `top_p` says and what the chi-square test checks. Top-k is
-//! unaffected by the order (temperature is monotone); top-p and min-p are not.
+//! draw comes from the smallest set holding 90% of the probability it is drawn with, and the
+//! chi-square test checks exactly that. Top-k is unaffected by the order (temperature is
+//! monotone); top-p, min-p and typical-p are not.
 //!
-//! The filters sort the candidates once (only the `max k` best when every drawing row has a
-//! top-k, via argpartition) and work on ranks. Logprobs are the log-softmax of the logits after
+//! The filters sort the candidates once and work on ranks; when every drawing row has a top-k,
+//! only the best `max k` (rounded up to a power of two, at least 16) are sorted, picked by
+//! argpartition. Logprobs are the log-softmax of the logits after
 //! step 3 (before temperature and filters), as mlx-lm reports them.
 //!
 //! # Layout
@@ -50,7 +54,9 @@ mod sequence;
 
 pub use params::{SamplingError, SamplingParams, MAX_LOGPROBS, MAX_REPETITION_CONTEXT};
 pub use pipeline::set_compiled;
-pub use read::{host_read_stats, read_ids, read_logprobs, thread_host_read_stats, HostReadStats, MAX_HOST_READ_ELEMENTS};
+pub use read::{
+    host_read_stats, read_ids, read_logprobs, thread_host_read_stats, HostReadStats, MAX_HOST_READ_ELEMENTS,
+};
 pub use sequence::{
     sample_batch, sample_batch_inspect, sample_batch_with_logprobs, Inspection, Logprobs, Sampled, SequenceSampler,
 };
@@ -75,7 +81,7 @@ impl From<SamplingError> for crate::models::ModelError {
     fn from(e: SamplingError) -> Self {
         match e {
             SamplingError::Mlx(e) => crate::models::ModelError::Mlx(e),
-            e => crate::models::ModelError::Config(e.to_string()),
+            e => crate::models::ModelError::Sampling(e),
         }
     }
 }

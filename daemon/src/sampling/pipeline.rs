@@ -81,9 +81,8 @@ pub(crate) fn run(stages: Stages, inputs: &[Array]) -> Result<Outputs, Exception
     let out = if USE_COMPILE.with(Cell::get) {
         COMPILED.with(|cache| {
             let mut cache = cache.borrow_mut();
-            let f = cache
-                .entry(stages)
-                .or_insert_with(|| Box::new(compile(move |xs: &[Array]| graph(stages, xs), None)));
+            let f =
+                cache.entry(stages).or_insert_with(|| Box::new(compile(move |xs: &[Array]| graph(stages, xs), None)));
             f(inputs)
         })?
     } else {
@@ -152,11 +151,8 @@ fn graph(st: Stages, inputs: &[Array]) -> Result<Vec<Array>, Exception> {
     if st.repetition {
         let (window, weights, penalty) = (inputs.next()?, inputs.next()?, inputs.next()?);
         let seen = scatter_add_rows(&Array::zeros::<f32>(&[b, v])?, window, weights)?.gt(Array::from_f32(0.0))?;
-        let penalized = ops::select(
-            logits.lt(Array::from_f32(0.0))?,
-            logits.multiply(penalty)?,
-            logits.divide(penalty)?,
-        )?;
+        let penalized =
+            ops::select(logits.lt(Array::from_f32(0.0))?, logits.multiply(penalty)?, logits.divide(penalty)?)?;
         logits = ops::select(&seen, &penalized, &logits)?;
     }
     // 3. Presence and frequency penalties over generated-token counts.
@@ -179,10 +175,13 @@ fn graph(st: Stages, inputs: &[Array]) -> Result<Vec<Array>, Exception> {
             (argmax_axis(scaled.add(noise)?, -1, false)?, scaled)
         };
         match is_greedy {
-            Some(g) => (
-                ops::select(&g, argmax_axis(&logits, -1, false)?, &drawn)?,
-                ops::select(g.reshape(&[b, 1])?, &logits, &candidates)?,
-            ),
+            Some(g) => {
+                let tokens = ops::select(&g, argmax_axis(&logits, -1, false)?, &drawn)?;
+                // Candidates are in vocabulary order only when inspected.
+                let candidates =
+                    if st.inspect { ops::select(g.reshape(&[b, 1])?, &logits, &candidates)? } else { candidates };
+                (tokens, candidates)
+            }
             None => (drawn, candidates),
         }
     } else {

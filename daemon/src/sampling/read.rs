@@ -66,7 +66,14 @@ pub fn read_logprobs(a: &Array) -> Result<Vec<f32>, SamplingError> {
 fn is_integer(d: Dtype) -> bool {
     matches!(
         d,
-        Dtype::Uint8 | Dtype::Uint16 | Dtype::Uint32 | Dtype::Uint64 | Dtype::Int8 | Dtype::Int16 | Dtype::Int32 | Dtype::Int64
+        Dtype::Uint8
+            | Dtype::Uint16
+            | Dtype::Uint32
+            | Dtype::Uint64
+            | Dtype::Int8
+            | Dtype::Int16
+            | Dtype::Int32
+            | Dtype::Int64
     )
 }
 
@@ -84,6 +91,9 @@ fn refuse(a: &Array, why: &'static str) -> SamplingError {
 fn host_read<T: ArrayElement + Clone>(a: &Array) -> Result<Vec<T>, SamplingError> {
     if a.size() > MAX_HOST_READ_ELEMENTS {
         return Err(refuse(a, "larger than MAX_HOST_READ_ELEMENTS; logits never leave the device"));
+    }
+    if a.size() == 0 {
+        return Ok(Vec::new()); // nothing crosses
     }
     let bytes = (a.size() * a.item_size()) as u64;
     let values = a.contiguous()?.to_vec_cast::<T>().map_err(|e| mlx_rs::error::Exception::custom(e.to_string()))?;

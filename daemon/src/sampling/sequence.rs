@@ -52,13 +52,26 @@ pub struct Inspection {
 /// The last tokens of prompt + output, as a ring on the device.
 #[derive(Debug)]
 struct Window {
-    /// `[1, N]` uint32.
+    /// `[1, C]` uint32, C = `size` rounded up to a power of two (see [`bucket`]).
     ids: Array,
-    /// `[1, N]` float32: 1 for filled slots, 0 for empty ones.
+    /// `[1, C]` float32: 1 for filled slots, 0 for empty ones and for the rounding slots.
     weights: Array,
     size: usize,
     filled: usize,
     next_slot: usize,
+}
+
+impl Window {
+    fn capacity(&self) -> i32 {
+        self.ids.shape()[1]
+    }
+}
+
+/// Sizes that become array shapes (window length, number of biased tokens, truncation width)
+/// are rounded up to a power of two: every distinct shape or width costs a trace of the
+/// compiled graph, and clients choose these numbers freely.
+fn bucket(n: usize) -> usize {
+    n.max(1).next_power_of_two()
 }
 
 /// One request's sampler: its parameters and its device state (random key, repetition window,
@@ -90,14 +103,15 @@ impl SequenceSampler {
         };
         let window = (params.repetition_penalty != 1.0).then(|| {
             let size = params.repetition_context_size;
+            let capacity = bucket(size);
             let tail = &prompt[prompt.len().saturating_sub(size)..];
-            let mut ids = vec![0u32; size];
+            let mut ids = vec![0u32; capacity];
             ids[..tail.len()].copy_from_slice(tail);
-            let mut weights = vec![0f32; size];
+            let mut weights = vec![0f32; capacity];
             weights[..tail.len()].fill(1.0);
             Window {
-                ids: Array::from_slice(&ids, &[1, size as i32]),
-                weights: Array::from_slice(&weights, &[1, size as i32]),
+                ids: Array::from_slice(&ids, &[1, capacity as i32]),
+                weights: Array::from_slice(&weights, &[1, capacity as i32]),
                 size,
                 filled: tail.len(),
                 next_slot: tail.len() % size,
@@ -169,10 +183,7 @@ pub fn sample_batch(logits: &Array, rows: &mut [&mut SequenceSampler]) -> Result
 }
 
 /// As [`sample_batch`], with the logprobs the rows asked for.
-pub fn sample_batch_with_logprobs(
-    logits: &Array,
-    rows: &mut [&mut SequenceSampler],
-) -> Result<Sampled, SamplingError> {
+pub fn sample_batch_with_logprobs(logits: &Array, rows: &mut [&mut SequenceSampler]) -> Result<Sampled, SamplingError> {
     Ok(step(logits, rows, true, false)?.0)
 }
 
@@ -221,7 +232,8 @@ fn step(
         inspect,
     };
     if st.top_k && drawing().all(|i| p(i).top_k > 0) {
-        st.truncate = drawing().map(|i| p(i).top_k as i32).max().filter(|&k| k < v);
+        let widest = drawing().map(|i| p(i).top_k as usize).max().unwrap_or(0);
+        st.truncate = Some(bucket(widest).max(16) as i32).filter(|&k| k < v);
     }
     if want_logprobs {
         st.logprobs = (0..b).filter_map(|i| p(i).logprobs).max().map(|n| n as i32);
@@ -237,22 +249,25 @@ fn step(
                 values.push(x);
             }
         }
+        // Padding adds 0 to token 0 of row 0.
+        index.resize(bucket(index.len()), 0);
+        values.resize(index.len(), 0.0);
         let m = index.len() as i32;
         inputs.push(Array::from_slice(&index, &[m]));
         inputs.push(Array::from_slice(&values, &[m, 1]));
     }
     if st.repetition {
-        let n = rows.iter().filter_map(|r| r.window.as_ref().map(|w| w.size)).max().unwrap_or(1) as i32;
+        let n = rows.iter().filter_map(|r| r.window.as_ref().map(Window::capacity)).max().unwrap_or(1);
         let mut ids = Vec::with_capacity(b);
         let mut weights = Vec::with_capacity(b);
         for r in rows.iter() {
             match &r.window {
-                Some(w) if w.size as i32 == n => {
+                Some(w) if w.capacity() == n => {
                     ids.push(w.ids.clone());
                     weights.push(w.weights.clone());
                 }
                 Some(w) => {
-                    let pad = n - w.size as i32;
+                    let pad = n - w.capacity();
                     ids.push(ops::concatenate(&[w.ids.clone(), Array::zeros::<u32>(&[1, pad])?], 1)?);
                     weights.push(ops::concatenate(&[w.weights.clone(), Array::zeros::<f32>(&[1, pad])?], 1)?);
                 }
@@ -294,22 +309,24 @@ fn step(
         let width = st.truncate.unwrap_or(v);
         let on = |i: usize, f: &dyn Fn(&SamplingParams) -> bool| random[i] && f(p(i));
         if st.top_k {
-            inputs.push(column!(
-                (0..b).map(|i| if on(i, &|q| q.top_k > 0) { (p(i).top_k as i32).min(width) } else { width }).collect(),
-            ));
+            inputs.push(column!((0..b)
+                .map(|i| if on(i, &|q| q.top_k > 0) { (p(i).top_k as i32).min(width) } else { width })
+                .collect(),));
         }
         if st.top_p {
-            inputs.push(column!((0..b).map(|i| if on(i, &|q| q.top_p < 1.0) { p(i).top_p } else { f32::INFINITY }).collect()));
+            inputs.push(column!((0..b)
+                .map(|i| if on(i, &|q| q.top_p < 1.0) { p(i).top_p } else { f32::INFINITY })
+                .collect()));
         }
         if st.min_p {
-            inputs.push(column!(
-                (0..b).map(|i| if on(i, &|q| q.min_p > 0.0) { p(i).min_p.ln() } else { f32::NEG_INFINITY }).collect(),
-            ));
+            inputs.push(column!((0..b)
+                .map(|i| if on(i, &|q| q.min_p > 0.0) { p(i).min_p.ln() } else { f32::NEG_INFINITY })
+                .collect(),));
         }
         if st.typical {
-            inputs.push(column!(
-                (0..b).map(|i| if on(i, &|q| q.typical_p < 1.0) { p(i).typical_p } else { f32::INFINITY }).collect(),
-            ));
+            inputs.push(column!((0..b)
+                .map(|i| if on(i, &|q| q.typical_p < 1.0) { p(i).typical_p } else { f32::INFINITY })
+                .collect(),));
         }
     }
 

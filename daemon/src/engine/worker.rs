@@ -1,0 +1,396 @@
+//! The thread that owns one resident model. Async code talks to it through a [`WorkerHandle`]
+//! (a channel sender and a few counters); the thread admits requests between decode steps and
+//! advances all running sequences together.
+//!
+//! Fairness and back-pressure: every running sequence advances one token per step; a sequence
+//! whose client reads too slowly (its bounded event channel is full) sits out steps until the
+//! client catches up, so it never stalls the others; a closed channel cancels it. Requests beyond
+//! `max_batch` wait in arrival order; beyond `max_queue` they are refused at once.
+
+use super::{Engine, GenerateRequest, Outcome, Row, TokenEvent};
+use crate::chat::{ChatTemplate, Message};
+use crate::models::ModelError;
+use crate::protocol::ErrorCode;
+use crate::sampling::SamplingParams;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// What to generate from.
+#[derive(Debug, Clone)]
+pub enum PromptInput {
+    /// Raw text, tokenized as is.
+    Text(String),
+    /// A conversation, rendered with the model's chat template.
+    Messages(Vec<Message>),
+}
+
+/// A validated generation request on its way to the model thread.
+pub struct Job {
+    /// The client's request id (for logs).
+    pub id: String,
+    /// Prompt.
+    pub input: PromptInput,
+    /// Upper bound on generated tokens.
+    pub max_tokens: usize,
+    /// Longest accepted prompt, tokens.
+    pub max_prompt_tokens: usize,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// Sampling parameters (already checked against the protocol's bounds; the vocabulary
+    /// bounds are checked here).
+    pub sampling: SamplingParams,
+    /// Where events go; bounded, so a slow reader pauses only its own sequence.
+    pub events: mpsc::Sender<JobEvent>,
+    /// Set by the connection on `cancel` or disconnect.
+    pub cancel: Arc<AtomicBool>,
+}
+
+/// Events of one job, in order: `Started`, any number of `Token`, then `Done`; or one `Error`.
+#[derive(Debug)]
+pub enum JobEvent {
+    /// The prompt was processed up to the first token.
+    Started {
+        /// Prompt length in tokens.
+        prompt_tokens: usize,
+    },
+    /// A token.
+    Token(TokenEvent),
+    /// The end.
+    Done(Outcome),
+    /// The request failed before or while generating.
+    Error {
+        /// Stable code.
+        code: ErrorCode,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Requests to the model thread.
+pub enum Command {
+    /// Generate.
+    Generate(Job),
+    /// Text to ids.
+    Tokenize {
+        /// Text.
+        text: String,
+        /// Add BOS where the model uses one.
+        add_special: bool,
+        /// Answer.
+        reply: oneshot::Sender<Result<Vec<u32>, String>>,
+    },
+    /// Ids to text.
+    Detokenize {
+        /// Ids.
+        tokens: Vec<u32>,
+        /// Answer.
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+}
+
+/// Counters the worker publishes for status and metrics.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Jobs waiting for a batch slot.
+    pub queued: AtomicUsize,
+    /// Sequences generating.
+    pub running: AtomicUsize,
+    /// Requests finished.
+    pub requests: AtomicU64,
+    /// Tokens generated.
+    pub tokens: AtomicU64,
+    /// Decode steps run.
+    pub steps: AtomicU64,
+    /// Sum of batch sizes over steps (mean batch = this / steps).
+    pub batch_rows: AtomicU64,
+    /// Sum of time to first token, microseconds.
+    pub ttft_us: AtomicU64,
+    /// Device bytes of the running sequences' KV caches.
+    pub kv_bytes: AtomicU64,
+}
+
+/// The clonable handle async code holds.
+#[derive(Clone)]
+pub struct WorkerHandle {
+    tx: std_mpsc::Sender<Command>,
+    /// Live counters.
+    pub stats: Arc<WorkerStats>,
+    max_queue: usize,
+}
+
+/// Limits the worker enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerLimits {
+    /// Sequences decoded together.
+    pub max_batch: usize,
+    /// Jobs waiting before new ones are refused.
+    pub max_queue: usize,
+}
+
+impl WorkerHandle {
+    /// Submits a job, or gives it back when the queue is full (the caller answers `busy`).
+    pub fn submit(&self, job: Job) -> Result<(), Job> {
+        let waiting = self.stats.queued.load(Ordering::SeqCst);
+        if waiting >= self.max_queue {
+            return Err(job);
+        }
+        self.stats.queued.fetch_add(1, Ordering::SeqCst);
+        self.tx.send(Command::Generate(job)).map_err(|e| {
+            self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+            match e.0 {
+                Command::Generate(job) => job,
+                _ => unreachable!("sent a Generate"),
+            }
+        })
+    }
+
+    /// Sends a non-generating command.
+    pub fn send(&self, cmd: Command) -> bool {
+        self.tx.send(cmd).is_ok()
+    }
+
+    /// Running plus queued requests.
+    pub fn in_flight(&self) -> usize {
+        self.stats.queued.load(Ordering::SeqCst) + self.stats.running.load(Ordering::SeqCst)
+    }
+}
+
+/// Starts the model thread around an engine built by `load` (which runs on that thread, so all
+/// of the model's MLX state lives there). Returns once loading has finished.
+pub fn spawn(
+    name: &str,
+    limits: WorkerLimits,
+    load: impl FnOnce() -> Result<Engine, ModelError> + Send + 'static,
+) -> Result<(WorkerHandle, std::thread::JoinHandle<()>), ModelError> {
+    let (tx, rx) = std_mpsc::channel();
+    let stats = Arc::new(WorkerStats::default());
+    let (ready_tx, ready_rx) = std_mpsc::channel();
+    let thread_stats = stats.clone();
+    let join = std::thread::Builder::new()
+        .name(format!("model:{name}"))
+        .spawn(move || match load() {
+            Ok(engine) => {
+                let _ = ready_tx.send(Ok(()));
+                Worker::new(engine, limits, thread_stats).run(rx);
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+            }
+        })
+        .map_err(|e| ModelError::Config(format!("cannot start the model thread: {e}")))?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok((WorkerHandle { tx, stats, max_queue: limits.max_queue }, join)),
+        Ok(Err(e)) => {
+            let _ = join.join();
+            Err(e)
+        }
+        Err(_) => {
+            let _ = join.join();
+            Err(ModelError::Config("the model thread ended while loading (see the log)".into()))
+        }
+    }
+}
+
+struct Active {
+    job: Job,
+    row: Row,
+    /// An error event was sent; no Done follows.
+    failed: bool,
+}
+
+struct Worker {
+    engine: Engine,
+    limits: WorkerLimits,
+    stats: Arc<WorkerStats>,
+    template: Option<Result<ChatTemplate, String>>,
+    waiting: VecDeque<Job>,
+    active: Vec<Active>,
+}
+
+impl Worker {
+    fn new(engine: Engine, limits: WorkerLimits, stats: Arc<WorkerStats>) -> Self {
+        Worker { engine, limits, stats, template: None, waiting: VecDeque::new(), active: Vec::new() }
+    }
+
+    fn run(mut self, rx: std_mpsc::Receiver<Command>) {
+        let mut open = true;
+        loop {
+            if self.active.is_empty() && self.waiting.is_empty() {
+                if !open {
+                    return;
+                }
+                match rx.recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match rx.try_recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(std_mpsc::TryRecvError::Empty) => break,
+                    Err(std_mpsc::TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            }
+            self.admit();
+            self.reap();
+            self.step();
+            self.reap();
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Generate(job) => self.waiting.push_back(job),
+            Command::Tokenize { text, add_special, reply } => {
+                let _ = reply.send(self.engine.model.tokenizer.encode(&text, add_special).map_err(|e| e.to_string()));
+            }
+            Command::Detokenize { tokens, reply } => {
+                let _ = reply.send(self.engine.model.tokenizer.decode(&tokens, false).map_err(|e| e.to_string()));
+            }
+        }
+    }
+
+    fn admit(&mut self) {
+        while self.active.len() < self.limits.max_batch {
+            let Some(job) = self.waiting.pop_front() else { break };
+            self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+            if job.cancel.load(Ordering::SeqCst) || job.events.is_closed() {
+                continue;
+            }
+            match self.start(&job) {
+                Ok(row) => {
+                    let _ = job.events.try_send(JobEvent::Started { prompt_tokens: row.prompt_tokens() });
+                    self.active.push(Active { job, row, failed: false });
+                }
+                Err((code, message)) => {
+                    let _ = job.events.try_send(JobEvent::Error { code, message });
+                    self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        self.stats.running.store(self.active.len(), Ordering::SeqCst);
+    }
+
+    fn start(&mut self, job: &Job) -> Result<Row, (ErrorCode, String)> {
+        let invalid = |m: String| (ErrorCode::InvalidRequest, m);
+        let text = match &job.input {
+            PromptInput::Text(t) => t.clone(),
+            PromptInput::Messages(m) => self.render(m).map_err(invalid)?,
+        };
+        let prompt = self.engine.model.tokenizer.encode(&text, true).map_err(|e| invalid(format!("`prompt`: {e}")))?;
+        if prompt.len() > job.max_prompt_tokens {
+            return Err(invalid(format!(
+                "the prompt has {} tokens; `limits.max_prompt_tokens` is {}",
+                prompt.len(),
+                job.max_prompt_tokens
+            )));
+        }
+        if prompt.is_empty() {
+            return Err(invalid("the prompt is empty".into()));
+        }
+        let req = GenerateRequest { prompt, max_tokens: job.max_tokens, stop: job.stop.clone(), sampler: job.sampling.clone() };
+        self.engine.start(req).map_err(|e| match e {
+            ModelError::Sampling(s) => (ErrorCode::InvalidRequest, format!("`sampling.{}", s.to_string().trim_start_matches('`'))),
+            ModelError::Config(m) => (ErrorCode::InvalidRequest, m),
+            other => (ErrorCode::Internal, other.to_string()),
+        })
+    }
+
+    fn render(&mut self, messages: &[Message]) -> Result<String, String> {
+        let model = &self.engine.model;
+        let template = self.template.get_or_insert_with(|| {
+            let source = model.chat_template.as_deref().ok_or_else(|| crate::chat::ChatError::NoTemplate.to_string())?;
+            let token = |id: Option<u32>| id.and_then(|i| model.tokenizer.id_to_token(i)).unwrap_or_default();
+            ChatTemplate::new(source, &token(model.tokenizer.bos_id()), &token(model.eos_ids.first().copied()))
+                .map_err(|e| e.to_string())
+        });
+        match template {
+            Ok(t) => t.render(messages, true).map_err(|e| e.to_string()),
+            Err(e) => Err(e.clone()),
+        }
+    }
+
+    /// Sends `Done` for finished sequences and releases them.
+    fn reap(&mut self) {
+        let mut i = 0;
+        while i < self.active.len() {
+            let a = &mut self.active[i];
+            if a.row.finished().is_none() && (a.job.cancel.load(Ordering::SeqCst) || a.job.events.is_closed()) {
+                a.row.cancel();
+            }
+            if a.row.finished().is_some() {
+                let Active { job, row, failed } = self.active.swap_remove(i);
+                let outcome = self.engine.finish(row);
+                if failed {
+                    continue;
+                }
+                self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                self.stats.ttft_us.fetch_add(outcome.time_to_first_token.as_micros() as u64, Ordering::Relaxed);
+                // Capacity for Done was reserved when the row last stepped (see `step`).
+                let _ = job.events.try_send(JobEvent::Done(outcome));
+            } else {
+                i += 1;
+            }
+        }
+        self.stats.running.store(self.active.len(), Ordering::SeqCst);
+        self.stats.kv_bytes.store(self.active.iter().map(|a| a.row.cache_bytes() as u64).sum(), Ordering::Relaxed);
+    }
+
+    fn step(&mut self) {
+        // A row steps only when its client can take a token and the final Done.
+        let ready: Vec<usize> = (0..self.active.len())
+            .filter(|&i| self.active[i].row.finished().is_none() && self.active[i].job.events.capacity() >= 2)
+            .collect();
+        if ready.is_empty() {
+            if !self.active.is_empty() {
+                std::thread::sleep(Duration::from_millis(2)); // everyone is waiting on slow readers
+            }
+            return;
+        }
+        let mut selected: Vec<&mut Active> = Vec::with_capacity(ready.len());
+        for (i, a) in self.active.iter_mut().enumerate() {
+            if ready.contains(&i) {
+                selected.push(a);
+            }
+        }
+        let (jobs, mut rows): (Vec<&Job>, Vec<&mut Row>) = selected.into_iter().map(|a| (&a.job, &mut a.row)).unzip();
+        let batch = rows.len() as u64;
+        let started = Instant::now();
+        let result = self.engine.step(&mut rows, |i, ev| jobs[i].events.try_send(JobEvent::Token(ev.clone())).is_ok());
+        match result {
+            Ok(()) => {
+                self.stats.steps.fetch_add(1, Ordering::Relaxed);
+                self.stats.batch_rows.fetch_add(batch, Ordering::Relaxed);
+                self.stats.tokens.fetch_add(batch, Ordering::Relaxed);
+            }
+            Err(e) => {
+                // A failed step fails only the sequences in it; the model stays up.
+                tracing::error!(error = %e, elapsed_ms = started.elapsed().as_millis() as u64, "decode step failed");
+                for &i in &ready {
+                    let a = &mut self.active[i];
+                    let _ = a.job.events.try_send(JobEvent::Error { code: ErrorCode::Internal, message: e.to_string() });
+                    a.row.cancel();
+                    a.failed = true;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        for a in self.active.drain(..) {
+            let _ = a.job.events.try_send(JobEvent::Error {
+                code: ErrorCode::ShuttingDown,
+                message: "the model was unloaded or the server is shutting down".into(),
+            });
+        }
+    }
+}
