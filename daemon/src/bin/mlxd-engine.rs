@@ -8,6 +8,8 @@ use std::io::Write;
 use std::path::PathBuf;
 
 const USAGE: &str = "usage:
+  mlxd serve [--config PATH] [--listen ADDR:PORT] [--log-json]
+                                      run the daemon (default config: ~/.config/mlxd/config.toml)
   mlxd doctor                         what MLX this machine runs on
   mlxd generate [--model PATH] [--max-tokens N] [--temperature T] [--seed S] [--raw] PROMPT
                                       one generation, streamed to stdout (default model: SmolLM2)";
@@ -20,6 +22,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Some("generate") => generate(&args[1..]),
+        Some("serve") => serve(&args[1..]),
         Some("help" | "--help" | "-h") => {
             println!("{USAGE}");
             Ok(())
@@ -29,6 +32,23 @@ fn main() -> Result<()> {
             std::process::exit(2);
         }
     }
+}
+
+fn serve(args: &[String]) -> Result<()> {
+    let mut opts = mlxd::serve::ServeOptions::default();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--config" => opts.config = Some(it.next().context("--config needs a path")?.into()),
+            "--listen" => opts.listen = Some(it.next().context("--listen needs ADDR:PORT")?.clone()),
+            "--log-json" => opts.log_json = true,
+            other => bail!("unknown option {other}\n{USAGE}"),
+        }
+    }
+    mlxd::serve::init_logging(opts.log_json);
+    let cfg = mlxd::serve::load_config(&opts)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(mlxd::serve::serve(cfg))
 }
 
 fn generate(args: &[String]) -> Result<()> {

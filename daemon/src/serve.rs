@@ -1,0 +1,102 @@
+//! `mlxd serve`: configuration, logging, the token, signals, and the server's lifetime.
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::server::{self, Shared};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Options from the command line.
+#[derive(Debug, Default)]
+pub struct ServeOptions {
+    /// `--config PATH`.
+    pub config: Option<PathBuf>,
+    /// `--listen ADDR:PORT` (overrides the file).
+    pub listen: Option<String>,
+    /// `--log-json`.
+    pub log_json: bool,
+}
+
+/// The config file used when none is given: `$XDG_CONFIG_HOME/mlxd/config.toml` or
+/// `~/.config/mlxd/config.toml`, if it exists.
+pub fn default_config_path() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    let p = base.join("mlxd/config.toml");
+    p.is_file().then_some(p)
+}
+
+/// Loads the configuration `opts` point at.
+pub fn load_config(opts: &ServeOptions) -> anyhow::Result<Config> {
+    let mut cfg = match opts.config.clone().or_else(default_config_path) {
+        Some(p) => Config::load(&p)?,
+        None => Config::default(),
+    };
+    if let Some(l) = &opts.listen {
+        cfg.server.listen = l.clone();
+        cfg.validate(std::path::Path::new("--listen"))?;
+    }
+    Ok(cfg)
+}
+
+/// Logs to stderr, filtered by `MLXD_LOG` (or `RUST_LOG`), default `info`.
+pub fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MLXD_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+}
+
+/// Runs the daemon until SIGTERM or ctrl-c; returns after every request got its final event.
+pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    let token = if cfg.server.auth {
+        let dir = cfg.state_dir();
+        let t = crate::auth::load_or_create(&dir)
+            .map_err(|e| anyhow::anyhow!("token file in {}: {e}", dir.display()))?;
+        Some(t)
+    } else {
+        tracing::warn!("server.auth = false: any local process can use this daemon");
+        None
+    };
+    let listener = tokio::net::TcpListener::bind(&cfg.server.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} (server.listen): {e}", cfg.server.listen))?;
+    let addr = listener.local_addr()?;
+    let registry = Arc::new(Registry::new(cfg.clone()));
+    let (shutdown_tx, _) = tokio::sync::broadcast::channel(1);
+    let shared = Arc::new(Shared { config: cfg.clone(), registry: registry.clone(), token, metrics: Arc::new(Metrics::default()), shutdown: shutdown_tx });
+    // Machine-readable first line: tests and clients wait for it.
+    println!("mlxd listening on ws://{addr}");
+    tracing::info!(%addr, token_file = %crate::auth::token_path(&cfg.state_dir()).display(), "ready");
+    let preload = {
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            if let Err(e) = registry.preload().await {
+                tracing::error!(code = ?e.code, "preloading failed: {}", e.message);
+            }
+        })
+    };
+    server::run(listener, shared, shutdown_signal()).await;
+    preload.abort();
+    registry.unload_all();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
