@@ -259,6 +259,14 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, (Option<String>
     if !KNOWN.contains(&kind.as_str()) {
         return Err((id, ErrorCode::InvalidMessage, format!("unknown message type `{kind}` (known: {})", KNOWN.join(", "))));
     }
+    if kind == "generate" {
+        // Deserialized on its own so the error can name the field (`max_tokens: invalid type`).
+        let mut fields = value;
+        fields.as_object_mut().expect("checked above").remove("type");
+        return serde_path_to_error::deserialize::<_, GenerateMsg>(fields)
+            .map(ClientMessage::Generate)
+            .map_err(|e| (id, ErrorCode::InvalidRequest, format!("generate: `{}`: {}", e.path(), e.inner())));
+    }
     serde_json::from_value(value).map_err(|e| (id, ErrorCode::InvalidRequest, format!("{kind}: {e}")))
 }
 

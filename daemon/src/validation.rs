@@ -84,7 +84,10 @@ pub fn validate_generate(msg: GenerateMsg, limits: &LimitsConfig) -> Result<Vali
     }
     let mut sampling: SamplingParams = match msg.sampling {
         None => SamplingParams::default(),
-        Some(v) if v.is_object() => serde_json::from_value(v).map_err(|e| format!("`sampling`: {e}"))?,
+        Some(v) if v.is_object() => serde_path_to_error::deserialize(v).map_err(|e| match e.path().to_string().as_str() {
+            "." => format!("`sampling`: {}", e.inner()),
+            path => format!("`sampling.{path}`: {}", e.inner()),
+        })?,
         Some(_) => return Err("`sampling` must be an object".into()),
     };
     if msg.logprobs.is_some() {

@@ -115,7 +115,9 @@ fn main() -> Result<()> {
     }
     let cache_row = prompt_cache_ttft(&mut engine, vocab)?;
 
-    let theirs = if args.mlx_lm { Some(run_mlx_lm(&args, &dir)?) } else { None };
+    // Same BLAS for both: the Python wheel's libmlx would otherwise use its reference BLAS.
+    let preload = report.blas.strip_prefix("OpenBLAS (").and_then(|p| p.strip_suffix(')')).map(String::from);
+    let theirs = if args.mlx_lm { Some(run_mlx_lm(&args, &dir, preload.as_deref())?) } else { None };
     let summary = json!({
         "model": dir.display().to_string(),
         "weight_bytes": weight_bytes,
@@ -127,6 +129,7 @@ fn main() -> Result<()> {
         "mlx": report.mlx_version,
         "mlxd": {"runs": ours},
         "mlx_lm": theirs,
+        "mlx_lm_blas_preload": preload,
         "prompt_cache": cache_row,
     });
     print_table(&summary);
@@ -166,10 +169,14 @@ fn median_d(v: &mut [Duration]) -> f64 {
     v[v.len() / 2].as_secs_f64()
 }
 
-fn run_mlx_lm(args: &Args, dir: &Path) -> Result<Value> {
+fn run_mlx_lm(args: &Args, dir: &Path, preload: Option<&str>) -> Result<Value> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/mlx_lm_bench.py");
     let script = if script.exists() { script } else { PathBuf::from("bench/mlx_lm_bench.py") };
-    let out = std::process::Command::new(&args.python)
+    let mut cmd = std::process::Command::new(&args.python);
+    if let Some(lib) = preload {
+        cmd.env("LD_PRELOAD", lib);
+    }
+    let out = cmd
         .arg(&script)
         .arg(dir)
         .args([args.prompt.to_string(), args.gen.to_string(), args.repeats.to_string(), "7".into()])
