@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! mlxd-bench engine --shape qwen3-0.6b --dtype bf16 [--prompt 128] [--gen 256] [--repeats 5]
-//!                   [--no-mlx-lm] [--python python3] [--json out.json] [--dir /tmp/models]
+//!                   [--samplers greedy,full] [--no-mlx-lm] [--python python3] [--json out.json]
+//!                   [--dir /tmp/models]
 //! mlxd-bench engine --model /path/to/hf-dir ...
 //! ```
 //! `--shape` writes a random-weight checkpoint of a public architecture's shape (no download);
@@ -44,6 +45,7 @@ struct Args {
     gen: usize,
     repeats: usize,
     mlx_lm: bool,
+    samplers: Vec<String>,
     python: String,
     json: Option<PathBuf>,
     dir: PathBuf,
@@ -58,6 +60,7 @@ fn parse_args() -> Result<Args> {
         gen: 256,
         repeats: 5,
         mlx_lm: true,
+        samplers: vec!["greedy".into()],
         python: "python3".into(),
         json: None,
         dir: std::env::temp_dir().join("mlxd-bench-models"),
@@ -80,6 +83,7 @@ fn parse_args() -> Result<Args> {
             "--json" => a.json = Some(val()?.into()),
             "--dir" => a.dir = val()?.into(),
             "--no-mlx-lm" => a.mlx_lm = false,
+            "--samplers" => a.samplers = val()?.split(',').map(String::from).collect(),
             other => bail!("unknown flag {other}"),
         }
     }
@@ -102,22 +106,25 @@ fn main() -> Result<()> {
     let mut engine = Engine::new(model, EngineOptions { prompt_cache_bytes: 0, ..Default::default() });
     engine.model.eos_ids.clear(); // random weights: run to the token count, like mlx-lm's loop
     let prompt = random_prompt(args.prompt, vocab, 7);
-    let req = GenerateRequest { prompt, max_tokens: args.gen, stop: vec![], sampler: SamplingParams::default() };
-
-    let mut ours = Vec::new();
-    for r in 0..=args.repeats {
-        let _ = mlx_rs::memory::clear_cache();
-        let _ = mlx_rs::memory::reset_peak_memory();
-        let out = engine.generate(&req, |_| true)?;
-        if r > 0 {
-            ours.push(run_json(&out, mlx_rs::memory::peak_memory().unwrap_or(0)));
-        }
-    }
-    let cache_row = prompt_cache_ttft(&mut engine, vocab)?;
-
     // Same BLAS for both: the Python wheel's libmlx would otherwise use its reference BLAS.
     let preload = report.blas.strip_prefix("OpenBLAS (").and_then(|p| p.strip_suffix(')')).map(String::from);
-    let theirs = if args.mlx_lm { Some(run_mlx_lm(&args, &dir, preload.as_deref())?) } else { None };
+
+    let mut variants = serde_json::Map::new();
+    for (name, sampler) in sampler_variants(&args.samplers)? {
+        let req = GenerateRequest { prompt: prompt.clone(), max_tokens: args.gen, stop: vec![], sampler };
+        let mut ours = Vec::new();
+        for r in 0..=args.repeats {
+            let _ = mlx_rs::memory::clear_cache();
+            let _ = mlx_rs::memory::reset_peak_memory();
+            let out = engine.generate(&req, |_| true)?;
+            if r > 0 {
+                ours.push(run_json(&out, mlx_rs::memory::peak_memory().unwrap_or(0)));
+            }
+        }
+        let theirs = if args.mlx_lm { Some(run_mlx_lm(&args, &dir, preload.as_deref(), name)?) } else { None };
+        variants.insert(name.to_string(), json!({"mlxd": {"runs": ours}, "mlx_lm": theirs}));
+    }
+    let cache_row = prompt_cache_ttft(&mut engine, vocab)?;
     let summary = json!({
         "model": dir.display().to_string(),
         "weight_bytes": weight_bytes,
@@ -127,8 +134,7 @@ fn main() -> Result<()> {
         "device": report.device_name,
         "backend": report.backend,
         "mlx": report.mlx_version,
-        "mlxd": {"runs": ours},
-        "mlx_lm": theirs,
+        "variants": variants,
         "mlx_lm_blas_preload": preload,
         "prompt_cache": cache_row,
     });
@@ -137,6 +143,31 @@ fn main() -> Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&summary)?)?;
     }
     Ok(())
+}
+
+/// The sampler settings compared: `greedy`, and `full` (temperature 0.7, top-p 0.9, top-k 50,
+/// min-p 0.05, repetition penalty 1.1 over 64 tokens), the issue's pipeline.
+fn sampler_variants(names: &[String]) -> Result<Vec<(&'static str, SamplingParams)>> {
+    names
+        .iter()
+        .map(|n| match n.as_str() {
+            "greedy" => Ok(("greedy", SamplingParams::default())),
+            "full" => Ok((
+                "full",
+                SamplingParams {
+                    temperature: 0.7,
+                    top_p: 0.9,
+                    top_k: 50,
+                    min_p: 0.05,
+                    repetition_penalty: 1.1,
+                    repetition_context_size: 64,
+                    seed: Some(1),
+                    ..Default::default()
+                },
+            )),
+            other => bail!("--samplers: unknown variant {other} (greedy, full)"),
+        })
+        .collect()
 }
 
 fn run_json(o: &Outcome, peak: usize) -> Value {
@@ -169,7 +200,7 @@ fn median_d(v: &mut [Duration]) -> f64 {
     v[v.len() / 2].as_secs_f64()
 }
 
-fn run_mlx_lm(args: &Args, dir: &Path, preload: Option<&str>) -> Result<Value> {
+fn run_mlx_lm(args: &Args, dir: &Path, preload: Option<&str>, sampler: &str) -> Result<Value> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/mlx_lm_bench.py");
     let script = if script.exists() { script } else { PathBuf::from("bench/mlx_lm_bench.py") };
     let mut cmd = std::process::Command::new(&args.python);
@@ -179,7 +210,7 @@ fn run_mlx_lm(args: &Args, dir: &Path, preload: Option<&str>) -> Result<Value> {
     let out = cmd
         .arg(&script)
         .arg(dir)
-        .args([args.prompt.to_string(), args.gen.to_string(), args.repeats.to_string(), "7".into()])
+        .args([args.prompt.to_string(), args.gen.to_string(), args.repeats.to_string(), "7".into(), sampler.into()])
         .output()
         .with_context(|| format!("running {} {}", args.python, script.display()))?;
     if !out.status.success() {
@@ -213,27 +244,39 @@ fn stats(runs: &Value, key: &str) -> (f64, f64, f64) {
 
 fn print_table(s: &Value) {
     println!(
-        "\n{} | {} | prompt {} tok, generate {} tok, {} runs after warm-up (median [min–max])",
+        "\n{} | {} | MLX {} | prompt {} tok, generate {} tok, {} runs after warm-up (median [min-max])",
         s["device"].as_str().unwrap_or("?"),
         s["backend"].as_str().unwrap_or("?"),
+        s["mlx"].as_str().unwrap_or("?"),
         s["prompt_tokens"],
         s["gen_tokens"],
         s["repeats"]
     );
-    println!("| engine | decode tok/s | prefill tok/s | TTFT ms | peak MiB |");
-    println!("| --- | --- | --- | --- | --- |");
-    let row = |name: &str, runs: &Value| {
-        let (d, dl, dh) = stats(runs, "decode_tps");
-        let (p, _, _) = stats(runs, "prefill_tps");
-        let (t, _, _) = stats(runs, "ttft_s");
-        let (m, _, _) = stats(runs, "peak_bytes");
-        println!("| {name} | {d:.1} [{dl:.1}–{dh:.1}] | {p:.0} | {:.1} | {:.0} |", t * 1e3, m / (1u64 << 20) as f64);
-        d
-    };
-    let ours = row("mlxd", &s["mlxd"]["runs"]);
-    if !s["mlx_lm"].is_null() {
-        let theirs = row("mlx-lm", &s["mlx_lm"]["runs"]);
-        println!("\nmlxd / mlx-lm decode: {:.3}x", ours / theirs);
+    println!("| engine | sampler | decode tok/s | prefill tok/s | TTFT ms | peak MiB |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    let mut decode = std::collections::BTreeMap::new();
+    for (variant, v) in s["variants"].as_object().into_iter().flatten() {
+        for engine in ["mlxd", "mlx_lm"] {
+            let runs = &v[engine]["runs"];
+            if runs.is_null() {
+                continue;
+            }
+            let (d, dl, dh) = stats(runs, "decode_tps");
+            let (p, _, _) = stats(runs, "prefill_tps");
+            let (t, _, _) = stats(runs, "ttft_s");
+            let (m, _, _) = stats(runs, "peak_bytes");
+            println!("| {engine} | {variant} | {d:.1} [{dl:.1}-{dh:.1}] | {p:.0} | {:.1} | {:.0} |", t * 1e3, m / (1u64 << 20) as f64);
+            decode.insert((engine, variant.as_str()), d);
+        }
+    }
+    println!();
+    if let (Some(a), Some(b)) = (decode.get(&("mlxd", "greedy")), decode.get(&("mlx_lm", "greedy"))) {
+        println!("mlxd / mlx-lm decode, greedy: {:.3}x", a / b);
+    }
+    for engine in ["mlxd", "mlx_lm"] {
+        if let (Some(g), Some(f)) = (decode.get(&(engine, "greedy")), decode.get(&(engine, "full"))) {
+            println!("{engine}: full sampling costs {:.1}% of greedy decode tok/s", (1.0 - f / g) * 100.0);
+        }
     }
     let c = &s["prompt_cache"];
     println!(
