@@ -241,11 +241,7 @@ impl Config {
         if let Some(d) = &self.server.state_dir {
             return d.clone();
         }
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
-        if cfg!(target_os = "macos") {
-            return home.join("Library/Application Support/mlxd");
-        }
-        std::env::var_os("XDG_STATE_HOME").map(|d| PathBuf::from(d).join("mlxd")).unwrap_or_else(|| home.join(".local/state/mlxd"))
+        mlxd_client::endpoint::default_state_dir()
     }
 
     /// The model served when a request names none: the first that preloads, else the first.

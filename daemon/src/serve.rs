@@ -69,6 +69,11 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let registry = Arc::new(Registry::new(cfg.clone()));
     let (shutdown_tx, _) = tokio::sync::broadcast::channel(1);
     let shared = Arc::new(Shared { config: cfg.clone(), registry: registry.clone(), token, metrics: Arc::new(Metrics::default()), shutdown: shutdown_tx });
+    // Clients find the daemon through this file (mlxd_client::Endpoint::discover).
+    let state = cfg.state_dir();
+    if std::fs::create_dir_all(&state).and_then(|_| std::fs::write(state.join("endpoint"), format!("ws://{addr}/\n"))).is_err() {
+        tracing::warn!(dir = %state.display(), "cannot write the endpoint file; clients need MLXD_URL");
+    }
     // Machine-readable first line: tests and clients wait for it.
     println!("mlxd listening on ws://{addr}");
     tracing::info!(%addr, token_file = %crate::auth::token_path(&cfg.state_dir()).display(), "ready");

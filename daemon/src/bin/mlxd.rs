@@ -10,9 +10,25 @@ use std::path::{Path, PathBuf};
 
 /// Where the build provisioned libmlx; the engine carries the same path as its run path.
 const BUILD_LIB_DIR: &str = env!("MLXD_BUILD_LIB_DIR");
+const ENGINE_USAGE: &str = "mlxd: a local LLM daemon on MLX
+
+daemon commands:
+  mlxd serve [--config PATH] [--listen ADDR:PORT] [--log-json]   run the daemon
+  mlxd doctor                         what MLX this machine runs on
+  mlxd generate [--model PATH] PROMPT one local generation without a daemon
+  mlxd service install|uninstall|status   run mlxd at login (systemd user unit / launchd agent)";
 const LIB_NAME: &str = if cfg!(target_os = "macos") { "libmlx.dylib" } else { "libmlx.so" };
 
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // Client commands talk to a running daemon and need no MLX at all.
+    if args.first().is_some_and(|c| mlxd_client::cli::handles(c)) {
+        std::process::exit(mlxd_client::cli::main(&args));
+    }
+    if matches!(args.first().map(String::as_str), Some("help" | "--help" | "-h")) {
+        println!("{}\n\n{}", ENGINE_USAGE, mlxd_client::cli::USAGE);
+        return;
+    }
     let exe = std::env::current_exe().unwrap_or_else(|e| die(&format!("cannot locate myself: {e}")));
     let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
     let engine = dir.join("mlxd-engine");
