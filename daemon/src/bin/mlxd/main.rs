@@ -19,8 +19,13 @@ daemon commands:
   mlxd service install|uninstall|status   run mlxd at login (systemd user unit / launchd agent)";
 const LIB_NAME: &str = if cfg!(target_os = "macos") { "libmlx.dylib" } else { "libmlx.so" };
 
+mod service;
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("service") {
+        std::process::exit(service::main(&args[1..]));
+    }
     // Client commands talk to a running daemon and need no MLX at all.
     if args.first().is_some_and(|c| mlxd_client::cli::handles(c)) {
         std::process::exit(mlxd_client::cli::main(&args));
