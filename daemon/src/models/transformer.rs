@@ -85,6 +85,9 @@ impl Attention {
     /// (that is where the weights are read), RoPE, cache and attention run per row, since each
     /// sequence has its own length.
     fn forward_rows(&self, x: &Array, caches: &mut [&mut LayerCache]) -> Result<Array> {
+        if let [only] = caches {
+            return self.forward(x, only);
+        }
         let b = x.shape()[0];
         let split = |y: Array, heads: i32, norm: &Option<RmsNorm>| -> Result<Array> {
             let y = y.reshape(&[b, 1, heads, self.head_dim])?;
@@ -131,10 +134,30 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Array) -> Result<Array> {
-        let g = nn::silu(self.gate_proj.forward(x)?)?;
-        let h = ops::multiply(&g, self.up_proj.forward(x)?)?;
+        let h = swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
         self.down_proj.forward(&h)
     }
+}
+
+type Swiglu = Box<dyn for<'a> FnMut((&'a Array, &'a Array)) -> std::result::Result<Array, mlx_rs::error::Exception>>;
+
+thread_local! {
+    /// `silu(gate) * up` compiled into one fused kernel (shapeless: one compilation serves every
+    /// batch and prompt length). Per thread, as compiled MLX closures are.
+    static SWIGLU: std::cell::RefCell<Option<Swiglu>> = const { std::cell::RefCell::new(None) };
+}
+
+fn swiglu(gate: &Array, up: &Array) -> Result<Array> {
+    SWIGLU.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let f = cell.get_or_insert_with(|| {
+            let f = |(g, u): (&Array, &Array)| -> std::result::Result<Array, mlx_rs::error::Exception> {
+                ops::multiply(nn::silu(g)?, u)
+            };
+            Box::new(mlx_rs::transforms::compile::compile(f, true))
+        });
+        Ok(f((gate, up))?)
+    })
 }
 
 /// One pre-norm decoder block.
