@@ -246,7 +246,7 @@ async fn bad_input_gets_named_errors_and_the_connection_survives() {
         (Message::text(json!({"type": "generate", "id": "u", "model": "nope", "prompt": "hi"}).to_string()), "unknown_model", "nope"),
         (Message::text(json!({"type": "generate", "id": "v", "prompt": "hi", "max_tokens": "ten"}).to_string()), "invalid_request", "max_tokens"),
         (Message::text(json!({"type": "generate", "id": "w", "prompt": "hi", "max_tokens": 10_000_000}).to_string()), "invalid_request", "max_tokens"),
-        (Message::text(json!({"type": "generate", "id": "w2", "prompt": "hi", "plugins": [{"name": "dry"}]}).to_string()), "plugin_error", "dry"),
+        (Message::text(json!({"type": "generate", "id": "w2", "prompt": "hi", "plugins": [{"name": "no-such-plugin"}]}).to_string()), "plugin_error", "no-such-plugin"),
     ];
     for (msg, code, needle) in cases {
         ws.send(msg).await.unwrap();

@@ -49,12 +49,13 @@ pub async fn serve(ws: WebSocketStream<Box<dyn Stream>>, shared: Arc<Shared>) {
         protocol: PROTOCOL_VERSION,
         server: format!("mlxd {}", env!("CARGO_PKG_VERSION")),
         capabilities: json!({
-            "messages": ["generate", "cancel", "tokenize", "detokenize", "models", "load", "unload", "plugins", "status"],
+            "messages": ["generate", "cancel", "tokenize", "detokenize", "models", "load", "unload", "plugins", "reload_plugins", "status"],
             "chat_templates": true,
             "logprobs": crate::sampling::MAX_LOGPROBS,
             "sampling": ["temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
                          "repetition_context_size", "presence_penalty", "frequency_penalty", "logit_bias", "seed"],
-            "plugins": false,
+            "plugins": true,
+            "plugin_abi": format!("{}.{}", mlxd_plugin_api::sys::ABI_MAJOR, mlxd_plugin_api::sys::ABI_MINOR),
             "max_frame_bytes": shared.config.server.max_frame_bytes,
             "max_tokens": shared.config.limits.max_tokens,
             "max_prompt_tokens": shared.config.limits.max_prompt_tokens,
@@ -122,7 +123,7 @@ async fn dispatch(
     let reply = |id: String, data: serde_json::Value| ServerMessage::Result { id, data };
     match msg {
         ClientMessage::Generate(g) => {
-            let v = match validate_generate(g.clone(), &shared.config.limits) {
+            let mut v = match validate_generate(g.clone(), &shared.config.limits) {
                 Ok(v) => v,
                 Err(m) => {
                     let _ = out.send(ServerMessage::error(Some(&g.id), ErrorCode::InvalidRequest, m)).await;
@@ -139,8 +140,19 @@ async fn dispatch(
                 return;
             }
             if !v.plugins.is_empty() {
-                let _ = out.send(ServerMessage::error(Some(&v.id), ErrorCode::PluginError, format!("no sampler plugin named `{}` is loaded (plugins are not available in this build)", v.plugins[0].name))).await;
-                return;
+                // Names resolve against the catalog of this moment; the request then holds its
+                // libraries whatever reloads follow.
+                let resolved = shared.plugins.resolve(&v.plugins).and_then(|p| {
+                    crate::plugins::registry::check_combination(&p, &v.sampling)?;
+                    Ok(p)
+                });
+                match resolved {
+                    Ok(p) => v.sampling.plugins = p,
+                    Err(e) => {
+                        let _ = out.send(ServerMessage::error(Some(&v.id), ErrorCode::PluginError, e.to_string())).await;
+                        return;
+                    }
+                }
             }
             let cancel = Arc::new(AtomicBool::new(false));
             running.insert(v.id.clone(), cancel.clone());
@@ -202,7 +214,16 @@ async fn dispatch(
             }).await;
         }
         ClientMessage::Plugins { id } => {
-            let _ = out.send(reply(id, json!({"plugins": [], "dirs": shared.config.plugins.dirs}))).await;
+            let _ = out.send(reply(id, shared.plugins.listing())).await;
+        }
+        ClientMessage::ReloadPlugins { id } => {
+            let (shared, out) = (shared.clone(), out.clone());
+            tasks.spawn(async move {
+                let plugins = shared.plugins.clone();
+                let _ = tokio::task::spawn_blocking(move || plugins.reload()).await;
+                let _ = out.send(reply(id, shared.plugins.listing())).await;
+                None
+            });
         }
         ClientMessage::Status { id } => {
             let mut data = shared.metrics.status(&shared.registry);

@@ -7,6 +7,8 @@
 //! - [`models`]: checkpoints (Hugging Face, MLX-quantized, GGUF) and the decoder architectures.
 //! - [`cache`]: the per-sequence KV cache, passed into the model.
 //! - [`sampling`]: token selection on the device.
+//! - [`plugins`]: sampler plugins (shared libraries on the `mlxd_sampler.h` ABI): loading,
+//!   listing, reloading, and one instance per sequence.
 //! - [`engine`]: generation for one resident model (prompt cache, prefill, pipelined decode).
 //! - [`chat`]: chat templates.
 //! - [`config`]: `config.toml`.
@@ -28,6 +30,7 @@ pub mod engine;
 pub mod gguf;
 pub mod metrics;
 pub mod models;
+pub mod plugins;
 pub mod protocol;
 pub mod registry;
 pub mod runtime;

@@ -68,6 +68,12 @@ pub enum ClientMessage {
         /// Request id.
         id: String,
     },
+    /// Scan the configured plugin directories again (like SIGHUP); answers with the listing.
+    /// Running requests keep the plugin libraries they use.
+    ReloadPlugins {
+        /// Request id.
+        id: String,
+    },
     /// Server status and metrics.
     Status {
         /// Request id.
@@ -255,7 +261,8 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, (Option<String>
         Some(_) => return Err((id, ErrorCode::InvalidMessage, "`type` must be a string".into())),
         None => return Err((id, ErrorCode::InvalidMessage, "missing field `type`".into())),
     };
-    const KNOWN: [&str; 9] = ["generate", "cancel", "tokenize", "detokenize", "models", "load", "unload", "plugins", "status"];
+    const KNOWN: [&str; 10] =
+        ["generate", "cancel", "tokenize", "detokenize", "models", "load", "unload", "plugins", "reload_plugins", "status"];
     if !KNOWN.contains(&kind.as_str()) {
         return Err((id, ErrorCode::InvalidMessage, format!("unknown message type `{kind}` (known: {})", KNOWN.join(", "))));
     }
@@ -291,6 +298,10 @@ mod tests {
         assert!(msg.contains("max_tokenz"), "{msg}");
         let (_, _, msg) = parse_client_message("[1,2]").unwrap_err();
         assert!(msg.contains("object"));
+        let m = parse_client_message(r#"{"type":"reload_plugins","id":"r"}"#).unwrap();
+        assert!(matches!(m, ClientMessage::ReloadPlugins { ref id } if id == "r"));
+        let m = parse_client_message(r#"{"type":"generate","id":"p","prompt":"x","plugins":[{"name":"dry","params":{"base":2}}]}"#).unwrap();
+        assert!(matches!(m, ClientMessage::Generate(ref g) if g.plugins[0].name == "dry" && g.plugins[0].params["base"] == 2));
     }
 
     #[test]

@@ -67,8 +67,16 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {} (server.listen): {e}", cfg.server.listen))?;
     let addr = listener.local_addr()?;
     let registry = Arc::new(Registry::new(cfg.clone()));
+    let plugins = Arc::new(crate::plugins::PluginRegistry::new(cfg.plugins.dirs.clone()));
     let (shutdown_tx, _) = tokio::sync::broadcast::channel(1);
-    let shared = Arc::new(Shared { config: cfg.clone(), registry: registry.clone(), token, metrics: Arc::new(Metrics::default()), shutdown: shutdown_tx });
+    let shared = Arc::new(Shared {
+        config: cfg.clone(),
+        registry: registry.clone(),
+        plugins: plugins.clone(),
+        token,
+        metrics: Arc::new(Metrics::default()),
+        shutdown: shutdown_tx,
+    });
     // Clients find the daemon through this file (mlxd_client::Endpoint::discover).
     let state = cfg.state_dir();
     if std::fs::create_dir_all(&state).and_then(|_| std::fs::write(state.join("endpoint"), format!("ws://{addr}/\n"))).is_err() {
@@ -85,11 +93,30 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             }
         })
     };
+    let reloader = tokio::spawn(reload_on_sighup(plugins));
     server::run(listener, shared, shutdown_signal()).await;
+    reloader.abort();
     preload.abort();
     registry.unload_all();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGHUP rescans the plugin directories (the `reload_plugins` message does the same).
+async fn reload_on_sighup(plugins: Arc<crate::plugins::PluginRegistry>) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; reload plugins with the `reload_plugins` message");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let plugins = plugins.clone();
+            let _ = tokio::task::spawn_blocking(move || plugins.reload()).await;
+        }
+    }
+    #[cfg(not(unix))]
+    std::future::pending::<()>().await;
 }
 
 async fn shutdown_signal() {

@@ -23,6 +23,8 @@ pub struct Shared {
     pub config: Arc<Config>,
     /// Models.
     pub registry: Arc<Registry>,
+    /// Sampler plugins (from `[plugins] dirs`).
+    pub plugins: Arc<crate::plugins::PluginRegistry>,
     /// The bearer token (None when `server.auth = false`).
     pub token: Option<String>,
     /// Counters.

@@ -98,6 +98,14 @@ pub fn validate_generate(msg: GenerateMsg, limits: &LimitsConfig) -> Result<Vali
     if msg.plugins.len() > MAX_PLUGINS {
         return Err(format!("`plugins` holds at most {MAX_PLUGINS} entries, got {}", msg.plugins.len()));
     }
+    for (i, u) in msg.plugins.iter().enumerate() {
+        if u.name.is_empty() || u.name.len() > 64 {
+            return Err(format!("`plugins[{i}].name` must be 1 to 64 bytes, got {}", u.name.len()));
+        }
+        if !(u.params.is_null() || u.params.is_object()) {
+            return Err(format!("`plugins[{i}].params` must be an object"));
+        }
+    }
     Ok(ValidGenerate { id: msg.id, model: msg.model, input, max_tokens, stop: msg.stop, sampling, plugins: msg.plugins })
 }
 
@@ -131,6 +139,8 @@ mod tests {
             (r#"{"type":"generate","id":"a","prompt":"x","sampling":{"tempurature":1}}"#, "tempurature"),
             (r#"{"type":"generate","id":"a","prompt":"x","sampling":[1]}"#, "`sampling` must be an object"),
             (r#"{"type":"generate","id":"a","prompt":"x","logprobs":50}"#, "logprobs"),
+            (r#"{"type":"generate","id":"a","prompt":"x","plugins":[{"name":""}]}"#, "`plugins[0].name`"),
+            (r#"{"type":"generate","id":"a","prompt":"x","plugins":[{"name":"dry","params":[1]}]}"#, "`plugins[0].params`"),
         ];
         for (json, needle) in cases {
             let err = check(json).expect_err(json);

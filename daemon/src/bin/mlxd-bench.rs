@@ -4,11 +4,17 @@
 //! ```text
 //! mlxd-bench engine --shape qwen3-0.6b --dtype bf16 [--prompt 128] [--gen 256] [--repeats 5]
 //!                   [--samplers greedy,full] [--no-mlx-lm] [--python python3] [--json out.json]
-//!                   [--dir /tmp/models]
+//!                   [--dir /tmp/models] [--plugin NAME[:JSON-PARAMS]]... [--plugin-dir DIR]
 //! mlxd-bench engine --model /path/to/hf-dir ...
 //! ```
 //! `--shape` writes a random-weight checkpoint of a public architecture's shape (no download);
 //! the prompt-cache row times a repeated 2,000-token prompt cold and warm.
+//!
+//! `--plugin` (repeatable) adds a row decoding greedily through a sampler plugin, e.g.
+//! `--plugin passthrough --plugin 'dry:{"multiplier":0.8}'`, to compare with the greedy row
+//! (the plugin path's overhead). Plugins load from `--plugin-dir`, by default the directory of
+//! this executable, where `cargo build [--release] -p mlxd-plugin-passthrough -p mlxd-plugin-dry`
+//! puts them. mlx-lm has no counterpart, so plugin rows are mlxd only.
 
 use anyhow::{bail, Context, Result};
 use mlx_rs::{random, Array, Dtype};
@@ -46,6 +52,9 @@ struct Args {
     repeats: usize,
     mlx_lm: bool,
     samplers: Vec<String>,
+    /// `--plugin NAME[:JSON]`: name and params.
+    plugins: Vec<(String, String)>,
+    plugin_dir: Option<PathBuf>,
     python: String,
     json: Option<PathBuf>,
     dir: PathBuf,
@@ -61,6 +70,8 @@ fn parse_args() -> Result<Args> {
         repeats: 5,
         mlx_lm: true,
         samplers: vec!["greedy".into()],
+        plugins: Vec::new(),
+        plugin_dir: None,
         python: "python3".into(),
         json: None,
         dir: std::env::temp_dir().join("mlxd-bench-models"),
@@ -84,6 +95,12 @@ fn parse_args() -> Result<Args> {
             "--dir" => a.dir = val()?.into(),
             "--no-mlx-lm" => a.mlx_lm = false,
             "--samplers" => a.samplers = val()?.split(',').map(String::from).collect(),
+            "--plugin" => {
+                let spec = val()?;
+                let (name, params) = spec.split_once(':').unwrap_or((spec.as_str(), "{}"));
+                a.plugins.push((name.to_string(), params.to_string()));
+            }
+            "--plugin-dir" => a.plugin_dir = Some(val()?.into()),
             other => bail!("unknown flag {other}"),
         }
     }
@@ -92,6 +109,8 @@ fn parse_args() -> Result<Args> {
 
 fn main() -> Result<()> {
     let args = parse_args()?;
+    // Plugins resolve first: a missing one should not cost a model build to find out.
+    let plugin_runs = plugin_variants(&args)?;
     let dir = match (&args.model, &args.shape) {
         (Some(m), _) => m.clone(),
         (None, Some(s)) => make_model(s, &args.dtype, &args.dir)?,
@@ -110,7 +129,11 @@ fn main() -> Result<()> {
     let preload = report.blas.strip_prefix("OpenBLAS (").and_then(|p| p.strip_suffix(')')).map(String::from);
 
     let mut variants = serde_json::Map::new();
-    for (name, sampler) in sampler_variants(&args.samplers)? {
+    let mut runs: Vec<(String, SamplingParams)> =
+        sampler_variants(&args.samplers)?.into_iter().map(|(n, s)| (n.to_string(), s)).collect();
+    runs.extend(plugin_runs);
+    for (name, sampler) in runs {
+        let plugin_row = !sampler.plugins.is_empty();
         let req = GenerateRequest { prompt: prompt.clone(), max_tokens: args.gen, stop: vec![], sampler };
         let mut ours = Vec::new();
         for r in 0..=args.repeats {
@@ -121,8 +144,8 @@ fn main() -> Result<()> {
                 ours.push(run_json(&out, mlx_rs::memory::peak_memory().unwrap_or(0)));
             }
         }
-        let theirs = if args.mlx_lm { Some(run_mlx_lm(&args, &dir, preload.as_deref(), name)?) } else { None };
-        variants.insert(name.to_string(), json!({"mlxd": {"runs": ours}, "mlx_lm": theirs}));
+        let theirs = if args.mlx_lm && !plugin_row { Some(run_mlx_lm(&args, &dir, preload.as_deref(), &name)?) } else { None };
+        variants.insert(name, json!({"mlxd": {"runs": ours}, "mlx_lm": theirs}));
     }
     let cache_row = prompt_cache_ttft(&mut engine, vocab)?;
     let summary = json!({
@@ -166,6 +189,29 @@ fn sampler_variants(names: &[String]) -> Result<Vec<(&'static str, SamplingParam
                 },
             )),
             other => bail!("--samplers: unknown variant {other} (greedy, full)"),
+        })
+        .collect()
+}
+
+/// Greedy decoding through each `--plugin`, as variants named `plugin:NAME`.
+fn plugin_variants(args: &Args) -> Result<Vec<(String, SamplingParams)>> {
+    if args.plugins.is_empty() {
+        return Ok(Vec::new());
+    }
+    let dir = match &args.plugin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?.parent().context("executable directory")?.to_path_buf(),
+    };
+    let registry = mlxd::plugins::PluginRegistry::new(vec![dir.clone()]);
+    args.plugins
+        .iter()
+        .map(|(name, params)| {
+            let plugin = registry.get(name).map_err(|e| {
+                anyhow::anyhow!("{e}; build it (cargo build --release -p mlxd-plugin-{name}) or pass --plugin-dir (looked in {})", dir.display())
+            })?;
+            serde_json::from_str::<Value>(params).with_context(|| format!("--plugin {name}: params are not JSON"))?;
+            let request = mlxd::plugins::PluginRequest { plugin, params: params.clone() };
+            Ok((format!("plugin:{name}"), SamplingParams { plugins: vec![request], ..Default::default() }))
         })
         .collect()
 }
@@ -276,6 +322,11 @@ fn print_table(s: &Value) {
     for engine in ["mlxd", "mlx_lm"] {
         if let (Some(g), Some(f)) = (decode.get(&(engine, "greedy")), decode.get(&(engine, "full"))) {
             println!("{engine}: full sampling costs {:.1}% of greedy decode tok/s", (1.0 - f / g) * 100.0);
+        }
+    }
+    for ((engine, variant), d) in &decode {
+        if let (Some(name), Some(g)) = (variant.strip_prefix("plugin:"), decode.get(&(*engine, "greedy"))) {
+            println!("{engine}: greedy through plugin `{name}` costs {:.1}% of greedy decode tok/s", (1.0 - d / g) * 100.0);
         }
     }
     let c = &s["prompt_cache"];

@@ -13,7 +13,7 @@ pub mod worker;
 
 use crate::cache::SequenceCache;
 use crate::models::{LoadedModel, ModelError};
-use crate::sampling::{read_ids, read_logprobs, sample_batch_with_logprobs, SamplingParams, SequenceSampler};
+use crate::sampling::{read_ids, read_logprobs, sample_batch_with_logprobs, SamplingError, SamplingParams, SequenceSampler};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::transforms::async_eval;
@@ -141,9 +141,17 @@ pub struct Row {
     first_token_at: Option<Instant>,
     cached_tokens: usize,
     finished: Option<FinishReason>,
+    /// A sampler plugin of this row failed; the row is finished and its request must fail.
+    failure: Option<SamplingError>,
 }
 
 impl Row {
+    /// The plugin failure that ended this row, if one did (its request fails with
+    /// `plugin_error`; the other rows of the batch are unaffected).
+    pub fn failure(&self) -> Option<&SamplingError> {
+        self.failure.as_ref()
+    }
+
     /// Why it ended, once it has.
     pub fn finished(&self) -> Option<FinishReason> {
         self.finished
@@ -215,6 +223,10 @@ impl Engine {
         while row.finished.is_none() {
             self.step(&mut [&mut row], |_, ev| on_token(ev))?;
         }
+        if let Some(e) = row.failure.take() {
+            self.finish(row);
+            return Err(e.into());
+        }
         Ok(self.finish(row))
     }
 
@@ -251,7 +263,11 @@ impl Engine {
         let last = &prompt[prompt.len() - 1..];
         let logits = model.forward_last(&tokens_array(last), &mut cache)?;
         fed.extend_from_slice(last);
-        let pending = sample(&logits, &mut [&mut sampler], req.sampler.logprobs.unwrap_or(0) > 0)?;
+        let pending = match sample(&logits, &mut [&mut sampler], req.sampler.logprobs.unwrap_or(0) > 0)?.pop() {
+            Some(Ok(p)) => Some(p),
+            Some(Err(e)) => return Err(e.into()),
+            None => None,
+        };
         let stops = StopMatcher::new(&req.stop);
         Ok(Row {
             decoder: StreamDecoder::new(self.model.tokenizer.clone()),
@@ -261,11 +277,12 @@ impl Engine {
             fed,
             ids: Vec::new(),
             text: String::new(),
-            pending: pending.into_iter().next(),
+            pending,
             started,
             first_token_at: None,
             cached_tokens: cached,
             finished: (req.max_tokens == 0).then_some(FinishReason::Length),
+            failure: None,
             req,
         })
     }
@@ -294,6 +311,7 @@ impl Engine {
         // Rows that may need another token after this one get their next step queued now.
         let going_on: Vec<usize> = live.iter().copied().filter(|&i| rows[i].ids.len() + 1 < rows[i].req.max_tokens).collect();
         let mut next: Vec<Option<Pending>> = (0..rows.len()).map(|_| None).collect();
+        let mut failed: Vec<Option<SamplingError>> = (0..rows.len()).map(|_| None).collect();
         if !going_on.is_empty() {
             let inputs: Vec<Array> =
                 going_on.iter().map(|&i| rows[i].pending.as_ref().expect("live rows have a token").token.clone()).collect();
@@ -308,7 +326,10 @@ impl Engine {
                 .unzip();
             let logits = model.forward_batch(&tokens, &mut caches)?;
             for (slot, p) in going_on.iter().zip(sample(&logits, &mut samplers, want_logprobs)?) {
-                next[*slot] = Some(p);
+                match p {
+                    Ok(p) => next[*slot] = Some(p),
+                    Err(e) => failed[*slot] = Some(e),
+                }
             }
         }
 
@@ -331,6 +352,11 @@ impl Engine {
                 if !on_token(i, &ev) {
                     row.finished.get_or_insert(FinishReason::Cancelled);
                 }
+            }
+            if let Some(e) = failed[i].take() {
+                // This step's token was sound and went out; the next one cannot be trusted.
+                row.failure = Some(e);
+                row.finished.get_or_insert(FinishReason::Cancelled);
             }
             if row.finished.is_none() {
                 row.pending = next[i].take();
@@ -398,8 +424,13 @@ impl Engine {
     }
 }
 
-/// Samples every row of `logits` and queues the result on the device.
-fn sample(logits: &Array, samplers: &mut [&mut SequenceSampler], want_logprobs: bool) -> Result<Vec<Pending>, ModelError> {
+/// Samples every row of `logits` and queues the result on the device; a row whose plugin
+/// failed gets its error instead of a token.
+fn sample(
+    logits: &Array,
+    samplers: &mut [&mut SequenceSampler],
+    want_logprobs: bool,
+) -> Result<Vec<Result<Pending, SamplingError>>, ModelError> {
     let sampled = sample_batch_with_logprobs(logits, samplers)?;
     let lp = if want_logprobs { sampled.logprobs } else { None };
     let mut queue: Vec<&Array> = vec![&sampled.tokens];
@@ -409,12 +440,15 @@ fn sample(logits: &Array, samplers: &mut [&mut SequenceSampler], want_logprobs: 
     async_eval(queue)?;
     (0..samplers.len() as i32)
         .map(|i| {
+            if let Some(e) = samplers[i as usize].take_failure() {
+                return Ok(Err(e));
+            }
             let token = sampled.tokens.try_index(i..i + 1)?;
             let logprobs = match &lp {
                 Some(l) => Some((l.chosen.try_index(i..i + 1)?, l.top_ids.try_index(i)?, l.top_logprobs.try_index(i)?)),
                 None => None,
             };
-            Ok(Pending { token, logprobs })
+            Ok(Ok(Pending { token, logprobs }))
         })
         .collect()
 }

@@ -297,6 +297,7 @@ impl Worker {
         }
         let req = GenerateRequest { prompt, max_tokens: job.max_tokens, stop: job.stop.clone(), sampler: job.sampling.clone() };
         self.engine.start(req).map_err(|e| match e {
+            ModelError::Sampling(s @ crate::sampling::SamplingError::Plugin(_)) => (ErrorCode::PluginError, s.to_string()),
             ModelError::Sampling(s) => (ErrorCode::InvalidRequest, format!("`sampling.{}", s.to_string().trim_start_matches('`'))),
             ModelError::Config(m) => (ErrorCode::InvalidRequest, m),
             other => (ErrorCode::Internal, other.to_string()),
@@ -369,6 +370,15 @@ impl Worker {
                 self.stats.steps.fetch_add(1, Ordering::Relaxed);
                 self.stats.batch_rows.fetch_add(batch, Ordering::Relaxed);
                 self.stats.tokens.fetch_add(batch, Ordering::Relaxed);
+                // A failed plugin ends only its own request; the others stepped normally.
+                for &i in &ready {
+                    let a = &mut self.active[i];
+                    if let Some(e) = a.row.failure() {
+                        tracing::warn!(request = %a.job.id, error = %e, "sampler plugin failed");
+                        let _ = a.job.events.try_send(JobEvent::Error { code: ErrorCode::PluginError, message: e.to_string() });
+                        a.failed = true;
+                    }
+                }
             }
             Err(e) => {
                 // A failed step fails only the sequences in it; the model stays up.

@@ -24,6 +24,13 @@
 //! 9. **Pick** — Gumbel-max draw (`argmax(logit + Gumbel noise)`, which samples the softmax
 //!    exactly) from a per-request key split every step; or argmax for greedy rows.
 //!
+//! **Sampler plugins** (see [`crate::plugins`]) join the pipeline per row: *processor* plugins
+//! run after step 3 and before step 4, in the order the request lists them; a *final sampler*
+//! plugin (at most one) replaces steps 4-9 for its row, receiving the logits after the
+//! processors divided by the temperature (when > 0). Logprobs are then taken after the
+//! processors. A batch without plugin rows runs the single compiled graph as before; with them,
+//! the graph is split around the plugins (`plugin`).
+//!
 //! Steps 1-3 follow mlx-lm's `make_logits_processors` order (bias, repetition, presence,
 //! frequency). Presence and frequency count generated tokens only, over the whole output, as
 //! OpenAI defines them (mlx-lm counts the last 20 tokens of prompt + output instead).
@@ -44,11 +51,13 @@
 //! - [`params`]: [`SamplingParams`], their validation and [`SamplingError`].
 //! - `pipeline`: the graph itself and the cache of compiled closures.
 //! - `sequence`: [`SequenceSampler`] (one request's device state) and [`sample_batch`].
+//! - `plugin`: sampler plugins inside the step (one plugin chain per sequence).
 //! - `read`: the host-read gate and its counters; a unit test there fails if any other code of
-//!   `sampling/` or `engine/` reads an array to the host.
+//!   `sampling/`, `engine/` or `plugins/` reads an array to the host.
 
 pub mod params;
 mod pipeline;
+mod plugin;
 mod read;
 mod sequence;
 

@@ -41,6 +41,10 @@ pub struct SamplingParams {
     /// Return the chosen token's log-probability and the `n` most likely alternatives
     /// (`Some(0)`: the chosen one only).
     pub logprobs: Option<u32>,
+    /// Sampler plugins, resolved from the request's top-level `plugins` list (never from the
+    /// `sampling` object): processors in order, at most one final sampler.
+    #[serde(skip)]
+    pub plugins: Vec<crate::plugins::PluginRequest>,
 }
 
 impl Default for SamplingParams {
@@ -58,6 +62,7 @@ impl Default for SamplingParams {
             logit_bias: BTreeMap::new(),
             seed: None,
             logprobs: None,
+            plugins: Vec::new(),
         }
     }
 }
@@ -98,6 +103,9 @@ pub enum SamplingError {
     /// Logits that do not match the batch (`[B, V]` for B rows of a V-token vocabulary).
     #[error("sampling: {0}")]
     Shape(String),
+    /// A sampler plugin refused its parameters, failed, or returned a bad output.
+    #[error(transparent)]
+    Plugin(#[from] crate::plugins::PluginError),
     /// MLX failed while building or running the sampling graph.
     #[error("mlx: {0}")]
     Mlx(#[from] mlx_rs::error::Exception),
@@ -111,6 +119,7 @@ impl SamplingError {
             SamplingError::TokenOutOfVocabulary { .. } => "token_out_of_vocabulary",
             SamplingError::HostReadRefused { .. } => "host_read_refused",
             SamplingError::Shape(_) => "shape_mismatch",
+            SamplingError::Plugin(_) => "plugin_error",
             SamplingError::Mlx(_) => "backend_error",
         }
     }
@@ -180,6 +189,7 @@ impl SamplingParams {
                 return Err(out_of_range("logprobs", format!("[0, {MAX_LOGPROBS}]"), n));
             }
         }
+        crate::plugins::registry::check_combination(&self.plugins, self)?;
         Ok(())
     }
 

@@ -42,6 +42,8 @@ pub(crate) struct Stages {
     pub logprobs: Option<i32>,
     /// Also return the logits after the penalties and the final candidates (tests, debugging).
     pub inspect: bool,
+    /// Stop after step 3 and return the processed logits (plugins run next; see `plugin`).
+    pub process_only: bool,
 }
 
 impl Stages {
@@ -76,18 +78,28 @@ pub fn set_compiled(enabled: bool) {
     USE_COMPILE.with(|c| c.set(enabled));
 }
 
-/// Runs the graph for `stages` on `inputs` (in the order [`Stages`] documents).
-pub(crate) fn run(stages: Stages, inputs: &[Array]) -> Result<Outputs, Exception> {
-    let out = if USE_COMPILE.with(Cell::get) {
+/// Runs steps 1-3 only (`stages.process_only` set): the processed `[B, V]` logits.
+pub(crate) fn process(stages: Stages, inputs: &[Array]) -> Result<Array, Exception> {
+    let stages = Stages { process_only: true, ..stages };
+    execute(stages, inputs)?.into_iter().next().ok_or_else(|| Exception::custom("sampling graph: missing output"))
+}
+
+fn execute(stages: Stages, inputs: &[Array]) -> Result<Vec<Array>, Exception> {
+    if USE_COMPILE.with(Cell::get) {
         COMPILED.with(|cache| {
             let mut cache = cache.borrow_mut();
             let f =
                 cache.entry(stages).or_insert_with(|| Box::new(compile(move |xs: &[Array]| graph(stages, xs), None)));
             f(inputs)
-        })?
+        })
     } else {
-        graph(stages, inputs)?
-    };
+        graph(stages, inputs)
+    }
+}
+
+/// Runs the graph for `stages` on `inputs` (in the order [`Stages`] documents).
+pub(crate) fn run(stages: Stages, inputs: &[Array]) -> Result<Outputs, Exception> {
+    let out = execute(stages, inputs)?;
     let mut out = out.into_iter();
     let mut next = || out.next().ok_or_else(|| Exception::custom("sampling graph: missing output"));
     let tokens = next()?;
@@ -161,6 +173,9 @@ fn graph(st: Stages, inputs: &[Array]) -> Result<Vec<Array>, Exception> {
         let present = counts.gt(Array::from_f32(0.0))?.as_type::<f32>()?;
         let penalty = present.multiply(presence)?.add(counts.multiply(frequency)?)?;
         logits = logits.subtract(&penalty)?;
+    }
+    if st.process_only {
+        return Ok(vec![logits]);
     }
 
     let (tokens, candidates) = if st.random {
@@ -282,7 +297,7 @@ fn typical_keep(sorted: &Array, keep: Option<&Array>, mass: &Array) -> Result<Ar
 
 /// Log-softmax of the processed logits (after biases and penalties, before temperature and
 /// filters, as mlx-lm reports them): the chosen token's value and the `n` best.
-fn logprobs(logits: &Array, tokens: &Array, n: i32) -> Result<(Array, Array, Array), Exception> {
+pub(crate) fn logprobs(logits: &Array, tokens: &Array, n: i32) -> Result<(Array, Array, Array), Exception> {
     let (b, v) = (logits.shape()[0], logits.shape()[1]);
     let logp = logits.subtract(logsumexp_axis(logits, -1, true)?)?;
     let chosen = logp.take_along_axis(tokens.reshape(&[b, 1])?, -1)?.reshape(&[b])?;

@@ -3,6 +3,7 @@
 
 use super::params::{SamplingError, SamplingParams};
 use super::pipeline::{self, Stages};
+use super::plugin::PluginChain;
 use mlx_rs::ops::indexing::{scatter_add_single, TryIndexOp};
 use mlx_rs::ops::{self};
 use mlx_rs::{random, Array};
@@ -85,6 +86,10 @@ pub struct SequenceSampler {
     window: Option<Window>,
     /// `[1, V]` float32 counts of generated tokens, for presence/frequency penalties.
     counts: Option<Array>,
+    /// The request's sampler plugins, when it names any.
+    pub(super) plugins: Option<PluginChain>,
+    /// Set when a plugin of this row failed; the row's request must end with this error.
+    pub(super) failure: Option<SamplingError>,
 }
 
 impl SequenceSampler {
@@ -93,14 +98,10 @@ impl SequenceSampler {
     pub fn new(params: &SamplingParams, vocab_size: usize, prompt: &[u32]) -> Result<Self, SamplingError> {
         params.validate(vocab_size)?;
         let v = vocab_size as i32;
-        let key = if params.is_random() {
-            let seed = params.seed.unwrap_or_else(|| {
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
-            });
-            Some(random::key(seed)?)
-        } else {
-            None
-        };
+        let seed = params.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+        });
+        let key = if params.is_random() { Some(random::key(seed)?) } else { None };
         let window = (params.repetition_penalty != 1.0).then(|| {
             let size = params.repetition_context_size;
             let capacity = bucket(size);
@@ -122,7 +123,30 @@ impl SequenceSampler {
         } else {
             None
         };
-        Ok(SequenceSampler { params: params.clone(), vocab: vocab_size, key, window, counts })
+        let plugins = if params.plugins.is_empty() {
+            None
+        } else {
+            Some(PluginChain::new(&params.plugins, vocab_size, prompt, seed, params.temperature)?)
+        };
+        Ok(SequenceSampler { params: params.clone(), vocab: vocab_size, key, window, counts, plugins, failure: None })
+    }
+
+    /// The error of a plugin of this row that failed during a batched step (the batch went on;
+    /// this row's request must end with it).
+    pub fn failure(&self) -> Option<&SamplingError> {
+        self.failure.as_ref()
+    }
+
+    /// Takes the failure out, see [`SequenceSampler::failure`].
+    pub fn take_failure(&mut self) -> Option<SamplingError> {
+        self.failure.take()
+    }
+
+    fn fail_if_failed<T>(&mut self, v: T) -> Result<T, SamplingError> {
+        match self.failure.take() {
+            Some(e) => Err(e),
+            None => Ok(v),
+        }
     }
 
     /// The request's parameters.
@@ -133,18 +157,29 @@ impl SequenceSampler {
     /// Picks the next token from `logits` (`[1, V]`), lazily, and records it; returns `[1]`
     /// uint32.
     pub fn sample(&mut self, logits: &Array) -> Result<Array, SamplingError> {
-        sample_batch(logits, &mut [self])
+        let tokens = sample_batch(logits, &mut [&mut *self])?;
+        self.fail_if_failed(tokens)
     }
 
     /// As [`SequenceSampler::sample`], with the logprobs the request asked for.
     pub fn sample_with_logprobs(&mut self, logits: &Array) -> Result<Sampled, SamplingError> {
-        sample_batch_with_logprobs(logits, &mut [self])
+        let sampled = sample_batch_with_logprobs(logits, &mut [&mut *self])?;
+        self.fail_if_failed(sampled)
     }
 
     /// Records a token of this sequence (`[1]` or `[1, 1]`, any integer dtype) in the repetition
-    /// window and the generated-token counts. The sampling functions call it for the tokens they
-    /// pick; call it yourself only for tokens the sampler did not choose (forced tokens).
+    /// window, the generated-token counts and the plugins' state. The sampling functions call
+    /// it for the tokens they pick; call it yourself only for tokens the sampler did not choose
+    /// (forced tokens).
     pub fn accept(&mut self, token: &Array) -> Result<(), SamplingError> {
+        self.accept_builtin(token)?;
+        match self.plugins.as_mut() {
+            Some(chain) => chain.accept(token),
+            None => Ok(()),
+        }
+    }
+
+    fn accept_builtin(&mut self, token: &Array) -> Result<(), SamplingError> {
         let token = token.reshape(&[1, 1])?;
         if let Some(w) = self.window.as_mut() {
             let slot = Array::from_slice(&[w.next_slot as i32], &[1, 1]);
@@ -177,7 +212,9 @@ impl SequenceSampler {
 }
 
 /// Picks one token per row of `logits` (`[B, V]`), row `i` with `rows[i]`'s parameters and
-/// state, in one graph; records each pick in its row; returns `[B]` uint32, lazily.
+/// state, in one graph; records each pick in its row; returns `[B]` uint32, lazily. A row whose
+/// plugin fails gets a built-in token and its [`SequenceSampler::failure`] set; the batch
+/// itself succeeds.
 pub fn sample_batch(logits: &Array, rows: &mut [&mut SequenceSampler]) -> Result<Array, SamplingError> {
     Ok(step(logits, rows, false, false)?.0.tokens)
 }
@@ -230,6 +267,7 @@ fn step(
         truncate: None,
         logprobs: None,
         inspect,
+        process_only: false,
     };
     if st.top_k && drawing().all(|i| p(i).top_k > 0) {
         let widest = drawing().map(|i| p(i).top_k as usize).max().unwrap_or(0);
@@ -293,6 +331,8 @@ fn step(
         inputs.push(column!((0..b).map(|i| p(i).presence_penalty).collect()));
         inputs.push(column!((0..b).map(|i| p(i).frequency_penalty).collect()));
     }
+    // Inputs of steps 1-3 end here (the plugin path splits the graph at this point).
+    let pre_inputs = inputs.len();
     if st.random {
         inputs.push(column!((0..b).map(|i| if random[i] { 1.0 / p(i).temperature } else { 1.0 }).collect()));
         let mut noise = Vec::with_capacity(b);
@@ -330,11 +370,20 @@ fn step(
         }
     }
 
-    let out = pipeline::run(st, &inputs)?;
+    let out = if rows.iter().any(|r| r.plugins.is_some()) {
+        super::plugin::run(st, &inputs, pre_inputs, rows)?
+    } else {
+        pipeline::run(st, &inputs)?
+    };
     for (i, r) in rows.iter_mut().enumerate() {
-        if r.window.is_some() || r.counts.is_some() {
+        if r.window.is_some() || r.counts.is_some() || r.plugins.is_some() {
             let token = if b == 1 { out.tokens.clone() } else { out.tokens.try_index(i as i32..i as i32 + 1)? };
-            r.accept(&token)?;
+            r.accept_builtin(&token)?;
+            if r.failure.is_none() {
+                if let Some(Err(e)) = r.plugins.as_mut().map(|c| c.accept(&token)) {
+                    r.failure = Some(e);
+                }
+            }
         }
     }
     let logprobs = out.logprobs.map(|(chosen, top_ids, top_logprobs)| Logprobs { chosen, top_ids, top_logprobs });

@@ -1,0 +1,237 @@
+//! `dry`: the "don't repeat yourself" sequence penalty (introduced in text-generation-webui,
+//! also in llama.cpp and kobold.cpp), computed on the device.
+//!
+//! # Definition
+//! Take the last `N = min(T, penalty_last_n)` tokens `w` of the history (prompt + output;
+//! `penalty_last_n = -1` means all of it). For every earlier position `p < N - 1`, let `L(p)` be
+//! the length of the longest common suffix of `w[..=p]` and `w` (how many tokens before and
+//! including `p` repeat the end of the text), capped at `rep_limit`, the number of tokens after
+//! the last sequence breaker in the window (all `N` if none). Emitting `w[p + 1]` next would
+//! extend that repetition, so each token `t` gets `M(t) = max { L(p) : w[p + 1] = t }`, and if
+//! `M(t) >= allowed_length` and `t` is not itself a breaker:
+//!
+//! `logit[t] -= multiplier * base ^ min(M(t) - allowed_length, max_exponent)`
+//!
+//! where `max_exponent = floor(88.7228391 / ln base)` keeps the power finite in float32 (no
+//! cap when `base <= 1.000001`). Nothing happens when `N <= allowed_length` or `rep_limit <
+//! allowed_length`. This is llama.cpp's definition with one difference: sequence breakers are
+//! token ids, not strings (a plugin sees ids; clients can get them from the `tokenize` message).
+//!
+//! # On the device
+//! `L(p)` for all `p` at once: compare `w[p - l]` with `w[N - 1 - l]` for `l < K` in a `[B, K,
+//! N - 1]` array and count the leading matches with a cumulative product. Lengths beyond
+//! `K = allowed_length + max_exponent` all give the largest penalty, so `K` caps the work at
+//! `O(N · K)` per step; `M(t)` is one scatter-max into `[B, V]`.
+
+use mlxd_plugin_api::{export_plugin, sys, Array, Context, CreateArgs, Dtype, Error, Host, Kind, Plugin, ScatterMode};
+use serde::Deserialize;
+use std::ffi::CStr;
+
+/// The request's parameters.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Params {
+    /// Strength; 0 disables the penalty.
+    pub multiplier: f32,
+    /// Growth per extra repeated token, at least 1.
+    pub base: f32,
+    /// Longest repetition left unpenalized, at least 1.
+    pub allowed_length: i32,
+    /// Window of history searched: -1 for all of it, 0 disables.
+    pub penalty_last_n: i32,
+    /// Token ids that break repetitions (never penalized themselves).
+    pub sequence_breakers: Vec<u32>,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params { multiplier: 0.8, base: 1.75, allowed_length: 2, penalty_last_n: -1, sequence_breakers: Vec::new() }
+    }
+}
+
+/// Largest exponent whose power of `base` stays finite in float32 (0: no cap).
+pub fn max_exponent(base: f32) -> i32 {
+    if base > 1.000_001 { (88.722_84_f32 / base.ln()) as i32 } else { 0 }
+}
+
+impl Params {
+    /// Parses and checks the params JSON for a vocabulary of `vocab` tokens.
+    pub fn parse(json: &str, vocab: i32) -> Result<Params, String> {
+        let p: Params = serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(json))
+            .map_err(|e| format!("dry params: `{}`: {}", e.path(), e.inner()))?;
+        if !(p.multiplier.is_finite() && p.multiplier >= 0.0) {
+            return Err(format!("`multiplier` must be >= 0, got {}", p.multiplier));
+        }
+        if !(p.base.is_finite() && p.base >= 1.0) {
+            return Err(format!("`base` must be >= 1, got {}", p.base));
+        }
+        if p.allowed_length < 1 {
+            return Err(format!("`allowed_length` must be >= 1, got {}", p.allowed_length));
+        }
+        if p.penalty_last_n < -1 {
+            return Err(format!("`penalty_last_n` must be -1 (whole history), 0 (off) or positive, got {}", p.penalty_last_n));
+        }
+        if p.sequence_breakers.len() > 256 {
+            return Err(format!("`sequence_breakers` holds at most 256 ids, got {}", p.sequence_breakers.len()));
+        }
+        if let Some(&t) = p.sequence_breakers.iter().find(|&&t| t as i64 >= vocab as i64) {
+            return Err(format!("`sequence_breakers` token {t} is outside the vocabulary (size {vocab})"));
+        }
+        Ok(p)
+    }
+
+    /// Whether the penalty can ever change a logit.
+    pub fn enabled(&self) -> bool {
+        self.multiplier != 0.0 && self.penalty_last_n != 0
+    }
+}
+
+/// One sequence's DRY state: its parameters and, on the device, the breaker ids.
+pub struct Dry {
+    params: Params,
+    /// `[1, 1, nb]` int32 breaker ids (absent without breakers).
+    breakers: Option<Array>,
+    /// `[1, V]` bool: which tokens are breakers.
+    breaker_tokens: Option<Array>,
+}
+
+impl Plugin for Dry {
+    const NAME: &'static CStr = c"dry";
+    const VERSION: &'static CStr = c"0.1.0";
+    const KIND: Kind = Kind::Processor;
+    const CAPABILITIES: u64 = sys::CAP_HISTORY;
+    const DESCRIPTION: Option<&'static CStr> = Some(c"DRY (don't repeat yourself) sequence penalty, llama.cpp's definition with token-id breakers");
+    const PARAMS_SCHEMA: Option<&'static CStr> = Some(
+        cr#"{"type":"object","additionalProperties":false,"properties":{
+"multiplier":{"type":"number","minimum":0,"default":0.8},
+"base":{"type":"number","minimum":1,"default":1.75},
+"allowed_length":{"type":"integer","minimum":1,"default":2},
+"penalty_last_n":{"type":"integer","minimum":-1,"default":-1,"description":"-1: the whole history; 0: off"},
+"sequence_breakers":{"type":"array","items":{"type":"integer","minimum":0},"maxItems":256,"default":[]}}}"#,
+    );
+
+    fn create(host: &Host, args: &CreateArgs<'_>) -> Result<Self, Error> {
+        let params = Params::parse(args.params_json, args.vocab_size).map_err(Error::params)?;
+        let (breakers, breaker_tokens) = if params.sequence_breakers.is_empty() {
+            (None, None)
+        } else {
+            let ids: Vec<i32> = params.sequence_breakers.iter().map(|&t| t as i32).collect();
+            let mut mask = vec![false; args.vocab_size as usize];
+            for &t in &params.sequence_breakers {
+                mask[t as usize] = true;
+            }
+            (
+                Some(host.from_slice(&ids, &[1, 1, ids.len() as i32])?),
+                Some(host.from_slice(&mask, &[1, args.vocab_size])?),
+            )
+        };
+        Ok(Dry { params, breakers, breaker_tokens })
+    }
+
+    fn apply(&mut self, host: &Host, logits: &Array, ctx: &Context) -> Result<Array, Error> {
+        let p = &self.params;
+        let tokens = ctx.tokens.as_ref().ok_or_else(|| Error::internal("dry: the host gave no token history"))?;
+        let t = tokens.dim(1);
+        let n = if p.penalty_last_n < 0 { t } else { t.min(p.penalty_last_n) };
+        if !p.enabled() || n <= p.allowed_length {
+            return logits.retain();
+        }
+        let (b, v) = (logits.dim(0), logits.dim(1));
+        let w = tokens.slice(1, t - n, t, 1)?; // [B, N]
+
+        // Tokens after the last breaker in the window: repetitions never reach across one.
+        let rep_limit = match &self.breakers {
+            None => host.full(&[b, 1], n as f64, Dtype::Int32)?,
+            Some(br) => {
+                let is_breaker = w.expand_dims(-1)?.eq(br)?.any(-1, false)?; // [B, N]
+                let pos = host.arange(0.0, n as f64, 1.0, Dtype::Int32)?.reshape(&[1, n])?;
+                let last = host.select(&is_breaker, &pos, &host.i32(-1)?)?.max(1, true)?;
+                host.i32(n - 1)?.sub(&last)? // N when there is none
+            }
+        };
+
+        // L(p): leading matches of w[p - l] == w[N - 1 - l], l < K.
+        let max_exp = max_exponent(p.base);
+        let k = if max_exp > 0 { (p.allowed_length + max_exp).min(n - 1) } else { n - 1 };
+        let positions = host.arange(0.0, (n - 1) as f64, 1.0, Dtype::Int32)?.reshape(&[1, n - 1])?;
+        let offsets = host.arange(0.0, k as f64, 1.0, Dtype::Int32)?.reshape(&[k, 1])?;
+        let left_index = positions.sub(&offsets)?; // [K, N-1], p - l
+        let inside = left_index.ge(&host.i32(0)?)?;
+        let left = w.take(&left_index.maximum(&host.i32(0)?)?.reshape(&[-1])?, 1)?.reshape(&[b, k, n - 1])?;
+        let right_index = host.arange((n - 1) as f64, (n - 1 - k) as f64, -1.0, Dtype::Int32)?;
+        let right = w.take(&right_index, 1)?.reshape(&[b, k, 1])?;
+        let matches = left.eq(&right)?.logical_and(&inside)?.astype(Dtype::Int32)?;
+        let lengths = matches.cumprod(1, false, true)?.sum(1, false)?; // [B, N-1]
+        let lengths = lengths.minimum(&rep_limit)?;
+
+        // M(t): the longest repetition each next token would extend.
+        let allowed = host.i32(p.allowed_length)?;
+        let value = host.select(&lengths.ge(&allowed)?, &lengths, &host.i32(-1)?)?;
+        let next = w.slice(1, 1, n, 1)?;
+        let longest = host.full(&[b, v], -1.0, Dtype::Int32)?.scatter(ScatterMode::Max, &next, &value, 1)?;
+        let mut hit = longest.ge(&allowed)?;
+        if let Some(mask) = &self.breaker_tokens {
+            hit = hit.logical_and(&mask.logical_not()?)?;
+        }
+        let mut exponent = longest.sub(&allowed)?;
+        if max_exp > 0 {
+            exponent = exponent.minimum(&host.i32(max_exp)?)?;
+        }
+        let penalty = host.f32(p.base)?.pow(&exponent.astype(Dtype::Float32)?)?.mul(&host.f32(p.multiplier)?)?;
+        let penalty = host.select(&hit, &penalty, &host.f32(0.0)?)?;
+        logits.sub(&penalty)
+    }
+}
+
+export_plugin!(Dry);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_common_settings() {
+        let p = Params::parse("{}", 100).unwrap();
+        assert_eq!(p, Params::default());
+        assert_eq!((p.multiplier, p.base, p.allowed_length, p.penalty_last_n), (0.8, 1.75, 2, -1));
+        assert!(p.enabled());
+        assert!(!Params::parse(r#"{"multiplier": 0}"#, 100).unwrap().enabled());
+        assert!(!Params::parse(r#"{"penalty_last_n": 0}"#, 100).unwrap().enabled());
+    }
+
+    #[test]
+    fn invalid_params_are_named() {
+        for (json, field) in [
+            (r#"{"multiplier": -1}"#, "multiplier"),
+            (r#"{"base": 0.5}"#, "base"),
+            (r#"{"allowed_length": 0}"#, "allowed_length"),
+            (r#"{"penalty_last_n": -2}"#, "penalty_last_n"),
+            (r#"{"sequence_breakers": [100]}"#, "sequence_breakers"),
+            (r#"{"sequence_breakers": "x"}"#, "sequence_breakers"),
+            (r#"{"multplier": 1}"#, "multplier"),
+        ] {
+            let e = Params::parse(json, 100).unwrap_err();
+            assert!(e.contains(field), "{json}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_exponent_cap_keeps_the_penalty_finite() {
+        for base in [1.000_01_f32, 1.1, 1.75, 3.0, 100.0] {
+            let m = max_exponent(base);
+            assert!(m > 0 && base.powi(m).is_finite(), "{base}: {m}");
+        }
+        assert_eq!(max_exponent(1.0), 0);
+        assert_eq!(max_exponent(1.75), 158);
+    }
+
+    #[test]
+    fn descriptor_asks_for_the_history() {
+        let d = unsafe { &*mlxd_sampler_plugin_v1() };
+        assert_eq!(d.capabilities, sys::CAP_HISTORY);
+        assert_eq!(d.kind, sys::KIND_PROCESSOR);
+        let schema = unsafe { CStr::from_ptr(d.params_schema) }.to_str().unwrap();
+        let v: serde_json::Value = serde_json::from_str(schema).unwrap();
+        assert_eq!(v["properties"]["base"]["default"], 1.75);
+    }
+}
