@@ -45,6 +45,7 @@ struct Args {
     gen: usize,
     repeats: usize,
     mlx_lm: bool,
+    graph: bool,
     samplers: Vec<String>,
     python: String,
     json: Option<PathBuf>,
@@ -60,6 +61,7 @@ fn parse_args() -> Result<Args> {
         gen: 256,
         repeats: 5,
         mlx_lm: true,
+        graph: false,
         samplers: vec!["greedy".into()],
         python: "python3".into(),
         json: None,
@@ -68,6 +70,7 @@ fn parse_args() -> Result<Args> {
     let mut it = std::env::args().skip(1);
     match it.next().as_deref() {
         Some("engine") => {}
+        Some("graph") => a.graph = true,
         _ => bail!("usage: mlxd-bench engine (--shape NAME | --model DIR) [options]; see the file header"),
     }
     while let Some(flag) = it.next() {
@@ -92,11 +95,17 @@ fn parse_args() -> Result<Args> {
 
 fn main() -> Result<()> {
     let args = parse_args()?;
+    if std::env::var_os("MLXD_SAMPLER_EAGER").is_some() {
+        mlxd::sampling::set_compiled(false);
+    }
     let dir = match (&args.model, &args.shape) {
         (Some(m), _) => m.clone(),
         (None, Some(s)) => make_model(s, &args.dtype, &args.dir)?,
         (None, None) => bail!("give --model DIR or --shape NAME ({})", SHAPES.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")),
     };
+    if args.graph {
+        return print_step_graph(&dir);
+    }
     let report = mlxd::runtime::Report::gather();
     eprintln!("model {} | MLX {} {} | {}", dir.display(), report.mlx_version, report.backend, report.device_name.clone().unwrap_or_default());
 
@@ -113,16 +122,34 @@ fn main() -> Result<()> {
     for (name, sampler) in sampler_variants(&args.samplers)? {
         let req = GenerateRequest { prompt: prompt.clone(), max_tokens: args.gen, stop: vec![], sampler };
         let mut ours = Vec::new();
+        let mut profile = mlxd::engine::StepProfile::default();
         for r in 0..=args.repeats {
+            engine.reset_profile();
             let _ = mlx_rs::memory::clear_cache();
             let _ = mlx_rs::memory::reset_peak_memory();
             let out = engine.generate(&req, |_| true)?;
             if r > 0 {
                 ours.push(run_json(&out, mlx_rs::memory::peak_memory().unwrap_or(0)));
+                let p = engine.profile();
+                profile.steps += p.steps;
+                profile.build += p.build;
+                profile.wait += p.wait;
+                profile.graph += p.graph;
             }
         }
+        let per_step = |d: Duration| d.as_secs_f64() * 1e3 / profile.steps.max(1) as f64;
+        eprintln!(
+            "mlxd {name}: host build {:.3} ms/step (model graph {:.3}, sampler + launch {:.3}), waiting for the device {:.3} ms/step",
+            per_step(profile.build),
+            per_step(profile.graph),
+            per_step(profile.build.saturating_sub(profile.graph)),
+            per_step(profile.wait)
+        );
         let theirs = if args.mlx_lm { Some(run_mlx_lm(&args, &dir, preload.as_deref(), name)?) } else { None };
-        variants.insert(name.to_string(), json!({"mlxd": {"runs": ours}, "mlx_lm": theirs}));
+        variants.insert(
+            name.to_string(),
+            json!({"mlxd": {"runs": ours, "host_build_ms_per_step": per_step(profile.build), "device_wait_ms_per_step": per_step(profile.wait)}, "mlx_lm": theirs}),
+        );
     }
     let cache_row = prompt_cache_ttft(&mut engine, vocab)?;
     let summary = json!({
@@ -170,6 +197,46 @@ fn sampler_variants(names: &[String]) -> Result<Vec<(&'static str, SamplingParam
         .collect()
 }
 
+/// Prints the primitives of one single-sequence decode step (model + greedy sampler), counted by
+/// kind: on the GPU every primitive costs host time to launch, so this is the step's overhead.
+fn print_step_graph(dir: &Path) -> Result<()> {
+    let loaded = mlxd::models::load(dir)?;
+    let model = &loaded.model;
+    let mut cache = mlxd::cache::SequenceCache::new(model.num_layers());
+    let prompt = Array::from_slice(&[1i32, 2, 3, 4], &[1, 4]);
+    model.forward_last(&prompt, &mut cache)?.eval()?;
+    cache.eval()?;
+    let mut sampler = mlxd::sampling::SequenceSampler::new(&SamplingParams::default(), model.args.vocab as usize, &[1, 2, 3, 4])?;
+    let token = Array::from_slice(&[5u32], &[1]);
+    let logits = model.forward_batch(&token, &mut [&mut cache])?;
+    let sampled = mlxd::sampling::sample_batch(&logits, &mut [&mut sampler])?;
+    let path = std::ffi::CString::new("/tmp/mlxd-step-graph.txt")?;
+    let mode = std::ffi::CString::new("w")?;
+    // SAFETY: plain C stdio; the vector and namer are freed after use.
+    unsafe {
+        let f = libc::fopen(path.as_ptr(), mode.as_ptr());
+        let v = mlx_sys::mlx_vector_array_new_value(sampled.as_ptr());
+        let namer = mlx_sys::mlx_node_namer_new();
+        mlx_sys::mlx_print_graph(f as *mut _, namer, v);
+        mlx_sys::mlx_node_namer_free(namer);
+        mlx_sys::mlx_vector_array_free(v);
+        libc::fclose(f);
+    }
+    let text = std::fs::read_to_string("/tmp/mlxd-step-graph.txt")?;
+    let mut kinds: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        if let Some(kind) = line.split_whitespace().next().filter(|w| w.chars().next().is_some_and(|c| c.is_ascii_uppercase())) {
+            *kinds.entry(kind.to_string()).or_default() += 1;
+        }
+    }
+    let total: usize = kinds.values().sum();
+    println!("{total} primitives in one decode step:");
+    for (k, n) in kinds {
+        println!("{n:6} {k}");
+    }
+    Ok(())
+}
+
 fn run_json(o: &Outcome, peak: usize) -> Value {
     json!({
         "ttft_s": o.time_to_first_token.as_secs_f64(),
@@ -185,11 +252,15 @@ fn prompt_cache_ttft(engine: &mut Engine, vocab: u32) -> Result<Value> {
     let req = GenerateRequest { prompt: random_prompt(2000, vocab, 11), max_tokens: 2, stop: vec![], sampler: SamplingParams::default() };
     let mut cold = Vec::new();
     let mut warm = Vec::new();
+    let mut warm_start = Duration::ZERO;
     for _ in 0..3 {
         engine.clear_prompt_cache();
         cold.push(engine.generate(&req, |_| true)?.time_to_first_token);
+        engine.reset_profile();
         warm.push(engine.generate(&req, |_| true)?.time_to_first_token);
+        warm_start += engine.profile().start;
     }
+    eprintln!("prompt cache warm: {:.2} ms of host time in start() per request", warm_start.as_secs_f64() * 1e3 / 3.0);
     engine.set_prompt_cache_budget(0);
     let (c, w) = (median_d(&mut cold), median_d(&mut warm));
     Ok(json!({"prompt_tokens": 2000, "cold_ttft_s": c, "warm_ttft_s": w, "speedup": c / w.max(1e-9)}))
