@@ -99,12 +99,17 @@ impl LayerCache {
         self.keys.as_ref().map_or(0, |a| a.nbytes()) + self.values.as_ref().map_or(0, |a| a.nbytes())
     }
 
-    /// A cache holding the first `len` positions of this one, in storage of its own.
+    /// A cache holding the first `len` positions of this one. MLX arrays are immutable, so
+    /// writing to the copy never disturbs this cache. The copy keeps this cache's spare room
+    /// past `len` (up to the next [`STEP`] boundary), so its next token needs no regrowth.
     pub fn prefix_copy(&self, len: i32) -> Result<LayerCache, mlx_rs::error::Exception> {
         let len = len.min(self.offset);
         let slice = |a: &Option<Array>| -> Result<Option<Array>, mlx_rs::error::Exception> {
             match a {
-                Some(a) if len > 0 => Ok(Some(a.try_index((.., .., ..len, ..))?)),
+                Some(a) if len > 0 => {
+                    let room = ((len / STEP) + 1) * STEP;
+                    Ok(Some(a.try_index((.., .., ..room.min(a.shape()[2]), ..))?))
+                }
                 _ => Ok(None),
             }
         };

@@ -118,25 +118,31 @@ fn main() -> Result<()> {
     // Same BLAS for both: the Python wheel's libmlx would otherwise use its reference BLAS.
     let preload = report.blas.strip_prefix("OpenBLAS (").and_then(|p| p.strip_suffix(')')).map(String::from);
 
-    let mut variants = serde_json::Map::new();
-    for (name, sampler) in sampler_variants(&args.samplers)? {
-        let req = GenerateRequest { prompt: prompt.clone(), max_tokens: args.gen, stop: vec![], sampler };
-        let mut ours = Vec::new();
-        let mut profile = mlxd::engine::StepProfile::default();
-        for r in 0..=args.repeats {
+    // Variants run interleaved (A B A B ...), so slow drifts of clock or load hit all alike.
+    let variants_list = sampler_variants(&args.samplers)?;
+    let mut ours: Vec<Vec<Value>> = vec![Vec::new(); variants_list.len()];
+    let mut profiles = vec![mlxd::engine::StepProfile::default(); variants_list.len()];
+    for r in 0..=args.repeats {
+        for (k, (_, sampler)) in variants_list.iter().enumerate() {
+            let req = GenerateRequest { prompt: prompt.clone(), max_tokens: args.gen, stop: vec![], sampler: sampler.clone() };
             engine.reset_profile();
             let _ = mlx_rs::memory::clear_cache();
             let _ = mlx_rs::memory::reset_peak_memory();
             let out = engine.generate(&req, |_| true)?;
             if r > 0 {
-                ours.push(run_json(&out, mlx_rs::memory::peak_memory().unwrap_or(0)));
+                ours[k].push(run_json(&out, mlx_rs::memory::peak_memory().unwrap_or(0)));
                 let p = engine.profile();
-                profile.steps += p.steps;
-                profile.build += p.build;
-                profile.wait += p.wait;
-                profile.graph += p.graph;
+                let acc = &mut profiles[k];
+                acc.steps += p.steps;
+                acc.build += p.build;
+                acc.wait += p.wait;
+                acc.graph += p.graph;
             }
         }
+    }
+    let mut variants = serde_json::Map::new();
+    for (k, (name, _)) in variants_list.iter().enumerate() {
+        let profile = profiles[k];
         let per_step = |d: Duration| d.as_secs_f64() * 1e3 / profile.steps.max(1) as f64;
         eprintln!(
             "mlxd {name}: host build {:.3} ms/step (model graph {:.3}, sampler + launch {:.3}), waiting for the device {:.3} ms/step",
@@ -148,7 +154,7 @@ fn main() -> Result<()> {
         let theirs = if args.mlx_lm { Some(run_mlx_lm(&args, &dir, preload.as_deref(), name)?) } else { None };
         variants.insert(
             name.to_string(),
-            json!({"mlxd": {"runs": ours, "host_build_ms_per_step": per_step(profile.build), "device_wait_ms_per_step": per_step(profile.wait)}, "mlx_lm": theirs}),
+            json!({"mlxd": {"runs": ours[k], "host_build_ms_per_step": per_step(profile.build), "device_wait_ms_per_step": per_step(profile.wait)}, "mlx_lm": theirs}),
         );
     }
     let cache_row = prompt_cache_ttft(&mut engine, vocab)?;

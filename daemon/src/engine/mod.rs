@@ -284,7 +284,8 @@ impl Engine {
             fed.extend_from_slice(chunk);
         }
         let last = &prompt[prompt.len() - 1..];
-        let logits = model.forward_last(&tokens_array(last), &mut cache)?;
+        // The last prompt token takes the decode path: one position, the leanest graph.
+        let logits = model.forward_batch(&Array::from_slice(&[last[0] as i32], &[1]), &mut [&mut cache])?;
         fed.extend_from_slice(last);
         let pending = sample(&logits, &mut [&mut sampler], req.sampler.logprobs.unwrap_or(0) > 0)?;
         let stops = StopMatcher::new(&req.stop);
