@@ -6,9 +6,14 @@
 //!                   [--samplers greedy,full] [--no-mlx-lm] [--python python3] [--json out.json]
 //!                   [--dir /tmp/models]
 //! mlxd-bench engine --model /path/to/hf-dir ...
+//! mlxd-bench serve --shape qwen3-0.6b [--clients 1,2,4,8,16] [--prompt 64] [--gen 128]
+//!                                      concurrent WebSocket clients vs mlx_lm.server
+//! mlxd-bench graph --shape ...        primitives in one decode step
 //! ```
 //! `--shape` writes a random-weight checkpoint of a public architecture's shape (no download);
 //! the prompt-cache row times a repeated 2,000-token prompt cold and warm.
+
+mod serve_load;
 
 use anyhow::{bail, Context, Result};
 use mlx_rs::{random, Array, Dtype};
@@ -46,6 +51,8 @@ struct Args {
     repeats: usize,
     mlx_lm: bool,
     graph: bool,
+    serve: bool,
+    clients: Vec<usize>,
     samplers: Vec<String>,
     python: String,
     json: Option<PathBuf>,
@@ -62,6 +69,8 @@ fn parse_args() -> Result<Args> {
         repeats: 5,
         mlx_lm: true,
         graph: false,
+        serve: false,
+        clients: vec![1, 2, 4, 8, 16],
         samplers: vec!["greedy".into()],
         python: "python3".into(),
         json: None,
@@ -71,7 +80,8 @@ fn parse_args() -> Result<Args> {
     match it.next().as_deref() {
         Some("engine") => {}
         Some("graph") => a.graph = true,
-        _ => bail!("usage: mlxd-bench engine (--shape NAME | --model DIR) [options]; see the file header"),
+        Some("serve") => a.serve = true,
+        _ => bail!("usage: mlxd-bench engine|serve|graph (--shape NAME | --model DIR) [options]; see the file header"),
     }
     while let Some(flag) = it.next() {
         let mut val = || it.next().with_context(|| format!("{flag} needs a value"));
@@ -86,6 +96,7 @@ fn parse_args() -> Result<Args> {
             "--json" => a.json = Some(val()?.into()),
             "--dir" => a.dir = val()?.into(),
             "--no-mlx-lm" => a.mlx_lm = false,
+            "--clients" => a.clients = val()?.split(',').map(|c| c.parse().context("--clients")).collect::<Result<_>>()?,
             "--samplers" => a.samplers = val()?.split(',').map(String::from).collect(),
             other => bail!("unknown flag {other}"),
         }
@@ -105,6 +116,20 @@ fn main() -> Result<()> {
     };
     if args.graph {
         return print_step_graph(&dir);
+    }
+    if args.serve {
+        let summary = serve_load::run(serve_load::LoadArgs {
+            dir: &dir,
+            clients: args.clients.clone(),
+            prompt: args.prompt,
+            gen: args.gen,
+            mlx_lm: args.mlx_lm,
+            python: args.python.clone(),
+        })?;
+        if let Some(path) = &args.json {
+            std::fs::write(path, serde_json::to_string_pretty(&summary)?)?;
+        }
+        return Ok(());
     }
     let report = mlxd::runtime::Report::gather();
     eprintln!("model {} | MLX {} {} | {}", dir.display(), report.mlx_version, report.backend, report.device_name.clone().unwrap_or_default());
