@@ -3,11 +3,48 @@
 //! Storage grows in steps of [`STEP`] positions and is written with slice updates, so a decode
 //! step never copies the whole history; `trim` rewinds (prompt-cache reuse, speculative paths).
 
-use mlx_rs::ops::indexing::{TryIndexMutOp, TryIndexOp};
+use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::{ops, Array};
 
 /// Positions added whenever the cache runs out of room.
 pub const STEP: i32 = 256;
+
+/// `dst[:, :, at:at+T, :] = src` as one SliceUpdate node. mlx-rs's indexed assignment adds two
+/// reshapes around it (it strips and restores leading unit dimensions), which every decode step
+/// would pay per layer.
+fn write_positions(dst: &Array, src: &Array, at: i32) -> Result<Array, mlx_rs::error::Exception> {
+    let t = src.shape()[2];
+    let shape = dst.shape();
+    let start = [0, 0, at, 0];
+    let stop = [shape[0], shape[1], at + t, shape[3]];
+    let strides = [1, 1, 1, 1];
+    let stream = mlx_rs::Stream::thread_local_or_default();
+    // SAFETY: `res` is created here and either owned by the returned Array or freed; the index
+    // arrays outlive the call.
+    unsafe {
+        let mut res = mlx_sys::mlx_array_new();
+        let rc = mlx_sys::mlx_slice_update(
+            &mut res,
+            dst.as_ptr(),
+            src.as_ptr(),
+            start.as_ptr(),
+            4,
+            stop.as_ptr(),
+            4,
+            strides.as_ptr(),
+            4,
+            stream.as_ptr(),
+        );
+        if rc != 0 {
+            mlx_sys::mlx_array_free(res);
+            return Err(mlx_rs::error::Exception::custom(format!(
+                "KV cache update of {:?} into {shape:?} at {at} failed",
+                src.shape()
+            )));
+        }
+        Ok(Array::from_ptr(res))
+    }
+}
 
 /// One attention layer's cache for one sequence (batch size 1 or a fixed batch).
 #[derive(Debug, Clone, Default)]
@@ -44,8 +81,8 @@ impl LayerCache {
             });
         }
         let (keys, values) = (self.keys.as_mut().expect("allocated"), self.values.as_mut().expect("allocated"));
-        keys.try_index_mut((.., .., self.offset..needed, ..), k)?;
-        values.try_index_mut((.., .., self.offset..needed, ..), v)?;
+        *keys = write_positions(keys, k, self.offset)?;
+        *values = write_positions(values, v, self.offset)?;
         self.offset = needed;
         Ok((keys.try_index((.., .., ..needed, ..))?, values.try_index((.., .., ..needed, ..))?))
     }
@@ -62,12 +99,17 @@ impl LayerCache {
         self.keys.as_ref().map_or(0, |a| a.nbytes()) + self.values.as_ref().map_or(0, |a| a.nbytes())
     }
 
-    /// A cache holding the first `len` positions of this one, in storage of its own.
+    /// A cache holding the first `len` positions of this one. MLX arrays are immutable, so
+    /// writing to the copy never disturbs this cache. The copy keeps this cache's spare room
+    /// past `len` (up to the next [`STEP`] boundary), so its next token needs no regrowth.
     pub fn prefix_copy(&self, len: i32) -> Result<LayerCache, mlx_rs::error::Exception> {
         let len = len.min(self.offset);
         let slice = |a: &Option<Array>| -> Result<Option<Array>, mlx_rs::error::Exception> {
             match a {
-                Some(a) if len > 0 => Ok(Some(a.try_index((.., .., ..len, ..))?)),
+                Some(a) if len > 0 => {
+                    let room = ((len / STEP) + 1) * STEP;
+                    Ok(Some(a.try_index((.., .., ..room.min(a.shape()[2]), ..))?))
+                }
                 _ => Ok(None),
             }
         };

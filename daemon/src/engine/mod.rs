@@ -182,18 +182,49 @@ pub struct Engine {
     stream: Stream,
     host_reads: u64,
     steps: u64,
+    profile: StepProfile,
+}
+
+/// Where a decode step's time goes, summed over steps: building the next step's graph on the
+/// host, and waiting for the device to produce the current token. If `build` per step exceeds
+/// the device time, decode is host-bound.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepProfile {
+    /// Decode steps measured.
+    pub steps: u64,
+    /// Host time spent building and queueing graphs.
+    pub build: Duration,
+    /// Host time blocked reading sampled ids.
+    pub wait: Duration,
+    /// Part of `build`: constructing the model and sampler graphs (no evaluation).
+    pub graph: Duration,
+    /// Requests started.
+    pub starts: u64,
+    /// Host time inside `start` (prompt-cache lookup, prefill graph building and chunk
+    /// evaluation, first sample queued).
+    pub start: Duration,
 }
 
 impl Engine {
     /// Takes ownership of a loaded model. Call on the thread that will run it.
     pub fn new(model: LoadedModel, options: EngineOptions) -> Self {
         let prompt_cache = PromptCache::new(options.prompt_cache_bytes);
-        Engine { model, options, prompt_cache, stream: Stream::new(), host_reads: 0, steps: 0 }
+        Engine { model, options, prompt_cache, stream: Stream::new(), host_reads: 0, steps: 0, profile: StepProfile::default() }
     }
 
     /// Number of host reads of sampled ids so far (one per decode step, for the whole batch).
     pub fn host_reads(&self) -> u64 {
         self.host_reads
+    }
+
+    /// Host-side timing of the decode loop since the last [`Engine::reset_profile`].
+    pub fn profile(&self) -> StepProfile {
+        self.profile
+    }
+
+    /// Zeroes the timing counters.
+    pub fn reset_profile(&mut self) {
+        self.profile = StepProfile::default();
     }
 
     /// The prompt cache's counters.
@@ -234,7 +265,11 @@ impl Engine {
     /// chunks and queues the first token. The row then advances with [`Engine::step`].
     pub fn start(&mut self, req: GenerateRequest) -> Result<Row, ModelError> {
         let stream = self.stream.clone();
-        mlx_rs::with_stream(&stream, || self.start_on_stream(req))
+        let t = Instant::now();
+        let row = mlx_rs::with_stream(&stream, || self.start_on_stream(req));
+        self.profile.starts += 1;
+        self.profile.start += t.elapsed();
+        row
     }
 
     fn start_on_stream(&mut self, req: GenerateRequest) -> Result<Row, ModelError> {
@@ -261,7 +296,8 @@ impl Engine {
             fed.extend_from_slice(chunk);
         }
         let last = &prompt[prompt.len() - 1..];
-        let logits = model.forward_last(&tokens_array(last), &mut cache)?;
+        // The last prompt token takes the decode path: one position, the leanest graph.
+        let logits = model.forward_batch(&Array::from_slice(&[last[0] as i32], &[1]), &mut [&mut cache])?;
         fed.extend_from_slice(last);
         let pending = match sample(&logits, &mut [&mut sampler], req.sampler.logprobs.unwrap_or(0) > 0)?.pop() {
             Some(Ok(p)) => Some(p),
@@ -304,6 +340,7 @@ impl Engine {
         rows: &mut [&mut Row],
         on_token: &mut dyn FnMut(usize, &TokenEvent) -> bool,
     ) -> Result<(), ModelError> {
+        let step_started = Instant::now();
         let live: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].finished.is_none() && rows[i].pending.is_some()).collect();
         if live.is_empty() {
             return Ok(());
@@ -315,7 +352,7 @@ impl Engine {
         if !going_on.is_empty() {
             let inputs: Vec<Array> =
                 going_on.iter().map(|&i| rows[i].pending.as_ref().expect("live rows have a token").token.clone()).collect();
-            let tokens = ops::concatenate(&inputs, 0)?;
+            let tokens = stack(inputs)?;
             let model = &self.model.model;
             let want_logprobs = going_on.iter().any(|&i| rows[i].req.sampler.logprobs.unwrap_or(0) > 0);
             let (mut caches, mut samplers): (Vec<&mut SequenceCache>, Vec<&mut SequenceSampler>) = rows
@@ -325,7 +362,10 @@ impl Engine {
                 .map(|(_, r)| (&mut r.cache, &mut r.sampler))
                 .unzip();
             let logits = model.forward_batch(&tokens, &mut caches)?;
-            for (slot, p) in going_on.iter().zip(sample(&logits, &mut samplers, want_logprobs)?) {
+            let graph_started = Instant::now();
+            let sampled = sample(&logits, &mut samplers, want_logprobs)?;
+            self.profile.graph += graph_started - step_started;
+            for (slot, p) in going_on.iter().zip(sampled) {
                 match p {
                     Ok(p) => next[*slot] = Some(p),
                     Err(e) => failed[*slot] = Some(e),
@@ -333,9 +373,13 @@ impl Engine {
             }
         }
 
+        let queued = Instant::now();
         // One read of this step's tokens for the whole batch.
         let current: Vec<Array> = live.iter().map(|&i| rows[i].pending.as_ref().expect("live").token.clone()).collect();
-        let ids = read_ids(&ops::concatenate(&current, 0)?)?;
+        let ids = read_ids(&stack(current)?)?;
+        self.profile.build += queued - step_started;
+        self.profile.wait += queued.elapsed();
+        self.profile.steps += 1;
         self.host_reads += 1;
         self.steps += 1;
         if self.steps % self.options.clear_cache_every.max(1) as u64 == 0 {
@@ -438,12 +482,13 @@ fn sample(
         queue.extend([&l.chosen, &l.top_ids, &l.top_logprobs]);
     }
     async_eval(queue)?;
+    let single = samplers.len() == 1;
     (0..samplers.len() as i32)
         .map(|i| {
             if let Some(e) = samplers[i as usize].take_failure() {
                 return Ok(Err(e));
             }
-            let token = sampled.tokens.try_index(i..i + 1)?;
+            let token = if single { sampled.tokens.clone() } else { sampled.tokens.try_index(i..i + 1)? };
             let logprobs = match &lp {
                 Some(l) => Some((l.chosen.try_index(i..i + 1)?, l.top_ids.try_index(i)?, l.top_logprobs.try_index(i)?)),
                 None => None,
@@ -451,6 +496,14 @@ fn sample(
             Ok(Ok(Pending { token, logprobs }))
         })
         .collect()
+}
+
+/// Joins `[1]`-shaped arrays into `[B]`; a single one is passed through (no copy kernel).
+fn stack(mut arrays: Vec<Array>) -> Result<Array, ModelError> {
+    if arrays.len() == 1 {
+        return Ok(arrays.pop().expect("one"));
+    }
+    Ok(ops::concatenate(&arrays, 0)?)
 }
 
 fn read_row_logprobs(lp: &(Array, Array, Array), n: u32) -> Result<TokenLogprobs, ModelError> {

@@ -21,8 +21,14 @@ pub struct Quant {
 /// A weight matrix stored `[out, in]` as checkpoints do, dense or quantized.
 #[derive(Debug)]
 pub enum Matrix {
-    /// A plain float matrix.
-    Dense(Array),
+    /// A plain float matrix `[out, in]`, and its transpose as an evaluated view of the same
+    /// buffer: multiplying by it adds no Transpose node to every step's graph.
+    Dense {
+        /// `[out, in]`, for row gathers (embeddings).
+        weight: Array,
+        /// `[in, out]`, a view of `weight`.
+        weight_t: Array,
+    },
     /// MLX-quantized: packed `u32` weights with per-group scales and biases.
     Quantized {
         /// Packed weights `[out, in * bits / 32]`.
@@ -37,6 +43,13 @@ pub enum Matrix {
 }
 
 impl Matrix {
+    /// A dense matrix; its transposed view is evaluated once here.
+    pub fn dense(weight: Array) -> Result<Self> {
+        let weight_t = weight.t();
+        weight_t.eval()?;
+        Ok(Matrix::Dense { weight, weight_t })
+    }
+
     /// Takes `{prefix}.weight` (and `.scales` / `.biases` when quantized) out of `w`.
     pub fn load(w: &mut Weights, prefix: &str, quant: Option<Quant>) -> Result<Self> {
         let weight = w.take(&format!("{prefix}.weight"))?;
@@ -48,14 +61,14 @@ impl Matrix {
                 })?;
                 Ok(Matrix::Quantized { weight, scales, biases, quant })
             }
-            None => Ok(Matrix::Dense(weight)),
+            None => Ok(Matrix::dense(weight)?),
         }
     }
 
     /// Bytes the tensor occupies on the device.
     pub fn nbytes(&self) -> usize {
         match self {
-            Matrix::Dense(w) => w.nbytes(),
+            Matrix::Dense { weight, .. } => weight.nbytes(),
             Matrix::Quantized { weight, scales, biases, .. } => weight.nbytes() + scales.nbytes() + biases.nbytes(),
         }
     }
@@ -63,7 +76,7 @@ impl Matrix {
     /// `x @ W^T`.
     pub fn apply(&self, x: &Array) -> Result<Array> {
         Ok(match self {
-            Matrix::Dense(w) => ops::matmul(x, w.t())?,
+            Matrix::Dense { weight_t, .. } => ops::matmul(x, weight_t)?,
             Matrix::Quantized { weight, scales, biases, quant } => {
                 quantized_matmul(x, weight, scales, biases, true, quant.group_size, quant.bits)?
             }
@@ -73,7 +86,7 @@ impl Matrix {
     /// Rows `ids` of the matrix, dequantized: the embedding lookup.
     pub fn rows(&self, ids: &Array) -> Result<Array> {
         Ok(match self {
-            Matrix::Dense(w) => w.take_axis(ids, 0)?,
+            Matrix::Dense { weight, .. } => weight.take_axis(ids, 0)?,
             Matrix::Quantized { weight, scales, biases, quant } => {
                 let w = weight.take_axis(ids, 0)?;
                 let s = scales.take_axis(ids, 0)?;

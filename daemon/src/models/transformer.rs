@@ -81,38 +81,43 @@ impl Attention {
 }
 
 impl Attention {
-    /// One decode step for `B` sequences at once (`x`: `[B, 1, D]`): the projections run batched
-    /// (that is where the weights are read), RoPE, cache and attention run per row, since each
-    /// sequence has its own length.
-    fn forward_rows(&self, x: &Array, caches: &mut [&mut LayerCache]) -> Result<Array> {
-        if let [only] = caches {
-            return self.forward(x, only);
-        }
+    /// One decode step for `B` sequences at once. `x` is `[B, D]`: with one position per
+    /// sequence the hidden state stays two-dimensional, so the projections are plain 2-D matmuls
+    /// and heads are a reshape away (`[B, heads, 1, head_dim]`), with no transposes. Projections
+    /// run batched (that is where the weights are read); RoPE, cache and attention run per row,
+    /// since each sequence has its own length.
+    fn decode_rows(&self, x: &Array, caches: &mut [&mut LayerCache]) -> Result<Array> {
         let b = x.shape()[0];
-        let split = |y: Array, heads: i32, norm: &Option<RmsNorm>| -> Result<Array> {
-            let y = y.reshape(&[b, 1, heads, self.head_dim])?;
-            let y = match norm {
-                Some(n) => n.forward(&y)?,
-                None => y,
-            };
-            Ok(ops::transpose_axes(&y, &[0, 2, 1, 3])?)
+        let heads = |y: Array, n: i32, norm: &Option<RmsNorm>| -> Result<Array> {
+            let y = y.reshape(&[b, n, 1, self.head_dim])?;
+            match norm {
+                Some(norm) => norm.forward(&y),
+                None => Ok(y),
+            }
         };
-        let q = split(self.q_proj.forward(x)?, self.heads, &self.q_norm)?;
-        let k = split(self.k_proj.forward(x)?, self.kv_heads, &self.k_norm)?;
-        let v = split(self.v_proj.forward(x)?, self.kv_heads, &None)?;
-        let mut outs = Vec::with_capacity(caches.len());
-        for (i, cache) in caches.iter_mut().enumerate() {
-            let i = i as i32;
-            let row = |a: &Array| a.try_index(i..i + 1);
+        let q = heads(self.q_proj.forward(x)?, self.heads, &self.q_norm)?;
+        let k = heads(self.k_proj.forward(x)?, self.kv_heads, &self.k_norm)?;
+        let v = heads(self.v_proj.forward(x)?, self.kv_heads, &None)?;
+        let attend = |q: &Array, k: &Array, v: &Array, cache: &mut LayerCache| -> Result<Array> {
             let offset = cache.offset();
-            let qi = self.rope.forward(&row(&q)?, offset)?;
-            let ki = self.rope.forward(&row(&k)?, offset)?;
-            let (ki, vi) = cache.update_and_fetch(&ki, &row(&v)?)?;
-            outs.push(fast::scaled_dot_product_attention(&qi, &ki, &vi, self.scale, None, None)?);
-        }
-        let o = ops::concatenate(&outs, 0)?;
-        let o = ops::transpose_axes(&o, &[0, 2, 1, 3])?.reshape(&[b, 1, self.heads * self.head_dim])?;
-        self.o_proj.forward(&o)
+            let q = self.rope.forward(q, offset)?;
+            let k = self.rope.forward(k, offset)?;
+            let (k, v) = cache.update_and_fetch(&k, v)?;
+            Ok(fast::scaled_dot_product_attention(&q, &k, &v, self.scale, None, None)?)
+        };
+        let o = match caches {
+            [only] => attend(&q, &k, &v, only)?,
+            _ => {
+                let mut outs = Vec::with_capacity(caches.len());
+                for (i, cache) in caches.iter_mut().enumerate() {
+                    let i = i as i32;
+                    let row = |a: &Array| a.try_index(i..i + 1);
+                    outs.push(attend(&row(&q)?, &row(&k)?, &row(&v)?, cache)?);
+                }
+                ops::concatenate(&outs, 0)?
+            }
+        };
+        self.o_proj.forward(&o.reshape(&[b, self.heads * self.head_dim])?)
     }
 }
 
@@ -148,6 +153,10 @@ thread_local! {
 }
 
 fn swiglu(gate: &Array, up: &Array) -> Result<Array> {
+    static EAGER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *EAGER.get_or_init(|| std::env::var_os("MLXD_EAGER_SWIGLU").is_some()) {
+        return Ok(ops::multiply(nn::silu(gate)?, up)?);
+    }
     SWIGLU.with(|cell| {
         let mut cell = cell.borrow_mut();
         let f = cell.get_or_insert_with(|| {
@@ -170,8 +179,8 @@ pub struct Block {
 }
 
 impl Block {
-    fn forward_rows(&self, x: &Array, caches: &mut [&mut LayerCache]) -> Result<Array> {
-        let h = ops::add(x, self.self_attn.forward_rows(&self.input_layernorm.forward(x)?, caches)?)?;
+    fn decode_rows(&self, x: &Array, caches: &mut [&mut LayerCache]) -> Result<Array> {
+        let h = ops::add(x, self.self_attn.decode_rows(&self.input_layernorm.forward(x)?, caches)?)?;
         Ok(ops::add(&h, self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
     }
 
@@ -269,21 +278,18 @@ impl Transformer {
     /// One decode step for several sequences: `tokens` is `[B]` (the last sampled id of each
     /// row, still on the device), `caches[i]` is row `i`'s cache. Returns logits `[B, V]`.
     pub fn forward_batch(&self, tokens: &Array, caches: &mut [&mut SequenceCache]) -> Result<Array> {
-        let b = caches.len() as i32;
         for c in caches.iter_mut() {
             if c.layers.len() != self.layers.len() {
                 **c = SequenceCache::new(self.layers.len());
             }
         }
-        let mut h = self.embed_tokens.rows(&tokens.reshape(&[b, 1])?)?;
+        let mut h = self.embed_tokens.rows(tokens)?;
         for (l, block) in self.layers.iter().enumerate() {
             let mut layer: Vec<&mut LayerCache> = caches.iter_mut().map(|c| &mut c.layers[l]).collect();
-            h = block.forward_rows(&h, &mut layer)?;
+            h = block.decode_rows(&h, &mut layer)?;
         }
         let h = self.norm.forward(&h)?;
-        let logits = self.head(&h)?;
-        let v = logits.shape()[2];
-        Ok(logits.reshape(&[b, v])?)
+        self.head(&h)
     }
 
     /// Logits for every position, `[B, T, V]` (tests, scoring).

@@ -6,6 +6,9 @@
 //!                   [--samplers greedy,full] [--no-mlx-lm] [--python python3] [--json out.json]
 //!                   [--dir /tmp/models] [--plugin NAME[:JSON-PARAMS]]... [--plugin-dir DIR]
 //! mlxd-bench engine --model /path/to/hf-dir ...
+//! mlxd-bench serve --shape qwen3-0.6b [--clients 1,2,4,8,16] [--prompt 64] [--gen 128]
+//!                                      concurrent WebSocket clients vs mlx_lm.server
+//! mlxd-bench graph --shape ...        primitives in one decode step
 //! ```
 //! `--shape` writes a random-weight checkpoint of a public architecture's shape (no download);
 //! the prompt-cache row times a repeated 2,000-token prompt cold and warm.
@@ -15,6 +18,8 @@
 //! (the plugin path's overhead). Plugins load from `--plugin-dir`, by default the directory of
 //! this executable, where `cargo build [--release] -p mlxd-plugin-passthrough -p mlxd-plugin-dry`
 //! puts them. mlx-lm has no counterpart, so plugin rows are mlxd only.
+
+mod serve_load;
 
 use anyhow::{bail, Context, Result};
 use mlx_rs::{random, Array, Dtype};
@@ -51,6 +56,9 @@ struct Args {
     gen: usize,
     repeats: usize,
     mlx_lm: bool,
+    graph: bool,
+    serve: bool,
+    clients: Vec<usize>,
     samplers: Vec<String>,
     /// `--plugin NAME[:JSON]`: name and params.
     plugins: Vec<(String, String)>,
@@ -69,6 +77,9 @@ fn parse_args() -> Result<Args> {
         gen: 256,
         repeats: 5,
         mlx_lm: true,
+        graph: false,
+        serve: false,
+        clients: vec![1, 2, 4, 8, 16],
         samplers: vec!["greedy".into()],
         plugins: Vec::new(),
         plugin_dir: None,
@@ -79,7 +90,9 @@ fn parse_args() -> Result<Args> {
     let mut it = std::env::args().skip(1);
     match it.next().as_deref() {
         Some("engine") => {}
-        _ => bail!("usage: mlxd-bench engine (--shape NAME | --model DIR) [options]; see the file header"),
+        Some("graph") => a.graph = true,
+        Some("serve") => a.serve = true,
+        _ => bail!("usage: mlxd-bench engine|serve|graph (--shape NAME | --model DIR) [options]; see the file header"),
     }
     while let Some(flag) = it.next() {
         let mut val = || it.next().with_context(|| format!("{flag} needs a value"));
@@ -94,6 +107,7 @@ fn parse_args() -> Result<Args> {
             "--json" => a.json = Some(val()?.into()),
             "--dir" => a.dir = val()?.into(),
             "--no-mlx-lm" => a.mlx_lm = false,
+            "--clients" => a.clients = val()?.split(',').map(|c| c.parse().context("--clients")).collect::<Result<_>>()?,
             "--samplers" => a.samplers = val()?.split(',').map(String::from).collect(),
             "--plugin" => {
                 let spec = val()?;
@@ -111,11 +125,31 @@ fn main() -> Result<()> {
     let args = parse_args()?;
     // Plugins resolve first: a missing one should not cost a model build to find out.
     let plugin_runs = plugin_variants(&args)?;
+    if std::env::var_os("MLXD_SAMPLER_EAGER").is_some() {
+        mlxd::sampling::set_compiled(false);
+    }
     let dir = match (&args.model, &args.shape) {
         (Some(m), _) => m.clone(),
         (None, Some(s)) => make_model(s, &args.dtype, &args.dir)?,
         (None, None) => bail!("give --model DIR or --shape NAME ({})", SHAPES.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")),
     };
+    if args.graph {
+        return print_step_graph(&dir);
+    }
+    if args.serve {
+        let summary = serve_load::run(serve_load::LoadArgs {
+            dir: &dir,
+            clients: args.clients.clone(),
+            prompt: args.prompt,
+            gen: args.gen,
+            mlx_lm: args.mlx_lm,
+            python: args.python.clone(),
+        })?;
+        if let Some(path) = &args.json {
+            std::fs::write(path, serde_json::to_string_pretty(&summary)?)?;
+        }
+        return Ok(());
+    }
     let report = mlxd::runtime::Report::gather();
     eprintln!("model {} | MLX {} {} | {}", dir.display(), report.mlx_version, report.backend, report.device_name.clone().unwrap_or_default());
 
@@ -128,24 +162,47 @@ fn main() -> Result<()> {
     // Same BLAS for both: the Python wheel's libmlx would otherwise use its reference BLAS.
     let preload = report.blas.strip_prefix("OpenBLAS (").and_then(|p| p.strip_suffix(')')).map(String::from);
 
-    let mut variants = serde_json::Map::new();
-    let mut runs: Vec<(String, SamplingParams)> =
+    // Variants run interleaved (A B A B ...), so slow drifts of clock or load hit all alike.
+    let mut variants_list: Vec<(String, SamplingParams)> =
         sampler_variants(&args.samplers)?.into_iter().map(|(n, s)| (n.to_string(), s)).collect();
-    runs.extend(plugin_runs);
-    for (name, sampler) in runs {
-        let plugin_row = !sampler.plugins.is_empty();
-        let req = GenerateRequest { prompt: prompt.clone(), max_tokens: args.gen, stop: vec![], sampler };
-        let mut ours = Vec::new();
-        for r in 0..=args.repeats {
+    variants_list.extend(plugin_runs);
+    let mut ours: Vec<Vec<Value>> = vec![Vec::new(); variants_list.len()];
+    let mut profiles = vec![mlxd::engine::StepProfile::default(); variants_list.len()];
+    for r in 0..=args.repeats {
+        for (k, (_, sampler)) in variants_list.iter().enumerate() {
+            let req = GenerateRequest { prompt: prompt.clone(), max_tokens: args.gen, stop: vec![], sampler: sampler.clone() };
+            engine.reset_profile();
             let _ = mlx_rs::memory::clear_cache();
             let _ = mlx_rs::memory::reset_peak_memory();
             let out = engine.generate(&req, |_| true)?;
             if r > 0 {
-                ours.push(run_json(&out, mlx_rs::memory::peak_memory().unwrap_or(0)));
+                ours[k].push(run_json(&out, mlx_rs::memory::peak_memory().unwrap_or(0)));
+                let p = engine.profile();
+                let acc = &mut profiles[k];
+                acc.steps += p.steps;
+                acc.build += p.build;
+                acc.wait += p.wait;
+                acc.graph += p.graph;
             }
         }
-        let theirs = if args.mlx_lm && !plugin_row { Some(run_mlx_lm(&args, &dir, preload.as_deref(), &name)?) } else { None };
-        variants.insert(name, json!({"mlxd": {"runs": ours}, "mlx_lm": theirs}));
+    }
+    let mut variants = serde_json::Map::new();
+    for (k, (name, sampler)) in variants_list.iter().enumerate() {
+        let profile = profiles[k];
+        let per_step = |d: Duration| d.as_secs_f64() * 1e3 / profile.steps.max(1) as f64;
+        eprintln!(
+            "mlxd {name}: host build {:.3} ms/step (model graph {:.3}, sampler + launch {:.3}), waiting for the device {:.3} ms/step",
+            per_step(profile.build),
+            per_step(profile.graph),
+            per_step(profile.build.saturating_sub(profile.graph)),
+            per_step(profile.wait)
+        );
+        let plugin_row = !sampler.plugins.is_empty();
+        let theirs = if args.mlx_lm && !plugin_row { Some(run_mlx_lm(&args, &dir, preload.as_deref(), name)?) } else { None };
+        variants.insert(
+            name.to_string(),
+            json!({"mlxd": {"runs": ours[k], "host_build_ms_per_step": per_step(profile.build), "device_wait_ms_per_step": per_step(profile.wait)}, "mlx_lm": theirs}),
+        );
     }
     let cache_row = prompt_cache_ttft(&mut engine, vocab)?;
     let summary = json!({
@@ -216,6 +273,46 @@ fn plugin_variants(args: &Args) -> Result<Vec<(String, SamplingParams)>> {
         .collect()
 }
 
+/// Prints the primitives of one single-sequence decode step (model + greedy sampler), counted by
+/// kind: on the GPU every primitive costs host time to launch, so this is the step's overhead.
+fn print_step_graph(dir: &Path) -> Result<()> {
+    let loaded = mlxd::models::load(dir)?;
+    let model = &loaded.model;
+    let mut cache = mlxd::cache::SequenceCache::new(model.num_layers());
+    let prompt = Array::from_slice(&[1i32, 2, 3, 4], &[1, 4]);
+    model.forward_last(&prompt, &mut cache)?.eval()?;
+    cache.eval()?;
+    let mut sampler = mlxd::sampling::SequenceSampler::new(&SamplingParams::default(), model.args.vocab as usize, &[1, 2, 3, 4])?;
+    let token = Array::from_slice(&[5u32], &[1]);
+    let logits = model.forward_batch(&token, &mut [&mut cache])?;
+    let sampled = mlxd::sampling::sample_batch(&logits, &mut [&mut sampler])?;
+    let path = std::ffi::CString::new("/tmp/mlxd-step-graph.txt")?;
+    let mode = std::ffi::CString::new("w")?;
+    // SAFETY: plain C stdio; the vector and namer are freed after use.
+    unsafe {
+        let f = libc::fopen(path.as_ptr(), mode.as_ptr());
+        let v = mlx_sys::mlx_vector_array_new_value(sampled.as_ptr());
+        let namer = mlx_sys::mlx_node_namer_new();
+        mlx_sys::mlx_print_graph(f as *mut _, namer, v);
+        mlx_sys::mlx_node_namer_free(namer);
+        mlx_sys::mlx_vector_array_free(v);
+        libc::fclose(f);
+    }
+    let text = std::fs::read_to_string("/tmp/mlxd-step-graph.txt")?;
+    let mut kinds: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        if let Some(kind) = line.split_whitespace().next().filter(|w| w.chars().next().is_some_and(|c| c.is_ascii_uppercase())) {
+            *kinds.entry(kind.to_string()).or_default() += 1;
+        }
+    }
+    let total: usize = kinds.values().sum();
+    println!("{total} primitives in one decode step:");
+    for (k, n) in kinds {
+        println!("{n:6} {k}");
+    }
+    Ok(())
+}
+
 fn run_json(o: &Outcome, peak: usize) -> Value {
     json!({
         "ttft_s": o.time_to_first_token.as_secs_f64(),
@@ -231,11 +328,15 @@ fn prompt_cache_ttft(engine: &mut Engine, vocab: u32) -> Result<Value> {
     let req = GenerateRequest { prompt: random_prompt(2000, vocab, 11), max_tokens: 2, stop: vec![], sampler: SamplingParams::default() };
     let mut cold = Vec::new();
     let mut warm = Vec::new();
+    let mut warm_start = Duration::ZERO;
     for _ in 0..3 {
         engine.clear_prompt_cache();
         cold.push(engine.generate(&req, |_| true)?.time_to_first_token);
+        engine.reset_profile();
         warm.push(engine.generate(&req, |_| true)?.time_to_first_token);
+        warm_start += engine.profile().start;
     }
+    eprintln!("prompt cache warm: {:.2} ms of host time in start() per request", warm_start.as_secs_f64() * 1e3 / 3.0);
     engine.set_prompt_cache_budget(0);
     let (c, w) = (median_d(&mut cold), median_d(&mut warm));
     Ok(json!({"prompt_tokens": 2000, "cold_ttft_s": c, "warm_ttft_s": w, "speedup": c / w.max(1e-9)}))
