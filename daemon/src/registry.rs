@@ -26,6 +26,9 @@ pub struct Registry {
     resident: Mutex<HashMap<String, Resident>>,
     /// One load at a time per model (and a cheap wait for whoever asks meanwhile).
     loading: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Model threads, joined at shutdown: a thread still releasing MLX state while the process
+    /// exits would race MLX's static destructors.
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     budget: u64,
 }
 
@@ -51,7 +54,7 @@ impl Registry {
             0 => (mlx_rs::memory::memory_limit().unwrap_or(8 << 30) as f64 * 0.9) as u64,
             mb => (mb as u64) << 20,
         };
-        Registry { config, resident: Mutex::new(HashMap::new()), loading: Mutex::new(HashMap::new()), budget }
+        Registry { config, resident: Mutex::new(HashMap::new()), loading: Mutex::new(HashMap::new()), threads: Mutex::default(), budget }
     }
 
     /// The memory budget in bytes.
@@ -108,9 +111,10 @@ impl Registry {
         })
         .await
         .map_err(|e| RegistryError::new(ErrorCode::Internal, format!("model loader crashed: {e}")))?;
-        let (handle, _join) = spawned
+        let (handle, join) = spawned
             .map_err(|e| RegistryError::new(ErrorCode::ModelLoadFailed, format!("model `{name}` ({}): {e}", path.display())))?;
         tracing::info!(model = name, ms = started.elapsed().as_millis() as u64, "model loaded");
+        self.threads.lock().expect("registry lock").push(join);
         let now = Instant::now();
         self.resident
             .lock()
@@ -196,9 +200,22 @@ impl Registry {
         self.resident.lock().expect("registry lock").iter().map(|(n, m)| (n.clone(), m.handle.clone())).collect()
     }
 
-    /// Drops every resident model.
+    /// Drops every resident model and waits for the model threads to finish. Call once no
+    /// connection holds a model handle any more (their channels must close for threads to end).
     pub fn unload_all(&self) {
         self.resident.lock().expect("registry lock").clear();
+        let threads = std::mem::take(&mut *self.threads.lock().expect("registry lock"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while threads.iter().any(|t| !t.is_finished()) {
+            if Instant::now() > deadline {
+                tracing::warn!("model threads still busy after 10 s; exiting anyway");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for t in threads {
+            let _ = t.join();
+        }
     }
 
     /// The `models` listing.

@@ -97,7 +97,9 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     server::run(listener, shared, shutdown_signal()).await;
     reloader.abort();
     preload.abort();
-    registry.unload_all();
+    let _ = preload.await;
+    // `shared` (and every connection's handle) is gone: the model threads can finish and join.
+    tokio::task::spawn_blocking(move || registry.unload_all()).await?;
     tracing::info!("stopped");
     Ok(())
 }
