@@ -89,7 +89,7 @@ fn argpartition_topk_argmax() {
     assert_eq!(top, vec![4.0, 5.0]);
 
     let am = argmax(&a, None).unwrap();
-    assert_eq!(am.item::<u32>(), 0);
+    assert_eq!(am.item_cast::<u32>(), 0);
 }
 
 #[test]
@@ -156,8 +156,8 @@ fn async_eval_on_a_dedicated_stream() {
     });
     async_eval([&a, &b]).unwrap();
     eval([&a, &b]).unwrap();
-    assert_eq!(a.item::<f32>(), 499_500.0);
-    assert_eq!(b.index(999).item::<f32>(), 998_001.0);
+    assert_eq!(a.item_cast::<f32>(), 499_500.0);
+    assert_eq!(b.index(999).item_cast::<f32>(), 998_001.0);
 }
 
 #[test]

@@ -12,6 +12,12 @@ use mlxd::models::{read_hf_config, weights, Transformer};
 use std::path::Path;
 use std::process::Command;
 
+/// 1e-4 in f32 on the CPU (the bound CI holds). MLX's CUDA backend computes f32 matmuls in
+/// TF32, whose 10-bit mantissa gives relative errors near 1e-3: on a GPU the bound is 3e-3.
+fn tolerance() -> f32 {
+    if mlx_rs::Device::default().to_string().contains("gpu") { 3e-3 } else { 1e-4 }
+}
+
 const TOKENS: [u32; 9] = [1, 5, 17, 96, 0, 42, 42, 7, 64];
 
 fn reference_logits(dir: &Path, tokens: &[u32]) -> Vec<f32> {
@@ -53,18 +59,18 @@ fn check(model_type: &str, quant: Option<i32>) {
     let all = model.forward_all(&ids(&TOKENS), &mut cache).unwrap();
     assert_eq!(all.shape(), &[1, TOKENS.len() as i32, vocab as i32]);
     let err = rel_err(&to_vec(&all), &want);
-    assert!(err <= 1e-4, "{model_type} quant={quant:?}: prefill rel err {err:e}");
+    assert!(err <= tolerance(), "{model_type} quant={quant:?}: prefill rel err {err:e}");
 
     // Incremental: a 4-token prefix, then one token at a time through the cache.
     let mut cache = SequenceCache::new(model.num_layers());
     let first = model.forward_all(&ids(&TOKENS[..4]), &mut cache).unwrap();
     let err = rel_err(&to_vec(&first), &want[..4 * vocab]);
-    assert!(err <= 1e-4, "{model_type}: prefix rel err {err:e}");
+    assert!(err <= tolerance(), "{model_type}: prefix rel err {err:e}");
     for (i, &t) in TOKENS.iter().enumerate().skip(4) {
         let step = model.forward_last(&ids(&[t]), &mut cache).unwrap();
         assert_eq!(cache.offset(), i as i32 + 1);
         let err = rel_err(&to_vec(&step), &want[i * vocab..(i + 1) * vocab]);
-        assert!(err <= 1e-4, "{model_type} quant={quant:?}: decode step {i} rel err {err:e}");
+        assert!(err <= tolerance(), "{model_type} quant={quant:?}: decode step {i} rel err {err:e}");
     }
 
     // Trimming the cache and re-feeding gives the same logits.
@@ -72,7 +78,7 @@ fn check(model_type: &str, quant: Option<i32>) {
     let again = model.forward_all(&ids(&TOKENS[TOKENS.len() - 2..]), &mut cache).unwrap();
     let last = again.try_index((.., 1, ..)).unwrap();
     let err = rel_err(&to_vec(&last), &want[(TOKENS.len() - 1) * vocab..]);
-    assert!(err <= 1e-4, "{model_type}: after trim rel err {err:e}");
+    assert!(err <= tolerance(), "{model_type}: after trim rel err {err:e}");
 }
 
 #[test]
@@ -176,7 +182,7 @@ fn batched_decode_step_equals_each_sequence_alone() {
     for (i, want) in alone.iter().enumerate() {
         let row = to_vec(&batched.try_index(i as i32).unwrap());
         let err = rel_err(&row, want);
-        assert!(err <= 1e-5, "row {i}: rel err {err:e}");
+        assert!(err <= tolerance() / 10.0, "row {i}: rel err {err:e}");
         assert_eq!(caches[i].offset(), prefixes[i].len() as i32 + 1);
     }
 }
