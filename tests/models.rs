@@ -182,7 +182,10 @@ fn batched_decode_step_equals_each_sequence_alone() {
     for (i, want) in alone.iter().enumerate() {
         let row = to_vec(&batched.try_index(i as i32).unwrap());
         let err = rel_err(&row, want);
-        assert!(err <= tolerance() / 10.0, "row {i}: rel err {err:e}");
+        // A batch runs [B, D] matmuls where the solo row ran [1, D]: on the CPU the sums agree to
+        // 1e-5; with TF32 on a GPU the two kernel shapes differ by up to ~5e-4 (H100, measured).
+        let bound = if tolerance() > 1e-3 { tolerance() } else { 1e-5 };
+        assert!(err <= bound, "row {i}: rel err {err:e}");
         assert_eq!(caches[i].offset(), prefixes[i].len() as i32 + 1);
     }
 }
