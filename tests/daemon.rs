@@ -2,85 +2,21 @@
 //! over raw WebSocket: authentication, origins, streaming, multiplexing, cancellation,
 //! disconnects, malformed input, limits, batching fidelity, metrics and SIGTERM.
 
-use futures_util::{SinkExt, StreamExt};
+mod common;
+
+use common::daemon::{connect_with as connect_raw, recv, send, start, Daemon, Ws};
+use futures_util::SinkExt;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-struct Daemon {
-    child: Child,
-    addr: String,
-    token: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(extra: &str) -> Daemon {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let config = dir.path().join("config.toml");
-    let mut text = format!("[server]\nlisten = \"127.0.0.1:0\"\nstate_dir = {:?}\n", state.display().to_string());
-    text.push_str(extra);
-    std::fs::write(&config, text).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mlxd"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("MLXD_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("mlxd starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("mlxd listening on ws://").unwrap_or_else(|| panic!("first line: {line:?}")).to_string();
-    let token = std::fs::read_to_string(state.join("token")).unwrap().trim().to_string();
-    Daemon { child, addr, token, _dir: dir }
-}
 
 async fn connect_with(d: &Daemon, token: Option<&str>, origin: Option<&str>) -> Result<Ws, WsError> {
-    let mut req = format!("ws://{}/", d.addr).into_client_request().unwrap();
-    if let Some(t) = token {
-        req.headers_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
-    }
-    if let Some(o) = origin {
-        req.headers_mut().insert("origin", o.parse().unwrap());
-    }
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
-    let hello = recv(&mut ws).await;
-    assert_eq!(hello["type"], "hello");
-    assert_eq!(hello["protocol"], 1);
-    Ok(ws)
+    connect_raw(d, token, origin).await.map(|(ws, _)| ws)
 }
 
 async fn connect(d: &Daemon) -> Ws {
     connect_with(d, Some(&d.token), None).await.expect("connects with the token")
-}
-
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::text(v.to_string())).await.unwrap();
-}
-
-async fn recv(ws: &mut Ws) -> Value {
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(120), ws.next()).await.expect("an event within 120 s");
-        match m.expect("stream open").expect("frame") {
-            Message::Text(t) => return serde_json::from_str(t.as_str()).unwrap(),
-            Message::Close(_) => return json!({"type": "closed"}),
-            _ => continue,
-        }
-    }
 }
 
 /// Collects one request's events until its `done` or `error`.
@@ -149,7 +85,7 @@ async fn token_and_origin_are_enforced() {
     connect(&d).await;
     // The token file is private.
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(d._dir.path().join("state/token")).unwrap().permissions().mode() & 0o777;
+    let mode = std::fs::metadata(d.dir.path().join("state/token")).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
 }
 

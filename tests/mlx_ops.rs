@@ -2,6 +2,9 @@
 //! Rust loops. They run on whatever device MLX defaults to: the CPU in CI, the GPU where
 //! `LD_LIBRARY_PATH` selects MLX's CUDA library (docs/platforms.md records such a run).
 
+mod common;
+
+use common::pseudo;
 use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
 use mlx_rs::ops::indexing::{argmax, take_along_axis, topk, IndexOp};
 use mlx_rs::ops::{self, argpartition, cumsum, dequantize, matmul, quantize, quantized_matmul, softmax_axis};
@@ -19,19 +22,6 @@ fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
         let err = (g - w).abs() / w.abs().max(1.0);
         assert!(err <= tol, "{what}[{i}]: got {g}, want {w} (rel err {err:e} > {tol:e})");
     }
-}
-
-/// A deterministic pseudo-random sequence in [-1, 1), so tests need no RNG crate.
-fn pseudo(n: usize, seed: u32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-        })
-        .collect()
 }
 
 /// MLX's CUDA backend runs f32 matmuls in TF32 (10-bit mantissa): relative errors near 1e-3

@@ -9,7 +9,9 @@
 //! cargo build their cdylibs (and, through their build scripts, the C plugin and C fixtures)
 //! before this file runs.
 
-use futures_util::{SinkExt, StreamExt};
+mod common;
+
+use common::daemon::{recv, send, Daemon, Ws};
 use mlx_rs::Array;
 use mlxd::plugins::{Kind, PluginRegistry, PluginRequest};
 use mlxd::sampling::{read_ids, sample_batch, sample_batch_inspect, thread_host_read_stats, SamplingParams, SequenceSampler};
@@ -538,68 +540,14 @@ fn engine_batches_survive_a_failing_plugin_and_read_only_ids() {
 // ---------------------------------------------------------------------------------------------
 // The real daemon over WebSocket.
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-struct Daemon {
-    child: std::process::Child,
-    addr: String,
-    token: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn start_daemon(plugins: &Path) -> Daemon {
-    use std::io::BufRead;
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let config = dir.path().join("config.toml");
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nstate_dir = {:?}\n[plugins]\ndirs = [{:?}]\n",
-        state.display().to_string(),
-        plugins.display().to_string()
-    );
-    std::fs::write(&config, text).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mlxd"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("MLXD_LOG", "error")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("mlxd starts");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("mlxd listening on ws://").unwrap_or_else(|| panic!("first line: {line:?}")).to_string();
-    let token = std::fs::read_to_string(state.join("token")).unwrap().trim().to_string();
-    Daemon { child, addr, token, _dir: dir }
+    common::daemon::start(&format!("[plugins]\ndirs = [{:?}]\n", plugins.display().to_string()))
 }
 
 async fn connect(d: &Daemon) -> Ws {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let mut req = format!("ws://{}/", d.addr).into_client_request().unwrap();
-    req.headers_mut().insert("authorization", format!("Bearer {}", d.token).parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("connects");
-    let hello = recv(&mut ws).await;
+    let (ws, hello) = common::daemon::connect_with(d, Some(&d.token), None).await.expect("connects");
     assert_eq!(hello["capabilities"]["plugins"], true, "{hello}");
     ws
-}
-
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(tokio_tungstenite::tungstenite::Message::text(v.to_string())).await.unwrap();
-}
-
-async fn recv(ws: &mut Ws) -> Value {
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(120), ws.next()).await.expect("an event within 120 s");
-        if let tokio_tungstenite::tungstenite::Message::Text(t) = m.expect("open").expect("frame") {
-            return serde_json::from_str(t.as_str()).unwrap();
-        }
-    }
 }
 
 /// Every request's final event (`done` or `error`) and token count, by id.

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: deterministic numbers and tiny random checkpoints.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use mlx_rs::{Array, Dtype};
 use serde_json::{json, Value};
 use std::collections::HashMap;

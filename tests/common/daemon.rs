@@ -1,0 +1,86 @@
+//! The real daemon binary for integration tests: started on port 0 with a private state
+//! directory and the default model, and a raw WebSocket client for it.
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+/// A client connection.
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A running `mlxd serve`; killed when dropped.
+pub struct Daemon {
+    /// The process.
+    pub child: Child,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    /// The bearer token it created.
+    pub token: String,
+    /// Holds config and state; removed when dropped.
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the daemon; `extra` is appended to a config whose `[server]` table is open.
+pub fn start(extra: &str) -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let config = dir.path().join("config.toml");
+    let text = format!("[server]\nlisten = \"127.0.0.1:0\"\nstate_dir = {:?}\n{extra}", state.display().to_string());
+    std::fs::write(&config, text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mlxd"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("MLXD_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("mlxd starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("mlxd listening on ws://").unwrap_or_else(|| panic!("first line: {line:?}")).to_string();
+    let token = std::fs::read_to_string(state.join("token")).unwrap().trim().to_string();
+    Daemon { child, addr, token, dir }
+}
+
+/// Connects with an optional token and `Origin`; returns the socket and the daemon's hello.
+pub async fn connect_with(d: &Daemon, token: Option<&str>, origin: Option<&str>) -> Result<(Ws, Value), WsError> {
+    let mut req = format!("ws://{}/", d.addr).into_client_request().unwrap();
+    if let Some(t) = token {
+        req.headers_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    if let Some(o) = origin {
+        req.headers_mut().insert("origin", o.parse().unwrap());
+    }
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
+    let hello = recv(&mut ws).await;
+    assert_eq!(hello["type"], "hello", "{hello}");
+    assert_eq!(hello["protocol"], 1, "{hello}");
+    Ok((ws, hello))
+}
+
+/// Sends one JSON message.
+pub async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::text(v.to_string())).await.unwrap();
+}
+
+/// The next JSON message (`{"type":"closed"}` once the server closed the socket).
+pub async fn recv(ws: &mut Ws) -> Value {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(120), ws.next()).await.expect("an event within 120 s");
+        match m.expect("stream open").expect("frame") {
+            Message::Text(t) => return serde_json::from_str(t.as_str()).unwrap(),
+            Message::Close(_) => return serde_json::json!({"type": "closed"}),
+            _ => continue,
+        }
+    }
+}
