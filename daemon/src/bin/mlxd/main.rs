@@ -91,7 +91,8 @@ fn preflight(bin_dir: &Path) -> Result<(), String> {
 fn hint(why: &str) -> &'static str {
     if ["libcuda", "libcudart", "libcublas", "libcudnn", "libnccl", "libnvrtc"].iter().any(|n| why.contains(n)) {
         "This is MLX's CUDA build: install the NVIDIA driver and the CUDA 13 runtime libraries \
-         (cuBLAS, cuDNN, NVRTC), or use the CPU build (unset LD_LIBRARY_PATH)."
+         (cuBLAS, cuDNN, NVRTC, NCCL), or use MLX's CPU build: unset LD_LIBRARY_PATH if it points at \
+         the CUDA library, or rebuild with MLXD_MLX_BACKEND=cpu."
     } else if why.contains("blas") || why.contains("lapack") || why.contains("gfortran") {
         "A BLAS library it was wired to is gone: install OpenBLAS (apt-get install libopenblas0) \
          or rebuild with MLXD_BLAS=bundled."
