@@ -328,6 +328,8 @@ impl Worker {
             }
             if a.row.finished().is_some() {
                 let Active { job, row, failed } = self.active.swap_remove(i);
+                // Counters first: a client that asks for `status` right after `done` sees it ended.
+                self.stats.running.store(self.active.len(), Ordering::SeqCst);
                 let outcome = self.engine.finish(row);
                 if failed {
                     continue;
