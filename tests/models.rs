@@ -189,3 +189,42 @@ fn batched_decode_step_equals_each_sequence_alone() {
         assert_eq!(caches[i].offset(), prefixes[i].len() as i32 + 1);
     }
 }
+
+#[test]
+fn stacked_batch_decodes_like_each_sequence_alone() {
+    for model_type in ["qwen3", "llama"] {
+        let tmp = tempfile::tempdir().unwrap();
+        write_checkpoint(tmp.path(), &tiny_config(model_type), None);
+        let model = load(tmp.path());
+        let prefixes: [&[u32]; 3] = [&[1, 2, 3], &[9, 8, 7, 6, 5, 4], &[42]];
+        let mut solo = Vec::new();
+        let mut rows = Vec::new();
+        for p in prefixes {
+            let mut c = SequenceCache::new(model.num_layers());
+            model.forward_all(&ids(p), &mut c).unwrap();
+            solo.push(c.clone());
+            rows.push(c);
+        }
+        let refs: Vec<&SequenceCache> = rows.iter().collect();
+        let mut batch = mlxd::cache::BatchCache::build(vec![10, 11, 12], &refs).unwrap();
+        let steps = [[11u32, 22, 33], [5, 6, 7], [90, 91, 92], [1, 1, 1]];
+        for (s, tokens) in steps.iter().enumerate() {
+            let out = model.forward_batched(&Array::from_slice(&tokens.map(|t| t as i32), &[3]), &mut batch).unwrap();
+            for (i, &t) in tokens.iter().enumerate() {
+                let want = to_vec(&model.forward_last(&ids(&[t]), &mut solo[i]).unwrap());
+                let got = to_vec(&out.try_index(i as i32).unwrap());
+                let err = rel_err(&got, &want);
+                assert!(err <= tolerance(), "{model_type} step {s} row {i}: rel err {err:e}");
+            }
+        }
+        // Split back: each sequence continues alone exactly where it was.
+        let split = batch.split().unwrap();
+        assert_eq!(split.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![10, 11, 12]);
+        for (i, (_, mut c)) in split.into_iter().enumerate() {
+            assert_eq!(c.offset(), solo[i].offset(), "{model_type} row {i}");
+            let got = to_vec(&model.forward_last(&ids(&[7]), &mut c).unwrap());
+            let want = to_vec(&model.forward_last(&ids(&[7]), &mut solo[i]).unwrap());
+            assert!(rel_err(&got, &want) <= tolerance(), "{model_type} row {i} after split");
+        }
+    }
+}

@@ -159,3 +159,104 @@ impl SequenceCache {
         Ok(SequenceCache { layers: self.layers.iter().map(|l| l.prefix_copy(len)).collect::<Result<_, _>>()? })
     }
 }
+
+/// The caches of several sequences decoded together, stacked into one `[B, kv_heads, cap,
+/// head_dim]` array per layer so that a batched step's attention is one set of operations
+/// whatever `B` is.
+///
+/// Rows are left-padded to a common length: every row's next position is the same column
+/// `cur`, one SliceUpdate writes all rows, and a mask hides each row's padding. Per-row RoPE
+/// offsets are `cur - pad[i]`. The stack is built when the set of sequences changes and split
+/// back into per-sequence caches when it changes again, so joins and leaves cost one copy each
+/// while steady decoding costs nothing extra.
+#[derive(Debug)]
+pub struct BatchCache {
+    /// Ids of the member sequences, in row order.
+    pub members: Vec<u64>,
+    keys: Vec<Array>,
+    values: Vec<Array>,
+    pad: Vec<i32>,
+    cur: i32,
+}
+
+impl BatchCache {
+    /// Stacks `rows` (each with at least one cached position).
+    pub fn build(members: Vec<u64>, rows: &[&SequenceCache]) -> Result<Self, mlx_rs::error::Exception> {
+        let lens: Vec<i32> = rows.iter().map(|r| r.offset()).collect();
+        let cur = lens.iter().copied().max().unwrap_or(0);
+        let pad: Vec<i32> = lens.iter().map(|l| cur - l).collect();
+        let cap = (cur / STEP + 1) * STEP;
+        let layers = rows.first().map_or(0, |r| r.layers.len());
+        let mut keys = Vec::with_capacity(layers);
+        let mut values = Vec::with_capacity(layers);
+        for l in 0..layers {
+            let stack = |pick: &dyn Fn(&LayerCache) -> &Option<Array>| -> Result<Array, mlx_rs::error::Exception> {
+                let mut parts = Vec::with_capacity(rows.len());
+                for (r, row) in rows.iter().enumerate() {
+                    let a = pick(&row.layers[l]).as_ref().expect("a row in a batch has cached positions");
+                    let a = a.try_index((.., .., ..lens[r], ..))?;
+                    let (h, d) = (a.shape()[1], a.shape()[3]);
+                    let left = ops::zeros_dtype(&[1, h, pad[r], d], a.dtype())?;
+                    let right = ops::zeros_dtype(&[1, h, cap - cur, d], a.dtype())?;
+                    parts.push(ops::concatenate(&[left, a, right], 2)?);
+                }
+                ops::concatenate(&parts, 0)
+            };
+            keys.push(stack(&|c: &LayerCache| &c.keys)?);
+            values.push(stack(&|c: &LayerCache| &c.values)?);
+        }
+        Ok(BatchCache { members, keys, values, pad, cur })
+    }
+
+    /// Positions already cached per row (RoPE offsets of this step's tokens), `[B]` int32.
+    pub fn offsets(&self) -> Array {
+        let v: Vec<i32> = self.pad.iter().map(|p| self.cur - p).collect();
+        Array::from_slice(&v, &[v.len() as i32])
+    }
+
+    /// Which of the `cur + 1` columns each row may attend to, `[B, 1, 1, cur + 1]` bool.
+    pub fn mask(&self) -> Result<Array, mlx_rs::error::Exception> {
+        let b = self.pad.len() as i32;
+        let cols = ops::arange::<_, i32>(None, self.cur + 1, None)?.reshape(&[1, 1, 1, self.cur + 1])?;
+        let pad = Array::from_slice(&self.pad, &[b, 1, 1, 1]);
+        ops::ge(&cols, &pad)
+    }
+
+    /// Writes this step's keys and values (`[B, kv_heads, 1, head_dim]`) of `layer` at column
+    /// `cur` and returns the filled columns.
+    pub fn update_and_fetch(&mut self, layer: usize, k: &Array, v: &Array) -> Result<(Array, Array), mlx_rs::error::Exception> {
+        let cap = self.keys[layer].shape()[2];
+        if self.cur + 1 > cap {
+            let grow = |a: &Array| -> Result<Array, mlx_rs::error::Exception> {
+                let s = a.shape();
+                ops::concatenate(&[a.clone(), ops::zeros_dtype(&[s[0], s[1], STEP, s[3]], a.dtype())?], 2)
+            };
+            self.keys[layer] = grow(&self.keys[layer])?;
+            self.values[layer] = grow(&self.values[layer])?;
+        }
+        self.keys[layer] = write_positions(&self.keys[layer], k, self.cur)?;
+        self.values[layer] = write_positions(&self.values[layer], v, self.cur)?;
+        let n = self.cur + 1;
+        Ok((self.keys[layer].try_index((.., .., ..n, ..))?, self.values[layer].try_index((.., .., ..n, ..))?))
+    }
+
+    /// Moves to the next column, once every layer has written this step.
+    pub fn advance(&mut self) {
+        self.cur += 1;
+    }
+
+    /// Gives each member its own cache back (views of the stacked arrays, no copy).
+    pub fn split(self) -> Result<Vec<(u64, SequenceCache)>, mlx_rs::error::Exception> {
+        let mut out = Vec::with_capacity(self.members.len());
+        for (i, id) in self.members.iter().enumerate() {
+            let (r, pad) = (i as i32, self.pad[i]);
+            let mut layers = Vec::with_capacity(self.keys.len());
+            for l in 0..self.keys.len() {
+                let take = |a: &Array| a.try_index((r..r + 1, .., pad..self.cur, ..));
+                layers.push(LayerCache { keys: Some(take(&self.keys[l])?), values: Some(take(&self.values[l])?), offset: self.cur - pad });
+            }
+            out.push((*id, SequenceCache { layers }));
+        }
+        Ok(out)
+    }
+}

@@ -11,7 +11,7 @@ pub mod prompt_cache;
 pub mod stop;
 pub mod worker;
 
-use crate::cache::SequenceCache;
+use crate::cache::{BatchCache, SequenceCache};
 use crate::models::{LoadedModel, ModelError};
 use crate::sampling::{read_ids, read_logprobs, sample_batch_with_logprobs, SamplingError, SamplingParams, SequenceSampler};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
@@ -127,7 +127,10 @@ struct Pending {
 
 /// One sequence in flight: its cache, sampler state and the text produced so far.
 pub struct Row {
+    /// Identity within the engine (membership of the stacked batch).
+    id: u64,
     req: GenerateRequest,
+    /// Empty while the sequence's cache lives in the engine's stacked batch.
     cache: SequenceCache,
     sampler: SequenceSampler,
     decoder: StreamDecoder<Arc<Tokenizer>>,
@@ -183,6 +186,11 @@ pub struct Engine {
     host_reads: u64,
     steps: u64,
     profile: StepProfile,
+    next_row: u64,
+    /// The caches of the sequences decoding together, stacked (see [`BatchCache`]).
+    batch: Option<BatchCache>,
+    /// Caches handed back by a split batch, until their rows step or finish again.
+    returned: std::collections::HashMap<u64, SequenceCache>,
 }
 
 /// Where a decode step's time goes, summed over steps: building the next step's graph on the
@@ -209,7 +217,18 @@ impl Engine {
     /// Takes ownership of a loaded model. Call on the thread that will run it.
     pub fn new(model: LoadedModel, options: EngineOptions) -> Self {
         let prompt_cache = PromptCache::new(options.prompt_cache_bytes);
-        Engine { model, options, prompt_cache, stream: Stream::new(), host_reads: 0, steps: 0, profile: StepProfile::default() }
+        Engine {
+            model,
+            options,
+            prompt_cache,
+            stream: Stream::new(),
+            host_reads: 0,
+            steps: 0,
+            profile: StepProfile::default(),
+            next_row: 0,
+            batch: None,
+            returned: std::collections::HashMap::new(),
+        }
     }
 
     /// Number of host reads of sampled ids so far (one per decode step, for the whole batch).
@@ -305,7 +324,9 @@ impl Engine {
             None => None,
         };
         let stops = StopMatcher::new(&req.stop);
+        self.next_row += 1;
         Ok(Row {
+            id: self.next_row,
             decoder: StreamDecoder::new(self.model.tokenizer.clone()),
             stops,
             cache,
@@ -341,6 +362,9 @@ impl Engine {
         on_token: &mut dyn FnMut(usize, &TokenEvent) -> bool,
     ) -> Result<(), ModelError> {
         let step_started = Instant::now();
+        for row in rows.iter_mut() {
+            self.reclaim(row);
+        }
         let live: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].finished.is_none() && rows[i].pending.is_some()).collect();
         if live.is_empty() {
             return Ok(());
@@ -353,15 +377,31 @@ impl Engine {
             let inputs: Vec<Array> =
                 going_on.iter().map(|&i| rows[i].pending.as_ref().expect("live rows have a token").token.clone()).collect();
             let tokens = stack(inputs)?;
-            let model = &self.model.model;
             let want_logprobs = going_on.iter().any(|&i| rows[i].req.sampler.logprobs.unwrap_or(0) > 0);
-            let (mut caches, mut samplers): (Vec<&mut SequenceCache>, Vec<&mut SequenceSampler>) = rows
-                .iter_mut()
-                .enumerate()
-                .filter(|(i, _)| going_on.contains(i))
-                .map(|(_, r)| (&mut r.cache, &mut r.sampler))
-                .unzip();
-            let logits = model.forward_batch(&tokens, &mut caches)?;
+            let logits = if going_on.len() == 1 {
+                self.unstack()?;
+                let row = &mut *rows[going_on[0]];
+                self.reclaim(row);
+                self.model.model.forward_batch(&tokens, &mut [&mut row.cache])?
+            } else {
+                let members: Vec<u64> = going_on.iter().map(|&i| rows[i].id).collect();
+                if self.batch.as_ref().is_none_or(|b| b.members != members) {
+                    // The set of sequences changed: hand every cache back, stack the new set.
+                    self.unstack()?;
+                    for &i in &going_on {
+                        self.reclaim(rows[i]);
+                    }
+                    let caches: Vec<&SequenceCache> = going_on.iter().map(|&i| &rows[i].cache).collect();
+                    let batch = BatchCache::build(members, &caches)?;
+                    for &i in &going_on {
+                        rows[i].cache = SequenceCache::default();
+                    }
+                    self.batch = Some(batch);
+                }
+                self.model.model.forward_batched(&tokens, self.batch.as_mut().expect("stacked above"))?
+            };
+            let mut samplers: Vec<&mut SequenceSampler> =
+                rows.iter_mut().enumerate().filter(|(i, _)| going_on.contains(i)).map(|(_, r)| &mut r.sampler).collect();
             let graph_started = Instant::now();
             let sampled = sample(&logits, &mut samplers, want_logprobs)?;
             self.profile.graph += graph_started - step_started;
@@ -449,8 +489,33 @@ impl Engine {
         Ok(Some(TokenEvent { id, text: shown, logprobs }))
     }
 
+    /// Splits the stacked batch back into per-sequence caches, kept until their rows return.
+    fn unstack(&mut self) -> Result<(), ModelError> {
+        if let Some(batch) = self.batch.take() {
+            for (id, cache) in batch.split()? {
+                self.returned.insert(id, cache);
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives a row back its own cache if a split batch holds it.
+    fn reclaim(&mut self, row: &mut Row) {
+        if let Some(cache) = self.returned.remove(&row.id) {
+            row.cache = cache;
+        }
+    }
+
     /// Ends a row: its KV state goes to the prompt cache, its summary to the caller.
-    pub fn finish(&mut self, row: Row) -> Outcome {
+    pub fn finish(&mut self, mut row: Row) -> Outcome {
+        if self.batch.as_ref().is_some_and(|b| b.members.contains(&row.id)) {
+            // Keep the others stacked only if they still form the next batch: simplest is to
+            // split now; the next step restacks whoever goes on.
+            if let Err(e) = self.unstack() {
+                tracing::warn!(error = %e, "splitting the batch failed; the finished sequence's KV state is dropped");
+            }
+        }
+        self.reclaim(&mut row);
         let first = row.first_token_at.unwrap_or_else(Instant::now);
         let outcome = Outcome {
             finish: row.finished.unwrap_or(FinishReason::Cancelled),

@@ -208,6 +208,39 @@ impl Rope {
     }
 }
 
+impl Rope {
+    /// Rotates `x` (`[B, heads, 1, head_dim]`) with a different position per row: `offsets` is
+    /// `[B]` int32 (a batch of sequences of different lengths decoding together).
+    pub fn forward_dynamic(&self, x: &Array, offsets: &Array) -> Result<Array> {
+        let base = mlx_sys::mlx_optional_float { value: self.base, has_value: self.periods.is_none() };
+        let stream = mlx_rs::Stream::thread_local_or_default();
+        // SAFETY: `res` is owned by the returned Array or freed; an empty array stands for "no
+        // frequencies", as mlx-c documents.
+        unsafe {
+            let none = mlx_sys::mlx_array_new();
+            let freqs = self.periods.as_ref().map_or(none, |p| p.as_ptr());
+            let mut res = mlx_sys::mlx_array_new();
+            let rc = mlx_sys::mlx_fast_rope_dynamic(
+                &mut res,
+                x.as_ptr(),
+                self.dims,
+                false,
+                base,
+                self.scale,
+                offsets.as_ptr(),
+                freqs,
+                stream.as_ptr(),
+            );
+            mlx_sys::mlx_array_free(none);
+            if rc != 0 {
+                mlx_sys::mlx_array_free(res);
+                return Err(ModelError::Config(format!("RoPE with per-row offsets failed for {:?}", x.shape())));
+            }
+            Ok(Array::from_ptr(res))
+        }
+    }
+}
+
 /// The last position of `[B, T, D]`, kept as `[B, 1, D]`.
 pub fn last_position(h: &Array) -> Result<Array> {
     let t = h.shape()[1];

@@ -7,7 +7,7 @@ use super::config::{ModelArgs, RopeScaling};
 use super::layers::{last_position, Linear, Matrix, Rope, RmsNorm};
 use super::weights::Weights;
 use super::ModelError;
-use crate::cache::{LayerCache, SequenceCache};
+use crate::cache::{BatchCache, LayerCache, SequenceCache};
 use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
 use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::{nn, ops, Array};
@@ -121,6 +121,27 @@ impl Attention {
     }
 }
 
+impl Attention {
+    /// One decode step for a stacked batch ([`BatchCache`]): the same operations whatever the
+    /// batch size, with per-row RoPE offsets and a mask over each row's left padding.
+    fn decode_batched(&self, x: &Array, batch: &mut BatchCache, layer: usize, offsets: &Array, mask: &Array) -> Result<Array> {
+        let b = x.shape()[0];
+        let heads = |y: Array, n: i32, norm: &Option<RmsNorm>| -> Result<Array> {
+            let y = y.reshape(&[b, n, 1, self.head_dim])?;
+            match norm {
+                Some(norm) => norm.forward(&y),
+                None => Ok(y),
+            }
+        };
+        let q = self.rope.forward_dynamic(&heads(self.q_proj.forward(x)?, self.heads, &self.q_norm)?, offsets)?;
+        let k = self.rope.forward_dynamic(&heads(self.k_proj.forward(x)?, self.kv_heads, &self.k_norm)?, offsets)?;
+        let v = heads(self.v_proj.forward(x)?, self.kv_heads, &None)?;
+        let (k, v) = batch.update_and_fetch(layer, &k, &v)?;
+        let o = fast::scaled_dot_product_attention(&q, &k, &v, self.scale, ScaledDotProductAttentionMask::Array(mask), None)?;
+        self.o_proj.forward(&o.reshape(&[b, self.heads * self.head_dim])?)
+    }
+}
+
 /// SwiGLU feed-forward.
 #[derive(Debug)]
 pub struct Mlp {
@@ -179,6 +200,12 @@ pub struct Block {
 }
 
 impl Block {
+    fn decode_batched(&self, x: &Array, batch: &mut BatchCache, layer: usize, offsets: &Array, mask: &Array) -> Result<Array> {
+        let a = self.self_attn.decode_batched(&self.input_layernorm.forward(x)?, batch, layer, offsets, mask)?;
+        let h = ops::add(x, a)?;
+        Ok(ops::add(&h, self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
+    }
+
     fn decode_rows(&self, x: &Array, caches: &mut [&mut LayerCache]) -> Result<Array> {
         let h = ops::add(x, self.self_attn.decode_rows(&self.input_layernorm.forward(x)?, caches)?)?;
         Ok(ops::add(&h, self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
@@ -288,6 +315,20 @@ impl Transformer {
             let mut layer: Vec<&mut LayerCache> = caches.iter_mut().map(|c| &mut c.layers[l]).collect();
             h = block.decode_rows(&h, &mut layer)?;
         }
+        let h = self.norm.forward(&h)?;
+        self.head(&h)
+    }
+
+    /// One decode step for a stacked batch of sequences: `tokens` is `[B]`, in the batch's row
+    /// order. Returns logits `[B, V]` and moves the batch to its next column.
+    pub fn forward_batched(&self, tokens: &Array, batch: &mut BatchCache) -> Result<Array> {
+        let offsets = batch.offsets();
+        let mask = batch.mask()?;
+        let mut h = self.embed_tokens.rows(tokens)?;
+        for (l, block) in self.layers.iter().enumerate() {
+            h = block.decode_batched(&h, batch, l, &offsets, &mask)?;
+        }
+        batch.advance();
         let h = self.norm.forward(&h)?;
         self.head(&h)
     }
