@@ -193,7 +193,9 @@ impl BatchCache {
             let stack = |pick: &dyn Fn(&LayerCache) -> &Option<Array>| -> Result<Array, mlx_rs::error::Exception> {
                 let mut parts = Vec::with_capacity(rows.len());
                 for (r, row) in rows.iter().enumerate() {
-                    let a = pick(&row.layers[l]).as_ref().expect("a row in a batch has cached positions");
+                    let a = pick(&row.layers[l]).as_ref().ok_or_else(|| {
+                        mlx_rs::error::Exception::custom("a sequence joins a batch only after its prompt is cached")
+                    })?;
                     let a = a.try_index((.., .., ..lens[r], ..))?;
                     let (h, d) = (a.shape()[1], a.shape()[3]);
                     let left = ops::zeros_dtype(&[1, h, pad[r], d], a.dtype())?;

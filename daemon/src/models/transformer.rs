@@ -9,7 +9,6 @@ use super::weights::Weights;
 use super::ModelError;
 use crate::cache::{BatchCache, LayerCache, SequenceCache};
 use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
-use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::{nn, ops, Array};
 
 type Result<T> = std::result::Result<T, ModelError>;
@@ -81,12 +80,10 @@ impl Attention {
 }
 
 impl Attention {
-    /// One decode step for `B` sequences at once. `x` is `[B, D]`: with one position per
-    /// sequence the hidden state stays two-dimensional, so the projections are plain 2-D matmuls
-    /// and heads are a reshape away (`[B, heads, 1, head_dim]`), with no transposes. Projections
-    /// run batched (that is where the weights are read); RoPE, cache and attention run per row,
-    /// since each sequence has its own length.
-    fn decode_rows(&self, x: &Array, caches: &mut [&mut LayerCache]) -> Result<Array> {
+    /// q, k, v of a decode step (`x`: `[B, D]`, one position per sequence) as
+    /// `[B, heads, 1, head_dim]`: with one position the hidden state stays two-dimensional, so
+    /// the projections are plain 2-D matmuls and heads are a reshape away, with no transposes.
+    fn project_heads(&self, x: &Array) -> Result<(Array, Array, Array)> {
         let b = x.shape()[0];
         let heads = |y: Array, n: i32, norm: &Option<RmsNorm>| -> Result<Array> {
             let y = y.reshape(&[b, n, 1, self.head_dim])?;
@@ -98,47 +95,29 @@ impl Attention {
         let q = heads(self.q_proj.forward(x)?, self.heads, &self.q_norm)?;
         let k = heads(self.k_proj.forward(x)?, self.kv_heads, &self.k_norm)?;
         let v = heads(self.v_proj.forward(x)?, self.kv_heads, &None)?;
-        let attend = |q: &Array, k: &Array, v: &Array, cache: &mut LayerCache| -> Result<Array> {
-            let offset = cache.offset();
-            let q = self.rope.forward(q, offset)?;
-            let k = self.rope.forward(k, offset)?;
-            let (k, v) = cache.update_and_fetch(&k, v)?;
-            Ok(fast::scaled_dot_product_attention(&q, &k, &v, self.scale, None, None)?)
-        };
-        let o = match caches {
-            [only] => attend(&q, &k, &v, only)?,
-            _ => {
-                let mut outs = Vec::with_capacity(caches.len());
-                for (i, cache) in caches.iter_mut().enumerate() {
-                    let i = i as i32;
-                    let row = |a: &Array| a.try_index(i..i + 1);
-                    outs.push(attend(&row(&q)?, &row(&k)?, &row(&v)?, cache)?);
-                }
-                ops::concatenate(&outs, 0)?
-            }
-        };
-        self.o_proj.forward(&o.reshape(&[b, self.heads * self.head_dim])?)
+        Ok((q, k, v))
     }
-}
 
-impl Attention {
+    /// One decode step of a single sequence with its own cache.
+    fn decode_one(&self, x: &Array, cache: &mut LayerCache) -> Result<Array> {
+        let (q, k, v) = self.project_heads(x)?;
+        let offset = cache.offset();
+        let q = self.rope.forward(&q, offset)?;
+        let k = self.rope.forward(&k, offset)?;
+        let (k, v) = cache.update_and_fetch(&k, &v)?;
+        let o = fast::scaled_dot_product_attention(&q, &k, &v, self.scale, None, None)?;
+        self.o_proj.forward(&o.reshape(&[1, self.heads * self.head_dim])?)
+    }
+
     /// One decode step for a stacked batch ([`BatchCache`]): the same operations whatever the
     /// batch size, with per-row RoPE offsets and a mask over each row's left padding.
     fn decode_batched(&self, x: &Array, batch: &mut BatchCache, layer: usize, offsets: &Array, mask: &Array) -> Result<Array> {
-        let b = x.shape()[0];
-        let heads = |y: Array, n: i32, norm: &Option<RmsNorm>| -> Result<Array> {
-            let y = y.reshape(&[b, n, 1, self.head_dim])?;
-            match norm {
-                Some(norm) => norm.forward(&y),
-                None => Ok(y),
-            }
-        };
-        let q = self.rope.forward_dynamic(&heads(self.q_proj.forward(x)?, self.heads, &self.q_norm)?, offsets)?;
-        let k = self.rope.forward_dynamic(&heads(self.k_proj.forward(x)?, self.kv_heads, &self.k_norm)?, offsets)?;
-        let v = heads(self.v_proj.forward(x)?, self.kv_heads, &None)?;
+        let (q, k, v) = self.project_heads(x)?;
+        let q = self.rope.forward_dynamic(&q, offsets)?;
+        let k = self.rope.forward_dynamic(&k, offsets)?;
         let (k, v) = batch.update_and_fetch(layer, &k, &v)?;
         let o = fast::scaled_dot_product_attention(&q, &k, &v, self.scale, ScaledDotProductAttentionMask::Array(mask), None)?;
-        self.o_proj.forward(&o.reshape(&[b, self.heads * self.head_dim])?)
+        self.o_proj.forward(&o.reshape(&[x.shape()[0], self.heads * self.head_dim])?)
     }
 }
 
@@ -206,8 +185,8 @@ impl Block {
         Ok(ops::add(&h, self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
     }
 
-    fn decode_rows(&self, x: &Array, caches: &mut [&mut LayerCache]) -> Result<Array> {
-        let h = ops::add(x, self.self_attn.decode_rows(&self.input_layernorm.forward(x)?, caches)?)?;
+    fn decode_one(&self, x: &Array, cache: &mut LayerCache) -> Result<Array> {
+        let h = ops::add(x, self.self_attn.decode_one(&self.input_layernorm.forward(x)?, cache)?)?;
         Ok(ops::add(&h, self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
     }
 
@@ -302,21 +281,31 @@ impl Transformer {
         Ok(cache.eval()?)
     }
 
-    /// One decode step for several sequences: `tokens` is `[B]` (the last sampled id of each
-    /// row, still on the device), `caches[i]` is row `i`'s cache. Returns logits `[B, V]`.
+    /// One decode step for several sequences, each with its own cache: `tokens` is `[B]` (the
+    /// last sampled id of each row, still on the device). Returns logits `[B, V]`. Several rows
+    /// are stacked for the step and handed back; a server keeps the stack across steps instead
+    /// ([`Transformer::forward_batched`]).
     pub fn forward_batch(&self, tokens: &Array, caches: &mut [&mut SequenceCache]) -> Result<Array> {
         for c in caches.iter_mut() {
             if c.layers.len() != self.layers.len() {
                 **c = SequenceCache::new(self.layers.len());
             }
         }
-        let mut h = self.embed_tokens.rows(tokens)?;
-        for (l, block) in self.layers.iter().enumerate() {
-            let mut layer: Vec<&mut LayerCache> = caches.iter_mut().map(|c| &mut c.layers[l]).collect();
-            h = block.decode_rows(&h, &mut layer)?;
+        if let [only] = caches {
+            let mut h = self.embed_tokens.rows(tokens)?;
+            for (block, layer) in self.layers.iter().zip(only.layers.iter_mut()) {
+                h = block.decode_one(&h, layer)?;
+            }
+            return self.head(&self.norm.forward(&h)?);
         }
-        let h = self.norm.forward(&h)?;
-        self.head(&h)
+        let members: Vec<u64> = (0..caches.len() as u64).collect();
+        let views: Vec<&SequenceCache> = caches.iter().map(|c| &**c).collect();
+        let mut batch = BatchCache::build(members, &views)?;
+        let logits = self.forward_batched(tokens, &mut batch)?;
+        for (i, cache) in batch.split()? {
+            *caches[i as usize] = cache;
+        }
+        Ok(logits)
     }
 
     /// One decode step for a stacked batch of sequences: `tokens` is `[B]`, in the batch's row
