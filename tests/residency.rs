@@ -1,0 +1,133 @@
+//! Model residency through the real daemon: load and unload on request, unload after the
+//! keep-alive, eviction of idle models to stay within the memory budget, refusal when busy models
+//! fill it, and the Unix-domain socket.
+
+mod common;
+
+use common::daemon::{connect_with, recv, send, start, Daemon, Ws};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+/// Two names for the default GGUF (98 MB each), a budget that holds one of them.
+fn config(extra_server: &str) -> String {
+    format!(
+        "{extra_server}[engine]\nmemory_budget_mb = 150\n\
+         [models.first]\npath = \"default\"\nkeep_alive_s = 0\n\
+         [models.second]\npath = \"default\"\nkeep_alive_s = 0\n\
+         [models.brief]\npath = \"default\"\nkeep_alive_s = 1\n"
+    )
+}
+
+async fn ask(ws: &mut Ws, v: Value) -> Value {
+    send(ws, v).await;
+    recv(ws).await
+}
+
+async fn loaded(ws: &mut Ws) -> Vec<String> {
+    let m = ask(ws, json!({"type": "models", "id": "m"})).await;
+    m["data"]["models"].as_array().unwrap().iter().filter(|m| m["loaded"] == true).map(|m| m["name"].as_str().unwrap().to_string()).collect()
+}
+
+async fn connect(d: &Daemon) -> Ws {
+    connect_with(d, Some(&d.token), None).await.unwrap().0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_unload_evict_refuse_and_keep_alive() {
+    let d = start(&config(""));
+    let mut ws = connect(&d).await;
+    assert!(loaded(&mut ws).await.is_empty(), "nothing preloads");
+
+    let r = ask(&mut ws, json!({"type": "load", "id": "l1", "model": "first"})).await;
+    assert_eq!(r["data"]["loaded"], true, "{r}");
+    assert_eq!(loaded(&mut ws).await, vec!["first"]);
+
+    // The budget holds one copy: loading the second evicts the idle first.
+    let r = ask(&mut ws, json!({"type": "load", "id": "l2", "model": "second"})).await;
+    assert_eq!(r["data"]["loaded"], true, "{r}");
+    assert_eq!(loaded(&mut ws).await, vec!["second"]);
+
+    // While `second` generates it cannot be evicted: loading `first` is refused.
+    send(&mut ws, json!({"type": "generate", "id": "busy", "model": "second", "prompt": "Once upon a time", "max_tokens": 400})).await;
+    loop {
+        if recv(&mut ws).await["type"] == "token" {
+            break;
+        }
+    }
+    send(&mut ws, json!({"type": "load", "id": "l3", "model": "first"})).await;
+    let refusal = loop {
+        let m = recv(&mut ws).await;
+        if m["id"] == "l3" {
+            break m;
+        }
+    };
+    assert_eq!(refusal["code"], "out_of_memory", "{refusal}");
+    assert!(refusal["message"].as_str().unwrap().contains("memory_budget_mb"), "{refusal}");
+    // ... and cannot be unloaded either.
+    send(&mut ws, json!({"type": "unload", "id": "u0", "model": "second"})).await;
+    let busy = loop {
+        let m = recv(&mut ws).await;
+        if m["id"] == "u0" {
+            break m;
+        }
+    };
+    assert_eq!(busy["code"], "busy", "{busy}");
+    send(&mut ws, json!({"type": "cancel", "id": "busy"})).await;
+    loop {
+        let m = recv(&mut ws).await;
+        if m["id"] == "busy" && m["type"] == "done" {
+            break;
+        }
+    }
+
+    let r = ask(&mut ws, json!({"type": "unload", "id": "u1", "model": "second"})).await;
+    assert_eq!(r["data"]["unloaded"], true, "{r}");
+    assert!(loaded(&mut ws).await.is_empty());
+    let r = ask(&mut ws, json!({"type": "unload", "id": "u2", "model": "nope"})).await;
+    assert_eq!(r["code"], "unknown_model", "{r}");
+
+    // A model with a 1 s keep-alive is unloaded by the reaper (it runs every 5 s).
+    let r = ask(&mut ws, json!({"type": "generate", "id": "g", "model": "brief", "prompt": "Hi", "max_tokens": 2})).await;
+    assert_eq!(r["type"], "started", "{r}");
+    loop {
+        if recv(&mut ws).await["type"] == "done" {
+            break;
+        }
+    }
+    assert_eq!(loaded(&mut ws).await, vec!["brief"]);
+    let mut gone = false;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if loaded(&mut ws).await.is_empty() {
+            gone = true;
+            break;
+        }
+    }
+    assert!(gone, "the keep-alive unloaded the idle model");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_socket_speaks_the_same_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("mlxd.sock");
+    let d = start(&format!("unix_socket = {:?}\n", sock.display().to_string()));
+    use std::os::unix::fs::PermissionsExt;
+    let mut mode = 0;
+    for _ in 0..50 {
+        if let Ok(m) = std::fs::metadata(&sock) {
+            mode = m.permissions().mode() & 0o777;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(mode, 0o600, "the socket is private to its owner");
+    let stream = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    let req = format!("ws://localhost/?token={}", d.token);
+    let (mut ws, _) = tokio_tungstenite::client_async(req, stream).await.unwrap();
+    use futures_util::{SinkExt, StreamExt};
+    let hello = ws.next().await.unwrap().unwrap();
+    assert!(hello.to_text().unwrap().contains("\"hello\""));
+    ws.send(tokio_tungstenite::tungstenite::Message::text(json!({"type": "tokenize", "id": "t", "text": "Hello"}).to_string())).await.unwrap();
+    let m: Value = serde_json::from_str(ws.next().await.unwrap().unwrap().to_text().unwrap()).unwrap();
+    assert_eq!(m["type"], "result", "{m}");
+}
