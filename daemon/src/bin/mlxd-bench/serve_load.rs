@@ -185,10 +185,11 @@ pub fn run(a: LoadArgs) -> Result<Value> {
     let (server, addr) = start_mlxd(a.dir)?;
     let mut ours = serde_json::Map::new();
     rt.block_on(async {
-        // Warm-up: loads the model and compiles the kernels of every batch size used.
+        // Warm-up: loads the model and compiles the kernels of every batch size and cache size
+        // the measured levels will meet (the full token count, so caches grow as they will).
         for &n in &a.clients {
             let addr = addr.clone();
-            level(n, a.prompt, 8, move |p, g, t| mlxd_client(addr.clone(), p, g, t)).await?;
+            level(n, a.prompt, a.gen, move |p, g, t| mlxd_client(addr.clone(), p, g, t)).await?;
         }
         for &n in &a.clients {
             let addr = addr.clone();
@@ -220,7 +221,7 @@ pub fn run(a: LoadArgs) -> Result<Value> {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             for &n in &a.clients {
-                level(n, a.prompt, 8, move |p, g, t| mlx_lm_client(port, p, g, t)).await?;
+                level(n, a.prompt, a.gen, move |p, g, t| mlx_lm_client(port, p, g, t)).await?;
             }
             for &n in &a.clients {
                 let s = level(n, a.prompt, a.gen, move |p, g, t| mlx_lm_client(port, p, g, t)).await?;
