@@ -42,6 +42,19 @@ async fn load_unload_evict_refuse_and_keep_alive() {
     assert_eq!(r["data"]["loaded"], true, "{r}");
     assert_eq!(loaded(&mut ws).await, vec!["first"]);
 
+    // What the budget leaves after the weights (150 - 98 MB) bounds the KV cache a request may
+    // reserve: 4,000 positions of SmolLM2 (46 KB each in f32) do not fit, 16 do.
+    let r = ask(&mut ws, json!({"type": "generate", "id": "huge", "model": "first", "prompt": "Hi", "max_tokens": 4000})).await;
+    assert_eq!((r["type"].as_str(), r["code"].as_str()), (Some("error"), Some("out_of_memory")), "{r}");
+    assert!(r["message"].as_str().unwrap().contains("memory_budget_mb"), "{r}");
+    let r = ask(&mut ws, json!({"type": "generate", "id": "small", "model": "first", "prompt": "Hi", "max_tokens": 16})).await;
+    assert_eq!(r["type"], "started", "{r}");
+    loop {
+        if recv(&mut ws).await["type"] == "done" {
+            break;
+        }
+    }
+
     // The budget holds one copy: loading the second evicts the idle first.
     let r = ask(&mut ws, json!({"type": "load", "id": "l2", "model": "second"})).await;
     assert_eq!(r["data"]["loaded"], true, "{r}");

@@ -116,10 +116,9 @@ impl Registry {
         tracing::info!(model = name, ms = started.elapsed().as_millis() as u64, "model loaded");
         self.threads.lock().expect("registry lock").push(join);
         let now = Instant::now();
-        self.resident
-            .lock()
-            .expect("registry lock")
-            .insert(name.to_string(), Resident { handle: handle.clone(), bytes: need, last_used: now, loaded_at: now });
+        let mut r = self.resident.lock().expect("registry lock");
+        r.insert(name.to_string(), Resident { handle: handle.clone(), bytes: need, last_used: now, loaded_at: now });
+        self.share_kv(&r);
         Ok(handle)
     }
 
@@ -136,6 +135,7 @@ impl Registry {
                 Some(v) => {
                     tracing::info!(evicted = %v, for_model = name, "unloading idle model to stay within the memory budget");
                     r.remove(&v);
+                    self.share_kv(&r);
                 }
                 None => {
                     return Err(RegistryError::new(
@@ -165,6 +165,7 @@ impl Registry {
             }
             Some(_) => {
                 r.remove(name);
+                self.share_kv(&r);
                 Ok(true)
             }
         }
@@ -183,6 +184,21 @@ impl Registry {
             }
             true
         });
+        self.share_kv(&r);
+    }
+
+    /// What the budget leaves after the resident weights is split evenly between the resident
+    /// models' KV caches; each model thread reserves against its share before admitting a
+    /// sequence (prompt + max_tokens positions), so weights plus caches stay within the budget.
+    fn share_kv(&self, r: &HashMap<String, Resident>) {
+        if r.is_empty() {
+            return;
+        }
+        let weights: u64 = r.values().map(|m| m.bytes).sum();
+        let share = self.budget.saturating_sub(weights) / r.len() as u64;
+        for m in r.values() {
+            m.handle.stats.kv_limit.store(share, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 
     /// Loads every model marked `preload`.

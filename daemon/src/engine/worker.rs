@@ -111,6 +111,17 @@ pub struct WorkerStats {
     pub ttft_us: AtomicU64,
     /// Device bytes of the running sequences' KV caches.
     pub kv_bytes: AtomicU64,
+    /// KV bytes this model's sequences may reserve (set by the registry from the memory budget
+    /// minus the resident weights); `u64::MAX` when unlimited.
+    pub kv_limit: AtomicU64,
+    /// KV bytes reserved by the running sequences (prompt plus `max_tokens` each).
+    pub kv_reserved: AtomicU64,
+}
+
+impl WorkerStats {
+    fn new() -> Self {
+        WorkerStats { kv_limit: AtomicU64::new(u64::MAX), ..Default::default() }
+    }
 }
 
 /// The clonable handle async code holds.
@@ -167,7 +178,7 @@ pub fn spawn(
     load: impl FnOnce() -> Result<Engine, ModelError> + Send + 'static,
 ) -> Result<(WorkerHandle, std::thread::JoinHandle<()>), ModelError> {
     let (tx, rx) = std_mpsc::channel();
-    let stats = Arc::new(WorkerStats::default());
+    let stats = Arc::new(WorkerStats::new());
     let (ready_tx, ready_rx) = std_mpsc::channel();
     let thread_stats = stats.clone();
     let join = std::thread::Builder::new()
@@ -198,8 +209,15 @@ pub fn spawn(
 struct Active {
     job: Job,
     row: Row,
+    /// KV bytes reserved for this sequence.
+    reserved: u64,
     /// An error event was sent; no Done follows.
     failed: bool,
+}
+
+enum Admission {
+    Row(Row, u64),
+    Wait,
 }
 
 struct Worker {
@@ -265,9 +283,15 @@ impl Worker {
                 continue;
             }
             match self.start(&job) {
-                Ok(row) => {
+                Ok(Admission::Row(row, reserved)) => {
                     let _ = job.events.try_send(JobEvent::Started { prompt_tokens: row.prompt_tokens() });
-                    self.active.push(Active { job, row, failed: false });
+                    self.active.push(Active { job, row, reserved, failed: false });
+                }
+                Ok(Admission::Wait) => {
+                    // Not enough KV memory until running sequences finish: first in line waits.
+                    self.stats.queued.fetch_add(1, Ordering::SeqCst);
+                    self.waiting.push_front(job);
+                    break;
                 }
                 Err((code, message)) => {
                     let _ = job.events.try_send(JobEvent::Error { code, message });
@@ -278,7 +302,33 @@ impl Worker {
         self.stats.running.store(self.active.len(), Ordering::SeqCst);
     }
 
-    fn start(&mut self, job: &Job) -> Result<Row, (ErrorCode, String)> {
+    /// Reserves KV memory for `prompt + max_tokens` positions against the model's share of the
+    /// memory budget: the budget is never promised twice, a sequence that can never fit is
+    /// refused, one that fits later waits.
+    fn reserve(&mut self, positions: usize) -> Result<Option<u64>, (ErrorCode, String)> {
+        let need = positions as u64 * self.engine.model.model.kv_bytes_per_token();
+        let limit = self.stats.kv_limit.load(Ordering::SeqCst);
+        let reserved: u64 = self.active.iter().map(|a| a.reserved).sum();
+        if reserved + need <= limit {
+            return Ok(Some(need));
+        }
+        // Cached prompts give way to live requests.
+        self.engine.clear_prompt_cache();
+        if self.active.is_empty() {
+            return Err((
+                ErrorCode::OutOfMemory,
+                format!(
+                    "this request needs {} MiB of KV cache ({positions} positions), more than the {} MiB the memory budget \
+                     (engine.memory_budget_mb) leaves after the resident weights; lower max_tokens or raise the budget",
+                    need >> 20,
+                    limit >> 20
+                ),
+            ));
+        }
+        Ok(None)
+    }
+
+    fn start(&mut self, job: &Job) -> Result<Admission, (ErrorCode, String)> {
         let invalid = |m: String| (ErrorCode::InvalidRequest, m);
         let text = match &job.input {
             PromptInput::Text(t) => t.clone(),
@@ -295,13 +345,17 @@ impl Worker {
         if prompt.is_empty() {
             return Err(invalid("the prompt is empty".into()));
         }
+        let Some(reserved) = self.reserve(prompt.len() + job.max_tokens)? else {
+            return Ok(Admission::Wait);
+        };
         let req = GenerateRequest { prompt, max_tokens: job.max_tokens, stop: job.stop.clone(), sampler: job.sampling.clone() };
-        self.engine.start(req).map_err(|e| match e {
+        let row = self.engine.start(req).map_err(|e| match e {
             ModelError::Sampling(s @ crate::sampling::SamplingError::Plugin(_)) => (ErrorCode::PluginError, s.to_string()),
             ModelError::Sampling(s) => (ErrorCode::InvalidRequest, format!("`sampling.{}", s.to_string().trim_start_matches('`'))),
             ModelError::Config(m) => (ErrorCode::InvalidRequest, m),
             other => (ErrorCode::Internal, other.to_string()),
-        })
+        })?;
+        Ok(Admission::Row(row, reserved))
     }
 
     fn render(&mut self, messages: &[Message]) -> Result<String, String> {
@@ -327,7 +381,7 @@ impl Worker {
                 a.row.cancel();
             }
             if a.row.finished().is_some() {
-                let Active { job, row, failed } = self.active.swap_remove(i);
+                let Active { job, row, failed, .. } = self.active.swap_remove(i);
                 // Counters first: a client that asks for `status` right after `done` sees it ended.
                 self.stats.running.store(self.active.len(), Ordering::SeqCst);
                 let outcome = self.engine.finish(row);
@@ -344,6 +398,7 @@ impl Worker {
         }
         self.stats.running.store(self.active.len(), Ordering::SeqCst);
         self.stats.kv_bytes.store(self.active.iter().map(|a| a.row.cache_bytes() as u64).sum(), Ordering::Relaxed);
+        self.stats.kv_reserved.store(self.active.iter().map(|a| a.reserved).sum(), Ordering::Relaxed);
     }
 
     fn step(&mut self) {

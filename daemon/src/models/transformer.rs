@@ -241,6 +241,12 @@ impl Transformer {
         Ok(Transformer { args, embed_tokens, layers, norm, lm_head })
     }
 
+    /// Device bytes one cached position takes across all layers (keys and values).
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        let elem = self.norm.weight.item_size() as u64;
+        2 * self.layers.len() as u64 * self.args.kv_heads as u64 * self.args.head_dim as u64 * elem
+    }
+
     /// Number of decoder blocks (one cache entry each).
     pub fn num_layers(&self) -> usize {
         self.layers.len()
