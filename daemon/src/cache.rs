@@ -242,6 +242,11 @@ impl BatchCache {
         Ok((self.keys[layer].try_index((.., .., ..n, ..))?, self.values[layer].try_index((.., .., ..n, ..))?))
     }
 
+    /// Device bytes held by the stacked keys and values.
+    pub fn nbytes(&self) -> usize {
+        self.keys.iter().chain(&self.values).map(Array::nbytes).sum()
+    }
+
     /// Moves to the next column, once every layer has written this step.
     pub fn advance(&mut self) {
         self.cur += 1;

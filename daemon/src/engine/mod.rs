@@ -489,6 +489,12 @@ impl Engine {
         Ok(Some(TokenEvent { id, text: shown, logprobs }))
     }
 
+    /// Device bytes of the KV caches the engine holds for rows (the stacked batch and caches
+    /// waiting to be reclaimed); rows report their own through [`Row::cache_bytes`].
+    pub fn held_kv_bytes(&self) -> usize {
+        self.batch.as_ref().map_or(0, BatchCache::nbytes) + self.returned.values().map(SequenceCache::nbytes).sum::<usize>()
+    }
+
     /// Splits the stacked batch back into per-sequence caches, kept until their rows return.
     fn unstack(&mut self) -> Result<(), ModelError> {
         if let Some(batch) = self.batch.take() {

@@ -397,7 +397,8 @@ impl Worker {
             }
         }
         self.stats.running.store(self.active.len(), Ordering::SeqCst);
-        self.stats.kv_bytes.store(self.active.iter().map(|a| a.row.cache_bytes() as u64).sum(), Ordering::Relaxed);
+        let rows: u64 = self.active.iter().map(|a| a.row.cache_bytes() as u64).sum();
+        self.stats.kv_bytes.store(rows + self.engine.held_kv_bytes() as u64, Ordering::Relaxed);
         self.stats.kv_reserved.store(self.active.iter().map(|a| a.reserved).sum(), Ordering::Relaxed);
     }
 
