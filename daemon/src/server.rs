@@ -124,7 +124,13 @@ impl Stream for tokio::net::UnixStream {}
 fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::remove_file(path);
-    let l = tokio::net::UnixListener::bind(path)?;
+    // Created private (umask 177) rather than tightened after the fact, so there is no moment
+    // in which another user sees a wider mode.
+    // SAFETY: umask only swaps the process's file-creation mask; it is restored right after.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = tokio::net::UnixListener::bind(path);
+    unsafe { libc::umask(old) };
+    let l = bound?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(l)
 }
