@@ -8,10 +8,11 @@ use common::daemon::{connect_with, recv, send, start, Daemon, Ws};
 use serde_json::{json, Value};
 use std::time::Duration;
 
-/// Two names for the default GGUF (98 MB each), a budget that holds one of them.
+/// Three names for the default GGUF (98 MB on disk, 0.54 GB once expanded to f32 on the CPU),
+/// and a budget that holds one of them.
 fn config(extra_server: &str) -> String {
     format!(
-        "{extra_server}[engine]\nmemory_budget_mb = 150\n\
+        "{extra_server}[engine]\nmemory_budget_mb = 850\n\
          [models.first]\npath = \"default\"\nkeep_alive_s = 0\n\
          [models.second]\npath = \"default\"\nkeep_alive_s = 0\n\
          [models.brief]\npath = \"default\"\nkeep_alive_s = 1\n"
@@ -42,9 +43,9 @@ async fn load_unload_evict_refuse_and_keep_alive() {
     assert_eq!(r["data"]["loaded"], true, "{r}");
     assert_eq!(loaded(&mut ws).await, vec!["first"]);
 
-    // What the budget leaves after the weights (150 - 98 MB) bounds the KV cache a request may
-    // reserve: 4,000 positions of SmolLM2 (46 KB each in f32) do not fit, 16 do.
-    let r = ask(&mut ws, json!({"type": "generate", "id": "huge", "model": "first", "prompt": "Hi", "max_tokens": 4000})).await;
+    // What the budget leaves after the weights (850 MiB - 0.54 GB) bounds the KV cache a request may
+    // reserve: 8,192 positions of SmolLM2 (46 KB each in f32) do not fit, 16 do.
+    let r = ask(&mut ws, json!({"type": "generate", "id": "huge", "model": "first", "prompt": "Hi", "max_tokens": 8192})).await;
     assert_eq!((r["type"].as_str(), r["code"].as_str()), (Some("error"), Some("out_of_memory")), "{r}");
     assert!(r["message"].as_str().unwrap().contains("memory_budget_mb"), "{r}");
     let r = ask(&mut ws, json!({"type": "generate", "id": "small", "model": "first", "prompt": "Hi", "max_tokens": 16})).await;

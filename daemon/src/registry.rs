@@ -115,9 +115,15 @@ impl Registry {
             .map_err(|e| RegistryError::new(ErrorCode::ModelLoadFailed, format!("model `{name}` ({}): {e}", path.display())))?;
         tracing::info!(model = name, ms = started.elapsed().as_millis() as u64, "model loaded");
         self.threads.lock().expect("registry lock").push(join);
+        // The file size was an estimate (a CPU load may expand quantized weights): count what
+        // was loaded, and make room again or give the model back if it does not fit.
+        let actual = handle.stats.weight_bytes.load(std::sync::atomic::Ordering::SeqCst).max(need);
+        if actual > need {
+            self.make_room(name, actual)?;
+        }
         let now = Instant::now();
         let mut r = self.resident.lock().expect("registry lock");
-        r.insert(name.to_string(), Resident { handle: handle.clone(), bytes: need, last_used: now, loaded_at: now });
+        r.insert(name.to_string(), Resident { handle: handle.clone(), bytes: actual, last_used: now, loaded_at: now });
         self.share_kv(&r);
         Ok(handle)
     }

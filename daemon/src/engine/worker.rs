@@ -116,6 +116,8 @@ pub struct WorkerStats {
     pub kv_limit: AtomicU64,
     /// KV bytes reserved by the running sequences (prompt plus `max_tokens` each).
     pub kv_reserved: AtomicU64,
+    /// Device bytes of the loaded weights (known once the model is loaded).
+    pub weight_bytes: AtomicU64,
 }
 
 impl WorkerStats {
@@ -185,6 +187,7 @@ pub fn spawn(
         .name(format!("model:{name}"))
         .spawn(move || match load() {
             Ok(engine) => {
+                thread_stats.weight_bytes.store(engine.model.model.weight_bytes() as u64, Ordering::SeqCst);
                 let _ = ready_tx.send(Ok(()));
                 Worker::new(engine, limits, thread_stats).run(rx);
             }
