@@ -8,7 +8,7 @@
 use crate::engine::worker::{Job, JobEvent};
 use crate::protocol::{parse_client_message, ClientMessage, ErrorCode, ServerMessage, Timings, Usage, PROTOCOL_VERSION};
 use crate::server::{Shared, Stream};
-use crate::validation::{check_id, validate_generate};
+use crate::validation::validate_generate;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use std::collections::HashMap;
@@ -250,10 +250,6 @@ async fn with_model<T>(
 async fn run_generate(v: crate::validation::ValidGenerate, cancel: Arc<AtomicBool>, shared: &Shared, out: &Out) {
     let received = Instant::now();
     let id = v.id.clone();
-    if let Err(m) = check_id(&id) {
-        let _ = out.send(ServerMessage::error(Some(&id), ErrorCode::InvalidRequest, m)).await;
-        return;
-    }
     let (model, handle) = match shared.registry.get(v.model.as_deref()).await {
         Ok(x) => x,
         Err(e) => {

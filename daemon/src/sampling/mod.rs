@@ -70,22 +70,6 @@ pub use sequence::{
     sample_batch, sample_batch_inspect, sample_batch_with_logprobs, Inspection, Logprobs, Sampled, SequenceSampler,
 };
 
-/// The engine's original two-knob spec, kept so existing callers compile; it converts into
-/// [`SamplingParams`] with every other stage off.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct SamplerSpec {
-    /// 0 means greedy (argmax).
-    pub temperature: f32,
-    /// Seed of the request's random key; `None` draws one from the clock.
-    pub seed: Option<u64>,
-}
-
-impl From<SamplerSpec> for SamplingParams {
-    fn from(s: SamplerSpec) -> Self {
-        SamplingParams { temperature: s.temperature, seed: s.seed, ..SamplingParams::default() }
-    }
-}
-
 impl From<SamplingError> for crate::models::ModelError {
     fn from(e: SamplingError) -> Self {
         match e {
