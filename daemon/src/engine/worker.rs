@@ -228,7 +228,8 @@ struct Worker {
     limits: WorkerLimits,
     stats: Arc<WorkerStats>,
     template: Option<Result<ChatTemplate, String>>,
-    waiting: VecDeque<Job>,
+    /// Jobs waiting for a batch slot (or for KV memory), with their prompt once tokenized.
+    waiting: VecDeque<(Job, Option<Vec<u32>>)>,
     active: Vec<Active>,
 }
 
@@ -268,7 +269,7 @@ impl Worker {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Generate(job) => self.waiting.push_back(job),
+            Command::Generate(job) => self.waiting.push_back((job, None)),
             Command::Tokenize { text, add_special, reply } => {
                 let _ = reply.send(self.engine.model.tokenizer.encode(&text, add_special).map_err(|e| e.to_string()));
             }
@@ -280,12 +281,12 @@ impl Worker {
 
     fn admit(&mut self) {
         while self.active.len() < self.limits.max_batch {
-            let Some(job) = self.waiting.pop_front() else { break };
+            let Some((job, mut prompt)) = self.waiting.pop_front() else { break };
             self.stats.queued.fetch_sub(1, Ordering::SeqCst);
             if job.cancel.load(Ordering::SeqCst) || job.events.is_closed() {
                 continue;
             }
-            match self.start(&job) {
+            match self.start(&job, &mut prompt) {
                 Ok(Admission::Row(row, reserved)) => {
                     let _ = job.events.try_send(JobEvent::Started { prompt_tokens: row.prompt_tokens() });
                     self.active.push(Active { job, row, reserved, failed: false });
@@ -293,7 +294,8 @@ impl Worker {
                 Ok(Admission::Wait) => {
                     // Not enough KV memory until running sequences finish: first in line waits.
                     self.stats.queued.fetch_add(1, Ordering::SeqCst);
-                    self.waiting.push_front(job);
+                    // Its prompt stays tokenized: the next attempt only re-checks the memory.
+                    self.waiting.push_front((job, prompt));
                     break;
                 }
                 Err((code, message)) => {
@@ -331,13 +333,21 @@ impl Worker {
         Ok(None)
     }
 
-    fn start(&mut self, job: &Job) -> Result<Admission, (ErrorCode, String)> {
+    /// Tokenizes the job's prompt (once: `prompt` keeps it across waits), reserves its KV memory
+    /// and starts it.
+    fn start(&mut self, job: &Job, prompt: &mut Option<Vec<u32>>) -> Result<Admission, (ErrorCode, String)> {
         let invalid = |m: String| (ErrorCode::InvalidRequest, m);
-        let text = match &job.input {
-            PromptInput::Text(t) => t.clone(),
-            PromptInput::Messages(m) => self.render(m).map_err(invalid)?,
+        let prompt = match prompt {
+            Some(p) => p,
+            None => {
+                let text = match &job.input {
+                    PromptInput::Text(t) => t.clone(),
+                    PromptInput::Messages(m) => self.render(m).map_err(invalid)?,
+                };
+                let ids = self.engine.model.tokenizer.encode(&text, true).map_err(|e| invalid(format!("`prompt`: {e}")))?;
+                prompt.insert(ids)
+            }
         };
-        let prompt = self.engine.model.tokenizer.encode(&text, true).map_err(|e| invalid(format!("`prompt`: {e}")))?;
         if prompt.len() > job.max_prompt_tokens {
             return Err(invalid(format!(
                 "the prompt has {} tokens; `limits.max_prompt_tokens` is {}",
@@ -351,7 +361,7 @@ impl Worker {
         let Some(reserved) = self.reserve(prompt.len() + job.max_tokens)? else {
             return Ok(Admission::Wait);
         };
-        let req = GenerateRequest { prompt, max_tokens: job.max_tokens, stop: job.stop.clone(), sampler: job.sampling.clone() };
+        let req = GenerateRequest { prompt: std::mem::take(prompt), max_tokens: job.max_tokens, stop: job.stop.clone(), sampler: job.sampling.clone() };
         let row = self.engine.start(req).map_err(|e| match e {
             ModelError::Sampling(s @ crate::sampling::SamplingError::Plugin(_)) => (ErrorCode::PluginError, s.to_string()),
             ModelError::Sampling(s) => (ErrorCode::InvalidRequest, format!("`sampling.{}", s.to_string().trim_start_matches('`'))),
