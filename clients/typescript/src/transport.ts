@@ -91,6 +91,52 @@ export async function openSocket(options: OpenOptions): Promise<{ socket: Socket
   return openWithPlatform(Platform, url, options);
 }
 
+/**
+ * The part of opening a connection both transports share: wait for the daemon's `hello` (or
+ * time out), then hand every message to `options.onMessage`. `abort` closes the transport when
+ * the handshake fails.
+ */
+function handshake(
+  shown: string,
+  options: OpenOptions,
+  socket: Socket,
+  abort: () => void,
+  resolve: (v: { socket: Socket; hello: HelloEvent }) => void,
+  reject: (e: unknown) => void,
+) {
+  let hello: HelloEvent | undefined;
+  let settled = false;
+  const fail = (e: unknown) => {
+    if (settled) return;
+    settled = true;
+    clearTimeout(timer);
+    abort();
+    reject(e);
+  };
+  const timer = setTimeout(() => fail(new ConnectionError(shown, `no hello within ${options.timeoutMs} ms`)), options.timeoutMs);
+  const onText = (text: string) => {
+    const m = parse(text);
+    if (!hello) {
+      try {
+        hello = checkHello(m, shown);
+      } catch (e) {
+        fail(e);
+        return;
+      }
+      settled = true;
+      clearTimeout(timer);
+      resolve({ socket, hello });
+      return;
+    }
+    if (m) options.onMessage(socket, m);
+  };
+  const onClose = (code: number, reason: string) => {
+    if (!hello) fail(new ConnectionError(shown, `the connection closed before the hello (code ${code})`));
+    else options.onClose(socket, { code, reason });
+  };
+  return { fail, onText, onClose, greeted: () => hello !== undefined };
+}
+
 function openWithPlatform(Impl: WebSocketConstructor, url: URL, options: OpenOptions): Promise<{ socket: Socket; hello: HelloEvent }> {
   if (options.token) url.searchParams.set("token", options.token);
   const shown = redact(url);
@@ -102,43 +148,18 @@ function openWithPlatform(Impl: WebSocketConstructor, url: URL, options: OpenOpt
       reject(new ConnectionError(shown, (e as Error).message, { cause: e }));
       return;
     }
-    let hello: HelloEvent | undefined;
-    let settled = false;
     const socket: Socket = { send: (t) => ws.send(t), close: () => ws.close(1000) };
-    const fail = (e: unknown) => {
-      if (settled) return;
-      settled = true;
-      clearTimeout(timer);
-      try { ws.close(); } catch { /* already closing */ }
-      reject(e);
-    };
-    const timer = setTimeout(() => fail(new ConnectionError(shown, `no hello within ${options.timeoutMs} ms`)), options.timeoutMs);
+    const h = handshake(shown, options, socket, () => { try { ws.close(); } catch { /* already closing */ } }, resolve, reject);
+    const fail = h.fail;
     ws.addEventListener("message", (ev: { data: unknown }) => {
-      if (typeof ev.data !== "string") return; // the daemon sends only text frames
-      const m = parse(ev.data);
-      if (!hello) {
-        try {
-          hello = checkHello(m, shown);
-        } catch (e) {
-          fail(e);
-          return;
-        }
-        settled = true;
-        clearTimeout(timer);
-        resolve({ socket, hello });
-        return;
-      }
-      if (m) options.onMessage(socket, m);
+      if (typeof ev.data === "string") h.onText(ev.data); // the daemon sends only text frames
     });
     ws.addEventListener("error", () => {
-      if (!hello) {
+      if (!h.greeted()) {
         fail(new ConnectionError(shown, "the WebSocket handshake failed (the daemon is not running, or it refused the token or this page's origin; the browser does not say which)"));
       }
     });
-    ws.addEventListener("close", (ev: { code: number; reason: string }) => {
-      if (!hello) fail(new ConnectionError(shown, `the connection closed before the hello (code ${ev.code})`));
-      else options.onClose(socket, { code: ev.code, reason: ev.reason });
-    });
+    ws.addEventListener("close", (ev: { code: number; reason: string }) => h.onClose(ev.code, ev.reason));
   });
 }
 
@@ -154,17 +175,9 @@ async function openWithWs(url: URL, options: OpenOptions): Promise<{ socket: Soc
     const headers: Record<string, string> = {};
     if (options.token) headers.authorization = `Bearer ${options.token}`;
     const ws = new WS(url.toString(), { headers, handshakeTimeout: options.timeoutMs, perMessageDeflate: false });
-    let hello: HelloEvent | undefined;
-    let settled = false;
     const socket: Socket = { send: (t) => ws.send(t), close: () => ws.close(1000) };
-    const fail = (e: unknown) => {
-      if (settled) return;
-      settled = true;
-      clearTimeout(timer);
-      ws.terminate();
-      reject(e);
-    };
-    const timer = setTimeout(() => fail(new ConnectionError(shown, `no hello within ${options.timeoutMs} ms`)), options.timeoutMs);
+    const h = handshake(shown, options, socket, () => ws.terminate(), resolve, reject);
+    const fail = h.fail;
     ws.on("unexpected-response", (req, res) => {
       const chunks: Buffer[] = [];
       res.on("data", (c: Buffer) => chunks.push(c));
@@ -184,29 +197,12 @@ async function openWithWs(url: URL, options: OpenOptions): Promise<{ socket: Soc
       });
     });
     ws.on("error", (e: Error) => {
-      if (!hello) fail(new ConnectionError(shown, e.message, { cause: e }));
+      if (!h.greeted()) fail(new ConnectionError(shown, e.message, { cause: e }));
     });
     ws.on("message", (data, isBinary) => {
-      if (isBinary) return;
-      const m = parse(data.toString());
-      if (!hello) {
-        try {
-          hello = checkHello(m, shown);
-        } catch (e) {
-          fail(e);
-          return;
-        }
-        settled = true;
-        clearTimeout(timer);
-        resolve({ socket, hello });
-        return;
-      }
-      if (m) options.onMessage(socket, m);
+      if (!isBinary) h.onText(data.toString());
     });
-    ws.on("close", (code: number, reason: Buffer) => {
-      if (!hello) fail(new ConnectionError(shown, `the connection closed before the hello (code ${code})`));
-      else options.onClose(socket, { code, reason: reason.toString() });
-    });
+    ws.on("close", (code: number, reason: Buffer) => h.onClose(code, reason.toString()));
   });
 }
 
