@@ -43,9 +43,19 @@
 //! monotone); top-p, min-p and typical-p are not.
 //!
 //! The filters sort the candidates once and work on ranks; when every drawing row has a top-k,
-//! only the best `max k` (rounded up to a power of two, at least 16) are sorted, picked by
-//! argpartition. Logprobs are the log-softmax of the logits after
-//! step 3 (before temperature and filters), as mlx-lm reports them.
+//! only the best `max k` (rounded up to a power of two, at least 16) are sorted. Those are found
+//! without partitioning the whole vocabulary: the `K` chunks (of up to 4096 / K logits) with the
+//! highest maxima hold the `K` best logits, so one max-reduction and two small partitions do it
+//! (`MLXD_TOPK=sort` partitions the whole row instead). Logprobs are the log-softmax of the
+//! logits after step 3 (before temperature and filters), as mlx-lm reports them.
+//!
+//! # One compiled call per step
+//! A decode step on a GPU is bound by how many primitives the host builds and launches, so the
+//! whole step is one compiled graph: the rows' state goes in (random keys `[B, 2]`, repetition
+//! windows `[B, C]`, generated-token counts `[B, V]`) and comes out advanced: the key is split
+//! and the Gumbel noise drawn inside the graph, and the window and counts take the picked token
+//! inside the graph. Per-row parameters are `[B, 1]` columns built once per batch composition
+//! and reused while the batch stays the same, so a steady step copies nothing from the host.
 //!
 //! # Layout
 //! - [`params`]: [`SamplingParams`], their validation and [`SamplingError`].
@@ -62,12 +72,14 @@ mod read;
 mod sequence;
 
 pub use params::{SamplingError, SamplingParams, MAX_LOGPROBS, MAX_REPETITION_CONTEXT};
-pub use pipeline::set_compiled;
+pub use pipeline::{set_chunked_top_k, set_compiled};
 pub use read::{
-    host_read_stats, read_ids, read_logprobs, thread_host_read_stats, HostReadStats, MAX_HOST_READ_ELEMENTS,
+    host_read_stats, read_ids, read_logprobs, thread_host_read_stats, HostReadStats,
+    MAX_HOST_READ_ELEMENTS,
 };
 pub use sequence::{
-    sample_batch, sample_batch_inspect, sample_batch_with_logprobs, Inspection, Logprobs, Sampled, SequenceSampler,
+    sample_batch, sample_batch_inspect, sample_batch_with_logprobs, Inspection, Logprobs, Sampled,
+    SequenceSampler,
 };
 
 impl From<SamplingError> for crate::models::ModelError {

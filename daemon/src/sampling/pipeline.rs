@@ -1,10 +1,16 @@
-//! The sampling graph: one pure function from `[B, V]` logits and per-row parameter arrays to
-//! `[B]` token ids (and, when asked, log-probabilities), built from MLX ops and compiled once per
-//! combination of active stages. The stage order is documented in the parent module.
+//! The sampling graph: one pure function from `[B, V]` logits, the rows' device state and
+//! per-row parameter arrays to `[B]` token ids (and, when asked, log-probabilities) plus the
+//! rows' next state, built from MLX ops and compiled once per combination of active stages.
+//! The stage order is documented in the parent module.
 //!
 //! Every per-row parameter arrives as a `[B, 1]` array. A row whose filter is off carries that
 //! filter's neutral value (top-k = the candidate width, top-p and typical-p = infinity,
 //! ln min-p = -infinity, penalty 1 or 0), so a batch of different requests runs one graph.
+//!
+//! Everything a step needs happens inside the one compiled call: the random key is split and
+//! the Gumbel noise drawn in the graph, and the repetition window and the generated-token counts
+//! are advanced with the picked tokens in the graph. On a GPU each primitive outside a compiled
+//! graph is one more kernel launch per token, and decode is bound by launches, not by math.
 
 use mlx_rs::error::Exception;
 use mlx_rs::ops::indexing::{argmax_axis, scatter_add_single, TryIndexOp};
@@ -14,53 +20,181 @@ use mlx_rs::Array;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
+/// The repetition window's empty slot (no token can have this id).
+pub(crate) const EMPTY_SLOT: u32 = u32::MAX;
+
 /// Which stages a batch needs. It is the key of the compiled-closure cache, so it holds
 /// everything that changes the graph's structure (sizes that are not array shapes included).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub(crate) struct Stages {
-    /// Inputs: flat indices `[M]` int32 (`row * V + token`), values `[M, 1]`.
+    /// Logit bias. Columns: flat indices `[M]` int32 (`row * V + token`), values `[M, 1]`.
     pub bias: bool,
-    /// Inputs: window ids `[B, N]` uint32, window weights `[B, N]` (0 = empty slot), penalty `[B, 1]`.
+    /// Repetition penalty. State: the window `[B, C]` uint32 (last tokens, right-aligned,
+    /// [`EMPTY_SLOT`] where empty). Columns: penalty `[B, 1]`; first live slot `[B, 1]` int32.
     pub repetition: bool,
-    /// Inputs: generated-token counts `[B, V]`, presence `[B, 1]`, frequency `[B, 1]`.
+    /// Presence / frequency penalties. State: generated-token counts `[B, V]`. Columns:
+    /// presence `[B, 1]`, frequency `[B, 1]`.
     pub presence_frequency: bool,
-    /// Some row draws at random. Inputs: 1 / temperature `[B, 1]`, Gumbel noise `[B, V]`.
+    /// Some row draws at random. State: keys `[B, 2]` uint32. Column: 1 / temperature `[B, 1]`.
     pub random: bool,
-    /// Some rows are greedy while others draw. Input: `[B, 1]` bool, true for greedy rows.
+    /// Some rows are greedy while others draw. Column: `[B, 1]` bool, true for greedy rows.
     pub mixed_greedy: bool,
-    /// Input: k `[B, 1]` int32.
+    /// Column: k `[B, 1]` int32.
     pub top_k: bool,
-    /// Input: top-p `[B, 1]`.
+    /// Column: top-p `[B, 1]`.
     pub top_p: bool,
-    /// Input: ln(min-p) `[B, 1]`.
+    /// Column: ln(min-p) `[B, 1]`.
     pub min_p: bool,
-    /// Input: typical mass `[B, 1]`.
+    /// Column: typical mass `[B, 1]`.
     pub typical: bool,
     /// When every drawing row has a top-k, only the `K = max k` best candidates are sorted.
     pub truncate: Option<i32>,
+    /// Find those `K` candidates among the `K` best chunks of this many logits (see
+    /// [`top_candidates`]) instead of partitioning the whole vocabulary.
+    pub chunk: Option<i32>,
     /// Width of the top-n logprobs output (0: the chosen token's only); `None`: no logprobs.
     pub logprobs: Option<i32>,
     /// Also return the logits after the penalties and the final candidates (tests, debugging).
     pub inspect: bool,
+    /// Advance the repetition window and the counts with the picked tokens, in the graph.
+    pub advance: bool,
     /// Stop after step 3 and return the processed logits (plugins run next; see `plugin`).
     pub process_only: bool,
+    /// Only advance the window and counts with given tokens (the head input is `[B]` ids):
+    /// the plugin path, whose final tokens are known only after the plugins ran.
+    pub advance_only: bool,
 }
 
 impl Stages {
     fn any_filter(&self) -> bool {
         self.top_k || self.top_p || self.min_p || self.typical
     }
+
+    /// Steps 1-3 run.
+    fn pre(&self) -> bool {
+        !self.advance_only
+    }
+
+    /// Steps 4-9 run.
+    fn post(&self) -> bool {
+        !self.advance_only && !self.process_only
+    }
+
+    /// The window and counts are advanced.
+    fn advances(&self) -> bool {
+        self.advance_only || (self.advance && self.post())
+    }
+}
+
+/// The graph's inputs, by name. The compiled closure takes them as one list whose order
+/// [`plan`] fixes for each [`Stages`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Slot {
+    /// `[B, V]` logits, or `[B]` token ids when only advancing.
+    Head,
+    Window,
+    Counts,
+    Keys,
+    BiasIndex,
+    BiasValues,
+    Penalty,
+    WindowStart,
+    Presence,
+    Frequency,
+    InvTemperature,
+    Greedy,
+    TopK,
+    TopP,
+    LnMinP,
+    Typical,
+}
+
+const SLOTS: usize = Slot::Typical as usize + 1;
+
+/// Named inputs of one call.
+#[derive(Default, Clone)]
+pub(crate) struct Named([Option<Array>; SLOTS]);
+
+impl Named {
+    pub(crate) fn set(&mut self, slot: Slot, a: Array) {
+        self.0[slot as usize] = Some(a);
+    }
+
+    /// The head input (logits, or ids when only advancing).
+    pub(crate) fn head(&self) -> Result<&Array, Exception> {
+        self.get(Slot::Head)
+    }
+
+    fn get(&self, slot: Slot) -> Result<&Array, Exception> {
+        self.0[slot as usize]
+            .as_ref()
+            .ok_or_else(|| Exception::custom(format!("sampling graph: missing input {slot:?}")))
+    }
+}
+
+/// The inputs a graph of `st` takes, in order: the head, the rows' state, then the columns.
+pub(crate) fn plan(st: Stages) -> Vec<Slot> {
+    use Slot::*;
+    let mut p = vec![Head];
+    if st.repetition && (st.pre() || st.advances()) {
+        p.push(Window);
+    }
+    if st.presence_frequency && (st.pre() || st.advances()) {
+        p.push(Counts);
+    }
+    if st.random && st.post() {
+        p.push(Keys);
+    }
+    if st.pre() {
+        if st.bias {
+            p.extend([BiasIndex, BiasValues]);
+        }
+        if st.repetition {
+            p.push(Penalty);
+        }
+        if st.presence_frequency {
+            p.extend([Presence, Frequency]);
+        }
+    }
+    if st.repetition && st.advances() {
+        p.push(WindowStart);
+    }
+    if st.random && st.post() {
+        p.push(InvTemperature);
+        if st.mixed_greedy {
+            p.push(Greedy);
+        }
+        for (on, slot) in [
+            (st.top_k, TopK),
+            (st.top_p, TopP),
+            (st.min_p, LnMinP),
+            (st.typical, Typical),
+        ] {
+            if on {
+                p.push(slot);
+            }
+        }
+    }
+    p
 }
 
 /// What the graph returns.
 pub(crate) struct Outputs {
-    /// `[B]` uint32.
-    pub tokens: Array,
+    /// `[B]` uint32 (empty when only advancing).
+    pub tokens: Option<Array>,
     /// `[B]` chosen log-probability, `[B, n]` uint32 ids, `[B, n]` log-probabilities.
     pub logprobs: Option<(Array, Array, Array)>,
     /// `[B, V]` logits after step 3, and the tempered logits the draw chose from (-inf where a
     /// filter removed the token; the step-3 logits for greedy rows).
     pub inspection: Option<(Array, Array)>,
+    /// The rows' next keys `[B, 2]`.
+    pub keys: Option<Array>,
+    /// The advanced window `[B, C]`.
+    pub window: Option<Array>,
+    /// The advanced counts `[B, V]`.
+    pub counts: Option<Array>,
+    /// Step 3's logits, when `process_only`.
+    pub processed: Option<Array>,
 }
 
 type Pipeline = Box<dyn for<'a> FnMut(&'a [Array]) -> Result<Vec<Array>, Exception>>;
@@ -70,6 +204,7 @@ thread_local! {
     // model's MLX work on one thread, so a per-thread cache is the natural scope.
     static COMPILED: RefCell<HashMap<Stages, Pipeline>> = RefCell::new(HashMap::new());
     static USE_COMPILE: Cell<bool> = const { Cell::new(true) };
+    static USE_CHUNKS: Cell<bool> = Cell::new(std::env::var("MLXD_TOPK").map_or(true, |v| v != "sort"));
 }
 
 /// Turns compilation of the sampling graph on or off for this thread (on by default). Tests
@@ -78,46 +213,73 @@ pub fn set_compiled(enabled: bool) {
     USE_COMPILE.with(|c| c.set(enabled));
 }
 
-/// Runs steps 1-3 only (`stages.process_only` set): the processed `[B, V]` logits.
-pub(crate) fn process(stages: Stages, inputs: &[Array]) -> Result<Array, Exception> {
-    let stages = Stages { process_only: true, ..stages };
-    execute(stages, inputs)?.into_iter().next().ok_or_else(|| Exception::custom("sampling graph: missing output"))
+/// Chooses how this thread finds top-k candidates: the best chunks first (default), or one
+/// partition of the whole vocabulary (`MLXD_TOPK=sort` sets that at start). Both give the same
+/// candidate set up to ties; tests and benchmarks compare them.
+pub fn set_chunked_top_k(enabled: bool) {
+    USE_CHUNKS.with(|c| c.set(enabled));
 }
 
-fn execute(stages: Stages, inputs: &[Array]) -> Result<Vec<Array>, Exception> {
-    if USE_COMPILE.with(Cell::get) {
+pub(crate) fn chunked_top_k() -> bool {
+    USE_CHUNKS.with(Cell::get)
+}
+
+/// Runs the graph for `stages` on `inputs`.
+pub(crate) fn run(st: Stages, inputs: &Named) -> Result<Outputs, Exception> {
+    let list = plan(st)
+        .into_iter()
+        .map(|s| inputs.get(s).cloned())
+        .collect::<Result<Vec<_>, _>>()?;
+    let out = if USE_COMPILE.with(Cell::get) {
         COMPILED.with(|cache| {
             let mut cache = cache.borrow_mut();
-            let f =
-                cache.entry(stages).or_insert_with(|| Box::new(compile(move |xs: &[Array]| graph(stages, xs), None)));
-            f(inputs)
-        })
+            let f = cache
+                .entry(st)
+                .or_insert_with(|| Box::new(compile(move |xs: &[Array]| graph(st, xs), None)));
+            f(&list)
+        })?
     } else {
-        graph(stages, inputs)
-    }
-}
-
-/// Runs the graph for `stages` on `inputs` (in the order [`Stages`] documents).
-pub(crate) fn run(stages: Stages, inputs: &[Array]) -> Result<Outputs, Exception> {
-    let out = execute(stages, inputs)?;
-    let mut out = out.into_iter();
-    let mut next = || out.next().ok_or_else(|| Exception::custom("sampling graph: missing output"));
-    let tokens = next()?;
-    let logprobs = match stages.logprobs {
-        Some(_) => Some((next()?, next()?, next()?)),
-        None => None,
+        graph(st, &list)?
     };
-    let inspection = if stages.inspect { Some((next()?, next()?)) } else { None };
-    Ok(Outputs { tokens, logprobs, inspection })
-}
-
-/// The graph's inputs, consumed in the order [`Stages`] documents.
-struct Inputs<'a>(std::slice::Iter<'a, Array>);
-
-impl<'a> Inputs<'a> {
-    fn next(&mut self) -> Result<&'a Array, Exception> {
-        self.0.next().ok_or_else(|| Exception::custom("sampling graph: missing input"))
+    let mut out = out.into_iter();
+    let mut next = || {
+        out.next()
+            .ok_or_else(|| Exception::custom("sampling graph: missing output"))
+    };
+    let mut o = Outputs {
+        tokens: None,
+        logprobs: None,
+        inspection: None,
+        keys: None,
+        window: None,
+        counts: None,
+        processed: None,
+    };
+    if st.process_only && !st.advance_only {
+        o.processed = Some(next()?);
+        return Ok(o);
     }
+    if st.post() {
+        o.tokens = Some(next()?);
+        if st.logprobs.is_some() {
+            o.logprobs = Some((next()?, next()?, next()?));
+        }
+        if st.inspect {
+            o.inspection = Some((next()?, next()?));
+        }
+        if st.random {
+            o.keys = Some(next()?);
+        }
+    }
+    if st.advances() {
+        if st.repetition {
+            o.window = Some(next()?);
+        }
+        if st.presence_frequency {
+            o.counts = Some(next()?);
+        }
+    }
+    Ok(o)
 }
 
 fn neg_inf() -> Array {
@@ -139,62 +301,147 @@ fn and(keep: Option<Array>, more: Array) -> Result<Array, Exception> {
     }
 }
 
-/// `flat[row * width + index[row, j]] += update[row, j]` for a `[B, width]` array, as one scatter.
-fn scatter_add_rows(target: &Array, index: &Array, update: &Array) -> Result<Array, Exception> {
-    let (b, width) = (target.shape()[0], target.shape()[1]);
-    let rows = Array::arange::<i32, i32>(0, b * width, width)?.reshape(&[b, 1])?;
-    let flat = index.as_type::<i32>()?.add(&rows)?.reshape(&[-1])?;
-    let update = update.reshape(&[-1, 1])?;
-    scatter_add_single(target.reshape(&[-1])?, &flat, &update, 0)?.reshape(&[b, width])
+/// Raw 32-bit random words of `shape` from one key (`[2]` uint32), MLX's Threefry generator.
+fn random_bits(shape: &[i32], key: &Array) -> Result<Array, Exception> {
+    let stream = mlx_rs::Stream::thread_local_or_default();
+    // SAFETY: `res` is created here and either owned by the returned Array or freed; `shape`
+    // outlives the call.
+    unsafe {
+        let mut res = mlx_sys::mlx_array_new();
+        let rc = mlx_sys::mlx_random_bits(
+            &mut res,
+            shape.as_ptr(),
+            shape.len(),
+            4,
+            key.as_ptr(),
+            stream.as_ptr(),
+        );
+        if rc != 0 {
+            mlx_sys::mlx_array_free(res);
+            return Err(Exception::custom(format!(
+                "random bits of shape {shape:?} for a key of shape {:?} failed",
+                key.shape()
+            )));
+        }
+        Ok(Array::from_ptr(res))
+    }
+}
+
+/// Splits each row's key (`keys`: `[B, 2]` uint32) and draws the row's Gumbel noise with the
+/// half it uses now: returns (the rows' next keys `[B, 2]`, noise `[B, V]`). The split is
+/// `mlx.random.split(key)`'s (the first half is kept). A row's noise depends on its key and V
+/// only, never on the other rows (MLX takes one key per draw, so rows draw one by one).
+fn split_and_draw(keys: &Array, b: i32, v: i32) -> Result<(Array, Array), Exception> {
+    let mut next = Vec::with_capacity(b as usize);
+    let mut bits = Vec::with_capacity(b as usize);
+    for i in 0..b {
+        let key = if b == 1 {
+            keys.reshape(&[2])?
+        } else {
+            keys.try_index(i)?
+        };
+        let words = random_bits(&[2, 2], &key)?;
+        next.push(words.try_index(0..1)?);
+        bits.push(random_bits(&[1, v], &words.try_index(1)?)?);
+    }
+    let (next, bits) = if b == 1 {
+        (next.pop().expect("one row"), bits.pop().expect("one row"))
+    } else {
+        (ops::concatenate(&next, 0)?, ops::concatenate(&bits, 0)?)
+    };
+    // Uniform in (0, 1) from the top 24 bits, centred in their bucket so neither end is hit;
+    // then Gumbel(0, 1) = -ln(-ln u).
+    let u = bits
+        .floor_divide(Array::from_slice(&[256u32], &[1]))?
+        .as_type::<f32>()?;
+    let u = u
+        .add(Array::from_f32(0.5))?
+        .multiply(Array::from_f32(1.0 / 16_777_216.0))?;
+    let noise = u.log()?.negative()?.log()?.negative()?;
+    Ok((next, noise))
 }
 
 /// The whole pipeline; see the parent module for the order and the reasons behind it.
 fn graph(st: Stages, inputs: &[Array]) -> Result<Vec<Array>, Exception> {
-    let mut inputs = Inputs(inputs.iter());
-    let mut logits = inputs.next()?.as_type::<f32>()?;
+    let mut named = Named::default();
+    for (slot, a) in plan(st).into_iter().zip(inputs) {
+        named.set(slot, a.clone());
+    }
+    let head = named.get(Slot::Head)?;
+    if st.advance_only {
+        let b = head.shape()[0];
+        return advance(st, &named, &head.reshape(&[b, 1])?);
+    }
+    let mut logits = head.as_type::<f32>()?;
     let (b, v) = (logits.shape()[0], logits.shape()[1]);
 
     // 1. Logit bias: one scatter-add of every row's (token, bias) pairs.
     if st.bias {
-        let (index, values) = (inputs.next()?, inputs.next()?);
+        let (index, values) = (named.get(Slot::BiasIndex)?, named.get(Slot::BiasValues)?);
         logits = scatter_add_single(logits.reshape(&[-1])?, index, values, 0)?.reshape(&[b, v])?;
     }
-    // 2. Repetition penalty: one scatter-add marks the tokens in each row's window.
+    // 2. Repetition penalty: one scatter marks the tokens in each row's window (empty slots
+    // land in an extra column that is cut off).
     if st.repetition {
-        let (window, weights, penalty) = (inputs.next()?, inputs.next()?, inputs.next()?);
-        let seen = scatter_add_rows(&Array::zeros::<f32>(&[b, v])?, window, weights)?.gt(Array::from_f32(0.0))?;
-        let penalized =
-            ops::select(logits.lt(Array::from_f32(0.0))?, logits.multiply(penalty)?, logits.divide(penalty)?)?;
+        let (window, penalty) = (named.get(Slot::Window)?, named.get(Slot::Penalty)?);
+        let c = window.shape()[1];
+        let index = ops::minimum(window, Array::from_slice(&[v as u32], &[1]))?.as_type::<i32>()?;
+        let marks = Array::zeros::<f32>(&[b, v + 1])?.put_along_axis(
+            &index,
+            Array::ones::<f32>(&[b, c])?,
+            -1,
+        )?;
+        let seen = marks.try_index((.., ..v))?.gt(Array::from_f32(0.0))?;
+        let penalized = ops::select(
+            logits.lt(Array::from_f32(0.0))?,
+            logits.multiply(penalty)?,
+            logits.divide(penalty)?,
+        )?;
         logits = ops::select(&seen, &penalized, &logits)?;
     }
     // 3. Presence and frequency penalties over generated-token counts.
     if st.presence_frequency {
-        let (counts, presence, frequency) = (inputs.next()?, inputs.next()?, inputs.next()?);
+        let (counts, presence, frequency) = (
+            named.get(Slot::Counts)?,
+            named.get(Slot::Presence)?,
+            named.get(Slot::Frequency)?,
+        );
         let present = counts.gt(Array::from_f32(0.0))?.as_type::<f32>()?;
-        let penalty = present.multiply(presence)?.add(counts.multiply(frequency)?)?;
+        let penalty = present
+            .multiply(presence)?
+            .add(counts.multiply(frequency)?)?;
         logits = logits.subtract(&penalty)?;
     }
     if st.process_only {
         return Ok(vec![logits]);
     }
 
+    let mut next_keys = None;
     let (tokens, candidates) = if st.random {
-        let inv_temperature = inputs.next()?;
-        let noise = inputs.next()?;
-        let is_greedy = if st.mixed_greedy { Some(inputs.next()?.reshape(&[b])?) } else { None };
+        let (keys, noise) = split_and_draw(named.get(Slot::Keys)?, b, v)?;
+        next_keys = Some(keys);
+        let inv_temperature = named.get(Slot::InvTemperature)?;
+        let is_greedy = if st.mixed_greedy {
+            Some(named.get(Slot::Greedy)?.reshape(&[b])?)
+        } else {
+            None
+        };
         // 4. Temperature.
         let scaled = logits.multiply(inv_temperature)?;
         let (drawn, candidates) = if st.any_filter() {
-            filtered_draw(st, &scaled, noise, &mut inputs)?
+            filtered_draw(st, &scaled, &noise, &named)?
         } else {
-            (argmax_axis(scaled.add(noise)?, -1, false)?, scaled)
+            (argmax_axis(scaled.add(&noise)?, -1, false)?, scaled)
         };
         match is_greedy {
             Some(g) => {
                 let tokens = ops::select(&g, argmax_axis(&logits, -1, false)?, &drawn)?;
                 // Candidates are in vocabulary order only when inspected.
-                let candidates =
-                    if st.inspect { ops::select(g.reshape(&[b, 1])?, &logits, &candidates)? } else { candidates };
+                let candidates = if st.inspect {
+                    ops::select(g.reshape(&[b, 1])?, &logits, &candidates)?
+                } else {
+                    candidates
+                };
                 (tokens, candidates)
             }
             None => (drawn, candidates),
@@ -202,6 +449,7 @@ fn graph(st: Stages, inputs: &[Array]) -> Result<Vec<Array>, Exception> {
     } else {
         (argmax_axis(&logits, -1, false)?, logits.clone())
     };
+    let tokens = tokens.as_type::<u32>()?;
 
     let mut out = vec![tokens.clone()];
     if let Some(n) = st.logprobs {
@@ -211,7 +459,90 @@ fn graph(st: Stages, inputs: &[Array]) -> Result<Vec<Array>, Exception> {
     if st.inspect {
         out.extend([logits, candidates]);
     }
+    out.extend(next_keys);
+    if st.advances() {
+        out.extend(advance(st, &named, &tokens.reshape(&[b, 1])?)?);
+    }
     Ok(out)
+}
+
+/// The rows' window and counts after `tokens` (`[B, 1]`): the window shifts left by one and
+/// takes the token at its end (slots before the row's first live slot stay empty); the token's
+/// count goes up by one.
+fn advance(st: Stages, named: &Named, tokens: &Array) -> Result<Vec<Array>, Exception> {
+    let mut out = Vec::new();
+    let b = tokens.shape()[0];
+    if st.repetition {
+        let (window, start) = (named.get(Slot::Window)?, named.get(Slot::WindowStart)?);
+        let c = window.shape()[1];
+        let shifted =
+            ops::concatenate(&[window.try_index((.., 1..))?, tokens.as_type::<u32>()?], 1)?;
+        let position = Array::arange::<i32, i32>(0, c, 1)?.reshape(&[1, c])?;
+        let empty = Array::from_slice(&[EMPTY_SLOT], &[1]);
+        out.push(ops::select(position.lt(start)?, &empty, &shifted)?);
+    }
+    if st.presence_frequency {
+        let counts = named.get(Slot::Counts)?;
+        let v = counts.shape()[1];
+        let rows = Array::arange::<i32, i32>(0, b * v, v)?.reshape(&[b, 1])?;
+        let flat = tokens.as_type::<i32>()?.add(&rows)?.reshape(&[-1])?;
+        let one = Array::ones::<f32>(&[b, 1])?;
+        out.push(scatter_add_single(counts.reshape(&[-1])?, &flat, &one, 0)?.reshape(&[b, v])?);
+    }
+    Ok(out)
+}
+
+/// The `k` best candidates of each row of `scaled` (`[B, V]`), unordered: their values and
+/// token ids (`[B, k]`). With `chunk = Some(c)`, the row is cut into chunks of `c` logits, the
+/// `k` chunks with the highest maxima are kept, and the candidates are partitioned out of
+/// those `k * c` logits. That finds the same set: each of the `k` best logits lies in a chunk
+/// whose maximum is at least the k-th best logit, and at most `k` chunks have such a maximum.
+/// It replaces one partition of the whole vocabulary (a full sort on some GPU backends) with
+/// a max-reduction and two small partitions.
+fn top_candidates(scaled: &Array, k: i32, chunk: Option<i32>) -> Result<(Array, Array), Exception> {
+    let (b, v) = (scaled.shape()[0], scaled.shape()[1]);
+    match chunk {
+        Some(c) => {
+            let n = v / c;
+            let grouped = scaled.reshape(&[b, n, c])?;
+            let best = argpartition_axis(grouped.max_axis(-1, false)?.negative()?, k - 1, -1)?
+                .try_index((.., ..k))?;
+            let values = grouped
+                .take_along_axis(best.reshape(&[b, k, 1])?, 1)?
+                .reshape(&[b, k * c])?;
+            let offsets = Array::arange::<i32, i32>(0, c, 1)?.reshape(&[1, 1, c])?;
+            let ids = best
+                .as_type::<i32>()?
+                .multiply(Array::from_int(c))?
+                .reshape(&[b, k, 1])?
+                .add(&offsets)?
+                .reshape(&[b, k * c])?;
+            let part = argpartition_axis(values.negative()?, k - 1, -1)?.try_index((.., ..k))?;
+            Ok((
+                values.take_along_axis(&part, -1)?,
+                ids.take_along_axis(&part, -1)?,
+            ))
+        }
+        None => {
+            let part = argpartition_axis(scaled.negative()?, k - 1, -1)?.try_index((.., ..k))?;
+            Ok((scaled.take_along_axis(&part, -1)?, part))
+        }
+    }
+}
+
+/// The chunk width [`top_candidates`] uses for `k` candidates of a `v`-token vocabulary, if
+/// chunking pays: the widest power of two up to `4096 / k` (so the second partition has at
+/// most 4,096 entries) that divides `v` and leaves more than `4 k` chunks.
+pub(crate) fn chunk_width(k: i32, v: i32) -> Option<i32> {
+    let mut c = (4096 / k.max(1)).max(1);
+    c = 1 << (31 - (c as u32).leading_zeros()); // round down to a power of two
+    while c >= 16 {
+        if v % c == 0 && v / c > 4 * k {
+            return Some(c);
+        }
+        c /= 2;
+    }
+    None
 }
 
 /// 5-8. Top-k, top-p, min-p and typical-p on the tempered logits, then the Gumbel-max draw.
@@ -222,16 +553,18 @@ fn filtered_draw(
     st: Stages,
     scaled: &Array,
     noise: &Array,
-    inputs: &mut Inputs<'_>,
+    named: &Named,
 ) -> Result<(Array, Array), Exception> {
     let b = scaled.shape()[0];
     // Candidates, best first: `sorted` holds their logits, `ids` their token ids.
     let (sorted, ids) = match st.truncate {
         Some(k) => {
-            let part = argpartition_axis(scaled.negative()?, k - 1, -1)?.try_index((.., ..k))?;
-            let values = scaled.take_along_axis(&part, -1)?;
+            let (values, ids) = top_candidates(scaled, k, st.chunk)?;
             let order = argsort_axis(values.negative()?, -1)?;
-            (values.take_along_axis(&order, -1)?, part.take_along_axis(&order, -1)?)
+            (
+                values.take_along_axis(&order, -1)?,
+                ids.take_along_axis(&order, -1)?,
+            )
         }
         None => {
             let order = argsort_axis(scaled.negative()?, -1)?;
@@ -242,25 +575,28 @@ fn filtered_draw(
     let mut keep: Option<Array> = None;
 
     if st.top_k {
-        let k = inputs.next()?;
+        let k = named.get(Slot::TopK)?;
         let rank = Array::arange::<i32, i32>(0, width, 1)?.reshape(&[1, width])?;
         keep = Some(rank.lt(k)?);
     }
     if st.top_p {
-        let top_p = inputs.next()?;
+        let top_p = named.get(Slot::TopP)?;
         let probs = softmax_axis(masked(&sorted, keep.as_ref())?, -1, true)?;
         // Mass strictly before each candidate: keeps the smallest prefix reaching `top_p`.
         let before = cumsum(&probs, -1, false, false)?;
         keep = Some(and(keep, before.lt(top_p)?)?);
     }
     if st.min_p {
-        let log_min_p = inputs.next()?;
+        let log_min_p = named.get(Slot::LnMinP)?;
         let best = sorted.try_index((.., ..1))?;
         keep = Some(and(keep, sorted.ge(best.add(log_min_p)?)?)?);
     }
     if st.typical {
-        let mass = inputs.next()?;
-        keep = Some(and(keep.clone(), typical_keep(&sorted, keep.as_ref(), mass)?)?);
+        let mass = named.get(Slot::Typical)?;
+        keep = Some(and(
+            keep.clone(),
+            typical_keep(&sorted, keep.as_ref(), mass)?,
+        )?);
     }
 
     let candidates = masked(&sorted, keep.as_ref())?;
@@ -284,7 +620,11 @@ fn typical_keep(sorted: &Array, keep: Option<&Array>, mass: &Array) -> Result<Ar
     let logp = logp.subtract(logsumexp_axis(&logp, -1, true)?)?;
     let p = logp.exp()?;
     // 0 * -inf is NaN; removed candidates contribute nothing to the entropy.
-    let plogp = ops::select(p.gt(Array::from_f32(0.0))?, p.multiply(&logp)?, Array::from_f32(0.0))?;
+    let plogp = ops::select(
+        p.gt(Array::from_f32(0.0))?,
+        p.multiply(&logp)?,
+        Array::from_f32(0.0),
+    )?;
     let entropy = plogp.sum_axis(-1, true)?.negative()?;
     let distance = logp.negative()?.subtract(&entropy)?.abs()?; // +inf for removed candidates
     let order = argsort_axis(&distance, -1)?;
@@ -297,10 +637,16 @@ fn typical_keep(sorted: &Array, keep: Option<&Array>, mass: &Array) -> Result<Ar
 
 /// Log-softmax of the processed logits (after biases and penalties, before temperature and
 /// filters, as mlx-lm reports them): the chosen token's value and the `n` best.
-pub(crate) fn logprobs(logits: &Array, tokens: &Array, n: i32) -> Result<(Array, Array, Array), Exception> {
+pub(crate) fn logprobs(
+    logits: &Array,
+    tokens: &Array,
+    n: i32,
+) -> Result<(Array, Array, Array), Exception> {
     let (b, v) = (logits.shape()[0], logits.shape()[1]);
     let logp = logits.subtract(logsumexp_axis(logits, -1, true)?)?;
-    let chosen = logp.take_along_axis(tokens.reshape(&[b, 1])?, -1)?.reshape(&[b])?;
+    let chosen = logp
+        .take_along_axis(tokens.reshape(&[b, 1])?, -1)?
+        .reshape(&[b])?;
     let n = n.min(v);
     if n == 0 {
         let empty_ids = Array::zeros::<u32>(&[b, 0])?;
@@ -314,5 +660,30 @@ pub(crate) fn logprobs(logits: &Array, tokens: &Array, n: i32) -> Result<(Array,
     };
     let values = logp.take_along_axis(&part, -1)?;
     let order = argsort_axis(values.negative()?, -1)?;
-    Ok((chosen, part.take_along_axis(&order, -1)?.as_type::<u32>()?, values.take_along_axis(&order, -1)?))
+    Ok((
+        chosen,
+        part.take_along_axis(&order, -1)?.as_type::<u32>()?,
+        values.take_along_axis(&order, -1)?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_width;
+
+    #[test]
+    fn chunk_width_divides_the_vocabulary_and_bounds_the_second_partition() {
+        // Qwen3 (151,936), Llama 3 (128,256), SmolLM2 (49,152) with the usual top-k buckets.
+        for v in [151_936, 128_256, 49_152] {
+            for k in [16, 32, 64, 128] {
+                let c =
+                    chunk_width(k, v).unwrap_or_else(|| panic!("no chunk width for k {k}, V {v}"));
+                assert_eq!(v % c, 0, "k {k} V {v}: {c}");
+                assert!(k * c <= 4096 && v / c > 4 * k, "k {k} V {v}: {c}");
+            }
+        }
+        // Too few chunks to pay, or no power-of-two width that divides V.
+        assert_eq!(chunk_width(64, 1024), None);
+        assert_eq!(chunk_width(16, 151_937), None);
+    }
 }

@@ -16,7 +16,7 @@
 //! ends that request with `plugin_error`. Other rows are untouched.
 
 use super::params::SamplingError;
-use super::pipeline::{self, Outputs, Stages};
+use super::pipeline::{self, Named, Outputs, Slot, Stages};
 use super::sequence::SequenceSampler;
 use crate::plugins::instance::StepInfo;
 use crate::plugins::{Kind, PluginError, PluginInstance, PluginRequest};
@@ -57,8 +57,17 @@ impl PluginChain {
             let ids: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
             Array::from_slice(&ids, &[1, ids.len() as i32])
         });
-        let info = StepInfo { prompt_tokens: prompt.len(), generated_tokens: 0, temperature };
-        Ok(PluginChain { processors, sampler, history, info })
+        let info = StepInfo {
+            prompt_tokens: prompt.len(),
+            generated_tokens: 0,
+            temperature,
+        };
+        Ok(PluginChain {
+            processors,
+            sampler,
+            history,
+            info,
+        })
     }
 
     fn has_processors(&self) -> bool {
@@ -108,27 +117,36 @@ fn row(a: &Array, i: usize, b: usize) -> Result<Array, SamplingError> {
     Ok(a.try_index(i as i32..i as i32 + 1)?)
 }
 
-/// The step with plugins, on the inputs `sequence::step` built for the one-graph path; the
-/// first `pre_inputs` of them belong to steps 1-3. Returns what `pipeline::run` would.
+/// The step with plugins, on the inputs `sequence::step` built for the one-graph path. Returns
+/// what `pipeline::run` would.
 pub(super) fn run(
     st: Stages,
-    inputs: &[Array],
-    pre_inputs: usize,
+    named: &Named,
     rows: &mut [&mut SequenceSampler],
 ) -> Result<Outputs, SamplingError> {
     let b = rows.len();
     // 1. Built-in processors.
-    let pre = Stages { bias: st.bias, repetition: st.repetition, presence_frequency: st.presence_frequency, ..Stages::default() };
+    let pre = Stages {
+        bias: st.bias,
+        repetition: st.repetition,
+        presence_frequency: st.presence_frequency,
+        process_only: true,
+        ..Stages::default()
+    };
     let logits = if st.bias || st.repetition || st.presence_frequency {
-        pipeline::process(pre, &inputs[..pre_inputs])?
+        pipeline::run(pre, named)?
+            .processed
+            .ok_or_else(|| SamplingError::Shape("no processed logits".into()))?
     } else {
-        inputs[0].as_type::<f32>()?
+        named.head()?.as_type::<f32>()?
     };
 
     // 2. Plugin processors, row by row.
     let mut rows_out: Option<Vec<Array>> = None;
     for (i, r) in rows.iter_mut().enumerate() {
-        let Some(chain) = r.plugins.as_mut().filter(|c| c.has_processors()) else { continue };
+        let Some(chain) = r.plugins.as_mut().filter(|c| c.has_processors()) else {
+            continue;
+        };
         if r.failure.is_some() {
             continue;
         }
@@ -150,46 +168,84 @@ pub(super) fn run(
     };
 
     // 3. Built-in temperature, filters and pick.
-    let any_sampler = rows.iter().any(|r| r.plugins.as_ref().is_some_and(PluginChain::has_sampler));
+    let any_sampler = rows
+        .iter()
+        .any(|r| r.plugins.as_ref().is_some_and(PluginChain::has_sampler));
     let post = Stages {
         bias: false,
         repetition: false,
         presence_frequency: false,
+        advance: false,
         logprobs: if any_sampler { None } else { st.logprobs },
         ..st
     };
-    let mut post_inputs = Vec::with_capacity(inputs.len() - pre_inputs + 1);
-    post_inputs.push(processed.clone());
-    post_inputs.extend_from_slice(&inputs[pre_inputs..]);
+    let mut post_inputs = named.clone();
+    post_inputs.set(Slot::Head, processed.clone());
     let mut out = pipeline::run(post, &post_inputs)?;
-    if !any_sampler {
-        return Ok(out);
-    }
 
     // 4. Final sampler plugins replace the built-in pick of their rows.
-    let mut picks = Vec::with_capacity(b);
-    for (i, r) in rows.iter_mut().enumerate() {
-        let builtin = row(&out.tokens, i, b)?;
-        let temperature = r.params().temperature;
-        let pick = match r.plugins.as_mut().filter(|c| c.has_sampler() && r.failure.is_none()) {
-            None => None,
-            Some(chain) => {
-                let x = row(&processed, i, b)?;
-                let x = if temperature > 0.0 { x.multiply(Array::from_f32(1.0 / temperature))? } else { x };
-                match chain.pick(&x) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        r.failure = Some(e.into());
-                        None
+    if any_sampler {
+        let builtin_tokens = out
+            .tokens
+            .clone()
+            .ok_or_else(|| SamplingError::Shape("no tokens".into()))?;
+        let mut picks = Vec::with_capacity(b);
+        for (i, r) in rows.iter_mut().enumerate() {
+            let builtin = row(&builtin_tokens, i, b)?;
+            let temperature = r.params().temperature;
+            let pick = match r
+                .plugins
+                .as_mut()
+                .filter(|c| c.has_sampler() && r.failure.is_none())
+            {
+                None => None,
+                Some(chain) => {
+                    let x = row(&processed, i, b)?;
+                    let x = if temperature > 0.0 {
+                        x.multiply(Array::from_f32(1.0 / temperature))?
+                    } else {
+                        x
+                    };
+                    match chain.pick(&x) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            r.failure = Some(e.into());
+                            None
+                        }
                     }
                 }
-            }
+            };
+            picks.push(pick.unwrap_or(builtin));
+        }
+        let tokens = if b == 1 {
+            picks.remove(0)
+        } else {
+            ops::concatenate(&picks, 0)?
         };
-        picks.push(pick.unwrap_or(builtin));
+        if let Some(n) = st.logprobs {
+            out.logprobs = Some(pipeline::logprobs(&processed, &tokens, n)?);
+        }
+        out.tokens = Some(tokens);
     }
-    out.tokens = if b == 1 { picks.remove(0) } else { ops::concatenate(&picks, 0)? };
-    if let Some(n) = st.logprobs {
-        out.logprobs = Some(pipeline::logprobs(&processed, &out.tokens, n)?);
+
+    // 5. The window and counts advance with the final tokens.
+    if st.repetition || st.presence_frequency {
+        let advance = Stages {
+            repetition: st.repetition,
+            presence_frequency: st.presence_frequency,
+            advance_only: true,
+            ..Stages::default()
+        };
+        let mut inputs = named.clone();
+        inputs.set(
+            Slot::Head,
+            out.tokens
+                .clone()
+                .ok_or_else(|| SamplingError::Shape("no tokens".into()))?,
+        );
+        let advanced = pipeline::run(advance, &inputs)?;
+        out.window = advanced.window;
+        out.counts = advanced.counts;
     }
     Ok(out)
 }

@@ -2,11 +2,13 @@
 //! such states into the inputs of one compiled graph.
 
 use super::params::{SamplingError, SamplingParams};
-use super::pipeline::{self, Stages};
+use super::pipeline::{self, Named, Outputs, Slot, Stages, EMPTY_SLOT};
 use super::plugin::PluginChain;
-use mlx_rs::ops::indexing::{scatter_add_single, TryIndexOp};
+use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::ops::{self};
 use mlx_rs::{random, Array};
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A `[B, 1]` array of per-row values from the host.
 macro_rules! column {
@@ -50,21 +52,23 @@ pub struct Inspection {
     pub candidates: Array,
 }
 
-/// The last tokens of prompt + output, as a ring on the device.
+/// The last tokens of prompt + output on the device: `[1, C]` uint32, right-aligned, C = `size`
+/// rounded up to a power of two (see [`bucket`]); slots before `C - size` and not yet filled
+/// hold [`EMPTY_SLOT`]. The graph shifts it by one token per step.
 #[derive(Debug)]
 struct Window {
-    /// `[1, C]` uint32, C = `size` rounded up to a power of two (see [`bucket`]).
     ids: Array,
-    /// `[1, C]` float32: 1 for filled slots, 0 for empty ones and for the rounding slots.
-    weights: Array,
     size: usize,
-    filled: usize,
-    next_slot: usize,
 }
 
 impl Window {
     fn capacity(&self) -> i32 {
         self.ids.shape()[1]
+    }
+
+    /// The first slot that can hold a token.
+    fn start(&self) -> i32 {
+        self.capacity() - self.size as i32
     }
 }
 
@@ -75,13 +79,17 @@ fn bucket(n: usize) -> usize {
     n.max(1).next_power_of_two()
 }
 
+static NEXT_UID: AtomicU64 = AtomicU64::new(1);
+
 /// One request's sampler: its parameters and its device state (random key, repetition window,
 /// generated-token counts). Nothing it holds is ever read back to the host.
 #[derive(Debug)]
 pub struct SequenceSampler {
+    /// Names this sampler in the per-batch column cache (its parameters never change).
+    uid: u64,
     params: SamplingParams,
     vocab: usize,
-    /// Split every step; `None` for greedy requests.
+    /// `[1, 2]` uint32, split in the graph every step; `None` for greedy requests.
     key: Option<Array>,
     window: Option<Window>,
     /// `[1, V]` float32 counts of generated tokens, for presence/frequency penalties.
@@ -95,27 +103,32 @@ pub struct SequenceSampler {
 impl SequenceSampler {
     /// Validates `params` for a `vocab_size`-token model and prepares the device state; `prompt`
     /// seeds the repetition window.
-    pub fn new(params: &SamplingParams, vocab_size: usize, prompt: &[u32]) -> Result<Self, SamplingError> {
+    pub fn new(
+        params: &SamplingParams,
+        vocab_size: usize,
+        prompt: &[u32],
+    ) -> Result<Self, SamplingError> {
         params.validate(vocab_size)?;
         let v = vocab_size as i32;
         let seed = params.seed.unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
         });
-        let key = if params.is_random() { Some(random::key(seed)?) } else { None };
+        let key = if params.is_random() {
+            Some(random::key(seed)?.reshape(&[1, 2])?)
+        } else {
+            None
+        };
         let window = (params.repetition_penalty != 1.0).then(|| {
             let size = params.repetition_context_size;
             let capacity = bucket(size);
             let tail = &prompt[prompt.len().saturating_sub(size)..];
-            let mut ids = vec![0u32; capacity];
-            ids[..tail.len()].copy_from_slice(tail);
-            let mut weights = vec![0f32; capacity];
-            weights[..tail.len()].fill(1.0);
+            let mut ids = vec![EMPTY_SLOT; capacity];
+            ids[capacity - tail.len()..].copy_from_slice(tail);
             Window {
                 ids: Array::from_slice(&ids, &[1, capacity as i32]),
-                weights: Array::from_slice(&weights, &[1, capacity as i32]),
                 size,
-                filled: tail.len(),
-                next_slot: tail.len() % size,
             }
         });
         let counts = if params.presence_penalty != 0.0 || params.frequency_penalty != 0.0 {
@@ -126,9 +139,25 @@ impl SequenceSampler {
         let plugins = if params.plugins.is_empty() {
             None
         } else {
-            Some(PluginChain::new(&params.plugins, vocab_size, prompt, seed, params.temperature)?)
+            Some(PluginChain::new(
+                &params.plugins,
+                vocab_size,
+                prompt,
+                seed,
+                params.temperature,
+            )?)
         };
-        Ok(SequenceSampler { params: params.clone(), vocab: vocab_size, key, window, counts, plugins, failure: None })
+        let uid = NEXT_UID.fetch_add(1, Ordering::Relaxed);
+        Ok(SequenceSampler {
+            uid,
+            params: params.clone(),
+            vocab: vocab_size,
+            key,
+            window,
+            counts,
+            plugins,
+            failure: None,
+        })
     }
 
     /// The error of a plugin of this row that failed during a batched step (the batch went on;
@@ -168,46 +197,60 @@ impl SequenceSampler {
     }
 
     /// Records a token of this sequence (`[1]` or `[1, 1]`, any integer dtype) in the repetition
-    /// window, the generated-token counts and the plugins' state. The sampling functions call
-    /// it for the tokens they pick; call it yourself only for tokens the sampler did not choose
-    /// (forced tokens).
+    /// window, the generated-token counts and the plugins' state. The sampling functions do
+    /// this for the tokens they pick (inside their graph); call it yourself only for tokens the
+    /// sampler did not choose (forced tokens).
     pub fn accept(&mut self, token: &Array) -> Result<(), SamplingError> {
-        self.accept_builtin(token)?;
+        if self.window.is_some() || self.counts.is_some() {
+            let st = Stages {
+                repetition: self.window.is_some(),
+                presence_frequency: self.counts.is_some(),
+                advance_only: true,
+                ..Stages::default()
+            };
+            let mut named = Named::default();
+            named.set(Slot::Head, token.reshape(&[1])?.as_type::<u32>()?);
+            if let Some(w) = &self.window {
+                named.set(Slot::Window, w.ids.clone());
+                named.set(Slot::WindowStart, column!(vec![w.start()]));
+            }
+            if let Some(c) = &self.counts {
+                named.set(Slot::Counts, c.clone());
+            }
+            let out = pipeline::run(st, &named)?;
+            self.store(&out, 0, 1, 0)?;
+        }
         match self.plugins.as_mut() {
             Some(chain) => chain.accept(token),
             None => Ok(()),
         }
     }
 
-    fn accept_builtin(&mut self, token: &Array) -> Result<(), SamplingError> {
-        let token = token.reshape(&[1, 1])?;
-        if let Some(w) = self.window.as_mut() {
-            let slot = Array::from_slice(&[w.next_slot as i32], &[1, 1]);
-            w.ids = w.ids.put_along_axis(&slot, token.as_type::<u32>()?, -1)?;
-            if w.filled < w.size {
-                w.weights = w.weights.put_along_axis(&slot, Array::from_f32(1.0).reshape(&[1, 1])?, -1)?;
-                w.filled += 1;
-            }
-            w.next_slot = (w.next_slot + 1) % w.size;
+    /// Takes row `i` of a batch of `b`'s next state from the graph's outputs; `pad` is how many
+    /// empty slots this row's window was padded with on the left.
+    fn store(&mut self, out: &Outputs, i: i32, b: usize, pad: i32) -> Result<(), SamplingError> {
+        let row = |a: &Array| -> Result<Array, SamplingError> {
+            Ok(if b == 1 {
+                a.clone()
+            } else {
+                a.try_index(i..i + 1)?
+            })
+        };
+        if let (Some(key), Some(keys)) = (self.key.as_mut(), &out.keys) {
+            *key = row(keys)?;
         }
-        if let Some(c) = self.counts.as_mut() {
-            let one = Array::from_f32(1.0).reshape(&[1, 1])?;
-            *c = scatter_add_single(c.reshape(&[-1])?, token.reshape(&[1])?.as_type::<i32>()?, &one, 0)?
-                .reshape(&[1, self.vocab as i32])?;
+        if let (Some(w), Some(ids)) = (self.window.as_mut(), &out.window) {
+            let ids = row(ids)?;
+            w.ids = if pad > 0 {
+                ids.try_index((.., pad..))?
+            } else {
+                ids
+            };
+        }
+        if let (Some(c), Some(counts)) = (self.counts.as_mut(), &out.counts) {
+            *c = row(counts)?;
         }
         Ok(())
-    }
-
-    /// The key for this step's draw; the request keeps the other half.
-    fn next_key(&mut self) -> Result<Option<Array>, SamplingError> {
-        match self.key.as_mut() {
-            None => Ok(None),
-            Some(key) => {
-                let (keep, use_now) = random::split(&*key, 2)?;
-                *key = keep;
-                Ok(Some(use_now))
-            }
-        }
     }
 }
 
@@ -215,24 +258,50 @@ impl SequenceSampler {
 /// state, in one graph; records each pick in its row; returns `[B]` uint32, lazily. A row whose
 /// plugin fails gets a built-in token and its [`SequenceSampler::failure`] set; the batch
 /// itself succeeds.
-pub fn sample_batch(logits: &Array, rows: &mut [&mut SequenceSampler]) -> Result<Array, SamplingError> {
+pub fn sample_batch(
+    logits: &Array,
+    rows: &mut [&mut SequenceSampler],
+) -> Result<Array, SamplingError> {
     Ok(step(logits, rows, false, false)?.0.tokens)
 }
 
 /// As [`sample_batch`], with the logprobs the rows asked for.
-pub fn sample_batch_with_logprobs(logits: &Array, rows: &mut [&mut SequenceSampler]) -> Result<Sampled, SamplingError> {
+pub fn sample_batch_with_logprobs(
+    logits: &Array,
+    rows: &mut [&mut SequenceSampler],
+) -> Result<Sampled, SamplingError> {
     Ok(step(logits, rows, true, false)?.0)
 }
 
 /// As [`sample_batch`] (state advances the same way), also returning the intermediate logits:
 /// the tests check every stage against definitions through it.
-pub fn sample_batch_inspect(logits: &Array, rows: &mut [&mut SequenceSampler]) -> Result<Inspection, SamplingError> {
+pub fn sample_batch_inspect(
+    logits: &Array,
+    rows: &mut [&mut SequenceSampler],
+) -> Result<Inspection, SamplingError> {
     let (sampled, inspection) = step(logits, rows, false, true)?;
-    let (processed, candidates) = inspection.ok_or_else(|| SamplingError::Shape("no inspection output".into()))?;
-    Ok(Inspection { tokens: sampled.tokens, processed, candidates })
+    let (processed, candidates) =
+        inspection.ok_or_else(|| SamplingError::Shape("no inspection output".into()))?;
+    Ok(Inspection {
+        tokens: sampled.tokens,
+        processed,
+        candidates,
+    })
 }
 
 type StepResult = (Sampled, Option<(Array, Array)>);
+
+/// The per-row parameter columns of the last batch, by the batch's sampler ids and stages:
+/// they only change when the batch does, so a steady batch builds no host arrays per step.
+struct ColumnCache {
+    rows: Vec<u64>,
+    stages: Stages,
+    columns: Vec<(Slot, Array)>,
+}
+
+thread_local! {
+    static COLUMNS: RefCell<Option<ColumnCache>> = const { RefCell::new(None) };
+}
 
 fn step(
     logits: &Array,
@@ -242,18 +311,117 @@ fn step(
 ) -> Result<StepResult, SamplingError> {
     let shape = logits.shape();
     let b = rows.len();
-    if shape.len() != 2 || shape[0] as usize != b || rows.iter().any(|r| r.vocab != shape[1] as usize) {
+    if shape.len() != 2
+        || shape[0] as usize != b
+        || rows.iter().any(|r| r.vocab != shape[1] as usize)
+    {
         let vocabs: Vec<usize> = rows.iter().map(|r| r.vocab).collect();
         return Err(SamplingError::Shape(format!(
             "logits of shape {shape:?} for {b} rows with vocabularies {vocabs:?}; want [B, V]"
         )));
     }
     let v = shape[1];
-    let keys = rows.iter_mut().map(|r| r.next_key()).collect::<Result<Vec<_>, _>>()?;
+    let st = stages(rows, v, want_logprobs, inspect);
+
+    let mut named = Named::default();
+    named.set(Slot::Head, logits.clone());
+    // The rows' device state, stacked (no copy for a single row).
+    let capacity = rows
+        .iter()
+        .filter_map(|r| r.window.as_ref().map(Window::capacity))
+        .max()
+        .unwrap_or(1);
+    let pads: Vec<i32> = rows
+        .iter()
+        .map(|r| r.window.as_ref().map_or(0, |w| capacity - w.capacity()))
+        .collect();
+    if st.repetition {
+        let mut ids = Vec::with_capacity(b);
+        for (r, &pad) in rows.iter().zip(&pads) {
+            ids.push(match &r.window {
+                Some(w) if pad == 0 => w.ids.clone(),
+                Some(w) => ops::concatenate(&[empty_slots(pad)?, w.ids.clone()], 1)?,
+                None => empty_slots(capacity)?,
+            });
+        }
+        named.set(Slot::Window, rows_of(ids)?);
+    }
+    if st.presence_frequency {
+        let counts = rows.iter().map(|r| {
+            r.counts
+                .clone()
+                .map_or_else(|| Array::zeros::<f32>(&[1, v]), Ok)
+        });
+        named.set(Slot::Counts, rows_of(counts.collect::<Result<_, _>>()?)?);
+    }
+    if st.random {
+        let keys = rows.iter().map(|r| {
+            r.key
+                .clone()
+                .map_or_else(|| Array::zeros::<u32>(&[1, 2]), Ok)
+        });
+        named.set(Slot::Keys, rows_of(keys.collect::<Result<_, _>>()?)?);
+    }
+    let uids: Vec<u64> = rows.iter().map(|r| r.uid).collect();
+    COLUMNS.with(|cache| -> Result<(), SamplingError> {
+        let mut cache = cache.borrow_mut();
+        if !cache
+            .as_ref()
+            .is_some_and(|c| c.rows == uids && c.stages == st)
+        {
+            let columns = columns(st, rows, v, capacity)?;
+            *cache = Some(ColumnCache {
+                rows: uids,
+                stages: st,
+                columns,
+            });
+        }
+        for (slot, a) in &cache.as_ref().expect("filled above").columns {
+            named.set(*slot, a.clone());
+        }
+        Ok(())
+    })?;
+
+    let out = if rows.iter().any(|r| r.plugins.is_some()) {
+        super::plugin::run(st, &named, rows)?
+    } else {
+        pipeline::run(st, &named)?
+    };
+    let tokens = out
+        .tokens
+        .clone()
+        .ok_or_else(|| SamplingError::Shape("the sampling graph returned no tokens".into()))?;
+    for (i, r) in rows.iter_mut().enumerate() {
+        r.store(&out, i as i32, b, pads[i])?;
+        if r.failure.is_none() {
+            if let Some(chain) = r.plugins.as_mut() {
+                let token = if b == 1 {
+                    tokens.clone()
+                } else {
+                    tokens.try_index(i as i32..i as i32 + 1)?
+                };
+                if let Err(e) = chain.accept(&token) {
+                    r.failure = Some(e);
+                }
+            }
+        }
+    }
+    let logprobs = out
+        .logprobs
+        .map(|(chosen, top_ids, top_logprobs)| Logprobs {
+            chosen,
+            top_ids,
+            top_logprobs,
+        });
+    Ok((Sampled { tokens, logprobs }, out.inspection))
+}
+
+/// The stages a batch of `rows` needs.
+fn stages(rows: &[&mut SequenceSampler], v: i32, want_logprobs: bool, inspect: bool) -> Stages {
+    let b = rows.len();
     let p = |i: usize| &rows[i].params;
     let random: Vec<bool> = (0..b).map(|i| p(i).is_random()).collect();
     let drawing = || (0..b).filter(|&i| random[i]);
-
     let mut st = Stages {
         bias: (0..b).any(|i| !p(i).logit_bias.is_empty()),
         repetition: rows.iter().any(|r| r.window.is_some()),
@@ -264,20 +432,35 @@ fn step(
         top_p: drawing().any(|i| p(i).top_p < 1.0),
         min_p: drawing().any(|i| p(i).min_p > 0.0),
         typical: drawing().any(|i| p(i).typical_p < 1.0),
-        truncate: None,
-        logprobs: None,
         inspect,
-        process_only: false,
+        advance: true,
+        ..Stages::default()
     };
     if st.top_k && drawing().all(|i| p(i).top_k > 0) {
         let widest = drawing().map(|i| p(i).top_k as usize).max().unwrap_or(0);
         st.truncate = Some(bucket(widest).max(16) as i32).filter(|&k| k < v);
+        if pipeline::chunked_top_k() {
+            st.chunk = st.truncate.and_then(|k| pipeline::chunk_width(k, v));
+        }
     }
     if want_logprobs {
         st.logprobs = (0..b).filter_map(|i| p(i).logprobs).max().map(|n| n as i32);
     }
+    st
+}
 
-    let mut inputs = vec![logits.clone()];
+/// The per-row parameter columns of `st` (see [`pipeline::Stages`] for each one's meaning),
+/// for a batch whose windows are `capacity` slots wide.
+fn columns(
+    st: Stages,
+    rows: &[&mut SequenceSampler],
+    v: i32,
+    capacity: i32,
+) -> Result<Vec<(Slot, Array)>, SamplingError> {
+    let b = rows.len();
+    let p = |i: usize| &rows[i].params;
+    let random: Vec<bool> = (0..b).map(|i| p(i).is_random()).collect();
+    let mut out = Vec::new();
     if st.bias {
         let mut index = Vec::new();
         let mut values = Vec::new();
@@ -291,103 +474,97 @@ fn step(
         index.resize(bucket(index.len()), 0);
         values.resize(index.len(), 0.0);
         let m = index.len() as i32;
-        inputs.push(Array::from_slice(&index, &[m]));
-        inputs.push(Array::from_slice(&values, &[m, 1]));
+        out.push((Slot::BiasIndex, Array::from_slice(&index, &[m])));
+        out.push((Slot::BiasValues, Array::from_slice(&values, &[m, 1])));
     }
     if st.repetition {
-        let n = rows.iter().filter_map(|r| r.window.as_ref().map(Window::capacity)).max().unwrap_or(1);
-        let mut ids = Vec::with_capacity(b);
-        let mut weights = Vec::with_capacity(b);
-        for r in rows.iter() {
-            match &r.window {
-                Some(w) if w.capacity() == n => {
-                    ids.push(w.ids.clone());
-                    weights.push(w.weights.clone());
-                }
-                Some(w) => {
-                    let pad = n - w.capacity();
-                    ids.push(ops::concatenate(&[w.ids.clone(), Array::zeros::<u32>(&[1, pad])?], 1)?);
-                    weights.push(ops::concatenate(&[w.weights.clone(), Array::zeros::<f32>(&[1, pad])?], 1)?);
-                }
-                None => {
-                    ids.push(Array::zeros::<u32>(&[1, n])?);
-                    weights.push(Array::zeros::<f32>(&[1, n])?);
-                }
-            }
-        }
-        inputs.push(rows_of(ids)?);
-        inputs.push(rows_of(weights)?);
-        inputs.push(column!((0..b).map(|i| p(i).repetition_penalty).collect()));
+        out.push((
+            Slot::Penalty,
+            column!((0..b).map(|i| p(i).repetition_penalty).collect()),
+        ));
+        let start = rows
+            .iter()
+            .map(|r| {
+                r.window
+                    .as_ref()
+                    .map_or(capacity, |w| capacity - w.size as i32)
+            })
+            .collect();
+        out.push((Slot::WindowStart, column!(start)));
     }
     if st.presence_frequency {
-        let mut counts = Vec::with_capacity(b);
-        for r in rows.iter() {
-            counts.push(match &r.counts {
-                Some(c) => c.clone(),
-                None => Array::zeros::<f32>(&[1, v])?,
-            });
-        }
-        inputs.push(rows_of(counts)?);
-        inputs.push(column!((0..b).map(|i| p(i).presence_penalty).collect()));
-        inputs.push(column!((0..b).map(|i| p(i).frequency_penalty).collect()));
+        out.push((
+            Slot::Presence,
+            column!((0..b).map(|i| p(i).presence_penalty).collect()),
+        ));
+        out.push((
+            Slot::Frequency,
+            column!((0..b).map(|i| p(i).frequency_penalty).collect()),
+        ));
     }
-    // Inputs of steps 1-3 end here (the plugin path splits the graph at this point).
-    let pre_inputs = inputs.len();
     if st.random {
-        inputs.push(column!((0..b).map(|i| if random[i] { 1.0 / p(i).temperature } else { 1.0 }).collect()));
-        let mut noise = Vec::with_capacity(b);
-        for key in keys {
-            noise.push(match key {
-                Some(key) => random::gumbel::<f32>(&[1, v], &key)?,
-                None => Array::zeros::<f32>(&[1, v])?,
-            });
-        }
-        inputs.push(rows_of(noise)?);
+        out.push((
+            Slot::InvTemperature,
+            column!((0..b)
+                .map(|i| if random[i] {
+                    1.0 / p(i).temperature
+                } else {
+                    1.0
+                })
+                .collect()),
+        ));
         if st.mixed_greedy {
-            inputs.push(column!(random.iter().map(|&r| !r).collect()));
+            out.push((Slot::Greedy, column!(random.iter().map(|&r| !r).collect())));
         }
         let width = st.truncate.unwrap_or(v);
         let on = |i: usize, f: &dyn Fn(&SamplingParams) -> bool| random[i] && f(p(i));
         if st.top_k {
-            inputs.push(column!((0..b)
-                .map(|i| if on(i, &|q| q.top_k > 0) { (p(i).top_k as i32).min(width) } else { width })
-                .collect(),));
+            let k = (0..b).map(|i| {
+                if on(i, &|q| q.top_k > 0) {
+                    (p(i).top_k as i32).min(width)
+                } else {
+                    width
+                }
+            });
+            out.push((Slot::TopK, column!(k.collect())));
         }
         if st.top_p {
-            inputs.push(column!((0..b)
-                .map(|i| if on(i, &|q| q.top_p < 1.0) { p(i).top_p } else { f32::INFINITY })
-                .collect()));
+            let x = (0..b).map(|i| {
+                if on(i, &|q| q.top_p < 1.0) {
+                    p(i).top_p
+                } else {
+                    f32::INFINITY
+                }
+            });
+            out.push((Slot::TopP, column!(x.collect())));
         }
         if st.min_p {
-            inputs.push(column!((0..b)
-                .map(|i| if on(i, &|q| q.min_p > 0.0) { p(i).min_p.ln() } else { f32::NEG_INFINITY })
-                .collect(),));
+            let x = (0..b).map(|i| {
+                if on(i, &|q| q.min_p > 0.0) {
+                    p(i).min_p.ln()
+                } else {
+                    f32::NEG_INFINITY
+                }
+            });
+            out.push((Slot::LnMinP, column!(x.collect())));
         }
         if st.typical {
-            inputs.push(column!((0..b)
-                .map(|i| if on(i, &|q| q.typical_p < 1.0) { p(i).typical_p } else { f32::INFINITY })
-                .collect(),));
-        }
-    }
-
-    let out = if rows.iter().any(|r| r.plugins.is_some()) {
-        super::plugin::run(st, &inputs, pre_inputs, rows)?
-    } else {
-        pipeline::run(st, &inputs)?
-    };
-    for (i, r) in rows.iter_mut().enumerate() {
-        if r.window.is_some() || r.counts.is_some() || r.plugins.is_some() {
-            let token = if b == 1 { out.tokens.clone() } else { out.tokens.try_index(i as i32..i as i32 + 1)? };
-            r.accept_builtin(&token)?;
-            if r.failure.is_none() {
-                if let Some(Err(e)) = r.plugins.as_mut().map(|c| c.accept(&token)) {
-                    r.failure = Some(e);
+            let x = (0..b).map(|i| {
+                if on(i, &|q| q.typical_p < 1.0) {
+                    p(i).typical_p
+                } else {
+                    f32::INFINITY
                 }
-            }
+            });
+            out.push((Slot::Typical, column!(x.collect())));
         }
     }
-    let logprobs = out.logprobs.map(|(chosen, top_ids, top_logprobs)| Logprobs { chosen, top_ids, top_logprobs });
-    Ok((Sampled { tokens: out.tokens, logprobs }, out.inspection))
+    Ok(out)
+}
+
+/// `[1, n]` empty window slots.
+fn empty_slots(n: i32) -> Result<Array, SamplingError> {
+    Ok(Array::from_slice(&vec![EMPTY_SLOT; n as usize], &[1, n]))
 }
 
 /// Stacks `[1, X]` rows into `[B, X]` (no copy for a single row).

@@ -43,9 +43,42 @@ struct Shape {
 }
 
 const SHAPES: &[Shape] = &[
-    Shape { name: "qwen3-0.6b", model_type: "qwen3", hidden: 1024, layers: 28, heads: 16, kv_heads: 8, head_dim: 128, intermediate: 3072, vocab: 151_936, tie: true },
-    Shape { name: "llama-3.2-1b", model_type: "llama", hidden: 2048, layers: 16, heads: 32, kv_heads: 8, head_dim: 64, intermediate: 8192, vocab: 128_256, tie: true },
-    Shape { name: "smollm2-135m", model_type: "llama", hidden: 576, layers: 30, heads: 9, kv_heads: 3, head_dim: 64, intermediate: 1536, vocab: 49_152, tie: true },
+    Shape {
+        name: "qwen3-0.6b",
+        model_type: "qwen3",
+        hidden: 1024,
+        layers: 28,
+        heads: 16,
+        kv_heads: 8,
+        head_dim: 128,
+        intermediate: 3072,
+        vocab: 151_936,
+        tie: true,
+    },
+    Shape {
+        name: "llama-3.2-1b",
+        model_type: "llama",
+        hidden: 2048,
+        layers: 16,
+        heads: 32,
+        kv_heads: 8,
+        head_dim: 64,
+        intermediate: 8192,
+        vocab: 128_256,
+        tie: true,
+    },
+    Shape {
+        name: "smollm2-135m",
+        model_type: "llama",
+        hidden: 576,
+        layers: 30,
+        heads: 9,
+        kv_heads: 3,
+        head_dim: 64,
+        intermediate: 1536,
+        vocab: 49_152,
+        tie: true,
+    },
 ];
 
 struct Args {
@@ -107,7 +140,12 @@ fn parse_args() -> Result<Args> {
             "--json" => a.json = Some(val()?.into()),
             "--dir" => a.dir = val()?.into(),
             "--no-mlx-lm" => a.mlx_lm = false,
-            "--clients" => a.clients = val()?.split(',').map(|c| c.parse().context("--clients")).collect::<Result<_>>()?,
+            "--clients" => {
+                a.clients = val()?
+                    .split(',')
+                    .map(|c| c.parse().context("--clients"))
+                    .collect::<Result<_>>()?
+            }
             "--samplers" => a.samplers = val()?.split(',').map(String::from).collect(),
             "--plugin" => {
                 let spec = val()?;
@@ -131,10 +169,18 @@ fn main() -> Result<()> {
     let dir = match (&args.model, &args.shape) {
         (Some(m), _) => m.clone(),
         (None, Some(s)) => make_model(s, &args.dtype, &args.dir)?,
-        (None, None) => bail!("give --model DIR or --shape NAME ({})", SHAPES.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")),
+        (None, None) => bail!(
+            "give --model DIR or --shape NAME ({})",
+            SHAPES.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+        ),
     };
     if args.graph {
-        return print_step_graph(&dir);
+        let mut variants: Vec<(String, SamplingParams)> = sampler_variants(&args.samplers)?
+            .into_iter()
+            .map(|(n, s)| (n.to_string(), s))
+            .collect();
+        variants.extend(plugin_runs);
+        return print_step_graph(&dir, &variants);
     }
     if args.serve {
         let summary = serve_load::run(serve_load::LoadArgs {
@@ -151,26 +197,49 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let report = mlxd::runtime::Report::gather();
-    eprintln!("model {} | MLX {} {} | {}", dir.display(), report.mlx_version, report.backend, report.device_name.clone().unwrap_or_default());
+    eprintln!(
+        "model {} | MLX {} {} | {}",
+        dir.display(),
+        report.mlx_version,
+        report.backend,
+        report.device_name.clone().unwrap_or_default()
+    );
 
     let model = mlxd::models::load(&dir).with_context(|| format!("loading {}", dir.display()))?;
     let weight_bytes = model.model.weight_bytes();
     let vocab = model.model.args.vocab as u32;
-    let mut engine = Engine::new(model, EngineOptions { prompt_cache_bytes: 0, ..Default::default() });
+    let mut engine = Engine::new(
+        model,
+        EngineOptions {
+            prompt_cache_bytes: 0,
+            ..Default::default()
+        },
+    );
     engine.model.eos_ids.clear(); // random weights: run to the token count, like mlx-lm's loop
     let prompt = random_prompt(args.prompt, vocab, 7);
     // Same BLAS for both: the Python wheel's libmlx would otherwise use its reference BLAS.
-    let preload = report.blas.strip_prefix("OpenBLAS (").and_then(|p| p.strip_suffix(')')).map(String::from);
+    let preload = report
+        .blas
+        .strip_prefix("OpenBLAS (")
+        .and_then(|p| p.strip_suffix(')'))
+        .map(String::from);
 
     // Variants run interleaved (A B A B ...), so slow drifts of clock or load hit all alike.
-    let mut variants_list: Vec<(String, SamplingParams)> =
-        sampler_variants(&args.samplers)?.into_iter().map(|(n, s)| (n.to_string(), s)).collect();
+    let mut variants_list: Vec<(String, SamplingParams)> = sampler_variants(&args.samplers)?
+        .into_iter()
+        .map(|(n, s)| (n.to_string(), s))
+        .collect();
     variants_list.extend(plugin_runs);
     let mut ours: Vec<Vec<Value>> = vec![Vec::new(); variants_list.len()];
     let mut profiles = vec![mlxd::engine::StepProfile::default(); variants_list.len()];
     for r in 0..=args.repeats {
         for (k, (_, sampler)) in variants_list.iter().enumerate() {
-            let req = GenerateRequest { prompt: prompt.clone(), max_tokens: args.gen, stop: vec![], sampler: sampler.clone() };
+            let req = GenerateRequest {
+                prompt: prompt.clone(),
+                max_tokens: args.gen,
+                stop: vec![],
+                sampler: sampler.clone(),
+            };
             engine.reset_profile();
             let _ = mlx_rs::memory::clear_cache();
             let _ = mlx_rs::memory::reset_peak_memory();
@@ -198,7 +267,13 @@ fn main() -> Result<()> {
             per_step(profile.wait)
         );
         let plugin_row = !sampler.plugins.is_empty();
-        let theirs = if args.mlx_lm && !plugin_row { Some(run_mlx_lm(&args, &dir, preload.as_deref(), name)?) } else { None };
+        // mlx-lm runs the variants it has a twin of (bench/mlx_lm_bench.py): greedy and full.
+        let peer = !plugin_row && matches!(name.as_str(), "greedy" | "full");
+        let theirs = if args.mlx_lm && peer {
+            Some(run_mlx_lm(&args, &dir, preload.as_deref(), name)?)
+        } else {
+            None
+        };
         variants.insert(
             name.to_string(),
             json!({"mlxd": {"runs": ours[k], "host_build_ms_per_step": per_step(profile.build), "device_wait_ms_per_step": per_step(profile.wait)}, "mlx_lm": theirs}),
@@ -226,8 +301,19 @@ fn main() -> Result<()> {
 }
 
 /// The sampler settings compared: `greedy`, and `full` (temperature 0.7, top-p 0.9, top-k 50,
-/// min-p 0.05, repetition penalty 1.1 over 64 tokens), the pipeline.
+/// min-p 0.05, repetition penalty 1.1 over 64 tokens), the pipeline; and, to find out
+/// which stage costs what, each of its parts alone on top of greedy / temperature 0.7:
+/// `temperature`, `top-k`, `top-p`, `min-p`, `repetition`.
 fn sampler_variants(names: &[String]) -> Result<Vec<(&'static str, SamplingParams)>> {
+    let hot = |f: fn(&mut SamplingParams)| {
+        let mut p = SamplingParams {
+            temperature: 0.7,
+            seed: Some(1),
+            ..Default::default()
+        };
+        f(&mut p);
+        p
+    };
     names
         .iter()
         .map(|n| match n.as_str() {
@@ -245,7 +331,15 @@ fn sampler_variants(names: &[String]) -> Result<Vec<(&'static str, SamplingParam
                     ..Default::default()
                 },
             )),
-            other => bail!("--samplers: unknown variant {other} (greedy, full)"),
+            "temperature" => Ok(("temperature", hot(|_| {}))),
+            "top-k" => Ok(("top-k", hot(|p| p.top_k = 50))),
+            "top-p" => Ok(("top-p", hot(|p| p.top_p = 0.9))),
+            "min-p" => Ok(("min-p", hot(|p| p.min_p = 0.05))),
+            "repetition" => Ok((
+                "repetition",
+                SamplingParams { repetition_penalty: 1.1, repetition_context_size: 64, ..Default::default() },
+            )),
+            other => bail!("--samplers: unknown variant {other} (greedy, full, temperature, top-k, top-p, min-p, repetition)"),
         })
         .collect()
 }
@@ -257,7 +351,10 @@ fn plugin_variants(args: &Args) -> Result<Vec<(String, SamplingParams)>> {
     }
     let dir = match &args.plugin_dir {
         Some(d) => d.clone(),
-        None => std::env::current_exe()?.parent().context("executable directory")?.to_path_buf(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("executable directory")?
+            .to_path_buf(),
     };
     let registry = mlxd::plugins::PluginRegistry::new(vec![dir.clone()]);
     args.plugins
@@ -273,44 +370,76 @@ fn plugin_variants(args: &Args) -> Result<Vec<(String, SamplingParams)>> {
         .collect()
 }
 
-/// Prints the primitives of one single-sequence decode step (model + greedy sampler), counted by
-/// kind: on the GPU every primitive costs host time to launch, so this is the step's overhead.
-fn print_step_graph(dir: &Path) -> Result<()> {
+/// Prints the primitives of one single-sequence decode step (model + sampler) for each sampler
+/// variant, counted by kind: on the GPU every primitive costs host time to build and launch, so
+/// this is the step's overhead. The model part is the same for all variants; the difference to
+/// `greedy` is what the sampler adds.
+fn print_step_graph(dir: &Path, variants: &[(String, SamplingParams)]) -> Result<()> {
     let loaded = mlxd::models::load(dir)?;
     let model = &loaded.model;
-    let mut cache = mlxd::cache::SequenceCache::new(model.num_layers());
-    let prompt = Array::from_slice(&[1i32, 2, 3, 4], &[1, 4]);
-    model.forward_last(&prompt, &mut cache)?.eval()?;
-    cache.eval()?;
-    let mut sampler = mlxd::sampling::SequenceSampler::new(&SamplingParams::default(), model.args.vocab as usize, &[1, 2, 3, 4])?;
-    let token = Array::from_slice(&[5u32], &[1]);
-    let logits = model.forward_batch(&token, &mut [&mut cache])?;
-    let sampled = mlxd::sampling::sample_batch(&logits, &mut [&mut sampler])?;
-    let path = std::ffi::CString::new("/tmp/mlxd-step-graph.txt")?;
+    let vocab = model.args.vocab as usize;
+    let mut totals = Vec::new();
+    for (name, params) in variants {
+        let mut cache = mlxd::cache::SequenceCache::new(model.num_layers());
+        let prompt = Array::from_slice(&[1i32, 2, 3, 4], &[1, 4]);
+        model.forward_last(&prompt, &mut cache)?.eval()?;
+        cache.eval()?;
+        let mut sampler = mlxd::sampling::SequenceSampler::new(params, vocab, &[1, 2, 3, 4])?;
+        let token = Array::from_slice(&[5u32], &[1]);
+        // A first step evaluated in full, so the second one shows a steady state (compiled
+        // graphs traced, state arrays materialized).
+        let logits = model.forward_batch(&token, &mut [&mut cache])?;
+        let first = mlxd::sampling::sample_batch(&logits, &mut [&mut sampler])?;
+        first.eval()?;
+        cache.eval()?;
+        let logits = model.forward_batch(&first, &mut [&mut cache])?;
+        let sampled = mlxd::sampling::sample_batch(&logits, &mut [&mut sampler])?;
+        let kinds = graph_kinds(&sampled)?;
+        let total: usize = kinds.values().sum();
+        println!("{name}: {total} primitives in one decode step");
+        for (k, n) in &kinds {
+            println!("{n:6} {k}");
+        }
+        totals.push((name.clone(), total));
+    }
+    if let Some((_, base)) = totals.iter().find(|(n, _)| n == "greedy").cloned() {
+        println!("\n| sampler | primitives / step | beyond greedy |\n| --- | --- | --- |");
+        for (name, total) in totals {
+            println!("| {name} | {total} | {:+} |", total as i64 - base as i64);
+        }
+    }
+    Ok(())
+}
+
+/// Primitives of the graph that computes `out`, by kind (MLX's own graph printer).
+fn graph_kinds(out: &Array) -> Result<std::collections::BTreeMap<String, usize>> {
+    let path = std::env::temp_dir().join(format!("mlxd-step-graph-{}.txt", std::process::id()));
+    let c_path = std::ffi::CString::new(path.to_string_lossy().as_bytes())?;
     let mode = std::ffi::CString::new("w")?;
     // SAFETY: plain C stdio; the vector and namer are freed after use.
     unsafe {
-        let f = libc::fopen(path.as_ptr(), mode.as_ptr());
-        let v = mlx_sys::mlx_vector_array_new_value(sampled.as_ptr());
+        let f = libc::fopen(c_path.as_ptr(), mode.as_ptr());
+        anyhow::ensure!(!f.is_null(), "cannot write {}", path.display());
+        let v = mlx_sys::mlx_vector_array_new_value(out.as_ptr());
         let namer = mlx_sys::mlx_node_namer_new();
         mlx_sys::mlx_print_graph(f as *mut _, namer, v);
         mlx_sys::mlx_node_namer_free(namer);
         mlx_sys::mlx_vector_array_free(v);
         libc::fclose(f);
     }
-    let text = std::fs::read_to_string("/tmp/mlxd-step-graph.txt")?;
-    let mut kinds: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    let text = std::fs::read_to_string(&path)?;
+    let _ = std::fs::remove_file(&path);
+    let mut kinds = std::collections::BTreeMap::new();
     for line in text.lines() {
-        if let Some(kind) = line.split_whitespace().next().filter(|w| w.chars().next().is_some_and(|c| c.is_ascii_uppercase())) {
+        if let Some(kind) = line
+            .split_whitespace()
+            .next()
+            .filter(|w| w.chars().next().is_some_and(|c| c.is_ascii_uppercase()))
+        {
             *kinds.entry(kind.to_string()).or_default() += 1;
         }
     }
-    let total: usize = kinds.values().sum();
-    println!("{total} primitives in one decode step:");
-    for (k, n) in kinds {
-        println!("{n:6} {k}");
-    }
-    Ok(())
+    Ok(kinds)
 }
 
 fn run_json(o: &Outcome, peak: usize) -> Value {
@@ -325,7 +454,12 @@ fn run_json(o: &Outcome, peak: usize) -> Value {
 /// Time to first token of a 2,000-token prompt, cold and when sent again.
 fn prompt_cache_ttft(engine: &mut Engine, vocab: u32) -> Result<Value> {
     engine.set_prompt_cache_budget(4 << 30);
-    let req = GenerateRequest { prompt: random_prompt(2000, vocab, 11), max_tokens: 2, stop: vec![], sampler: SamplingParams::default() };
+    let req = GenerateRequest {
+        prompt: random_prompt(2000, vocab, 11),
+        max_tokens: 2,
+        stop: vec![],
+        sampler: SamplingParams::default(),
+    };
     let mut cold = Vec::new();
     let mut warm = Vec::new();
     let mut warm_start = Duration::ZERO;
@@ -336,10 +470,15 @@ fn prompt_cache_ttft(engine: &mut Engine, vocab: u32) -> Result<Value> {
         warm.push(engine.generate(&req, |_| true)?.time_to_first_token);
         warm_start += engine.profile().start;
     }
-    eprintln!("prompt cache warm: {:.2} ms of host time in start() per request", warm_start.as_secs_f64() * 1e3 / 3.0);
+    eprintln!(
+        "prompt cache warm: {:.2} ms of host time in start() per request",
+        warm_start.as_secs_f64() * 1e3 / 3.0
+    );
     engine.set_prompt_cache_budget(0);
     let (c, w) = (median_d(&mut cold), median_d(&mut warm));
-    Ok(json!({"prompt_tokens": 2000, "cold_ttft_s": c, "warm_ttft_s": w, "speedup": c / w.max(1e-9)}))
+    Ok(
+        json!({"prompt_tokens": 2000, "cold_ttft_s": c, "warm_ttft_s": w, "speedup": c / w.max(1e-9)}),
+    )
 }
 
 fn median_d(v: &mut [Duration]) -> f64 {
@@ -349,7 +488,11 @@ fn median_d(v: &mut [Duration]) -> f64 {
 
 fn run_mlx_lm(args: &Args, dir: &Path, preload: Option<&str>, sampler: &str) -> Result<Value> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/mlx_lm_bench.py");
-    let script = if script.exists() { script } else { PathBuf::from("bench/mlx_lm_bench.py") };
+    let script = if script.exists() {
+        script
+    } else {
+        PathBuf::from("bench/mlx_lm_bench.py")
+    };
     let mut cmd = std::process::Command::new(&args.python);
     if let Some(lib) = preload {
         cmd.env("LD_PRELOAD", lib);
@@ -357,14 +500,26 @@ fn run_mlx_lm(args: &Args, dir: &Path, preload: Option<&str>, sampler: &str) -> 
     let out = cmd
         .arg(&script)
         .arg(dir)
-        .args([args.prompt.to_string(), args.gen.to_string(), args.repeats.to_string(), "7".into(), sampler.into()])
+        .args([
+            args.prompt.to_string(),
+            args.gen.to_string(),
+            args.repeats.to_string(),
+            "7".into(),
+            sampler.into(),
+        ])
         .output()
         .with_context(|| format!("running {} {}", args.python, script.display()))?;
     if !out.status.success() {
-        bail!("mlx-lm benchmark failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "mlx-lm benchmark failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().last().context("mlx-lm benchmark printed nothing")?;
+    let line = text
+        .lines()
+        .last()
+        .context("mlx-lm benchmark printed nothing")?;
     Ok(serde_json::from_str(line)?)
 }
 
@@ -381,7 +536,12 @@ fn random_prompt(n: usize, vocab: u32, seed: u64) -> Vec<u32> {
 }
 
 fn stats(runs: &Value, key: &str) -> (f64, f64, f64) {
-    let mut v: Vec<f64> = runs.as_array().into_iter().flatten().filter_map(|r| r[key].as_f64()).collect();
+    let mut v: Vec<f64> = runs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r[key].as_f64())
+        .collect();
     if v.is_empty() {
         return (f64::NAN, f64::NAN, f64::NAN);
     }
@@ -412,22 +572,41 @@ fn print_table(s: &Value) {
             let (p, _, _) = stats(runs, "prefill_tps");
             let (t, _, _) = stats(runs, "ttft_s");
             let (m, _, _) = stats(runs, "peak_bytes");
-            println!("| {engine} | {variant} | {d:.1} [{dl:.1}-{dh:.1}] | {p:.0} | {:.1} | {:.0} |", t * 1e3, m / (1u64 << 20) as f64);
+            println!(
+                "| {engine} | {variant} | {d:.1} [{dl:.1}-{dh:.1}] | {p:.0} | {:.1} | {:.0} |",
+                t * 1e3,
+                m / (1u64 << 20) as f64
+            );
             decode.insert((engine, variant.as_str()), d);
         }
     }
     println!();
-    if let (Some(a), Some(b)) = (decode.get(&("mlxd", "greedy")), decode.get(&("mlx_lm", "greedy"))) {
+    if let (Some(a), Some(b)) = (
+        decode.get(&("mlxd", "greedy")),
+        decode.get(&("mlx_lm", "greedy")),
+    ) {
         println!("mlxd / mlx-lm decode, greedy: {:.3}x", a / b);
     }
     for engine in ["mlxd", "mlx_lm"] {
-        if let (Some(g), Some(f)) = (decode.get(&(engine, "greedy")), decode.get(&(engine, "full"))) {
-            println!("{engine}: full sampling costs {:.1}% of greedy decode tok/s", (1.0 - f / g) * 100.0);
+        if let (Some(g), Some(f)) = (
+            decode.get(&(engine, "greedy")),
+            decode.get(&(engine, "full")),
+        ) {
+            println!(
+                "{engine}: full sampling costs {:.1}% of greedy decode tok/s",
+                (1.0 - f / g) * 100.0
+            );
         }
     }
     for ((engine, variant), d) in &decode {
-        if let (Some(name), Some(g)) = (variant.strip_prefix("plugin:"), decode.get(&(*engine, "greedy"))) {
-            println!("{engine}: greedy through plugin `{name}` costs {:.1}% of greedy decode tok/s", (1.0 - d / g) * 100.0);
+        if let (Some(name), Some(g)) = (
+            variant.strip_prefix("plugin:"),
+            decode.get(&(*engine, "greedy")),
+        ) {
+            println!(
+                "{engine}: greedy through plugin `{name}` costs {:.1}% of greedy decode tok/s",
+                (1.0 - d / g) * 100.0
+            );
         }
     }
     let c = &s["prompt_cache"];
@@ -439,13 +618,19 @@ fn print_table(s: &Value) {
         c["speedup"].as_f64().unwrap_or(0.0)
     );
     let wb = s["weight_bytes"].as_f64().unwrap_or(0.0);
-    println!("weights read per token: {:.1} MiB", wb / (1u64 << 20) as f64);
+    println!(
+        "weights read per token: {:.1} MiB",
+        wb / (1u64 << 20) as f64
+    );
 }
 
 /// Writes a random-weight checkpoint of `shape` (config.json, model.safetensors, a word-level
 /// tokenizer.json) unless it already exists.
 fn make_model(shape: &str, dtype: &str, root: &Path) -> Result<PathBuf> {
-    let s = SHAPES.iter().find(|s| s.name == shape).with_context(|| format!("unknown shape {shape}"))?;
+    let s = SHAPES
+        .iter()
+        .find(|s| s.name == shape)
+        .with_context(|| format!("unknown shape {shape}"))?;
     let dt = match dtype {
         "bf16" => Dtype::Bfloat16,
         "f16" => Dtype::Float16,
@@ -464,7 +649,10 @@ fn make_model(shape: &str, dtype: &str, root: &Path) -> Result<PathBuf> {
         "rope_theta": 1_000_000.0, "tie_word_embeddings": s.tie, "max_position_embeddings": 40960,
         "torch_dtype": match dtype { "bf16" => "bfloat16", "f16" => "float16", _ => "float32" },
     });
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&config)?,
+    )?;
     let mut tensors: Vec<(String, Array)> = Vec::new();
     let mut key = random::key(1234)?;
     let mut rnd = |shape: &[i32], scale: f32| -> Result<Array> {
@@ -474,37 +662,69 @@ fn make_model(shape: &str, dtype: &str, root: &Path) -> Result<PathBuf> {
     };
     let ones = |n: i32| -> Result<Array> { Ok(mlx_rs::ops::ones::<f32>(&[n])?.as_dtype(dt)?) };
     let (d, hd) = (s.hidden, s.head_dim);
-    tensors.push(("model.embed_tokens.weight".into(), rnd(&[s.vocab, d], 0.02)?));
+    tensors.push((
+        "model.embed_tokens.weight".into(),
+        rnd(&[s.vocab, d], 0.02)?,
+    ));
     for i in 0..s.layers {
         let p = format!("model.layers.{i}");
         tensors.push((format!("{p}.input_layernorm.weight"), ones(d)?));
         tensors.push((format!("{p}.post_attention_layernorm.weight"), ones(d)?));
-        tensors.push((format!("{p}.self_attn.q_proj.weight"), rnd(&[s.heads * hd, d], 0.02)?));
-        tensors.push((format!("{p}.self_attn.k_proj.weight"), rnd(&[s.kv_heads * hd, d], 0.02)?));
-        tensors.push((format!("{p}.self_attn.v_proj.weight"), rnd(&[s.kv_heads * hd, d], 0.02)?));
-        tensors.push((format!("{p}.self_attn.o_proj.weight"), rnd(&[d, s.heads * hd], 0.02)?));
+        tensors.push((
+            format!("{p}.self_attn.q_proj.weight"),
+            rnd(&[s.heads * hd, d], 0.02)?,
+        ));
+        tensors.push((
+            format!("{p}.self_attn.k_proj.weight"),
+            rnd(&[s.kv_heads * hd, d], 0.02)?,
+        ));
+        tensors.push((
+            format!("{p}.self_attn.v_proj.weight"),
+            rnd(&[s.kv_heads * hd, d], 0.02)?,
+        ));
+        tensors.push((
+            format!("{p}.self_attn.o_proj.weight"),
+            rnd(&[d, s.heads * hd], 0.02)?,
+        ));
         if s.model_type == "qwen3" {
             tensors.push((format!("{p}.self_attn.q_norm.weight"), ones(hd)?));
             tensors.push((format!("{p}.self_attn.k_norm.weight"), ones(hd)?));
         }
-        tensors.push((format!("{p}.mlp.gate_proj.weight"), rnd(&[s.intermediate, d], 0.02)?));
-        tensors.push((format!("{p}.mlp.up_proj.weight"), rnd(&[s.intermediate, d], 0.02)?));
-        tensors.push((format!("{p}.mlp.down_proj.weight"), rnd(&[d, s.intermediate], 0.02)?));
+        tensors.push((
+            format!("{p}.mlp.gate_proj.weight"),
+            rnd(&[s.intermediate, d], 0.02)?,
+        ));
+        tensors.push((
+            format!("{p}.mlp.up_proj.weight"),
+            rnd(&[s.intermediate, d], 0.02)?,
+        ));
+        tensors.push((
+            format!("{p}.mlp.down_proj.weight"),
+            rnd(&[d, s.intermediate], 0.02)?,
+        ));
     }
     tensors.push(("model.norm.weight".into(), ones(d)?));
     if !s.tie {
         tensors.push(("lm_head.weight".into(), rnd(&[s.vocab, d], 0.02)?));
     }
-    Array::save_safetensors(tensors.iter().map(|(k, v)| (k.as_str(), v)), None, dir.join("model.safetensors"))?;
+    Array::save_safetensors(
+        tensors.iter().map(|(k, v)| (k.as_str(), v)),
+        None,
+        dir.join("model.safetensors"),
+    )?;
     // A word-level tokenizer over the whole vocabulary: both engines need one to load, neither
     // uses it while timing.
-    let vocab: serde_json::Map<String, Value> = (0..s.vocab).map(|i| (format!("t{i}"), json!(i))).collect();
+    let vocab: serde_json::Map<String, Value> =
+        (0..s.vocab).map(|i| (format!("t{i}"), json!(i))).collect();
     let tok = json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
         "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
         "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}
     });
     std::fs::write(dir.join("tokenizer.json"), tok.to_string())?;
-    std::fs::write(dir.join("tokenizer_config.json"), json!({"tokenizer_class": "PreTrainedTokenizerFast"}).to_string())?;
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        json!({"tokenizer_class": "PreTrainedTokenizerFast"}).to_string(),
+    )?;
     Ok(dir)
 }
