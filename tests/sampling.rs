@@ -4,16 +4,13 @@
 
 use mlx_rs::{Array, Dtype};
 use mlxd::sampling::{
-    read_ids, read_logprobs, sample_batch, sample_batch_inspect, sample_batch_with_logprobs,
-    set_chunked_top_k, set_compiled, thread_host_read_stats, SamplingError, SamplingParams,
-    SequenceSampler, MAX_HOST_READ_ELEMENTS,
+    read_ids, read_logprobs, sample_batch, sample_batch_inspect, sample_batch_with_logprobs, set_chunked_top_k,
+    set_compiled, thread_host_read_stats, SamplingError, SamplingParams, SequenceSampler, MAX_HOST_READ_ELEMENTS,
 };
 use std::collections::{BTreeMap, HashSet};
 
 /// Fixed logits with no near-ties, so no threshold below sits on a rounding boundary.
-const LOGITS: [f32; 12] = [
-    2.3, -1.1, 0.7, 3.1, 0.05, -0.4, 1.6, -2.5, 0.9, 2.8, -0.8, 1.2,
-];
+const LOGITS: [f32; 12] = [2.3, -1.1, 0.7, 3.1, 0.05, -0.4, 1.6, -2.5, 0.9, 2.8, -0.8, 1.2];
 
 /// Reads a small or large test array (tests are outside the gate's jurisdiction).
 fn host_f32(a: &Array) -> Vec<f32> {
@@ -59,11 +56,7 @@ fn by_value_desc(x: &[f64]) -> Vec<usize> {
 
 /// Probabilities of the tempered logits renormalized over `keep` (0 elsewhere).
 fn renormalized(scaled: &[f64], keep: &[bool]) -> Vec<f64> {
-    let masked: Vec<f64> = scaled
-        .iter()
-        .zip(keep)
-        .map(|(&s, &k)| if k { s } else { f64::NEG_INFINITY })
-        .collect();
+    let masked: Vec<f64> = scaled.iter().zip(keep).map(|(&s, &k)| if k { s } else { f64::NEG_INFINITY }).collect();
     softmax(&masked)
 }
 
@@ -100,11 +93,7 @@ fn reference_keep(logits: &[f32], p: &SamplingParams) -> Vec<bool> {
     }
     if p.typical_p < 1.0 {
         let probs = renormalized(&scaled, &keep);
-        let entropy: f64 = probs
-            .iter()
-            .filter(|&&q| q > 0.0)
-            .map(|&q| -q * q.ln())
-            .sum();
+        let entropy: f64 = probs.iter().filter(|&&q| q > 0.0).map(|&q| -q * q.ln()).sum();
         let kept: Vec<usize> = (0..keep.len()).filter(|&i| keep[i]).collect();
         let distance = |i: usize| (-probs[i].ln() - entropy).abs();
         let mut by_distance = kept.clone();
@@ -129,38 +118,23 @@ fn reference_keep(logits: &[f32], p: &SamplingParams) -> Vec<bool> {
 
 /// The distribution a sampler with `p` should draw from.
 fn reference_distribution(logits: &[f32], p: &SamplingParams) -> Vec<f64> {
-    let scaled: Vec<f64> = logits
-        .iter()
-        .map(|&l| l as f64 / p.temperature as f64)
-        .collect();
+    let scaled: Vec<f64> = logits.iter().map(|&l| l as f64 / p.temperature as f64).collect();
     renormalized(&scaled, &reference_keep(logits, p))
 }
 
 /// Logit bias, then the repetition penalty over the last N of prompt + generated, then
 /// presence/frequency over generated tokens (OpenAI's formula).
-fn reference_processed(
-    logits: &[f32],
-    p: &SamplingParams,
-    prompt: &[u32],
-    generated: &[u32],
-) -> Vec<f32> {
+fn reference_processed(logits: &[f32], p: &SamplingParams, prompt: &[u32], generated: &[u32]) -> Vec<f32> {
     let mut l = logits.to_vec();
     for (&t, &b) in &p.logit_bias {
         l[t as usize] += b;
     }
     if p.repetition_penalty != 1.0 {
         let all: Vec<u32> = prompt.iter().chain(generated).cloned().collect();
-        let window: HashSet<u32> = all[all.len().saturating_sub(p.repetition_context_size)..]
-            .iter()
-            .cloned()
-            .collect();
+        let window: HashSet<u32> = all[all.len().saturating_sub(p.repetition_context_size)..].iter().cloned().collect();
         for t in window {
             let x = &mut l[t as usize];
-            *x = if *x < 0.0 {
-                *x * p.repetition_penalty
-            } else {
-                *x / p.repetition_penalty
-            };
+            *x = if *x < 0.0 { *x * p.repetition_penalty } else { *x / p.repetition_penalty };
         }
     }
     let mut counts = vec![0f32; l.len()];
@@ -183,10 +157,7 @@ fn log_softmax(x: &[f32]) -> Vec<f64> {
 fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g - w).abs() <= tol * w.abs().max(1.0),
-            "{what}[{i}]: got {g}, want {w}"
-        );
+        assert!((g - w).abs() <= tol * w.abs().max(1.0), "{what}[{i}]: got {g}, want {w}");
     }
 }
 
@@ -209,18 +180,11 @@ fn check_filter_on(logits: &[f32], p: SamplingParams, what: &str) {
     let keep = reference_keep(logits, &p);
     let got_keep: Vec<bool> = got.iter().map(|v| v.is_finite()).collect();
     assert_eq!(got_keep, keep, "{what}: surviving set");
-    assert!(
-        keep.iter().any(|&k| !k) || what == "temperature only",
-        "{what}: the case should remove something"
-    );
+    assert!(keep.iter().any(|&k| !k) || what == "temperature only", "{what}: the case should remove something");
     for (i, &k) in keep.iter().enumerate() {
         if k {
             let want = logits[i] / p.temperature;
-            assert!(
-                (got[i] - want).abs() < 1e-5,
-                "{what}: tempered logit {i}: got {}, want {want}",
-                got[i]
-            );
+            assert!((got[i] - want).abs() < 1e-5, "{what}: tempered logit {i}: got {}, want {want}", got[i]);
         }
     }
 }
@@ -230,62 +194,31 @@ fn each_filter_keeps_what_its_definition_keeps() {
     check_filter(params(|p| p.temperature = 0.8), "temperature only");
     check_filter(params(|p| (p.temperature, p.top_k) = (0.8, 4)), "top-k");
     check_filter(params(|p| (p.temperature, p.top_p) = (0.8, 0.7)), "top-p");
-    check_filter(
-        params(|p| (p.temperature, p.top_p) = (2.5, 0.7)),
-        "top-p, hot",
-    );
+    check_filter(params(|p| (p.temperature, p.top_p) = (2.5, 0.7)), "top-p, hot");
     check_filter(params(|p| (p.temperature, p.min_p) = (0.8, 0.15)), "min-p");
+    check_filter(params(|p| (p.temperature, p.min_p) = (2.0, 0.3)), "min-p, hot");
+    check_filter(params(|p| (p.temperature, p.typical_p) = (1.0, 0.6)), "typical-p");
+    check_filter(params(|p| (p.temperature, p.typical_p) = (1.7, 0.5)), "typical-p, hot");
     check_filter(
-        params(|p| (p.temperature, p.min_p) = (2.0, 0.3)),
-        "min-p, hot",
-    );
-    check_filter(
-        params(|p| (p.temperature, p.typical_p) = (1.0, 0.6)),
-        "typical-p",
-    );
-    check_filter(
-        params(|p| (p.temperature, p.typical_p) = (1.7, 0.5)),
-        "typical-p, hot",
-    );
-    check_filter(
-        params(|p| {
-            (p.temperature, p.top_k, p.top_p, p.min_p, p.typical_p) = (1.3, 8, 0.95, 0.05, 0.9)
-        }),
+        params(|p| (p.temperature, p.top_k, p.top_p, p.min_p, p.typical_p) = (1.3, 8, 0.95, 0.05, 0.9)),
         "all four",
     );
-    check_filter(
-        params(|p| (p.temperature, p.top_k, p.top_p) = (1.1, 6, 0.8)),
-        "top-k then top-p (renormalized)",
-    );
+    check_filter(params(|p| (p.temperature, p.top_k, p.top_p) = (1.1, 6, 0.8)), "top-k then top-p (renormalized)");
 
     // A vocabulary wider than the truncation bucket (16): only the best candidates are sorted.
-    let wide: Vec<f32> = (0..40)
-        .map(|i| ((i * 29) % 41) as f32 * 0.13 - 2.5 + i as f32 * 0.001)
-        .collect();
+    let wide: Vec<f32> = (0..40).map(|i| ((i * 29) % 41) as f32 * 0.13 - 2.5 + i as f32 * 0.001).collect();
+    check_filter_on(&wide, params(|p| (p.temperature, p.top_k) = (0.9, 5)), "top-k, truncated");
     check_filter_on(
         &wide,
-        params(|p| (p.temperature, p.top_k) = (0.9, 5)),
-        "top-k, truncated",
-    );
-    check_filter_on(
-        &wide,
-        params(|p| {
-            (p.temperature, p.top_k, p.top_p, p.min_p, p.typical_p) = (1.4, 12, 0.9, 0.2, 0.95)
-        }),
+        params(|p| (p.temperature, p.top_k, p.top_p, p.min_p, p.typical_p) = (1.4, 12, 0.9, 0.2, 0.95)),
         "all four, truncated",
     );
-    check_filter_on(
-        &wide,
-        params(|p| (p.temperature, p.top_p) = (0.6, 0.85)),
-        "top-p, full sort",
-    );
+    check_filter_on(&wide, params(|p| (p.temperature, p.top_p) = (0.6, 0.85)), "top-p, full sort");
 }
 
 #[test]
 fn filters_match_uncompiled_graph() {
-    let p = params(|p| {
-        (p.temperature, p.top_k, p.top_p, p.min_p, p.typical_p) = (1.3, 8, 0.95, 0.05, 0.9)
-    });
+    let p = params(|p| (p.temperature, p.top_k, p.top_p, p.min_p, p.typical_p) = (1.3, 8, 0.95, 0.05, 0.9));
     let compiled = device_candidates(&p, &LOGITS);
     set_compiled(false);
     let eager = device_candidates(&p, &LOGITS);
@@ -295,16 +228,8 @@ fn filters_match_uncompiled_graph() {
         eager.iter().map(|v| v.is_finite()).collect::<Vec<_>>()
     );
     assert_close(
-        &compiled
-            .iter()
-            .filter(|v| v.is_finite())
-            .cloned()
-            .collect::<Vec<_>>(),
-        &eager
-            .iter()
-            .filter(|v| v.is_finite())
-            .cloned()
-            .collect::<Vec<_>>(),
+        &compiled.iter().filter(|v| v.is_finite()).cloned().collect::<Vec<_>>(),
+        &eager.iter().filter(|v| v.is_finite()).cloned().collect::<Vec<_>>(),
         1e-6,
         "compiled vs eager",
     );
@@ -325,21 +250,12 @@ fn each_penalty_matches_its_definition() {
     let prompt = [3u32, 0, 5, 9, 3];
     let generated = [1u32, 9, 9, 7, 1, 9];
     let cases = [
-        (
-            "logit bias",
-            params(|p| p.logit_bias = BTreeMap::from([(3, -2.5), (7, 4.0), (11, 0.25)])),
-        ),
+        ("logit bias", params(|p| p.logit_bias = BTreeMap::from([(3, -2.5), (7, 4.0), (11, 0.25)]))),
         ("repetition penalty", params(|p| p.repetition_penalty = 1.3)),
-        (
-            "repetition penalty, short window",
-            params(|p| (p.repetition_penalty, p.repetition_context_size) = (1.5, 4)),
-        ),
+        ("repetition penalty, short window", params(|p| (p.repetition_penalty, p.repetition_context_size) = (1.5, 4))),
         ("presence penalty", params(|p| p.presence_penalty = 0.7)),
         ("frequency penalty", params(|p| p.frequency_penalty = 0.4)),
-        (
-            "negative presence + frequency",
-            params(|p| (p.presence_penalty, p.frequency_penalty) = (-0.5, -0.3)),
-        ),
+        ("negative presence + frequency", params(|p| (p.presence_penalty, p.frequency_penalty) = (-0.5, -0.3))),
         (
             "all penalties",
             params(|p| {
@@ -353,17 +269,8 @@ fn each_penalty_matches_its_definition() {
     ];
     for (what, p) in cases {
         let want = reference_processed(&LOGITS, &p, &prompt, &generated);
-        assert_ne!(
-            want,
-            LOGITS.to_vec(),
-            "{what}: the case should change something"
-        );
-        assert_close(
-            &device_processed(&p, &prompt, &generated),
-            &want,
-            1e-6,
-            what,
-        );
+        assert_ne!(want, LOGITS.to_vec(), "{what}: the case should change something");
+        assert_close(&device_processed(&p, &prompt, &generated), &want, 1e-6, what);
     }
 }
 
@@ -387,23 +294,13 @@ fn sampled_tokens_update_the_penalty_state() {
     for _ in 0..6 {
         let out = sample_batch_inspect(&row(&LOGITS), &mut [&mut s]).expect("sample");
         let want = reference_processed(&LOGITS, &p, &[], &generated);
-        assert_close(
-            &host_f32(&out.processed),
-            &want,
-            1e-6,
-            "processed after own picks",
-        );
+        assert_close(&host_f32(&out.processed), &want, 1e-6, "processed after own picks");
         let t = one_token(&out.tokens);
-        let argmax = (0..want.len())
-            .max_by(|&a, &b| want[a].partial_cmp(&want[b]).unwrap())
-            .unwrap();
+        let argmax = (0..want.len()).max_by(|&a, &b| want[a].partial_cmp(&want[b]).unwrap()).unwrap();
         assert_eq!(t as usize, argmax, "greedy picks the penalized argmax");
         generated.push(t);
     }
-    assert!(
-        generated.iter().collect::<HashSet<_>>().len() > 1,
-        "the penalty moved the argmax: {generated:?}"
-    );
+    assert!(generated.iter().collect::<HashSet<_>>().len() > 1, "the penalty moved the argmax: {generated:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -415,9 +312,7 @@ fn draws(p: &SamplingParams, logits: &[f32], n: usize) -> Vec<u32> {
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
         let chunk = (n - out.len()).min(200);
-        let picks: Vec<Array> = (0..chunk)
-            .map(|_| s.sample(&logits).expect("sample"))
-            .collect();
+        let picks: Vec<Array> = (0..chunk).map(|_| s.sample(&logits).expect("sample")).collect();
         out.extend(read_ids(&mlx_rs::ops::concatenate(&picks, 0).unwrap()).expect("read"));
     }
     out
@@ -432,27 +327,15 @@ fn same_seed_same_tokens_different_seed_different_tokens() {
     let c = draws(&seeded(8), &flat, 64);
     assert_eq!(a, b, "same seed");
     assert_ne!(a, c, "different seeds");
-    assert!(
-        a.iter().collect::<HashSet<_>>().len() > 8,
-        "draws spread over the vocabulary: {a:?}"
-    );
+    assert!(a.iter().collect::<HashSet<_>>().len() > 8, "draws spread over the vocabulary: {a:?}");
     // Filters do not disturb the seeding either.
-    let filtered =
-        |seed| params(|p| (p.temperature, p.top_k, p.top_p, p.seed) = (0.9, 10, 0.95, Some(seed)));
-    assert_eq!(
-        draws(&filtered(3), &LOGITS, 64),
-        draws(&filtered(3), &LOGITS, 64)
-    );
-    assert_ne!(
-        draws(&filtered(3), &LOGITS, 64),
-        draws(&filtered(4), &LOGITS, 64)
-    );
+    let filtered = |seed| params(|p| (p.temperature, p.top_k, p.top_p, p.seed) = (0.9, 10, 0.95, Some(seed)));
+    assert_eq!(draws(&filtered(3), &LOGITS, 64), draws(&filtered(3), &LOGITS, 64));
+    assert_ne!(draws(&filtered(3), &LOGITS, 64), draws(&filtered(4), &LOGITS, 64));
 }
 
 /// Chi-square critical values at p = 0.001, by degrees of freedom.
-const CHI2_999: [f64; 11] = [
-    0.0, 10.828, 13.816, 16.266, 18.467, 20.515, 22.458, 24.322, 26.124, 27.877, 29.588,
-];
+const CHI2_999: [f64; 11] = [0.0, 10.828, 13.816, 16.266, 18.467, 20.515, 22.458, 24.322, 26.124, 27.877, 29.588];
 
 fn chi_square(p: &SamplingParams, logits: &[f32], n: usize) {
     let expected = reference_distribution(logits, p);
@@ -483,11 +366,7 @@ fn chi_square(p: &SamplingParams, logits: &[f32], n: usize) {
 #[test]
 fn temperature_draws_follow_the_tempered_softmax() {
     let logits = [1.0f32, 0.5, 0.0, -0.5, -1.0, 2.0];
-    chi_square(
-        &params(|p| (p.temperature, p.seed) = (0.7, Some(1234))),
-        &logits,
-        20_000,
-    );
+    chi_square(&params(|p| (p.temperature, p.seed) = (0.7, Some(1234))), &logits, 20_000);
 }
 
 #[test]
@@ -495,10 +374,7 @@ fn top_p_draws_follow_the_renormalized_nucleus() {
     let logits = [1.0f32, 0.5, 0.0, -0.5, -1.0, 2.0, 1.4, -2.0];
     let p = params(|p| (p.temperature, p.top_p, p.seed) = (1.5, 0.8, Some(99)));
     let kept = reference_keep(&logits, &p).iter().filter(|&&k| k).count();
-    assert!(
-        kept > 2 && kept < logits.len(),
-        "the case keeps a strict subset ({kept})"
-    );
+    assert!(kept > 2 && kept < logits.len(), "the case keeps a strict subset ({kept})");
     chi_square(&p, &logits, 20_000);
 }
 
@@ -509,11 +385,7 @@ fn top_p_draws_follow_the_renormalized_nucleus() {
 fn a_batch_gives_each_row_what_it_gets_alone() {
     let v = 32usize;
     let table: Vec<Vec<f32>> = (0..3)
-        .map(|r| {
-            (0..v)
-                .map(|i| ((i * 7 + r * 13) % 17) as f32 * 0.31 - 2.0 + (i as f32 * 0.01))
-                .collect()
-        })
+        .map(|r| (0..v).map(|i| ((i * 7 + r * 13) % 17) as f32 * 0.31 - 2.0 + (i as f32 * 0.01)).collect())
         .collect();
     let rows = [
         params(|p| {
@@ -554,8 +426,7 @@ fn a_batch_gives_each_row_what_it_gets_alone() {
 
     for compiled in [true, false] {
         set_compiled(compiled);
-        let mut samplers: Vec<SequenceSampler> =
-            rows.iter().map(|p| sampler(p, v, &prompt)).collect();
+        let mut samplers: Vec<SequenceSampler> = rows.iter().map(|p| sampler(p, v, &prompt)).collect();
         let flat: Vec<f32> = table.concat();
         let logits = Array::from_slice(&flat, &[3, v as i32]);
         let mut got: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); 3];
@@ -573,22 +444,11 @@ fn a_batch_gives_each_row_what_it_gets_alone() {
         }
         set_compiled(true);
         for r in 0..3 {
-            assert_eq!(
-                got[r].0, alone[r].0,
-                "row {r} tokens (compiled: {compiled})"
-            );
-            assert_close(
-                &got[r].1,
-                &alone[r].1,
-                1e-5,
-                &format!("row {r} logprobs (compiled: {compiled})"),
-            );
+            assert_eq!(got[r].0, alone[r].0, "row {r} tokens (compiled: {compiled})");
+            assert_close(&got[r].1, &alone[r].1, 1e-5, &format!("row {r} logprobs (compiled: {compiled})"));
         }
     }
-    assert!(
-        alone[0].0 != alone[2].0,
-        "rows differ, so the comparison means something"
-    );
+    assert!(alone[0].0 != alone[2].0, "rows differ, so the comparison means something");
 }
 
 #[test]
@@ -602,17 +462,10 @@ fn batch_of_greedy_and_sampled_rows_is_one_call() {
     for _ in 0..20 {
         let ids = read_ids(&sample_batch(&logits, &mut [&mut a, &mut b]).unwrap()).unwrap();
         assert_eq!(ids[0], 3, "greedy row picks the argmax");
-        assert!(
-            [3, 9, 0].contains(&ids[1]),
-            "top-3 row stays in the top 3: {}",
-            ids[1]
-        );
+        assert!([3, 9, 0].contains(&ids[1]), "top-3 row stays in the top 3: {}", ids[1]);
     }
     let after = thread_host_read_stats();
-    assert_eq!(
-        (after.reads - before.reads, after.bytes - before.bytes),
-        (20, 20 * 2 * 4)
-    );
+    assert_eq!((after.reads - before.reads, after.bytes - before.bytes), (20, 20 * 2 * 4));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -620,23 +473,13 @@ fn batch_of_greedy_and_sampled_rows_is_one_call() {
 
 #[test]
 fn logprobs_equal_a_plain_log_softmax() {
-    let logits: Vec<f32> = (0..40)
-        .map(|i| ((i * 37) % 23) as f32 * 0.4 - 3.0 + i as f32 * 0.003)
-        .collect();
+    let logits: Vec<f32> = (0..40).map(|i| ((i * 37) % 23) as f32 * 0.4 - 3.0 + i as f32 * 0.003).collect();
     for (what, p) in [
         ("greedy", params(|p| p.logprobs = Some(5))),
-        (
-            "sampled",
-            params(|p| {
-                (p.temperature, p.top_p, p.seed, p.logprobs) = (0.9, 0.9, Some(2), Some(20))
-            }),
-        ),
+        ("sampled", params(|p| (p.temperature, p.top_p, p.seed, p.logprobs) = (0.9, 0.9, Some(2), Some(20)))),
         (
             "after penalties",
-            params(|p| {
-                (p.frequency_penalty, p.logit_bias, p.logprobs) =
-                    (0.5, BTreeMap::from([(1, 3.0)]), Some(4))
-            }),
+            params(|p| (p.frequency_penalty, p.logit_bias, p.logprobs) = (0.5, BTreeMap::from([(1, 3.0)]), Some(4))),
         ),
         ("chosen only", params(|p| p.logprobs = Some(0))),
     ] {
@@ -658,16 +501,9 @@ fn logprobs_equal_a_plain_log_softmax() {
             let values = read_logprobs(&lp.top_logprobs).unwrap();
             assert_eq!((ids.len(), values.len()), (n, n), "{what}: width");
             let order = by_value_desc(&want);
-            assert_eq!(
-                ids,
-                order[..n].iter().map(|&i| i as u32).collect::<Vec<_>>(),
-                "{what}: top ids"
-            );
+            assert_eq!(ids, order[..n].iter().map(|&i| i as u32).collect::<Vec<_>>(), "{what}: top ids");
             for (&id, &v) in ids.iter().zip(&values) {
-                assert!(
-                    (v as f64 - want[id as usize]).abs() < 1e-5,
-                    "{what}: logprob of {id}"
-                );
+                assert!((v as f64 - want[id as usize]).abs() < 1e-5, "{what}: logprob of {id}");
             }
             generated.push(token);
         }
@@ -688,41 +524,13 @@ fn validation_errors_name_the_field_and_the_bound() {
         let e = SequenceSampler::new(&p, v, &[]).expect_err("constructor validates");
         assert_eq!(e.to_string(), message);
     };
-    check(
-        params(|p| p.top_p = 1.5),
-        "top_p",
-        "`top_p` must be in (0, 1], got 1.5",
-    );
-    check(
-        params(|p| p.top_p = 0.0),
-        "top_p",
-        "`top_p` must be in (0, 1], got 0",
-    );
-    check(
-        params(|p| p.temperature = -1.0),
-        "temperature",
-        "`temperature` must be in [0, inf), got -1",
-    );
-    check(
-        params(|p| p.temperature = f32::NAN),
-        "temperature",
-        "`temperature` must be in [0, inf), got NaN",
-    );
-    check(
-        params(|p| p.top_k = 50_000),
-        "top_k",
-        "`top_k` must be in [0, 49152], got 50000",
-    );
-    check(
-        params(|p| p.min_p = 1.2),
-        "min_p",
-        "`min_p` must be in [0, 1], got 1.2",
-    );
-    check(
-        params(|p| p.typical_p = -0.1),
-        "typical_p",
-        "`typical_p` must be in (0, 1], got -0.1",
-    );
+    check(params(|p| p.top_p = 1.5), "top_p", "`top_p` must be in (0, 1], got 1.5");
+    check(params(|p| p.top_p = 0.0), "top_p", "`top_p` must be in (0, 1], got 0");
+    check(params(|p| p.temperature = -1.0), "temperature", "`temperature` must be in [0, inf), got -1");
+    check(params(|p| p.temperature = f32::NAN), "temperature", "`temperature` must be in [0, inf), got NaN");
+    check(params(|p| p.top_k = 50_000), "top_k", "`top_k` must be in [0, 49152], got 50000");
+    check(params(|p| p.min_p = 1.2), "min_p", "`min_p` must be in [0, 1], got 1.2");
+    check(params(|p| p.typical_p = -0.1), "typical_p", "`typical_p` must be in (0, 1], got -0.1");
     check(
         params(|p| p.repetition_penalty = 0.0),
         "repetition_penalty",
@@ -733,11 +541,7 @@ fn validation_errors_name_the_field_and_the_bound() {
         "repetition_context_size",
         "`repetition_context_size` must be in [1, 4096], got 0",
     );
-    check(
-        params(|p| p.presence_penalty = 2.5),
-        "presence_penalty",
-        "`presence_penalty` must be in [-2, 2], got 2.5",
-    );
+    check(params(|p| p.presence_penalty = 2.5), "presence_penalty", "`presence_penalty` must be in [-2, 2], got 2.5");
     check(
         params(|p| p.frequency_penalty = -3.0),
         "frequency_penalty",
@@ -753,20 +557,10 @@ fn validation_errors_name_the_field_and_the_bound() {
         "logit_bias",
         "`logit_bias` must be in [-100, 100], got 150 for token 5",
     );
-    check(
-        params(|p| p.logprobs = Some(21)),
-        "logprobs",
-        "`logprobs` must be in [0, 20], got 21",
-    );
+    check(params(|p| p.logprobs = Some(21)), "logprobs", "`logprobs` must be in [0, 20], got 21");
+    assert_eq!(params(|p| p.top_p = 1.5).validate(v).unwrap_err().code(), "invalid_parameter");
     assert_eq!(
-        params(|p| p.top_p = 1.5).validate(v).unwrap_err().code(),
-        "invalid_parameter"
-    );
-    assert_eq!(
-        params(|p| p.logit_bias = BTreeMap::from([(999_999, 1.0)]))
-            .validate(v)
-            .unwrap_err()
-            .code(),
+        params(|p| p.logit_bias = BTreeMap::from([(999_999, 1.0)])).validate(v).unwrap_err().code(),
         "token_out_of_vocabulary"
     );
     assert!(SamplingParams::default().validate(v).is_ok());
@@ -776,15 +570,11 @@ fn validation_errors_name_the_field_and_the_bound() {
 fn params_deserialize_with_defaults_off_and_unknown_fields_refused() {
     let p: SamplingParams = serde_json::from_str("{}").unwrap();
     assert_eq!(p, SamplingParams::default());
-    let p: SamplingParams = serde_json::from_str(
-        r#"{"temperature": 0.7, "top_p": 0.9, "logit_bias": {"5": -100, "17": 2.5}, "seed": 42}"#,
-    )
-    .unwrap();
+    let p: SamplingParams =
+        serde_json::from_str(r#"{"temperature": 0.7, "top_p": 0.9, "logit_bias": {"5": -100, "17": 2.5}, "seed": 42}"#)
+            .unwrap();
     assert_eq!(p.logit_bias, BTreeMap::from([(5, -100.0), (17, 2.5)]));
-    assert_eq!(
-        (p.temperature, p.top_p, p.seed, p.top_k),
-        (0.7, 0.9, Some(42), 0)
-    );
+    assert_eq!((p.temperature, p.top_p, p.seed, p.top_k), (0.7, 0.9, Some(42), 0));
     let e = serde_json::from_str::<SamplingParams>(r#"{"temprature": 0.7}"#).unwrap_err();
     assert!(e.to_string().contains("temprature"), "{e}");
 }
@@ -801,36 +591,20 @@ fn the_read_gate_refuses_vocabulary_sized_arrays() {
         ("f32 [B, V] as ids", read_ids(&logits).map(|_| ())),
         ("u32 [B, V] as ids", read_ids(&ids).map(|_| ())),
         ("f32 [B, V] as logprobs", read_logprobs(&logits).map(|_| ())),
-        (
-            "f32 [3] as ids",
-            read_ids(&Array::from_slice(&[1.0f32, 2.0, 3.0], &[3])).map(|_| ()),
-        ),
-        (
-            "one too many",
-            read_ids(&Array::zeros::<u32>(&[MAX_HOST_READ_ELEMENTS as i32 + 1]).unwrap())
-                .map(|_| ()),
-        ),
+        ("f32 [3] as ids", read_ids(&Array::from_slice(&[1.0f32, 2.0, 3.0], &[3])).map(|_| ())),
+        ("one too many", read_ids(&Array::zeros::<u32>(&[MAX_HOST_READ_ELEMENTS as i32 + 1]).unwrap()).map(|_| ())),
     ] {
         let e: SamplingError = result.expect_err(what);
         assert_eq!(e.code(), "host_read_refused", "{what}");
     }
     let after = thread_host_read_stats();
-    assert_eq!(
-        (after.reads, after.refused - before.refused),
-        (before.reads, 5)
-    );
+    assert_eq!((after.reads, after.refused - before.refused), (before.reads, 5));
 
     let ok = read_ids(&Array::from_slice(&[7u32, 8, 9], &[3])).unwrap();
     assert_eq!(ok, vec![7, 8, 9]);
     let last = thread_host_read_stats();
-    assert_eq!(
-        (last.reads - after.reads, last.bytes - after.bytes),
-        (1, 12)
-    );
-    assert_eq!(
-        read_ids(&Array::from_slice(&[5i32, 6], &[2])).unwrap(),
-        vec![5, 6]
-    );
+    assert_eq!((last.reads - after.reads, last.bytes - after.bytes), (1, 12));
+    assert_eq!(read_ids(&Array::from_slice(&[5i32, 6], &[2])).unwrap(), vec![5, 6]);
 }
 
 /// A decode loop over a fake model (logits = row `token` of a fixed `[V, V]` table, all on
@@ -838,9 +612,7 @@ fn the_read_gate_refuses_vocabulary_sized_arrays() {
 #[test]
 fn decode_reads_one_id_per_step_for_every_sampler() {
     let v = 64usize;
-    let table: Vec<f32> = (0..v * v)
-        .map(|i| ((i * 2654435761usize) % 1000) as f32 / 250.0 - 2.0)
-        .collect();
+    let table: Vec<f32> = (0..v * v).map(|i| ((i * 2654435761usize) % 1000) as f32 / 250.0 - 2.0).collect();
     let table = Array::from_slice(&table, &[v as i32, v as i32]);
     let configs = [
         ("greedy", params(|_| {})),
@@ -848,29 +620,15 @@ fn decode_reads_one_id_per_step_for_every_sampler() {
         ("top-k", params(|p| (p.temperature, p.top_k) = (0.8, 10))),
         ("top-p", params(|p| (p.temperature, p.top_p) = (0.8, 0.9))),
         ("min-p", params(|p| (p.temperature, p.min_p) = (0.8, 0.05))),
-        (
-            "typical-p",
-            params(|p| (p.temperature, p.typical_p) = (0.8, 0.9)),
-        ),
+        ("typical-p", params(|p| (p.temperature, p.typical_p) = (0.8, 0.9))),
         ("repetition", params(|p| p.repetition_penalty = 1.1)),
-        (
-            "presence/frequency",
-            params(|p| (p.presence_penalty, p.frequency_penalty) = (0.5, 0.5)),
-        ),
-        (
-            "logit bias",
-            params(|p| p.logit_bias = BTreeMap::from([(3, 5.0)])),
-        ),
+        ("presence/frequency", params(|p| (p.presence_penalty, p.frequency_penalty) = (0.5, 0.5))),
+        ("logit bias", params(|p| p.logit_bias = BTreeMap::from([(3, 5.0)]))),
         (
             "everything",
             params(|p| {
-                (p.temperature, p.top_k, p.top_p, p.min_p, p.typical_p) =
-                    (0.7, 50, 0.9, 0.05, 0.95);
-                (
-                    p.repetition_penalty,
-                    p.presence_penalty,
-                    p.frequency_penalty,
-                ) = (1.1, 0.2, 0.2);
+                (p.temperature, p.top_k, p.top_p, p.min_p, p.typical_p) = (0.7, 50, 0.9, 0.05, 0.95);
+                (p.repetition_penalty, p.presence_penalty, p.frequency_penalty) = (1.1, 0.2, 0.2);
                 p.logit_bias = BTreeMap::from([(1, -1.0)]);
             }),
         ),
@@ -900,9 +658,7 @@ fn decode_reads_one_id_per_step_for_every_sampler() {
 #[test]
 fn chunked_top_k_keeps_what_a_full_partition_keeps() {
     let v = 32_768usize;
-    let distinct: Vec<f32> = (0..v)
-        .map(|i| ((i * 2_654_435_761usize) % 1_000_003) as f32 / 100_000.0)
-        .collect();
+    let distinct: Vec<f32> = (0..v).map(|i| ((i * 2_654_435_761usize) % 1_000_003) as f32 / 100_000.0).collect();
     let tied: Vec<f32> = distinct.iter().map(|x| (x * 2.0).round() / 2.0).collect(); // many equal values
     for (what, logits) in [("distinct", &distinct), ("tied", &tied)] {
         for k in [1u32, 7, 16, 50, 128] {
@@ -914,20 +670,10 @@ fn chunked_top_k_keeps_what_a_full_partition_keeps() {
             set_chunked_top_k(true);
             for (how, got) in [("chunked", &chunked), ("full partition", &full)] {
                 let kept: Vec<usize> = (0..v).filter(|&i| got[i].is_finite()).collect();
-                assert_eq!(
-                    kept.len(),
-                    k as usize,
-                    "{what} k={k} {how}: kept {}",
-                    kept.len()
-                );
-                let lowest_kept = kept
-                    .iter()
-                    .map(|&i| logits[i])
-                    .fold(f32::INFINITY, f32::min);
-                let highest_dropped = (0..v)
-                    .filter(|&i| !got[i].is_finite())
-                    .map(|i| logits[i])
-                    .fold(f32::NEG_INFINITY, f32::max);
+                assert_eq!(kept.len(), k as usize, "{what} k={k} {how}: kept {}", kept.len());
+                let lowest_kept = kept.iter().map(|&i| logits[i]).fold(f32::INFINITY, f32::min);
+                let highest_dropped =
+                    (0..v).filter(|&i| !got[i].is_finite()).map(|i| logits[i]).fold(f32::NEG_INFINITY, f32::max);
                 assert!(
                     lowest_kept >= highest_dropped,
                     "{what} k={k} {how}: kept {lowest_kept} < dropped {highest_dropped}"

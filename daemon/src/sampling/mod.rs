@@ -74,12 +74,10 @@ mod sequence;
 pub use params::{SamplingError, SamplingParams, MAX_LOGPROBS, MAX_REPETITION_CONTEXT};
 pub use pipeline::{set_chunked_top_k, set_compiled};
 pub use read::{
-    host_read_stats, read_ids, read_logprobs, thread_host_read_stats, HostReadStats,
-    MAX_HOST_READ_ELEMENTS,
+    host_read_stats, read_ids, read_logprobs, thread_host_read_stats, HostReadStats, MAX_HOST_READ_ELEMENTS,
 };
 pub use sequence::{
-    sample_batch, sample_batch_inspect, sample_batch_with_logprobs, Inspection, Logprobs, Sampled,
-    SequenceSampler,
+    sample_batch, sample_batch_inspect, sample_batch_with_logprobs, Inspection, Logprobs, Sampled, SequenceSampler,
 };
 
 impl From<SamplingError> for crate::models::ModelError {

@@ -127,23 +127,14 @@ impl SamplingError {
     /// The parameter at fault, for validation errors.
     pub fn field(&self) -> Option<&'static str> {
         match self {
-            SamplingError::OutOfRange { field, .. }
-            | SamplingError::TokenOutOfVocabulary { field, .. } => Some(field),
+            SamplingError::OutOfRange { field, .. } | SamplingError::TokenOutOfVocabulary { field, .. } => Some(field),
             _ => None,
         }
     }
 }
 
-fn out_of_range(
-    field: &'static str,
-    bound: impl Into<String>,
-    got: impl std::fmt::Display,
-) -> SamplingError {
-    SamplingError::OutOfRange {
-        field,
-        bound: bound.into(),
-        got: got.to_string(),
-    }
+fn out_of_range(field: &'static str, bound: impl Into<String>, got: impl std::fmt::Display) -> SamplingError {
+    SamplingError::OutOfRange { field, bound: bound.into(), got: got.to_string() }
 }
 
 /// `lo <= x <= hi`, false for NaN.
@@ -158,11 +149,7 @@ impl SamplingParams {
             return Err(out_of_range("temperature", "[0, inf)", self.temperature));
         }
         if self.top_k as usize > vocab_size {
-            return Err(out_of_range(
-                "top_k",
-                format!("[0, {vocab_size}]"),
-                self.top_k,
-            ));
+            return Err(out_of_range("top_k", format!("[0, {vocab_size}]"), self.top_k));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(out_of_range("top_p", "(0, 1]", self.top_p));
@@ -174,11 +161,7 @@ impl SamplingParams {
             return Err(out_of_range("typical_p", "(0, 1]", self.typical_p));
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
-            return Err(out_of_range(
-                "repetition_penalty",
-                "(0, inf)",
-                self.repetition_penalty,
-            ));
+            return Err(out_of_range("repetition_penalty", "(0, inf)", self.repetition_penalty));
         }
         if !(1..=MAX_REPETITION_CONTEXT).contains(&self.repetition_context_size) {
             return Err(out_of_range(
@@ -188,33 +171,17 @@ impl SamplingParams {
             ));
         }
         if !within(self.presence_penalty, -2.0, 2.0) {
-            return Err(out_of_range(
-                "presence_penalty",
-                "[-2, 2]",
-                self.presence_penalty,
-            ));
+            return Err(out_of_range("presence_penalty", "[-2, 2]", self.presence_penalty));
         }
         if !within(self.frequency_penalty, -2.0, 2.0) {
-            return Err(out_of_range(
-                "frequency_penalty",
-                "[-2, 2]",
-                self.frequency_penalty,
-            ));
+            return Err(out_of_range("frequency_penalty", "[-2, 2]", self.frequency_penalty));
         }
         for (&token, &bias) in &self.logit_bias {
             if token as usize >= vocab_size {
-                return Err(SamplingError::TokenOutOfVocabulary {
-                    field: "logit_bias",
-                    token,
-                    vocab: vocab_size,
-                });
+                return Err(SamplingError::TokenOutOfVocabulary { field: "logit_bias", token, vocab: vocab_size });
             }
             if !within(bias, -100.0, 100.0) {
-                return Err(out_of_range(
-                    "logit_bias",
-                    "[-100, 100]",
-                    format!("{bias} for token {token}"),
-                ));
+                return Err(out_of_range("logit_bias", "[-100, 100]", format!("{bias} for token {token}")));
             }
         }
         if let Some(n) = self.logprobs {

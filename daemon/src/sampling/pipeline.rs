@@ -164,12 +164,7 @@ pub(crate) fn plan(st: Stages) -> Vec<Slot> {
         if st.mixed_greedy {
             p.push(Greedy);
         }
-        for (on, slot) in [
-            (st.top_k, TopK),
-            (st.top_p, TopP),
-            (st.min_p, LnMinP),
-            (st.typical, Typical),
-        ] {
+        for (on, slot) in [(st.top_k, TopK), (st.top_p, TopP), (st.min_p, LnMinP), (st.typical, Typical)] {
             if on {
                 p.push(slot);
             }
@@ -226,26 +221,18 @@ pub(crate) fn chunked_top_k() -> bool {
 
 /// Runs the graph for `stages` on `inputs`.
 pub(crate) fn run(st: Stages, inputs: &Named) -> Result<Outputs, Exception> {
-    let list = plan(st)
-        .into_iter()
-        .map(|s| inputs.get(s).cloned())
-        .collect::<Result<Vec<_>, _>>()?;
+    let list = plan(st).into_iter().map(|s| inputs.get(s).cloned()).collect::<Result<Vec<_>, _>>()?;
     let out = if USE_COMPILE.with(Cell::get) {
         COMPILED.with(|cache| {
             let mut cache = cache.borrow_mut();
-            let f = cache
-                .entry(st)
-                .or_insert_with(|| Box::new(compile(move |xs: &[Array]| graph(st, xs), None)));
+            let f = cache.entry(st).or_insert_with(|| Box::new(compile(move |xs: &[Array]| graph(st, xs), None)));
             f(&list)
         })?
     } else {
         graph(st, &list)?
     };
     let mut out = out.into_iter();
-    let mut next = || {
-        out.next()
-            .ok_or_else(|| Exception::custom("sampling graph: missing output"))
-    };
+    let mut next = || out.next().ok_or_else(|| Exception::custom("sampling graph: missing output"));
     let mut o = Outputs {
         tokens: None,
         logprobs: None,
@@ -308,14 +295,7 @@ fn random_bits(shape: &[i32], key: &Array) -> Result<Array, Exception> {
     // outlives the call.
     unsafe {
         let mut res = mlx_sys::mlx_array_new();
-        let rc = mlx_sys::mlx_random_bits(
-            &mut res,
-            shape.as_ptr(),
-            shape.len(),
-            4,
-            key.as_ptr(),
-            stream.as_ptr(),
-        );
+        let rc = mlx_sys::mlx_random_bits(&mut res, shape.as_ptr(), shape.len(), 4, key.as_ptr(), stream.as_ptr());
         if rc != 0 {
             mlx_sys::mlx_array_free(res);
             return Err(Exception::custom(format!(
@@ -335,11 +315,7 @@ fn split_and_draw(keys: &Array, b: i32, v: i32) -> Result<(Array, Array), Except
     let mut next = Vec::with_capacity(b as usize);
     let mut bits = Vec::with_capacity(b as usize);
     for i in 0..b {
-        let key = if b == 1 {
-            keys.reshape(&[2])?
-        } else {
-            keys.try_index(i)?
-        };
+        let key = if b == 1 { keys.reshape(&[2])? } else { keys.try_index(i)? };
         let words = random_bits(&[2, 2], &key)?;
         next.push(words.try_index(0..1)?);
         bits.push(random_bits(&[1, v], &words.try_index(1)?)?);
@@ -351,12 +327,8 @@ fn split_and_draw(keys: &Array, b: i32, v: i32) -> Result<(Array, Array), Except
     };
     // Uniform in (0, 1) from the top 24 bits, centred in their bucket so neither end is hit;
     // then Gumbel(0, 1) = -ln(-ln u).
-    let u = bits
-        .floor_divide(Array::from_slice(&[256u32], &[1]))?
-        .as_type::<f32>()?;
-    let u = u
-        .add(Array::from_f32(0.5))?
-        .multiply(Array::from_f32(1.0 / 16_777_216.0))?;
+    let u = bits.floor_divide(Array::from_slice(&[256u32], &[1]))?.as_type::<f32>()?;
+    let u = u.add(Array::from_f32(0.5))?.multiply(Array::from_f32(1.0 / 16_777_216.0))?;
     let noise = u.log()?.negative()?.log()?.negative()?;
     Ok((next, noise))
 }
@@ -386,30 +358,18 @@ fn graph(st: Stages, inputs: &[Array]) -> Result<Vec<Array>, Exception> {
         let (window, penalty) = (named.get(Slot::Window)?, named.get(Slot::Penalty)?);
         let c = window.shape()[1];
         let index = ops::minimum(window, Array::from_slice(&[v as u32], &[1]))?.as_type::<i32>()?;
-        let marks = Array::zeros::<f32>(&[b, v + 1])?.put_along_axis(
-            &index,
-            Array::ones::<f32>(&[b, c])?,
-            -1,
-        )?;
+        let marks = Array::zeros::<f32>(&[b, v + 1])?.put_along_axis(&index, Array::ones::<f32>(&[b, c])?, -1)?;
         let seen = marks.try_index((.., ..v))?.gt(Array::from_f32(0.0))?;
-        let penalized = ops::select(
-            logits.lt(Array::from_f32(0.0))?,
-            logits.multiply(penalty)?,
-            logits.divide(penalty)?,
-        )?;
+        let penalized =
+            ops::select(logits.lt(Array::from_f32(0.0))?, logits.multiply(penalty)?, logits.divide(penalty)?)?;
         logits = ops::select(&seen, &penalized, &logits)?;
     }
     // 3. Presence and frequency penalties over generated-token counts.
     if st.presence_frequency {
-        let (counts, presence, frequency) = (
-            named.get(Slot::Counts)?,
-            named.get(Slot::Presence)?,
-            named.get(Slot::Frequency)?,
-        );
+        let (counts, presence, frequency) =
+            (named.get(Slot::Counts)?, named.get(Slot::Presence)?, named.get(Slot::Frequency)?);
         let present = counts.gt(Array::from_f32(0.0))?.as_type::<f32>()?;
-        let penalty = present
-            .multiply(presence)?
-            .add(counts.multiply(frequency)?)?;
+        let penalty = present.multiply(presence)?.add(counts.multiply(frequency)?)?;
         logits = logits.subtract(&penalty)?;
     }
     if st.process_only {
@@ -421,11 +381,7 @@ fn graph(st: Stages, inputs: &[Array]) -> Result<Vec<Array>, Exception> {
         let (keys, noise) = split_and_draw(named.get(Slot::Keys)?, b, v)?;
         next_keys = Some(keys);
         let inv_temperature = named.get(Slot::InvTemperature)?;
-        let is_greedy = if st.mixed_greedy {
-            Some(named.get(Slot::Greedy)?.reshape(&[b])?)
-        } else {
-            None
-        };
+        let is_greedy = if st.mixed_greedy { Some(named.get(Slot::Greedy)?.reshape(&[b])?) } else { None };
         // 4. Temperature.
         let scaled = logits.multiply(inv_temperature)?;
         let (drawn, candidates) = if st.any_filter() {
@@ -437,11 +393,8 @@ fn graph(st: Stages, inputs: &[Array]) -> Result<Vec<Array>, Exception> {
             Some(g) => {
                 let tokens = ops::select(&g, argmax_axis(&logits, -1, false)?, &drawn)?;
                 // Candidates are in vocabulary order only when inspected.
-                let candidates = if st.inspect {
-                    ops::select(g.reshape(&[b, 1])?, &logits, &candidates)?
-                } else {
-                    candidates
-                };
+                let candidates =
+                    if st.inspect { ops::select(g.reshape(&[b, 1])?, &logits, &candidates)? } else { candidates };
                 (tokens, candidates)
             }
             None => (drawn, candidates),
@@ -475,8 +428,7 @@ fn advance(st: Stages, named: &Named, tokens: &Array) -> Result<Vec<Array>, Exce
     if st.repetition {
         let (window, start) = (named.get(Slot::Window)?, named.get(Slot::WindowStart)?);
         let c = window.shape()[1];
-        let shifted =
-            ops::concatenate(&[window.try_index((.., 1..))?, tokens.as_type::<u32>()?], 1)?;
+        let shifted = ops::concatenate(&[window.try_index((.., 1..))?, tokens.as_type::<u32>()?], 1)?;
         let position = Array::arange::<i32, i32>(0, c, 1)?.reshape(&[1, c])?;
         let empty = Array::from_slice(&[EMPTY_SLOT], &[1]);
         out.push(ops::select(position.lt(start)?, &empty, &shifted)?);
@@ -505,11 +457,8 @@ fn top_candidates(scaled: &Array, k: i32, chunk: Option<i32>) -> Result<(Array, 
         Some(c) => {
             let n = v / c;
             let grouped = scaled.reshape(&[b, n, c])?;
-            let best = argpartition_axis(grouped.max_axis(-1, false)?.negative()?, k - 1, -1)?
-                .try_index((.., ..k))?;
-            let values = grouped
-                .take_along_axis(best.reshape(&[b, k, 1])?, 1)?
-                .reshape(&[b, k * c])?;
+            let best = argpartition_axis(grouped.max_axis(-1, false)?.negative()?, k - 1, -1)?.try_index((.., ..k))?;
+            let values = grouped.take_along_axis(best.reshape(&[b, k, 1])?, 1)?.reshape(&[b, k * c])?;
             let offsets = Array::arange::<i32, i32>(0, c, 1)?.reshape(&[1, 1, c])?;
             let ids = best
                 .as_type::<i32>()?
@@ -518,10 +467,7 @@ fn top_candidates(scaled: &Array, k: i32, chunk: Option<i32>) -> Result<(Array, 
                 .add(&offsets)?
                 .reshape(&[b, k * c])?;
             let part = argpartition_axis(values.negative()?, k - 1, -1)?.try_index((.., ..k))?;
-            Ok((
-                values.take_along_axis(&part, -1)?,
-                ids.take_along_axis(&part, -1)?,
-            ))
+            Ok((values.take_along_axis(&part, -1)?, ids.take_along_axis(&part, -1)?))
         }
         None => {
             let part = argpartition_axis(scaled.negative()?, k - 1, -1)?.try_index((.., ..k))?;
@@ -549,22 +495,14 @@ pub(crate) fn chunk_width(k: i32, v: i32) -> Option<i32> {
 /// Filters work on candidates sorted by descending logit; each sees the distribution the
 /// previous ones left (renormalized), so the last draw samples exactly from what survived.
 /// Returns the drawn ids and, for inspection, the surviving logits in vocabulary order.
-fn filtered_draw(
-    st: Stages,
-    scaled: &Array,
-    noise: &Array,
-    named: &Named,
-) -> Result<(Array, Array), Exception> {
+fn filtered_draw(st: Stages, scaled: &Array, noise: &Array, named: &Named) -> Result<(Array, Array), Exception> {
     let b = scaled.shape()[0];
     // Candidates, best first: `sorted` holds their logits, `ids` their token ids.
     let (sorted, ids) = match st.truncate {
         Some(k) => {
             let (values, ids) = top_candidates(scaled, k, st.chunk)?;
             let order = argsort_axis(values.negative()?, -1)?;
-            (
-                values.take_along_axis(&order, -1)?,
-                ids.take_along_axis(&order, -1)?,
-            )
+            (values.take_along_axis(&order, -1)?, ids.take_along_axis(&order, -1)?)
         }
         None => {
             let order = argsort_axis(scaled.negative()?, -1)?;
@@ -593,10 +531,7 @@ fn filtered_draw(
     }
     if st.typical {
         let mass = named.get(Slot::Typical)?;
-        keep = Some(and(
-            keep.clone(),
-            typical_keep(&sorted, keep.as_ref(), mass)?,
-        )?);
+        keep = Some(and(keep.clone(), typical_keep(&sorted, keep.as_ref(), mass)?)?);
     }
 
     let candidates = masked(&sorted, keep.as_ref())?;
@@ -620,11 +555,7 @@ fn typical_keep(sorted: &Array, keep: Option<&Array>, mass: &Array) -> Result<Ar
     let logp = logp.subtract(logsumexp_axis(&logp, -1, true)?)?;
     let p = logp.exp()?;
     // 0 * -inf is NaN; removed candidates contribute nothing to the entropy.
-    let plogp = ops::select(
-        p.gt(Array::from_f32(0.0))?,
-        p.multiply(&logp)?,
-        Array::from_f32(0.0),
-    )?;
+    let plogp = ops::select(p.gt(Array::from_f32(0.0))?, p.multiply(&logp)?, Array::from_f32(0.0))?;
     let entropy = plogp.sum_axis(-1, true)?.negative()?;
     let distance = logp.negative()?.subtract(&entropy)?.abs()?; // +inf for removed candidates
     let order = argsort_axis(&distance, -1)?;
@@ -637,16 +568,10 @@ fn typical_keep(sorted: &Array, keep: Option<&Array>, mass: &Array) -> Result<Ar
 
 /// Log-softmax of the processed logits (after biases and penalties, before temperature and
 /// filters, as mlx-lm reports them): the chosen token's value and the `n` best.
-pub(crate) fn logprobs(
-    logits: &Array,
-    tokens: &Array,
-    n: i32,
-) -> Result<(Array, Array, Array), Exception> {
+pub(crate) fn logprobs(logits: &Array, tokens: &Array, n: i32) -> Result<(Array, Array, Array), Exception> {
     let (b, v) = (logits.shape()[0], logits.shape()[1]);
     let logp = logits.subtract(logsumexp_axis(logits, -1, true)?)?;
-    let chosen = logp
-        .take_along_axis(tokens.reshape(&[b, 1])?, -1)?
-        .reshape(&[b])?;
+    let chosen = logp.take_along_axis(tokens.reshape(&[b, 1])?, -1)?.reshape(&[b])?;
     let n = n.min(v);
     if n == 0 {
         let empty_ids = Array::zeros::<u32>(&[b, 0])?;
@@ -660,11 +585,7 @@ pub(crate) fn logprobs(
     };
     let values = logp.take_along_axis(&part, -1)?;
     let order = argsort_axis(values.negative()?, -1)?;
-    Ok((
-        chosen,
-        part.take_along_axis(&order, -1)?.as_type::<u32>()?,
-        values.take_along_axis(&order, -1)?,
-    ))
+    Ok((chosen, part.take_along_axis(&order, -1)?.as_type::<u32>()?, values.take_along_axis(&order, -1)?))
 }
 
 #[cfg(test)]
@@ -676,8 +597,7 @@ mod tests {
         // Qwen3 (151,936), Llama 3 (128,256), SmolLM2 (49,152) with the usual top-k buckets.
         for v in [151_936, 128_256, 49_152] {
             for k in [16, 32, 64, 128] {
-                let c =
-                    chunk_width(k, v).unwrap_or_else(|| panic!("no chunk width for k {k}, V {v}"));
+                let c = chunk_width(k, v).unwrap_or_else(|| panic!("no chunk width for k {k}, V {v}"));
                 assert_eq!(v % c, 0, "k {k} V {v}: {c}");
                 assert!(k * c <= 4096 && v / c > 4 * k, "k {k} V {v}: {c}");
             }

@@ -57,17 +57,8 @@ impl PluginChain {
             let ids: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
             Array::from_slice(&ids, &[1, ids.len() as i32])
         });
-        let info = StepInfo {
-            prompt_tokens: prompt.len(),
-            generated_tokens: 0,
-            temperature,
-        };
-        Ok(PluginChain {
-            processors,
-            sampler,
-            history,
-            info,
-        })
+        let info = StepInfo { prompt_tokens: prompt.len(), generated_tokens: 0, temperature };
+        Ok(PluginChain { processors, sampler, history, info })
     }
 
     fn has_processors(&self) -> bool {
@@ -119,11 +110,7 @@ fn row(a: &Array, i: usize, b: usize) -> Result<Array, SamplingError> {
 
 /// The step with plugins, on the inputs `sequence::step` built for the one-graph path. Returns
 /// what `pipeline::run` would.
-pub(super) fn run(
-    st: Stages,
-    named: &Named,
-    rows: &mut [&mut SequenceSampler],
-) -> Result<Outputs, SamplingError> {
+pub(super) fn run(st: Stages, named: &Named, rows: &mut [&mut SequenceSampler]) -> Result<Outputs, SamplingError> {
     let b = rows.len();
     // 1. Built-in processors.
     let pre = Stages {
@@ -134,9 +121,7 @@ pub(super) fn run(
         ..Stages::default()
     };
     let logits = if st.bias || st.repetition || st.presence_frequency {
-        pipeline::run(pre, named)?
-            .processed
-            .ok_or_else(|| SamplingError::Shape("no processed logits".into()))?
+        pipeline::run(pre, named)?.processed.ok_or_else(|| SamplingError::Shape("no processed logits".into()))?
     } else {
         named.head()?.as_type::<f32>()?
     };
@@ -168,9 +153,7 @@ pub(super) fn run(
     };
 
     // 3. Built-in temperature, filters and pick.
-    let any_sampler = rows
-        .iter()
-        .any(|r| r.plugins.as_ref().is_some_and(PluginChain::has_sampler));
+    let any_sampler = rows.iter().any(|r| r.plugins.as_ref().is_some_and(PluginChain::has_sampler));
     let post = Stages {
         bias: false,
         repetition: false,
@@ -185,27 +168,16 @@ pub(super) fn run(
 
     // 4. Final sampler plugins replace the built-in pick of their rows.
     if any_sampler {
-        let builtin_tokens = out
-            .tokens
-            .clone()
-            .ok_or_else(|| SamplingError::Shape("no tokens".into()))?;
+        let builtin_tokens = out.tokens.clone().ok_or_else(|| SamplingError::Shape("no tokens".into()))?;
         let mut picks = Vec::with_capacity(b);
         for (i, r) in rows.iter_mut().enumerate() {
             let builtin = row(&builtin_tokens, i, b)?;
             let temperature = r.params().temperature;
-            let pick = match r
-                .plugins
-                .as_mut()
-                .filter(|c| c.has_sampler() && r.failure.is_none())
-            {
+            let pick = match r.plugins.as_mut().filter(|c| c.has_sampler() && r.failure.is_none()) {
                 None => None,
                 Some(chain) => {
                     let x = row(&processed, i, b)?;
-                    let x = if temperature > 0.0 {
-                        x.multiply(Array::from_f32(1.0 / temperature))?
-                    } else {
-                        x
-                    };
+                    let x = if temperature > 0.0 { x.multiply(Array::from_f32(1.0 / temperature))? } else { x };
                     match chain.pick(&x) {
                         Ok(t) => t,
                         Err(e) => {
@@ -217,11 +189,7 @@ pub(super) fn run(
             };
             picks.push(pick.unwrap_or(builtin));
         }
-        let tokens = if b == 1 {
-            picks.remove(0)
-        } else {
-            ops::concatenate(&picks, 0)?
-        };
+        let tokens = if b == 1 { picks.remove(0) } else { ops::concatenate(&picks, 0)? };
         if let Some(n) = st.logprobs {
             out.logprobs = Some(pipeline::logprobs(&processed, &tokens, n)?);
         }
@@ -237,12 +205,7 @@ pub(super) fn run(
             ..Stages::default()
         };
         let mut inputs = named.clone();
-        inputs.set(
-            Slot::Head,
-            out.tokens
-                .clone()
-                .ok_or_else(|| SamplingError::Shape("no tokens".into()))?,
-        );
+        inputs.set(Slot::Head, out.tokens.clone().ok_or_else(|| SamplingError::Shape("no tokens".into()))?);
         let advanced = pipeline::run(advance, &inputs)?;
         out.window = advanced.window;
         out.counts = advanced.counts;

@@ -85,29 +85,19 @@ fn refuse(a: &Array, why: &'static str) -> SamplingError {
         s.refused += 1;
         t.set(s);
     });
-    SamplingError::HostReadRefused {
-        shape: a.shape().to_vec(),
-        dtype: format!("{:?}", a.dtype()),
-        why,
-    }
+    SamplingError::HostReadRefused { shape: a.shape().to_vec(), dtype: format!("{:?}", a.dtype()), why }
 }
 
 /// The only host read in `sampling/` and `engine/` (the guard test below allows it here alone).
 fn host_read<T: ArrayElement + Clone>(a: &Array) -> Result<Vec<T>, SamplingError> {
     if a.size() > MAX_HOST_READ_ELEMENTS {
-        return Err(refuse(
-            a,
-            "larger than MAX_HOST_READ_ELEMENTS; logits never leave the device",
-        ));
+        return Err(refuse(a, "larger than MAX_HOST_READ_ELEMENTS; logits never leave the device"));
     }
     if a.size() == 0 {
         return Ok(Vec::new()); // nothing crosses
     }
     let bytes = (a.size() * a.item_size()) as u64;
-    let values = a
-        .contiguous()?
-        .to_vec_cast::<T>()
-        .map_err(|e| mlx_rs::error::Exception::custom(e.to_string()))?;
+    let values = a.contiguous()?.to_vec_cast::<T>().map_err(|e| mlx_rs::error::Exception::custom(e.to_string()))?;
     READS.fetch_add(1, Ordering::Relaxed);
     BYTES.fetch_add(bytes, Ordering::Relaxed);
     THREAD.with(|t| {
@@ -160,10 +150,7 @@ mod tests {
         rust_files(&src.join("sampling"), &mut files);
         rust_files(&src.join("engine"), &mut files);
         rust_files(&src.join("plugins"), &mut files);
-        assert!(
-            files.iter().any(|f| f.ends_with("plugins/host.rs")),
-            "the plugin host is scanned"
-        );
+        assert!(files.iter().any(|f| f.ends_with("plugins/host.rs")), "the plugin host is scanned");
         assert!(files.len() >= 9, "found only {files:?}");
         let mut offences = Vec::new();
         let mut inside_gate = 0;
@@ -184,27 +171,14 @@ mod tests {
                         if in_gate {
                             inside_gate += 1;
                         } else {
-                            offences.push(format!(
-                                "{}:{}: `{}` in {}",
-                                file.display(),
-                                n + 1,
-                                pat,
-                                line.trim()
-                            ));
+                            offences.push(format!("{}:{}: `{}` in {}", file.display(), n + 1, pat, line.trim()));
                         }
                     }
                 }
             }
         }
         // The scanner must see the gate's own read, or it is not looking at real code.
-        assert!(
-            inside_gate >= 1,
-            "the scan found no host read inside host_read itself"
-        );
-        assert!(
-            offences.is_empty(),
-            "host reads outside sampling::read::host_read:\n{}",
-            offences.join("\n")
-        );
+        assert!(inside_gate >= 1, "the scan found no host read inside host_read itself");
+        assert!(offences.is_empty(), "host reads outside sampling::read::host_read:\n{}", offences.join("\n"));
     }
 }

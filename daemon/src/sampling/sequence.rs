@@ -103,33 +103,20 @@ pub struct SequenceSampler {
 impl SequenceSampler {
     /// Validates `params` for a `vocab_size`-token model and prepares the device state; `prompt`
     /// seeds the repetition window.
-    pub fn new(
-        params: &SamplingParams,
-        vocab_size: usize,
-        prompt: &[u32],
-    ) -> Result<Self, SamplingError> {
+    pub fn new(params: &SamplingParams, vocab_size: usize, prompt: &[u32]) -> Result<Self, SamplingError> {
         params.validate(vocab_size)?;
         let v = vocab_size as i32;
         let seed = params.seed.unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64)
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
         });
-        let key = if params.is_random() {
-            Some(random::key(seed)?.reshape(&[1, 2])?)
-        } else {
-            None
-        };
+        let key = if params.is_random() { Some(random::key(seed)?.reshape(&[1, 2])?) } else { None };
         let window = (params.repetition_penalty != 1.0).then(|| {
             let size = params.repetition_context_size;
             let capacity = bucket(size);
             let tail = &prompt[prompt.len().saturating_sub(size)..];
             let mut ids = vec![EMPTY_SLOT; capacity];
             ids[capacity - tail.len()..].copy_from_slice(tail);
-            Window {
-                ids: Array::from_slice(&ids, &[1, capacity as i32]),
-                size,
-            }
+            Window { ids: Array::from_slice(&ids, &[1, capacity as i32]), size }
         });
         let counts = if params.presence_penalty != 0.0 || params.frequency_penalty != 0.0 {
             Some(Array::zeros::<f32>(&[1, v])?)
@@ -139,13 +126,7 @@ impl SequenceSampler {
         let plugins = if params.plugins.is_empty() {
             None
         } else {
-            Some(PluginChain::new(
-                &params.plugins,
-                vocab_size,
-                prompt,
-                seed,
-                params.temperature,
-            )?)
+            Some(PluginChain::new(&params.plugins, vocab_size, prompt, seed, params.temperature)?)
         };
         let uid = NEXT_UID.fetch_add(1, Ordering::Relaxed);
         Ok(SequenceSampler {
@@ -229,23 +210,14 @@ impl SequenceSampler {
     /// Takes row `i` of a batch of `b`'s next state from the graph's outputs; `pad` is how many
     /// empty slots this row's window was padded with on the left.
     fn store(&mut self, out: &Outputs, i: i32, b: usize, pad: i32) -> Result<(), SamplingError> {
-        let row = |a: &Array| -> Result<Array, SamplingError> {
-            Ok(if b == 1 {
-                a.clone()
-            } else {
-                a.try_index(i..i + 1)?
-            })
-        };
+        let row =
+            |a: &Array| -> Result<Array, SamplingError> { Ok(if b == 1 { a.clone() } else { a.try_index(i..i + 1)? }) };
         if let (Some(key), Some(keys)) = (self.key.as_mut(), &out.keys) {
             *key = row(keys)?;
         }
         if let (Some(w), Some(ids)) = (self.window.as_mut(), &out.window) {
             let ids = row(ids)?;
-            w.ids = if pad > 0 {
-                ids.try_index((.., pad..))?
-            } else {
-                ids
-            };
+            w.ids = if pad > 0 { ids.try_index((.., pad..))? } else { ids };
         }
         if let (Some(c), Some(counts)) = (self.counts.as_mut(), &out.counts) {
             *c = row(counts)?;
@@ -258,35 +230,21 @@ impl SequenceSampler {
 /// state, in one graph; records each pick in its row; returns `[B]` uint32, lazily. A row whose
 /// plugin fails gets a built-in token and its [`SequenceSampler::failure`] set; the batch
 /// itself succeeds.
-pub fn sample_batch(
-    logits: &Array,
-    rows: &mut [&mut SequenceSampler],
-) -> Result<Array, SamplingError> {
+pub fn sample_batch(logits: &Array, rows: &mut [&mut SequenceSampler]) -> Result<Array, SamplingError> {
     Ok(step(logits, rows, false, false)?.0.tokens)
 }
 
 /// As [`sample_batch`], with the logprobs the rows asked for.
-pub fn sample_batch_with_logprobs(
-    logits: &Array,
-    rows: &mut [&mut SequenceSampler],
-) -> Result<Sampled, SamplingError> {
+pub fn sample_batch_with_logprobs(logits: &Array, rows: &mut [&mut SequenceSampler]) -> Result<Sampled, SamplingError> {
     Ok(step(logits, rows, true, false)?.0)
 }
 
 /// As [`sample_batch`] (state advances the same way), also returning the intermediate logits:
 /// the tests check every stage against definitions through it.
-pub fn sample_batch_inspect(
-    logits: &Array,
-    rows: &mut [&mut SequenceSampler],
-) -> Result<Inspection, SamplingError> {
+pub fn sample_batch_inspect(logits: &Array, rows: &mut [&mut SequenceSampler]) -> Result<Inspection, SamplingError> {
     let (sampled, inspection) = step(logits, rows, false, true)?;
-    let (processed, candidates) =
-        inspection.ok_or_else(|| SamplingError::Shape("no inspection output".into()))?;
-    Ok(Inspection {
-        tokens: sampled.tokens,
-        processed,
-        candidates,
-    })
+    let (processed, candidates) = inspection.ok_or_else(|| SamplingError::Shape("no inspection output".into()))?;
+    Ok(Inspection { tokens: sampled.tokens, processed, candidates })
 }
 
 type StepResult = (Sampled, Option<(Array, Array)>);
@@ -311,10 +269,7 @@ fn step(
 ) -> Result<StepResult, SamplingError> {
     let shape = logits.shape();
     let b = rows.len();
-    if shape.len() != 2
-        || shape[0] as usize != b
-        || rows.iter().any(|r| r.vocab != shape[1] as usize)
-    {
+    if shape.len() != 2 || shape[0] as usize != b || rows.iter().any(|r| r.vocab != shape[1] as usize) {
         let vocabs: Vec<usize> = rows.iter().map(|r| r.vocab).collect();
         return Err(SamplingError::Shape(format!(
             "logits of shape {shape:?} for {b} rows with vocabularies {vocabs:?}; want [B, V]"
@@ -326,15 +281,8 @@ fn step(
     let mut named = Named::default();
     named.set(Slot::Head, logits.clone());
     // The rows' device state, stacked (no copy for a single row).
-    let capacity = rows
-        .iter()
-        .filter_map(|r| r.window.as_ref().map(Window::capacity))
-        .max()
-        .unwrap_or(1);
-    let pads: Vec<i32> = rows
-        .iter()
-        .map(|r| r.window.as_ref().map_or(0, |w| capacity - w.capacity()))
-        .collect();
+    let capacity = rows.iter().filter_map(|r| r.window.as_ref().map(Window::capacity)).max().unwrap_or(1);
+    let pads: Vec<i32> = rows.iter().map(|r| r.window.as_ref().map_or(0, |w| capacity - w.capacity())).collect();
     if st.repetition {
         let mut ids = Vec::with_capacity(b);
         for (r, &pad) in rows.iter().zip(&pads) {
@@ -347,34 +295,19 @@ fn step(
         named.set(Slot::Window, rows_of(ids)?);
     }
     if st.presence_frequency {
-        let counts = rows.iter().map(|r| {
-            r.counts
-                .clone()
-                .map_or_else(|| Array::zeros::<f32>(&[1, v]), Ok)
-        });
+        let counts = rows.iter().map(|r| r.counts.clone().map_or_else(|| Array::zeros::<f32>(&[1, v]), Ok));
         named.set(Slot::Counts, rows_of(counts.collect::<Result<_, _>>()?)?);
     }
     if st.random {
-        let keys = rows.iter().map(|r| {
-            r.key
-                .clone()
-                .map_or_else(|| Array::zeros::<u32>(&[1, 2]), Ok)
-        });
+        let keys = rows.iter().map(|r| r.key.clone().map_or_else(|| Array::zeros::<u32>(&[1, 2]), Ok));
         named.set(Slot::Keys, rows_of(keys.collect::<Result<_, _>>()?)?);
     }
     let uids: Vec<u64> = rows.iter().map(|r| r.uid).collect();
     COLUMNS.with(|cache| -> Result<(), SamplingError> {
         let mut cache = cache.borrow_mut();
-        if !cache
-            .as_ref()
-            .is_some_and(|c| c.rows == uids && c.stages == st)
-        {
+        if !cache.as_ref().is_some_and(|c| c.rows == uids && c.stages == st) {
             let columns = columns(st, rows, v, capacity)?;
-            *cache = Some(ColumnCache {
-                rows: uids,
-                stages: st,
-                columns,
-            });
+            *cache = Some(ColumnCache { rows: uids, stages: st, columns });
         }
         for (slot, a) in &cache.as_ref().expect("filled above").columns {
             named.set(*slot, a.clone());
@@ -387,32 +320,20 @@ fn step(
     } else {
         pipeline::run(st, &named)?
     };
-    let tokens = out
-        .tokens
-        .clone()
-        .ok_or_else(|| SamplingError::Shape("the sampling graph returned no tokens".into()))?;
+    let tokens =
+        out.tokens.clone().ok_or_else(|| SamplingError::Shape("the sampling graph returned no tokens".into()))?;
     for (i, r) in rows.iter_mut().enumerate() {
         r.store(&out, i as i32, b, pads[i])?;
         if r.failure.is_none() {
             if let Some(chain) = r.plugins.as_mut() {
-                let token = if b == 1 {
-                    tokens.clone()
-                } else {
-                    tokens.try_index(i as i32..i as i32 + 1)?
-                };
+                let token = if b == 1 { tokens.clone() } else { tokens.try_index(i as i32..i as i32 + 1)? };
                 if let Err(e) = chain.accept(&token) {
                     r.failure = Some(e);
                 }
             }
         }
     }
-    let logprobs = out
-        .logprobs
-        .map(|(chosen, top_ids, top_logprobs)| Logprobs {
-            chosen,
-            top_ids,
-            top_logprobs,
-        });
+    let logprobs = out.logprobs.map(|(chosen, top_ids, top_logprobs)| Logprobs { chosen, top_ids, top_logprobs });
     Ok((Sampled { tokens, logprobs }, out.inspection))
 }
 
@@ -478,40 +399,18 @@ fn columns(
         out.push((Slot::BiasValues, Array::from_slice(&values, &[m, 1])));
     }
     if st.repetition {
-        out.push((
-            Slot::Penalty,
-            column!((0..b).map(|i| p(i).repetition_penalty).collect()),
-        ));
-        let start = rows
-            .iter()
-            .map(|r| {
-                r.window
-                    .as_ref()
-                    .map_or(capacity, |w| capacity - w.size as i32)
-            })
-            .collect();
+        out.push((Slot::Penalty, column!((0..b).map(|i| p(i).repetition_penalty).collect())));
+        let start = rows.iter().map(|r| r.window.as_ref().map_or(capacity, |w| capacity - w.size as i32)).collect();
         out.push((Slot::WindowStart, column!(start)));
     }
     if st.presence_frequency {
-        out.push((
-            Slot::Presence,
-            column!((0..b).map(|i| p(i).presence_penalty).collect()),
-        ));
-        out.push((
-            Slot::Frequency,
-            column!((0..b).map(|i| p(i).frequency_penalty).collect()),
-        ));
+        out.push((Slot::Presence, column!((0..b).map(|i| p(i).presence_penalty).collect())));
+        out.push((Slot::Frequency, column!((0..b).map(|i| p(i).frequency_penalty).collect())));
     }
     if st.random {
         out.push((
             Slot::InvTemperature,
-            column!((0..b)
-                .map(|i| if random[i] {
-                    1.0 / p(i).temperature
-                } else {
-                    1.0
-                })
-                .collect()),
+            column!((0..b).map(|i| if random[i] { 1.0 / p(i).temperature } else { 1.0 }).collect()),
         ));
         if st.mixed_greedy {
             out.push((Slot::Greedy, column!(random.iter().map(|&r| !r).collect())));
@@ -519,43 +418,19 @@ fn columns(
         let width = st.truncate.unwrap_or(v);
         let on = |i: usize, f: &dyn Fn(&SamplingParams) -> bool| random[i] && f(p(i));
         if st.top_k {
-            let k = (0..b).map(|i| {
-                if on(i, &|q| q.top_k > 0) {
-                    (p(i).top_k as i32).min(width)
-                } else {
-                    width
-                }
-            });
+            let k = (0..b).map(|i| if on(i, &|q| q.top_k > 0) { (p(i).top_k as i32).min(width) } else { width });
             out.push((Slot::TopK, column!(k.collect())));
         }
         if st.top_p {
-            let x = (0..b).map(|i| {
-                if on(i, &|q| q.top_p < 1.0) {
-                    p(i).top_p
-                } else {
-                    f32::INFINITY
-                }
-            });
+            let x = (0..b).map(|i| if on(i, &|q| q.top_p < 1.0) { p(i).top_p } else { f32::INFINITY });
             out.push((Slot::TopP, column!(x.collect())));
         }
         if st.min_p {
-            let x = (0..b).map(|i| {
-                if on(i, &|q| q.min_p > 0.0) {
-                    p(i).min_p.ln()
-                } else {
-                    f32::NEG_INFINITY
-                }
-            });
+            let x = (0..b).map(|i| if on(i, &|q| q.min_p > 0.0) { p(i).min_p.ln() } else { f32::NEG_INFINITY });
             out.push((Slot::LnMinP, column!(x.collect())));
         }
         if st.typical {
-            let x = (0..b).map(|i| {
-                if on(i, &|q| q.typical_p < 1.0) {
-                    p(i).typical_p
-                } else {
-                    f32::INFINITY
-                }
-            });
+            let x = (0..b).map(|i| if on(i, &|q| q.typical_p < 1.0) { p(i).typical_p } else { f32::INFINITY });
             out.push((Slot::Typical, column!(x.collect())));
         }
     }
