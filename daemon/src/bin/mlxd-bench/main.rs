@@ -141,10 +141,7 @@ fn parse_args() -> Result<Args> {
             "--dir" => a.dir = val()?.into(),
             "--no-mlx-lm" => a.mlx_lm = false,
             "--clients" => {
-                a.clients = val()?
-                    .split(',')
-                    .map(|c| c.parse().context("--clients"))
-                    .collect::<Result<_>>()?
+                a.clients = val()?.split(',').map(|c| c.parse().context("--clients")).collect::<Result<_>>()?
             }
             "--samplers" => a.samplers = val()?.split(',').map(String::from).collect(),
             "--plugin" => {
@@ -169,16 +166,13 @@ fn main() -> Result<()> {
     let dir = match (&args.model, &args.shape) {
         (Some(m), _) => m.clone(),
         (None, Some(s)) => make_model(s, &args.dtype, &args.dir)?,
-        (None, None) => bail!(
-            "give --model DIR or --shape NAME ({})",
-            SHAPES.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
-        ),
+        (None, None) => {
+            bail!("give --model DIR or --shape NAME ({})", SHAPES.iter().map(|s| s.name).collect::<Vec<_>>().join(", "))
+        }
     };
     if args.graph {
-        let mut variants: Vec<(String, SamplingParams)> = sampler_variants(&args.samplers)?
-            .into_iter()
-            .map(|(n, s)| (n.to_string(), s))
-            .collect();
+        let mut variants: Vec<(String, SamplingParams)> =
+            sampler_variants(&args.samplers)?.into_iter().map(|(n, s)| (n.to_string(), s)).collect();
         variants.extend(plugin_runs);
         return print_step_graph(&dir, &variants);
     }
@@ -208,27 +202,15 @@ fn main() -> Result<()> {
     let model = mlxd::models::load(&dir).with_context(|| format!("loading {}", dir.display()))?;
     let weight_bytes = model.model.weight_bytes();
     let vocab = model.model.args.vocab as u32;
-    let mut engine = Engine::new(
-        model,
-        EngineOptions {
-            prompt_cache_bytes: 0,
-            ..Default::default()
-        },
-    );
+    let mut engine = Engine::new(model, EngineOptions { prompt_cache_bytes: 0, ..Default::default() });
     engine.model.eos_ids.clear(); // random weights: run to the token count, like mlx-lm's loop
     let prompt = random_prompt(args.prompt, vocab, 7);
     // Same BLAS for both: the Python wheel's libmlx would otherwise use its reference BLAS.
-    let preload = report
-        .blas
-        .strip_prefix("OpenBLAS (")
-        .and_then(|p| p.strip_suffix(')'))
-        .map(String::from);
+    let preload = report.blas.strip_prefix("OpenBLAS (").and_then(|p| p.strip_suffix(')')).map(String::from);
 
     // Variants run interleaved (A B A B ...), so slow drifts of clock or load hit all alike.
-    let mut variants_list: Vec<(String, SamplingParams)> = sampler_variants(&args.samplers)?
-        .into_iter()
-        .map(|(n, s)| (n.to_string(), s))
-        .collect();
+    let mut variants_list: Vec<(String, SamplingParams)> =
+        sampler_variants(&args.samplers)?.into_iter().map(|(n, s)| (n.to_string(), s)).collect();
     variants_list.extend(plugin_runs);
     let mut ours: Vec<Vec<Value>> = vec![Vec::new(); variants_list.len()];
     let mut profiles = vec![mlxd::engine::StepProfile::default(); variants_list.len()];
@@ -269,11 +251,7 @@ fn main() -> Result<()> {
         let plugin_row = !sampler.plugins.is_empty();
         // mlx-lm runs the variants it has a twin of (bench/mlx_lm_bench.py): greedy and full.
         let peer = !plugin_row && matches!(name.as_str(), "greedy" | "full");
-        let theirs = if args.mlx_lm && peer {
-            Some(run_mlx_lm(&args, &dir, preload.as_deref(), name)?)
-        } else {
-            None
-        };
+        let theirs = if args.mlx_lm && peer { Some(run_mlx_lm(&args, &dir, preload.as_deref(), name)?) } else { None };
         variants.insert(
             name.to_string(),
             json!({"mlxd": {"runs": ours[k], "host_build_ms_per_step": per_step(profile.build), "device_wait_ms_per_step": per_step(profile.wait)}, "mlx_lm": theirs}),
@@ -306,11 +284,7 @@ fn main() -> Result<()> {
 /// `temperature`, `top-k`, `top-p`, `min-p`, `repetition`.
 fn sampler_variants(names: &[String]) -> Result<Vec<(&'static str, SamplingParams)>> {
     let hot = |f: fn(&mut SamplingParams)| {
-        let mut p = SamplingParams {
-            temperature: 0.7,
-            seed: Some(1),
-            ..Default::default()
-        };
+        let mut p = SamplingParams { temperature: 0.7, seed: Some(1), ..Default::default() };
         f(&mut p);
         p
     };
@@ -339,7 +313,9 @@ fn sampler_variants(names: &[String]) -> Result<Vec<(&'static str, SamplingParam
                 "repetition",
                 SamplingParams { repetition_penalty: 1.1, repetition_context_size: 64, ..Default::default() },
             )),
-            other => bail!("--samplers: unknown variant {other} (greedy, full, temperature, top-k, top-p, min-p, repetition)"),
+            other => bail!(
+                "--samplers: unknown variant {other} (greedy, full, temperature, top-k, top-p, min-p, repetition)"
+            ),
         })
         .collect()
 }
@@ -351,17 +327,17 @@ fn plugin_variants(args: &Args) -> Result<Vec<(String, SamplingParams)>> {
     }
     let dir = match &args.plugin_dir {
         Some(d) => d.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("executable directory")?
-            .to_path_buf(),
+        None => std::env::current_exe()?.parent().context("executable directory")?.to_path_buf(),
     };
     let registry = mlxd::plugins::PluginRegistry::new(vec![dir.clone()]);
     args.plugins
         .iter()
         .map(|(name, params)| {
             let plugin = registry.get(name).map_err(|e| {
-                anyhow::anyhow!("{e}; build it (cargo build --release -p mlxd-plugin-{name}) or pass --plugin-dir (looked in {})", dir.display())
+                anyhow::anyhow!(
+                    "{e}; build it (cargo build --release -p mlxd-plugin-{name}) or pass --plugin-dir (looked in {})",
+                    dir.display()
+                )
             })?;
             serde_json::from_str::<Value>(params).with_context(|| format!("--plugin {name}: params are not JSON"))?;
             let request = mlxd::plugins::PluginRequest { plugin, params: params.clone() };
@@ -431,10 +407,8 @@ fn graph_kinds(out: &Array) -> Result<std::collections::BTreeMap<String, usize>>
     let _ = std::fs::remove_file(&path);
     let mut kinds = std::collections::BTreeMap::new();
     for line in text.lines() {
-        if let Some(kind) = line
-            .split_whitespace()
-            .next()
-            .filter(|w| w.chars().next().is_some_and(|c| c.is_ascii_uppercase()))
+        if let Some(kind) =
+            line.split_whitespace().next().filter(|w| w.chars().next().is_some_and(|c| c.is_ascii_uppercase()))
         {
             *kinds.entry(kind.to_string()).or_default() += 1;
         }
@@ -470,15 +444,10 @@ fn prompt_cache_ttft(engine: &mut Engine, vocab: u32) -> Result<Value> {
         warm.push(engine.generate(&req, |_| true)?.time_to_first_token);
         warm_start += engine.profile().start;
     }
-    eprintln!(
-        "prompt cache warm: {:.2} ms of host time in start() per request",
-        warm_start.as_secs_f64() * 1e3 / 3.0
-    );
+    eprintln!("prompt cache warm: {:.2} ms of host time in start() per request", warm_start.as_secs_f64() * 1e3 / 3.0);
     engine.set_prompt_cache_budget(0);
     let (c, w) = (median_d(&mut cold), median_d(&mut warm));
-    Ok(
-        json!({"prompt_tokens": 2000, "cold_ttft_s": c, "warm_ttft_s": w, "speedup": c / w.max(1e-9)}),
-    )
+    Ok(json!({"prompt_tokens": 2000, "cold_ttft_s": c, "warm_ttft_s": w, "speedup": c / w.max(1e-9)}))
 }
 
 fn median_d(v: &mut [Duration]) -> f64 {
@@ -488,11 +457,7 @@ fn median_d(v: &mut [Duration]) -> f64 {
 
 fn run_mlx_lm(args: &Args, dir: &Path, preload: Option<&str>, sampler: &str) -> Result<Value> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/mlx_lm_bench.py");
-    let script = if script.exists() {
-        script
-    } else {
-        PathBuf::from("bench/mlx_lm_bench.py")
-    };
+    let script = if script.exists() { script } else { PathBuf::from("bench/mlx_lm_bench.py") };
     let mut cmd = std::process::Command::new(&args.python);
     if let Some(lib) = preload {
         cmd.env("LD_PRELOAD", lib);
@@ -500,26 +465,14 @@ fn run_mlx_lm(args: &Args, dir: &Path, preload: Option<&str>, sampler: &str) -> 
     let out = cmd
         .arg(&script)
         .arg(dir)
-        .args([
-            args.prompt.to_string(),
-            args.gen.to_string(),
-            args.repeats.to_string(),
-            "7".into(),
-            sampler.into(),
-        ])
+        .args([args.prompt.to_string(), args.gen.to_string(), args.repeats.to_string(), "7".into(), sampler.into()])
         .output()
         .with_context(|| format!("running {} {}", args.python, script.display()))?;
     if !out.status.success() {
-        bail!(
-            "mlx-lm benchmark failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("mlx-lm benchmark failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .last()
-        .context("mlx-lm benchmark printed nothing")?;
+    let line = text.lines().last().context("mlx-lm benchmark printed nothing")?;
     Ok(serde_json::from_str(line)?)
 }
 
@@ -536,12 +489,7 @@ fn random_prompt(n: usize, vocab: u32, seed: u64) -> Vec<u32> {
 }
 
 fn stats(runs: &Value, key: &str) -> (f64, f64, f64) {
-    let mut v: Vec<f64> = runs
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|r| r[key].as_f64())
-        .collect();
+    let mut v: Vec<f64> = runs.as_array().into_iter().flatten().filter_map(|r| r[key].as_f64()).collect();
     if v.is_empty() {
         return (f64::NAN, f64::NAN, f64::NAN);
     }
@@ -581,28 +529,16 @@ fn print_table(s: &Value) {
         }
     }
     println!();
-    if let (Some(a), Some(b)) = (
-        decode.get(&("mlxd", "greedy")),
-        decode.get(&("mlx_lm", "greedy")),
-    ) {
+    if let (Some(a), Some(b)) = (decode.get(&("mlxd", "greedy")), decode.get(&("mlx_lm", "greedy"))) {
         println!("mlxd / mlx-lm decode, greedy: {:.3}x", a / b);
     }
     for engine in ["mlxd", "mlx_lm"] {
-        if let (Some(g), Some(f)) = (
-            decode.get(&(engine, "greedy")),
-            decode.get(&(engine, "full")),
-        ) {
-            println!(
-                "{engine}: full sampling costs {:.1}% of greedy decode tok/s",
-                (1.0 - f / g) * 100.0
-            );
+        if let (Some(g), Some(f)) = (decode.get(&(engine, "greedy")), decode.get(&(engine, "full"))) {
+            println!("{engine}: full sampling costs {:.1}% of greedy decode tok/s", (1.0 - f / g) * 100.0);
         }
     }
     for ((engine, variant), d) in &decode {
-        if let (Some(name), Some(g)) = (
-            variant.strip_prefix("plugin:"),
-            decode.get(&(*engine, "greedy")),
-        ) {
+        if let (Some(name), Some(g)) = (variant.strip_prefix("plugin:"), decode.get(&(*engine, "greedy"))) {
             println!(
                 "{engine}: greedy through plugin `{name}` costs {:.1}% of greedy decode tok/s",
                 (1.0 - d / g) * 100.0
@@ -618,19 +554,13 @@ fn print_table(s: &Value) {
         c["speedup"].as_f64().unwrap_or(0.0)
     );
     let wb = s["weight_bytes"].as_f64().unwrap_or(0.0);
-    println!(
-        "weights read per token: {:.1} MiB",
-        wb / (1u64 << 20) as f64
-    );
+    println!("weights read per token: {:.1} MiB", wb / (1u64 << 20) as f64);
 }
 
 /// Writes a random-weight checkpoint of `shape` (config.json, model.safetensors, a word-level
 /// tokenizer.json) unless it already exists.
 fn make_model(shape: &str, dtype: &str, root: &Path) -> Result<PathBuf> {
-    let s = SHAPES
-        .iter()
-        .find(|s| s.name == shape)
-        .with_context(|| format!("unknown shape {shape}"))?;
+    let s = SHAPES.iter().find(|s| s.name == shape).with_context(|| format!("unknown shape {shape}"))?;
     let dt = match dtype {
         "bf16" => Dtype::Bfloat16,
         "f16" => Dtype::Float16,
@@ -649,10 +579,7 @@ fn make_model(shape: &str, dtype: &str, root: &Path) -> Result<PathBuf> {
         "rope_theta": 1_000_000.0, "tie_word_embeddings": s.tie, "max_position_embeddings": 40960,
         "torch_dtype": match dtype { "bf16" => "bfloat16", "f16" => "float16", _ => "float32" },
     });
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_string_pretty(&config)?,
-    )?;
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
     let mut tensors: Vec<(String, Array)> = Vec::new();
     let mut key = random::key(1234)?;
     let mut rnd = |shape: &[i32], scale: f32| -> Result<Array> {
@@ -662,60 +589,31 @@ fn make_model(shape: &str, dtype: &str, root: &Path) -> Result<PathBuf> {
     };
     let ones = |n: i32| -> Result<Array> { Ok(mlx_rs::ops::ones::<f32>(&[n])?.as_dtype(dt)?) };
     let (d, hd) = (s.hidden, s.head_dim);
-    tensors.push((
-        "model.embed_tokens.weight".into(),
-        rnd(&[s.vocab, d], 0.02)?,
-    ));
+    tensors.push(("model.embed_tokens.weight".into(), rnd(&[s.vocab, d], 0.02)?));
     for i in 0..s.layers {
         let p = format!("model.layers.{i}");
         tensors.push((format!("{p}.input_layernorm.weight"), ones(d)?));
         tensors.push((format!("{p}.post_attention_layernorm.weight"), ones(d)?));
-        tensors.push((
-            format!("{p}.self_attn.q_proj.weight"),
-            rnd(&[s.heads * hd, d], 0.02)?,
-        ));
-        tensors.push((
-            format!("{p}.self_attn.k_proj.weight"),
-            rnd(&[s.kv_heads * hd, d], 0.02)?,
-        ));
-        tensors.push((
-            format!("{p}.self_attn.v_proj.weight"),
-            rnd(&[s.kv_heads * hd, d], 0.02)?,
-        ));
-        tensors.push((
-            format!("{p}.self_attn.o_proj.weight"),
-            rnd(&[d, s.heads * hd], 0.02)?,
-        ));
+        tensors.push((format!("{p}.self_attn.q_proj.weight"), rnd(&[s.heads * hd, d], 0.02)?));
+        tensors.push((format!("{p}.self_attn.k_proj.weight"), rnd(&[s.kv_heads * hd, d], 0.02)?));
+        tensors.push((format!("{p}.self_attn.v_proj.weight"), rnd(&[s.kv_heads * hd, d], 0.02)?));
+        tensors.push((format!("{p}.self_attn.o_proj.weight"), rnd(&[d, s.heads * hd], 0.02)?));
         if s.model_type == "qwen3" {
             tensors.push((format!("{p}.self_attn.q_norm.weight"), ones(hd)?));
             tensors.push((format!("{p}.self_attn.k_norm.weight"), ones(hd)?));
         }
-        tensors.push((
-            format!("{p}.mlp.gate_proj.weight"),
-            rnd(&[s.intermediate, d], 0.02)?,
-        ));
-        tensors.push((
-            format!("{p}.mlp.up_proj.weight"),
-            rnd(&[s.intermediate, d], 0.02)?,
-        ));
-        tensors.push((
-            format!("{p}.mlp.down_proj.weight"),
-            rnd(&[d, s.intermediate], 0.02)?,
-        ));
+        tensors.push((format!("{p}.mlp.gate_proj.weight"), rnd(&[s.intermediate, d], 0.02)?));
+        tensors.push((format!("{p}.mlp.up_proj.weight"), rnd(&[s.intermediate, d], 0.02)?));
+        tensors.push((format!("{p}.mlp.down_proj.weight"), rnd(&[d, s.intermediate], 0.02)?));
     }
     tensors.push(("model.norm.weight".into(), ones(d)?));
     if !s.tie {
         tensors.push(("lm_head.weight".into(), rnd(&[s.vocab, d], 0.02)?));
     }
-    Array::save_safetensors(
-        tensors.iter().map(|(k, v)| (k.as_str(), v)),
-        None,
-        dir.join("model.safetensors"),
-    )?;
+    Array::save_safetensors(tensors.iter().map(|(k, v)| (k.as_str(), v)), None, dir.join("model.safetensors"))?;
     // A word-level tokenizer over the whole vocabulary: both engines need one to load, neither
     // uses it while timing.
-    let vocab: serde_json::Map<String, Value> =
-        (0..s.vocab).map(|i| (format!("t{i}"), json!(i))).collect();
+    let vocab: serde_json::Map<String, Value> = (0..s.vocab).map(|i| (format!("t{i}"), json!(i))).collect();
     let tok = json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
         "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
