@@ -20,17 +20,15 @@ use mlx_rs::Array;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
-/// The repetition window's empty slot (no token can have this id).
-pub(crate) const EMPTY_SLOT: u32 = u32::MAX;
-
 /// Which stages a batch needs. It is the key of the compiled-closure cache, so it holds
 /// everything that changes the graph's structure (sizes that are not array shapes included).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub(crate) struct Stages {
     /// Logit bias. Columns: flat indices `[M]` int32 (`row * V + token`), values `[M, 1]`.
     pub bias: bool,
-    /// Repetition penalty. State: the window `[B, C]` uint32 (last tokens, right-aligned,
-    /// [`EMPTY_SLOT`] where empty). Columns: penalty `[B, 1]`; first live slot `[B, 1]` int32.
+    /// Repetition penalty. State: the window `[B, C]` uint32 (the last tokens, right-aligned;
+    /// slots before the first live one repeat a live token, so they change nothing). Columns:
+    /// penalty `[B, 1]`; first live slot `[B, 1]` int32.
     pub repetition: bool,
     /// Presence / frequency penalties. State: generated-token counts `[B, V]`. Columns:
     /// presence `[B, 1]`, frequency `[B, 1]`.
@@ -107,9 +105,16 @@ pub(crate) enum Slot {
     TopP,
     LnMinP,
     Typical,
+    /// Constants, passed in so the compiled graph launches no kernel to make them:
+    /// `0..K` as `[1, K]` int32 (candidate ranks).
+    Ranks,
+    /// `0..c` as `[1, 1, c]` int32 (offsets inside a chunk).
+    ChunkOffsets,
+    /// `0..C` as `[1, C]` int32 (window slots).
+    Positions,
 }
 
-const SLOTS: usize = Slot::Typical as usize + 1;
+const SLOTS: usize = Slot::Positions as usize + 1;
 
 /// Named inputs of one call.
 #[derive(Default, Clone)]
@@ -157,7 +162,7 @@ pub(crate) fn plan(st: Stages) -> Vec<Slot> {
         }
     }
     if st.repetition && st.advances() {
-        p.push(WindowStart);
+        p.extend([WindowStart, Positions]);
     }
     if st.random && st.post() {
         p.push(InvTemperature);
@@ -168,6 +173,12 @@ pub(crate) fn plan(st: Stages) -> Vec<Slot> {
             if on {
                 p.push(slot);
             }
+        }
+        if st.top_k {
+            p.push(Ranks);
+        }
+        if st.truncate.is_some() && st.chunk.is_some() {
+            p.push(ChunkOffsets);
         }
     }
     p
@@ -352,17 +363,13 @@ fn graph(st: Stages, inputs: &[Array]) -> Result<Vec<Array>, Exception> {
         let (index, values) = (named.get(Slot::BiasIndex)?, named.get(Slot::BiasValues)?);
         logits = scatter_add_single(logits.reshape(&[-1])?, index, values, 0)?.reshape(&[b, v])?;
     }
-    // 2. Repetition penalty: one scatter marks the tokens in each row's window (empty slots
-    // land in an extra column that is cut off).
+    // 2. Repetition penalty: gather the window's logits, penalize them, put them back. A token
+    // that appears twice gets the same value written twice.
     if st.repetition {
         let (window, penalty) = (named.get(Slot::Window)?, named.get(Slot::Penalty)?);
-        let c = window.shape()[1];
-        let index = ops::minimum(window, Array::from_slice(&[v as u32], &[1]))?.as_type::<i32>()?;
-        let marks = Array::zeros::<f32>(&[b, v + 1])?.put_along_axis(&index, Array::ones::<f32>(&[b, c])?, -1)?;
-        let seen = marks.try_index((.., ..v))?.gt(Array::from_f32(0.0))?;
-        let penalized =
-            ops::select(logits.lt(Array::from_f32(0.0))?, logits.multiply(penalty)?, logits.divide(penalty)?)?;
-        logits = ops::select(&seen, &penalized, &logits)?;
+        let seen = logits.take_along_axis(window, -1)?;
+        let penalized = ops::select(seen.lt(Array::from_f32(0.0))?, seen.multiply(penalty)?, seen.divide(penalty)?)?;
+        logits = logits.put_along_axis(window, &penalized, -1)?;
     }
     // 3. Presence and frequency penalties over generated-token counts.
     if st.presence_frequency {
@@ -420,18 +427,17 @@ fn graph(st: Stages, inputs: &[Array]) -> Result<Vec<Array>, Exception> {
 }
 
 /// The rows' window and counts after `tokens` (`[B, 1]`): the window shifts left by one and
-/// takes the token at its end (slots before the row's first live slot stay empty); the token's
+/// takes the token at its end (slots before the row's first live slot repeat it); the token's
 /// count goes up by one.
 fn advance(st: Stages, named: &Named, tokens: &Array) -> Result<Vec<Array>, Exception> {
     let mut out = Vec::new();
     let b = tokens.shape()[0];
     if st.repetition {
         let (window, start) = (named.get(Slot::Window)?, named.get(Slot::WindowStart)?);
-        let c = window.shape()[1];
-        let shifted = ops::concatenate(&[window.try_index((.., 1..))?, tokens.as_type::<u32>()?], 1)?;
-        let position = Array::arange::<i32, i32>(0, c, 1)?.reshape(&[1, c])?;
-        let empty = Array::from_slice(&[EMPTY_SLOT], &[1]);
-        out.push(ops::select(position.lt(start)?, &empty, &shifted)?);
+        let token = tokens.as_type::<u32>()?;
+        let shifted = ops::concatenate(&[window.try_index((.., 1..))?, token.clone()], 1)?;
+        let position = named.get(Slot::Positions)?;
+        out.push(ops::select(position.lt(start)?, &token, &shifted)?);
     }
     if st.presence_frequency {
         let counts = named.get(Slot::Counts)?;
@@ -444,34 +450,35 @@ fn advance(st: Stages, named: &Named, tokens: &Array) -> Result<Vec<Array>, Exce
     Ok(out)
 }
 
-/// The `k` best candidates of each row of `scaled` (`[B, V]`), unordered: their values and
-/// token ids (`[B, k]`). With `chunk = Some(c)`, the row is cut into chunks of `c` logits, the
-/// `k` chunks with the highest maxima are kept, and the candidates are partitioned out of
-/// those `k * c` logits. That finds the same set: each of the `k` best logits lies in a chunk
-/// whose maximum is at least the k-th best logit, and at most `k` chunks have such a maximum.
-/// It replaces one partition of the whole vocabulary (a full sort on some GPU backends) with
-/// a max-reduction and two small partitions.
-fn top_candidates(scaled: &Array, k: i32, chunk: Option<i32>) -> Result<(Array, Array), Exception> {
-    let (b, v) = (scaled.shape()[0], scaled.shape()[1]);
+/// The `k` best candidates of each row, from `neg` (`[B, V]`, the tempered logits negated, so
+/// the best come first in ascending order and no separate negation kernel is launched): their
+/// negated values and token ids (`[B, k]`), unordered. With `chunk = Some(c)`, the row is cut
+/// into chunks of `c` logits, the `k` chunks with the highest maxima are kept, and the
+/// candidates are partitioned out of those `k * c` logits. That finds the same set: each of the
+/// `k` best logits lies in a chunk whose maximum is at least the k-th best logit, and at most
+/// `k` chunks have such a maximum. It replaces one partition of the whole vocabulary (a full
+/// sort on some GPU backends) with a reduction and two small partitions.
+fn top_candidates(neg: &Array, k: i32, chunk: Option<i32>, named: &Named) -> Result<(Array, Array), Exception> {
+    let (b, v) = (neg.shape()[0], neg.shape()[1]);
     match chunk {
         Some(c) => {
             let n = v / c;
-            let grouped = scaled.reshape(&[b, n, c])?;
-            let best = argpartition_axis(grouped.max_axis(-1, false)?.negative()?, k - 1, -1)?.try_index((.., ..k))?;
+            let grouped = neg.reshape(&[b, n, c])?;
+            let best = argpartition_axis(grouped.min_axis(-1, false)?, k - 1, -1)?.try_index((.., ..k))?;
             let values = grouped.take_along_axis(best.reshape(&[b, k, 1])?, 1)?.reshape(&[b, k * c])?;
-            let offsets = Array::arange::<i32, i32>(0, c, 1)?.reshape(&[1, 1, c])?;
+            let offsets = named.get(Slot::ChunkOffsets)?;
             let ids = best
                 .as_type::<i32>()?
                 .multiply(Array::from_int(c))?
                 .reshape(&[b, k, 1])?
-                .add(&offsets)?
+                .add(offsets)?
                 .reshape(&[b, k * c])?;
-            let part = argpartition_axis(values.negative()?, k - 1, -1)?.try_index((.., ..k))?;
+            let part = argpartition_axis(&values, k - 1, -1)?.try_index((.., ..k))?;
             Ok((values.take_along_axis(&part, -1)?, ids.take_along_axis(&part, -1)?))
         }
         None => {
-            let part = argpartition_axis(scaled.negative()?, k - 1, -1)?.try_index((.., ..k))?;
-            Ok((scaled.take_along_axis(&part, -1)?, part))
+            let part = argpartition_axis(neg, k - 1, -1)?.try_index((.., ..k))?;
+            Ok((neg.take_along_axis(&part, -1)?, part))
         }
     }
 }
@@ -498,24 +505,25 @@ pub(crate) fn chunk_width(k: i32, v: i32) -> Option<i32> {
 fn filtered_draw(st: Stages, scaled: &Array, noise: &Array, named: &Named) -> Result<(Array, Array), Exception> {
     let b = scaled.shape()[0];
     // Candidates, best first: `sorted` holds their logits, `ids` their token ids.
+    // Sorting the negated logits ascending puts the best first; the negation fuses into the
+    // temperature's kernel.
+    let neg = scaled.negative()?;
     let (sorted, ids) = match st.truncate {
         Some(k) => {
-            let (values, ids) = top_candidates(scaled, k, st.chunk)?;
-            let order = argsort_axis(values.negative()?, -1)?;
-            (values.take_along_axis(&order, -1)?, ids.take_along_axis(&order, -1)?)
+            let (values, ids) = top_candidates(&neg, k, st.chunk, named)?;
+            let order = argsort_axis(&values, -1)?;
+            (values.take_along_axis(&order, -1)?.negative()?, ids.take_along_axis(&order, -1)?)
         }
         None => {
-            let order = argsort_axis(scaled.negative()?, -1)?;
+            let order = argsort_axis(&neg, -1)?;
             (scaled.take_along_axis(&order, -1)?, order)
         }
     };
-    let width = sorted.shape()[1];
     let mut keep: Option<Array> = None;
 
     if st.top_k {
         let k = named.get(Slot::TopK)?;
-        let rank = Array::arange::<i32, i32>(0, width, 1)?.reshape(&[1, width])?;
-        keep = Some(rank.lt(k)?);
+        keep = Some(named.get(Slot::Ranks)?.lt(k)?);
     }
     if st.top_p {
         let top_p = named.get(Slot::TopP)?;

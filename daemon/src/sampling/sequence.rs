@@ -2,7 +2,7 @@
 //! such states into the inputs of one compiled graph.
 
 use super::params::{SamplingError, SamplingParams};
-use super::pipeline::{self, Named, Outputs, Slot, Stages, EMPTY_SLOT};
+use super::pipeline::{self, Named, Outputs, Slot, Stages};
 use super::plugin::PluginChain;
 use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::ops::{self};
@@ -53,8 +53,9 @@ pub struct Inspection {
 }
 
 /// The last tokens of prompt + output on the device: `[1, C]` uint32, right-aligned, C = `size`
-/// rounded up to a power of two (see [`bucket`]); slots before `C - size` and not yet filled
-/// hold [`EMPTY_SLOT`]. The graph shifts it by one token per step.
+/// rounded up to a power of two (see [`bucket`]); slots before `C - size` and those not yet
+/// filled repeat a live token (penalizing a token twice is penalizing it once). The graph
+/// shifts it by one token per step.
 #[derive(Debug)]
 struct Window {
     ids: Array,
@@ -114,7 +115,7 @@ impl SequenceSampler {
             let size = params.repetition_context_size;
             let capacity = bucket(size);
             let tail = &prompt[prompt.len().saturating_sub(size)..];
-            let mut ids = vec![EMPTY_SLOT; capacity];
+            let mut ids = vec![tail[0]; capacity]; // the prompt is never empty
             ids[capacity - tail.len()..].copy_from_slice(tail);
             Window { ids: Array::from_slice(&ids, &[1, capacity as i32]), size }
         });
@@ -194,6 +195,7 @@ impl SequenceSampler {
             if let Some(w) = &self.window {
                 named.set(Slot::Window, w.ids.clone());
                 named.set(Slot::WindowStart, column!(vec![w.start()]));
+                named.set(Slot::Positions, range(w.capacity(), &[1, w.capacity()]));
             }
             if let Some(c) = &self.counts {
                 named.set(Slot::Counts, c.clone());
@@ -288,8 +290,11 @@ fn step(
         for (r, &pad) in rows.iter().zip(&pads) {
             ids.push(match &r.window {
                 Some(w) if pad == 0 => w.ids.clone(),
-                Some(w) => ops::concatenate(&[empty_slots(pad)?, w.ids.clone()], 1)?,
-                None => empty_slots(capacity)?,
+                Some(w) => {
+                    let fill = ops::broadcast_to(w.ids.try_index((.., ..1))?, &[1, pad])?;
+                    ops::concatenate(&[fill, w.ids.clone()], 1)?
+                }
+                None => Array::zeros::<u32>(&[1, capacity])?,
             });
         }
         named.set(Slot::Window, rows_of(ids)?);
@@ -402,6 +407,7 @@ fn columns(
         out.push((Slot::Penalty, column!((0..b).map(|i| p(i).repetition_penalty).collect())));
         let start = rows.iter().map(|r| r.window.as_ref().map_or(capacity, |w| capacity - w.size as i32)).collect();
         out.push((Slot::WindowStart, column!(start)));
+        out.push((Slot::Positions, range(capacity, &[1, capacity])));
     }
     if st.presence_frequency {
         out.push((Slot::Presence, column!((0..b).map(|i| p(i).presence_penalty).collect())));
@@ -420,6 +426,10 @@ fn columns(
         if st.top_k {
             let k = (0..b).map(|i| if on(i, &|q| q.top_k > 0) { (p(i).top_k as i32).min(width) } else { width });
             out.push((Slot::TopK, column!(k.collect())));
+            out.push((Slot::Ranks, range(width, &[1, width])));
+        }
+        if let (Some(_), Some(c)) = (st.truncate, st.chunk) {
+            out.push((Slot::ChunkOffsets, range(c, &[1, 1, c])));
         }
         if st.top_p {
             let x = (0..b).map(|i| if on(i, &|q| q.top_p < 1.0) { p(i).top_p } else { f32::INFINITY });
@@ -437,9 +447,9 @@ fn columns(
     Ok(out)
 }
 
-/// `[1, n]` empty window slots.
-fn empty_slots(n: i32) -> Result<Array, SamplingError> {
-    Ok(Array::from_slice(&vec![EMPTY_SLOT; n as usize], &[1, n]))
+/// `0..n` as an int32 array of `shape` (`n` elements), a constant input of the graph.
+fn range(n: i32, shape: &[i32]) -> Array {
+    Array::from_slice(&(0..n).collect::<Vec<i32>>(), shape)
 }
 
 /// Stacks `[1, X]` rows into `[B, X]` (no copy for a single row).
