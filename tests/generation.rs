@@ -78,10 +78,43 @@ fn prompt_cache_reuses_prefixes_without_changing_outputs() {
     assert_eq!(a.cached_tokens, 0);
     assert!(cached.prompt_cache_stats().entries == 1);
 
-    // The same prompt again: everything but the last token comes from the cache.
-    let b = cached.generate(&greedy(first.clone(), 24), |_| true).unwrap();
-    assert_eq!(b.cached_tokens, first.len() - 1);
-    assert_eq!(b.ids, a.ids);
+    // The same prompt again: the cache holds all of it and the logits of its last position, so
+    // the first token is sampled with no forward pass at all; a third time, the entry the repeat
+    // left behind serves it the same way.
+    let cold = plain.generate(&greedy(first.clone(), 24), |_| true).unwrap();
+    assert_eq!(cold.ids, a.ids);
+    for _ in 0..2 {
+        let b = cached.generate(&greedy(first.clone(), 24), |_| true).unwrap();
+        assert_eq!(b.cached_tokens, first.len());
+        assert_eq!((b.ids, b.text), (cold.ids.clone(), cold.text.clone()), "an exact hit must not change the output");
+    }
+    // Sampling (seeded) and logprobs of an exact hit are those of a cold run too.
+    let sampled = GenerateRequest {
+        sampler: SamplingParams { temperature: 1.0, seed: Some(7), logprobs: Some(3), ..Default::default() },
+        ..greedy(first.clone(), 16)
+    };
+    let events = |e: &mut Engine| {
+        let mut evs = Vec::new();
+        let out = e.generate(&sampled, |ev| {
+            evs.push(ev.clone());
+            true
+        }).unwrap();
+        (out.cached_tokens, evs)
+    };
+    let (hit_cached, hit_events) = events(&mut cached);
+    let (cold_cached, cold_events) = events(&mut plain);
+    assert_eq!((hit_cached, cold_cached), (first.len(), 0));
+    assert_eq!(hit_events, cold_events);
+
+    // Prompts an entry covers but that are not its prompt (the first prompt plus two of its
+    // answer's tokens; the first prompt short of its last tokens) have no cached logits: all but
+    // their last token come from the cache.
+    let longer: Vec<u32> = first.iter().chain(&a.ids[..2]).copied().collect();
+    for p in [longer, first[..first.len() - 3].to_vec()] {
+        let hit = cached.generate(&greedy(p.clone(), 12), |_| true).unwrap();
+        assert_eq!(hit.cached_tokens, p.len() - 1);
+        assert_eq!(hit.ids, plain.generate(&greedy(p, 12), |_| true).unwrap().ids);
+    }
 
     // A follow-up turn extends the first conversation.
     let follow = chat_prompt(
@@ -93,6 +126,95 @@ fn prompt_cache_reuses_prefixes_without_changing_outputs() {
     let reference = plain.generate(&greedy(follow, 24), |_| true).unwrap();
     assert_eq!(reference.cached_tokens, 0);
     assert_eq!(c.ids, reference.ids, "a cache hit must not change greedy output");
+}
+
+#[test]
+fn prompt_cache_entries_count_their_logits() {
+    let mut e = engine(256 << 20);
+    let prompt = chat_prompt(&e, &[("user", "Name three primary colors.")]);
+    let mut row = e.start(greedy(prompt, 3)).unwrap();
+    while row.finished().is_none() {
+        e.step(&mut [&mut row], |_, _| true).unwrap();
+    }
+    let kv = row.cache_bytes();
+    e.finish(row);
+    let vocab = e.model.model.args.vocab as usize;
+    assert_eq!(e.prompt_cache_stats().bytes, kv + vocab * 4, "KV bytes plus the f32 [1, V] logits");
+}
+
+#[test]
+fn first_tokens_are_reported_before_the_next_step_is_built() {
+    let mut e = engine(256 << 20);
+    let prompt = chat_prompt(&e, &[("user", "What is the capital of France?")]);
+
+    // A fresh row's first step reads its first token on its own and reports it, then queues the
+    // second token (which the next step reads).
+    let mut row = e.start(greedy(prompt.clone(), 5)).unwrap();
+    e.reset_profile();
+    let reads = e.host_reads();
+    let mut seen = Vec::new();
+    e.step(&mut [&mut row], |_, ev| {
+        seen.push(ev.id);
+        true
+    })
+    .unwrap();
+    assert_eq!(seen.len(), 1);
+    assert_eq!((e.host_reads() - reads, e.profile().steps, e.profile().built), (1, 1, 1));
+    assert!(row.finished().is_none());
+    let first = seen[0];
+    e.finish(row);
+
+    // A first token that ends its row (max_tokens 1, cancelled by the client) builds no step:
+    // it was reported before anything was built. These are exact prompt-cache hits as well.
+    for (max_tokens, go_on, finish) in [(1, true, FinishReason::Length), (5, false, FinishReason::Cancelled)] {
+        e.reset_profile();
+        let reads = e.host_reads();
+        let out = e.generate(&greedy(prompt.clone(), max_tokens), |_| go_on).unwrap();
+        assert_eq!((out.finish, out.ids.clone(), out.cached_tokens), (finish, vec![first], prompt.len()));
+        assert_eq!((e.host_reads() - reads, e.profile().steps, e.profile().built), (1, 1, 0), "{out:?}");
+    }
+
+    // A row joining a running batch: its first token is read and reported first, on its own;
+    // the running row's token follows in the step's pipelined read.
+    let other = chat_prompt(&e, &[("user", "Name a color.")]);
+    let alone: Vec<Vec<u32>> =
+        [&prompt, &other].iter().map(|p| e.generate(&greedy(p.to_vec(), 6), |_| true).unwrap().ids).collect();
+    let mut a = e.start(greedy(prompt.clone(), 6)).unwrap();
+    let mut ids: Vec<Vec<u32>> = vec![Vec::new(); 2];
+    for _ in 0..2 {
+        e.step(&mut [&mut a], |_, ev| {
+            ids[0].push(ev.id);
+            true
+        })
+        .unwrap();
+    }
+    let mut b = e.start(greedy(other.clone(), 6)).unwrap();
+    let reads = e.host_reads();
+    let mut order = Vec::new();
+    e.step(&mut [&mut a, &mut b], |i, ev| {
+        order.push(i);
+        ids[i].push(ev.id);
+        true
+    })
+    .unwrap();
+    assert_eq!((order, e.host_reads() - reads), (vec![1, 0], 2));
+    while a.finished().is_none() || b.finished().is_none() {
+        e.step(&mut [&mut a, &mut b], |i, ev| {
+            ids[i].push(ev.id);
+            true
+        })
+        .unwrap();
+    }
+    assert_eq!(ids, alone);
+    e.finish(a);
+    e.finish(b);
+
+    // A first token that is end-of-sequence ends the row at once, with no text.
+    e.model.eos_ids.push(first);
+    e.reset_profile();
+    let out = e.generate(&greedy(prompt.clone(), 5), |_| true).unwrap();
+    assert_eq!((out.finish, out.ids, out.text.as_str()), (FinishReason::Stop, vec![first], ""));
+    assert_eq!(e.profile().built, 0);
 }
 
 #[test]

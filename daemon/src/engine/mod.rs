@@ -5,7 +5,14 @@
 //! stream. A step builds the next tokens of every running sequence and hands them to MLX
 //! (`async_eval`) *before* it reads the previous tokens, so the device never waits for the host;
 //! each step moves one token id per sequence to the host (plus the top-n logprobs a request asked
-//! for) and nothing else. [`Engine::generate`] is the same machinery with a batch of one.
+//! for) and nothing else. The exception is a sequence's first token: it is read and reported
+//! before the step builds anything, so time to first token never pays for building a decode step
+//! (and a first token that ends its sequence costs no step at all). [`Engine::generate`] is the
+//! same machinery with a batch of one.
+//!
+//! The prompt cache keeps, with each finished sequence's KV state, the logits of its last prompt
+//! position: a request that repeats a cached prompt exactly samples its first token from those and
+//! runs no forward pass before it (see [`prompt_cache`]).
 
 pub mod prompt_cache;
 pub mod stop;
@@ -135,11 +142,15 @@ pub struct Row {
     sampler: SequenceSampler,
     decoder: StreamDecoder<Arc<Tokenizer>>,
     stops: StopMatcher,
-    /// Exactly the tokens `cache` covers.
+    /// Exactly the tokens `cache` covers: the prompt, then each generated token once a step
+    /// has fed it to the model.
     fed: Vec<u32>,
     ids: Vec<u32>,
     text: String,
     pending: Option<Pending>,
+    /// The logits of the last prompt position, `[1, V]`, kept (while the prompt cache is on) to
+    /// be stored with the row's KV state when it finishes.
+    prompt_logits: Option<Array>,
     started: Instant,
     first_token_at: Option<Instant>,
     cached_tokens: usize,
@@ -198,8 +209,11 @@ pub struct Engine {
 /// the device time, decode is host-bound.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct StepProfile {
-    /// Decode steps measured.
+    /// Decode steps measured (calls of [`Engine::step`] that had a token to report).
     pub steps: u64,
+    /// Of those, the steps that built and queued a next token: a step that only reports first
+    /// tokens which end their rows builds none.
+    pub built: u64,
     /// Host time spent building and queueing graphs.
     pub build: Duration,
     /// Host time blocked reading sampled ids.
@@ -231,7 +245,9 @@ impl Engine {
         }
     }
 
-    /// Number of host reads of sampled ids so far (one per decode step, for the whole batch).
+    /// Number of host reads of sampled ids so far: one per decode step for the whole batch, plus
+    /// one in a step that also reports rows' first tokens (read together, before the step is
+    /// built). A sequence decoded alone costs exactly one read per token.
     pub fn host_reads(&self) -> u64 {
         self.host_reads
     }
@@ -281,7 +297,9 @@ impl Engine {
     }
 
     /// Admits a request: checks it, reuses the longest cached prefix, prefills the rest in
-    /// chunks and queues the first token. The row then advances with [`Engine::step`].
+    /// chunks and queues the first token. The row then advances with [`Engine::step`], whose
+    /// first call reports that token. An exact repeat of a cached prompt prefills nothing: its
+    /// first token is sampled from the cached logits of the last prompt position.
     pub fn start(&mut self, req: GenerateRequest) -> Result<Row, ModelError> {
         let stream = self.stream.clone();
         let t = Instant::now();
@@ -303,21 +321,28 @@ impl Engine {
         }
         let mut sampler = SequenceSampler::new(&req.sampler, vocab as usize, prompt)?;
         let model = &self.model.model;
-        let (mut cache, cached) = match self.prompt_cache.lookup(prompt) {
-            Some((c, n)) => (c, n),
-            None => (SequenceCache::new(model.num_layers()), 0),
+        let (mut cache, cached, cached_logits) = match self.prompt_cache.lookup(prompt) {
+            Some(hit) => (hit.cache, hit.tokens, hit.logits),
+            None => (SequenceCache::new(model.num_layers()), 0, None),
         };
         let mut fed: Vec<u32> = prompt[..cached].to_vec();
-        // All but the last prompt token fill the cache; the last one produces the logits.
-        let body = &prompt[cached..prompt.len() - 1];
-        for chunk in body.chunks(self.options.prefill_chunk.max(1)) {
-            model.prefill(&tokens_array(chunk), &mut cache)?;
-            fed.extend_from_slice(chunk);
-        }
-        let last = &prompt[prompt.len() - 1..];
-        // The last prompt token takes the decode path: one position, the leanest graph.
-        let logits = model.forward_batch(&Array::from_slice(&[last[0] as i32], &[1]), &mut [&mut cache])?;
-        fed.extend_from_slice(last);
+        let logits = match cached_logits {
+            // An exact repeat: the whole prompt is cached, and so are its last logits.
+            Some(logits) => logits,
+            None => {
+                // All but the last prompt token fill the cache; the last one produces the logits.
+                let body = &prompt[cached..prompt.len() - 1];
+                for chunk in body.chunks(self.options.prefill_chunk.max(1)) {
+                    model.prefill(&tokens_array(chunk), &mut cache)?;
+                    fed.extend_from_slice(chunk);
+                }
+                let last = &prompt[prompt.len() - 1..];
+                // The last prompt token takes the decode path: one position, the leanest graph.
+                let logits = model.forward_batch(&Array::from_slice(&[last[0] as i32], &[1]), &mut [&mut cache])?;
+                fed.extend_from_slice(last);
+                logits
+            }
+        };
         let pending = match sample(&logits, &mut [&mut sampler], req.sampler.logprobs.unwrap_or(0) > 0)?.pop() {
             Some(Ok(p)) => Some(p),
             Some(Err(e)) => return Err(e.into()),
@@ -335,6 +360,7 @@ impl Engine {
             ids: Vec::new(),
             text: String::new(),
             pending,
+            prompt_logits: self.prompt_cache.enabled().then_some(logits),
             started,
             first_token_at: None,
             cached_tokens: cached,
@@ -344,8 +370,10 @@ impl Engine {
         })
     }
 
-    /// Advances every unfinished row by one token: queues the next step of the rows that go on,
-    /// then reads this step's tokens (one host read for the whole batch) and reports them.
+    /// Advances every unfinished row by one token. Rows that have just started first get their
+    /// first token read (one host read for all of them) and reported; then the next step of the
+    /// rows that go on is queued, and only then are the other rows' tokens read (one more host
+    /// read) and reported, so the device works on the next step while the host waits.
     /// `on_token(i, event)` returning `false` cancels row `i`.
     pub fn step(
         &mut self,
@@ -361,7 +389,6 @@ impl Engine {
         rows: &mut [&mut Row],
         on_token: &mut dyn FnMut(usize, &TokenEvent) -> bool,
     ) -> Result<(), ModelError> {
-        let step_started = Instant::now();
         for row in rows.iter_mut() {
             self.reclaim(row);
         }
@@ -369,8 +396,29 @@ impl Engine {
         if live.is_empty() {
             return Ok(());
         }
-        // Rows that may need another token after this one get their next step queued now.
-        let going_on: Vec<usize> = live.iter().copied().filter(|&i| rows[i].ids.len() + 1 < rows[i].req.max_tokens).collect();
+        self.profile.steps += 1;
+        self.steps += 1;
+        if self.steps % self.options.clear_cache_every.max(1) as u64 == 0 {
+            let _ = mlx_rs::memory::clear_cache();
+        }
+        // First tokens go out before anything is built: building a decode step takes host time
+        // that time to first token should not pay, and a first token may end its row.
+        let (fresh, running): (Vec<usize>, Vec<usize>) = live.iter().partition(|&&i| rows[i].ids.is_empty());
+        if !fresh.is_empty() {
+            self.report(rows, &fresh, on_token)?;
+        }
+
+        let build_started = Instant::now();
+        // Rows that may need another token after their pending one get their next step queued,
+        // fed with that pending token (already read for fresh rows, still unread for the others).
+        let going_on: Vec<usize> = live
+            .iter()
+            .copied()
+            .filter(|&i| {
+                let known_after_this_step = rows[i].ids.len() + usize::from(running.contains(&i));
+                rows[i].finished.is_none() && known_after_this_step < rows[i].req.max_tokens
+            })
+            .collect();
         let mut next: Vec<Option<Pending>> = (0..rows.len()).map(|_| None).collect();
         let mut failed: Vec<Option<SamplingError>> = (0..rows.len()).map(|_| None).collect();
         if !going_on.is_empty() {
@@ -404,7 +452,8 @@ impl Engine {
                 rows.iter_mut().enumerate().filter(|(i, _)| going_on.contains(i)).map(|(_, r)| &mut r.sampler).collect();
             let graph_started = Instant::now();
             let sampled = sample(&logits, &mut samplers, want_logprobs)?;
-            self.profile.graph += graph_started - step_started;
+            self.profile.graph += graph_started - build_started;
+            self.profile.built += 1;
             for (slot, p) in going_on.iter().zip(sampled) {
                 match p {
                     Ok(p) => next[*slot] = Some(p),
@@ -412,59 +461,71 @@ impl Engine {
                 }
             }
         }
+        self.profile.build += build_started.elapsed();
 
-        let queued = Instant::now();
-        // One read of this step's tokens for the whole batch.
-        let current: Vec<Array> = live.iter().map(|&i| rows[i].pending.as_ref().expect("live").token.clone()).collect();
-        let ids = read_ids(&stack(current)?)?;
-        self.profile.build += queued - step_started;
-        self.profile.wait += queued.elapsed();
-        self.profile.steps += 1;
-        self.host_reads += 1;
-        self.steps += 1;
-        if self.steps % self.options.clear_cache_every.max(1) as u64 == 0 {
-            let _ = mlx_rs::memory::clear_cache();
+        if !running.is_empty() {
+            self.report(rows, &running, on_token)?;
         }
-        for (k, &i) in live.iter().enumerate() {
+        for &i in &live {
             let row = &mut *rows[i];
-            let logprobs = match row.pending.take().and_then(|p| p.logprobs) {
-                Some(lp) => Some(read_row_logprobs(&lp, row.req.sampler.logprobs.unwrap_or(0))?),
-                None => None,
-            };
-            let event = self.accept(row, ids[k], next[i].is_some(), logprobs)?;
-            if let Some(ev) = event {
-                if !on_token(i, &ev) {
-                    row.finished.get_or_insert(FinishReason::Cancelled);
-                }
+            if going_on.contains(&i) {
+                // Its pending token, now read, went into the step just built: that position's KV
+                // is in the row's cache (`fed` is exactly what the cache covers).
+                row.fed.push(*row.ids.last().expect("reported above"));
             }
             if let Some(e) = failed[i].take() {
                 // This step's token was sound and went out; the next one cannot be trusted.
                 row.failure = Some(e);
                 row.finished.get_or_insert(FinishReason::Cancelled);
             }
-            if row.finished.is_none() {
-                row.pending = next[i].take();
-                if row.pending.is_none() {
-                    row.finished = Some(FinishReason::Length);
-                }
+            row.pending = if row.finished.is_none() { next[i].take() } else { None };
+            if row.finished.is_none() && row.pending.is_none() {
+                row.finished = Some(FinishReason::Length);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the pending tokens of rows `which` to the host (one read for all of them), books each
+    /// into its row and reports it; `on_token` returning `false` cancels the row. The token array
+    /// stays in `row.pending`, as the input of the row's next step.
+    fn report(
+        &mut self,
+        rows: &mut [&mut Row],
+        which: &[usize],
+        on_token: &mut dyn FnMut(usize, &TokenEvent) -> bool,
+    ) -> Result<(), ModelError> {
+        let read_started = Instant::now();
+        let tokens: Vec<Array> =
+            which.iter().map(|&i| rows[i].pending.as_ref().expect("live rows have a token").token.clone()).collect();
+        let ids = read_ids(&stack(tokens)?)?;
+        self.profile.wait += read_started.elapsed();
+        self.host_reads += 1;
+        for (&i, id) in which.iter().zip(ids) {
+            let row = &mut *rows[i];
+            let logprobs = match row.pending.as_mut().and_then(|p| p.logprobs.take()) {
+                Some(lp) => Some(read_row_logprobs(&lp, row.req.sampler.logprobs.unwrap_or(0))?),
+                None => None,
+            };
+            let event = self.accept(row, id, logprobs)?;
+            if !on_token(i, &event) {
+                row.finished.get_or_insert(FinishReason::Cancelled);
             }
         }
         Ok(())
     }
 
     /// Books a sampled token into its row: end-of-sequence, detokenization, stop strings, length.
-    fn accept(&self, row: &mut Row, id: u32, was_fed: bool, logprobs: Option<TokenLogprobs>) -> Result<Option<TokenEvent>, ModelError> {
+    /// (Whether the token is fed to the model is the step's business: see `Row::fed`.)
+    fn accept(&self, row: &mut Row, id: u32, logprobs: Option<TokenLogprobs>) -> Result<TokenEvent, ModelError> {
         row.first_token_at.get_or_insert_with(Instant::now);
-        if was_fed {
-            row.fed.push(id);
-        }
         row.ids.push(id);
         let tok_err = |e: crate::tokenizer::TokenizerError| ModelError::Tokenizer(e.to_string());
         if self.model.eos_ids.contains(&id) {
             row.finished = Some(FinishReason::Stop);
             let rest = row.stops.flush();
             row.text.push_str(&rest);
-            return Ok(Some(TokenEvent { id, text: rest, logprobs }));
+            return Ok(TokenEvent { id, text: rest, logprobs });
         }
         let piece = row.decoder.push(id).map_err(tok_err)?;
         let mut shown = match row.stops.push(&piece) {
@@ -486,7 +547,7 @@ impl Engine {
             }
         }
         row.text.push_str(&shown);
-        Ok(Some(TokenEvent { id, text: shown, logprobs }))
+        Ok(TokenEvent { id, text: shown, logprobs })
     }
 
     /// Device bytes of the KV caches the engine holds for rows (the stacked batch and caches
@@ -532,8 +593,8 @@ impl Engine {
             ids: row.ids,
             text: row.text,
         };
-        if row.cache.offset() as usize == row.fed.len() {
-            self.prompt_cache.insert(row.fed, row.cache);
+        if let Some(logits) = row.prompt_logits.filter(|_| row.cache.offset() as usize == row.fed.len()) {
+            self.prompt_cache.insert(row.fed, row.cache, row.req.prompt.len(), logits);
         }
         outcome
     }

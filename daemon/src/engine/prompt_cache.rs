@@ -4,14 +4,40 @@
 //! Entries are (token sequence, cache) pairs, bounded by device bytes and evicted least recently
 //! used first. A hit hands out a prefix *copy* (MLX arrays are immutable, so the stored entry is
 //! never disturbed by the request that extends it).
+//!
+//! Each entry also keeps the logits of its request's last *prompt* position (`[1, V]`, counted
+//! in its bytes) and that prompt's length. A prefix hit must still feed at least the prompt's last
+//! token, because the first token is sampled from that position's logits; a request whose prompt
+//! is exactly an entry's prompt gets those logits instead and runs no forward pass at all (on a
+//! GPU that one pass is most of a repeat's time to first token). The logits are the very ones
+//! the entry's request sampled from, so outputs are the same as without the cache.
 
 use crate::cache::SequenceCache;
+use mlx_rs::Array;
 
 struct Entry {
     tokens: Vec<u32>,
     cache: SequenceCache,
+    /// Length of the prompt of the request that left this entry; `logits` belong to its last
+    /// position.
+    prompt_len: usize,
+    /// That request's logits for its last prompt position, `[1, V]`.
+    logits: Array,
     bytes: usize,
     last_used: u64,
+}
+
+impl Entry {
+    /// How many tokens of `prompt` this entry serves: all of them when `prompt` is exactly the
+    /// prompt it was recorded for (its logits stand in for the last forward pass), otherwise its
+    /// common prefix with `prompt` short of the last token (whose logits must be computed).
+    fn serves(&self, prompt: &[u32]) -> usize {
+        let common = common_prefix(&self.tokens, prompt).min(self.cache.offset() as usize);
+        if common == prompt.len() && self.prompt_len == prompt.len() {
+            return common;
+        }
+        common.min(prompt.len().saturating_sub(1))
+    }
 }
 
 /// A byte-bounded LRU of KV caches keyed by token sequences.
@@ -19,6 +45,17 @@ pub struct PromptCache {
     entries: Vec<Entry>,
     budget: usize,
     clock: u64,
+}
+
+/// What a lookup found.
+pub struct Hit {
+    /// A cache covering the first `tokens` prompt tokens.
+    pub cache: SequenceCache,
+    /// Prompt tokens served.
+    pub tokens: usize,
+    /// The logits of the last prompt position, when the whole prompt was served (an exact repeat
+    /// of a cached request's prompt): sample the first token from these, feed nothing.
+    pub logits: Option<Array>,
 }
 
 /// Counters for the status message and tests.
@@ -36,39 +73,50 @@ impl PromptCache {
         PromptCache { entries: Vec::new(), budget, clock: 0 }
     }
 
-    /// The longest cached prefix of `prompt`, leaving at least one token to feed (the model must
-    /// produce logits for the last position). Returns the cache and how many tokens it covers.
-    pub fn lookup(&mut self, prompt: &[u32]) -> Option<(SequenceCache, usize)> {
-        let limit = prompt.len().saturating_sub(1);
-        let (idx, len) = self
-            .entries
-            .iter()
-            .enumerate()
-            .map(|(i, e)| (i, common_prefix(&e.tokens, prompt).min(limit).min(e.cache.offset() as usize)))
-            .max_by_key(|&(_, len)| len)?;
+    /// Whether it stores anything at all (a budget of 0 disables it).
+    pub fn enabled(&self) -> bool {
+        self.budget > 0
+    }
+
+    /// The entry that serves the most of `prompt` (see [`Hit`]).
+    pub fn lookup(&mut self, prompt: &[u32]) -> Option<Hit> {
+        let (idx, len) =
+            self.entries.iter().enumerate().map(|(i, e)| (i, e.serves(prompt))).max_by_key(|&(_, len)| len)?;
         if len == 0 {
             return None;
         }
         self.clock += 1;
         let e = &mut self.entries[idx];
         e.last_used = self.clock;
-        let copy = e.cache.prefix_copy(len as i32).ok()?;
-        Some((copy, len))
+        let cache = e.cache.prefix_copy(len as i32).ok()?;
+        let logits = (len == prompt.len()).then(|| e.logits.clone());
+        Some(Hit { cache, tokens: len, logits })
     }
 
-    /// Stores the state of a finished request: `tokens` are exactly the tokens `cache` covers.
-    pub fn insert(&mut self, tokens: Vec<u32>, cache: SequenceCache) {
-        if self.budget == 0 || tokens.is_empty() || cache.offset() as usize != tokens.len() {
+    /// Stores the state of a finished request: `tokens` are exactly the tokens `cache` covers,
+    /// of which the first `prompt_len` were its prompt, and `logits` are its logits for the last
+    /// prompt position.
+    pub fn insert(&mut self, tokens: Vec<u32>, cache: SequenceCache, prompt_len: usize, logits: Array) {
+        let consistent = cache.offset() as usize == tokens.len() && prompt_len <= tokens.len();
+        if self.budget == 0 || tokens.is_empty() || !consistent {
             return;
         }
-        let bytes = cache.nbytes();
+        let bytes = cache.nbytes() + logits.nbytes();
         if bytes > self.budget {
             return;
         }
-        // An entry that is a prefix of the new one adds nothing.
-        self.entries.retain(|e| !(e.tokens.len() <= tokens.len() && tokens.starts_with(&e.tokens)));
         self.clock += 1;
-        self.entries.push(Entry { tokens, cache, bytes, last_used: self.clock });
+        // An entry for the same prompt that already covers these tokens serves everything the
+        // new one would.
+        if let Some(e) = self.entries.iter_mut().find(|e| e.prompt_len == prompt_len && e.tokens.starts_with(&tokens)) {
+            e.last_used = self.clock;
+            return;
+        }
+        // An entry that is a prefix of the new one goes: the new one serves all its prefix hits.
+        // (Its logits go with it: resending its prompt, if that differs from the new one's,
+        // feeds that prompt's last token again, as any prefix hit does.)
+        self.entries.retain(|e| !(e.tokens.len() <= tokens.len() && tokens.starts_with(&e.tokens)));
+        self.entries.push(Entry { tokens, cache, prompt_len, logits, bytes, last_used: self.clock });
         while self.bytes() > self.budget {
             let oldest = self.entries.iter().enumerate().min_by_key(|(_, e)| e.last_used).map(|(i, _)| i);
             match oldest {
