@@ -167,19 +167,25 @@ impl Plugin for Dry {
         // M(t): the longest repetition each next token would extend.
         let allowed = host.i32(p.allowed_length)?;
         let value = host.select(&lengths.ge(&allowed)?, &lengths, &host.i32(-1)?)?;
-        let next = w.slice(1, 1, n, 1)?;
+        let next = w.slice(1, 1, n, 1)?; // [B, N-1]: the token that followed each position
+        // The longest match per token, over the vocabulary (one scatter), read back at the
+        // history's tokens: the penalty is then computed on `[B, N-1]` values and written into
+        // the logits with one put, instead of a dozen elementwise passes over `[B, V]`. A token
+        // that occurs twice in `next` gets the same value written twice.
         let longest = host.full(&[b, v], -1.0, Dtype::Int32)?.scatter(ScatterMode::Max, &next, &value, 1)?;
-        let mut hit = longest.ge(&allowed)?;
+        let length = longest.take_along_axis(&next, 1)?;
+        let mut hit = length.ge(&allowed)?;
         if let Some(mask) = &self.breaker_tokens {
-            hit = hit.logical_and(&mask.logical_not()?)?;
+            hit = hit.logical_and(&mask.take_along_axis(&next, 1)?.logical_not()?)?;
         }
-        let mut exponent = longest.sub(&allowed)?;
+        let mut exponent = length.sub(&allowed)?;
         if max_exp > 0 {
             exponent = exponent.minimum(&host.i32(max_exp)?)?;
         }
         let penalty = host.f32(p.base)?.pow(&exponent.astype(Dtype::Float32)?)?.mul(&host.f32(p.multiplier)?)?;
         let penalty = host.select(&hit, &penalty, &host.f32(0.0)?)?;
-        logits.sub(&penalty)
+        let current = logits.take_along_axis(&next, 1)?;
+        logits.put_along_axis(&next, &current.sub(&penalty)?, 1)
     }
 }
 
