@@ -73,18 +73,27 @@ fn start_mlxd(dir: &Path) -> Result<(Server, String)> {
             dir.display().to_string()
         ),
     )?;
-    let mut child = Command::new(&bin).args(["serve", "--config"]).arg(&config).env("MLXD_LOG", "warn").stdout(Stdio::piped()).spawn()
+    let mut child = Command::new(&bin)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("MLXD_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().context("stdout")?), &mut line)?;
-    let addr = line.trim().strip_prefix("mlxd listening on ws://").context("daemon did not report its address")?.to_string();
+    let addr =
+        line.trim().strip_prefix("mlxd listening on ws://").context("daemon did not report its address")?.to_string();
     Ok((Server(child), addr))
 }
 
 async fn mlxd_client(addr: String, prompt: String, gen: usize, t0: Instant) -> Result<ClientRun> {
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/")).await?;
     ws.next().await.context("hello")??;
-    ws.send(Message::text(json!({"type": "generate", "id": "r", "model": "bench", "prompt": prompt, "max_tokens": gen}).to_string())).await?;
+    ws.send(Message::text(
+        json!({"type": "generate", "id": "r", "model": "bench", "prompt": prompt, "max_tokens": gen}).to_string(),
+    ))
+    .await?;
     let sent = Instant::now();
     let (mut first, mut last, mut tokens) = (None, sent, 0);
     loop {
@@ -141,7 +150,13 @@ async fn mlx_lm_client(port: u16, prompt: String, gen: usize, t0: Instant) -> Re
     let first = first.context("mlx_lm.server streamed nothing")?;
     // The random-weight model has no end-of-sequence token: every request runs to max_tokens.
     let _ = chunks;
-    Ok(ClientRun { ttft: (first - sent).as_secs_f64(), tokens: gen, decode_s: (last - first).as_secs_f64(), engine_tps: 0.0, end: t0.elapsed().as_secs_f64() })
+    Ok(ClientRun {
+        ttft: (first - sent).as_secs_f64(),
+        tokens: gen,
+        decode_s: (last - first).as_secs_f64(),
+        engine_tps: 0.0,
+        end: t0.elapsed().as_secs_f64(),
+    })
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
@@ -152,7 +167,8 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 fn summarize(runs: &[ClientRun], wall: f64) -> Value {
     let total: usize = runs.iter().map(|r| r.tokens).sum();
     let mut ttft: Vec<f64> = runs.iter().map(|r| r.ttft * 1e3).collect();
-    let per_client: Vec<f64> = runs.iter().map(|r| (r.tokens.saturating_sub(1)) as f64 / r.decode_s.max(1e-9)).collect();
+    let per_client: Vec<f64> =
+        runs.iter().map(|r| (r.tokens.saturating_sub(1)) as f64 / r.decode_s.max(1e-9)).collect();
     let engine: Vec<f64> = runs.iter().map(|r| r.engine_tps).collect();
     json!({
         "aggregate_tps": total as f64 / wall,
@@ -251,7 +267,10 @@ pub fn run(a: LoadArgs) -> Result<Value> {
         );
     }
     if let (Some(one), Some(eight)) = (ours.get("1"), ours.get("8")) {
-        println!("\nmlxd: 8 clients reach {:.2}x the single-client aggregate", f(eight, "aggregate_tps") / f(one, "aggregate_tps"));
+        println!(
+            "\nmlxd: 8 clients reach {:.2}x the single-client aggregate",
+            f(eight, "aggregate_tps") / f(one, "aggregate_tps")
+        );
     }
     Ok(json!({"mlxd": ours, "mlx_lm_server": theirs, "prompt_tokens": a.prompt, "gen_tokens": a.gen}))
 }
