@@ -231,6 +231,7 @@ fn epsilon_written_in_c_keeps_what_its_definition_keeps() {
     assert!(e.to_string().contains("unknown field `eps`"), "{e}");
 }
 
+#[derive(Debug)]
 struct DryParams {
     multiplier: f64,
     base: f64,
@@ -339,6 +340,34 @@ fn dry_sees_the_generated_tokens() {
         let out = sample_batch_inspect(&row(&logits), &mut [&mut s]).unwrap();
         assert_close(&host_f32(&out.processed), &dry_reference(&logits, &history, &d), &format!("step {step}"));
         history.push(read_ids(&out.tokens).unwrap()[0]);
+    }
+}
+
+/// Decoding with DRY for many steps: after its first step the plugin updates its match lengths
+/// with each new token instead of recomputing them; every step must still equal the definition
+/// (growing and sliding windows, breakers, allowed lengths, bases with and without a cap).
+#[test]
+fn dry_updates_step_by_step_as_the_definition_says() {
+    for case in 0..12u64 {
+        let r = pseudo(16, 500 + case);
+        let d = DryParams {
+            multiplier: 0.5 + r[0].abs() as f64 / 10.0,
+            base: [1.0, 1.3, 1.75, 3.0][(r[1].abs() as usize) % 4],
+            allowed_length: 1 + (r[2].abs() as usize) % 3,
+            penalty_last_n: [-1, 6, 11, 40][(r[3].abs() as usize) % 4],
+            breakers: if r[4] > 0.0 { vec![(r[5].abs() as u32) % 6] } else { vec![] },
+        };
+        let prompt: Vec<u32> = r[6..12].iter().map(|x| (x.abs() * 1.7) as u32 % 6).collect();
+        let mut s = SequenceSampler::new(&with_plugins(vec![dry_use(&d)]), 6, &prompt).unwrap();
+        let mut history = prompt.clone();
+        for step in 0..30u64 {
+            let logits = pseudo(6, 900 + case * 100 + step);
+            let out = sample_batch_inspect(&row(&logits), &mut [&mut s]).unwrap();
+            assert!(s.failure().is_none(), "{:?}", s.failure());
+            let want = dry_reference(&logits, &history, &d);
+            assert_close(&host_f32(&out.processed), &want, &format!("case {case} {d:?} step {step} history {history:?}"));
+            history.push(read_ids(&out.tokens).unwrap()[0]);
+        }
     }
 }
 

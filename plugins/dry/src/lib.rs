@@ -18,10 +18,15 @@
 //! token ids, not strings (a plugin sees ids; clients can get them from the `tokenize` message).
 //!
 //! # On the device
-//! `L(p)` for all `p` at once: compare `w[p - l]` with `w[N - 1 - l]` for `l < K` in a `[B, K,
-//! N - 1]` array and count the leading matches with a cumulative product. Lengths beyond
-//! `K = allowed_length + max_exponent` all give the largest penalty, so `K` caps the work at
-//! `O(N · K)` per step; `M(t)` is one scatter-max into `[B, V]`.
+//! The first step computes `L(p)` for all `p` at once: compare `w[p - l]` with `w[N - 1 - l]`
+//! for `l < K` in a `[B, K, N - 1]` array and count the leading matches with a cumulative
+//! product. Lengths beyond `K = allowed_length + max_exponent` all give the largest penalty, so
+//! `K` caps that work at `O(N · K)`. Every later step updates the lengths with the one new token
+//! `x` instead: a suffix match that reached `p - 1` reaches `p` when `w[p] = x`, so
+//! `L'(p) = w[p] = x ? L(p - 1) + 1 : 0` (capped at `p + 1` when the window slides), a handful of
+//! `O(N)` operations. The distance to the last breaker updates the same way. `M(t)` is one
+//! scatter-max into `[B, V]`, read back at the history's tokens, and the penalty is written into
+//! the logits with one put.
 
 use mlxd_plugin_api::{export_plugin, sys, Array, Context, CreateArgs, Dtype, Error, Host, Kind, Plugin, ScatterMode};
 use serde::Deserialize;
@@ -51,7 +56,11 @@ impl Default for Params {
 
 /// Largest exponent whose power of `base` stays finite in float32 (0: no cap).
 pub fn max_exponent(base: f32) -> i32 {
-    if base > 1.000_001 { (88.722_84_f32 / base.ln()) as i32 } else { 0 }
+    if base > 1.000_001 {
+        (88.722_84_f32 / base.ln()) as i32
+    } else {
+        0
+    }
 }
 
 impl Params {
@@ -69,7 +78,10 @@ impl Params {
             return Err(format!("`allowed_length` must be >= 1, got {}", p.allowed_length));
         }
         if p.penalty_last_n < -1 {
-            return Err(format!("`penalty_last_n` must be -1 (whole history), 0 (off) or positive, got {}", p.penalty_last_n));
+            return Err(format!(
+                "`penalty_last_n` must be -1 (whole history), 0 (off) or positive, got {}",
+                p.penalty_last_n
+            ));
         }
         if p.sequence_breakers.len() > 256 {
             return Err(format!("`sequence_breakers` holds at most 256 ids, got {}", p.sequence_breakers.len()));
@@ -93,6 +105,18 @@ pub struct Dry {
     breakers: Option<Array>,
     /// `[1, V]` bool: which tokens are breakers.
     breaker_tokens: Option<Array>,
+    /// The match lengths of the last step, updated with each new token.
+    state: Option<State>,
+}
+
+/// What the last `apply` computed, for a history of `t` tokens and a window of `n`.
+struct State {
+    t: i32,
+    n: i32,
+    /// `[B, N - 1]` int32: `L(p)` before the breaker cap (capped at `K`).
+    lengths: Array,
+    /// `[B, 1]` int32: tokens since the last breaker (absent without breakers).
+    since_breaker: Option<Array>,
 }
 
 impl Plugin for Dry {
@@ -100,7 +124,8 @@ impl Plugin for Dry {
     const VERSION: &'static CStr = c"0.1.0";
     const KIND: Kind = Kind::Processor;
     const CAPABILITIES: u64 = sys::CAP_HISTORY;
-    const DESCRIPTION: Option<&'static CStr> = Some(c"DRY (don't repeat yourself) sequence penalty, llama.cpp's definition with token-id breakers");
+    const DESCRIPTION: Option<&'static CStr> =
+        Some(c"DRY (don't repeat yourself) sequence penalty, llama.cpp's definition with token-id breakers");
     const PARAMS_SCHEMA: Option<&'static CStr> = Some(
         cr#"{"type":"object","additionalProperties":false,"properties":{
 "multiplier":{"type":"number","minimum":0,"default":0.8},
@@ -125,7 +150,7 @@ impl Plugin for Dry {
                 Some(host.from_slice(&mask, &[1, args.vocab_size])?),
             )
         };
-        Ok(Dry { params, breakers, breaker_tokens })
+        Ok(Dry { params, breakers, breaker_tokens, state: None })
     }
 
     fn apply(&mut self, host: &Host, logits: &Array, ctx: &Context) -> Result<Array, Error> {
@@ -134,25 +159,75 @@ impl Plugin for Dry {
         let t = tokens.dim(1);
         let n = if p.penalty_last_n < 0 { t } else { t.min(p.penalty_last_n) };
         if !p.enabled() || n <= p.allowed_length {
+            self.state = None;
             return logits.retain();
         }
         let (b, v) = (logits.dim(0), logits.dim(1));
-        let w = tokens.slice(1, t - n, t, 1)?; // [B, N]
+        // One token more than last time: update; otherwise (first step) compute from scratch.
+        let state = match self.state.take() {
+            Some(old) if old.t + 1 == t && old.lengths.dim(0) == b && n - old.n <= 1 && old.n > p.allowed_length => {
+                self.advance(host, tokens, old, n)?
+            }
+            _ => self.from_scratch(host, tokens, n)?,
+        };
+        let lengths = match &state.since_breaker {
+            None => state.lengths.retain()?,
+            Some(d) => state.lengths.minimum(d)?,
+        };
 
-        // Tokens after the last breaker in the window: repetitions never reach across one.
-        let rep_limit = match &self.breakers {
-            None => host.full(&[b, 1], n as f64, Dtype::Int32)?,
+        // M(t): the longest repetition each next token would extend, read back at the
+        // history's tokens (one scatter over the vocabulary), so the penalty is computed on
+        // `[B, N-1]` values and written into the logits with one put. A token that occurs
+        // twice in `next` gets the same value written twice.
+        let allowed = host.i32(p.allowed_length)?;
+        let value = host.select(&lengths.ge(&allowed)?, &lengths, &host.i32(-1)?)?;
+        let next = tokens.slice(1, t - n + 1, t, 1)?; // [B, N-1]: the token after each position
+        let longest = host.full(&[b, v], -1.0, Dtype::Int32)?.scatter(ScatterMode::Max, &next, &value, 1)?;
+        let length = longest.take_along_axis(&next, 1)?;
+        let mut hit = length.ge(&allowed)?;
+        if let Some(mask) = &self.breaker_tokens {
+            hit = hit.logical_and(&mask.take_along_axis(&next, 1)?.logical_not()?)?;
+        }
+        let mut exponent = length.sub(&allowed)?;
+        let max_exp = max_exponent(p.base);
+        if max_exp > 0 {
+            exponent = exponent.minimum(&host.i32(max_exp)?)?;
+        }
+        let penalty = host.f32(p.base)?.pow(&exponent.astype(Dtype::Float32)?)?.mul(&host.f32(p.multiplier)?)?;
+        let penalty = host.select(&hit, &penalty, &host.f32(0.0)?)?;
+        let current = logits.take_along_axis(&next, 1)?;
+        let out = logits.put_along_axis(&next, &current.sub(&penalty)?, 1);
+        self.state = Some(state);
+        out
+    }
+}
+
+impl Dry {
+    /// `K`: lengths beyond it all give the largest penalty.
+    fn length_cap(&self, n: i32) -> i32 {
+        let max_exp = max_exponent(self.params.base);
+        if max_exp > 0 {
+            (self.params.allowed_length + max_exp).min(n - 1)
+        } else {
+            n - 1
+        }
+    }
+
+    /// `L(p)` for the window of the last `n` of `tokens` (`[B, T]`), all positions at once.
+    fn from_scratch(&self, host: &Host, tokens: &Array, n: i32) -> Result<State, Error> {
+        let (b, t) = (tokens.dim(0), tokens.dim(1));
+        let w = tokens.slice(1, t - n, t, 1)?; // [B, N]
+        let since_breaker = match &self.breakers {
+            None => None,
             Some(br) => {
                 let is_breaker = w.expand_dims(-1)?.eq(br)?.any(-1, false)?; // [B, N]
                 let pos = host.arange(0.0, n as f64, 1.0, Dtype::Int32)?.reshape(&[1, n])?;
                 let last = host.select(&is_breaker, &pos, &host.i32(-1)?)?.max(1, true)?;
-                host.i32(n - 1)?.sub(&last)? // N when there is none
+                Some(host.i32(n - 1)?.sub(&last)?) // N when there is none
             }
         };
-
         // L(p): leading matches of w[p - l] == w[N - 1 - l], l < K.
-        let max_exp = max_exponent(p.base);
-        let k = if max_exp > 0 { (p.allowed_length + max_exp).min(n - 1) } else { n - 1 };
+        let k = self.length_cap(n);
         let positions = host.arange(0.0, (n - 1) as f64, 1.0, Dtype::Int32)?.reshape(&[1, n - 1])?;
         let offsets = host.arange(0.0, k as f64, 1.0, Dtype::Int32)?.reshape(&[k, 1])?;
         let left_index = positions.sub(&offsets)?; // [K, N-1], p - l
@@ -162,30 +237,38 @@ impl Plugin for Dry {
         let right = w.take(&right_index, 1)?.reshape(&[b, k, 1])?;
         let matches = left.eq(&right)?.logical_and(&inside)?.astype(Dtype::Int32)?;
         let lengths = matches.cumprod(1, false, true)?.sum(1, false)?; // [B, N-1]
-        let lengths = lengths.minimum(&rep_limit)?;
+        Ok(State { t, n, lengths, since_breaker })
+    }
 
-        // M(t): the longest repetition each next token would extend.
-        let allowed = host.i32(p.allowed_length)?;
-        let value = host.select(&lengths.ge(&allowed)?, &lengths, &host.i32(-1)?)?;
-        let next = w.slice(1, 1, n, 1)?; // [B, N-1]: the token that followed each position
-        // The longest match per token, over the vocabulary (one scatter), read back at the
-        // history's tokens: the penalty is then computed on `[B, N-1]` values and written into
-        // the logits with one put, instead of a dozen elementwise passes over `[B, V]`. A token
-        // that occurs twice in `next` gets the same value written twice.
-        let longest = host.full(&[b, v], -1.0, Dtype::Int32)?.scatter(ScatterMode::Max, &next, &value, 1)?;
-        let length = longest.take_along_axis(&next, 1)?;
-        let mut hit = length.ge(&allowed)?;
-        if let Some(mask) = &self.breaker_tokens {
-            hit = hit.logical_and(&mask.take_along_axis(&next, 1)?.logical_not()?)?;
+    /// The state one token later: `x = tokens[T - 1]` extends every match that ended just
+    /// before a position holding `x`.
+    fn advance(&self, host: &Host, tokens: &Array, old: State, n: i32) -> Result<State, Error> {
+        let t = tokens.dim(1);
+        let x = tokens.slice(1, t - 1, t, 1)?; // [B, 1]
+        let here = tokens.slice(1, t - n, t - 1, 1)?; // [B, N-1]: w[p]
+                                                      // L(p - 1) for each new position: the old lengths, with a 0 in front while the window
+                                                      // still grows (its first position has no predecessor).
+        let before = if n == old.n {
+            old.lengths
+        } else {
+            let zero = host.full(&[old.lengths.dim(0), 1], 0.0, Dtype::Int32)?;
+            host.concatenate(&[&zero, &old.lengths], 1)?
+        };
+        let mut lengths = host.select(&here.eq(&x)?, &before.add(&host.i32(1)?)?, &host.i32(0)?)?;
+        lengths = lengths.minimum(&host.i32(self.length_cap(n))?)?;
+        if n == old.n {
+            // The window slid: a match cannot reach before its first position.
+            let room = host.arange(1.0, n as f64, 1.0, Dtype::Int32)?.reshape(&[1, n - 1])?;
+            lengths = lengths.minimum(&room)?;
         }
-        let mut exponent = length.sub(&allowed)?;
-        if max_exp > 0 {
-            exponent = exponent.minimum(&host.i32(max_exp)?)?;
-        }
-        let penalty = host.f32(p.base)?.pow(&exponent.astype(Dtype::Float32)?)?.mul(&host.f32(p.multiplier)?)?;
-        let penalty = host.select(&hit, &penalty, &host.f32(0.0)?)?;
-        let current = logits.take_along_axis(&next, 1)?;
-        logits.put_along_axis(&next, &current.sub(&penalty)?, 1)
+        let since_breaker = match (&self.breakers, old.since_breaker) {
+            (Some(br), Some(d)) => {
+                let is_breaker = x.expand_dims(-1)?.eq(br)?.any(-1, false)?; // [B, 1]
+                Some(host.select(&is_breaker, &host.i32(0)?, &d.add(&host.i32(1)?)?.minimum(&host.i32(n)?)?)?)
+            }
+            _ => None,
+        };
+        Ok(State { t, n, lengths, since_breaker })
     }
 }
 
