@@ -3,7 +3,9 @@
 //! mlx-rs, and returns a new handle or NULL with a recorded message.
 
 use super::host::*;
-use mlx_rs::ops::indexing::{argmax_axis, argmin_axis, scatter_add_single, scatter_max_single, scatter_min_single, scatter_single, topk_axis};
+use mlx_rs::ops::indexing::{
+    argmax_axis, argmin_axis, scatter_add_single, scatter_max_single, scatter_min_single, scatter_single, topk_axis,
+};
 use mlx_rs::ops::{self, argpartition_axis, argsort_axis, sort_axis};
 use mlx_rs::{random, Array, Dtype};
 use mlxd_plugin_api::sys::{self, ArrayHandle};
@@ -56,7 +58,13 @@ pub(super) unsafe extern "C" fn op_size(h: *const sys::Host, a: ArrayHandle) -> 
 
 // -- construction -------------------------------------------------------------------------------
 
-pub(super) unsafe extern "C" fn op_from_data(h: *const sys::Host, data: *const c_void, shape: *const i32, ndim: i32, dtype: i32) -> ArrayHandle {
+pub(super) unsafe extern "C" fn op_from_data(
+    h: *const sys::Host,
+    data: *const c_void,
+    shape: *const i32,
+    ndim: i32,
+    dtype: i32,
+) -> ArrayHandle {
     array_op(h, "from_data", |_| {
         let d = dtype_of(dtype)?;
         let shape = shape_arg(shape, ndim, false)?;
@@ -79,7 +87,13 @@ pub(super) unsafe extern "C" fn op_scalar(h: *const sys::Host, value: f64, dtype
     array_op(h, "scalar", |_| scalar_array(value, dtype_of(dtype)?))
 }
 
-pub(super) unsafe extern "C" fn op_full(h: *const sys::Host, shape: *const i32, ndim: i32, value: f64, dtype: i32) -> ArrayHandle {
+pub(super) unsafe extern "C" fn op_full(
+    h: *const sys::Host,
+    shape: *const i32,
+    ndim: i32,
+    value: f64,
+    dtype: i32,
+) -> ArrayHandle {
     array_op(h, "full", |_| {
         let shape = shape_arg(shape, ndim, false)?;
         let s = scalar_array(value, dtype_of(dtype)?)?;
@@ -87,7 +101,13 @@ pub(super) unsafe extern "C" fn op_full(h: *const sys::Host, shape: *const i32, 
     })
 }
 
-pub(super) unsafe extern "C" fn op_arange(h: *const sys::Host, start: f64, stop: f64, step: f64, dtype: i32) -> ArrayHandle {
+pub(super) unsafe extern "C" fn op_arange(
+    h: *const sys::Host,
+    start: f64,
+    stop: f64,
+    step: f64,
+    dtype: i32,
+) -> ArrayHandle {
     array_op(h, "arange", |_| {
         if step == 0.0 || !step.is_finite() || !start.is_finite() || !stop.is_finite() {
             return fail(format!("arange({start}, {stop}, {step}): bounds must be finite and the step non-zero"));
@@ -160,7 +180,12 @@ pub(super) unsafe extern "C" fn op_binary(h: *const sys::Host, op: i32, a: Array
     })
 }
 
-pub(super) unsafe extern "C" fn op_where(h: *const sys::Host, cond: ArrayHandle, a: ArrayHandle, b: ArrayHandle) -> ArrayHandle {
+pub(super) unsafe extern "C" fn op_where(
+    h: *const sys::Host,
+    cond: ArrayHandle,
+    a: ArrayHandle,
+    b: ArrayHandle,
+) -> ArrayHandle {
     array_op(h, "where", |ctx| Ok(ops::select(&ctx.arg(cond)?, &ctx.arg(a)?, &ctx.arg(b)?)?))
 }
 
@@ -170,7 +195,13 @@ pub(super) unsafe extern "C" fn op_astype(h: *const sys::Host, a: ArrayHandle, d
 
 // -- reductions ---------------------------------------------------------------------------------
 
-pub(super) unsafe extern "C" fn op_reduce(h: *const sys::Host, op: i32, a: ArrayHandle, axis: i32, keepdims: i32) -> ArrayHandle {
+pub(super) unsafe extern "C" fn op_reduce(
+    h: *const sys::Host,
+    op: i32,
+    a: ArrayHandle,
+    axis: i32,
+    keepdims: i32,
+) -> ArrayHandle {
     array_op(h, "reduce", |ctx| {
         let a = ctx.arg(a)?;
         let axis = axis_of(axis, a.ndim())?;
@@ -199,7 +230,14 @@ pub(super) unsafe extern "C" fn op_softmax(h: *const sys::Host, a: ArrayHandle, 
     })
 }
 
-pub(super) unsafe extern "C" fn op_cumulative(h: *const sys::Host, op: i32, a: ArrayHandle, axis: i32, reverse: i32, inclusive: i32) -> ArrayHandle {
+pub(super) unsafe extern "C" fn op_cumulative(
+    h: *const sys::Host,
+    op: i32,
+    a: ArrayHandle,
+    axis: i32,
+    reverse: i32,
+    inclusive: i32,
+) -> ArrayHandle {
     array_op(h, "cumulative", |ctx| {
         let a = ctx.arg(a)?;
         let axis = axis_of(axis, a.ndim())?;
@@ -230,7 +268,12 @@ pub(super) unsafe extern "C" fn op_argsort(h: *const sys::Host, a: ArrayHandle, 
     })
 }
 
-pub(super) unsafe extern "C" fn op_argpartition(h: *const sys::Host, a: ArrayHandle, kth: i32, axis: i32) -> ArrayHandle {
+pub(super) unsafe extern "C" fn op_argpartition(
+    h: *const sys::Host,
+    a: ArrayHandle,
+    kth: i32,
+    axis: i32,
+) -> ArrayHandle {
     array_op(h, "argpartition", |ctx| {
         let a = ctx.arg(a)?;
         let axis = axis_of(axis, a.ndim())?;
@@ -258,12 +301,24 @@ pub(super) unsafe extern "C" fn op_topk(h: *const sys::Host, a: ArrayHandle, k: 
 
 fn integer(a: &Array, what: &str) -> Op<()> {
     match a.dtype() {
-        Dtype::Uint8 | Dtype::Uint16 | Dtype::Uint32 | Dtype::Uint64 | Dtype::Int8 | Dtype::Int16 | Dtype::Int32 | Dtype::Int64 => Ok(()),
+        Dtype::Uint8
+        | Dtype::Uint16
+        | Dtype::Uint32
+        | Dtype::Uint64
+        | Dtype::Int8
+        | Dtype::Int16
+        | Dtype::Int32
+        | Dtype::Int64 => Ok(()),
         other => fail(format!("{what} must have an integer dtype, got {other:?}")),
     }
 }
 
-pub(super) unsafe extern "C" fn op_take(h: *const sys::Host, a: ArrayHandle, indices: ArrayHandle, axis: i32) -> ArrayHandle {
+pub(super) unsafe extern "C" fn op_take(
+    h: *const sys::Host,
+    a: ArrayHandle,
+    indices: ArrayHandle,
+    axis: i32,
+) -> ArrayHandle {
     array_op(h, "take", |ctx| {
         let (a, i) = (ctx.arg(a)?, ctx.arg(indices)?);
         integer(&i, "indices")?;
@@ -272,7 +327,12 @@ pub(super) unsafe extern "C" fn op_take(h: *const sys::Host, a: ArrayHandle, ind
     })
 }
 
-pub(super) unsafe extern "C" fn op_take_along_axis(h: *const sys::Host, a: ArrayHandle, indices: ArrayHandle, axis: i32) -> ArrayHandle {
+pub(super) unsafe extern "C" fn op_take_along_axis(
+    h: *const sys::Host,
+    a: ArrayHandle,
+    indices: ArrayHandle,
+    axis: i32,
+) -> ArrayHandle {
     array_op(h, "take_along_axis", |ctx| {
         let (a, i) = (ctx.arg(a)?, ctx.arg(indices)?);
         integer(&i, "indices")?;
@@ -281,7 +341,13 @@ pub(super) unsafe extern "C" fn op_take_along_axis(h: *const sys::Host, a: Array
     })
 }
 
-pub(super) unsafe extern "C" fn op_put_along_axis(h: *const sys::Host, a: ArrayHandle, indices: ArrayHandle, values: ArrayHandle, axis: i32) -> ArrayHandle {
+pub(super) unsafe extern "C" fn op_put_along_axis(
+    h: *const sys::Host,
+    a: ArrayHandle,
+    indices: ArrayHandle,
+    values: ArrayHandle,
+    axis: i32,
+) -> ArrayHandle {
     array_op(h, "put_along_axis", |ctx| {
         let (a, i, v) = (ctx.arg(a)?, ctx.arg(indices)?, ctx.arg(values)?);
         integer(&i, "indices")?;
@@ -290,13 +356,25 @@ pub(super) unsafe extern "C" fn op_put_along_axis(h: *const sys::Host, a: ArrayH
     })
 }
 
-pub(super) unsafe extern "C" fn op_scatter(h: *const sys::Host, mode: i32, a: ArrayHandle, indices: ArrayHandle, updates: ArrayHandle, axis: i32) -> ArrayHandle {
+pub(super) unsafe extern "C" fn op_scatter(
+    h: *const sys::Host,
+    mode: i32,
+    a: ArrayHandle,
+    indices: ArrayHandle,
+    updates: ArrayHandle,
+    axis: i32,
+) -> ArrayHandle {
     array_op(h, "scatter", |ctx| {
         let (a, i, u) = (ctx.arg(a)?, ctx.arg(indices)?, ctx.arg(updates)?);
         integer(&i, "indices")?;
         let axis = axis_of(axis, a.ndim())?;
         if i.shape() != u.shape() || i.ndim() != a.ndim() {
-            return fail(format!("indices {:?} and updates {:?} must have one shape, of a's rank ({:?})", i.shape(), u.shape(), a.shape()));
+            return fail(format!(
+                "indices {:?} and updates {:?} must have one shape, of a's rank ({:?})",
+                i.shape(),
+                u.shape(),
+                a.shape()
+            ));
         }
         let (a_shape, i_shape) = (a.shape().to_vec(), i.shape().to_vec());
         for d in 0..a.ndim() {
@@ -304,9 +382,16 @@ pub(super) unsafe extern "C" fn op_scatter(h: *const sys::Host, mode: i32, a: Ar
                 return fail(format!("indices {i_shape:?} must match a {a_shape:?} except along axis {axis}"));
             }
         }
-        // Move `axis` last, flatten to rows, scatter at row * N + index, and undo.
+        // Move `axis` last (unless it is), flatten to rows, scatter at row * N + index, and undo.
         let last = a.ndim() as i32 - 1;
-        let (at, it, ut) = (a.swap_axes(axis, last)?, i.swap_axes(axis, last)?, u.swap_axes(axis, last)?);
+        let to_last = |x: &Array| -> Op<Array> {
+            if axis == last {
+                Ok(x.clone())
+            } else {
+                Ok(x.swap_axes(axis, last)?)
+            }
+        };
+        let (at, it, ut) = (to_last(&a)?, to_last(&i)?, to_last(&u)?);
         let moved = at.shape().to_vec();
         let n = a_shape[axis as usize];
         let rows: i32 = moved[..moved.len() - 1].iter().product();
@@ -322,20 +407,32 @@ pub(super) unsafe extern "C" fn op_scatter(h: *const sys::Host, mode: i32, a: Ar
             3 => scatter_min_single(&target, &flat, &values, 0)?,
             other => return fail(format!("unknown scatter mode {other}")),
         };
-        Ok(out.reshape(&moved)?.swap_axes(axis, last)?)
+        to_last(&out.reshape(&moved)?)
     })
 }
 
 // -- shapes -------------------------------------------------------------------------------------
 
-pub(super) unsafe extern "C" fn op_reshape(h: *const sys::Host, a: ArrayHandle, shape: *const i32, ndim: i32) -> ArrayHandle {
+pub(super) unsafe extern "C" fn op_reshape(
+    h: *const sys::Host,
+    a: ArrayHandle,
+    shape: *const i32,
+    ndim: i32,
+) -> ArrayHandle {
     array_op(h, "reshape", |ctx| {
         let a = ctx.arg(a)?;
         Ok(a.reshape(&shape_arg(shape, ndim, true)?)?)
     })
 }
 
-pub(super) unsafe extern "C" fn op_slice(h: *const sys::Host, a: ArrayHandle, axis: i32, start: i32, stop: i32, step: i32) -> ArrayHandle {
+pub(super) unsafe extern "C" fn op_slice(
+    h: *const sys::Host,
+    a: ArrayHandle,
+    axis: i32,
+    start: i32,
+    stop: i32,
+    step: i32,
+) -> ArrayHandle {
     array_op(h, "slice", |ctx| {
         let a = ctx.arg(a)?;
         let axis = axis_of(axis, a.ndim())?;
@@ -345,12 +442,47 @@ pub(super) unsafe extern "C" fn op_slice(h: *const sys::Host, a: ArrayHandle, ax
         let n = a.shape()[axis as usize];
         let clamp = |x: i32| (if x < 0 { x + n } else { x }).clamp(0, n);
         let (start, stop) = (clamp(start), clamp(stop).max(clamp(start)));
-        let index = Array::arange::<i32, i32>(start, stop, step)?;
-        Ok(a.take_axis(&index, axis)?)
+        strided_slice(&a, axis as usize, start, stop, step)
     })
 }
 
-pub(super) unsafe extern "C" fn op_concatenate(h: *const sys::Host, arrays: *const ArrayHandle, n: i32, axis: i32) -> ArrayHandle {
+/// `a[..., start:stop:step, ...]` along `axis` as a view (MLX's Slice: no kernel, no copy).
+fn strided_slice(a: &Array, axis: usize, start: i32, stop: i32, step: i32) -> Op<Array> {
+    let shape = a.shape();
+    let mut starts = vec![0; shape.len()];
+    let mut stops = shape.to_vec();
+    let mut strides = vec![1; shape.len()];
+    (starts[axis], stops[axis], strides[axis]) = (start, stop, step);
+    let stream = mlx_rs::Stream::thread_local_or_default();
+    // SAFETY: `res` is created here and either owned by the returned Array or freed; the bound
+    // vectors outlive the call.
+    unsafe {
+        let mut res = mlx_sys::mlx_array_new();
+        let rc = mlx_sys::mlx_slice(
+            &mut res,
+            a.as_ptr(),
+            starts.as_ptr(),
+            starts.len(),
+            stops.as_ptr(),
+            stops.len(),
+            strides.as_ptr(),
+            strides.len(),
+            stream.as_ptr(),
+        );
+        if rc != 0 {
+            mlx_sys::mlx_array_free(res);
+            return fail(format!("slice {start}:{stop}:{step} of axis {axis} of {shape:?} failed"));
+        }
+        Ok(Array::from_ptr(res))
+    }
+}
+
+pub(super) unsafe extern "C" fn op_concatenate(
+    h: *const sys::Host,
+    arrays: *const ArrayHandle,
+    n: i32,
+    axis: i32,
+) -> ArrayHandle {
     array_op(h, "concatenate", |ctx| {
         if !(1..=4096).contains(&n) || arrays.is_null() {
             return fail(format!("needs 1 to 4096 arrays, got {n}"));
@@ -363,7 +495,12 @@ pub(super) unsafe extern "C" fn op_concatenate(h: *const sys::Host, arrays: *con
     })
 }
 
-pub(super) unsafe extern "C" fn op_broadcast_to(h: *const sys::Host, a: ArrayHandle, shape: *const i32, ndim: i32) -> ArrayHandle {
+pub(super) unsafe extern "C" fn op_broadcast_to(
+    h: *const sys::Host,
+    a: ArrayHandle,
+    shape: *const i32,
+    ndim: i32,
+) -> ArrayHandle {
     array_op(h, "broadcast_to", |ctx| Ok(ops::broadcast_to(&ctx.arg(a)?, &shape_arg(shape, ndim, false)?)?))
 }
 
@@ -417,32 +554,54 @@ pub(super) unsafe extern "C" fn op_random_split(h: *const sys::Host, key: ArrayH
     })
 }
 
-pub(super) unsafe extern "C" fn op_random_uniform(h: *const sys::Host, key: ArrayHandle, shape: *const i32, ndim: i32, dtype: i32) -> ArrayHandle {
+pub(super) unsafe extern "C" fn op_random_uniform(
+    h: *const sys::Host,
+    key: ArrayHandle,
+    shape: *const i32,
+    ndim: i32,
+    dtype: i32,
+) -> ArrayHandle {
     array_op(h, "random_uniform", |ctx| {
         let (k, shape, d) = (key_arg(ctx, key)?, shape_arg(shape, ndim, false)?, float_dtype(dtype)?);
         Ok(random::uniform::<f32, f32>(0.0, 1.0, &shape[..], &k)?.as_dtype(d)?)
     })
 }
 
-pub(super) unsafe extern "C" fn op_random_normal(h: *const sys::Host, key: ArrayHandle, shape: *const i32, ndim: i32, dtype: i32) -> ArrayHandle {
+pub(super) unsafe extern "C" fn op_random_normal(
+    h: *const sys::Host,
+    key: ArrayHandle,
+    shape: *const i32,
+    ndim: i32,
+    dtype: i32,
+) -> ArrayHandle {
     array_op(h, "random_normal", |ctx| {
         let (k, shape, d) = (key_arg(ctx, key)?, shape_arg(shape, ndim, false)?, float_dtype(dtype)?);
         Ok(random::normal::<f32>(&shape[..], None, None, &k)?.as_dtype(d)?)
     })
 }
 
-pub(super) unsafe extern "C" fn op_random_gumbel(h: *const sys::Host, key: ArrayHandle, shape: *const i32, ndim: i32, dtype: i32) -> ArrayHandle {
+pub(super) unsafe extern "C" fn op_random_gumbel(
+    h: *const sys::Host,
+    key: ArrayHandle,
+    shape: *const i32,
+    ndim: i32,
+    dtype: i32,
+) -> ArrayHandle {
     array_op(h, "random_gumbel", |ctx| {
         let (k, shape, d) = (key_arg(ctx, key)?, shape_arg(shape, ndim, false)?, float_dtype(dtype)?);
         Ok(random::gumbel::<f32>(&shape[..], &k)?.as_dtype(d)?)
     })
 }
 
-pub(super) unsafe extern "C" fn op_random_categorical(h: *const sys::Host, key: ArrayHandle, logits: ArrayHandle, axis: i32) -> ArrayHandle {
+pub(super) unsafe extern "C" fn op_random_categorical(
+    h: *const sys::Host,
+    key: ArrayHandle,
+    logits: ArrayHandle,
+    axis: i32,
+) -> ArrayHandle {
     array_op(h, "random_categorical", |ctx| {
         let (k, l) = (key_arg(ctx, key)?, ctx.arg(logits)?);
         let axis = axis_of(axis, l.ndim())?;
         Ok(random::categorical(&l, axis, None, &k)?.as_type::<u32>()?)
     })
 }
-
