@@ -318,24 +318,21 @@ fn random_bits(shape: &[i32], key: &Array) -> Result<Array, Exception> {
     }
 }
 
-/// Splits each row's key (`keys`: `[B, 2]` uint32) and draws the row's Gumbel noise with the
-/// half it uses now: returns (the rows' next keys `[B, 2]`, noise `[B, V]`). The split is
-/// `mlx.random.split(key)`'s (the first half is kept). A row's noise depends on its key and V
-/// only, never on the other rows (MLX takes one key per draw, so rows draw one by one).
+/// Advances each row's key (`keys`: `[B, 2]` uint32) and draws the row's Gumbel noise: one
+/// Threefry draw of `2 + V` words per row, the first two the row's next key, the rest this
+/// step's noise (counter-based, so the two parts are independent streams, as in
+/// `mlx.random.split`). Returns (next keys `[B, 2]`, noise `[B, V]`). A row's noise depends on
+/// its key and V only, never on the other rows (MLX takes one key per draw, so rows draw one by
+/// one).
 fn split_and_draw(keys: &Array, b: i32, v: i32) -> Result<(Array, Array), Exception> {
-    let mut next = Vec::with_capacity(b as usize);
-    let mut bits = Vec::with_capacity(b as usize);
+    let mut words = Vec::with_capacity(b as usize);
     for i in 0..b {
         let key = if b == 1 { keys.reshape(&[2])? } else { keys.try_index(i)? };
-        let words = random_bits(&[2, 2], &key)?;
-        next.push(words.try_index(0..1)?);
-        bits.push(random_bits(&[1, v], &words.try_index(1)?)?);
+        words.push(random_bits(&[1, 2 + v], &key)?);
     }
-    let (next, bits) = if b == 1 {
-        (next.pop().expect("one row"), bits.pop().expect("one row"))
-    } else {
-        (ops::concatenate(&next, 0)?, ops::concatenate(&bits, 0)?)
-    };
+    let words = if b == 1 { words.pop().expect("one row") } else { ops::concatenate(&words, 0)? };
+    let next = words.try_index((.., ..2))?;
+    let bits = words.try_index((.., 2..))?;
     // Uniform in (0, 1) from the top 24 bits, centred in their bucket so neither end is hit;
     // then Gumbel(0, 1) = -ln(-ln u).
     let u = bits.floor_divide(Array::from_slice(&[256u32], &[1]))?.as_type::<f32>()?;
