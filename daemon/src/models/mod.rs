@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod layers;
+pub mod safetensors;
 pub mod transformer;
 pub mod weights;
 
@@ -158,7 +159,7 @@ fn load_gguf(path: &Path) -> Result<LoadedModel, ModelError> {
 
 /// Hyper-parameters from GGUF metadata (`{arch}.*` keys), through the same validation as
 /// `config.json`.
-fn gguf_args(meta: &crate::gguf::GgufFile) -> Result<ModelArgs, ModelError> {
+pub(crate) fn gguf_args(meta: &crate::gguf::GgufFile) -> Result<ModelArgs, ModelError> {
     let cfg_err = |e: crate::gguf::GgufError| ModelError::Config(e.to_string());
     let arch = meta.get_str("general.architecture").map_err(cfg_err)?.to_string();
     let u = |k: &str| meta.get_u32(&format!("{arch}.{k}")).map(|v| v as i32).map_err(cfg_err);

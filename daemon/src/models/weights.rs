@@ -108,14 +108,7 @@ pub fn load_safetensors_dir(dir: &Path) -> Result<Weights> {
     let index = dir.join("model.safetensors.index.json");
     let files: Vec<PathBuf> = if index.is_file() {
         let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| ModelError::Config(format!("{}: {e}", index.display())))?;
-        let map = json["weight_map"].as_object().ok_or_else(|| {
-            ModelError::Config(format!("{}: no `weight_map` object", index.display()))
-        })?;
-        let mut shards: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
-        shards.sort();
-        shards.dedup();
+        let shards = shard_names(&text).map_err(|m| ModelError::Config(format!("{}: {m}", index.display())))?;
         shards.into_iter().map(|s| dir.join(s)).collect()
     } else {
         let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -131,11 +124,33 @@ pub fn load_safetensors_dir(dir: &Path) -> Result<Weights> {
     }
     let mut tensors = HashMap::new();
     for f in &files {
+        // Our own check first: MLX's loader reports a bad header as one opaque exception.
+        super::safetensors::read_header(f).map_err(|e| ModelError::Weights(e.to_string()))?;
         let part = Array::load_safetensors(f)
             .map_err(|e| ModelError::Weights(format!("{}: {e}", f.display())))?;
         tensors.extend(part);
     }
     Ok(Weights::new(tensors, dir.to_path_buf()))
+}
+
+/// The shard files `model.safetensors.index.json` names in its `weight_map`, sorted and
+/// deduplicated. Each must be a plain file name in the model's directory: an index that points
+/// elsewhere (`../x`, `/etc/x`) is refused.
+pub fn shard_names(index_json: &str) -> std::result::Result<Vec<String>, String> {
+    let json: serde_json::Value = serde_json::from_str(index_json).map_err(|e| format!("invalid JSON: {e}"))?;
+    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or("no `weight_map` object")?;
+    let mut shards = Vec::new();
+    for (tensor, file) in map {
+        let file = file.as_str().ok_or_else(|| format!("`weight_map.{tensor}` must be a file name, not {file}"))?;
+        let plain = Path::new(file).file_name().is_some_and(|name| name == file) && file != "." && file != "..";
+        if !plain || file.contains('\\') {
+            return Err(format!("`weight_map.{tensor}` is {file:?}, not a file name in the model's directory"));
+        }
+        shards.push(file.to_string());
+    }
+    shards.sort();
+    shards.dedup();
+    Ok(shards)
 }
 
 /// Loads a GGUF file's tensors with MLX (which turns Q4_0 / Q4_1 / Q4_K / Q8_0 blocks into
@@ -259,4 +274,23 @@ fn mlx_load_gguf(path: &Path) -> Result<Vec<(String, Array)>> {
         return Err(ModelError::Weights(format!("{}: no tensors", path.display())));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_names_stay_in_the_model_directory() {
+        let index = r#"{"weight_map":{"a":"model-2.safetensors","b":"model-1.safetensors","c":"model-2.safetensors"}}"#;
+        assert_eq!(shard_names(index).unwrap(), ["model-1.safetensors", "model-2.safetensors"]);
+        for bad in ["../model.safetensors", "/etc/passwd", "sub/model.safetensors", "..", ".", "", "a\\\\b"] {
+            let index = format!(r#"{{"weight_map":{{"w":"{bad}"}}}}"#);
+            let e = shard_names(&index).unwrap_err();
+            assert!(e.contains("`weight_map.w`"), "{bad}: {e}");
+        }
+        assert!(shard_names(r#"{"weight_map":{"w":3}}"#).unwrap_err().contains("`weight_map.w`"));
+        assert!(shard_names(r#"{"metadata":{}}"#).unwrap_err().contains("weight_map"));
+        assert!(shard_names("{").unwrap_err().contains("JSON"));
+    }
 }
