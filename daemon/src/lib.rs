@@ -18,6 +18,7 @@
 //! - [`registry`]: which models are resident; loading, keep-alive, the memory budget.
 //! - [`auth`]: the bearer token; [`metrics`]: status and Prometheus counters.
 //! - [`default_model`]: fetching the default model (SmolLM2-135M-Instruct GGUF) from PyPI.
+//! - `fuzzing` (hidden): one entry per parser of outside input, for `fuzz/` and its replay test.
 #![warn(missing_docs)]
 
 pub mod auth;
@@ -27,6 +28,8 @@ pub mod config;
 pub mod connection;
 pub mod default_model;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gguf;
 pub mod metrics;
 pub mod models;

@@ -465,7 +465,7 @@ fn chat_template(config: &serde_json::Value, path: &Path) -> Result<Option<Strin
 }
 
 /// `tokenizer.ggml.pre` values this module knows, grouped as llama.cpp groups them.
-const KNOWN_PRE: [&str; 19] = [
+pub(crate) const KNOWN_PRE: [&str; 19] = [
     "default",
     "gpt2",
     "gpt-2",
