@@ -9,6 +9,9 @@
 //! mlxd-bench serve --shape qwen3-0.6b [--clients 1,2,4,8,16] [--prompt 64] [--gen 128]
 //!                                      concurrent WebSocket clients vs mlx_lm.server
 //! mlxd-bench graph --shape ...        primitives in one decode step
+//! mlxd-bench suite --json out.json [--models qwen3-0.6b:bf16,qwen3-0.6b:q4,...|NAME=PATH|smollm2]
+//!                  [--serve-model SHAPE:DTYPE|none] [--no-plugins] [engine and serve options]
+//!                                      everything the report needs, in one run (see `suite`)
 //! ```
 //! `--shape` writes a random-weight checkpoint of a public architecture's shape (no download);
 //! the prompt-cache row times a repeated 2,000-token prompt cold and warm.
@@ -20,6 +23,7 @@
 //! puts them. mlx-lm has no counterpart, so plugin rows are mlxd only.
 
 mod serve_load;
+mod suite;
 
 use anyhow::{bail, Context, Result};
 use mlx_rs::{random, Array, Dtype};
@@ -81,6 +85,7 @@ const SHAPES: &[Shape] = &[
     },
 ];
 
+#[derive(Clone)]
 struct Args {
     model: Option<PathBuf>,
     shape: Option<String>,
@@ -99,6 +104,12 @@ struct Args {
     python: String,
     json: Option<PathBuf>,
     dir: PathBuf,
+    /// `suite`: models as `shape:dtype` or `name=path`.
+    suite: Option<Vec<String>>,
+    /// `suite`: the model of the load test (`shape:dtype`), or none.
+    serve_model: Option<String>,
+    /// Prompt length of the prompt-cache row (0: skip it).
+    cache_prompt: usize,
 }
 
 fn parse_args() -> Result<Args> {
@@ -119,13 +130,23 @@ fn parse_args() -> Result<Args> {
         python: "python3".into(),
         json: None,
         dir: std::env::temp_dir().join("mlxd-bench-models"),
+        suite: None,
+        serve_model: Some("qwen3-0.6b:bf16".into()),
+        cache_prompt: 2000,
     };
     let mut it = std::env::args().skip(1);
     match it.next().as_deref() {
         Some("engine") => {}
         Some("graph") => a.graph = true,
         Some("serve") => a.serve = true,
-        _ => bail!("usage: mlxd-bench engine|serve|graph (--shape NAME | --model DIR) [options]; see the file header"),
+        Some("suite") => {
+            a.suite = Some(suite::DEFAULT_MODELS.iter().map(|m| m.to_string()).collect());
+            a.samplers = vec!["greedy".into(), "full".into()];
+            a.plugins = vec![("passthrough".into(), "{}".into()), ("dry".into(), r#"{"multiplier":0.8}"#.into())];
+        }
+        _ => bail!(
+            "usage: mlxd-bench engine|serve|graph|suite (--shape NAME | --model DIR) [options]; see the file header"
+        ),
     }
     while let Some(flag) = it.next() {
         let mut val = || it.next().with_context(|| format!("{flag} needs a value"));
@@ -150,6 +171,10 @@ fn parse_args() -> Result<Args> {
                 a.plugins.push((name.to_string(), params.to_string()));
             }
             "--plugin-dir" => a.plugin_dir = Some(val()?.into()),
+            "--models" => a.suite = Some(val()?.split(',').filter(|m| !m.is_empty()).map(String::from).collect()),
+            "--serve-model" => a.serve_model = Some(val()?).filter(|m| m != "none"),
+            "--no-plugins" => a.plugins.clear(),
+            "--cache-prompt" => a.cache_prompt = val()?.parse().context("--cache-prompt")?,
             other => bail!("unknown flag {other}"),
         }
     }
@@ -158,11 +183,14 @@ fn parse_args() -> Result<Args> {
 
 fn main() -> Result<()> {
     let args = parse_args()?;
-    // Plugins resolve first: a missing one should not cost a model build to find out.
-    let plugin_runs = plugin_variants(&args)?;
     if std::env::var_os("MLXD_SAMPLER_EAGER").is_some() {
         mlxd::sampling::set_compiled(false);
     }
+    if args.suite.is_some() {
+        return suite::run(&args);
+    }
+    // Plugins resolve first: a missing one should not cost a model build to find out.
+    let plugin_runs = plugin_variants(&args)?;
     let dir = match (&args.model, &args.shape) {
         (Some(m), _) => m.clone(),
         (None, Some(s)) => make_model(s, &args.dtype, &args.dir)?,
@@ -190,6 +218,16 @@ fn main() -> Result<()> {
         }
         return Ok(());
     }
+    let summary = engine_compare(&args, &dir, &plugin_runs)?;
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&summary)?)?;
+    }
+    Ok(())
+}
+
+/// The engine against mlx-lm on the model in `dir`: every sampler variant and plugin row,
+/// interleaved, then the prompt-cache row. Prints the table; returns the summary.
+fn engine_compare(args: &Args, dir: &Path, plugin_runs: &[(String, SamplingParams)]) -> Result<Value> {
     let report = mlxd::runtime::Report::gather();
     eprintln!(
         "model {} | MLX {} {} | {}",
@@ -199,7 +237,7 @@ fn main() -> Result<()> {
         report.device_name.clone().unwrap_or_default()
     );
 
-    let model = mlxd::models::load(&dir).with_context(|| format!("loading {}", dir.display()))?;
+    let model = mlxd::models::load(dir).with_context(|| format!("loading {}", dir.display()))?;
     let weight_bytes = model.model.weight_bytes();
     let vocab = model.model.args.vocab as u32;
     let mut engine = Engine::new(model, EngineOptions { prompt_cache_bytes: 0, ..Default::default() });
@@ -211,7 +249,7 @@ fn main() -> Result<()> {
     // Variants run interleaved (A B A B ...), so slow drifts of clock or load hit all alike.
     let mut variants_list: Vec<(String, SamplingParams)> =
         sampler_variants(&args.samplers)?.into_iter().map(|(n, s)| (n.to_string(), s)).collect();
-    variants_list.extend(plugin_runs);
+    variants_list.extend(plugin_runs.iter().cloned());
     let mut ours: Vec<Vec<Value>> = vec![Vec::new(); variants_list.len()];
     let mut profiles = vec![mlxd::engine::StepProfile::default(); variants_list.len()];
     for r in 0..=args.repeats {
@@ -251,13 +289,14 @@ fn main() -> Result<()> {
         let plugin_row = !sampler.plugins.is_empty();
         // mlx-lm runs the variants it has a twin of (bench/mlx_lm_bench.py): greedy and full.
         let peer = !plugin_row && matches!(name.as_str(), "greedy" | "full");
-        let theirs = if args.mlx_lm && peer { Some(run_mlx_lm(&args, &dir, preload.as_deref(), name)?) } else { None };
+        let theirs = if args.mlx_lm && peer { Some(run_mlx_lm(args, dir, preload.as_deref(), name)?) } else { None };
         variants.insert(
             name.to_string(),
             json!({"mlxd": {"runs": ours[k], "host_build_ms_per_step": per_step(profile.build), "device_wait_ms_per_step": per_step(profile.wait)}, "mlx_lm": theirs}),
         );
     }
-    let cache_row = prompt_cache_ttft(&mut engine, vocab)?;
+    let cache_row =
+        if args.cache_prompt > 0 { prompt_cache_ttft(&mut engine, vocab, args.cache_prompt)? } else { Value::Null };
     let summary = json!({
         "model": dir.display().to_string(),
         "weight_bytes": weight_bytes,
@@ -272,10 +311,7 @@ fn main() -> Result<()> {
         "prompt_cache": cache_row,
     });
     print_table(&summary);
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&summary)?)?;
-    }
-    Ok(())
+    Ok(summary)
 }
 
 /// The sampler settings compared: `greedy`, and `full` (temperature 0.7, top-p 0.9, top-k 50,
@@ -425,12 +461,12 @@ fn run_json(o: &Outcome, peak: usize) -> Value {
     })
 }
 
-/// Time to first token of a 2,000-token prompt: cold; sent again (an exact repeat: its KV state
+/// Time to first token of a `tokens`-long prompt (2,000 by default): cold; sent again (an exact repeat: its KV state
 /// and last logits are cached, no forward pass); and sent with one more token appended (the
 /// editor's case: the cached prefix is reused and one position is computed).
-fn prompt_cache_ttft(engine: &mut Engine, vocab: u32) -> Result<Value> {
+fn prompt_cache_ttft(engine: &mut Engine, vocab: u32, tokens: usize) -> Result<Value> {
     engine.set_prompt_cache_budget(4 << 30);
-    let prompt = random_prompt(2000, vocab, 11);
+    let prompt = random_prompt(tokens, vocab, 11);
     let req =
         |prompt: Vec<u32>| GenerateRequest { prompt, max_tokens: 2, stop: vec![], sampler: SamplingParams::default() };
     let mut extended = prompt.clone();
@@ -447,7 +483,7 @@ fn prompt_cache_ttft(engine: &mut Engine, vocab: u32) -> Result<Value> {
     engine.set_prompt_cache_budget(0);
     let (c, r, x) = (median_d(&mut cold), median_d(&mut repeat), median_d(&mut extend));
     Ok(json!({
-        "prompt_tokens": 2000,
+        "prompt_tokens": tokens,
         "cold_ttft_s": c,
         "warm_ttft_s": r,
         "speedup": c / r.max(1e-9),
@@ -552,28 +588,54 @@ fn print_table(s: &Value) {
         }
     }
     let c = &s["prompt_cache"];
-    println!(
-        "prompt cache, {}-token prompt: cold TTFT {:.2} ms, repeated {:.2} ms ({:.1}x), one token appended {:.2} ms ({:.1}x)",
-        c["prompt_tokens"],
-        c["cold_ttft_s"].as_f64().unwrap_or(0.0) * 1e3,
-        c["warm_ttft_s"].as_f64().unwrap_or(0.0) * 1e3,
-        c["speedup"].as_f64().unwrap_or(0.0),
-        c["extended_ttft_s"].as_f64().unwrap_or(0.0) * 1e3,
-        c["extended_speedup"].as_f64().unwrap_or(0.0)
-    );
+    if !c.is_null() {
+        println!(
+            "prompt cache, {}-token prompt: cold TTFT {:.2} ms, repeated {:.2} ms ({:.1}x), one token appended {:.2} ms ({:.1}x)",
+            c["prompt_tokens"],
+            c["cold_ttft_s"].as_f64().unwrap_or(0.0) * 1e3,
+            c["warm_ttft_s"].as_f64().unwrap_or(0.0) * 1e3,
+            c["speedup"].as_f64().unwrap_or(0.0),
+            c["extended_ttft_s"].as_f64().unwrap_or(0.0) * 1e3,
+            c["extended_speedup"].as_f64().unwrap_or(0.0)
+        );
+    }
     let wb = s["weight_bytes"].as_f64().unwrap_or(0.0);
     println!("weights read per token: {:.1} MiB", wb / (1u64 << 20) as f64);
+}
+
+const QUANT_GROUP: i32 = 64;
+const QUANT_BITS: i32 = 4;
+
+/// Every 2-D `.weight` (linear layers, embedding) as MLX's `weight` / `scales` / `biases`
+/// triple; norms stay as they are.
+fn quantize_tensors(tensors: Vec<(String, Array)>) -> Result<Vec<(String, Array)>> {
+    let mut out = Vec::with_capacity(tensors.len() * 3);
+    for (name, w) in tensors {
+        match name.strip_suffix(".weight") {
+            Some(base) if w.ndim() == 2 => {
+                let (q, scales, biases) = mlx_rs::ops::quantize(&w, QUANT_GROUP, QUANT_BITS)?;
+                out.push((name.clone(), q));
+                out.push((format!("{base}.scales"), scales));
+                out.push((format!("{base}.biases"), biases));
+            }
+            _ => out.push((name, w)),
+        }
+    }
+    Ok(out)
 }
 
 /// Writes a random-weight checkpoint of `shape` (config.json, model.safetensors, a word-level
 /// tokenizer.json) unless it already exists.
 fn make_model(shape: &str, dtype: &str, root: &Path) -> Result<PathBuf> {
     let s = SHAPES.iter().find(|s| s.name == shape).with_context(|| format!("unknown shape {shape}"))?;
+    // `q4`: bf16 weights quantized the way mlx-community checkpoints are (4 bits, groups of
+    // 64; every linear layer and the embedding), so both engines load an MLX-quantized model.
+    let quantized = dtype == "q4";
     let dt = match dtype {
-        "bf16" => Dtype::Bfloat16,
+        "bf16" | "q4" => Dtype::Bfloat16,
         "f16" => Dtype::Float16,
         "f32" => Dtype::Float32,
-        other => bail!("--dtype {other}: use bf16, f16 or f32"),
+        other => bail!("--dtype {other}: use bf16, f16, f32 or q4"),
     };
     let dir = root.join(format!("{shape}-{dtype}"));
     if dir.join("model.safetensors").is_file() {
@@ -585,8 +647,12 @@ fn make_model(shape: &str, dtype: &str, root: &Path) -> Result<PathBuf> {
         "num_attention_heads": s.heads, "num_key_value_heads": s.kv_heads, "head_dim": s.head_dim,
         "intermediate_size": s.intermediate, "vocab_size": s.vocab, "rms_norm_eps": 1e-6,
         "rope_theta": 1_000_000.0, "tie_word_embeddings": s.tie, "max_position_embeddings": 40960,
-        "torch_dtype": match dtype { "bf16" => "bfloat16", "f16" => "float16", _ => "float32" },
+        "torch_dtype": match dtype { "bf16" | "q4" => "bfloat16", "f16" => "float16", _ => "float32" },
     });
+    let mut config = config;
+    if quantized {
+        config["quantization"] = json!({"group_size": QUANT_GROUP, "bits": QUANT_BITS});
+    }
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
     let mut tensors: Vec<(String, Array)> = Vec::new();
     let mut key = random::key(1234)?;
@@ -617,6 +683,9 @@ fn make_model(shape: &str, dtype: &str, root: &Path) -> Result<PathBuf> {
     tensors.push(("model.norm.weight".into(), ones(d)?));
     if !s.tie {
         tensors.push(("lm_head.weight".into(), rnd(&[s.vocab, d], 0.02)?));
+    }
+    if quantized {
+        tensors = quantize_tensors(tensors)?;
     }
     Array::save_safetensors(tensors.iter().map(|(k, v)| (k.as_str(), v)), None, dir.join("model.safetensors"))?;
     // A word-level tokenizer over the whole vocabulary: both engines need one to load, neither
