@@ -76,6 +76,9 @@ pub struct ServerConfig {
     pub max_requests_per_connection: usize,
     /// Events buffered per request before its generation pauses for a slow reader.
     pub stream_buffer: usize,
+    /// A generation whose client has taken no event for this many seconds while its buffer was
+    /// full is cancelled (0 = wait forever).
+    pub slow_client_timeout_s: u64,
 }
 
 impl Default for ServerConfig {
@@ -90,6 +93,7 @@ impl Default for ServerConfig {
             max_connections: 64,
             max_requests_per_connection: 16,
             stream_buffer: 256,
+            slow_client_timeout_s: 120,
         }
     }
 }
@@ -126,11 +130,14 @@ pub struct EngineConfig {
     pub prompt_cache_mb: usize,
     /// Device memory mlxd may use for models, MiB; 0 means 90% of MLX's memory limit.
     pub memory_budget_mb: usize,
+    /// A model whose thread spends longer than this in one admission (prefill included) or one
+    /// decode step is set aside: its requests fail and it loads again (0 = no watchdog).
+    pub step_timeout_s: u64,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { prefill_chunk: 512, prompt_cache_mb: 1024, memory_budget_mb: 0 }
+        EngineConfig { prefill_chunk: 512, prompt_cache_mb: 1024, memory_budget_mb: 0, step_timeout_s: 120 }
     }
 }
 
@@ -273,6 +280,8 @@ mod tests {
         assert_eq!(cfg.limits.max_tokens, d.limits.max_tokens);
         assert_eq!(cfg.limits.max_batch, d.limits.max_batch);
         assert_eq!(cfg.engine.prompt_cache_mb, d.engine.prompt_cache_mb);
+        assert_eq!(cfg.engine.step_timeout_s, d.engine.step_timeout_s);
+        assert_eq!(cfg.server.slow_client_timeout_s, d.server.slow_client_timeout_s);
         assert_eq!(cfg.default_model(), crate::default_model::NAME);
     }
 

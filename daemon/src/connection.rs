@@ -244,7 +244,19 @@ async fn with_model<T>(
     if !handle.send(make(tx)) {
         return Err((ErrorCode::Internal, format!("model `{name}` stopped")));
     }
-    rx.await.map(|v| (name.clone(), v)).map_err(|_| (ErrorCode::Internal, format!("model `{name}` stopped")))
+    tokio::select! {
+        r = rx => r.map(|v| (name.clone(), v)).map_err(|_| (ErrorCode::Internal, format!("model `{name}` stopped"))),
+        _ = handle.stats.stalled() => Err((ErrorCode::Internal, stalled_message(&name, shared))),
+    }
+}
+
+/// What requests in flight on a model the watchdog set aside are told.
+fn stalled_message(model: &str, shared: &Shared) -> String {
+    format!(
+        "model `{model}` stopped responding: one step ran for more than {} s (engine.step_timeout_s), as a sampler \
+         plugin that never returns would; its requests were failed and the model loads again on the next request",
+        shared.config.engine.step_timeout_s
+    )
 }
 
 async fn run_generate(v: crate::validation::ValidGenerate, cancel: Arc<AtomicBool>, shared: &Shared, out: &Out) {
@@ -276,7 +288,18 @@ async fn run_generate(v: crate::validation::ValidGenerate, cancel: Arc<AtomicBoo
         return;
     }
     let mut first_token: Option<Instant> = None;
-    while let Some(ev) = rx.recv().await {
+    loop {
+        let ev = tokio::select! {
+            biased;
+            ev = rx.recv() => match ev {
+                Some(ev) => ev,
+                None => break,
+            },
+            _ = handle.stats.stalled() => {
+                let _ = out.send(ServerMessage::error(Some(&id), ErrorCode::Internal, stalled_message(&model, shared))).await;
+                return;
+            }
+        };
         let msg = match ev {
             JobEvent::Started { prompt_tokens } => ServerMessage::Started { id: id.clone(), model: model.clone(), prompt_tokens },
             JobEvent::Token(t) => {

@@ -1,9 +1,16 @@
 //! Model residency: which configured models are loaded, loading on first use, unloading after
 //! their keep-alive, and a device-memory budget that is never exceeded (idle models are evicted
 //! least recently used first; otherwise the load is refused with a clear error).
+//!
+//! A watchdog ([`Registry::watchdog`], run every second by the server) sets aside a model whose
+//! thread has been inside one admission or decode step for longer than `engine.step_timeout_s`
+//! (a sampler plugin that never returns): the model leaves the resident set, so the next request
+//! loads a fresh copy on a new thread; the requests that were in flight on it fail with
+//! `internal` (their connections wait on [`WorkerStats::stalled`]); and the weights it still holds
+//! count against the budget until the stuck thread comes back and ends, if it ever does.
 
 use crate::config::{Config, ModelConfig};
-use crate::engine::worker::{self, WorkerHandle, WorkerLimits};
+use crate::engine::worker::{self, WorkerHandle, WorkerLimits, WorkerStats};
 use crate::engine::{Engine, EngineOptions};
 use crate::protocol::ErrorCode;
 use serde_json::{json, Value};
@@ -28,8 +35,17 @@ pub struct Registry {
     loading: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Model threads, joined at shutdown: a thread still releasing MLX state while the process
     /// exits would race MLX's static destructors.
-    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    threads: Mutex<Vec<(Arc<WorkerStats>, std::thread::JoinHandle<()>)>>,
+    /// Models the watchdog set aside, with the bytes their threads may still hold.
+    stalled: Mutex<Vec<Stalled>>,
     budget: u64,
+}
+
+/// A model thread the watchdog gave up on.
+struct Stalled {
+    name: String,
+    bytes: u64,
+    stats: Arc<WorkerStats>,
 }
 
 /// Why a model is not available.
@@ -54,7 +70,14 @@ impl Registry {
             0 => (mlx_rs::memory::memory_limit().unwrap_or(8 << 30) as f64 * 0.9) as u64,
             mb => (mb as u64) << 20,
         };
-        Registry { config, resident: Mutex::new(HashMap::new()), loading: Mutex::new(HashMap::new()), threads: Mutex::default(), budget }
+        Registry {
+            config,
+            resident: Mutex::new(HashMap::new()),
+            loading: Mutex::new(HashMap::new()),
+            threads: Mutex::default(),
+            stalled: Mutex::default(),
+            budget,
+        }
     }
 
     /// The memory budget in bytes.
@@ -93,7 +116,12 @@ impl Registry {
         let path = resolve_path(&mc.path).map_err(|e| RegistryError::new(ErrorCode::ModelLoadFailed, format!("model `{name}`: {e}")))?;
         let need = estimate_bytes(&path);
         self.make_room(name, need)?;
-        let limits = WorkerLimits { max_batch: self.config.limits.max_batch, max_queue: self.config.limits.max_queue };
+        let slow = self.config.server.slow_client_timeout_s;
+        let limits = WorkerLimits {
+            max_batch: self.config.limits.max_batch,
+            max_queue: self.config.limits.max_queue,
+            slow_client_timeout: (slow > 0).then(|| Duration::from_secs(slow)),
+        };
         let options = EngineOptions {
             prefill_chunk: self.config.engine.prefill_chunk,
             prompt_cache_bytes: self.config.engine.prompt_cache_mb << 20,
@@ -114,7 +142,7 @@ impl Registry {
         let (handle, join) = spawned
             .map_err(|e| RegistryError::new(ErrorCode::ModelLoadFailed, format!("model `{name}` ({}): {e}", path.display())))?;
         tracing::info!(model = name, ms = started.elapsed().as_millis() as u64, "model loaded");
-        self.threads.lock().expect("registry lock").push(join);
+        self.threads.lock().expect("registry lock").push((handle.stats.clone(), join));
         // The file size was an estimate (a CPU load may expand quantized weights): count what
         // was loaded, and make room again or give the model back if it does not fit.
         let actual = handle.stats.weight_bytes.load(std::sync::atomic::Ordering::SeqCst).max(need);
@@ -131,8 +159,9 @@ impl Registry {
     /// Evicts idle models, least recently used first, until `need` more bytes fit the budget.
     fn make_room(&self, name: &str, need: u64) -> Result<(), RegistryError> {
         let mut r = self.resident.lock().expect("registry lock");
+        let held_by_stalled = self.held_by_stalled();
         loop {
-            let used: u64 = r.values().map(|m| m.bytes).sum();
+            let used: u64 = r.values().map(|m| m.bytes).sum::<u64>() + held_by_stalled;
             if used + need <= self.budget {
                 return Ok(());
             }
@@ -147,10 +176,15 @@ impl Registry {
                     return Err(RegistryError::new(
                         ErrorCode::OutOfMemory,
                         format!(
-                            "model `{name}` needs about {} MiB; {} MiB of the {} MiB budget (engine.memory_budget_mb) are held by busy models",
+                            "model `{name}` needs about {} MiB; {} MiB of the {} MiB budget (engine.memory_budget_mb) are held by busy models{}",
                             need >> 20,
                             used >> 20,
-                            self.budget >> 20
+                            self.budget >> 20,
+                            if held_by_stalled > 0 {
+                                format!(" ({} MiB by stalled model threads, see engine.step_timeout_s)", held_by_stalled >> 20)
+                            } else {
+                                String::new()
+                            }
                         ),
                     ))
                 }
@@ -193,6 +227,48 @@ impl Registry {
         self.share_kv(&r);
     }
 
+    /// Bytes still held by threads the watchdog gave up on (forgetting those that have ended).
+    fn held_by_stalled(&self) -> u64 {
+        let mut s = self.stalled.lock().expect("registry lock");
+        s.retain(|z| !z.stats.has_exited());
+        s.iter().map(|z| z.bytes).sum()
+    }
+
+    /// Sets aside every resident model whose thread has been inside one admission or decode
+    /// step for longer than `engine.step_timeout_s` (0 disables the watchdog): its in-flight
+    /// requests fail, and the next request for it loads a fresh copy. Returns the names.
+    pub fn watchdog(&self) -> Vec<String> {
+        let limit = self.config.engine.step_timeout_s;
+        if limit == 0 {
+            return Vec::new();
+        }
+        let mut r = self.resident.lock().expect("registry lock");
+        let stuck: Vec<String> =
+            r.iter().filter(|(_, m)| m.handle.stats.stalled_for() > Duration::from_secs(limit)).map(|(n, _)| n.clone()).collect();
+        for name in &stuck {
+            let m = r.remove(name).expect("listed above");
+            tracing::error!(
+                model = %name,
+                stalled_s = m.handle.stats.stalled_for().as_secs(),
+                "model thread stuck in one step for longer than engine.step_timeout_s (a sampler plugin that never returns?); \
+                 its requests fail and the model loads again on the next request"
+            );
+            m.handle.stats.mark_stalled();
+            self.stalled.lock().expect("registry lock").push(Stalled { name: name.clone(), bytes: m.bytes, stats: m.handle.stats.clone() });
+        }
+        if !stuck.is_empty() {
+            self.share_kv(&r);
+        }
+        stuck
+    }
+
+    /// Models set aside by the watchdog whose threads have not ended yet.
+    pub fn stalled_models(&self) -> Vec<String> {
+        let mut s = self.stalled.lock().expect("registry lock");
+        s.retain(|z| !z.stats.has_exited());
+        s.iter().map(|z| z.name.clone()).collect()
+    }
+
     /// What the budget leaves after the resident weights is split evenly between the resident
     /// models' KV caches; each model thread reserves against its share before admitting a
     /// sequence (prompt + max_tokens positions), so weights plus caches stay within the budget.
@@ -200,7 +276,7 @@ impl Registry {
         if r.is_empty() {
             return;
         }
-        let weights: u64 = r.values().map(|m| m.bytes).sum();
+        let weights: u64 = r.values().map(|m| m.bytes).sum::<u64>() + self.held_by_stalled();
         let share = self.budget.saturating_sub(weights) / r.len() as u64;
         for m in r.values() {
             m.handle.stats.kv_limit.store(share, std::sync::atomic::Ordering::SeqCst);
@@ -224,18 +300,23 @@ impl Registry {
 
     /// Drops every resident model and waits for the model threads to finish. Call once no
     /// connection holds a model handle any more (their channels must close for threads to end).
+    /// Threads the watchdog gave up on are not waited for: they may never come back.
     pub fn unload_all(&self) {
         self.resident.lock().expect("registry lock").clear();
         let threads = std::mem::take(&mut *self.threads.lock().expect("registry lock"));
+        let (stuck, threads): (Vec<_>, Vec<_>) = threads.into_iter().partition(|(s, t)| s.is_stalled() && !t.is_finished());
+        if !stuck.is_empty() {
+            tracing::warn!(threads = stuck.len(), "not waiting for model threads stuck in a step (engine.step_timeout_s)");
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
-        while threads.iter().any(|t| !t.is_finished()) {
+        while threads.iter().any(|(_, t)| !t.is_finished()) {
             if Instant::now() > deadline {
                 tracing::warn!("model threads still busy after 10 s; exiting anyway");
                 return;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        for t in threads {
+        for (_, t) in threads {
             let _ = t.join();
         }
     }

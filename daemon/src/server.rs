@@ -51,10 +51,18 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, shutdown: impl std:
     let reaper = {
         let registry = shared.registry.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
-            loop {
+            // The watchdog every second, the keep-alive every five.
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            for n in 0u64.. {
                 tick.tick().await;
-                registry.reap_idle();
+                let r = registry.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    r.watchdog();
+                    if n % 5 == 0 {
+                        r.reap_idle();
+                    }
+                })
+                .await;
             }
         })
     };

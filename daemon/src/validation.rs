@@ -102,11 +102,26 @@ pub fn validate_generate(msg: GenerateMsg, limits: &LimitsConfig) -> Result<Vali
         if u.name.is_empty() || u.name.len() > 64 {
             return Err(format!("`plugins[{i}].name` must be 1 to 64 bytes, got {}", u.name.len()));
         }
+        if looks_like_a_path(&u.name) {
+            return Err(format!(
+                "`plugins[{i}].name` is {:?}, which looks like a file: clients name plugins from the `plugins` listing, \
+                 never paths (the daemon loads libraries only from its configured [plugins] dirs)",
+                u.name
+            ));
+        }
         if !(u.params.is_null() || u.params.is_object()) {
             return Err(format!("`plugins[{i}].params` must be an object"));
         }
     }
     Ok(ValidGenerate { id: msg.id, model: msg.model, input, max_tokens, stop: msg.stop, sampling, plugins: msg.plugins })
+}
+
+/// A plugin name that is really a path or a library file name.
+fn looks_like_a_path(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    name.contains(['/', '\\', '\0'])
+        || name.starts_with('.')
+        || [".so", ".dylib", ".dll"].iter().any(|x| lower.ends_with(x) || lower.contains(&format!("{x}.")))
 }
 
 #[cfg(test)]
@@ -141,6 +156,12 @@ mod tests {
             (r#"{"type":"generate","id":"a","prompt":"x","logprobs":50}"#, "logprobs"),
             (r#"{"type":"generate","id":"a","prompt":"x","plugins":[{"name":""}]}"#, "`plugins[0].name`"),
             (r#"{"type":"generate","id":"a","prompt":"x","plugins":[{"name":"dry","params":[1]}]}"#, "`plugins[0].params`"),
+            (r#"{"type":"generate","id":"a","prompt":"x","plugins":[{"name":"/tmp/evil.so"}]}"#, "never paths"),
+            (r#"{"type":"generate","id":"a","prompt":"x","plugins":[{"name":"../plugins/dry"}]}"#, "never paths"),
+            (r#"{"type":"generate","id":"a","prompt":"x","plugins":[{"name":"C:\\evil"}]}"#, "never paths"),
+            (r#"{"type":"generate","id":"a","prompt":"x","plugins":[{"name":"libevil.so"}]}"#, "never paths"),
+            (r#"{"type":"generate","id":"a","prompt":"x","plugins":[{"name":"libevil.so.1"}]}"#, "never paths"),
+            (r#"{"type":"generate","id":"a","prompt":"x","plugins":[{"name":"evil.dylib"}]}"#, "never paths"),
         ];
         for (json, needle) in cases {
             let err = check(json).expect_err(json);

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod tiny;
 
 use mlx_rs::{Array, Dtype};
 use serde_json::{json, Value};
@@ -56,8 +57,14 @@ pub fn tiny_config(model_type: &str) -> Value {
 /// With `quant`, every linear and embedding matrix is MLX-quantized (group 32, that many bits).
 pub fn write_checkpoint(dir: &Path, config: &Value, quant: Option<i32>) {
     let c = |k: &str| config[k].as_i64().unwrap() as i32;
-    let (d, layers, h, kv, inter, vocab) =
-        (c("hidden_size"), c("num_hidden_layers"), c("num_attention_heads"), c("num_key_value_heads"), c("intermediate_size"), c("vocab_size"));
+    let (d, layers, h, kv, inter, vocab) = (
+        c("hidden_size"),
+        c("num_hidden_layers"),
+        c("num_attention_heads"),
+        c("num_key_value_heads"),
+        c("intermediate_size"),
+        c("vocab_size"),
+    );
     let hd = config["head_dim"].as_i64().map(|v| v as i32).unwrap_or(d / h);
     let mt = config["model_type"].as_str().unwrap();
     let mut seed = 1u32;
@@ -96,11 +103,7 @@ pub fn write_checkpoint(dir: &Path, config: &Value, quant: Option<i32>) {
     }
     let mut config = config.clone();
     if let Some(bits) = quant {
-        let names: Vec<String> = t
-            .keys()
-            .filter(|k| k.ends_with(".weight") && t[*k].ndim() == 2)
-            .cloned()
-            .collect();
+        let names: Vec<String> = t.keys().filter(|k| k.ends_with(".weight") && t[*k].ndim() == 2).cloned().collect();
         for name in names {
             let w = t.remove(&name).unwrap();
             let (q, s, b) = mlx_rs::ops::quantize(&w, 32, bits).unwrap();

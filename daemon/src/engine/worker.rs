@@ -6,6 +6,14 @@
 //! whose client reads too slowly (its bounded event channel is full) sits out steps until the
 //! client catches up, so it never stalls the others; a closed channel cancels it. Requests beyond
 //! `max_batch` wait in arrival order; beyond `max_queue` they are refused at once.
+//!
+//! Two faults are bounded here. A sequence whose client has read nothing for
+//! `server.slow_client_timeout_s` while its buffer stayed full is cancelled (it ends with `done` /
+//! `cancelled`, which the client sees if it ever reads again). And the thread publishes a
+//! heartbeat ([`WorkerStats::stalled_for`]) every time it comes back to its loop: a decode step
+//! or an admission that never returns (a sampler plugin stuck in a call) cannot be interrupted,
+//! but the registry's watchdog sees the silence, sets the model aside and fails its requests
+//! (see `Registry::watchdog`).
 
 use super::{Engine, GenerateRequest, Outcome, Row, TokenEvent};
 use crate::chat::{ChatTemplate, Message};
@@ -118,11 +126,77 @@ pub struct WorkerStats {
     pub kv_reserved: AtomicU64,
     /// Device bytes of the loaded weights (known once the model is loaded).
     pub weight_bytes: AtomicU64,
+    /// Sequences cancelled because their client read nothing for `slow_client_timeout_s`.
+    pub slow_client_cancels: AtomicU64,
+    /// When the thread last came back to its loop, milliseconds since [`epoch`].
+    heartbeat_ms: AtomicU64,
+    /// The thread is waiting for a command (nothing to do, so no heartbeat is due).
+    idle: AtomicBool,
+    /// The watchdog gave up on this thread: its requests were failed and the model set aside.
+    stalled: AtomicBool,
+    /// Wakes the connections waiting on a stalled thread.
+    stall: tokio::sync::Notify,
+    /// The thread has ended.
+    exited: AtomicBool,
+}
+
+/// The process-wide origin of heartbeat times.
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64
 }
 
 impl WorkerStats {
     fn new() -> Self {
-        WorkerStats { kv_limit: AtomicU64::new(u64::MAX), ..Default::default() }
+        epoch();
+        WorkerStats { kv_limit: AtomicU64::new(u64::MAX), idle: AtomicBool::new(true), ..Default::default() }
+    }
+
+    fn beat(&self) {
+        self.heartbeat_ms.store(now_ms(), Ordering::SeqCst);
+        self.idle.store(false, Ordering::SeqCst);
+    }
+
+    /// How long the thread has been inside one admission or decode step without coming back to
+    /// its loop (zero while it waits for work, or once it has ended).
+    pub fn stalled_for(&self) -> Duration {
+        if self.idle.load(Ordering::SeqCst) || self.exited.load(Ordering::SeqCst) {
+            return Duration::ZERO;
+        }
+        Duration::from_millis(now_ms().saturating_sub(self.heartbeat_ms.load(Ordering::SeqCst)))
+    }
+
+    /// Marks the thread as given up on and wakes everyone waiting for its events.
+    pub fn mark_stalled(&self) {
+        self.stalled.store(true, Ordering::SeqCst);
+        self.stall.notify_waiters();
+    }
+
+    /// Whether the watchdog gave up on the thread.
+    pub fn is_stalled(&self) -> bool {
+        self.stalled.load(Ordering::SeqCst)
+    }
+
+    /// Whether the thread has ended (a stalled thread may still come back and end).
+    pub fn has_exited(&self) -> bool {
+        self.exited.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once the watchdog gives up on the thread.
+    pub async fn stalled(&self) {
+        loop {
+            let notified = self.stall.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_stalled() {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 
@@ -142,6 +216,8 @@ pub struct WorkerLimits {
     pub max_batch: usize,
     /// Jobs waiting before new ones are refused.
     pub max_queue: usize,
+    /// A sequence whose client has taken no event for this long is cancelled (`None`: never).
+    pub slow_client_timeout: Option<Duration>,
 }
 
 impl WorkerHandle {
@@ -189,9 +265,11 @@ pub fn spawn(
             Ok(engine) => {
                 thread_stats.weight_bytes.store(engine.model.model.weight_bytes() as u64, Ordering::SeqCst);
                 let _ = ready_tx.send(Ok(()));
-                Worker::new(engine, limits, thread_stats).run(rx);
+                Worker::new(engine, limits, thread_stats.clone()).run(rx);
+                thread_stats.exited.store(true, Ordering::SeqCst);
             }
             Err(e) => {
+                thread_stats.exited.store(true, Ordering::SeqCst);
                 let _ = ready_tx.send(Err(e));
             }
         })
@@ -216,6 +294,8 @@ struct Active {
     reserved: u64,
     /// An error event was sent; no Done follows.
     failed: bool,
+    /// Since when the client's buffer has been too full for the row to step.
+    paused_since: Option<Instant>,
 }
 
 enum Admission {
@@ -245,11 +325,15 @@ impl Worker {
                 if !open {
                     return;
                 }
-                match rx.recv() {
+                self.stats.idle.store(true, Ordering::SeqCst);
+                let cmd = rx.recv();
+                self.stats.beat();
+                match cmd {
                     Ok(cmd) => self.handle(cmd),
                     Err(_) => return,
                 }
             }
+            self.stats.beat();
             loop {
                 match rx.try_recv() {
                     Ok(cmd) => self.handle(cmd),
@@ -284,12 +368,23 @@ impl Worker {
             let Some((job, mut prompt)) = self.waiting.pop_front() else { break };
             self.stats.queued.fetch_sub(1, Ordering::SeqCst);
             if job.cancel.load(Ordering::SeqCst) || job.events.is_closed() {
+                // Cancelled while it waited: it still gets its one final event.
+                let _ = job.events.try_send(JobEvent::Done(Outcome {
+                    finish: super::FinishReason::Cancelled,
+                    ids: Vec::new(),
+                    text: String::new(),
+                    prompt_tokens: prompt.as_ref().map_or(0, Vec::len),
+                    cached_tokens: 0,
+                    time_to_first_token: Duration::ZERO,
+                    decode_time: Duration::ZERO,
+                }));
+                self.stats.requests.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             match self.start(&job, &mut prompt) {
                 Ok(Admission::Row(row, reserved)) => {
                     let _ = job.events.try_send(JobEvent::Started { prompt_tokens: row.prompt_tokens() });
-                    self.active.push(Active { job, row, reserved, failed: false });
+                    self.active.push(Active { job, row, reserved, failed: false, paused_since: None });
                 }
                 Ok(Admission::Wait) => {
                     // Not enough KV memory until running sequences finish: first in line waits.
@@ -393,6 +488,16 @@ impl Worker {
             if a.row.finished().is_none() && (a.job.cancel.load(Ordering::SeqCst) || a.job.events.is_closed()) {
                 a.row.cancel();
             }
+            let too_slow = match (a.paused_since, self.limits.slow_client_timeout) {
+                (Some(since), Some(limit)) => since.elapsed() >= limit,
+                _ => false,
+            };
+            if a.row.finished().is_none() && too_slow {
+                // Room for the final event was kept when the row last stepped.
+                tracing::warn!(request = %a.job.id, "client read nothing for server.slow_client_timeout_s; request cancelled");
+                self.stats.slow_client_cancels.fetch_add(1, Ordering::Relaxed);
+                a.row.cancel();
+            }
             if a.row.finished().is_some() {
                 let Active { job, row, failed, .. } = self.active.swap_remove(i);
                 // Counters first: a client that asks for `status` right after `done` sees it ended.
@@ -420,6 +525,13 @@ impl Worker {
         let ready: Vec<usize> = (0..self.active.len())
             .filter(|&i| self.active[i].row.finished().is_none() && self.active[i].job.events.capacity() >= 2)
             .collect();
+        for (i, a) in self.active.iter_mut().enumerate() {
+            if ready.contains(&i) {
+                a.paused_since = None;
+            } else if a.row.finished().is_none() {
+                a.paused_since.get_or_insert_with(Instant::now);
+            }
+        }
         if ready.is_empty() {
             if !self.active.is_empty() {
                 std::thread::sleep(Duration::from_millis(2)); // everyone is waiting on slow readers

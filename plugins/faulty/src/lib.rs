@@ -3,8 +3,10 @@
 //! symbol; a future ABI minor; another ABI major). Not for production use.
 //!
 //! Params: `{"fail": "create" | "apply" | "accept" | "never", "how": "error" | "panic" |
-//! "shape" | "dtype", "after": N}`: fail in that entry point on its `N+1`-th call (default 0).
-//! `shape` returns `[B, V - 1]` logits, `dtype` returns int32 logits (apply only).
+//! "shape" | "dtype" | "hang", "after": N, "hang_ms": MS}`: fail in that entry point on its
+//! `N+1`-th call (default 0). `shape` returns `[B, V - 1]` logits, `dtype` returns int32 logits
+//! (apply only); `hang` does not return for `hang_ms` milliseconds (default one hour), then
+//! carries on as if nothing happened.
 
 use mlxd_plugin_api::{export_plugin, Array, Context, CreateArgs, Dtype, Error, Host, Kind, Plugin};
 use serde::Deserialize;
@@ -29,10 +31,17 @@ pub struct Params {
     /// Calls that succeed first.
     #[serde(default)]
     pub after: u32,
+    /// How long `hang` blocks, milliseconds.
+    #[serde(default = "default_hang_ms")]
+    pub hang_ms: u64,
 }
 
 fn default_how() -> String {
     "error".into()
+}
+
+fn default_hang_ms() -> u64 {
+    3_600_000
 }
 
 /// Counts calls and fails on schedule.
@@ -42,9 +51,17 @@ pub struct Faulty {
     accepts: u32,
 }
 
-fn fail(how: &str, place: &str, logits: Option<&Array>) -> Result<Array, Error> {
+fn fail(how: &str, place: &str, logits: Option<&Array>, hang_ms: u64) -> Result<Array, Error> {
     match (how, logits) {
         ("panic", _) => panic!("faulty: panicking in {place} on purpose"),
+        ("hang", Some(l)) => {
+            std::thread::sleep(std::time::Duration::from_millis(hang_ms));
+            l.retain()
+        }
+        ("hang", None) => {
+            std::thread::sleep(std::time::Duration::from_millis(hang_ms));
+            Err(Error::internal(format!("faulty: hung in {place} for {hang_ms} ms on purpose")))
+        }
         ("shape", Some(l)) => l.slice(1, 0, l.dim(1) - 1, 1),
         ("dtype", Some(l)) => l.astype(Dtype::Int32),
         _ => Err(Error::internal(format!("faulty: failing in {place} on purpose"))),
@@ -61,7 +78,7 @@ impl Plugin for Faulty {
     fn create(_host: &Host, args: &CreateArgs<'_>) -> Result<Self, Error> {
         let params: Params = serde_json::from_str(args.params_json).map_err(|e| Error::params(format!("faulty params: {e}")))?;
         if params.fail == "create" && params.after == 0 {
-            fail(&params.how, "create", None)?;
+            fail(&params.how, "create", None, params.hang_ms)?;
         }
         Ok(Faulty { params, applies: 0, accepts: 0 })
     }
@@ -69,7 +86,7 @@ impl Plugin for Faulty {
     fn apply(&mut self, _host: &Host, logits: &Array, _ctx: &Context) -> Result<Array, Error> {
         self.applies += 1;
         if self.params.fail == "apply" && self.applies > self.params.after {
-            return fail(&self.params.how, "apply", Some(logits));
+            return fail(&self.params.how, "apply", Some(logits), self.params.hang_ms);
         }
         logits.retain()
     }
@@ -77,7 +94,7 @@ impl Plugin for Faulty {
     fn accept(&mut self, _host: &Host, _token: &Array) -> Result<(), Error> {
         self.accepts += 1;
         if self.params.fail == "accept" && self.accepts > self.params.after {
-            fail(&self.params.how, "accept", None)?;
+            fail(&self.params.how, "accept", None, self.params.hang_ms)?;
         }
         Ok(())
     }
