@@ -28,6 +28,13 @@ pub enum ChatError {
     Render(String),
 }
 
+/// Template instructions one render may run (minijinja's fuel). A template comes from a model
+/// file, so it is code from outside: without a bound, `{% for a in range(100000) %}{% for b in
+/// range(100000) %}` would hold the model's thread for hours. Real templates stay far below:
+/// Qwen3's, the largest measured, runs 72,000 instructions for 1,024 messages (the most a request
+/// may send); 5 million take about half a second.
+pub const RENDER_FUEL: u64 = 5_000_000;
+
 /// A compiled chat template with the special tokens it may refer to.
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -44,6 +51,7 @@ impl ChatTemplate {
         // transformers renders them.
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        env.set_fuel(Some(RENDER_FUEL));
         env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
@@ -66,6 +74,9 @@ impl ChatTemplate {
 }
 
 fn render_error(e: &Error) -> String {
+    if e.kind() == ErrorKind::OutOfFuel {
+        return format!("it ran more than {RENDER_FUEL} template instructions without finishing (a runaway loop?)");
+    }
     match e.detail() {
         Some(d) => format!("{d} ({})", e.kind()),
         None => e.to_string(),
@@ -131,6 +142,19 @@ mod tests {
         let err = t.render(&msgs(&[("assistant", "x")]), false).unwrap_err().to_string();
         assert!(err.contains("Conversation must start with user"), "{err}");
         assert_eq!(t.render(&msgs(&[("user", "x")]), false).unwrap(), "ok");
+    }
+
+    #[test]
+    fn a_runaway_template_is_stopped_with_an_error() {
+        let src = "{% for a in range(100000) %}{% for b in range(100000) %}{{ a }}{% endfor %}{% endfor %}";
+        let t = ChatTemplate::new(src, "", "").unwrap();
+        let started = std::time::Instant::now();
+        let err = t.render(&msgs(&[("user", "x")]), true).unwrap_err().to_string();
+        assert!(err.contains("template instructions"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "{:?}", started.elapsed());
+        // A long conversation through a real template stays far within the bound.
+        let many: Vec<(&str, &str)> = (0..1024).map(|i| (["user", "assistant"][i % 2], "some text")).collect();
+        ChatTemplate::new(CHATML, "", "").unwrap().render(&msgs(&many), true).unwrap();
     }
 
     #[test]
