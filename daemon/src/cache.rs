@@ -99,6 +99,27 @@ impl LayerCache {
         self.keys.as_ref().map_or(0, |a| a.nbytes()) + self.values.as_ref().map_or(0, |a| a.nbytes())
     }
 
+    /// This cache in storage of its own. A view into a larger array (a row split off a stacked
+    /// batch, see [`BatchCache::split`]) keeps that whole array alive while it reports only its
+    /// own size; a copy holds what it reports. Spare room up to the next [`STEP`] boundary is
+    /// kept where there is some, as [`Self::prefix_copy`] keeps it; a cache that already owns
+    /// exactly that storage is not copied. Evaluated here, so the view is released at once.
+    pub fn compact(&self) -> Result<LayerCache, mlx_rs::error::Exception> {
+        let own = |a: &Option<Array>| -> Result<Option<Array>, mlx_rs::error::Exception> {
+            match a {
+                Some(a) if self.offset > 0 => {
+                    let room = ((self.offset / STEP) + 1) * STEP;
+                    // `contiguous` copies whenever the source's buffer is larger than the result.
+                    Ok(Some(a.try_index((.., .., ..room.min(a.shape()[2]), ..))?.contiguous()?))
+                }
+                _ => Ok(None),
+            }
+        };
+        let out = LayerCache { keys: own(&self.keys)?, values: own(&self.values)?, offset: self.offset };
+        mlx_rs::transforms::eval([out.keys.as_ref(), out.values.as_ref()].into_iter().flatten())?;
+        Ok(out)
+    }
+
     /// A cache holding the first `len` positions of this one. MLX arrays are immutable, so
     /// writing to the copy never disturbs this cache. The copy keeps this cache's spare room
     /// past `len` (up to the next [`STEP`] boundary), so its next token needs no regrowth.
@@ -152,6 +173,12 @@ impl SequenceCache {
         let arrays: Vec<&Array> =
             self.layers.iter().flat_map(|l| [l.keys.as_ref(), l.values.as_ref()]).flatten().collect();
         mlx_rs::transforms::eval(arrays)
+    }
+
+    /// Every layer [`LayerCache::compact`]ed: storage of its own, exactly as large as
+    /// [`Self::nbytes`] then reports.
+    pub fn compact(&self) -> Result<SequenceCache, mlx_rs::error::Exception> {
+        Ok(SequenceCache { layers: self.layers.iter().map(LayerCache::compact).collect::<Result<_, _>>()? })
     }
 
     /// The first `len` positions, as an independent cache.

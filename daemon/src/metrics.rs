@@ -66,6 +66,7 @@ impl Metrics {
                     "mean_batch": if steps > 0 { s.batch_rows.load(Ordering::Relaxed) as f64 / steps as f64 } else { 0.0 },
                     "mean_ttft_ms": if requests > 0 { s.ttft_us.load(Ordering::Relaxed) as f64 / requests as f64 / 1e3 } else { 0.0 },
                     "kv_cache_bytes": s.kv_bytes.load(Ordering::Relaxed),
+                    "prompt_cache_bytes": s.prompt_cache_bytes.load(Ordering::Relaxed),
                     "slow_client_cancels": s.slow_client_cancels.load(Ordering::Relaxed),
                 })
             })

@@ -101,17 +101,25 @@ impl PromptCache {
         if self.budget == 0 || tokens.is_empty() || !consistent {
             return;
         }
+        // An entry for the same prompt that already covers these tokens serves everything the
+        // new one would.
+        if let Some(e) = self.entries.iter_mut().find(|e| e.prompt_len == prompt_len && e.tokens.starts_with(&tokens)) {
+            self.clock += 1;
+            e.last_used = self.clock;
+            return;
+        }
+        // A finished row's cache may be a view into a whole stacked batch: what the budget
+        // counts must be all the entry holds (see `SequenceCache::compact`).
+        let Ok(cache) = cache.compact() else { return };
+        let logits = match logits.contiguous().and_then(|l| l.eval().map(|_| l)) {
+            Ok(l) => l,
+            Err(_) => return,
+        };
         let bytes = cache.nbytes() + logits.nbytes();
         if bytes > self.budget {
             return;
         }
         self.clock += 1;
-        // An entry for the same prompt that already covers these tokens serves everything the
-        // new one would.
-        if let Some(e) = self.entries.iter_mut().find(|e| e.prompt_len == prompt_len && e.tokens.starts_with(&tokens)) {
-            e.last_used = self.clock;
-            return;
-        }
         // An entry that is a prefix of the new one goes: the new one serves all its prefix hits.
         // (Its logits go with it: resending its prompt, if that differs from the new one's,
         // feeds that prompt's last token again, as any prefix hit does.)

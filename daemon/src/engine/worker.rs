@@ -128,6 +128,8 @@ pub struct WorkerStats {
     pub weight_bytes: AtomicU64,
     /// Sequences cancelled because their client read nothing for `slow_client_timeout_s`.
     pub slow_client_cancels: AtomicU64,
+    /// Device bytes of the prompt cache (KV state and logits of finished prompts).
+    pub prompt_cache_bytes: AtomicU64,
     /// When the thread last came back to its loop, milliseconds since [`epoch`].
     heartbeat_ms: AtomicU64,
     /// The thread is waiting for a command (nothing to do, so no heartbeat is due).
@@ -518,6 +520,7 @@ impl Worker {
         let rows: u64 = self.active.iter().map(|a| a.row.cache_bytes() as u64).sum();
         self.stats.kv_bytes.store(rows + self.engine.held_kv_bytes() as u64, Ordering::Relaxed);
         self.stats.kv_reserved.store(self.active.iter().map(|a| a.reserved).sum(), Ordering::Relaxed);
+        self.stats.prompt_cache_bytes.store(self.engine.prompt_cache_stats().bytes as u64, Ordering::Relaxed);
     }
 
     fn step(&mut self) {
