@@ -750,7 +750,7 @@ async fn soak() {
         load(&d, clients, Duration::from_secs(warmup), seed ^ 0xABCD, &only, &cases, &answers, &tally).await;
     let mut warm_tally = std::mem::take(&mut *tally.lock().unwrap());
     assert!(idle(&mut monitor).await, "the warm-up drained");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
     let before = memory(&d, &mut monitor).await;
     eprintln!(
         "soak: warm-up {warmup} s ({} generations, {} violations); baseline {before:?}",
@@ -774,20 +774,22 @@ async fn soak() {
     assert!(d.child.try_wait().unwrap().is_none(), "the daemon is still running");
     let mut monitor = reconnect(&d, &tally).await;
     let drained = idle(&mut monitor).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
     let after = memory(&d, &mut monitor).await;
     let peak = rss_peak.load(std::sync::atomic::Ordering::Relaxed).max(after.rss);
     let hwm = peak_rss(d.child.id());
     let s = status(&mut monitor).await;
     let t = std::mem::take(&mut *tally.lock().unwrap());
 
-    // MEMORY TOLERANCE. The baseline is taken idle after the warm-up. MLX's active memory is
-    // exact: after the load it may exceed the baseline only by the growth of the KV state the
-    // models report holding (running sequences and prompt-cache entries, at most 64 MiB per model
-    // here) plus 8 MiB. RSS also holds MLX's buffer cache (reported as cache_bytes, emptied every
-    // 256 steps) and what the C allocator keeps for reuse after the peaks of many threads: it may
-    // exceed the baseline by the growth of cache_bytes and of the KV state, plus 64 MiB + 5%. A
-    // leak of one token's KV per request, or of one request's events, exceeds that in minutes.
+    // MEMORY TOLERANCE. The baseline is taken idle after the warm-up, 7 s after the last request
+    // ended, so that the daemon's idle heap trim (every 5 s) has run, as it has for `after`.
+    // MLX's active memory is exact: after the load it may exceed the baseline only by the growth
+    // of the KV state the models report holding (running sequences and prompt-cache entries, at
+    // most 64 MiB per model here) plus 8 MiB. RSS also holds MLX's buffer cache (reported as
+    // cache_bytes, emptied every 256 steps) and what the C allocator still keeps after the trim:
+    // it may exceed the baseline by the growth of cache_bytes and of the KV state, plus 64 MiB
+    // + 5%. A leak of one token's KV per request, or of one request's events, exceeds that in
+    // minutes.
     let kv_growth = after.kv.saturating_sub(before.kv);
     let active_limit = before.active + kv_growth + (8 << 20);
     let rss_limit = before.rss + after.cache.saturating_sub(before.cache) + kv_growth + (64 << 20) + before.rss / 20;
