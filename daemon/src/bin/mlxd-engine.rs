@@ -48,7 +48,16 @@ fn serve(args: &[String]) -> Result<()> {
     mlxd::serve::init_logging(opts.log_json);
     let cfg = mlxd::serve::load_config(&opts)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(mlxd::serve::serve(cfg))
+    rt.block_on(mlxd::serve::serve(cfg))?;
+    // Shutdown is complete: every request got its final event and the model threads were
+    // joined (or given up on, see `Registry::unload_all`). End here without running C++ static
+    // destructors: MLX's would tear down its device and scheduler under any thread still inside
+    // it, which aborts the process (SIGABRT) instead of exiting 0.
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: `_exit` ends the process; nothing after it runs.
+    unsafe { libc::_exit(0) }
 }
 
 fn generate(args: &[String]) -> Result<()> {
