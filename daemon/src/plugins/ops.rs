@@ -300,17 +300,10 @@ pub(super) unsafe extern "C" fn op_topk(h: *const sys::Host, a: ArrayHandle, k: 
 // -- indexing -----------------------------------------------------------------------------------
 
 fn integer(a: &Array, what: &str) -> Op<()> {
-    match a.dtype() {
-        Dtype::Uint8
-        | Dtype::Uint16
-        | Dtype::Uint32
-        | Dtype::Uint64
-        | Dtype::Int8
-        | Dtype::Int16
-        | Dtype::Int32
-        | Dtype::Int64 => Ok(()),
-        other => fail(format!("{what} must have an integer dtype, got {other:?}")),
+    if crate::sampling::is_integer(a.dtype()) {
+        return Ok(());
     }
+    fail(format!("{what} must have an integer dtype, got {:?}", a.dtype()))
 }
 
 pub(super) unsafe extern "C" fn op_take(

@@ -73,6 +73,7 @@ mod sequence;
 
 pub use params::{SamplingError, SamplingParams, MAX_LOGPROBS, MAX_REPETITION_CONTEXT};
 pub use pipeline::{set_chunked_top_k, set_compiled};
+pub(crate) use read::is_integer;
 pub use read::{
     host_read_stats, read_ids, read_logprobs, thread_host_read_stats, HostReadStats, MAX_HOST_READ_ELEMENTS,
 };

@@ -64,7 +64,8 @@ pub fn read_logprobs(a: &Array) -> Result<Vec<f32>, SamplingError> {
     host_read::<f32>(a)
 }
 
-fn is_integer(d: Dtype) -> bool {
+/// Any signed or unsigned integer dtype.
+pub(crate) fn is_integer(d: Dtype) -> bool {
     matches!(
         d,
         Dtype::Uint8
