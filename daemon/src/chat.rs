@@ -32,8 +32,8 @@ pub enum ChatError {
 /// file, so it is code from outside: without a bound, `{% for a in range(100000) %}{% for b in
 /// range(100000) %}` would hold the model's thread for hours. Real templates stay far below:
 /// Qwen3's, the largest measured, runs 72,000 instructions for 1,024 messages (the most a request
-/// may send); 5 million take about half a second.
-pub const RENDER_FUEL: u64 = 5_000_000;
+/// may send); 2 million take about 0.2 s.
+pub const RENDER_FUEL: u64 = 2_000_000;
 
 /// A compiled chat template with the special tokens it may refer to.
 pub struct ChatTemplate {
