@@ -18,32 +18,26 @@ fn write_positions(dst: &Array, src: &Array, at: i32) -> Result<Array, mlx_rs::e
     let start = [0, 0, at, 0];
     let stop = [shape[0], shape[1], at + t, shape[3]];
     let strides = [1, 1, 1, 1];
-    let stream = mlx_rs::Stream::thread_local_or_default();
-    // SAFETY: `res` is created here and either owned by the returned Array or freed; the index
-    // arrays outlive the call.
-    unsafe {
-        let mut res = mlx_sys::mlx_array_new();
-        let rc = mlx_sys::mlx_slice_update(
-            &mut res,
-            dst.as_ptr(),
-            src.as_ptr(),
-            start.as_ptr(),
-            4,
-            stop.as_ptr(),
-            4,
-            strides.as_ptr(),
-            4,
-            stream.as_ptr(),
-        );
-        if rc != 0 {
-            mlx_sys::mlx_array_free(res);
-            return Err(mlx_rs::error::Exception::custom(format!(
-                "KV cache update of {:?} into {shape:?} at {at} failed",
-                src.shape()
-            )));
+    crate::ffi::array_op(|res, stream| {
+        // SAFETY: mlx-c's slice_update with arrays and bounds that outlive the call.
+        unsafe {
+            mlx_sys::mlx_slice_update(
+                res,
+                dst.as_ptr(),
+                src.as_ptr(),
+                start.as_ptr(),
+                4,
+                stop.as_ptr(),
+                4,
+                strides.as_ptr(),
+                4,
+                stream,
+            )
         }
-        Ok(Array::from_ptr(res))
-    }
+    })
+    .ok_or_else(|| {
+        mlx_rs::error::Exception::custom(format!("KV cache update of {:?} into {shape:?} at {at} failed", src.shape()))
+    })
 }
 
 /// One attention layer's cache for one sequence (batch size 1 or a fixed batch).
@@ -253,7 +247,12 @@ impl BatchCache {
 
     /// Writes this step's keys and values (`[B, kv_heads, 1, head_dim]`) of `layer` at column
     /// `cur` and returns the filled columns.
-    pub fn update_and_fetch(&mut self, layer: usize, k: &Array, v: &Array) -> Result<(Array, Array), mlx_rs::error::Exception> {
+    pub fn update_and_fetch(
+        &mut self,
+        layer: usize,
+        k: &Array,
+        v: &Array,
+    ) -> Result<(Array, Array), mlx_rs::error::Exception> {
         let cap = self.keys[layer].shape()[2];
         if self.cur + 1 > cap {
             let grow = |a: &Array| -> Result<Array, mlx_rs::error::Exception> {
@@ -287,7 +286,11 @@ impl BatchCache {
             let mut layers = Vec::with_capacity(self.keys.len());
             for l in 0..self.keys.len() {
                 let take = |a: &Array| a.try_index((r..r + 1, .., pad..self.cur, ..));
-                layers.push(LayerCache { keys: Some(take(&self.keys[l])?), values: Some(take(&self.values[l])?), offset: self.cur - pad });
+                layers.push(LayerCache {
+                    keys: Some(take(&self.keys[l])?),
+                    values: Some(take(&self.values[l])?),
+                    offset: self.cur - pad,
+                });
             }
             out.push((*id, SequenceCache { layers }));
         }

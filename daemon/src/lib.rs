@@ -28,6 +28,7 @@ pub mod config;
 pub mod connection;
 pub mod default_model;
 pub mod engine;
+mod ffi;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gguf;

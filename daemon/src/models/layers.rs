@@ -213,31 +213,29 @@ impl Rope {
     /// `[B]` int32 (a batch of sequences of different lengths decoding together).
     pub fn forward_dynamic(&self, x: &Array, offsets: &Array) -> Result<Array> {
         let base = mlx_sys::mlx_optional_float { value: self.base, has_value: self.periods.is_none() };
-        let stream = mlx_rs::Stream::thread_local_or_default();
-        // SAFETY: `res` is owned by the returned Array or freed; an empty array stands for "no
-        // frequencies", as mlx-c documents.
-        unsafe {
-            let none = mlx_sys::mlx_array_new();
-            let freqs = self.periods.as_ref().map_or(none, |p| p.as_ptr());
-            let mut res = mlx_sys::mlx_array_new();
-            let rc = mlx_sys::mlx_fast_rope_dynamic(
-                &mut res,
-                x.as_ptr(),
-                self.dims,
-                false,
-                base,
-                self.scale,
-                offsets.as_ptr(),
-                freqs,
-                stream.as_ptr(),
-            );
-            mlx_sys::mlx_array_free(none);
-            if rc != 0 {
-                mlx_sys::mlx_array_free(res);
-                return Err(ModelError::Config(format!("RoPE with per-row offsets failed for {:?}", x.shape())));
+        // An empty array stands for "no frequencies", as mlx-c documents.
+        // SAFETY: created here, freed below after the call that borrows it.
+        let none = unsafe { mlx_sys::mlx_array_new() };
+        let freqs = self.periods.as_ref().map_or(none, |p| p.as_ptr());
+        let out = crate::ffi::array_op(|res, stream| {
+            // SAFETY: mlx-c's dynamic RoPE with arrays that outlive the call.
+            unsafe {
+                mlx_sys::mlx_fast_rope_dynamic(
+                    res,
+                    x.as_ptr(),
+                    self.dims,
+                    false,
+                    base,
+                    self.scale,
+                    offsets.as_ptr(),
+                    freqs,
+                    stream,
+                )
             }
-            Ok(Array::from_ptr(res))
-        }
+        });
+        // SAFETY: `none` is not used after this.
+        unsafe { mlx_sys::mlx_array_free(none) };
+        out.ok_or_else(|| ModelError::Config(format!("RoPE with per-row offsets failed for {:?}", x.shape())))
     }
 }
 

@@ -446,27 +446,25 @@ fn strided_slice(a: &Array, axis: usize, start: i32, stop: i32, step: i32) -> Op
     let mut stops = shape.to_vec();
     let mut strides = vec![1; shape.len()];
     (starts[axis], stops[axis], strides[axis]) = (start, stop, step);
-    let stream = mlx_rs::Stream::thread_local_or_default();
-    // SAFETY: `res` is created here and either owned by the returned Array or freed; the bound
-    // vectors outlive the call.
-    unsafe {
-        let mut res = mlx_sys::mlx_array_new();
-        let rc = mlx_sys::mlx_slice(
-            &mut res,
-            a.as_ptr(),
-            starts.as_ptr(),
-            starts.len(),
-            stops.as_ptr(),
-            stops.len(),
-            strides.as_ptr(),
-            strides.len(),
-            stream.as_ptr(),
-        );
-        if rc != 0 {
-            mlx_sys::mlx_array_free(res);
-            return fail(format!("slice {start}:{stop}:{step} of axis {axis} of {shape:?} failed"));
+    let out = crate::ffi::array_op(|res, stream| {
+        // SAFETY: mlx-c's slice with an array and bounds that outlive the call.
+        unsafe {
+            mlx_sys::mlx_slice(
+                res,
+                a.as_ptr(),
+                starts.as_ptr(),
+                starts.len(),
+                stops.as_ptr(),
+                stops.len(),
+                strides.as_ptr(),
+                strides.len(),
+                stream,
+            )
         }
-        Ok(Array::from_ptr(res))
+    });
+    match out {
+        Some(sliced) => Ok(sliced),
+        None => fail(format!("slice {start}:{stop}:{step} of axis {axis} of {shape:?} failed")),
     }
 }
 

@@ -301,21 +301,13 @@ fn and(keep: Option<Array>, more: Array) -> Result<Array, Exception> {
 
 /// Raw 32-bit random words of `shape` from one key (`[2]` uint32), MLX's Threefry generator.
 fn random_bits(shape: &[i32], key: &Array) -> Result<Array, Exception> {
-    let stream = mlx_rs::Stream::thread_local_or_default();
-    // SAFETY: `res` is created here and either owned by the returned Array or freed; `shape`
-    // outlives the call.
-    unsafe {
-        let mut res = mlx_sys::mlx_array_new();
-        let rc = mlx_sys::mlx_random_bits(&mut res, shape.as_ptr(), shape.len(), 4, key.as_ptr(), stream.as_ptr());
-        if rc != 0 {
-            mlx_sys::mlx_array_free(res);
-            return Err(Exception::custom(format!(
-                "random bits of shape {shape:?} for a key of shape {:?} failed",
-                key.shape()
-            )));
-        }
-        Ok(Array::from_ptr(res))
-    }
+    crate::ffi::array_op(|res, stream| {
+        // SAFETY: mlx-c's random bits with a key and shape that outlive the call.
+        unsafe { mlx_sys::mlx_random_bits(res, shape.as_ptr(), shape.len(), 4, key.as_ptr(), stream) }
+    })
+    .ok_or_else(|| {
+        Exception::custom(format!("random bits of shape {shape:?} for a key of shape {:?} failed", key.shape()))
+    })
 }
 
 /// Advances each row's key (`keys`: `[B, 2]` uint32) and draws the row's Gumbel noise: one
