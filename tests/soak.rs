@@ -727,6 +727,19 @@ async fn soak() {
         answers.push(runs.remove(0));
     }
     let answers = Arc::new(answers);
+    // Each way a plugin fails, once, before any memory is measured: the first plugin panic costs
+    // memory once (with RUST_BACKTRACE set, the plugin's own std parses and keeps the debug info
+    // of every loaded object to print the backtrace; ~250 MiB for a debug build of the engine).
+    // That is a bounded one-time cost, not growth under load, so it belongs in the baseline.
+    for how in ["error", "panic", "shape"] {
+        let id = format!("ref-faulty-{how}");
+        let mut req = cases[0].request(&id);
+        req["plugins"] = json!([{"name": "faulty", "params": {"fail": "apply", "how": how, "after": 0}}]);
+        send(&mut monitor, &req).await;
+        let mut gens = HashMap::from([(id.clone(), Gen::default())]);
+        drive(&mut monitor, &mut gens, &tally, |_, _| false).await.expect("faulty reference run");
+        assert_eq!(outcome(&gens[&id]), "error:plugin_error", "faulty plugin failing by {how}");
+    }
     assert!(idle(&mut monitor).await);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let cold = memory(&d, &mut monitor).await;
