@@ -83,6 +83,64 @@ impl Matrix {
         })
     }
 
+    /// Output features (rows).
+    pub fn out_features(&self) -> i32 {
+        match self {
+            Matrix::Dense { weight, .. } | Matrix::Quantized { weight, .. } => weight.shape()[0],
+        }
+    }
+
+    /// The matrices' rows one after another, as one matrix (evaluated, so the parts' buffers
+    /// can go).
+    fn stack_rows(parts: &[&Matrix]) -> Result<Matrix> {
+        let cat = |arrays: Vec<&Array>| -> Result<Array> {
+            let a = ops::concatenate(&arrays, 0)?;
+            a.eval()?;
+            Ok(a)
+        };
+        if let Some(dense) = parts
+            .iter()
+            .map(|m| if let Matrix::Dense { weight, .. } = m { Some(weight) } else { None })
+            .collect::<Option<Vec<_>>>()
+        {
+            return Matrix::dense(cat(dense)?);
+        }
+        let mut quantized = Vec::with_capacity(parts.len());
+        for m in parts {
+            match m {
+                Matrix::Quantized { weight, scales, biases, quant } => quantized.push((weight, scales, biases, *quant)),
+                Matrix::Dense { .. } => {
+                    return Err(ModelError::Weights("stacked projections: dense and quantized mixed".into()))
+                }
+            }
+        }
+        let quant = quantized[0].3;
+        if quantized.iter().any(|q| q.3 != quant) {
+            return Err(ModelError::Weights("stacked projections: different quantization parameters".into()));
+        }
+        Ok(Matrix::Quantized {
+            weight: cat(quantized.iter().map(|q| q.0).collect())?,
+            scales: cat(quantized.iter().map(|q| q.1).collect())?,
+            biases: cat(quantized.iter().map(|q| q.2).collect())?,
+            quant,
+        })
+    }
+
+    /// Rows `start..end` as a matrix of their own: evaluated views of this one's buffers.
+    fn row_view(&self, start: i32, end: i32) -> Result<Matrix> {
+        let rows = |a: &Array| -> Result<Array> {
+            let v = a.try_index(start..end)?;
+            v.eval()?;
+            Ok(v)
+        };
+        Ok(match self {
+            Matrix::Dense { weight, .. } => Matrix::dense(rows(weight)?)?,
+            Matrix::Quantized { weight, scales, biases, quant } => {
+                Matrix::Quantized { weight: rows(weight)?, scales: rows(scales)?, biases: rows(biases)?, quant: *quant }
+            }
+        })
+    }
+
     /// Rows `ids` of the matrix, dequantized: the embedding lookup.
     pub fn rows(&self, ids: &Array) -> Result<Array> {
         Ok(match self {
@@ -121,6 +179,76 @@ impl Linear {
             Some(b) => ops::add(&y, b)?,
             None => y,
         })
+    }
+}
+
+/// Projections of the same input stored as one matrix, their rows stacked (`q`/`k`/`v`, or
+/// `gate`/`up`): a decode step multiplies once instead of once per projection, which on a GPU,
+/// where a small model's decode is bound by kernel launches, is fewer launches per layer. Each
+/// part is also kept as an evaluated view of its rows (no copy, no node per step) for callers
+/// that want the projections apart.
+#[derive(Debug)]
+pub struct Stacked {
+    all: Linear,
+    parts: Vec<Linear>,
+    /// Where each part's output columns start in the stacked output (after the first).
+    splits: Vec<i32>,
+}
+
+impl Stacked {
+    /// Stacks `parts` (the same input width; all dense or all quantized alike; all with a bias
+    /// or none). The separate matrices are released once the stacked one is evaluated.
+    pub fn new(parts: Vec<Linear>) -> Result<Self> {
+        let matrices: Vec<&Matrix> = parts.iter().map(|l| &l.weight).collect();
+        let weight = Matrix::stack_rows(&matrices)?;
+        let bias = match parts.iter().filter(|l| l.bias.is_some()).count() {
+            0 => None,
+            n if n == parts.len() => {
+                let b: Vec<&Array> = parts.iter().filter_map(|l| l.bias.as_ref()).collect();
+                let b = ops::concatenate(&b, 0)?;
+                b.eval()?;
+                Some(b)
+            }
+            _ => return Err(ModelError::Weights("stacked projections: some have a bias and some do not".into())),
+        };
+        let rows: Vec<i32> = parts.iter().map(|l| l.weight.out_features()).collect();
+        drop(parts);
+        let all = Linear { weight, bias };
+        let mut views = Vec::with_capacity(rows.len());
+        let mut splits = Vec::with_capacity(rows.len());
+        let mut start = 0;
+        for n in rows {
+            if start > 0 {
+                splits.push(start);
+            }
+            let bias = match &all.bias {
+                Some(b) => {
+                    let v = b.try_index(start..start + n)?;
+                    v.eval()?;
+                    Some(v)
+                }
+                None => None,
+            };
+            views.push(Linear { weight: all.weight.row_view(start, start + n)?, bias });
+            start += n;
+        }
+        Ok(Stacked { all, parts: views, splits })
+    }
+
+    /// All projections of `x` (`[..., in]`) with one multiplication, split along the last axis
+    /// (views of one output; rows of a batch larger than 1 are then strided).
+    pub fn forward(&self, x: &Array) -> Result<Vec<Array>> {
+        Ok(ops::split_at_indices(&self.all.forward(x)?, &self.splits, -1)?)
+    }
+
+    /// Part `i` alone.
+    pub fn part(&self, i: usize) -> &Linear {
+        &self.parts[i]
+    }
+
+    /// Bytes of all the projections on the device (the views share them).
+    pub fn nbytes(&self) -> usize {
+        self.all.weight.nbytes() + self.all.bias.as_ref().map_or(0, |b| b.nbytes())
     }
 }
 

@@ -4,7 +4,7 @@
 //! Field names follow the checkpoints' tensor names.
 
 use super::config::{ModelArgs, RopeScaling};
-use super::layers::{last_position, Linear, Matrix, Rope, RmsNorm};
+use super::layers::{last_position, Linear, Matrix, RmsNorm, Rope, Stacked};
 use super::weights::Weights;
 use super::ModelError;
 use crate::cache::{BatchCache, LayerCache, SequenceCache};
@@ -16,9 +16,8 @@ type Result<T> = std::result::Result<T, ModelError>;
 /// Multi-head attention with grouped key/value heads.
 #[derive(Debug)]
 pub struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// `q_proj`, `k_proj` and `v_proj`, stacked.
+    qkv: Stacked,
     o_proj: Linear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
@@ -37,12 +36,15 @@ impl Attention {
             RopeScaling::Llama3(s) => Rope::llama3(a.head_dim, a.rope_theta, s),
         };
         let norm = |w: &mut Weights, name: &str| -> Result<Option<RmsNorm>> {
-            if a.qk_norm { Ok(Some(RmsNorm::load(w, &format!("{p}.{name}"), a.eps)?)) } else { Ok(None) }
+            if a.qk_norm {
+                Ok(Some(RmsNorm::load(w, &format!("{p}.{name}"), a.eps)?))
+            } else {
+                Ok(None)
+            }
         };
+        let proj = |w: &mut Weights, name: &str| Linear::load(w, &format!("{p}.{name}"), a.qkv_bias, a.quant);
         Ok(Attention {
-            q_proj: Linear::load(w, &format!("{p}.q_proj"), a.qkv_bias, a.quant)?,
-            k_proj: Linear::load(w, &format!("{p}.k_proj"), a.qkv_bias, a.quant)?,
-            v_proj: Linear::load(w, &format!("{p}.v_proj"), a.qkv_bias, a.quant)?,
+            qkv: Stacked::new(vec![proj(w, "q_proj")?, proj(w, "k_proj")?, proj(w, "v_proj")?])?,
             o_proj: Linear::load(w, &format!("{p}.o_proj"), a.o_bias, a.quant)?,
             q_norm: norm(w, "q_norm")?,
             k_norm: norm(w, "k_norm")?,
@@ -64,9 +66,9 @@ impl Attention {
             };
             Ok(ops::transpose_axes(&y, &[0, 2, 1, 3])?)
         };
-        let q = split(self.q_proj.forward(x)?, self.heads, &self.q_norm)?;
-        let k = split(self.k_proj.forward(x)?, self.kv_heads, &self.k_norm)?;
-        let v = split(self.v_proj.forward(x)?, self.kv_heads, &None)?;
+        let q = split(self.qkv.part(0).forward(x)?, self.heads, &self.q_norm)?;
+        let k = split(self.qkv.part(1).forward(x)?, self.kv_heads, &self.k_norm)?;
+        let v = split(self.qkv.part(2).forward(x)?, self.kv_heads, &None)?;
         let offset = cache.offset();
         let q = self.rope.forward(&q, offset)?;
         let k = self.rope.forward(&k, offset)?;
@@ -83,6 +85,9 @@ impl Attention {
     /// q, k, v of a decode step (`x`: `[B, D]`, one position per sequence) as
     /// `[B, heads, 1, head_dim]`: with one position the hidden state stays two-dimensional, so
     /// the projections are plain 2-D matmuls and heads are a reshape away, with no transposes.
+    /// One sequence multiplies by the stacked q/k/v matrix once (its three slices of the output
+    /// are contiguous); a batch multiplies by each part, since slices of a batch's stacked output
+    /// would be strided and the norm and RoPE kernels would copy them.
     fn project_heads(&self, x: &Array) -> Result<(Array, Array, Array)> {
         let b = x.shape()[0];
         let heads = |y: Array, n: i32, norm: &Option<RmsNorm>| -> Result<Array> {
@@ -92,9 +97,14 @@ impl Attention {
                 None => Ok(y),
             }
         };
-        let q = heads(self.q_proj.forward(x)?, self.heads, &self.q_norm)?;
-        let k = heads(self.k_proj.forward(x)?, self.kv_heads, &self.k_norm)?;
-        let v = heads(self.v_proj.forward(x)?, self.kv_heads, &None)?;
+        let [q, k, v] = if b == 1 {
+            <[Array; 3]>::try_from(self.qkv.forward(x)?).map_err(|_| ModelError::Config("q/k/v split".into()))?
+        } else {
+            [self.qkv.part(0).forward(x)?, self.qkv.part(1).forward(x)?, self.qkv.part(2).forward(x)?]
+        };
+        let q = heads(q, self.heads, &self.q_norm)?;
+        let k = heads(k, self.kv_heads, &self.k_norm)?;
+        let v = heads(v, self.kv_heads, &None)?;
         Ok((q, k, v))
     }
 
@@ -111,12 +121,26 @@ impl Attention {
 
     /// One decode step for a stacked batch ([`BatchCache`]): the same operations whatever the
     /// batch size, with per-row RoPE offsets and a mask over each row's left padding.
-    fn decode_batched(&self, x: &Array, batch: &mut BatchCache, layer: usize, offsets: &Array, mask: &Array) -> Result<Array> {
+    fn decode_batched(
+        &self,
+        x: &Array,
+        batch: &mut BatchCache,
+        layer: usize,
+        offsets: &Array,
+        mask: &Array,
+    ) -> Result<Array> {
         let (q, k, v) = self.project_heads(x)?;
         let q = self.rope.forward_dynamic(&q, offsets)?;
         let k = self.rope.forward_dynamic(&k, offsets)?;
         let (k, v) = batch.update_and_fetch(layer, &k, &v)?;
-        let o = fast::scaled_dot_product_attention(&q, &k, &v, self.scale, ScaledDotProductAttentionMask::Array(mask), None)?;
+        let o = fast::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            self.scale,
+            ScaledDotProductAttentionMask::Array(mask),
+            None,
+        )?;
         self.o_proj.forward(&o.reshape(&[x.shape()[0], self.heads * self.head_dim])?)
     }
 }
@@ -124,22 +148,25 @@ impl Attention {
 /// SwiGLU feed-forward.
 #[derive(Debug)]
 pub struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    /// `gate_proj` and `up_proj`, stacked: one multiplication, and the fused SwiGLU kernel reads
+    /// the two halves of its output in place.
+    gate_up: Stacked,
     down_proj: Linear,
 }
 
 impl Mlp {
     fn load(w: &mut Weights, p: &str, a: &ModelArgs) -> Result<Self> {
+        let proj = |w: &mut Weights, name: &str| Linear::load(w, &format!("{p}.{name}"), false, a.quant);
         Ok(Mlp {
-            gate_proj: Linear::load(w, &format!("{p}.gate_proj"), false, a.quant)?,
-            up_proj: Linear::load(w, &format!("{p}.up_proj"), false, a.quant)?,
+            gate_up: Stacked::new(vec![proj(w, "gate_proj")?, proj(w, "up_proj")?])?,
             down_proj: Linear::load(w, &format!("{p}.down_proj"), false, a.quant)?,
         })
     }
 
     fn forward(&self, x: &Array) -> Result<Array> {
-        let h = swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        let [gate, up] =
+            <[Array; 2]>::try_from(self.gate_up.forward(x)?).map_err(|_| ModelError::Config("gate/up split".into()))?;
+        let h = swiglu(&gate, &up)?;
         self.down_proj.forward(&h)
     }
 }
@@ -179,7 +206,14 @@ pub struct Block {
 }
 
 impl Block {
-    fn decode_batched(&self, x: &Array, batch: &mut BatchCache, layer: usize, offsets: &Array, mask: &Array) -> Result<Array> {
+    fn decode_batched(
+        &self,
+        x: &Array,
+        batch: &mut BatchCache,
+        layer: usize,
+        offsets: &Array,
+        mask: &Array,
+    ) -> Result<Array> {
         let a = self.self_attn.decode_batched(&self.input_layernorm.forward(x)?, batch, layer, offsets, mask)?;
         let h = ops::add(x, a)?;
         Ok(ops::add(&h, self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
@@ -218,7 +252,11 @@ impl Transformer {
                 Ok(Block {
                     input_layernorm: RmsNorm::load(&mut w, &format!("{p}.input_layernorm"), args.eps)?,
                     self_attn: Attention::load(&mut w, &format!("{p}.self_attn"), &args)?,
-                    post_attention_layernorm: RmsNorm::load(&mut w, &format!("{p}.post_attention_layernorm"), args.eps)?,
+                    post_attention_layernorm: RmsNorm::load(
+                        &mut w,
+                        &format!("{p}.post_attention_layernorm"),
+                        args.eps,
+                    )?,
                     mlp: Mlp::load(&mut w, &format!("{p}.mlp"), &args)?,
                 })
             })
@@ -260,11 +298,10 @@ impl Transformer {
             .layers
             .iter()
             .map(|b| {
-                let a = &b.self_attn;
-                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &b.mlp.gate_proj, &b.mlp.up_proj, &b.mlp.down_proj]
-                    .iter()
-                    .map(|l| l.weight.nbytes())
-                    .sum::<usize>()
+                b.self_attn.qkv.nbytes()
+                    + b.self_attn.o_proj.weight.nbytes()
+                    + b.mlp.gate_up.nbytes()
+                    + b.mlp.down_proj.weight.nbytes()
             })
             .sum();
         head + blocks
