@@ -26,7 +26,13 @@ async fn ask(ws: &mut Ws, v: Value) -> Value {
 
 async fn loaded(ws: &mut Ws) -> Vec<String> {
     let m = ask(ws, json!({"type": "models", "id": "m"})).await;
-    m["data"]["models"].as_array().unwrap().iter().filter(|m| m["loaded"] == true).map(|m| m["name"].as_str().unwrap().to_string()).collect()
+    m["data"]["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["loaded"] == true)
+        .map(|m| m["name"].as_str().unwrap().to_string())
+        .collect()
 }
 
 async fn connect(d: &Daemon) -> Ws {
@@ -45,10 +51,14 @@ async fn load_unload_evict_refuse_and_keep_alive() {
 
     // What the budget leaves after the weights (850 MiB - 0.54 GB) bounds the KV cache a request may
     // reserve: 8,192 positions of SmolLM2 (46 KB each in f32) do not fit, 16 do.
-    let r = ask(&mut ws, json!({"type": "generate", "id": "huge", "model": "first", "prompt": "Hi", "max_tokens": 8192})).await;
+    let r =
+        ask(&mut ws, json!({"type": "generate", "id": "huge", "model": "first", "prompt": "Hi", "max_tokens": 8192}))
+            .await;
     assert_eq!((r["type"].as_str(), r["code"].as_str()), (Some("error"), Some("out_of_memory")), "{r}");
     assert!(r["message"].as_str().unwrap().contains("memory_budget_mb"), "{r}");
-    let r = ask(&mut ws, json!({"type": "generate", "id": "small", "model": "first", "prompt": "Hi", "max_tokens": 16})).await;
+    let r =
+        ask(&mut ws, json!({"type": "generate", "id": "small", "model": "first", "prompt": "Hi", "max_tokens": 16}))
+            .await;
     assert_eq!(r["type"], "started", "{r}");
     loop {
         if recv(&mut ws).await["type"] == "done" {
@@ -62,7 +72,11 @@ async fn load_unload_evict_refuse_and_keep_alive() {
     assert_eq!(loaded(&mut ws).await, vec!["second"]);
 
     // While `second` generates it cannot be evicted: loading `first` is refused.
-    send(&mut ws, json!({"type": "generate", "id": "busy", "model": "second", "prompt": "Once upon a time", "max_tokens": 400})).await;
+    send(
+        &mut ws,
+        json!({"type": "generate", "id": "busy", "model": "second", "prompt": "Once upon a time", "max_tokens": 400}),
+    )
+    .await;
     loop {
         if recv(&mut ws).await["type"] == "token" {
             break;
@@ -101,7 +115,8 @@ async fn load_unload_evict_refuse_and_keep_alive() {
     assert_eq!(r["code"], "unknown_model", "{r}");
 
     // A model with a 1 s keep-alive is unloaded by the reaper (it runs every 5 s).
-    let r = ask(&mut ws, json!({"type": "generate", "id": "g", "model": "brief", "prompt": "Hi", "max_tokens": 2})).await;
+    let r =
+        ask(&mut ws, json!({"type": "generate", "id": "g", "model": "brief", "prompt": "Hi", "max_tokens": 2})).await;
     assert_eq!(r["type"], "started", "{r}");
     loop {
         if recv(&mut ws).await["type"] == "done" {
@@ -141,7 +156,57 @@ async fn unix_socket_speaks_the_same_protocol() {
     use futures_util::{SinkExt, StreamExt};
     let hello = ws.next().await.unwrap().unwrap();
     assert!(hello.to_text().unwrap().contains("\"hello\""));
-    ws.send(tokio_tungstenite::tungstenite::Message::text(json!({"type": "tokenize", "id": "t", "text": "Hello"}).to_string())).await.unwrap();
+    ws.send(tokio_tungstenite::tungstenite::Message::text(
+        json!({"type": "tokenize", "id": "t", "text": "Hello"}).to_string(),
+    ))
+    .await
+    .unwrap();
     let m: Value = serde_json::from_str(ws.next().await.unwrap().unwrap().to_text().unwrap()).unwrap();
     assert_eq!(m["type"], "result", "{m}");
+}
+
+/// The memory budget holds under load: eight requests of different lengths on a model whose
+/// share of the budget fits only a few of them decoding together. Those that do not fit wait
+/// (none is refused: each fits alone), all finish, batches still form, and MLX's peak memory
+/// over the whole run, loading included, stays within the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_budget_holds_under_concurrent_requests() {
+    // SmolLM2 expanded to f32 on the CPU: 0.54 GB of weights, 46 KB of KV cache per position.
+    let d = start(
+        "[engine]\nmemory_budget_mb = 720\nprompt_cache_mb = 64\n\
+         [models.smol]\npath = \"default\"\nkeep_alive_s = 0\npreload = true\n",
+    );
+    let mut ws = connect(&d).await;
+    let words = "the quick brown fox jumps over the lazy dog ";
+    for i in 0..8 {
+        // Prompts of 9 to 450 words: padded into one stacked batch, the short rows take as
+        // much room as the long ones.
+        let prompt = words.repeat(1 + i * i);
+        send(&mut ws, json!({"type": "generate", "id": format!("r{i}"), "prompt": prompt, "max_tokens": 24})).await;
+    }
+    let (mut done, mut running_max) = (0, 0);
+    while done < 8 {
+        let m = recv(&mut ws).await;
+        match m["type"].as_str() {
+            Some("done") => done += 1,
+            Some("error") => panic!("a request that fits alone was refused: {m}"),
+            Some("token") if m["id"] == "r0" => {
+                let s = ask(&mut ws, json!({"type": "status", "id": "s"})).await;
+                let model = &s["data"]["resident_models"][0];
+                running_max = running_max.max(model["running"].as_u64().unwrap_or(0));
+            }
+            _ => {}
+        }
+    }
+    let s = ask(&mut ws, json!({"type": "status", "id": "s"})).await;
+    let memory = &s["data"]["memory"];
+    let (peak, budget) = (memory["peak_bytes"].as_u64().unwrap(), memory["budget_bytes"].as_u64().unwrap());
+    eprintln!(
+        "memory budget test: peak {} MiB of a {} MiB budget; up to {running_max} running; {s}",
+        peak >> 20,
+        budget >> 20
+    );
+    assert!(peak > 0 && peak <= budget, "MLX peak memory {peak} exceeds the budget {budget}: {s}");
+    let model = &s["data"]["resident_models"][0];
+    assert!(model["mean_batch"].as_f64().unwrap() > 1.0, "requests still batched: {model}");
 }

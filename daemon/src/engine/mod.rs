@@ -20,7 +20,9 @@ pub mod worker;
 
 use crate::cache::{BatchCache, SequenceCache};
 use crate::models::{LoadedModel, ModelError};
-use crate::sampling::{read_ids, read_logprobs, sample_batch_with_logprobs, SamplingError, SamplingParams, SequenceSampler};
+use crate::sampling::{
+    read_ids, read_logprobs, sample_batch_with_logprobs, SamplingError, SamplingParams, SequenceSampler,
+};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::transforms::async_eval;
@@ -116,7 +118,11 @@ impl Outcome {
     /// Decode speed after the first token, tokens per second.
     pub fn decode_tps(&self) -> f64 {
         let n = self.ids.len().saturating_sub(1) as f64;
-        if self.decode_time.is_zero() { 0.0 } else { n / self.decode_time.as_secs_f64() }
+        if self.decode_time.is_zero() {
+            0.0
+        } else {
+            n / self.decode_time.as_secs_f64()
+        }
     }
 
     /// Prefill speed, prompt tokens (not served from cache) per second until the first token.
@@ -273,6 +279,17 @@ impl Engine {
         self.prompt_cache = PromptCache::new(bytes);
     }
 
+    /// Holds the prompt cache to at most `bytes` (evicting its least recently used entries) until
+    /// the next call; never above the configured size.
+    pub fn limit_prompt_cache(&mut self, bytes: usize) {
+        self.prompt_cache.set_budget(bytes.min(self.options.prompt_cache_bytes));
+    }
+
+    /// The options the engine was made with.
+    pub fn options(&self) -> &EngineOptions {
+        &self.options
+    }
+
     /// Drops all cached prompt state.
     pub fn clear_prompt_cache(&mut self) {
         self.prompt_cache.clear();
@@ -392,7 +409,8 @@ impl Engine {
         for row in rows.iter_mut() {
             self.reclaim(row);
         }
-        let live: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].finished.is_none() && rows[i].pending.is_some()).collect();
+        let live: Vec<usize> =
+            (0..rows.len()).filter(|&i| rows[i].finished.is_none() && rows[i].pending.is_some()).collect();
         if live.is_empty() {
             return Ok(());
         }
@@ -422,8 +440,10 @@ impl Engine {
         let mut next: Vec<Option<Pending>> = (0..rows.len()).map(|_| None).collect();
         let mut failed: Vec<Option<SamplingError>> = (0..rows.len()).map(|_| None).collect();
         if !going_on.is_empty() {
-            let inputs: Vec<Array> =
-                going_on.iter().map(|&i| rows[i].pending.as_ref().expect("live rows have a token").token.clone()).collect();
+            let inputs: Vec<Array> = going_on
+                .iter()
+                .map(|&i| rows[i].pending.as_ref().expect("live rows have a token").token.clone())
+                .collect();
             let tokens = stack(inputs)?;
             let want_logprobs = going_on.iter().any(|&i| rows[i].req.sampler.logprobs.unwrap_or(0) > 0);
             let logits = if going_on.len() == 1 {
@@ -448,8 +468,12 @@ impl Engine {
                 }
                 self.model.model.forward_batched(&tokens, self.batch.as_mut().expect("stacked above"))?
             };
-            let mut samplers: Vec<&mut SequenceSampler> =
-                rows.iter_mut().enumerate().filter(|(i, _)| going_on.contains(i)).map(|(_, r)| &mut r.sampler).collect();
+            let mut samplers: Vec<&mut SequenceSampler> = rows
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| going_on.contains(i))
+                .map(|(_, r)| &mut r.sampler)
+                .collect();
             let graph_started = Instant::now();
             let sampled = sample(&logits, &mut samplers, want_logprobs)?;
             self.profile.graph += graph_started - build_started;
@@ -553,7 +577,8 @@ impl Engine {
     /// Device bytes of the KV caches the engine holds for rows (the stacked batch and caches
     /// waiting to be reclaimed); rows report their own through [`Row::cache_bytes`].
     pub fn held_kv_bytes(&self) -> usize {
-        self.batch.as_ref().map_or(0, BatchCache::nbytes) + self.returned.values().map(SequenceCache::nbytes).sum::<usize>()
+        self.batch.as_ref().map_or(0, BatchCache::nbytes)
+            + self.returned.values().map(SequenceCache::nbytes).sum::<usize>()
     }
 
     /// Splits the stacked batch back into per-sequence caches, kept until their rows return.

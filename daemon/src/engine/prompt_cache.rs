@@ -125,6 +125,16 @@ impl PromptCache {
         // feeds that prompt's last token again, as any prefix hit does.)
         self.entries.retain(|e| !(e.tokens.len() <= tokens.len() && tokens.starts_with(&e.tokens)));
         self.entries.push(Entry { tokens, cache, prompt_len, logits, bytes, last_used: self.clock });
+        self.evict_to_budget();
+    }
+
+    /// Changes the byte budget, evicting least recently used entries until the rest fit.
+    pub fn set_budget(&mut self, budget: usize) {
+        self.budget = budget;
+        self.evict_to_budget();
+    }
+
+    fn evict_to_budget(&mut self) {
         while self.bytes() > self.budget {
             let oldest = self.entries.iter().enumerate().min_by_key(|(_, e)| e.last_used).map(|(i, _)| i);
             match oldest {

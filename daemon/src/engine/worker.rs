@@ -122,7 +122,9 @@ pub struct WorkerStats {
     /// KV bytes this model's sequences may reserve (set by the registry from the memory budget
     /// minus the resident weights); `u64::MAX` when unlimited.
     pub kv_limit: AtomicU64,
-    /// KV bytes reserved by the running sequences (prompt plus `max_tokens` each).
+    /// The memory plan of the running sequences: the most their KV state and a step's working
+    /// memory can come to (see `Worker::memory_plan`), which with the prompt cache stays within
+    /// `kv_limit`.
     pub kv_reserved: AtomicU64,
     /// Device bytes of the loaded weights (known once the model is loaded).
     pub weight_bytes: AtomicU64,
@@ -292,8 +294,8 @@ pub fn spawn(
 struct Active {
     job: Job,
     row: Row,
-    /// KV bytes reserved for this sequence.
-    reserved: u64,
+    /// Positions this sequence can come to: prompt plus `max_tokens`.
+    positions: usize,
     /// An error event was sent; no Done follows.
     failed: bool,
     /// Since when the client's buffer has been too full for the row to step.
@@ -301,7 +303,7 @@ struct Active {
 }
 
 enum Admission {
-    Row(Row, u64),
+    Row(Row, usize),
     Wait,
 }
 
@@ -313,11 +315,26 @@ struct Worker {
     /// Jobs waiting for a batch slot (or for KV memory), with their prompt once tokenized.
     waiting: VecDeque<(Job, Option<Vec<u32>>)>,
     active: Vec<Active>,
+    /// Positions of sequences that ended since the last decode step: the stacked batch still
+    /// holds their rows until the next step restacks it, so they still count in the memory plan.
+    retired: Vec<usize>,
+    /// The prompt cache's configured size; the memory plan may hold it to less.
+    prompt_cache_cap: usize,
 }
 
 impl Worker {
     fn new(engine: Engine, limits: WorkerLimits, stats: Arc<WorkerStats>) -> Self {
-        Worker { engine, limits, stats, template: None, waiting: VecDeque::new(), active: Vec::new() }
+        let prompt_cache_cap = engine.options().prompt_cache_bytes;
+        Worker {
+            engine,
+            limits,
+            stats,
+            template: None,
+            waiting: VecDeque::new(),
+            active: Vec::new(),
+            retired: Vec::new(),
+            prompt_cache_cap,
+        }
     }
 
     fn run(mut self, rx: std_mpsc::Receiver<Command>) {
@@ -384,9 +401,10 @@ impl Worker {
                 continue;
             }
             match self.start(&job, &mut prompt) {
-                Ok(Admission::Row(row, reserved)) => {
+                Ok(Admission::Row(row, positions)) => {
                     let _ = job.events.try_send(JobEvent::Started { prompt_tokens: row.prompt_tokens() });
-                    self.active.push(Active { job, row, reserved, failed: false, paused_since: None });
+                    self.active.push(Active { job, row, positions, failed: false, paused_since: None });
+                    self.fit_prompt_cache();
                 }
                 Ok(Admission::Wait) => {
                     // Not enough KV memory until running sequences finish: first in line waits.
@@ -404,30 +422,87 @@ impl Worker {
         self.stats.running.store(self.active.len(), Ordering::SeqCst);
     }
 
-    /// Reserves KV memory for `prompt + max_tokens` positions against the model's share of the
-    /// memory budget: the budget is never promised twice, a sequence that can never fit is
-    /// refused, one that fits later waits.
-    fn reserve(&mut self, positions: usize) -> Result<Option<u64>, (ErrorCode, String)> {
-        let need = positions as u64 * self.engine.model.model.kv_bytes_per_token();
-        let limit = self.stats.kv_limit.load(Ordering::SeqCst);
-        let reserved: u64 = self.active.iter().map(|a| a.reserved).sum();
-        if reserved + need <= limit {
-            return Ok(Some(need));
+    /// Device bytes the model's KV state can come to if the admitted sequences (and those that
+    /// ended since the last step, whose rows the stacked batch still holds) plus one of
+    /// `extra` positions decode together: every row of a stacked batch is as long as its
+    /// longest, rounded up to the cache's allocation step.
+    fn kv_plan(&self, extra: Option<usize>) -> u64 {
+        let lens = self.active.iter().map(|a| a.positions).chain(self.retired.iter().copied()).chain(extra);
+        let (n, longest) = lens.fold((0u64, 0usize), |(n, m), l| (n + 1, m.max(l)));
+        if n == 0 {
+            return 0;
         }
-        // Cached prompts give way to live requests.
-        self.engine.clear_prompt_cache();
-        if self.active.is_empty() {
+        let step = crate::cache::STEP as usize;
+        let capacity = (longest / step + 1) * step;
+        n * capacity as u64 * self.engine.model.model.kv_bytes_per_token()
+    }
+
+    /// KV bytes held now (running sequences and the stacked batch), without the prompt cache.
+    fn kv_held(&self) -> u64 {
+        self.active.iter().map(|a| a.row.cache_bytes() as u64).sum::<u64>() + self.engine.held_kv_bytes() as u64
+    }
+
+    /// The most the model's thread may hold besides its weights and prompt cache while the
+    /// admitted sequences (plus `extra` positions, prefilled now with a prompt of
+    /// `prompt` tokens) run: the KV state now or at its largest, whichever is more, plus the
+    /// largest stacked batch again (growing it or restacking it copies into new arrays while
+    /// the old ones are still held), plus the activations of a decode step or of a prefill
+    /// chunk.
+    fn memory_plan(&self, extra: Option<(usize, usize)>) -> u64 {
+        let plan = self.kv_plan(extra.map(|(positions, _)| positions));
+        let rows = self.active.len() + self.retired.len() + usize::from(extra.is_some());
+        let model = &self.engine.model.model;
+        let decode = model.decode_activation_bytes(rows.max(1));
+        let prefill =
+            extra.map_or(0, |(_, prompt)| model.prefill_activation_bytes(self.engine.options().prefill_chunk, prompt));
+        self.kv_held().max(plan) + plan + decode.max(prefill)
+    }
+
+    /// Holds the prompt cache to what the model's memory share leaves after the memory plan of
+    /// the running sequences (evicting its least recently used entries), and publishes both.
+    fn fit_prompt_cache(&mut self) {
+        let limit = self.stats.kv_limit.load(Ordering::SeqCst);
+        let plan = self.memory_plan(None);
+        let room = limit.saturating_sub(plan).min(self.prompt_cache_cap as u64) as usize;
+        self.engine.limit_prompt_cache(room);
+        self.stats.kv_reserved.store(plan, Ordering::Relaxed);
+    }
+
+    /// Checks the memory plan with one more sequence of `positions` positions (a prompt of
+    /// `prompt` tokens) against the model's share of the memory budget: it is admitted when the
+    /// plan fits (cached prompts give way to it first), waits when it would fit once running
+    /// sequences end, and is refused when it could never fit.
+    fn reserve(&mut self, positions: usize, prompt: usize) -> Result<bool, (ErrorCode, String)> {
+        let limit = self.stats.kv_limit.load(Ordering::SeqCst);
+        if limit == u64::MAX {
+            return Ok(true);
+        }
+        let plan = self.memory_plan(Some((positions, prompt)));
+        let cached = self.engine.prompt_cache_stats().bytes as u64;
+        if plan + cached <= limit {
+            return Ok(true);
+        }
+        if plan <= limit {
+            // Cached prompts give way to live requests, least recently used first.
+            self.engine.limit_prompt_cache((limit - plan) as usize);
+            return Ok(true);
+        }
+        if self.active.is_empty() && self.retired.is_empty() {
+            let alone = 2 * self.kv_plan(Some(positions));
             return Err((
                 ErrorCode::OutOfMemory,
                 format!(
-                    "this request needs {} MiB of KV cache ({positions} positions), more than the {} MiB the memory budget \
-                     (engine.memory_budget_mb) leaves after the resident weights; lower max_tokens or raise the budget",
-                    need >> 20,
+                    "this request needs about {} MiB of KV cache and working memory ({positions} positions: {} MiB of \
+                     KV state, counted twice since growing it copies), more than the {} MiB the memory budget \
+                     (engine.memory_budget_mb) leaves this model after the resident weights; lower max_tokens or \
+                     raise the budget",
+                    plan >> 20,
+                    (alone / 2) >> 20,
                     limit >> 20
                 ),
             ));
         }
-        Ok(None)
+        Ok(false)
     }
 
     /// Tokenizes the job's prompt (once: `prompt` keeps it across waits), reserves its KV memory
@@ -441,7 +516,8 @@ impl Worker {
                     PromptInput::Text(t) => t.clone(),
                     PromptInput::Messages(m) => self.render(m).map_err(invalid)?,
                 };
-                let ids = self.engine.model.tokenizer.encode(&text, true).map_err(|e| invalid(format!("`prompt`: {e}")))?;
+                let ids =
+                    self.engine.model.tokenizer.encode(&text, true).map_err(|e| invalid(format!("`prompt`: {e}")))?;
                 prompt.insert(ids)
             }
         };
@@ -455,23 +531,34 @@ impl Worker {
         if prompt.is_empty() {
             return Err(invalid("the prompt is empty".into()));
         }
-        let Some(reserved) = self.reserve(prompt.len() + job.max_tokens)? else {
+        let positions = prompt.len() + job.max_tokens;
+        if !self.reserve(positions, prompt.len())? {
             return Ok(Admission::Wait);
+        }
+        let req = GenerateRequest {
+            prompt: std::mem::take(prompt),
+            max_tokens: job.max_tokens,
+            stop: job.stop.clone(),
+            sampler: job.sampling.clone(),
         };
-        let req = GenerateRequest { prompt: std::mem::take(prompt), max_tokens: job.max_tokens, stop: job.stop.clone(), sampler: job.sampling.clone() };
         let row = self.engine.start(req).map_err(|e| match e {
-            ModelError::Sampling(s @ crate::sampling::SamplingError::Plugin(_)) => (ErrorCode::PluginError, s.to_string()),
-            ModelError::Sampling(s) => (ErrorCode::InvalidRequest, format!("`sampling.{}", s.to_string().trim_start_matches('`'))),
+            ModelError::Sampling(s @ crate::sampling::SamplingError::Plugin(_)) => {
+                (ErrorCode::PluginError, s.to_string())
+            }
+            ModelError::Sampling(s) => {
+                (ErrorCode::InvalidRequest, format!("`sampling.{}", s.to_string().trim_start_matches('`')))
+            }
             ModelError::Config(m) => (ErrorCode::InvalidRequest, m),
             other => (ErrorCode::Internal, other.to_string()),
         })?;
-        Ok(Admission::Row(row, reserved))
+        Ok(Admission::Row(row, positions))
     }
 
     fn render(&mut self, messages: &[Message]) -> Result<String, String> {
         let model = &self.engine.model;
         let template = self.template.get_or_insert_with(|| {
-            let source = model.chat_template.as_deref().ok_or_else(|| crate::chat::ChatError::NoTemplate.to_string())?;
+            let source =
+                model.chat_template.as_deref().ok_or_else(|| crate::chat::ChatError::NoTemplate.to_string())?;
             let token = |id: Option<u32>| id.and_then(|i| model.tokenizer.id_to_token(i)).unwrap_or_default();
             ChatTemplate::new(source, &token(model.tokenizer.bos_id()), &token(model.eos_ids.first().copied()))
                 .map_err(|e| e.to_string())
@@ -501,7 +588,8 @@ impl Worker {
                 a.row.cancel();
             }
             if a.row.finished().is_some() {
-                let Active { job, row, failed, .. } = self.active.swap_remove(i);
+                let Active { job, row, failed, positions, .. } = self.active.swap_remove(i);
+                self.retired.push(positions);
                 // Counters first: a client that asks for `status` right after `done` sees it ended.
                 self.stats.running.store(self.active.len(), Ordering::SeqCst);
                 let outcome = self.engine.finish(row);
@@ -519,7 +607,11 @@ impl Worker {
         self.stats.running.store(self.active.len(), Ordering::SeqCst);
         let rows: u64 = self.active.iter().map(|a| a.row.cache_bytes() as u64).sum();
         self.stats.kv_bytes.store(rows + self.engine.held_kv_bytes() as u64, Ordering::Relaxed);
-        self.stats.kv_reserved.store(self.active.iter().map(|a| a.reserved).sum(), Ordering::Relaxed);
+        if self.active.is_empty() {
+            // Nothing left to restack: what the ended rows held is released with them.
+            self.retired.clear();
+        }
+        self.fit_prompt_cache();
         self.stats.prompt_cache_bytes.store(self.engine.prompt_cache_stats().bytes as u64, Ordering::Relaxed);
     }
 
@@ -551,6 +643,8 @@ impl Worker {
         let batch = rows.len() as u64;
         let started = Instant::now();
         let result = self.engine.step(&mut rows, |i, ev| jobs[i].events.try_send(JobEvent::Token(ev.clone())).is_ok());
+        // The step restacked the batch without the rows that had ended.
+        self.retired.clear();
         match result {
             Ok(()) => {
                 self.stats.steps.fetch_add(1, Ordering::Relaxed);
@@ -561,7 +655,10 @@ impl Worker {
                     let a = &mut self.active[i];
                     if let Some(e) = a.row.failure() {
                         tracing::warn!(request = %a.job.id, error = %e, "sampler plugin failed");
-                        let _ = a.job.events.try_send(JobEvent::Error { code: ErrorCode::PluginError, message: e.to_string() });
+                        let _ = a
+                            .job
+                            .events
+                            .try_send(JobEvent::Error { code: ErrorCode::PluginError, message: e.to_string() });
                         a.failed = true;
                     }
                 }
@@ -571,7 +668,8 @@ impl Worker {
                 tracing::error!(error = %e, elapsed_ms = started.elapsed().as_millis() as u64, "decode step failed");
                 for &i in &ready {
                     let a = &mut self.active[i];
-                    let _ = a.job.events.try_send(JobEvent::Error { code: ErrorCode::Internal, message: e.to_string() });
+                    let _ =
+                        a.job.events.try_send(JobEvent::Error { code: ErrorCode::Internal, message: e.to_string() });
                     a.row.cancel();
                     a.failed = true;
                 }

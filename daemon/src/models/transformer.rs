@@ -285,6 +285,27 @@ impl Transformer {
         2 * self.layers.len() as u64 * self.args.kv_heads as u64 * self.args.head_dim as u64 * elem
     }
 
+    /// Working memory of one decode step of `rows` sequences, an upper bound: the step's
+    /// hidden states in float32 (whatever the weights' dtype), and the logits with the
+    /// sampler's vocabulary-wide temporaries (filtered logits, candidates, noise, log-softmax).
+    pub fn decode_activation_bytes(&self, rows: usize) -> u64 {
+        let a = &self.args;
+        let hidden = 4 * a.hidden + 3 * a.intermediate + (a.heads + 2 * a.kv_heads) * a.head_dim;
+        rows as u64 * (hidden as u64 + 6 * a.vocab as u64) * 4
+    }
+
+    /// Working memory of prefilling a prompt of `prompt` tokens in chunks of `chunk`, an upper
+    /// bound: a chunk's hidden states in float32, and its attention scores and their softmax
+    /// over the whole prompt (what an attention that materializes them, as MLX's CPU one does,
+    /// holds), plus the last position's logits.
+    pub fn prefill_activation_bytes(&self, chunk: usize, prompt: usize) -> u64 {
+        let a = &self.args;
+        let t = chunk.min(prompt).max(1) as u64;
+        let hidden = (4 * a.hidden + 3 * a.intermediate + (a.heads + 2 * a.kv_heads) * a.head_dim) as u64;
+        let scores = 2 * a.heads as u64 * t * prompt as u64;
+        (t * hidden + scores + 6 * a.vocab as u64) * 4
+    }
+
     /// Number of decoder blocks (one cache entry each).
     pub fn num_layers(&self) -> usize {
         self.layers.len()
