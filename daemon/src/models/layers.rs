@@ -91,39 +91,38 @@ impl Matrix {
     }
 
     /// The matrices' rows one after another, as one matrix (evaluated, so the parts' buffers
-    /// can go).
-    fn stack_rows(parts: &[&Matrix]) -> Result<Matrix> {
+    /// can go); `None` when they are not all dense or all quantized with the same parameters.
+    fn stack_rows(parts: &[&Matrix]) -> Result<Option<Matrix>> {
         let cat = |arrays: Vec<&Array>| -> Result<Array> {
             let a = ops::concatenate(&arrays, 0)?;
             a.eval()?;
             Ok(a)
         };
-        if let Some(dense) = parts
-            .iter()
-            .map(|m| if let Matrix::Dense { weight, .. } = m { Some(weight) } else { None })
-            .collect::<Option<Vec<_>>>()
-        {
-            return Matrix::dense(cat(dense)?);
+        let dense: Option<Vec<&Array>> =
+            parts.iter().map(|m| if let Matrix::Dense { weight, .. } = m { Some(weight) } else { None }).collect();
+        if let Some(dense) = dense {
+            if dense.windows(2).any(|w| w[0].dtype() != w[1].dtype()) {
+                return Ok(None);
+            }
+            return Ok(Some(Matrix::dense(cat(dense)?)?));
         }
         let mut quantized = Vec::with_capacity(parts.len());
         for m in parts {
             match m {
                 Matrix::Quantized { weight, scales, biases, quant } => quantized.push((weight, scales, biases, *quant)),
-                Matrix::Dense { .. } => {
-                    return Err(ModelError::Weights("stacked projections: dense and quantized mixed".into()))
-                }
+                Matrix::Dense { .. } => return Ok(None),
             }
         }
         let quant = quantized[0].3;
-        if quantized.iter().any(|q| q.3 != quant) {
-            return Err(ModelError::Weights("stacked projections: different quantization parameters".into()));
+        if quantized.iter().any(|q| q.3 != quant || q.1.dtype() != quantized[0].1.dtype()) {
+            return Ok(None);
         }
-        Ok(Matrix::Quantized {
+        Ok(Some(Matrix::Quantized {
             weight: cat(quantized.iter().map(|q| q.0).collect())?,
             scales: cat(quantized.iter().map(|q| q.1).collect())?,
             biases: cat(quantized.iter().map(|q| q.2).collect())?,
             quant,
-        })
+        }))
     }
 
     /// Rows `start..end` as a matrix of their own: evaluated views of this one's buffers.
@@ -186,30 +185,36 @@ impl Linear {
 /// `gate`/`up`): a decode step multiplies once instead of once per projection, which on a GPU,
 /// where a small model's decode is bound by kernel launches, is fewer launches per layer. Each
 /// part is also kept as an evaluated view of its rows (no copy, no node per step) for callers
-/// that want the projections apart.
+/// that want the projections apart. Parts that cannot share one matrix (a GGUF file may store
+/// `attn_v` at 8 bits and `attn_q` at 4, or one of them dense) stay apart and are multiplied
+/// one by one.
 #[derive(Debug)]
 pub struct Stacked {
-    all: Linear,
+    /// The stacked projection, when the parts could be stacked.
+    all: Option<Linear>,
     parts: Vec<Linear>,
     /// Where each part's output columns start in the stacked output (after the first).
     splits: Vec<i32>,
 }
 
 impl Stacked {
-    /// Stacks `parts` (the same input width; all dense or all quantized alike; all with a bias
-    /// or none). The separate matrices are released once the stacked one is evaluated.
+    /// Stacks `parts` (the same input width) when they are all dense, or all quantized alike,
+    /// and all have a bias or none; the separate matrices are then released once the stacked
+    /// one is evaluated. Otherwise keeps them apart.
     pub fn new(parts: Vec<Linear>) -> Result<Self> {
+        let biased = parts.iter().filter(|l| l.bias.is_some()).count();
         let matrices: Vec<&Matrix> = parts.iter().map(|l| &l.weight).collect();
-        let weight = Matrix::stack_rows(&matrices)?;
-        let bias = match parts.iter().filter(|l| l.bias.is_some()).count() {
-            0 => None,
-            n if n == parts.len() => {
-                let b: Vec<&Array> = parts.iter().filter_map(|l| l.bias.as_ref()).collect();
-                let b = ops::concatenate(&b, 0)?;
-                b.eval()?;
-                Some(b)
-            }
-            _ => return Err(ModelError::Weights("stacked projections: some have a bias and some do not".into())),
+        let weight = match Matrix::stack_rows(&matrices)? {
+            Some(w) if biased == 0 || biased == parts.len() => w,
+            _ => return Ok(Stacked { all: None, parts, splits: Vec::new() }),
+        };
+        let bias = if biased > 0 {
+            let b: Vec<&Array> = parts.iter().filter_map(|l| l.bias.as_ref()).collect();
+            let b = ops::concatenate(&b, 0)?;
+            b.eval()?;
+            Some(b)
+        } else {
+            None
         };
         let rows: Vec<i32> = parts.iter().map(|l| l.weight.out_features()).collect();
         drop(parts);
@@ -232,13 +237,22 @@ impl Stacked {
             views.push(Linear { weight: all.weight.row_view(start, start + n)?, bias });
             start += n;
         }
-        Ok(Stacked { all, parts: views, splits })
+        Ok(Stacked { all: Some(all), parts: views, splits })
     }
 
-    /// All projections of `x` (`[..., in]`) with one multiplication, split along the last axis
-    /// (views of one output; rows of a batch larger than 1 are then strided).
+    /// Whether the parts share one matrix.
+    pub fn is_stacked(&self) -> bool {
+        self.all.is_some()
+    }
+
+    /// All projections of `x` (`[..., in]`): with one multiplication, split along the last
+    /// axis (views of one output; rows of a batch larger than 1 are then strided), or one by one
+    /// when the parts are kept apart.
     pub fn forward(&self, x: &Array) -> Result<Vec<Array>> {
-        Ok(ops::split_at_indices(&self.all.forward(x)?, &self.splits, -1)?)
+        match &self.all {
+            Some(all) => Ok(ops::split_at_indices(&all.forward(x)?, &self.splits, -1)?),
+            None => self.parts.iter().map(|p| p.forward(x)).collect(),
+        }
     }
 
     /// Part `i` alone.
@@ -246,9 +260,13 @@ impl Stacked {
         &self.parts[i]
     }
 
-    /// Bytes of all the projections on the device (the views share them).
+    /// Bytes of all the projections on the device (views share the stacked matrix's).
     pub fn nbytes(&self) -> usize {
-        self.all.weight.nbytes() + self.all.bias.as_ref().map_or(0, |b| b.nbytes())
+        let bytes = |l: &Linear| l.weight.nbytes() + l.bias.as_ref().map_or(0, |b| b.nbytes());
+        match &self.all {
+            Some(all) => bytes(all),
+            None => self.parts.iter().map(bytes).sum(),
+        }
     }
 }
 
@@ -371,4 +389,64 @@ impl Rope {
 pub fn last_position(h: &Array) -> Result<Array> {
     let t = h.shape()[1];
     Ok(h.try_index((.., t - 1..t, ..))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mlx_rs::random;
+
+    fn dense(out: i32, inp: i32, seed: u64) -> Linear {
+        let key = random::key(seed).unwrap();
+        Linear {
+            weight: Matrix::dense(random::normal::<f32>(&[out, inp], None, None, &key).unwrap()).unwrap(),
+            bias: None,
+        }
+    }
+
+    fn quantized(out: i32, inp: i32, seed: u64, bits: i32) -> Linear {
+        let key = random::key(seed).unwrap();
+        let w = random::normal::<f32>(&[out, inp], None, None, &key).unwrap();
+        let (weight, scales, biases) = ops::quantize(&w, 32, bits).unwrap();
+        Linear {
+            weight: Matrix::Quantized { weight, scales, biases, quant: Quant { group_size: 32, bits } },
+            bias: None,
+        }
+    }
+
+    fn max_diff(a: &Array, b: &Array) -> f32 {
+        ops::abs(ops::subtract(a, b).unwrap()).unwrap().max(None).unwrap().item::<f32>()
+    }
+
+    /// Stacked (or kept apart) projections give what each projection gives alone, for one row
+    /// and for a batch, through the stacked output and through the part views.
+    fn check(make: impl Fn() -> Vec<Linear>, stacked: bool) {
+        let expected_parts = make();
+        let s = Stacked::new(make()).unwrap();
+        assert_eq!(s.is_stacked(), stacked);
+        for rows in [1, 3] {
+            let x = random::normal::<f32>(&[rows, 64], None, None, &random::key(9).unwrap()).unwrap();
+            let together = s.forward(&x).unwrap();
+            assert_eq!(together.len(), expected_parts.len());
+            for (i, want) in expected_parts.iter().enumerate() {
+                let want = want.forward(&x).unwrap();
+                assert_eq!(together[i].shape(), want.shape());
+                assert!(max_diff(&together[i], &want) < 1e-3, "part {i}, {rows} rows, stacked output");
+                assert!(max_diff(&s.part(i).forward(&x).unwrap(), &want) < 1e-3, "part {i}, {rows} rows, view");
+            }
+        }
+    }
+
+    #[test]
+    fn stacked_projections_equal_the_separate_ones() {
+        check(|| vec![dense(48, 64, 1), dense(16, 64, 2), dense(16, 64, 3)], true);
+        check(|| vec![quantized(64, 64, 4, 4), quantized(32, 64, 5, 4)], true);
+    }
+
+    #[test]
+    fn projections_that_cannot_share_a_matrix_stay_apart() {
+        // As in GGUF files that keep `attn_v` at 8 bits beside 4-bit `attn_q` / `attn_k`.
+        check(|| vec![quantized(64, 64, 6, 4), quantized(32, 64, 7, 4), quantized(32, 64, 8, 8)], false);
+        check(|| vec![quantized(64, 64, 9, 4), dense(32, 64, 10)], false);
+    }
 }
