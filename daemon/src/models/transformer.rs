@@ -295,14 +295,17 @@ impl Transformer {
     }
 
     /// Working memory of prefilling a prompt of `prompt` tokens in chunks of `chunk`, an upper
-    /// bound: a chunk's hidden states in float32, and its attention scores and their softmax
-    /// over the whole prompt (what an attention that materializes them, as MLX's CPU one does,
-    /// holds), plus the last position's logits.
+    /// bound: a chunk's hidden states in float32 and the last position's logits, plus the
+    /// chunk's attention scores and their softmax over the whole prompt where attention
+    /// materializes them (MLX's CPU attention, and its GPU fallback for float32 or head widths
+    /// above 128; the fused GPU kernels do not).
     pub fn prefill_activation_bytes(&self, chunk: usize, prompt: usize) -> u64 {
         let a = &self.args;
         let t = chunk.min(prompt).max(1) as u64;
         let hidden = (4 * a.hidden + 3 * a.intermediate + (a.heads + 2 * a.kv_heads) * a.head_dim) as u64;
-        let scores = 2 * a.heads as u64 * t * prompt as u64;
+        let on_cpu = !mlx_rs::Device::default().to_string().contains("gpu");
+        let fused = !on_cpu && self.norm.weight.dtype() != mlx_rs::Dtype::Float32 && a.head_dim <= 128;
+        let scores = if fused { 0 } else { 2 * a.heads as u64 * t * prompt as u64 };
         (t * hidden + scores + 6 * a.vocab as u64) * 4
     }
 
