@@ -71,6 +71,21 @@ const SHAPES: &[Shape] = &[
         vocab: 128_256,
         tie: true,
     },
+    // Qwen3-0.6B's 28 layers and graph at a width where the arithmetic is negligible: a step
+    // costs what building and launching it costs, so per-step overheads (sampler, plugins, the
+    // daemon's loop) show on any machine, the CPU included.
+    Shape {
+        name: "qwen3-28l-tiny",
+        model_type: "qwen3",
+        hidden: 64,
+        layers: 28,
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 64,
+        intermediate: 128,
+        vocab: 2048,
+        tie: true,
+    },
     Shape {
         name: "smollm2-135m",
         model_type: "llama",
