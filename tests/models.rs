@@ -15,7 +15,11 @@ use std::process::Command;
 /// 1e-4 in f32 on the CPU (the bound CI holds). MLX's CUDA backend computes f32 matmuls in
 /// TF32, whose 10-bit mantissa gives relative errors near 1e-3: on a GPU the bound is 3e-3.
 fn tolerance() -> f32 {
-    if mlx_rs::Device::default().to_string().contains("gpu") { 3e-3 } else { 1e-4 }
+    if mlx_rs::Device::default().to_string().contains("gpu") {
+        3e-3
+    } else {
+        1e-4
+    }
 }
 
 const TOKENS: [u32; 9] = [1, 5, 17, 96, 0, 42, 42, 7, 64];
@@ -227,4 +231,32 @@ fn stacked_batch_decodes_like_each_sequence_alone() {
             assert!(rel_err(&got, &want) <= tolerance(), "{model_type} row {i} after split");
         }
     }
+}
+
+/// The experimental row-by-row products (`mlxd::models::layers::set_row_products`, for MLX's
+/// CUDA backend) decode a batch as the plain matmuls do.
+#[test]
+fn batched_decode_as_row_products_equals_the_plain_matmuls() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_checkpoint(tmp.path(), &tiny_config("qwen3"), None);
+    let model = load(tmp.path());
+    let prefixes: [&[u32]; 3] = [&[1, 2, 3], &[9, 8, 7, 6, 5, 4], &[42]];
+    let tokens = Array::from_slice(&[11i32, 22, 33], &[3]);
+    let mut outputs = Vec::new();
+    for rows_apart in [false, true] {
+        mlxd::models::layers::set_row_products(rows_apart);
+        let mut caches: Vec<SequenceCache> = prefixes
+            .iter()
+            .map(|p| {
+                let mut c = SequenceCache::new(model.num_layers());
+                model.forward_all(&ids(p), &mut c).unwrap();
+                c
+            })
+            .collect();
+        let mut refs: Vec<&mut SequenceCache> = caches.iter_mut().collect();
+        outputs.push(to_vec(&model.forward_batch(&tokens, &mut refs).unwrap()));
+    }
+    mlxd::models::layers::set_row_products(false);
+    let err = rel_err(&outputs[1], &outputs[0]);
+    assert!(err <= tolerance().max(1e-5), "rel err {err:e}");
 }

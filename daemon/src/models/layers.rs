@@ -76,6 +76,7 @@ impl Matrix {
     /// `x @ W^T`.
     pub fn apply(&self, x: &Array) -> Result<Array> {
         Ok(match self {
+            Matrix::Dense { weight_t, .. } if use_row_products(x, weight_t) => row_products(x, weight_t)?,
             Matrix::Dense { weight_t, .. } => ops::matmul(x, weight_t)?,
             Matrix::Quantized { weight, scales, biases, quant } => {
                 quantized_matmul(x, weight, scales, biases, true, quant.group_size, quant.bits)?
@@ -152,6 +153,41 @@ impl Matrix {
             }
         })
     }
+}
+
+thread_local! {
+    /// Whether this thread multiplies a few rows by a dense matrix as a batch of one-row
+    /// products (see [`set_row_products`]); off unless `MLXD_ROW_GEMV=1` is set.
+    static ROW_PRODUCTS: std::cell::Cell<bool> =
+        std::cell::Cell::new(std::env::var("MLXD_ROW_GEMV").is_ok_and(|v| v == "1"));
+}
+
+/// Experimental, for measuring on a GPU (off by default): multiply 2-32 rows by a dense matrix
+/// of at most 64 MiB as a batch of one-row products. MLX 0.32's CUDA backend runs a one-row
+/// product with its own gemv kernel, but a matmul of several rows through cuBLASLt, set up
+/// (descriptors, an algorithm query) and captured into the step's CUDA graph per call; the
+/// batched gemv reads the matrix once per row, from L2 when it fits there. The rows are handed
+/// over as a transposed view, which MLX does not fold back into one several-row matmul. Same
+/// results up to rounding; tests compare the two.
+pub fn set_row_products(enabled: bool) {
+    ROW_PRODUCTS.with(|c| c.set(enabled));
+}
+
+fn use_row_products(x: &Array, weight_t: &Array) -> bool {
+    const MAX_MATRIX_BYTES: usize = 64 << 20;
+    x.ndim() == 2
+        && (2..=32).contains(&x.shape()[0])
+        && weight_t.nbytes() <= MAX_MATRIX_BYTES
+        && ROW_PRODUCTS.with(|c| c.get())
+}
+
+/// `x @ W^T` for `x` of `[B, K]` as `B` one-row products: `x` viewed as `[B, 1, K]` with strides
+/// `[K, 1, 1]` (a reshape to `[B, K, 1]` and a transpose), `W^T` broadcast to `[B, K, N]`.
+fn row_products(x: &Array, weight_t: &Array) -> Result<Array> {
+    let (b, k) = (x.shape()[0], x.shape()[1]);
+    let rows = ops::transpose_axes(&x.reshape(&[b, k, 1])?, &[0, 2, 1])?;
+    let y = ops::matmul(&rows, &weight_t.expand_dims(0)?)?;
+    Ok(y.reshape(&[b, weight_t.shape()[1]])?)
 }
 
 /// A linear layer with an optional bias.
