@@ -194,13 +194,16 @@ fn batched_decode_step_equals_each_sequence_alone() {
     }
 }
 
+/// Rows of different lengths (left-padded, attention masked) and of equal lengths (no padding,
+/// no mask) decode in a stack as each does alone.
 #[test]
 fn stacked_batch_decodes_like_each_sequence_alone() {
-    for model_type in ["qwen3", "llama"] {
+    let ragged: [&[u32]; 3] = [&[1, 2, 3], &[9, 8, 7, 6, 5, 4], &[42]];
+    let even: [&[u32]; 3] = [&[1, 2, 3], &[9, 8, 7], &[42, 43, 44]];
+    for (model_type, prefixes) in [("qwen3", ragged), ("llama", ragged), ("qwen3", even), ("llama", even)] {
         let tmp = tempfile::tempdir().unwrap();
         write_checkpoint(tmp.path(), &tiny_config(model_type), None);
         let model = load(tmp.path());
-        let prefixes: [&[u32]; 3] = [&[1, 2, 3], &[9, 8, 7, 6, 5, 4], &[42]];
         let mut solo = Vec::new();
         let mut rows = Vec::new();
         for p in prefixes {

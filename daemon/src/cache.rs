@@ -237,12 +237,17 @@ impl BatchCache {
         Array::from_slice(&v, &[v.len() as i32])
     }
 
-    /// Which of the `cur + 1` columns each row may attend to, `[B, 1, 1, cur + 1]` bool.
-    pub fn mask(&self) -> Result<Array, mlx_rs::error::Exception> {
+    /// Which of the `cur + 1` columns each row may attend to, `[B, 1, 1, cur + 1]` bool; `None`
+    /// when no row is padded (then attention needs no mask, and on a GPU takes its fused
+    /// kernels, which refuse an array mask).
+    pub fn mask(&self) -> Result<Option<Array>, mlx_rs::error::Exception> {
+        if self.pad.iter().all(|&p| p == 0) {
+            return Ok(None);
+        }
         let b = self.pad.len() as i32;
         let cols = ops::arange::<_, i32>(None, self.cur + 1, None)?.reshape(&[1, 1, 1, self.cur + 1])?;
         let pad = Array::from_slice(&self.pad, &[b, 1, 1, 1]);
-        ops::ge(&cols, &pad)
+        Ok(Some(ops::ge(&cols, &pad)?))
     }
 
     /// Writes this step's keys and values (`[B, kv_heads, 1, head_dim]`) of `layer` at column

@@ -451,7 +451,7 @@ mod tests {
     }
 
     fn max_diff(a: &Array, b: &Array) -> f32 {
-        ops::abs(ops::subtract(a, b).unwrap()).unwrap().max(None).unwrap().item::<f32>()
+        ops::abs(ops::subtract(a, b).unwrap()).unwrap().max(None).unwrap().item_exact::<f32>()
     }
 
     /// Stacked (or kept apart) projections give what each projection gives alone, for one row

@@ -120,14 +120,15 @@ impl Attention {
     }
 
     /// One decode step for a stacked batch ([`BatchCache`]): the same operations whatever the
-    /// batch size, with per-row RoPE offsets and a mask over each row's left padding.
+    /// batch size, with per-row RoPE offsets and a mask over each row's left padding (none when
+    /// no row is padded).
     fn decode_batched(
         &self,
         x: &Array,
         batch: &mut BatchCache,
         layer: usize,
         offsets: &Array,
-        mask: &Array,
+        mask: Option<&Array>,
     ) -> Result<Array> {
         let (q, k, v) = self.project_heads(x)?;
         let q = self.rope.forward_dynamic(&q, offsets)?;
@@ -138,7 +139,7 @@ impl Attention {
             &k,
             &v,
             self.scale,
-            ScaledDotProductAttentionMask::Array(mask),
+            mask.map(ScaledDotProductAttentionMask::Array),
             None,
         )?;
         self.o_proj.forward(&o.reshape(&[x.shape()[0], self.heads * self.head_dim])?)
@@ -212,7 +213,7 @@ impl Block {
         batch: &mut BatchCache,
         layer: usize,
         offsets: &Array,
-        mask: &Array,
+        mask: Option<&Array>,
     ) -> Result<Array> {
         let a = self.self_attn.decode_batched(&self.input_layernorm.forward(x)?, batch, layer, offsets, mask)?;
         let h = ops::add(x, a)?;
@@ -382,7 +383,7 @@ impl Transformer {
         let mask = batch.mask()?;
         let mut h = self.embed_tokens.rows(tokens)?;
         for (l, block) in self.layers.iter().enumerate() {
-            h = block.decode_batched(&h, batch, l, &offsets, &mask)?;
+            h = block.decode_batched(&h, batch, l, &offsets, mask.as_ref())?;
         }
         batch.advance();
         let h = self.norm.forward(&h)?;
