@@ -209,4 +209,8 @@ async fn the_memory_budget_holds_under_concurrent_requests() {
     assert!(peak > 0 && peak <= budget, "MLX peak memory {peak} exceeds the budget {budget}: {s}");
     let model = &s["data"]["resident_models"][0];
     assert!(model["mean_batch"].as_f64().unwrap() > 1.0, "requests still batched: {model}");
+    // What the model reports holding stays within what the budget leaves it.
+    let share = model["memory_share_bytes"].as_u64().expect("a share under a budget");
+    let held = model["memory_plan_bytes"].as_u64().unwrap() + model["prompt_cache_bytes"].as_u64().unwrap();
+    assert!(share > 0 && share < budget && held <= share, "{model}");
 }

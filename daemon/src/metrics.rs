@@ -67,6 +67,11 @@ impl Metrics {
                     "mean_ttft_ms": if requests > 0 { s.ttft_us.load(Ordering::Relaxed) as f64 / requests as f64 / 1e3 } else { 0.0 },
                     "kv_cache_bytes": s.kv_bytes.load(Ordering::Relaxed),
                     "prompt_cache_bytes": s.prompt_cache_bytes.load(Ordering::Relaxed),
+                    "memory_plan_bytes": s.kv_reserved.load(Ordering::Relaxed),
+                    "memory_share_bytes": match s.kv_limit.load(Ordering::Relaxed) {
+                        u64::MAX => Value::Null,
+                        limit => json!(limit),
+                    },
                     "slow_client_cancels": s.slow_client_cancels.load(Ordering::Relaxed),
                 })
             })
@@ -98,12 +103,27 @@ impl Metrics {
         counter("uptime_seconds", "Seconds since start.", "gauge", self.started.elapsed().as_secs());
         counter("connections", "Open WebSocket connections.", "gauge", get(&self.connections));
         counter("connections_total", "Connections accepted.", "counter", get(&self.connections_total));
-        counter("refused_connections_total", "Connections refused at max_connections.", "counter", get(&self.refused_connections));
-        counter("refused_handshakes_total", "Handshakes refused for a token or origin.", "counter", get(&self.refused_handshakes));
+        counter(
+            "refused_connections_total",
+            "Connections refused at max_connections.",
+            "counter",
+            get(&self.refused_connections),
+        );
+        counter(
+            "refused_handshakes_total",
+            "Handshakes refused for a token or origin.",
+            "counter",
+            get(&self.refused_handshakes),
+        );
         counter("requests_total", "Requests received.", "counter", get(&self.requests_total));
         counter("errors_total", "Error events sent.", "counter", get(&self.errors_total));
         counter("busy_total", "Requests refused with busy.", "counter", get(&self.busy_total));
-        counter("memory_active_bytes", "Device memory held by MLX arrays.", "gauge", mlx_rs::memory::active_memory().unwrap_or(0) as u64);
+        counter(
+            "memory_active_bytes",
+            "Device memory held by MLX arrays.",
+            "gauge",
+            mlx_rs::memory::active_memory().unwrap_or(0) as u64,
+        );
         counter("memory_peak_bytes", "Peak device memory.", "gauge", mlx_rs::memory::peak_memory().unwrap_or(0) as u64);
         let per_model = [
             ("model_running", "Sequences generating.", "gauge"),
