@@ -288,6 +288,7 @@ async fn metrics_over_http_and_sigterm_finishes_requests() {
     s.read_to_string(&mut body).await.unwrap();
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
     assert!(body.contains("mlxd_requests_total") && body.contains("mlxd_model_tokens_total{model=\"smollm2-135m-instruct\"}"), "{body}");
+    assert!(body.contains("mlxd_model_memory_plan_bytes{model=\"smollm2-135m-instruct\"}"), "{body}");
 
     send(&mut ws, gen("long", "Write a long story about the sea.", 400)).await;
     loop {

@@ -134,6 +134,8 @@ impl Metrics {
             ("model_batch_rows_total", "Sum of batch sizes over decode steps.", "counter"),
             ("model_ttft_seconds_sum", "Sum of time to first token.", "counter"),
             ("model_kv_cache_bytes", "KV cache of running sequences.", "gauge"),
+            ("model_prompt_cache_bytes", "KV state and logits kept for prompt reuse.", "gauge"),
+            ("model_memory_plan_bytes", "Most the running requests' KV state and working memory can reach.", "gauge"),
         ];
         let resident = registry.resident();
         for (name, help, kind) in per_model {
@@ -148,6 +150,8 @@ impl Metrics {
                     "model_decode_steps_total" => st.steps.load(Ordering::Relaxed) as f64,
                     "model_batch_rows_total" => st.batch_rows.load(Ordering::Relaxed) as f64,
                     "model_ttft_seconds_sum" => st.ttft_us.load(Ordering::Relaxed) as f64 / 1e6,
+                    "model_prompt_cache_bytes" => st.prompt_cache_bytes.load(Ordering::Relaxed) as f64,
+                    "model_memory_plan_bytes" => st.kv_reserved.load(Ordering::Relaxed) as f64,
                     _ => st.kv_bytes.load(Ordering::Relaxed) as f64,
                 };
                 let _ = writeln!(s, "mlxd_{name}{{model=\"{model}\"}} {v}");
