@@ -252,6 +252,19 @@ class ModelResult:
         """1 - variant / greedy decode tok/s of the same engine (plugins: vs mlxd greedy)."""
         return overhead(self.stat("greedy", engine, attr), self.stat(variant, engine, attr))
 
+    def paired_overhead(self, variant: str) -> Optional[float]:
+        """mlxd only, whose variants run interleaved (greedy, full, plugins, greedy, ...): 1 - the
+        median over repeats of variant / greedy decode tok/s of the same repeat. Runs next to each
+        other share the host's state, so this is steadier than a ratio of medians where the host's
+        speed drifts between runs."""
+        def runs(v: str) -> List[dict]:
+            return (((self.engine.get("variants") or {}).get(v) or {}).get("mlxd") or {}).get("runs") or []
+        base, other = runs("greedy"), runs(variant)
+        if not base or len(base) != len(other):
+            return None
+        ratios = [o["decode_tps"] / b["decode_tps"] for b, o in zip(base, other) if b.get("decode_tps")]
+        return 1.0 - statistics.median(ratios) if ratios else None
+
     @property
     def weight_bytes(self) -> Optional[int]:
         return self.engine.get("weight_bytes")
@@ -300,8 +313,11 @@ def single_stream_lines(m: ModelResult) -> List[str]:
             if by_median is None:
                 continue
             what = "full sampling" if variant == "full" else f"`{variant_title(variant)}`"
+            paired = m.paired_overhead(variant) if key == "mlxd" else None
+            paired_text = "" if paired is None else f"; run by run against the greedy run beside it, {fmt_pct(paired)}"
             lines.append(f"- {engine_name}: {what} costs **{fmt_pct(by_median)}** of greedy decode tok/s by "
-                         f"median, {fmt_pct(m.overhead(variant, key, 'decode_mean'))} by mean (1 - {variant} / greedy).")
+                         f"median, {fmt_pct(m.overhead(variant, key, 'decode_mean'))} by mean (1 - {variant} / greedy)"
+                         f"{paired_text}.")
     lines.append(prompt_cache_line(m.prompt_cache))
     return lines
 

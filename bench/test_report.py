@@ -125,6 +125,10 @@ class ReportTest(unittest.TestCase):
             self.assertIn(part, md.split("\n")[2])
         self.assertIn("mlxd / mlx-lm greedy decode: **1.50x** by median, 1.50x by mean", md)
         self.assertIn("mlxd: full sampling costs **1.0%** of greedy decode tok/s by median, 2.6% by mean", md)
+        # Run by run: 280/290, 297/300, 300/310 -> median 0.9677 -> 3.2%; mlx-lm runs are not paired.
+        self.assertIn("(1 - full / greedy); run by run against the greedy run beside it, 3.2%.", md)
+        self.assertIn("mlx-lm: full sampling costs **10.0%** of greedy decode tok/s by median, 10.0% by mean "
+                      "(1 - full / greedy).", md)
         self.assertIn("mlx-lm: full sampling costs **10.0%** of greedy decode tok/s by median, 10.0% by mean", md)
         self.assertIn("mlxd: `plugin: passthrough` costs **0.5%**", md)
         self.assertIn("mlxd: `plugin: dry` costs **5.0%**", md)

@@ -602,6 +602,28 @@ fn print_table(s: &Value) {
             );
         }
     }
+    // mlxd's variants run interleaved: each run against the greedy run beside it is steadier on
+    // a host whose speed drifts between runs.
+    let tps = |variant: &str| -> Vec<f64> {
+        s["variants"][variant]["mlxd"]["runs"]
+            .as_array()
+            .map(|r| r.iter().filter_map(|x| x["decode_tps"].as_f64()).collect())
+            .unwrap_or_default()
+    };
+    let greedy = tps("greedy");
+    for variant in s["variants"].as_object().into_iter().flatten().map(|(v, _)| v).filter(|v| *v != "greedy") {
+        let other = tps(variant);
+        if !greedy.is_empty() && other.len() == greedy.len() {
+            let mut ratios: Vec<f64> = other.iter().zip(&greedy).map(|(o, g)| o / g).collect();
+            ratios.sort_by(f64::total_cmp);
+            let n = ratios.len();
+            let median = if n % 2 == 1 { ratios[n / 2] } else { (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0 };
+            println!(
+                "mlxd: {variant} costs {:.1}% run by run (median of {variant} / the greedy run beside it)",
+                (1.0 - median) * 100.0
+            );
+        }
+    }
     let c = &s["prompt_cache"];
     if !c.is_null() {
         println!(
