@@ -222,6 +222,9 @@ pub struct StepProfile {
     pub built: u64,
     /// Host time spent building and queueing graphs.
     pub build: Duration,
+    /// CPU time the engine's thread spent on that (`build` without the time it was not
+    /// running: on a shared or virtual host the steadier measure of what building costs).
+    pub build_cpu: Duration,
     /// Host time blocked reading sampled ids.
     pub wait: Duration,
     /// Part of `build`: constructing the model and sampler graphs (no evaluation).
@@ -427,6 +430,7 @@ impl Engine {
         }
 
         let build_started = Instant::now();
+        let build_cpu_started = thread_cpu_time();
         // Rows that may need another token after their pending one get their next step queued,
         // fed with that pending token (already read for fresh rows, still unread for the others).
         let going_on: Vec<usize> = live
@@ -486,6 +490,7 @@ impl Engine {
             }
         }
         self.profile.build += build_started.elapsed();
+        self.profile.build_cpu += thread_cpu_time().saturating_sub(build_cpu_started);
 
         if !running.is_empty() {
             self.report(rows, &running, on_token)?;
@@ -674,4 +679,14 @@ fn read_row_logprobs(lp: &(Array, Array, Array), n: u32) -> Result<TokenLogprobs
 fn tokens_array(ids: &[u32]) -> Array {
     let v: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
     Array::from_slice(&v, &[1, v.len() as i32])
+}
+
+/// CPU time this thread has run (Linux and macOS; zero where unavailable).
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }

@@ -285,6 +285,7 @@ fn engine_compare(args: &Args, dir: &Path, plugin_runs: &[(String, SamplingParam
                 let acc = &mut profiles[k];
                 acc.steps += p.steps;
                 acc.build += p.build;
+                acc.build_cpu += p.build_cpu;
                 acc.wait += p.wait;
                 acc.graph += p.graph;
             }
@@ -295,10 +296,11 @@ fn engine_compare(args: &Args, dir: &Path, plugin_runs: &[(String, SamplingParam
         let profile = profiles[k];
         let per_step = |d: Duration| d.as_secs_f64() * 1e3 / profile.steps.max(1) as f64;
         eprintln!(
-            "mlxd {name}: host build {:.3} ms/step (model graph {:.3}, sampler + launch {:.3}), waiting for the device {:.3} ms/step",
+            "mlxd {name}: host build {:.3} ms/step (model graph {:.3}, sampler + launch {:.3}; thread CPU time {:.3}), waiting for the device {:.3} ms/step",
             per_step(profile.build),
             per_step(profile.graph),
             per_step(profile.build.saturating_sub(profile.graph)),
+            per_step(profile.build_cpu),
             per_step(profile.wait)
         );
         let plugin_row = !sampler.plugins.is_empty();
@@ -307,7 +309,7 @@ fn engine_compare(args: &Args, dir: &Path, plugin_runs: &[(String, SamplingParam
         let theirs = if args.mlx_lm && peer { Some(run_mlx_lm(args, dir, preload.as_deref(), name)?) } else { None };
         variants.insert(
             name.to_string(),
-            json!({"mlxd": {"runs": ours[k], "host_build_ms_per_step": per_step(profile.build), "device_wait_ms_per_step": per_step(profile.wait)}, "mlx_lm": theirs}),
+            json!({"mlxd": {"runs": ours[k], "host_build_ms_per_step": per_step(profile.build), "host_build_cpu_ms_per_step": per_step(profile.build_cpu), "device_wait_ms_per_step": per_step(profile.wait)}, "mlx_lm": theirs}),
         );
     }
     let cache_row =
