@@ -68,6 +68,9 @@ impl Metrics {
                     "kv_cache_bytes": s.kv_bytes.load(Ordering::Relaxed),
                     "prompt_cache_bytes": s.prompt_cache_bytes.load(Ordering::Relaxed),
                     "memory_plan_bytes": s.kv_reserved.load(Ordering::Relaxed),
+                    "host_build_us_total": s.host_build_us.load(Ordering::Relaxed),
+                    "host_build_cpu_us_total": s.host_build_cpu_us.load(Ordering::Relaxed),
+                    "device_wait_us_total": s.device_wait_us.load(Ordering::Relaxed),
                     "memory_share_bytes": match s.kv_limit.load(Ordering::Relaxed) {
                         u64::MAX => Value::Null,
                         limit => json!(limit),

@@ -132,6 +132,14 @@ pub struct WorkerStats {
     pub slow_client_cancels: AtomicU64,
     /// Device bytes of the prompt cache (KV state and logits of finished prompts).
     pub prompt_cache_bytes: AtomicU64,
+    /// Where decode steps' time went, summed since the model loaded (microseconds): building
+    /// and launching the next step on the host, the thread's CPU time for that, and waiting
+    /// for the device's tokens (see [`crate::engine::StepProfile`]).
+    pub host_build_us: AtomicU64,
+    /// See `host_build_us`.
+    pub host_build_cpu_us: AtomicU64,
+    /// See `host_build_us`.
+    pub device_wait_us: AtomicU64,
     /// When the thread last came back to its loop, milliseconds since [`epoch`].
     heartbeat_ms: AtomicU64,
     /// The thread is waiting for a command (nothing to do, so no heartbeat is due).
@@ -643,6 +651,10 @@ impl Worker {
         let batch = rows.len() as u64;
         let started = Instant::now();
         let result = self.engine.step(&mut rows, |i, ev| jobs[i].events.try_send(JobEvent::Token(ev.clone())).is_ok());
+        let profile = self.engine.profile();
+        self.stats.host_build_us.store(profile.build.as_micros() as u64, Ordering::Relaxed);
+        self.stats.host_build_cpu_us.store(profile.build_cpu.as_micros() as u64, Ordering::Relaxed);
+        self.stats.device_wait_us.store(profile.wait.as_micros() as u64, Ordering::Relaxed);
         // The step restacked the batch without the rows that had ended.
         self.retired.clear();
         match result {

@@ -180,6 +180,37 @@ fn summarize(runs: &[ClientRun], wall: f64) -> Value {
     })
 }
 
+/// The model's step counters from the daemon's `status`: decode steps, and microseconds of host
+/// build, its thread CPU time, and device wait, summed since the model loaded.
+async fn step_counters(addr: &str) -> Result<[f64; 4]> {
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/")).await?;
+    ws.next().await.context("hello")??;
+    ws.send(Message::text(json!({"type": "status", "id": "s"}).to_string())).await?;
+    loop {
+        let Some(m) = ws.next().await else { bail!("connection closed") };
+        let Message::Text(t) = m? else { continue };
+        let v: Value = serde_json::from_str(t.as_str())?;
+        if v["id"] == "s" {
+            let m = &v["data"]["resident_models"][0];
+            let f = |k: &str| m[k].as_f64().unwrap_or(0.0);
+            return Ok([
+                f("decode_steps"),
+                f("host_build_us_total"),
+                f("host_build_cpu_us_total"),
+                f("device_wait_us_total"),
+            ]);
+        }
+    }
+}
+
+/// What one level's decode steps cost inside the daemon, per step: to compare with
+/// `mlxd-bench engine`'s split of the same model (a gap between the two is the daemon's own).
+fn step_split(before: [f64; 4], after: [f64; 4]) -> Value {
+    let steps = (after[0] - before[0]).max(1.0);
+    let ms = |i: usize| (after[i] - before[i]) / steps / 1e3;
+    json!({"steps": after[0] - before[0], "host_build_ms_per_step": ms(1), "host_build_cpu_ms_per_step": ms(2), "device_wait_ms_per_step": ms(3)})
+}
+
 async fn level<F, Fut>(n: usize, prompt: usize, gen: usize, client: F) -> Result<Value>
 where
     F: Fn(String, usize, Instant) -> Fut,
@@ -208,8 +239,10 @@ pub fn run(a: LoadArgs) -> Result<Value> {
             level(n, a.prompt, a.gen, move |p, g, t| mlxd_client(addr.clone(), p, g, t)).await?;
         }
         for &n in &a.clients {
-            let addr = addr.clone();
-            let s = level(n, a.prompt, a.gen, move |p, g, t| mlxd_client(addr.clone(), p, g, t)).await?;
+            let before = step_counters(&addr).await?;
+            let level_addr = addr.clone();
+            let mut s = level(n, a.prompt, a.gen, move |p, g, t| mlxd_client(level_addr.clone(), p, g, t)).await?;
+            s["daemon_steps"] = step_split(before, step_counters(&addr).await?);
             eprintln!("mlxd {n} clients: {s}");
             ours.insert(n.to_string(), s);
         }
