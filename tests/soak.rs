@@ -22,7 +22,7 @@
 
 mod common;
 
-use common::daemon::{connect_with, rss_bytes, start, Daemon, Ws};
+use common::daemon::{connect_with, proc_status_bytes, rss_bytes, start, Daemon, Ws};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -664,15 +664,6 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1 << 20) as f64
 }
 
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak() {
     let secs = env_or("MLXD_SOAK_SECS", 25);
@@ -790,7 +781,7 @@ async fn soak() {
     tokio::time::sleep(Duration::from_secs(7)).await;
     let after = memory(&d, &mut monitor).await;
     let peak = rss_peak.load(std::sync::atomic::Ordering::Relaxed).max(after.rss);
-    let hwm = peak_rss(d.child.id());
+    let hwm = proc_status_bytes(d.child.id(), "VmHWM");
     let s = status(&mut monitor).await;
     let t = std::mem::take(&mut *tally.lock().unwrap());
 

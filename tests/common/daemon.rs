@@ -164,10 +164,16 @@ pub async fn finish(ws: &mut Ws, ids: &[&str]) -> std::collections::HashMap<Stri
 
 /// The process's resident set size, bytes (Linux `/proc`).
 pub fn rss_bytes(pid: u32) -> u64 {
+    proc_status_bytes(pid, "VmRSS")
+}
+
+/// A `kB` field of the process's `/proc/PID/status` (`VmRSS`, `VmHWM`, ...), in bytes; 0 when
+/// it cannot be read.
+pub fn proc_status_bytes(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
 }
