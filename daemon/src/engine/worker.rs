@@ -326,13 +326,10 @@ struct Worker {
     /// Positions of sequences that ended since the last decode step: the stacked batch still
     /// holds their rows until the next step restacks it, so they still count in the memory plan.
     retired: Vec<usize>,
-    /// The prompt cache's configured size; the memory plan may hold it to less.
-    prompt_cache_cap: usize,
 }
 
 impl Worker {
     fn new(engine: Engine, limits: WorkerLimits, stats: Arc<WorkerStats>) -> Self {
-        let prompt_cache_cap = engine.options().prompt_cache_bytes;
         Worker {
             engine,
             limits,
@@ -341,7 +338,6 @@ impl Worker {
             waiting: VecDeque::new(),
             active: Vec::new(),
             retired: Vec::new(),
-            prompt_cache_cap,
         }
     }
 
@@ -467,12 +463,12 @@ impl Worker {
     }
 
     /// Holds the prompt cache to what the model's memory share leaves after the memory plan of
-    /// the running sequences (evicting its least recently used entries), and publishes both.
+    /// the running sequences (evicting its least recently used entries; never above its
+    /// configured size), and publishes both.
     fn fit_prompt_cache(&mut self) {
         let limit = self.stats.kv_limit.load(Ordering::SeqCst);
         let plan = self.memory_plan(None);
-        let room = limit.saturating_sub(plan).min(self.prompt_cache_cap as u64) as usize;
-        self.engine.limit_prompt_cache(room);
+        self.engine.limit_prompt_cache(usize::try_from(limit.saturating_sub(plan)).unwrap_or(usize::MAX));
         self.stats.kv_reserved.store(plan, Ordering::Relaxed);
     }
 
@@ -496,7 +492,6 @@ impl Worker {
             return Ok(true);
         }
         if self.active.is_empty() && self.retired.is_empty() {
-            let alone = 2 * self.kv_plan(Some(positions));
             return Err((
                 ErrorCode::OutOfMemory,
                 format!(
@@ -505,7 +500,7 @@ impl Worker {
                      (engine.memory_budget_mb) leaves this model after the resident weights; lower max_tokens or \
                      raise the budget",
                     plan >> 20,
-                    (alone / 2) >> 20,
+                    self.kv_plan(Some(positions)) >> 20,
                     limit >> 20
                 ),
             ));
@@ -613,8 +608,7 @@ impl Worker {
             }
         }
         self.stats.running.store(self.active.len(), Ordering::SeqCst);
-        let rows: u64 = self.active.iter().map(|a| a.row.cache_bytes() as u64).sum();
-        self.stats.kv_bytes.store(rows + self.engine.held_kv_bytes() as u64, Ordering::Relaxed);
+        self.stats.kv_bytes.store(self.kv_held(), Ordering::Relaxed);
         if self.active.is_empty() {
             // Nothing left to restack: what the ended rows held is released with them.
             self.retired.clear();

@@ -94,18 +94,13 @@ impl Matrix {
     /// The matrices' rows one after another, as one matrix (evaluated, so the parts' buffers
     /// can go); `None` when they are not all dense or all quantized with the same parameters.
     fn stack_rows(parts: &[&Matrix]) -> Result<Option<Matrix>> {
-        let cat = |arrays: Vec<&Array>| -> Result<Array> {
-            let a = ops::concatenate(&arrays, 0)?;
-            a.eval()?;
-            Ok(a)
-        };
         let dense: Option<Vec<&Array>> =
             parts.iter().map(|m| if let Matrix::Dense { weight, .. } = m { Some(weight) } else { None }).collect();
         if let Some(dense) = dense {
             if dense.windows(2).any(|w| w[0].dtype() != w[1].dtype()) {
                 return Ok(None);
             }
-            return Ok(Some(Matrix::dense(cat(dense)?)?));
+            return Ok(Some(Matrix::dense(stack_evaluated(&dense)?)?));
         }
         let mut quantized = Vec::with_capacity(parts.len());
         for m in parts {
@@ -119,25 +114,23 @@ impl Matrix {
             return Ok(None);
         }
         Ok(Some(Matrix::Quantized {
-            weight: cat(quantized.iter().map(|q| q.0).collect())?,
-            scales: cat(quantized.iter().map(|q| q.1).collect())?,
-            biases: cat(quantized.iter().map(|q| q.2).collect())?,
+            weight: stack_evaluated(&quantized.iter().map(|q| q.0).collect::<Vec<_>>())?,
+            scales: stack_evaluated(&quantized.iter().map(|q| q.1).collect::<Vec<_>>())?,
+            biases: stack_evaluated(&quantized.iter().map(|q| q.2).collect::<Vec<_>>())?,
             quant,
         }))
     }
 
     /// Rows `start..end` as a matrix of their own: evaluated views of this one's buffers.
     fn row_view(&self, start: i32, end: i32) -> Result<Matrix> {
-        let rows = |a: &Array| -> Result<Array> {
-            let v = a.try_index(start..end)?;
-            v.eval()?;
-            Ok(v)
-        };
         Ok(match self {
-            Matrix::Dense { weight, .. } => Matrix::dense(rows(weight)?)?,
-            Matrix::Quantized { weight, scales, biases, quant } => {
-                Matrix::Quantized { weight: rows(weight)?, scales: rows(scales)?, biases: rows(biases)?, quant: *quant }
-            }
+            Matrix::Dense { weight, .. } => Matrix::dense(rows_evaluated(weight, start, end)?)?,
+            Matrix::Quantized { weight, scales, biases, quant } => Matrix::Quantized {
+                weight: rows_evaluated(weight, start, end)?,
+                scales: rows_evaluated(scales, start, end)?,
+                biases: rows_evaluated(biases, start, end)?,
+                quant: *quant,
+            },
         })
     }
 
@@ -153,6 +146,21 @@ impl Matrix {
             }
         })
     }
+}
+
+/// `arrays` one after another along the first axis, evaluated (so the inputs can be freed).
+fn stack_evaluated(arrays: &[&Array]) -> Result<Array> {
+    let a = ops::concatenate(arrays, 0)?;
+    a.eval()?;
+    Ok(a)
+}
+
+/// Rows `start..end` of `a` (first axis) as an evaluated view: no copy, and no Slice node in the
+/// graphs that use it.
+fn rows_evaluated(a: &Array, start: i32, end: i32) -> Result<Array> {
+    let v = a.try_index(start..end)?;
+    v.eval()?;
+    Ok(v)
 }
 
 thread_local! {
@@ -225,55 +233,46 @@ impl Linear {
 /// `attn_v` at 8 bits and `attn_q` at 4, or one of them dense) stay apart and are multiplied
 /// one by one.
 #[derive(Debug)]
-pub struct Stacked {
+pub struct Stacked<const N: usize> {
     /// The stacked projection, when the parts could be stacked.
     all: Option<Linear>,
-    parts: Vec<Linear>,
+    parts: [Linear; N],
     /// Where each part's output columns start in the stacked output (after the first).
     splits: Vec<i32>,
 }
 
-impl Stacked {
+impl<const N: usize> Stacked<N> {
     /// Stacks `parts` (the same input width) when they are all dense, or all quantized alike,
     /// and all have a bias or none; the separate matrices are then released once the stacked
     /// one is evaluated. Otherwise keeps them apart.
-    pub fn new(parts: Vec<Linear>) -> Result<Self> {
+    pub fn new(parts: [Linear; N]) -> Result<Self> {
         let biased = parts.iter().filter(|l| l.bias.is_some()).count();
         let matrices: Vec<&Matrix> = parts.iter().map(|l| &l.weight).collect();
         let weight = match Matrix::stack_rows(&matrices)? {
-            Some(w) if biased == 0 || biased == parts.len() => w,
+            Some(w) if biased == 0 || biased == N => w,
             _ => return Ok(Stacked { all: None, parts, splits: Vec::new() }),
         };
         let bias = if biased > 0 {
-            let b: Vec<&Array> = parts.iter().filter_map(|l| l.bias.as_ref()).collect();
-            let b = ops::concatenate(&b, 0)?;
-            b.eval()?;
-            Some(b)
+            Some(stack_evaluated(&parts.iter().filter_map(|l| l.bias.as_ref()).collect::<Vec<_>>())?)
         } else {
             None
         };
-        let rows: Vec<i32> = parts.iter().map(|l| l.weight.out_features()).collect();
+        let rows = parts.each_ref().map(|l| l.weight.out_features());
         drop(parts);
         let all = Linear { weight, bias };
-        let mut views = Vec::with_capacity(rows.len());
-        let mut splits = Vec::with_capacity(rows.len());
+        let mut views = Vec::with_capacity(N);
+        let mut splits = Vec::with_capacity(N);
         let mut start = 0;
         for n in rows {
             if start > 0 {
                 splits.push(start);
             }
-            let bias = match &all.bias {
-                Some(b) => {
-                    let v = b.try_index(start..start + n)?;
-                    v.eval()?;
-                    Some(v)
-                }
-                None => None,
-            };
+            let bias = all.bias.as_ref().map(|b| rows_evaluated(b, start, start + n)).transpose()?;
             views.push(Linear { weight: all.weight.row_view(start, start + n)?, bias });
             start += n;
         }
-        Ok(Stacked { all: Some(all), parts: views, splits })
+        let parts = views.try_into().unwrap_or_else(|_| unreachable!("one view per part"));
+        Ok(Stacked { all: Some(all), parts, splits })
     }
 
     /// Whether the parts share one matrix.
@@ -284,11 +283,12 @@ impl Stacked {
     /// All projections of `x` (`[..., in]`): with one multiplication, split along the last
     /// axis (views of one output; rows of a batch larger than 1 are then strided), or one by one
     /// when the parts are kept apart.
-    pub fn forward(&self, x: &Array) -> Result<Vec<Array>> {
-        match &self.all {
-            Some(all) => Ok(ops::split_at_indices(&all.forward(x)?, &self.splits, -1)?),
-            None => self.parts.iter().map(|p| p.forward(x)).collect(),
-        }
+    pub fn forward(&self, x: &Array) -> Result<[Array; N]> {
+        let outputs = match &self.all {
+            Some(all) => ops::split_at_indices(&all.forward(x)?, &self.splits, -1)?,
+            None => self.parts.iter().map(|p| p.forward(x)).collect::<Result<Vec<_>>>()?,
+        };
+        Ok(outputs.try_into().unwrap_or_else(|_| unreachable!("one output per part")))
     }
 
     /// Part `i` alone.
@@ -456,7 +456,7 @@ mod tests {
 
     /// Stacked (or kept apart) projections give what each projection gives alone, for one row
     /// and for a batch, through the stacked output and through the part views.
-    fn check(make: impl Fn() -> Vec<Linear>, stacked: bool) {
+    fn check<const N: usize>(make: impl Fn() -> [Linear; N], stacked: bool) {
         let expected_parts = make();
         let s = Stacked::new(make()).unwrap();
         assert_eq!(s.is_stacked(), stacked);
@@ -475,14 +475,14 @@ mod tests {
 
     #[test]
     fn stacked_projections_equal_the_separate_ones() {
-        check(|| vec![dense(48, 64, 1), dense(16, 64, 2), dense(16, 64, 3)], true);
-        check(|| vec![quantized(64, 64, 4, 4), quantized(32, 64, 5, 4)], true);
+        check(|| [dense(48, 64, 1), dense(16, 64, 2), dense(16, 64, 3)], true);
+        check(|| [quantized(64, 64, 4, 4), quantized(32, 64, 5, 4)], true);
     }
 
     #[test]
     fn projections_that_cannot_share_a_matrix_stay_apart() {
         // As in GGUF files that keep `attn_v` at 8 bits beside 4-bit `attn_q` / `attn_k`.
-        check(|| vec![quantized(64, 64, 6, 4), quantized(32, 64, 7, 4), quantized(32, 64, 8, 8)], false);
-        check(|| vec![quantized(64, 64, 9, 4), dense(32, 64, 10)], false);
+        check(|| [quantized(64, 64, 6, 4), quantized(32, 64, 7, 4), quantized(32, 64, 8, 8)], false);
+        check(|| [quantized(64, 64, 9, 4), dense(32, 64, 10)], false);
     }
 }

@@ -17,7 +17,7 @@ type Result<T> = std::result::Result<T, ModelError>;
 #[derive(Debug)]
 pub struct Attention {
     /// `q_proj`, `k_proj` and `v_proj`, stacked.
-    qkv: Stacked,
+    qkv: Stacked<3>,
     o_proj: Linear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
@@ -44,7 +44,7 @@ impl Attention {
         };
         let proj = |w: &mut Weights, name: &str| Linear::load(w, &format!("{p}.{name}"), a.qkv_bias, a.quant);
         Ok(Attention {
-            qkv: Stacked::new(vec![proj(w, "q_proj")?, proj(w, "k_proj")?, proj(w, "v_proj")?])?,
+            qkv: Stacked::new([proj(w, "q_proj")?, proj(w, "k_proj")?, proj(w, "v_proj")?])?,
             o_proj: Linear::load(w, &format!("{p}.o_proj"), a.o_bias, a.quant)?,
             q_norm: norm(w, "q_norm")?,
             k_norm: norm(w, "k_norm")?,
@@ -98,7 +98,7 @@ impl Attention {
             }
         };
         let [q, k, v] = if b == 1 {
-            <[Array; 3]>::try_from(self.qkv.forward(x)?).map_err(|_| ModelError::Config("q/k/v split".into()))?
+            self.qkv.forward(x)?
         } else {
             [self.qkv.part(0).forward(x)?, self.qkv.part(1).forward(x)?, self.qkv.part(2).forward(x)?]
         };
@@ -151,7 +151,7 @@ impl Attention {
 pub struct Mlp {
     /// `gate_proj` and `up_proj`, stacked: one multiplication, and the fused SwiGLU kernel reads
     /// the two halves of its output in place.
-    gate_up: Stacked,
+    gate_up: Stacked<2>,
     down_proj: Linear,
 }
 
@@ -159,14 +159,13 @@ impl Mlp {
     fn load(w: &mut Weights, p: &str, a: &ModelArgs) -> Result<Self> {
         let proj = |w: &mut Weights, name: &str| Linear::load(w, &format!("{p}.{name}"), false, a.quant);
         Ok(Mlp {
-            gate_up: Stacked::new(vec![proj(w, "gate_proj")?, proj(w, "up_proj")?])?,
+            gate_up: Stacked::new([proj(w, "gate_proj")?, proj(w, "up_proj")?])?,
             down_proj: Linear::load(w, &format!("{p}.down_proj"), false, a.quant)?,
         })
     }
 
     fn forward(&self, x: &Array) -> Result<Array> {
-        let [gate, up] =
-            <[Array; 2]>::try_from(self.gate_up.forward(x)?).map_err(|_| ModelError::Config("gate/up split".into()))?;
+        let [gate, up] = self.gate_up.forward(x)?;
         let h = swiglu(&gate, &up)?;
         self.down_proj.forward(&h)
     }
@@ -290,9 +289,14 @@ impl Transformer {
     /// hidden states in float32 (whatever the weights' dtype), and the logits with the
     /// sampler's vocabulary-wide temporaries (filtered logits, candidates, noise, log-softmax).
     pub fn decode_activation_bytes(&self, rows: usize) -> u64 {
+        rows as u64 * (self.position_activations() + 6 * self.args.vocab as u64) * 4
+    }
+
+    /// Values one position's hidden states take through a block: the residual stream and its
+    /// norms, q/k/v, the MLP's gate and up halves and their product.
+    fn position_activations(&self) -> u64 {
         let a = &self.args;
-        let hidden = 4 * a.hidden + 3 * a.intermediate + (a.heads + 2 * a.kv_heads) * a.head_dim;
-        rows as u64 * (hidden as u64 + 6 * a.vocab as u64) * 4
+        (4 * a.hidden + 3 * a.intermediate + (a.heads + 2 * a.kv_heads) * a.head_dim) as u64
     }
 
     /// Working memory of prefilling a prompt of `prompt` tokens in chunks of `chunk`, an upper
@@ -303,11 +307,10 @@ impl Transformer {
     pub fn prefill_activation_bytes(&self, chunk: usize, prompt: usize) -> u64 {
         let a = &self.args;
         let t = chunk.min(prompt).max(1) as u64;
-        let hidden = (4 * a.hidden + 3 * a.intermediate + (a.heads + 2 * a.kv_heads) * a.head_dim) as u64;
         let on_cpu = !mlx_rs::Device::default().to_string().contains("gpu");
         let fused = !on_cpu && self.norm.weight.dtype() != mlx_rs::Dtype::Float32 && a.head_dim <= 128;
         let scores = if fused { 0 } else { 2 * a.heads as u64 * t * prompt as u64 };
-        (t * hidden + scores + 6 * a.vocab as u64) * 4
+        (t * self.position_activations() + scores + 6 * a.vocab as u64) * 4
     }
 
     /// Number of decoder blocks (one cache entry each).

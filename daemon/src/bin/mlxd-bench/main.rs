@@ -547,8 +547,13 @@ fn random_prompt(n: usize, vocab: u32, seed: u64) -> Vec<u32> {
         .collect()
 }
 
+/// Field `key` of every run that has it, in run order.
+fn values(runs: &Value, key: &str) -> Vec<f64> {
+    runs.as_array().into_iter().flatten().filter_map(|r| r[key].as_f64()).collect()
+}
+
 fn stats(runs: &Value, key: &str) -> (f64, f64, f64) {
-    let mut v: Vec<f64> = runs.as_array().into_iter().flatten().filter_map(|r| r[key].as_f64()).collect();
+    let mut v = values(runs, key);
     if v.is_empty() {
         return (f64::NAN, f64::NAN, f64::NAN);
     }
@@ -606,12 +611,7 @@ fn print_table(s: &Value) {
     }
     // mlxd's variants run interleaved: each run against the greedy run beside it is steadier on
     // a host whose speed drifts between runs.
-    let tps = |variant: &str| -> Vec<f64> {
-        s["variants"][variant]["mlxd"]["runs"]
-            .as_array()
-            .map(|r| r.iter().filter_map(|x| x["decode_tps"].as_f64()).collect())
-            .unwrap_or_default()
-    };
+    let tps = |variant: &str| values(&s["variants"][variant]["mlxd"]["runs"], "decode_tps");
     let greedy = tps("greedy");
     for variant in s["variants"].as_object().into_iter().flatten().map(|(v, _)| v).filter(|v| *v != "greedy") {
         let other = tps(variant);
