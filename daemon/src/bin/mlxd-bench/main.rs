@@ -9,6 +9,8 @@
 //! mlxd-bench serve --shape qwen3-0.6b [--clients 1,2,4,8,16] [--prompt 64] [--gen 128]
 //!                                      concurrent WebSocket clients vs mlx_lm.server
 //! mlxd-bench graph --shape ...        primitives in one decode step
+//! mlxd-bench batch --shape ... [--clients 1,2,4,8,16] [--row-products off|on|both]
+//!                                      the engine stepping B sequences together (no daemon)
 //! mlxd-bench suite --json out.json [--models qwen3-0.6b:bf16,qwen3-0.6b:q4,...|NAME=PATH|smollm2]
 //!                  [--serve-model SHAPE:DTYPE|none] [--no-plugins] [engine and serve options]
 //!                                      everything the report needs, in one run (see `suite`)
@@ -22,6 +24,7 @@
 //! this executable, where `cargo build [--release] -p mlxd-plugin-passthrough -p mlxd-plugin-dry`
 //! puts them. mlx-lm has no counterpart, so plugin rows are mlxd only.
 
+mod batch;
 mod serve_load;
 mod suite;
 
@@ -111,6 +114,9 @@ struct Args {
     mlx_lm: bool,
     graph: bool,
     serve: bool,
+    batch: bool,
+    /// `batch`: several-row matmuls as MLX does them, as one-row products, or both.
+    row_products: String,
     clients: Vec<usize>,
     samplers: Vec<String>,
     /// `--plugin NAME[:JSON]`: name and params.
@@ -138,6 +144,8 @@ fn parse_args() -> Result<Args> {
         mlx_lm: true,
         graph: false,
         serve: false,
+        batch: false,
+        row_products: "off".into(),
         clients: vec![1, 2, 4, 8, 16],
         samplers: vec!["greedy".into()],
         plugins: Vec::new(),
@@ -154,13 +162,14 @@ fn parse_args() -> Result<Args> {
         Some("engine") => {}
         Some("graph") => a.graph = true,
         Some("serve") => a.serve = true,
+        Some("batch") => a.batch = true,
         Some("suite") => {
             a.suite = Some(suite::DEFAULT_MODELS.iter().map(|m| m.to_string()).collect());
             a.samplers = vec!["greedy".into(), "full".into()];
             a.plugins = vec![("passthrough".into(), "{}".into()), ("dry".into(), r#"{"multiplier":0.8}"#.into())];
         }
         _ => bail!(
-            "usage: mlxd-bench engine|serve|graph|suite (--shape NAME | --model DIR) [options]; see the file header"
+            "usage: mlxd-bench engine|serve|graph|batch|suite (--shape NAME | --model DIR) [options]; see the file header"
         ),
     }
     while let Some(flag) = it.next() {
@@ -189,6 +198,7 @@ fn parse_args() -> Result<Args> {
             "--models" => a.suite = Some(val()?.split(',').filter(|m| !m.is_empty()).map(String::from).collect()),
             "--serve-model" => a.serve_model = Some(val()?).filter(|m| m != "none"),
             "--no-plugins" => a.plugins.clear(),
+            "--row-products" => a.row_products = val()?,
             "--cache-prompt" => a.cache_prompt = val()?.parse().context("--cache-prompt")?,
             other => bail!("unknown flag {other}"),
         }
@@ -218,6 +228,13 @@ fn main() -> Result<()> {
             sampler_variants(&args.samplers)?.into_iter().map(|(n, s)| (n.to_string(), s)).collect();
         variants.extend(plugin_runs);
         return print_step_graph(&dir, &variants);
+    }
+    if args.batch {
+        let summary = batch::run(&args, &dir, &args.row_products)?;
+        if let Some(path) = &args.json {
+            std::fs::write(path, serde_json::to_string_pretty(&summary)?)?;
+        }
+        return Ok(());
     }
     if args.serve {
         let summary = serve_load::run(serve_load::LoadArgs {
@@ -278,9 +295,15 @@ fn engine_compare(args: &Args, dir: &Path, plugin_runs: &[(String, SamplingParam
             engine.reset_profile();
             let _ = mlx_rs::memory::clear_cache();
             let _ = mlx_rs::memory::reset_peak_memory();
-            let out = engine.generate(&req, |_| true)?;
+            let mut arrivals = Vec::with_capacity(args.gen);
+            let out = engine.generate(&req, |_| {
+                arrivals.push(std::time::Instant::now());
+                true
+            })?;
             if r > 0 {
-                ours[k].push(run_json(&out, mlx_rs::memory::peak_memory().unwrap_or(0)));
+                let mut run = run_json(&out, mlx_rs::memory::peak_memory().unwrap_or(0));
+                run["step_median_s"] = json!(median_step(&arrivals));
+                ours[k].push(run);
                 let p = engine.profile();
                 let acc = &mut profiles[k];
                 acc.steps += p.steps;
@@ -291,8 +314,20 @@ fn engine_compare(args: &Args, dir: &Path, plugin_runs: &[(String, SamplingParam
             }
         }
     }
+    // mlx-lm runs the variants it has a twin of (bench/mlx_lm_bench.py): greedy and full,
+    // interleaved in one process like ours.
+    let twins: Vec<&str> = variants_list
+        .iter()
+        .filter(|(name, sampler)| sampler.plugins.is_empty() && matches!(name.as_str(), "greedy" | "full"))
+        .map(|(name, _)| name.as_str())
+        .collect();
+    let peer_runs = if args.mlx_lm && !twins.is_empty() {
+        Some(run_mlx_lm(args, dir, preload.as_deref(), &twins.join(","))?)
+    } else {
+        None
+    };
     let mut variants = serde_json::Map::new();
-    for (k, (name, sampler)) in variants_list.iter().enumerate() {
+    for (k, (name, _)) in variants_list.iter().enumerate() {
         let profile = profiles[k];
         let per_step = |d: Duration| d.as_secs_f64() * 1e3 / profile.steps.max(1) as f64;
         eprintln!(
@@ -303,10 +338,7 @@ fn engine_compare(args: &Args, dir: &Path, plugin_runs: &[(String, SamplingParam
             per_step(profile.build_cpu),
             per_step(profile.wait)
         );
-        let plugin_row = !sampler.plugins.is_empty();
-        // mlx-lm runs the variants it has a twin of (bench/mlx_lm_bench.py): greedy and full.
-        let peer = !plugin_row && matches!(name.as_str(), "greedy" | "full");
-        let theirs = if args.mlx_lm && peer { Some(run_mlx_lm(args, dir, preload.as_deref(), name)?) } else { None };
+        let theirs = peer_runs.as_ref().map(|p| &p["variants"][name.as_str()]).filter(|v| !v.is_null()).cloned();
         variants.insert(
             name.to_string(),
             json!({"mlxd": {"runs": ours[k], "host_build_ms_per_step": per_step(profile.build), "host_build_cpu_ms_per_step": per_step(profile.build_cpu), "device_wait_ms_per_step": per_step(profile.wait)}, "mlx_lm": theirs}),
@@ -509,6 +541,13 @@ fn prompt_cache_ttft(engine: &mut Engine, vocab: u32, tokens: usize) -> Result<V
     }))
 }
 
+/// The median time between consecutive tokens: the decode speed of an undisturbed step, which
+/// a shared host's occasional descheduling (a few slow steps in a run) leaves alone.
+fn median_step(arrivals: &[std::time::Instant]) -> Option<f64> {
+    let mut gaps: Vec<Duration> = arrivals.windows(2).map(|w| w[1] - w[0]).collect();
+    (!gaps.is_empty()).then(|| median_d(&mut gaps))
+}
+
 fn median_d(v: &mut [Duration]) -> f64 {
     v.sort();
     v[v.len() / 2].as_secs_f64()
@@ -561,6 +600,22 @@ fn stats(runs: &Value, key: &str) -> (f64, f64, f64) {
     (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
+/// What `variant` costs against greedy in percent, as the median over pairs of runs (each run of
+/// the variant against the greedy run before it) of `key`; `time` says `key` is a duration
+/// (larger is slower) rather than a speed.
+fn paired_cost(s: &Value, engine: &str, variant: &str, key: &str, time: bool) -> Option<f64> {
+    let greedy = values(&s["variants"]["greedy"][engine]["runs"], key);
+    let other = values(&s["variants"][variant][engine]["runs"], key);
+    if greedy.is_empty() || other.len() != greedy.len() {
+        return None;
+    }
+    let mut ratios: Vec<f64> = other.iter().zip(&greedy).map(|(o, g)| if time { g / o } else { o / g }).collect();
+    ratios.sort_by(f64::total_cmp);
+    let n = ratios.len();
+    let median = if n % 2 == 1 { ratios[n / 2] } else { (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0 };
+    Some((1.0 - median) * 100.0)
+}
+
 fn print_table(s: &Value) {
     println!(
         "\n{} | {} | MLX {} | prompt {} tok, generate {} tok, {} runs after warm-up (median [min-max])",
@@ -571,8 +626,8 @@ fn print_table(s: &Value) {
         s["gen_tokens"],
         s["repeats"]
     );
-    println!("| engine | sampler | decode tok/s | prefill tok/s | TTFT ms | peak MiB |");
-    println!("| --- | --- | --- | --- | --- | --- |");
+    println!("| engine | sampler | decode tok/s | steady tok/s | prefill tok/s | TTFT ms | peak MiB |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
     let mut decode = std::collections::BTreeMap::new();
     for (variant, v) in s["variants"].as_object().into_iter().flatten() {
         for engine in ["mlxd", "mlx_lm"] {
@@ -581,11 +636,13 @@ fn print_table(s: &Value) {
                 continue;
             }
             let (d, dl, dh) = stats(runs, "decode_tps");
+            let (step, _, _) = stats(runs, "step_median_s");
             let (p, _, _) = stats(runs, "prefill_tps");
             let (t, _, _) = stats(runs, "ttft_s");
             let (m, _, _) = stats(runs, "peak_bytes");
             println!(
-                "| {engine} | {variant} | {d:.1} [{dl:.1}-{dh:.1}] | {p:.0} | {:.1} | {:.0} |",
+                "| {engine} | {variant} | {d:.1} [{dl:.1}-{dh:.1}] | {:.1} | {p:.0} | {:.1} | {:.0} |",
+                1.0 / step,
                 t * 1e3,
                 m / (1u64 << 20) as f64
             );
@@ -609,20 +666,19 @@ fn print_table(s: &Value) {
             );
         }
     }
-    // mlxd's variants run interleaved: each run against the greedy run beside it is steadier on
-    // a host whose speed drifts between runs.
-    let tps = |variant: &str| values(&s["variants"][variant]["mlxd"]["runs"], "decode_tps");
-    let greedy = tps("greedy");
-    for variant in s["variants"].as_object().into_iter().flatten().map(|(v, _)| v).filter(|v| *v != "greedy") {
-        let other = tps(variant);
-        if !greedy.is_empty() && other.len() == greedy.len() {
-            let mut ratios: Vec<f64> = other.iter().zip(&greedy).map(|(o, g)| o / g).collect();
-            ratios.sort_by(f64::total_cmp);
-            let n = ratios.len();
-            let median = if n % 2 == 1 { ratios[n / 2] } else { (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0 };
+    // Variants run interleaved (both engines): each run against the greedy run beside it is
+    // steadier on a host whose speed drifts between runs, and the median step time leaves out
+    // the steps a shared host delays.
+    for engine in ["mlxd", "mlx_lm"] {
+        for variant in s["variants"].as_object().into_iter().flatten().map(|(v, _)| v).filter(|v| *v != "greedy") {
+            let (Some(by_run), Some(by_step)) = (
+                paired_cost(s, engine, variant, "decode_tps", false),
+                paired_cost(s, engine, variant, "step_median_s", true),
+            ) else {
+                continue;
+            };
             println!(
-                "mlxd: {variant} costs {:.1}% run by run (median of {variant} / the greedy run beside it)",
-                (1.0 - median) * 100.0
+                "{engine}: {variant} costs {by_run:.1}% run by run (median of {variant} / the greedy run beside it), {by_step:.1}% by median step time"
             );
         }
     }

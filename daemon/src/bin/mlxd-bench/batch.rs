@@ -1,0 +1,169 @@
+//! `mlxd-bench batch`: the engine decoding B sequences together, without the daemon around it,
+//! for B = 1, 2, 4, 8, 16 by default. For each batch size it prints the aggregate tok/s, the
+//! scaling against B = 1 and where a step's time goes (host build, the engine thread's CPU time
+//! while building, waiting for the device), so a shortfall of the concurrency benchmark can be
+//! pinned on the engine's step or on the daemon around it.
+//!
+//! With `--row-products both` every batch size runs twice, alternating, with MLX's several-row
+//! matmuls and with the rows as a batch of one-row products (see
+//! `mlxd::models::layers::set_row_products`), which is the A/B for MLX's CUDA matmul path.
+
+use super::{random_prompt, Args};
+use anyhow::{Context, Result};
+use mlxd::engine::{Engine, EngineOptions, GenerateRequest, StepProfile};
+use mlxd::sampling::SamplingParams;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// What one batch of `b` sequences measured.
+struct Measured {
+    /// Tokens after each row's first, over the time of the steps that produced them.
+    tps: f64,
+    profile: StepProfile,
+    /// Median wall time of a step in which every row was decoding.
+    step_ms: f64,
+}
+
+/// Runs `b` sequences of `gen` tokens from `prompt_len`-token prompts together, stepping until
+/// all are done; the prefill is not timed.
+fn one_batch(engine: &mut Engine, b: usize, prompt_len: usize, gen: usize, vocab: u32) -> Result<Measured> {
+    let mut rows = (0..b)
+        .map(|i| {
+            engine.start(GenerateRequest {
+                prompt: random_prompt(prompt_len, vocab, 100 + i as u64),
+                max_tokens: gen,
+                stop: vec![],
+                sampler: SamplingParams::default(),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // The first step reports the first tokens and stacks the rows; time from the one after.
+    {
+        let mut refs: Vec<_> = rows.iter_mut().collect();
+        engine.step(&mut refs, |_, _| true)?;
+    }
+    engine.reset_profile();
+    let started = Instant::now();
+    let mut tokens = 0usize;
+    let mut steps = Vec::new();
+    loop {
+        let mut refs: Vec<_> = rows.iter_mut().filter(|r| r.finished().is_none()).collect();
+        if refs.is_empty() {
+            break;
+        }
+        let full = refs.len() == b;
+        let t = Instant::now();
+        engine.step(&mut refs, |_, _| {
+            tokens += 1;
+            true
+        })?;
+        if full {
+            steps.push(t.elapsed());
+        }
+    }
+    let elapsed = started.elapsed();
+    let profile = engine.profile();
+    for row in rows {
+        engine.finish(row);
+    }
+    steps.sort();
+    let step_ms = steps.get(steps.len() / 2).copied().unwrap_or_default().as_secs_f64() * 1e3;
+    Ok(Measured { tps: tokens as f64 / elapsed.as_secs_f64(), profile, step_ms })
+}
+
+fn per_step(d: Duration, p: &StepProfile) -> f64 {
+    d.as_secs_f64() * 1e3 / p.steps.max(1) as f64
+}
+
+/// The batch sizes of `--clients` against each other; prints the table and returns its JSON.
+pub fn run(args: &Args, dir: &Path, row_products: &str) -> Result<Value> {
+    let modes: Vec<bool> = match row_products {
+        "off" => vec![false],
+        "on" => vec![true],
+        "both" => vec![false, true],
+        other => anyhow::bail!("--row-products {other}: use off, on or both"),
+    };
+    let report = mlxd::runtime::Report::gather();
+    let model = mlxd::models::load(dir).with_context(|| format!("loading {}", dir.display()))?;
+    let vocab = model.model.args.vocab as u32;
+    let mut engine = Engine::new(model, EngineOptions { prompt_cache_bytes: 0, ..Default::default() });
+    engine.model.eos_ids.clear(); // random weights: run to the token count
+    let sizes = args.clients.clone();
+    // Warm-up: every size once in every mode (kernels, compiled graphs, allocator).
+    for &mode in &modes {
+        mlxd::models::layers::set_row_products(mode);
+        for &b in &sizes {
+            one_batch(&mut engine, b, args.prompt, args.gen.min(32), vocab)?;
+        }
+    }
+    let mut results: Vec<Vec<Vec<Measured>>> =
+        modes.iter().map(|_| sizes.iter().map(|_| Vec::new()).collect()).collect();
+    for _ in 0..args.repeats.max(1) {
+        for (si, &b) in sizes.iter().enumerate() {
+            for (mi, &mode) in modes.iter().enumerate() {
+                mlxd::models::layers::set_row_products(mode);
+                results[mi][si].push(one_batch(&mut engine, b, args.prompt, args.gen, vocab)?);
+            }
+        }
+    }
+    mlxd::models::layers::set_row_products(false);
+
+    println!(
+        "\n{} | {} | MLX {} | {} | prompt {} tok, {} tok per row, {} runs (median)",
+        report.device_name.clone().unwrap_or_default(),
+        report.backend,
+        report.mlx_version,
+        dir.display(),
+        args.prompt,
+        args.gen,
+        args.repeats.max(1)
+    );
+    println!("| rows | matmuls | aggregate tok/s | x rows=1 | step ms (median) | host build ms/step | thread CPU ms/step | device wait ms/step |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    let mut out = Vec::new();
+    for (mi, &mode) in modes.iter().enumerate() {
+        let base = median(results[mi][0].iter().map(|m| m.tps).collect());
+        for (si, &b) in sizes.iter().enumerate() {
+            let runs = &results[mi][si];
+            // The run whose throughput is the median, for its step profile.
+            let mut order: Vec<usize> = (0..runs.len()).collect();
+            order.sort_by(|&x, &y| runs[x].tps.total_cmp(&runs[y].tps));
+            let m = &runs[order[order.len() / 2]];
+            let p = &m.profile;
+            let matmuls = if mode { "one-row products" } else { "MLX" };
+            println!(
+                "| {b} | {matmuls} | {:.1} | {:.2} | {:.3} | {:.3} | {:.3} | {:.3} |",
+                m.tps,
+                m.tps / base,
+                m.step_ms,
+                per_step(p.build, p),
+                per_step(p.build_cpu, p),
+                per_step(p.wait, p)
+            );
+            out.push(json!({
+                "rows": b,
+                "row_products": mode,
+                "aggregate_tps": runs.iter().map(|m| m.tps).collect::<Vec<_>>(),
+                "step_ms_median": m.step_ms,
+                "host_build_ms_per_step": per_step(p.build, p),
+                "host_build_cpu_ms_per_step": per_step(p.build_cpu, p),
+                "device_wait_ms_per_step": per_step(p.wait, p),
+            }));
+        }
+    }
+    Ok(json!({
+        "model": dir.display().to_string(),
+        "device": report.device_name,
+        "backend": report.backend,
+        "mlx": report.mlx_version,
+        "prompt_tokens": args.prompt,
+        "gen_tokens": args.gen,
+        "batches": out,
+    }))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
