@@ -22,7 +22,8 @@
 //! 8. **Typical-p** — of the survivors (renormalized), keep the tokens whose surprisal is
 //!    closest to the entropy, smallest such set holding mass p (Meister et al. 2022).
 //! 9. **Pick** — Gumbel-max draw (`argmax(logit + Gumbel noise)`, which samples the softmax
-//!    exactly) from a per-request key split every step; or argmax for greedy rows.
+//!    exactly), the noise of each candidate a counter-based hash of the request's key and the
+//!    token id, the key advanced every step; or argmax for greedy rows.
 //!
 //! **Sampler plugins** (see [`crate::plugins`]) join the pipeline per row: *processor* plugins
 //! run after step 3 and before step 4, in the order the request lists them; a *final sampler*
@@ -52,8 +53,9 @@
 //! # One compiled call per step
 //! A decode step on a GPU is bound by how many primitives the host builds and launches, so the
 //! whole step is one compiled graph: the rows' state goes in (random keys `[B, 2]`, repetition
-//! windows `[B, C]`, generated-token counts `[B, V]`) and comes out advanced: the key is split
-//! and the Gumbel noise drawn inside the graph, and the window and counts take the picked token
+//! windows `[B, C]`, generated-token counts `[B, V]`) and comes out advanced: the key advances
+//! and the Gumbel noise is computed for the candidates only (a hash of key and token id, fused
+//! with the ops around it) inside the graph, and the window and counts take the picked token
 //! inside the graph. Per-row parameters are `[B, 1]` columns built once per batch composition
 //! and reused while the batch stays the same, so a steady step copies nothing from the host.
 //!

@@ -7,8 +7,8 @@
 //! filter's neutral value (top-k = the candidate width, top-p and typical-p = infinity,
 //! ln min-p = -infinity, penalty 1 or 0), so a batch of different requests runs one graph.
 //!
-//! Everything a step needs happens inside the one compiled call: the random key is split and
-//! the Gumbel noise drawn in the graph, and the repetition window and the generated-token counts
+//! Everything a step needs happens inside the one compiled call: the random key advances and
+//! the Gumbel noise is hashed from key and token id in the graph, and the repetition window and the generated-token counts
 //! are advanced with the picked tokens in the graph. On a GPU each primitive outside a compiled
 //! graph is one more kernel launch per token, and decode is bound by launches, not by math.
 
@@ -299,38 +299,65 @@ fn and(keep: Option<Array>, more: Array) -> Result<Array, Exception> {
     }
 }
 
-/// Raw 32-bit random words of `shape` from one key (`[2]` uint32), MLX's Threefry generator.
-fn random_bits(shape: &[i32], key: &Array) -> Result<Array, Exception> {
-    crate::ffi::array_op(|res, stream| {
-        // SAFETY: mlx-c's random bits with a key and shape that outlive the call.
-        unsafe { mlx_sys::mlx_random_bits(res, shape.as_ptr(), shape.len(), 4, key.as_ptr(), stream) }
-    })
-    .ok_or_else(|| {
-        Exception::custom(format!("random bits of shape {shape:?} for a key of shape {:?} failed", key.shape()))
-    })
+fn u32_scalar(v: u32) -> Array {
+    Array::from_slice(&[v], &[1])
 }
 
-/// Advances each row's key (`keys`: `[B, 2]` uint32) and draws the row's Gumbel noise: one
-/// Threefry draw of `2 + V` words per row, the first two the row's next key, the rest this
-/// step's noise (counter-based, so the two parts are independent streams, as in
-/// `mlx.random.split`). Returns (next keys `[B, 2]`, noise `[B, V]`). A row's noise depends on
-/// its key and V only, never on the other rows (MLX takes one key per draw, so rows draw one by
-/// one).
-fn split_and_draw(keys: &Array, b: i32, v: i32) -> Result<(Array, Array), Exception> {
-    let mut words = Vec::with_capacity(b as usize);
-    for i in 0..b {
-        let key = if b == 1 { keys.reshape(&[2])? } else { keys.try_index(i)? };
-        words.push(random_bits(&[1, 2 + v], &key)?);
-    }
-    let words = if b == 1 { words.pop().expect("one row") } else { ops::concatenate(&words, 0)? };
-    let next = words.try_index((.., ..2))?;
-    let bits = words.try_index((.., 2..))?;
-    // Uniform in (0, 1) from the top 24 bits, centred in their bucket so neither end is hit;
-    // then Gumbel(0, 1) = -ln(-ln u).
-    let u = bits.floor_divide(Array::from_slice(&[256u32], &[1]))?.as_type::<f32>()?;
-    let u = u.add(Array::from_f32(0.5))?.multiply(Array::from_f32(1.0 / 16_777_216.0))?;
-    let noise = u.log()?.negative()?.log()?.negative()?;
-    Ok((next, noise))
+fn binary_u32(
+    name: &str,
+    a: &Array,
+    b: &Array,
+    op: unsafe extern "C" fn(
+        *mut mlx_sys::mlx_array,
+        mlx_sys::mlx_array,
+        mlx_sys::mlx_array,
+        mlx_sys::mlx_stream,
+    ) -> i32,
+) -> Result<Array, Exception> {
+    crate::ffi::array_op(|res, stream| {
+        // SAFETY: an mlx-c binary op on arrays that outlive the call.
+        unsafe { op(res, a.as_ptr(), b.as_ptr(), stream) }
+    })
+    .ok_or_else(|| Exception::custom(format!("{name} of {:?} and {:?} failed", a.shape(), b.shape())))
+}
+
+fn xor(a: &Array, b: &Array) -> Result<Array, Exception> {
+    binary_u32("bitwise xor", a, b, mlx_sys::mlx_bitwise_xor)
+}
+
+/// Counter-based random words: for each row's key `(k0, k1)` (`keys`: `[B, 2]` uint32) and
+/// each counter `x` (`[B or 1, n]` uint32), MurmurHash3's 32-bit finalizer applied to
+/// `(x ^ k0) * 0x9e3779b1` with `k1` mixed in after its first round. Every step is a bijection
+/// for a fixed key (xor, odd multiplier, xorshift), so the words of one row never collide, and
+/// every output bit depends on every input bit; a row's words depend on its key and counters
+/// only, never on the other rows. Eleven elementwise operations (uint32 products wrap): inside
+/// the compiled step they fuse with the ops around them instead of launching a generator kernel
+/// over the whole vocabulary.
+fn hash_words(keys: &Array, x: &Array) -> Result<Array, Exception> {
+    let (k0, k1) = (keys.try_index((.., ..1))?, keys.try_index((.., 1..))?);
+    let shifted = |x: &Array, n: u32| binary_u32("right shift", x, &u32_scalar(n), mlx_sys::mlx_right_shift);
+    let h = xor(x, &k0)?.multiply(u32_scalar(0x9e37_79b1))?;
+    let h = xor(&h, &shifted(&h, 16)?)?.multiply(u32_scalar(0x85eb_ca6b))?;
+    let h = xor(&h, &k1)?;
+    let h = xor(&h, &shifted(&h, 13)?)?.multiply(u32_scalar(0xc2b2_ae35))?;
+    xor(&h, &shifted(&h, 16)?)
+}
+
+/// `ln(-ln u)` for the token ids `ids` (`[B, n]`) of each row, `u` uniform in (0, 1): minus a
+/// standard Gumbel variable, so `argmax(logit - noise)` draws from the softmax. A token's noise
+/// depends on the row's key and the token's id only (not on where the token sits among the
+/// candidates, nor on the batch), so a row draws the same token alone or batched.
+fn neg_gumbel_for(keys: &Array, ids: &Array) -> Result<Array, Exception> {
+    let words = hash_words(keys, &ids.as_type::<u32>()?)?;
+    // The top 24 bits, centred in their bucket so neither end of (0, 1) is hit.
+    let u = binary_u32("right shift", &words, &u32_scalar(8), mlx_sys::mlx_right_shift)?.as_type::<f32>()?;
+    let u = u.multiply(Array::from_f32(1.0 / 16_777_216.0))?.add(Array::from_f32(0.5 / 16_777_216.0))?;
+    u.log()?.negative()?.log()
+}
+
+/// Each row's next key: the words of two counters no token id reaches.
+fn next_keys(keys: &Array) -> Result<Array, Exception> {
+    hash_words(keys, &Array::from_slice(&[u32::MAX, u32::MAX - 1], &[1, 2]))
 }
 
 /// The whole pipeline; see the parent module for the order and the reasons behind it.
@@ -374,16 +401,17 @@ fn graph(st: Stages, inputs: &[Array]) -> Result<Vec<Array>, Exception> {
 
     let mut next_keys = None;
     let (tokens, candidates) = if st.random {
-        let (keys, noise) = split_and_draw(named.get(Slot::Keys)?, b, v)?;
-        next_keys = Some(keys);
+        let keys = named.get(Slot::Keys)?;
+        next_keys = Some(self::next_keys(keys)?);
         let inv_temperature = named.get(Slot::InvTemperature)?;
         let is_greedy = if st.mixed_greedy { Some(named.get(Slot::Greedy)?.reshape(&[b])?) } else { None };
         // 4. Temperature.
         let scaled = logits.multiply(inv_temperature)?;
         let (drawn, candidates) = if st.any_filter() {
-            filtered_draw(st, &scaled, &noise, &named)?
+            filtered_draw(st, &scaled, keys, &named)?
         } else {
-            (argmax_axis(scaled.add(&noise)?, -1, false)?, scaled)
+            let ids = Array::arange::<u32, u32>(0, v as u32, 1)?.reshape(&[1, v])?;
+            (argmax_axis(scaled.subtract(neg_gumbel_for(keys, &ids)?)?, -1, false)?, scaled)
         };
         match is_greedy {
             Some(g) => {
@@ -439,14 +467,14 @@ fn advance(st: Stages, named: &Named, tokens: &Array) -> Result<Vec<Array>, Exce
     Ok(out)
 }
 
-/// The `k` best candidates of each row, from `neg` (`[B, V]`, the tempered logits negated, so
-/// the best come first in ascending order and no separate negation kernel is launched): their
-/// negated values and token ids (`[B, k]`), unordered. With `chunk = Some(c)`, the row is cut
-/// into chunks of `c` logits, the `k` chunks with the highest maxima are kept, and the
-/// candidates are partitioned out of those `k * c` logits. That finds the same set: each of the
-/// `k` best logits lies in a chunk whose maximum is at least the k-th best logit, and at most
-/// `k` chunks have such a maximum. It replaces one partition of the whole vocabulary (a full
-/// sort on some GPU backends) with a reduction and two small partitions.
+/// The `k` best candidates of each row, best first, from `neg` (`[B, V]`, the tempered logits
+/// negated, so the best come first in ascending order and no separate negation kernel is
+/// launched): their negated values and token ids (`[B, k]`). With `chunk = Some(c)`, the row
+/// is cut into chunks of `c` logits, the `k` chunks with the highest maxima are kept, and the
+/// `k * c` logits of those are sorted (one single-block sort on the GPU: `k * c <= 4096`).
+/// That finds the same set: each of the `k` best logits lies in a chunk whose maximum is at
+/// least the k-th best logit, and at most `k` chunks have such a maximum. It replaces sorting
+/// the whole vocabulary with a reduction and two small sorts.
 fn top_candidates(neg: &Array, k: i32, chunk: Option<i32>, named: &Named) -> Result<(Array, Array), Exception> {
     let (b, v) = (neg.shape()[0], neg.shape()[1]);
     match chunk {
@@ -462,12 +490,14 @@ fn top_candidates(neg: &Array, k: i32, chunk: Option<i32>, named: &Named) -> Res
                 .reshape(&[b, k, 1])?
                 .add(offsets)?
                 .reshape(&[b, k * c])?;
-            let part = argpartition_axis(&values, k - 1, -1)?.try_index((.., ..k))?;
-            Ok((values.take_along_axis(&part, -1)?, ids.take_along_axis(&part, -1)?))
+            let order = argsort_axis(&values, -1)?.try_index((.., ..k))?;
+            Ok((values.take_along_axis(&order, -1)?, ids.take_along_axis(&order, -1)?))
         }
         None => {
             let part = argpartition_axis(neg, k - 1, -1)?.try_index((.., ..k))?;
-            Ok((neg.take_along_axis(&part, -1)?, part))
+            let values = neg.take_along_axis(&part, -1)?;
+            let order = argsort_axis(&values, -1)?;
+            Ok((values.take_along_axis(&order, -1)?, part.take_along_axis(&order, -1)?))
         }
     }
 }
@@ -491,7 +521,7 @@ pub(crate) fn chunk_width(k: i32, v: i32) -> Option<i32> {
 /// Filters work on candidates sorted by descending logit; each sees the distribution the
 /// previous ones left (renormalized), so the last draw samples exactly from what survived.
 /// Returns the drawn ids and, for inspection, the surviving logits in vocabulary order.
-fn filtered_draw(st: Stages, scaled: &Array, noise: &Array, named: &Named) -> Result<(Array, Array), Exception> {
+fn filtered_draw(st: Stages, scaled: &Array, keys: &Array, named: &Named) -> Result<(Array, Array), Exception> {
     let b = scaled.shape()[0];
     // Candidates, best first: `sorted` holds their logits, `ids` their token ids.
     // Sorting the negated logits ascending puts the best first; the negation fuses into the
@@ -500,8 +530,7 @@ fn filtered_draw(st: Stages, scaled: &Array, noise: &Array, named: &Named) -> Re
     let (sorted, ids) = match st.truncate {
         Some(k) => {
             let (values, ids) = top_candidates(&neg, k, st.chunk, named)?;
-            let order = argsort_axis(&values, -1)?;
-            (values.take_along_axis(&order, -1)?.negative()?, ids.take_along_axis(&order, -1)?)
+            (values.negative()?, ids)
         }
         None => {
             let order = argsort_axis(&neg, -1)?;
@@ -532,10 +561,9 @@ fn filtered_draw(st: Stages, scaled: &Array, noise: &Array, named: &Named) -> Re
     }
 
     let candidates = masked(&sorted, keep.as_ref())?;
-    // Noise is indexed by token id, not by rank, so a row draws the same token whatever the
-    // batch around it (and whatever truncation width the batch chose).
-    let noise = noise.take_along_axis(&ids, -1)?;
-    let pick = argmax_axis(candidates.add(&noise)?, -1, true)?;
+    // Noise is a function of the token id, not of the rank, so a row draws the same token
+    // whatever the batch around it (and whatever truncation width the batch chose).
+    let pick = argmax_axis(candidates.subtract(neg_gumbel_for(keys, &ids)?)?, -1, true)?;
     let drawn = ids.take_along_axis(&pick, -1)?.reshape(&[b])?;
     let in_vocab_order = if st.inspect {
         Array::full::<f32>(scaled.shape(), neg_inf())?.put_along_axis(&ids, &candidates, -1)?
