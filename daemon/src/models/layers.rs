@@ -182,11 +182,11 @@ pub fn set_row_products(enabled: bool) {
 }
 
 fn use_row_products(x: &Array, weight_t: &Array) -> bool {
-    const MAX_MATRIX_BYTES: usize = 64 << 20;
-    x.ndim() == 2
-        && (2..=32).contains(&x.shape()[0])
-        && weight_t.nbytes() <= MAX_MATRIX_BYTES
-        && ROW_PRODUCTS.with(|c| c.get())
+    static MAX_MATRIX_BYTES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let max = *MAX_MATRIX_BYTES.get_or_init(|| {
+        std::env::var("MLXD_ROW_GEMV_MAX_MB").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(64) << 20
+    });
+    x.ndim() == 2 && (2..=32).contains(&x.shape()[0]) && weight_t.nbytes() <= max && ROW_PRODUCTS.with(|c| c.get())
 }
 
 /// `x @ W^T` for `x` of `[B, K]` as `B` one-row products: `x` viewed as `[B, 1, K]` with strides

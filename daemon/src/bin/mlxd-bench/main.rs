@@ -227,6 +227,9 @@ fn main() -> Result<()> {
         let mut variants: Vec<(String, SamplingParams)> =
             sampler_variants(&args.samplers)?.into_iter().map(|(n, s)| (n.to_string(), s)).collect();
         variants.extend(plugin_runs);
+        if args.clients.len() == 1 && args.clients[0] > 1 {
+            return print_batched_graph(&dir, args.clients[0]);
+        }
         return print_step_graph(&dir, &variants);
     }
     if args.batch {
@@ -469,6 +472,43 @@ fn print_step_graph(dir: &Path, variants: &[(String, SamplingParams)]) -> Result
             println!("| {name} | {total} | {:+} |", total as i64 - base as i64);
         }
     }
+    Ok(())
+}
+
+/// Prints the primitives of one greedy decode step of `rows` sequences stacked in one batch
+/// (`graph --clients N`), next to a one-sequence step, by kind: what batching adds per step.
+fn print_batched_graph(dir: &Path, rows: usize) -> Result<()> {
+    let loaded = mlxd::models::load(dir)?;
+    let model = &loaded.model;
+    let mut caches = Vec::new();
+    for r in 0..rows {
+        let mut cache = mlxd::cache::SequenceCache::new(model.num_layers());
+        let prompt = Array::from_slice(&[1i32, 2, 3, r as i32 + 4], &[1, 4]);
+        model.forward_last(&prompt, &mut cache)?.eval()?;
+        cache.eval()?;
+        caches.push(cache);
+    }
+    let one = {
+        let mut cache = caches[0].clone();
+        let token = Array::from_slice(&[5u32], &[1]);
+        model.forward_batch(&token, &mut [&mut cache])?.eval()?;
+        cache.eval()?;
+        let logits = model.forward_batch(&token, &mut [&mut cache])?;
+        graph_kinds(&mlx_rs::ops::indexing::argmax_axis(&logits, -1, false)?)?
+    };
+    let views: Vec<&mlxd::cache::SequenceCache> = caches.iter().collect();
+    let mut batch = mlxd::cache::BatchCache::build((0..rows as u64).collect(), &views)?;
+    let tokens = Array::from_slice(&vec![5u32; rows], &[rows as i32]);
+    model.forward_batched(&tokens, &mut batch)?.eval()?;
+    let logits = model.forward_batched(&tokens, &mut batch)?;
+    let many = graph_kinds(&mlx_rs::ops::indexing::argmax_axis(&logits, -1, false)?)?;
+    let kinds: std::collections::BTreeSet<&String> = one.keys().chain(many.keys()).collect();
+    println!("| primitive | 1 row | {rows} rows |\n| --- | --- | --- |");
+    for k in kinds {
+        let (a, b) = (one.get(k).copied().unwrap_or(0), many.get(k).copied().unwrap_or(0));
+        println!("| {k} | {a} | {b} |{}", if a != b { " *" } else { "" });
+    }
+    println!("| total | {} | {} |", one.values().sum::<usize>(), many.values().sum::<usize>());
     Ok(())
 }
 
