@@ -25,13 +25,21 @@ struct Measured {
     step_ms: f64,
 }
 
-/// Runs `b` sequences of `gen` tokens from `prompt_len`-token prompts together, stepping until
-/// all are done; the prefill is not timed.
-fn one_batch(engine: &mut Engine, b: usize, prompt_len: usize, gen: usize, vocab: u32) -> Result<Measured> {
+/// Runs `b` sequences of `gen` tokens from prompts of `prompt_len` tokens (row `i`: `i * stagger`
+/// more, so that rows of different lengths share a padded stack, as a daemon's rows do)
+/// together, stepping until all are done; the prefill is not timed.
+fn one_batch(
+    engine: &mut Engine,
+    b: usize,
+    prompt_len: usize,
+    gen: usize,
+    vocab: u32,
+    stagger: usize,
+) -> Result<Measured> {
     let mut rows = (0..b)
         .map(|i| {
             engine.start(GenerateRequest {
-                prompt: random_prompt(prompt_len, vocab, 100 + i as u64),
+                prompt: random_prompt(prompt_len + i * stagger, vocab, 100 + i as u64),
                 max_tokens: gen,
                 stop: vec![],
                 sampler: SamplingParams::default(),
@@ -94,7 +102,7 @@ pub fn run(args: &Args, dir: &Path, row_products: &str) -> Result<Value> {
     for &mode in &modes {
         mlxd::models::layers::set_row_products(mode);
         for &b in &sizes {
-            one_batch(&mut engine, b, args.prompt, args.gen.min(32), vocab)?;
+            one_batch(&mut engine, b, args.prompt, args.gen.min(32), vocab, args.stagger)?;
         }
     }
     let mut results: Vec<Vec<Vec<Measured>>> =
@@ -103,19 +111,20 @@ pub fn run(args: &Args, dir: &Path, row_products: &str) -> Result<Value> {
         for (si, &b) in sizes.iter().enumerate() {
             for (mi, &mode) in modes.iter().enumerate() {
                 mlxd::models::layers::set_row_products(mode);
-                results[mi][si].push(one_batch(&mut engine, b, args.prompt, args.gen, vocab)?);
+                results[mi][si].push(one_batch(&mut engine, b, args.prompt, args.gen, vocab, args.stagger)?);
             }
         }
     }
     mlxd::models::layers::set_row_products(false);
 
     println!(
-        "\n{} | {} | MLX {} | {} | prompt {} tok, {} tok per row, {} runs (median)",
+        "\n{} | {} | MLX {} | {} | prompt {} tok (+{} per row), {} tok per row, {} runs (median)",
         report.device_name.clone().unwrap_or_default(),
         report.backend,
         report.mlx_version,
         dir.display(),
         args.prompt,
+        args.stagger,
         args.gen,
         args.repeats.max(1)
     );
@@ -160,6 +169,7 @@ pub fn run(args: &Args, dir: &Path, row_products: &str) -> Result<Value> {
         "backend": report.backend,
         "mlx": report.mlx_version,
         "prompt_tokens": args.prompt,
+        "stagger": args.stagger,
         "gen_tokens": args.gen,
         "batches": out,
     }))

@@ -9,7 +9,7 @@
 //! mlxd-bench serve --shape qwen3-0.6b [--clients 1,2,4,8,16] [--prompt 64] [--gen 128]
 //!                                      concurrent WebSocket clients vs mlx_lm.server
 //! mlxd-bench graph --shape ...        primitives in one decode step
-//! mlxd-bench batch --shape ... [--clients 1,2,4,8,16] [--row-products off|on|both]
+//! mlxd-bench batch --shape ... [--clients 1,2,4,8,16] [--row-products off|on|both] [--stagger N]
 //!                                      the engine stepping B sequences together (no daemon)
 //! mlxd-bench suite --json out.json [--models qwen3-0.6b:bf16,qwen3-0.6b:q4,...|NAME=PATH|smollm2]
 //!                  [--serve-model SHAPE:DTYPE|none] [--no-plugins] [engine and serve options]
@@ -117,6 +117,8 @@ struct Args {
     batch: bool,
     /// `batch`: several-row matmuls as MLX does them, as one-row products, or both.
     row_products: String,
+    /// `batch`: row `i`'s prompt is this many tokens longer per `i` (a padded stack).
+    stagger: usize,
     clients: Vec<usize>,
     samplers: Vec<String>,
     /// `--plugin NAME[:JSON]`: name and params.
@@ -146,6 +148,7 @@ fn parse_args() -> Result<Args> {
         serve: false,
         batch: false,
         row_products: "off".into(),
+        stagger: 0,
         clients: vec![1, 2, 4, 8, 16],
         samplers: vec!["greedy".into()],
         plugins: Vec::new(),
@@ -199,6 +202,7 @@ fn parse_args() -> Result<Args> {
             "--serve-model" => a.serve_model = Some(val()?).filter(|m| m != "none"),
             "--no-plugins" => a.plugins.clear(),
             "--row-products" => a.row_products = val()?,
+            "--stagger" => a.stagger = val()?.parse().context("--stagger")?,
             "--cache-prompt" => a.cache_prompt = val()?.parse().context("--cache-prompt")?,
             other => bail!("unknown flag {other}"),
         }
