@@ -116,7 +116,13 @@ pub struct LimitsConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        LimitsConfig { max_prompt_tokens: 32_768, max_tokens: 8192, default_max_tokens: 512, max_queue: 64, max_batch: 16 }
+        LimitsConfig {
+            max_prompt_tokens: 32_768,
+            max_tokens: 8192,
+            default_max_tokens: 512,
+            max_queue: 64,
+            max_batch: 16,
+        }
     }
 }
 
@@ -133,11 +139,31 @@ pub struct EngineConfig {
     /// A model whose thread spends longer than this in one admission (prefill included) or one
     /// decode step is set aside: its requests fail and it loads again (0 = no watchdog).
     pub step_timeout_s: u64,
+    /// MLX's CUDA backend records each step's kernels into CUDA graphs (`MLX_USE_CUDA_GRAPHS`);
+    /// `false` launches them directly. Applied at start-up unless that variable is set; no
+    /// effect on other backends. See docs/benchmarks.md for what each costs.
+    pub cuda_graphs: bool,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { prefill_chunk: 512, prompt_cache_mb: 1024, memory_budget_mb: 0, step_timeout_s: 120 }
+        EngineConfig {
+            prefill_chunk: 512,
+            prompt_cache_mb: 1024,
+            memory_budget_mb: 0,
+            step_timeout_s: 120,
+            cuda_graphs: true,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// Sets `MLX_USE_CUDA_GRAPHS` from `cuda_graphs` unless the environment already does, so
+    /// MLX reads it when its CUDA device starts. Call before any other thread exists.
+    pub fn apply_to_environment(&self) {
+        if std::env::var_os("MLX_USE_CUDA_GRAPHS").is_none() {
+            std::env::set_var("MLX_USE_CUDA_GRAPHS", if self.cuda_graphs { "1" } else { "0" });
+        }
     }
 }
 
@@ -202,7 +228,8 @@ impl Config {
 
     /// Checks bounds; each error names its key.
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let bad = |key: &str, message: String| Err(ConfigError::Invalid { path: path.into(), key: key.into(), message });
+        let bad =
+            |key: &str, message: String| Err(ConfigError::Invalid { path: path.into(), key: key.into(), message });
         if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
             return bad("server.listen", format!("must be ADDRESS:PORT, got {:?}", self.server.listen));
         }
@@ -224,7 +251,10 @@ impl Config {
             }
         }
         if self.limits.default_max_tokens > self.limits.max_tokens {
-            return bad("limits.default_max_tokens", format!("must not exceed limits.max_tokens ({})", self.limits.max_tokens));
+            return bad(
+                "limits.default_max_tokens",
+                format!("must not exceed limits.max_tokens ({})", self.limits.max_tokens),
+            );
         }
         if self.limits.max_batch > 256 {
             return bad("limits.max_batch", format!("must be at most 256, got {}", self.limits.max_batch));
@@ -233,7 +263,10 @@ impl Config {
             return bad("models", "must declare at least one model".into());
         }
         for (name, m) in &self.models {
-            if name.is_empty() || name.len() > 128 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)) {
+            if name.is_empty()
+                || name.len() > 128
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+            {
                 return bad(&format!("models.{name}"), "names use letters, digits and - _ . : (at most 128)".into());
             }
             if m.path.is_empty() {
@@ -280,6 +313,7 @@ mod tests {
         assert_eq!(cfg.limits.max_tokens, d.limits.max_tokens);
         assert_eq!(cfg.limits.max_batch, d.limits.max_batch);
         assert_eq!(cfg.engine.prompt_cache_mb, d.engine.prompt_cache_mb);
+        assert_eq!(cfg.engine.cuda_graphs, d.engine.cuda_graphs);
         assert_eq!(cfg.engine.step_timeout_s, d.engine.step_timeout_s);
         assert_eq!(cfg.server.slow_client_timeout_s, d.server.slow_client_timeout_s);
         assert_eq!(cfg.default_model(), crate::default_model::NAME);

@@ -47,6 +47,7 @@ fn serve(args: &[String]) -> Result<()> {
     }
     mlxd::serve::init_logging(opts.log_json);
     let cfg = mlxd::serve::load_config(&opts)?;
+    cfg.engine.apply_to_environment(); // before MLX starts and before any thread exists
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(mlxd::serve::serve(cfg))?;
     // Shutdown is complete: every request got its final event and the model threads were
@@ -71,8 +72,12 @@ fn generate(args: &[String]) -> Result<()> {
         let mut val = |name: &str| it.next().with_context(|| format!("{name} needs a value"));
         match a.as_str() {
             "--model" => model = Some(val("--model")?.into()),
-            "--max-tokens" => max_tokens = val("--max-tokens")?.parse().context("--max-tokens must be a whole number")?,
-            "--temperature" => sampler.temperature = val("--temperature")?.parse().context("--temperature must be a number")?,
+            "--max-tokens" => {
+                max_tokens = val("--max-tokens")?.parse().context("--max-tokens must be a whole number")?
+            }
+            "--temperature" => {
+                sampler.temperature = val("--temperature")?.parse().context("--temperature must be a number")?
+            }
             "--seed" => sampler.seed = Some(val("--seed")?.parse().context("--seed must be a whole number")?),
             "--raw" => raw = true,
             s if s.starts_with("--") => bail!("unknown option {s}\n{USAGE}"),
