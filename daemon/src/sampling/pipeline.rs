@@ -8,9 +8,10 @@
 //! ln min-p = -infinity, penalty 1 or 0), so a batch of different requests runs one graph.
 //!
 //! Everything a step needs happens inside the one compiled call: the random key advances and
-//! the Gumbel noise is hashed from key and token id in the graph, and the repetition window and the generated-token counts
-//! are advanced with the picked tokens in the graph. On a GPU each primitive outside a compiled
-//! graph is one more kernel launch per token, and decode is bound by launches, not by math.
+//! the Gumbel noise is hashed from key and token id in the graph, and the repetition window and
+//! the generated-token counts are advanced with the picked tokens in the graph. On a GPU each
+//! primitive outside a compiled graph is one more kernel launch per token, and decode is bound
+//! by launches, not by math.
 
 use mlx_rs::error::Exception;
 use mlx_rs::ops::indexing::{argmax_axis, scatter_add_single, TryIndexOp};
