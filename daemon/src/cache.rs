@@ -231,11 +231,6 @@ impl BatchCache {
         Ok(BatchCache { members, keys, values, pad, cur })
     }
 
-    /// Left padding of each row: the columns before its first cached position.
-    pub fn pads(&self) -> &[i32] {
-        &self.pad
-    }
-
     /// Positions already cached per row (RoPE offsets of this step's tokens), `[B]` int32.
     pub fn offsets(&self) -> Array {
         let v: Vec<i32> = self.pad.iter().map(|p| self.cur - p).collect();
