@@ -236,44 +236,6 @@ fn stacked_batch_decodes_like_each_sequence_alone() {
     }
 }
 
-/// The experimental masked attention for padded stacks
-/// (`mlxd::models::transformer::set_gemv_masked_attention`) decodes a ragged batch as MLX's
-/// masked attention does.
-#[test]
-fn padded_attention_by_gemv_equals_mlx_masked_attention() {
-    for model_type in ["qwen3", "llama"] {
-        let tmp = tempfile::tempdir().unwrap();
-        write_checkpoint(tmp.path(), &tiny_config(model_type), None);
-        let model = load(tmp.path());
-        let prefixes: [&[u32]; 3] = [&[1, 2, 3], &[9, 8, 7, 6, 5, 4], &[42]];
-        let mut outputs = Vec::new();
-        for gemv in [false, true] {
-            mlxd::models::transformer::set_gemv_masked_attention(gemv);
-            let caches: Vec<SequenceCache> = prefixes
-                .iter()
-                .map(|p| {
-                    let mut c = SequenceCache::new(model.num_layers());
-                    model.forward_all(&ids(p), &mut c).unwrap();
-                    c
-                })
-                .collect();
-            let refs: Vec<&SequenceCache> = caches.iter().collect();
-            let mut batch = mlxd::cache::BatchCache::build(vec![1, 2, 3], &refs).unwrap();
-            assert!(batch.mask().unwrap().is_some(), "the rows differ in length: the stack is padded");
-            let mut steps = Vec::new();
-            for tokens in [[11i32, 22, 33], [5, 6, 7]] {
-                steps.push(to_vec(&model.forward_batched(&Array::from_slice(&tokens, &[3]), &mut batch).unwrap()));
-            }
-            outputs.push(steps);
-        }
-        mlxd::models::transformer::set_gemv_masked_attention(false);
-        for (s, (a, b)) in outputs[0].iter().zip(&outputs[1]).enumerate() {
-            let err = rel_err(b, a);
-            assert!(err <= tolerance(), "{model_type} step {s}: rel err {err:e}");
-        }
-    }
-}
-
 /// The experimental row-by-row products (`mlxd::models::layers::set_row_products`, for MLX's
 /// CUDA backend) decode a batch as the plain matmuls do.
 #[test]

@@ -134,59 +134,16 @@ impl Attention {
         let q = self.rope.forward_dynamic(&q, offsets)?;
         let k = self.rope.forward_dynamic(&k, offsets)?;
         let (k, v) = batch.update_and_fetch(layer, &k, &v)?;
-        let o = match mask {
-            Some(mask) if gemv_masked_attention() => padded_attention(&q, &k, &v, self.scale, mask)?,
-            _ => fast::scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                self.scale,
-                mask.map(ScaledDotProductAttentionMask::Array),
-                None,
-            )?,
-        };
+        let o = fast::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            self.scale,
+            mask.map(ScaledDotProductAttentionMask::Array),
+            None,
+        )?;
         self.o_proj.forward(&o.reshape(&[x.shape()[0], self.heads * self.head_dim])?)
     }
-}
-
-thread_local! {
-    static GEMV_MASKED_ATTENTION: std::cell::Cell<bool> =
-        std::cell::Cell::new(std::env::var("MLXD_MASKED_ATTENTION").is_ok_and(|v| v == "gemv"));
-}
-
-/// Experimental, off by default (`MLXD_MASKED_ATTENTION=gemv` sets it at start): padded
-/// batches on this thread attend through [`padded_attention`] instead of MLX's attention with
-/// an array mask. Measured alone it did not pay (docs/benchmarks.md, session 4): the step's
-/// other cuBLASLt calls kept MLX's CUDA graphs from being updated anyway; with every product of
-/// the step off cuBLASLt (see [`crate::models::layers::set_row_products`]) it might.
-pub fn set_gemv_masked_attention(enabled: bool) {
-    GEMV_MASKED_ATTENTION.with(|c| c.set(enabled));
-}
-
-fn gemv_masked_attention() -> bool {
-    GEMV_MASKED_ATTENTION.with(|c| c.get())
-}
-
-/// One query position of each row (`q`: `[B, H, 1, D]`) attending to its cached keys and values
-/// (`[B, H_kv, T, D]`) where `mask` (`[B, 1, 1, T]` bool) allows: a padded batch, whose rows
-/// started at different lengths. MLX's fused attention kernels refuse an array mask, and its
-/// fallback multiplies several query heads per KV head at once, which on CUDA goes through
-/// cuBLASLt (set up and captured per call, and not updatable in the step's CUDA graph). Here
-/// the scores are a batch of one-row products against the keys as stored (MLX's gemv), and the
-/// weighted sum of values an elementwise product and a sum: no cuBLASLt call per layer.
-fn padded_attention(q: &Array, k: &Array, v: &Array, scale: f32, mask: &Array) -> Result<Array> {
-    let (b, h, d) = (q.shape()[0], q.shape()[1], q.shape()[3]);
-    let (kv_heads, t) = (k.shape()[1], k.shape()[2]);
-    let g = h / kv_heads;
-    let q = ops::multiply(&q.reshape(&[b, kv_heads, g, 1, d])?, Array::from_f32(scale).as_dtype(q.dtype())?)?;
-    let keys_t = ops::swap_axes(&k.expand_dims(2)?, -1, -2)?; // [B, H_kv, 1, D, T], a view
-    let scores = ops::matmul(&q, &keys_t)?.as_dtype(mlx_rs::Dtype::Float32)?; // [B, H_kv, G, 1, T]
-    let allowed = mask.reshape(&[b, 1, 1, 1, t])?;
-    let scores = ops::select(&allowed, &scores, Array::from_f32(f32::NEG_INFINITY))?;
-    let p = ops::softmax_axis(&scores, -1, None)?.as_dtype(v.dtype())?;
-    let p = ops::swap_axes(&p, -1, -2)?; // [B, H_kv, G, T, 1]
-    let o = ops::multiply(&p, &v.expand_dims(2)?)?.sum_axis(-2, false)?; // [B, H_kv, G, D]
-    Ok(o.reshape(&[b, h, 1, d])?)
 }
 
 /// SwiGLU feed-forward.
