@@ -7,6 +7,7 @@
 //! With `--row-products both` every batch size runs twice, alternating, with MLX's several-row
 //! matmuls and with the rows as a batch of one-row products (see
 //! `mlxd::models::layers::set_row_products`), which is the A/B for MLX's CUDA matmul path.
+//! The flag decides for the run (default `off`), whatever `MLXD_ROW_GEMV` says.
 
 use super::{random_prompt, Args};
 use anyhow::{Context, Result};

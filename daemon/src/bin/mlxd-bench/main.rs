@@ -8,7 +8,8 @@
 //! mlxd-bench engine --model /path/to/hf-dir ...
 //! mlxd-bench serve --shape qwen3-0.6b [--clients 1,2,4,8,16] [--prompt 64] [--gen 128]
 //!                                      concurrent WebSocket clients vs mlx_lm.server
-//! mlxd-bench graph --shape ...        primitives in one decode step
+//! mlxd-bench graph --shape ... [--clients N]
+//!                                      primitives in one decode step (N > 1: N stacked rows vs one)
 //! mlxd-bench batch --shape ... [--clients 1,2,4,8,16] [--row-products off|on|both] [--stagger N]
 //!                                      the engine stepping B sequences together (no daemon)
 //! mlxd-bench suite --json out.json [--models qwen3-0.6b:bf16,qwen3-0.6b:q4,...|NAME=PATH|smollm2]
