@@ -252,17 +252,24 @@ class ModelResult:
         """1 - variant / greedy decode tok/s of the same engine (plugins: vs mlxd greedy)."""
         return overhead(self.stat("greedy", engine, attr), self.stat(variant, engine, attr))
 
-    def paired_overhead(self, variant: str) -> Optional[float]:
-        """mlxd only, whose variants run interleaved (greedy, full, plugins, greedy, ...): 1 - the
-        median over repeats of variant / greedy decode tok/s of the same repeat. Runs next to each
-        other share the host's state, so this is steadier than a ratio of medians where the host's
-        speed drifts between runs."""
+    def paired_overhead(self, variant: str, engine: str = "mlxd", key: str = "decode_tps") -> Optional[float]:
+        """1 - the median over repeats of variant / greedy of the same repeat (`key`: decode
+        tok/s, or `step_median_s`, the median time between tokens, where the ratio is inverted).
+        Runs next to each other share the host's state, so this is steadier than a ratio of
+        medians where the host's speed drifts between runs. mlxd's variants always run
+        interleaved; mlx-lm's only in runs that carry `step_median_s` (older JSON ran them one
+        variant after the other, so their runs are not paired)."""
         def runs(v: str) -> List[dict]:
-            return (((self.engine.get("variants") or {}).get(v) or {}).get("mlxd") or {}).get("runs") or []
+            return (((self.engine.get("variants") or {}).get(v) or {}).get(engine) or {}).get("runs") or []
         base, other = runs("greedy"), runs(variant)
         if not base or len(base) != len(other):
             return None
-        ratios = [o["decode_tps"] / b["decode_tps"] for b, o in zip(base, other) if b.get("decode_tps")]
+        if engine != "mlxd" and not all(r.get("step_median_s") for r in base + other):
+            return None
+        if key == "step_median_s":
+            ratios = [b[key] / o[key] for b, o in zip(base, other) if b.get(key) and o.get(key)]
+        else:
+            ratios = [o[key] / b[key] for b, o in zip(base, other) if b.get(key)]
         return 1.0 - statistics.median(ratios) if ratios else None
 
     @property
@@ -313,8 +320,11 @@ def single_stream_lines(m: ModelResult) -> List[str]:
             if by_median is None:
                 continue
             what = "full sampling" if variant == "full" else f"`{variant_title(variant)}`"
-            paired = m.paired_overhead(variant) if key == "mlxd" else None
+            paired = m.paired_overhead(variant, key)
+            by_step = m.paired_overhead(variant, key, "step_median_s")
             paired_text = "" if paired is None else f"; run by run against the greedy run beside it, {fmt_pct(paired)}"
+            if by_step is not None:
+                paired_text += f", by median time between tokens {fmt_pct(by_step)}"
             lines.append(f"- {engine_name}: {what} costs **{fmt_pct(by_median)}** of greedy decode tok/s by "
                          f"median, {fmt_pct(m.overhead(variant, key, 'decode_mean'))} by mean (1 - {variant} / greedy)"
                          f"{paired_text}.")

@@ -117,6 +117,22 @@ class ReportTest(unittest.TestCase):
         with open(os.path.join(self.out_dir, name), "rb") as f:
             self.assertEqual(f.read(8), PNG_SIGNATURE, name)
 
+    def test_interleaved_mlx_lm_runs_are_paired_and_steps_compared(self):
+        suite = gpu_suite()
+        variants = suite["models"][0]["engine"]["variants"]
+        # Runs that carry the median time between tokens: mlx-lm's were interleaved too.
+        for variant, steps in [("greedy", (0.0050, 0.0050, 0.0050)), ("full", (0.0050, 0.0055, 0.0060))]:
+            for side in ("mlxd", "mlx_lm"):
+                for run, step in zip(variants[variant][side]["runs"], steps):
+                    run["step_median_s"] = step
+        md = self.report(suite)
+        # mlx-lm run by run: 170/190, 180/200, 190/210 -> median 0.9 -> 10.0%; steps 5/5, 5/5.5,
+        # 5/6 -> median 0.9091 -> 9.1%.
+        self.assertIn("mlx-lm: full sampling costs **10.0%** of greedy decode tok/s by median, 10.0% by mean "
+                      "(1 - full / greedy); run by run against the greedy run beside it, 10.0%, "
+                      "by median time between tokens 9.1%.", md)
+        self.assertIn("run by run against the greedy run beside it, 3.2%, by median time between tokens 9.1%.", md)
+
     def test_gpu_ratios_and_lines(self):
         md = self.report(gpu_suite(), title="Synthetic H100")
         self.assertTrue(md.startswith("# Synthetic H100\n"))
