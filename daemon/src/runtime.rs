@@ -97,7 +97,8 @@ impl Report {
             let _ = writeln!(s, "  matmul 1024^3   {g:.1} GFLOP/s (f32, default device)");
         }
         let _ = writeln!(s, "  libmlx          {}", self.libmlx);
-        let _ = writeln!(s, "  provisioned in  {} (BLAS at build: {})", self.build_lib_dir, mlx_sys::build_info::MLX_BLAS);
+        let _ =
+            writeln!(s, "  provisioned in  {} (BLAS at build: {})", self.build_lib_dir, mlx_sys::build_info::MLX_BLAS);
         if !self.version_matches() {
             let _ = writeln!(
                 s,
@@ -146,7 +147,7 @@ fn mlx_version() -> Option<String> {
     }
 }
 
-fn backend() -> &'static str {
+pub(crate) fn backend() -> &'static str {
     let mut cuda = false;
     let mut metal = false;
     // SAFETY: both write a bool through a valid pointer.
@@ -170,8 +171,7 @@ fn default_device() -> Option<String> {
     unsafe {
         let mut dev = mlx_sys::mlx_device_new();
         let mut s = mlx_sys::mlx_string_new();
-        let ok = mlx_sys::mlx_get_default_device(&mut dev) == 0
-            && mlx_sys::mlx_device_tostring(&mut s, dev) == 0;
+        let ok = mlx_sys::mlx_get_default_device(&mut dev) == 0 && mlx_sys::mlx_device_tostring(&mut s, dev) == 0;
         let out = ok.then(|| cstr(mlx_sys::mlx_string_data(s))).flatten();
         mlx_sys::mlx_string_free(s);
         mlx_sys::mlx_device_free(dev);

@@ -67,12 +67,14 @@
 //! - `read`: the host-read gate and its counters; a unit test there fails if any other code of
 //!   `sampling/`, `engine/` or `plugins/` reads an array to the host.
 
+mod cuda;
 pub mod params;
 mod pipeline;
 mod plugin;
 mod read;
 mod sequence;
 
+pub use cuda::set_enabled as set_sampler_kernel;
 pub use params::{SamplingError, SamplingParams, MAX_LOGPROBS, MAX_REPETITION_CONTEXT};
 pub use pipeline::{set_chunked_top_k, set_compiled};
 pub(crate) use read::is_integer;

@@ -57,6 +57,9 @@ pub(crate) struct Stages {
     pub inspect: bool,
     /// Advance the repetition window and the counts with the picked tokens, in the graph.
     pub advance: bool,
+    /// Steps 5-9 run as one CUDA kernel ([`super::cuda`]): every row draws, with a top-k of at
+    /// most [`super::cuda::MAX_K`], no typical-p, nothing inspected.
+    pub kernel: bool,
     /// Stop after step 3 and return the processed logits (plugins run next; see `plugin`).
     pub process_only: bool,
     /// Only advance the window and counts with given tokens (the head input is `[B]` ids):
@@ -408,7 +411,12 @@ fn graph(st: Stages, inputs: &[Array]) -> Result<Vec<Array>, Exception> {
         let is_greedy = if st.mixed_greedy { Some(named.get(Slot::Greedy)?.reshape(&[b])?) } else { None };
         // 4. Temperature.
         let scaled = logits.multiply(inv_temperature)?;
-        let (drawn, candidates) = if st.any_filter() {
+        let (drawn, candidates) = if st.kernel {
+            let optional = |on: bool, slot: Slot| if on { named.get(slot).map(Some) } else { Ok(None) };
+            let (top_p, ln_min_p) = (optional(st.top_p, Slot::TopP)?, optional(st.min_p, Slot::LnMinP)?);
+            let drawn = super::cuda::sample(&scaled, named.get(Slot::TopK)?, top_p, ln_min_p, keys)?;
+            (drawn, scaled) // candidates are only returned when inspected, which the kernel is not
+        } else if st.any_filter() {
             filtered_draw(st, &scaled, keys, &named)?
         } else {
             let ids = Array::arange::<u32, u32>(0, v as u32, 1)?.reshape(&[1, v])?;

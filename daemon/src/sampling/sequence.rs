@@ -369,6 +369,12 @@ fn stages(rows: &[&mut SequenceSampler], v: i32, want_logprobs: bool, inspect: b
             st.chunk = st.truncate.and_then(|k| pipeline::chunk_width(k, v));
         }
     }
+    st.kernel = super::cuda::available()
+        && st.top_k
+        && st.truncate.is_some_and(|k| k <= super::cuda::MAX_K)
+        && !st.typical
+        && !st.mixed_greedy
+        && !inspect;
     if want_logprobs {
         st.logprobs = (0..b).filter_map(|i| p(i).logprobs).max().map(|n| n as i32);
     }

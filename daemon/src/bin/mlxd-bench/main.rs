@@ -10,6 +10,8 @@
 //!                                      concurrent WebSocket clients vs mlx_lm.server
 //! mlxd-bench graph --shape ... [--clients N]
 //!                                      primitives in one decode step (N > 1: N stacked rows vs one)
+//! mlxd-bench sampler-check           the CUDA sampling kernel against the MLX-op graph (same
+//!                                      draws expected), on random logits
 //! mlxd-bench batch --shape ... [--clients 1,2,4,8,16] [--row-products off|on|both] [--stagger N]
 //!                                      the engine stepping B sequences together (no daemon)
 //! mlxd-bench suite --json out.json [--models qwen3-0.6b:bf16,qwen3-0.6b:q4,...|NAME=PATH|smollm2]
@@ -167,6 +169,10 @@ fn parse_args() -> Result<Args> {
         Some("graph") => a.graph = true,
         Some("serve") => a.serve = true,
         Some("batch") => a.batch = true,
+        Some("sampler-check") => {
+            sampler_check()?;
+            std::process::exit(0);
+        }
         Some("suite") => {
             a.suite = Some(suite::DEFAULT_MODELS.iter().map(|m| m.to_string()).collect());
             a.samplers = vec!["greedy".into(), "full".into()];
@@ -514,6 +520,53 @@ fn print_batched_graph(dir: &Path, rows: usize) -> Result<()> {
         println!("| {k} | {a} | {b} |{}", if a != b { " *" } else { "" });
     }
     println!("| total | {} | {} |", one.values().sum::<usize>(), many.values().sum::<usize>());
+    Ok(())
+}
+
+/// Draws the `full` pipeline's tokens for 64 rows (seeds 1-64) over 8 steps of random
+/// Qwen3-sized logits, once through the MLX-op graph and once with the CUDA sampling kernel
+/// where it applies, and prints how many draws agree (the two differ only by rounding at a
+/// filter's boundary).
+fn sampler_check() -> Result<()> {
+    let (rows, v, steps) = (64usize, 151_936i32, 8);
+    let report = mlxd::runtime::Report::gather();
+    let mut draws: Vec<Vec<u32>> = Vec::new();
+    for kernel in [false, true] {
+        mlxd::sampling::set_sampler_kernel(kernel);
+        let mut samplers = (0..rows)
+            .map(|i| {
+                let params = SamplingParams {
+                    temperature: 0.7,
+                    top_p: 0.9,
+                    top_k: 50,
+                    min_p: 0.05,
+                    repetition_penalty: 1.1,
+                    repetition_context_size: 64,
+                    seed: Some(1 + i as u64),
+                    ..Default::default()
+                };
+                mlxd::sampling::SequenceSampler::new(&params, v as usize, &[1, 2, 3])
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut got = Vec::new();
+        for s in 0..steps {
+            let logits = random::normal::<f32>(&[rows as i32, v], 0.0, 3.0, &random::key(1000 + s)?)?;
+            let mut refs: Vec<&mut mlxd::sampling::SequenceSampler> = samplers.iter_mut().collect();
+            let t = mlxd::sampling::sample_batch(&logits, &mut refs)?;
+            got.extend(t.as_slice::<u32>().to_vec());
+        }
+        draws.push(got);
+    }
+    mlxd::sampling::set_sampler_kernel(true);
+    let same = draws[0].iter().zip(&draws[1]).filter(|(a, b)| a == b).count();
+    println!(
+        "{} ({}): {same} of {} draws agree between the MLX-op graph and the CUDA kernel{}",
+        report.device_name.unwrap_or_default(),
+        report.backend,
+        draws[0].len(),
+        if report.backend == "cuda" { "" } else { " (no CUDA here: both ran the graph)" }
+    );
+    anyhow::ensure!(same * 100 >= draws[0].len() * 95, "fewer than 95% of the draws agree");
     Ok(())
 }
 

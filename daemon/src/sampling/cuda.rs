@@ -1,0 +1,241 @@
+//! Steps 5-9 of the pipeline (top-k, top-p, min-p and the Gumbel-max pick) as one CUDA kernel,
+//! for MLX's CUDA backend, where a decode step is bound by how many kernels the host launches:
+//! the same steps as MLX operations cost ~35 launches. One block per row: a radix select
+//! finds the row's k best tempered logits, they are ranked, the filters run over them in
+//! order and the draw takes `argmax(logit + Gumbel noise)` with the noise hashed from the row's
+//! key and the token id exactly as [`super::pipeline`] hashes it, so both paths draw the same
+//! token up to floating-point rounding at a filter's boundary.
+//!
+//! Used only where it applies (a CUDA device, every row drawing at random with a top-k of at
+//! most [`MAX_K`], no typical-p, no inspection); `MLXD_SAMPLER_KERNEL=0` turns it off.
+
+use mlx_rs::error::Exception;
+use mlx_rs::Array;
+use std::cell::{Cell, RefCell};
+use std::ffi::CString;
+
+/// Largest top-k the kernel handles (its candidates live in shared memory).
+pub(crate) const MAX_K: i32 = 256;
+
+const SOURCE: &str = r#"
+    const int row = blockIdx.x;
+    const int tid = threadIdx.x;
+    const int nt = blockDim.x;
+    const float* x = logits + (size_t)row * V;
+    const int k = max(1, min(top_k[row], KMAX));
+    const float top_p_row = HAS_TOP_P ? top_p[row] : __int_as_float(0x7f800000);
+    const float ln_min_p_row = HAS_MIN_P ? ln_min_p[row] : __int_as_float(0xff800000);
+    const unsigned int k0 = keys[2 * row];
+    const unsigned int k1 = keys[2 * row + 1];
+
+    __shared__ unsigned int hist[256];
+    __shared__ unsigned int s_prefix, s_mask, s_need, n_gt, n_eq;
+    __shared__ float cand_v[KMAX];
+    __shared__ int cand_i[KMAX];
+    __shared__ float sorted_v[KMAX];
+    __shared__ int sorted_i[KMAX];
+
+    // Order-preserving 32-bit keys of the floats (NaN below everything).
+    #define MLXD_KEY(f) ((f) != (f) ? 0u : ((__float_as_uint(f) & 0x80000000u) ? ~__float_as_uint(f) : (__float_as_uint(f) | 0x80000000u)))
+
+    if (tid == 0) { s_prefix = 0u; s_mask = 0u; s_need = (unsigned int)k; }
+    __syncthreads();
+    // Radix select, 8 bits at a time from the top: the key of the k-th largest logit.
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = tid; i < 256; i += nt) hist[i] = 0u;
+        __syncthreads();
+        const unsigned int prefix = s_prefix, mask = s_mask;
+        for (int i = tid; i < V; i += nt) {
+            const unsigned int u = MLXD_KEY(x[i]);
+            if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (tid == 0) {
+            unsigned int need = s_need;
+            int bin = 255;
+            for (; bin > 0; --bin) {
+                if (hist[bin] >= need) break;
+                need -= hist[bin];
+            }
+            s_need = need;
+            s_prefix = prefix | ((unsigned int)bin << shift);
+            s_mask = mask | (255u << shift);
+        }
+        __syncthreads();
+    }
+    const unsigned int kth = s_prefix;
+    const unsigned int ties = s_need;
+    if (tid == 0) { n_gt = 0u; n_eq = 0u; }
+    __syncthreads();
+    // The k candidates: every logit above the k-th, and as many equal to it as fit.
+    for (int i = tid; i < V; i += nt) {
+        const float f = x[i];
+        const unsigned int u = MLXD_KEY(f);
+        if (u > kth) {
+            const unsigned int p = atomicAdd(&n_gt, 1u);
+            if (p < (unsigned int)k) { cand_v[p] = f; cand_i[p] = i; }
+        } else if (u == kth) {
+            const unsigned int q = atomicAdd(&n_eq, 1u);
+            if (q < ties) { const unsigned int p = (unsigned int)k - ties + q; cand_v[p] = f; cand_i[p] = i; }
+        }
+    }
+    __syncthreads();
+    // Rank them, best first (equal logits by token id).
+    for (int a = tid; a < k; a += nt) {
+        const float va = cand_v[a];
+        const int ia = cand_i[a];
+        int r = 0;
+        for (int b = 0; b < k; ++b) {
+            const float vb = cand_v[b];
+            r += (vb > va) || (vb == va && cand_i[b] < ia);
+        }
+        sorted_v[r] = va;
+        sorted_i[r] = ia;
+    }
+    __syncthreads();
+    if (tid == 0) {
+        const float best = sorted_v[0];
+        float z = 0.0f;
+        for (int j = 0; j < k; ++j) z += expf(sorted_v[j] - best);
+        float before = 0.0f;
+        float best_score = __int_as_float(0xff800000);
+        int pick = sorted_i[0];
+        for (int j = 0; j < k; ++j) {
+            const float v = sorted_v[j];
+            // Top-p: the mass strictly before this candidate; min-p: against the best logit.
+            const bool keep = before < top_p_row && v >= best + ln_min_p_row;
+            before += expf(v - best) / z;
+            if (!keep) continue;
+            unsigned int h = ((unsigned int)sorted_i[j] ^ k0) * 0x9e3779b1u;
+            h = (h ^ (h >> 16)) * 0x85ebca6bu;
+            h ^= k1;
+            h = (h ^ (h >> 13)) * 0xc2b2ae35u;
+            h ^= h >> 16;
+            const float u = (float)(h >> 8) * (1.0f / 16777216.0f) + (0.5f / 16777216.0f);
+            const float s = v - logf(-logf(u));
+            if (s > best_score) { best_score = s; pick = sorted_i[j]; }
+        }
+        token[row] = (unsigned int)pick;
+    }
+    #undef MLXD_KEY
+"#;
+
+thread_local! {
+    static ENABLED: Cell<bool> = Cell::new(std::env::var("MLXD_SAMPLER_KERNEL").map_or(true, |v| v != "0"));
+    static KERNEL: RefCell<Option<Kernel>> = const { RefCell::new(None) };
+}
+
+/// Turns the kernel on or off for this thread (on by default where it applies).
+pub fn set_enabled(enabled: bool) {
+    ENABLED.with(|c| c.set(enabled));
+}
+
+/// Whether this thread's sampling graph may use the kernel: on, and MLX runs on CUDA.
+pub(crate) fn available() -> bool {
+    static CUDA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    ENABLED.with(Cell::get) && *CUDA.get_or_init(|| crate::runtime::backend() == "cuda")
+}
+
+struct Kernel(mlx_sys::mlx_fast_cuda_kernel);
+
+impl Drop for Kernel {
+    fn drop(&mut self) {
+        // SAFETY: created by mlx_fast_cuda_kernel_new, freed once.
+        unsafe { mlx_sys::mlx_fast_cuda_kernel_free(self.0) };
+    }
+}
+
+fn strings(names: &[&str]) -> (Vec<CString>, mlx_sys::mlx_vector_string) {
+    let owned: Vec<CString> = names.iter().map(|n| CString::new(*n).expect("no NUL")).collect();
+    let ptrs: Vec<*const std::os::raw::c_char> = owned.iter().map(|c| c.as_ptr()).collect();
+    // SAFETY: the vector copies the strings.
+    let v = unsafe { mlx_sys::mlx_vector_string_new_data(ptrs.as_ptr() as *mut _, ptrs.len()) };
+    (owned, v)
+}
+
+fn kernel() -> Kernel {
+    let (_in_owned, inputs) = strings(&["logits", "top_k", "top_p", "ln_min_p", "keys"]);
+    let (_out_owned, outputs) = strings(&["token"]);
+    let name = CString::new("mlxd_sample_topk").expect("no NUL");
+    let source = CString::new(SOURCE).expect("no NUL");
+    let header = CString::new("").expect("no NUL");
+    // SAFETY: mlx-c copies names, source and header; the string vectors are freed after.
+    unsafe {
+        let k = mlx_sys::mlx_fast_cuda_kernel_new(
+            name.as_ptr(),
+            inputs,
+            outputs,
+            source.as_ptr(),
+            header.as_ptr(),
+            true,
+            0,
+        );
+        mlx_sys::mlx_vector_string_free(inputs);
+        mlx_sys::mlx_vector_string_free(outputs);
+        Kernel(k)
+    }
+}
+
+/// The drawn token of each row, `[B]` uint32, from the tempered logits `scaled` (`[B, V]`
+/// float32) and the rows' top-k (`[B, 1]` int32, at most [`MAX_K`]), top-p and ln min-p
+/// (`[B, 1]` float32, or `None` when no row filters that way) and keys (`[B, 2]` uint32).
+pub(crate) fn sample(
+    scaled: &Array,
+    top_k: &Array,
+    top_p: Option<&Array>,
+    ln_min_p: Option<&Array>,
+    keys: &Array,
+) -> Result<Array, Exception> {
+    let (b, v) = (scaled.shape()[0], scaled.shape()[1]);
+    let unused = Array::from_slice(&[0.0f32], &[1]);
+    let inputs = [scaled, top_k, top_p.unwrap_or(&unused), ln_min_p.unwrap_or(&unused), keys];
+    KERNEL.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let k = cell.get_or_insert_with(kernel);
+        let stream = mlx_rs::Stream::thread_local_or_default();
+        // SAFETY: mlx-c calls on handles that outlive them; every created handle is freed.
+        unsafe {
+            let config = mlx_sys::mlx_fast_cuda_kernel_config_new();
+            let shape = [b];
+            let set = |name: &str, value: bool| {
+                let n = CString::new(name).expect("no NUL");
+                mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_bool(config, n.as_ptr(), value)
+            };
+            let mut rc = mlx_sys::mlx_fast_cuda_kernel_config_add_output_arg(
+                config,
+                shape.as_ptr(),
+                1,
+                mlx_sys::mlx_dtype__MLX_UINT32,
+            );
+            let v_name = CString::new("V").expect("no NUL");
+            let k_name = CString::new("KMAX").expect("no NUL");
+            rc |= mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_int(config, v_name.as_ptr(), v);
+            rc |= mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_int(config, k_name.as_ptr(), MAX_K);
+            rc |= set("HAS_TOP_P", top_p.is_some());
+            rc |= set("HAS_MIN_P", ln_min_p.is_some());
+            rc |= mlx_sys::mlx_fast_cuda_kernel_config_set_grid(config, 1024 * b, 1, 1);
+            rc |= mlx_sys::mlx_fast_cuda_kernel_config_set_thread_group(config, 1024, 1, 1);
+            let handles: Vec<mlx_sys::mlx_array> = inputs.iter().map(|a| a.as_ptr()).collect();
+            let ins = mlx_sys::mlx_vector_array_new_data(handles.as_ptr(), handles.len());
+            let mut outs = mlx_sys::mlx_vector_array_new();
+            if rc == 0 {
+                rc = mlx_sys::mlx_fast_cuda_kernel_apply(&mut outs, k.0, ins, config, stream.as_ptr());
+            }
+            let mut token = mlx_sys::mlx_array_new();
+            if rc == 0 {
+                rc = mlx_sys::mlx_vector_array_get(&mut token, outs, 0);
+            }
+            mlx_sys::mlx_vector_array_free(ins);
+            mlx_sys::mlx_vector_array_free(outs);
+            mlx_sys::mlx_fast_cuda_kernel_config_free(config);
+            if rc != 0 {
+                mlx_sys::mlx_array_free(token);
+                return Err(Exception::custom(format!(
+                    "the CUDA sampling kernel failed for logits {:?}",
+                    scaled.shape()
+                )));
+            }
+            Ok(Array::from_ptr(token))
+        }
+    })
+}
