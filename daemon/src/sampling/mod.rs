@@ -46,7 +46,7 @@
 //! The filters sort the candidates once and work on ranks; when every drawing row has a top-k,
 //! only the best `max k` (rounded up to a power of two, at least 16) are sorted. Those are found
 //! without partitioning the whole vocabulary: the `K` chunks (of up to 4096 / K logits) with the
-//! highest maxima hold the `K` best logits, so one max-reduction and two small partitions do it
+//! highest maxima hold the `K` best logits, so one max-reduction and two small sorts do it
 //! (`MLXD_TOPK=sort` partitions the whole row instead). Logprobs are the log-softmax of the
 //! logits after step 3 (before temperature and filters), as mlx-lm reports them.
 //!
@@ -58,10 +58,14 @@
 //! with the ops around it) inside the graph, and the window and counts take the picked token
 //! inside the graph. Per-row parameters are `[B, 1]` columns built once per batch composition
 //! and reused while the batch stays the same, so a steady step copies nothing from the host.
+//! On MLX's CUDA backend, steps 5-9 (top-k, top-p, min-p, the pick) run as one custom kernel
+//! inside that graph when every row draws with a top-k of at most 256 (`cuda`; same draws as
+//! the MLX ops, which the CPU and Metal keep using).
 //!
 //! # Layout
 //! - [`params`]: [`SamplingParams`], their validation and [`SamplingError`].
 //! - `pipeline`: the graph itself and the cache of compiled closures.
+//! - `cuda`: steps 5-9 as one CUDA kernel.
 //! - `sequence`: [`SequenceSampler`] (one request's device state) and [`sample_batch`].
 //! - `plugin`: sampler plugins inside the step (one plugin chain per sequence).
 //! - `read`: the host-read gate and its counters; a unit test there fails if any other code of
