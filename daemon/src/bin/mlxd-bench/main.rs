@@ -118,6 +118,8 @@ struct Args {
     graph: bool,
     serve: bool,
     batch: bool,
+    /// `sampler-check`: the CUDA sampling kernel against the MLX-op graph.
+    sampler_check: bool,
     /// `batch`: several-row matmuls as MLX does them, as one-row products, or both.
     row_products: String,
     /// `batch`: row `i`'s prompt is this many tokens longer per `i` (a padded stack).
@@ -150,6 +152,7 @@ fn parse_args() -> Result<Args> {
         graph: false,
         serve: false,
         batch: false,
+        sampler_check: false,
         row_products: "off".into(),
         stagger: 0,
         clients: vec![1, 2, 4, 8, 16],
@@ -169,17 +172,14 @@ fn parse_args() -> Result<Args> {
         Some("graph") => a.graph = true,
         Some("serve") => a.serve = true,
         Some("batch") => a.batch = true,
-        Some("sampler-check") => {
-            sampler_check()?;
-            std::process::exit(0);
-        }
+        Some("sampler-check") => a.sampler_check = true,
         Some("suite") => {
             a.suite = Some(suite::DEFAULT_MODELS.iter().map(|m| m.to_string()).collect());
             a.samplers = vec!["greedy".into(), "full".into()];
             a.plugins = vec![("passthrough".into(), "{}".into()), ("dry".into(), r#"{"multiplier":0.8}"#.into())];
         }
         _ => bail!(
-            "usage: mlxd-bench engine|serve|graph|batch|suite (--shape NAME | --model DIR) [options]; see the file header"
+            "usage: mlxd-bench engine|serve|graph|batch|suite|sampler-check (--shape NAME | --model DIR) [options]; see the file header"
         ),
     }
     while let Some(flag) = it.next() {
@@ -224,6 +224,9 @@ fn main() -> Result<()> {
     }
     if args.suite.is_some() {
         return suite::run(&args);
+    }
+    if args.sampler_check {
+        return sampler_check();
     }
     // Plugins resolve first: a missing one should not cost a model build to find out.
     let plugin_runs = plugin_variants(&args)?;
