@@ -1,4 +1,6 @@
-//! Steps 5-9 of the pipeline (top-k, top-p, min-p and the Gumbel-max pick) as one CUDA kernel,
+//! Steps 4-9 of the pipeline (temperature, top-k, top-p, min-p and the Gumbel-max pick; with
+//! step 2, the repetition penalty, when no bias, presence or frequency penalty, logprobs or
+//! plugin needs the logits in between) as one CUDA kernel,
 //! for MLX's CUDA backend, where a decode step is bound by how many kernels the host launches:
 //! the same steps as MLX operations cost ~35 launches. One block per row: a radix select
 //! finds the row's k best tempered logits, they are ranked, the filters run over them in
@@ -22,9 +24,11 @@ const SOURCE: &str = r#"
     const int tid = threadIdx.x;
     const int nt = blockDim.x;
     const float* x = logits + (size_t)row * V;
+    const float inv_t = inv_temperature[row];
     const int k = max(1, min(top_k[row], KMAX));
     const float top_p_row = HAS_TOP_P ? top_p[row] : __int_as_float(0x7f800000);
     const float ln_min_p_row = HAS_MIN_P ? ln_min_p[row] : __int_as_float(0xff800000);
+    const float pen = HAS_REP ? penalty[row] : 1.0f;
     const unsigned int k0 = keys[2 * row];
     const unsigned int k1 = keys[2 * row + 1];
 
@@ -34,9 +38,27 @@ const SOURCE: &str = r#"
     __shared__ int cand_i[KMAX];
     __shared__ float sorted_v[KMAX];
     __shared__ int sorted_i[KMAX];
-
+    // The repetition window as a bitmap of the vocabulary: a token in it is penalized once.
+    __shared__ unsigned int seen[HAS_REP ? (V + 31) / 32 : 1];
+    if (HAS_REP) {
+        for (int i = tid; i < (V + 31) / 32; i += nt) seen[i] = 0u;
+        __syncthreads();
+        for (int j = tid; j < C; j += nt) {
+            const unsigned int t = window[(size_t)row * C + j];
+            if (t < (unsigned int)V) atomicOr(&seen[t >> 5], 1u << (t & 31u));
+        }
+    }
+    // The tempered logit of token i after the repetition penalty (the graph's steps 2 and 4).
+    auto value = [&](int i) -> float {
+        float f = x[i];
+        if (HAS_REP && ((seen[i >> 5] >> (i & 31)) & 1u)) f = f < 0.0f ? f * pen : f / pen;
+        return f * inv_t;
+    };
     // Order-preserving 32-bit keys of the floats (NaN below everything).
-    #define MLXD_KEY(f) ((f) != (f) ? 0u : ((__float_as_uint(f) & 0x80000000u) ? ~__float_as_uint(f) : (__float_as_uint(f) | 0x80000000u)))
+    auto key_of = [](float f) -> unsigned int {
+        const unsigned int b = __float_as_uint(f);
+        return f != f ? 0u : ((b & 0x80000000u) ? ~b : (b | 0x80000000u));
+    };
 
     if (tid == 0) { s_prefix = 0u; s_mask = 0u; s_need = (unsigned int)k; }
     __syncthreads();
@@ -46,7 +68,7 @@ const SOURCE: &str = r#"
         __syncthreads();
         const unsigned int prefix = s_prefix, mask = s_mask;
         for (int i = tid; i < V; i += nt) {
-            const unsigned int u = MLXD_KEY(x[i]);
+            const unsigned int u = key_of(value(i));
             if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 255u], 1u);
         }
         __syncthreads();
@@ -69,8 +91,8 @@ const SOURCE: &str = r#"
     __syncthreads();
     // The k candidates: every logit above the k-th, and as many equal to it as fit.
     for (int i = tid; i < V; i += nt) {
-        const float f = x[i];
-        const unsigned int u = MLXD_KEY(f);
+        const float f = value(i);
+        const unsigned int u = key_of(f);
         if (u > kth) {
             const unsigned int p = atomicAdd(&n_gt, 1u);
             if (p < (unsigned int)k) { cand_v[p] = f; cand_i[p] = i; }
@@ -117,7 +139,6 @@ const SOURCE: &str = r#"
         }
         token[row] = (unsigned int)pick;
     }
-    #undef MLXD_KEY
 "#;
 
 thread_local! {
@@ -154,7 +175,8 @@ fn strings(names: &[&str]) -> (Vec<CString>, mlx_sys::mlx_vector_string) {
 }
 
 fn kernel() -> Kernel {
-    let (_in_owned, inputs) = strings(&["logits", "top_k", "top_p", "ln_min_p", "keys"]);
+    let (_in_owned, inputs) =
+        strings(&["logits", "inv_temperature", "top_k", "top_p", "ln_min_p", "keys", "window", "penalty"]);
     let (_out_owned, outputs) = strings(&["token"]);
     let name = CString::new("mlxd_sample_topk").expect("no NUL");
     let source = CString::new(SOURCE).expect("no NUL");
@@ -176,19 +198,43 @@ fn kernel() -> Kernel {
     }
 }
 
-/// The drawn token of each row, `[B]` uint32, from the tempered logits `scaled` (`[B, V]`
-/// float32) and the rows' top-k (`[B, 1]` int32, at most [`MAX_K`]), top-p and ln min-p
-/// (`[B, 1]` float32, or `None` when no row filters that way) and keys (`[B, 2]` uint32).
-pub(crate) fn sample(
-    scaled: &Array,
-    top_k: &Array,
-    top_p: Option<&Array>,
-    ln_min_p: Option<&Array>,
-    keys: &Array,
-) -> Result<Array, Exception> {
-    let (b, v) = (scaled.shape()[0], scaled.shape()[1]);
+/// Largest vocabulary whose repetition bitmap the kernel keeps in shared memory.
+pub(crate) const MAX_PENALTY_VOCAB: i32 = 262_144;
+
+/// The drawn token of each row, `[B]` uint32, from the logits after steps 1-3 (`logits`,
+/// `[B, V]` float32): the repetition penalty when `repetition` gives the rows' windows
+/// (`[B, C]` uint32) and penalties (`[B, 1]` float32; vocabularies up to
+/// [`MAX_PENALTY_VOCAB`]), then the temperature (`[B, 1]` reciprocals), then the rows' top-k
+/// (`[B, 1]` int32, at most [`MAX_K`]), top-p and ln min-p (`[B, 1]` float32, or `None` when
+/// no row filters that way) and the pick with the rows' keys (`[B, 2]` uint32).
+pub(crate) struct Inputs<'a> {
+    pub logits: &'a Array,
+    pub inv_temperature: &'a Array,
+    pub top_k: &'a Array,
+    pub top_p: Option<&'a Array>,
+    pub ln_min_p: Option<&'a Array>,
+    pub keys: &'a Array,
+    pub repetition: Option<(&'a Array, &'a Array)>,
+}
+
+/// Runs the kernel on `inp`; see [`Inputs`].
+pub(crate) fn sample(inp: &Inputs<'_>) -> Result<Array, Exception> {
+    let (b, v) = (inp.logits.shape()[0], inp.logits.shape()[1]);
     let unused = Array::from_slice(&[0.0f32], &[1]);
-    let inputs = [scaled, top_k, top_p.unwrap_or(&unused), ln_min_p.unwrap_or(&unused), keys];
+    let unused_window = Array::from_slice(&[u32::MAX], &[1, 1]);
+    let (window, penalty) = inp.repetition.unwrap_or((&unused_window, &unused));
+    let inputs = [
+        inp.logits,
+        inp.inv_temperature,
+        inp.top_k,
+        inp.top_p.unwrap_or(&unused),
+        inp.ln_min_p.unwrap_or(&unused),
+        inp.keys,
+        window,
+        penalty,
+    ];
+    let (top_p, ln_min_p) = (inp.top_p, inp.ln_min_p);
+    let c = window.shape()[window.ndim() - 1];
     KERNEL.with(|cell| {
         let mut cell = cell.borrow_mut();
         let k = cell.get_or_insert_with(kernel);
@@ -209,8 +255,11 @@ pub(crate) fn sample(
             );
             let v_name = CString::new("V").expect("no NUL");
             let k_name = CString::new("KMAX").expect("no NUL");
+            let c_name = CString::new("C").expect("no NUL");
             rc |= mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_int(config, v_name.as_ptr(), v);
             rc |= mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_int(config, k_name.as_ptr(), MAX_K);
+            rc |= mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_int(config, c_name.as_ptr(), c);
+            rc |= set("HAS_REP", inp.repetition.is_some());
             rc |= set("HAS_TOP_P", top_p.is_some());
             rc |= set("HAS_MIN_P", ln_min_p.is_some());
             rc |= mlx_sys::mlx_fast_cuda_kernel_config_set_grid(config, 1024 * b, 1, 1);
@@ -232,7 +281,7 @@ pub(crate) fn sample(
                 mlx_sys::mlx_array_free(token);
                 return Err(Exception::custom(format!(
                     "the CUDA sampling kernel failed for logits {:?}",
-                    scaled.shape()
+                    inp.logits.shape()
                 )));
             }
             Ok(Array::from_ptr(token))

@@ -60,6 +60,9 @@ pub(crate) struct Stages {
     /// Steps 5-9 run as one CUDA kernel ([`super::cuda`]): every row draws, with a top-k of at
     /// most [`super::cuda::MAX_K`], no typical-p, nothing inspected.
     pub kernel: bool,
+    /// The kernel also applies the repetition penalty (step 2 is skipped in the graph): no
+    /// bias, presence or frequency penalty, logprobs or plugins.
+    pub kernel_penalty: bool,
     /// Stop after step 3 and return the processed logits (plugins run next; see `plugin`).
     pub process_only: bool,
     /// Only advance the window and counts with given tokens (the head input is `[B]` ids):
@@ -80,6 +83,11 @@ impl Stages {
     /// Steps 4-9 run.
     fn post(&self) -> bool {
         !self.advance_only && !self.process_only
+    }
+
+    /// The kernel applies the repetition penalty; the graph's step 2 does not run.
+    fn penalty_in_kernel(&self) -> bool {
+        self.kernel && self.kernel_penalty && self.repetition && self.post()
     }
 
     /// The window and counts are advanced.
@@ -385,7 +393,7 @@ fn graph(st: Stages, inputs: &[Array]) -> Result<Vec<Array>, Exception> {
     }
     // 2. Repetition penalty: gather the window's logits, penalize them, put them back. A token
     // that appears twice gets the same value written twice.
-    if st.repetition {
+    if st.repetition && !st.penalty_in_kernel() {
         let (window, penalty) = (named.get(Slot::Window)?, named.get(Slot::Penalty)?);
         let seen = logits.take_along_axis(window, -1)?;
         let penalized = ops::select(seen.lt(Array::from_f32(0.0))?, seen.multiply(penalty)?, seen.divide(penalty)?)?;
@@ -409,18 +417,30 @@ fn graph(st: Stages, inputs: &[Array]) -> Result<Vec<Array>, Exception> {
         next_keys = Some(self::next_keys(keys)?);
         let inv_temperature = named.get(Slot::InvTemperature)?;
         let is_greedy = if st.mixed_greedy { Some(named.get(Slot::Greedy)?.reshape(&[b])?) } else { None };
-        // 4. Temperature.
-        let scaled = logits.multiply(inv_temperature)?;
         let (drawn, candidates) = if st.kernel {
             let optional = |on: bool, slot: Slot| if on { named.get(slot).map(Some) } else { Ok(None) };
-            let (top_p, ln_min_p) = (optional(st.top_p, Slot::TopP)?, optional(st.min_p, Slot::LnMinP)?);
-            let drawn = super::cuda::sample(&scaled, named.get(Slot::TopK)?, top_p, ln_min_p, keys)?;
-            (drawn, scaled) // candidates are only returned when inspected, which the kernel is not
-        } else if st.any_filter() {
-            filtered_draw(st, &scaled, keys, &named)?
+            let repetition =
+                if st.penalty_in_kernel() { Some((named.get(Slot::Window)?, named.get(Slot::Penalty)?)) } else { None };
+            let drawn = super::cuda::sample(&super::cuda::Inputs {
+                logits: &logits,
+                inv_temperature,
+                top_k: named.get(Slot::TopK)?,
+                top_p: optional(st.top_p, Slot::TopP)?,
+                ln_min_p: optional(st.min_p, Slot::LnMinP)?,
+                keys,
+                repetition,
+            })?;
+            // Candidates are only returned when inspected, which the kernel never is.
+            (drawn, logits.clone())
         } else {
-            let ids = Array::arange::<u32, u32>(0, v as u32, 1)?.reshape(&[1, v])?;
-            (argmax_axis(scaled.subtract(neg_gumbel_for(keys, &ids)?)?, -1, false)?, scaled)
+            // 4. Temperature.
+            let scaled = logits.multiply(inv_temperature)?;
+            if st.any_filter() {
+                filtered_draw(st, &scaled, keys, &named)?
+            } else {
+                let ids = Array::arange::<u32, u32>(0, v as u32, 1)?.reshape(&[1, v])?;
+                (argmax_axis(scaled.subtract(neg_gumbel_for(keys, &ids)?)?, -1, false)?, scaled)
+            }
         };
         match is_greedy {
             Some(g) => {

@@ -160,6 +160,7 @@ pub(super) fn run(st: Stages, named: &Named, rows: &mut [&mut SequenceSampler]) 
         presence_frequency: false,
         advance: false,
         logprobs: if any_sampler { None } else { st.logprobs },
+        kernel_penalty: false,
         ..st
     };
     let mut post_inputs = named.clone();

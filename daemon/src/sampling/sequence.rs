@@ -369,15 +369,21 @@ fn stages(rows: &[&mut SequenceSampler], v: i32, want_logprobs: bool, inspect: b
             st.chunk = st.truncate.and_then(|k| pipeline::chunk_width(k, v));
         }
     }
+    if want_logprobs {
+        st.logprobs = (0..b).filter_map(|i| p(i).logprobs).max().map(|n| n as i32);
+    }
     st.kernel = super::cuda::available()
         && st.top_k
         && st.truncate.is_some_and(|k| k <= super::cuda::MAX_K)
         && !st.typical
         && !st.mixed_greedy
         && !inspect;
-    if want_logprobs {
-        st.logprobs = (0..b).filter_map(|i| p(i).logprobs).max().map(|n| n as i32);
-    }
+    st.kernel_penalty = st.kernel
+        && st.repetition
+        && !st.bias
+        && !st.presence_frequency
+        && st.logprobs.is_none()
+        && v <= super::cuda::MAX_PENALTY_VOCAB;
     st
 }
 
