@@ -394,19 +394,7 @@ fn sampler_variants(names: &[String]) -> Result<Vec<(&'static str, SamplingParam
         .iter()
         .map(|n| match n.as_str() {
             "greedy" => Ok(("greedy", SamplingParams::default())),
-            "full" => Ok((
-                "full",
-                SamplingParams {
-                    temperature: 0.7,
-                    top_p: 0.9,
-                    top_k: 50,
-                    min_p: 0.05,
-                    repetition_penalty: 1.1,
-                    repetition_context_size: 64,
-                    seed: Some(1),
-                    ..Default::default()
-                },
-            )),
+            "full" => Ok(("full", SamplingParams { seed: Some(1), ..full_sampling() })),
             "temperature" => Ok(("temperature", hot(|_| {}))),
             "top-k" => Ok(("top-k", hot(|p| p.top_k = 50))),
             "top-p" => Ok(("top-p", hot(|p| p.top_p = 0.9))),
@@ -420,6 +408,20 @@ fn sampler_variants(names: &[String]) -> Result<Vec<(&'static str, SamplingParam
             ),
         })
         .collect()
+}
+
+/// The full pipeline: temperature 0.7, top-p 0.9, top-k 50, min-p 0.05, repetition
+/// penalty 1.1 over 64 tokens (no seed).
+fn full_sampling() -> SamplingParams {
+    SamplingParams {
+        temperature: 0.7,
+        top_p: 0.9,
+        top_k: 50,
+        min_p: 0.05,
+        repetition_penalty: 1.1,
+        repetition_context_size: 64,
+        ..Default::default()
+    }
 }
 
 /// Greedy decoding through each `--plugin`, as variants named `plugin:NAME`.
@@ -533,15 +535,7 @@ fn print_batched_graph(dir: &Path, rows: usize) -> Result<()> {
 fn sampler_check() -> Result<()> {
     let (rows, v, steps) = (64usize, 151_936i32, 8);
     let report = mlxd::runtime::Report::gather();
-    let full = SamplingParams {
-        temperature: 0.7,
-        top_p: 0.9,
-        top_k: 50,
-        min_p: 0.05,
-        repetition_penalty: 1.1,
-        repetition_context_size: 64,
-        ..Default::default()
-    };
+    let full = full_sampling();
     let top_k_only = SamplingParams { temperature: 0.9, top_k: 20, ..Default::default() };
     let mut total = (0, 0);
     for (name, base) in [("full", full), ("temperature + top-k", top_k_only)] {
