@@ -97,8 +97,11 @@ test("without reconnect a drop closes the client; with maxAttempts it gives up",
   const limited = await connect({ url: daemon.url, token: daemon.token, reconnect: { initialDelayMs: 10, maxDelayMs: 20, maxAttempts: 3 } });
   const closedOnce = once(once1, "close");
   const closedLimited = once(limited, "close");
+  const droppedLimited = once(limited, "disconnect");
   await daemon.stop("SIGKILL");
   await closedOnce;
+  // Each client sees the drop on its own socket; the request below must not race `limited`'s.
+  await droppedLimited;
   assert.equal(once1.state, "closed");
   await assert.rejects(once1.status(), DisconnectedError);
   // A waiting request keeps the process alive while the client retries (retrying alone does not).
