@@ -9,13 +9,13 @@
 //! `mlxd::models::layers::set_row_products`), which is the A/B for MLX's CUDA matmul path.
 //! The flag decides for the run (default `off`), whatever `MLXD_ROW_GEMV` says.
 
-use super::{random_prompt, Args};
+use super::{per_step, random_prompt, Args};
 use anyhow::{Context, Result};
 use mlxd::engine::{Engine, EngineOptions, GenerateRequest, StepProfile};
 use mlxd::sampling::SamplingParams;
 use serde_json::{json, Value};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// What one batch of `b` sequences measured.
 struct Measured {
@@ -79,10 +79,6 @@ fn one_batch(
     steps.sort();
     let step_ms = steps.get(steps.len() / 2).copied().unwrap_or_default().as_secs_f64() * 1e3;
     Ok(Measured { tps: tokens as f64 / elapsed.as_secs_f64(), profile, step_ms })
-}
-
-fn per_step(d: Duration, p: &StepProfile) -> f64 {
-    d.as_secs_f64() * 1e3 / p.steps.max(1) as f64
 }
 
 /// The batch sizes of `--clients` against each other; prints the table and returns its JSON.

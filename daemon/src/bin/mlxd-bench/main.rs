@@ -346,7 +346,7 @@ fn engine_compare(args: &Args, dir: &Path, plugin_runs: &[(String, SamplingParam
     let mut variants = serde_json::Map::new();
     for (k, (name, _)) in variants_list.iter().enumerate() {
         let profile = profiles[k];
-        let per_step = |d: Duration| d.as_secs_f64() * 1e3 / profile.steps.max(1) as f64;
+        let per_step = |d: Duration| per_step(d, &profile);
         eprintln!(
             "mlxd {name}: host build {:.3} ms/step (model graph {:.3}, sampler + launch {:.3}; thread CPU time {:.3}), waiting for the device {:.3} ms/step",
             per_step(profile.build),
@@ -639,6 +639,11 @@ fn prompt_cache_ttft(engine: &mut Engine, vocab: u32, tokens: usize) -> Result<V
         "extended_ttft_s": x,
         "extended_speedup": c / x.max(1e-9),
     }))
+}
+
+/// `d`, summed over the steps of `p`, in milliseconds per step.
+fn per_step(d: Duration, p: &mlxd::engine::StepProfile) -> f64 {
+    d.as_secs_f64() * 1e3 / p.steps.max(1) as f64
 }
 
 /// The median time between consecutive tokens: the decode speed of an undisturbed step, which
