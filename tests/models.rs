@@ -235,31 +235,3 @@ fn stacked_batch_decodes_like_each_sequence_alone() {
         }
     }
 }
-
-/// The experimental row-by-row products (`mlxd::models::layers::set_row_products`, for MLX's
-/// CUDA backend) decode a batch as the plain matmuls do.
-#[test]
-fn batched_decode_as_row_products_equals_the_plain_matmuls() {
-    let tmp = tempfile::tempdir().unwrap();
-    write_checkpoint(tmp.path(), &tiny_config("qwen3"), None);
-    let model = load(tmp.path());
-    let prefixes: [&[u32]; 3] = [&[1, 2, 3], &[9, 8, 7, 6, 5, 4], &[42]];
-    let tokens = Array::from_slice(&[11i32, 22, 33], &[3]);
-    let mut outputs = Vec::new();
-    for rows_apart in [false, true] {
-        mlxd::models::layers::set_row_products(rows_apart);
-        let mut caches: Vec<SequenceCache> = prefixes
-            .iter()
-            .map(|p| {
-                let mut c = SequenceCache::new(model.num_layers());
-                model.forward_all(&ids(p), &mut c).unwrap();
-                c
-            })
-            .collect();
-        let mut refs: Vec<&mut SequenceCache> = caches.iter_mut().collect();
-        outputs.push(to_vec(&model.forward_batch(&tokens, &mut refs).unwrap()));
-    }
-    mlxd::models::layers::set_row_products(false);
-    let err = rel_err(&outputs[1], &outputs[0]);
-    assert!(err <= tolerance().max(1e-5), "rel err {err:e}");
-}

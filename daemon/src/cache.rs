@@ -197,6 +197,9 @@ pub struct BatchCache {
     keys: Vec<Array>,
     values: Vec<Array>,
     pad: Vec<i32>,
+    /// `pad` on the device (`[B]` int32), made once per stack: the padded-attention kernel's
+    /// first live column of each row.
+    starts: Array,
     cur: i32,
 }
 
@@ -228,7 +231,8 @@ impl BatchCache {
             keys.push(stack(&|c: &LayerCache| &c.keys)?);
             values.push(stack(&|c: &LayerCache| &c.values)?);
         }
-        Ok(BatchCache { members, keys, values, pad, cur })
+        let starts = Array::from_slice(&pad, &[pad.len() as i32]);
+        Ok(BatchCache { members, keys, values, pad, starts, cur })
     }
 
     /// Positions already cached per row (RoPE offsets of this step's tokens), `[B]` int32.
@@ -241,13 +245,23 @@ impl BatchCache {
     /// when no row is padded (then attention needs no mask, and on a GPU takes its fused
     /// kernels, which refuse an array mask).
     pub fn mask(&self) -> Result<Option<Array>, mlx_rs::error::Exception> {
-        if self.pad.iter().all(|&p| p == 0) {
+        if !self.padded() {
             return Ok(None);
         }
         let b = self.pad.len() as i32;
         let cols = ops::arange::<_, i32>(None, self.cur + 1, None)?.reshape(&[1, 1, 1, self.cur + 1])?;
         let pad = Array::from_slice(&self.pad, &[b, 1, 1, 1]);
         Ok(Some(ops::ge(&cols, &pad)?))
+    }
+
+    /// Whether some row is padded (attention then needs a mask or the padded kernel).
+    pub fn padded(&self) -> bool {
+        self.pad.iter().any(|&p| p > 0)
+    }
+
+    /// Each row's first live column, `[B]` int32 (its padding).
+    pub fn starts(&self) -> &Array {
+        &self.starts
     }
 
     /// Writes this step's keys and values (`[B, kv_heads, 1, head_dim]`) of `layer` at column
@@ -258,6 +272,14 @@ impl BatchCache {
         k: &Array,
         v: &Array,
     ) -> Result<(Array, Array), mlx_rs::error::Exception> {
+        self.update(layer, k, v)?;
+        let n = self.cur + 1;
+        Ok((self.keys[layer].try_index((.., .., ..n, ..))?, self.values[layer].try_index((.., .., ..n, ..))?))
+    }
+
+    /// Writes this step's keys and values of `layer` at column `cur` and returns the layer's
+    /// whole storage, `[B, kv_heads, capacity, head_dim]` each (columns past `cur` unused).
+    pub fn update(&mut self, layer: usize, k: &Array, v: &Array) -> Result<(Array, Array), mlx_rs::error::Exception> {
         let cap = self.keys[layer].shape()[2];
         if self.cur + 1 > cap {
             let grow = |a: &Array| -> Result<Array, mlx_rs::error::Exception> {
@@ -269,8 +291,7 @@ impl BatchCache {
         }
         self.keys[layer] = write_positions(&self.keys[layer], k, self.cur)?;
         self.values[layer] = write_positions(&self.values[layer], v, self.cur)?;
-        let n = self.cur + 1;
-        Ok((self.keys[layer].try_index((.., .., ..n, ..))?, self.values[layer].try_index((.., .., ..n, ..))?))
+        Ok((self.keys[layer].clone(), self.values[layer].clone()))
     }
 
     /// Device bytes held by the stacked keys and values.

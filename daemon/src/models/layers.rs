@@ -76,7 +76,10 @@ impl Matrix {
     /// `x @ W^T`.
     pub fn apply(&self, x: &Array) -> Result<Array> {
         Ok(match self {
-            Matrix::Dense { weight_t, .. } if use_row_products(x, weight_t) => row_products(x, weight_t)?,
+            Matrix::Dense { weight, .. } if super::cuda::rows_apply(x, weight) => {
+                let n = weight.shape()[0];
+                super::cuda::rows(x, weight, &[n])?.pop().expect("one part")
+            }
             Matrix::Dense { weight_t, .. } => ops::matmul(x, weight_t)?,
             Matrix::Quantized { weight, scales, biases, quant } => {
                 quantized_matmul(x, weight, scales, biases, true, quant.group_size, quant.bits)?
@@ -161,41 +164,6 @@ fn rows_evaluated(a: &Array, start: i32, end: i32) -> Result<Array> {
     let v = a.try_index(start..end)?;
     v.eval()?;
     Ok(v)
-}
-
-thread_local! {
-    /// Whether this thread multiplies a few rows by a dense matrix as a batch of one-row
-    /// products (see [`set_row_products`]); off unless `MLXD_ROW_GEMV=1` is set.
-    static ROW_PRODUCTS: std::cell::Cell<bool> =
-        std::cell::Cell::new(std::env::var("MLXD_ROW_GEMV").is_ok_and(|v| v == "1"));
-}
-
-/// Experimental, for measuring on a GPU (off by default): multiply 2-32 rows by a dense matrix
-/// of at most 64 MiB as a batch of one-row products. MLX 0.32's CUDA backend runs a one-row
-/// product with its own gemv kernel, but a matmul of several rows through cuBLASLt, set up
-/// (descriptors, an algorithm query) and captured into the step's CUDA graph per call; the
-/// batched gemv reads the matrix once per row, from L2 when it fits there. The rows are handed
-/// over as a transposed view, which MLX does not fold back into one several-row matmul. Same
-/// results up to rounding; tests compare the two.
-pub fn set_row_products(enabled: bool) {
-    ROW_PRODUCTS.with(|c| c.set(enabled));
-}
-
-fn use_row_products(x: &Array, weight_t: &Array) -> bool {
-    static MAX_MATRIX_BYTES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let max = *MAX_MATRIX_BYTES.get_or_init(|| {
-        std::env::var("MLXD_ROW_GEMV_MAX_MB").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(64) << 20
-    });
-    x.ndim() == 2 && (2..=32).contains(&x.shape()[0]) && weight_t.nbytes() <= max && ROW_PRODUCTS.with(|c| c.get())
-}
-
-/// `x @ W^T` for `x` of `[B, K]` as `B` one-row products: `x` viewed as `[B, 1, K]` with strides
-/// `[K, 1, 1]` (a reshape to `[B, K, 1]` and a transpose), `W^T` broadcast to `[B, K, N]`.
-fn row_products(x: &Array, weight_t: &Array) -> Result<Array> {
-    let (b, k) = (x.shape()[0], x.shape()[1]);
-    let rows = ops::transpose_axes(&x.reshape(&[b, k, 1])?, &[0, 2, 1])?;
-    let y = ops::matmul(&rows, &weight_t.expand_dims(0)?)?;
-    Ok(y.reshape(&[b, weight_t.shape()[1]])?)
 }
 
 /// A linear layer with an optional bias.
@@ -284,8 +252,23 @@ impl<const N: usize> Stacked<N> {
     /// axis (views of one output; rows of a batch larger than 1 are then strided), or one by one
     /// when the parts are kept apart.
     pub fn forward(&self, x: &Array) -> Result<[Array; N]> {
+        if let Some(ys) = self.kernel_parts(x)? {
+            return Ok(ys.try_into().unwrap_or_else(|_| unreachable!("one output per part")));
+        }
         let outputs = match &self.all {
             Some(all) => ops::split_at_indices(&all.forward(x)?, &self.splits, -1)?,
+            None => self.parts.iter().map(|p| p.forward(x)).collect::<Result<Vec<_>>>()?,
+        };
+        Ok(outputs.try_into().unwrap_or_else(|_| unreachable!("one output per part")))
+    }
+
+    /// All projections of a batch `x` (`[B, in]`, `B > 1`), each `[B, out_i]` and contiguous:
+    /// on CUDA one kernel that writes each part to its own output ([`super::cuda::rows`]),
+    /// otherwise part by part (slices of one several-row product would be strided, and the
+    /// norm and RoPE kernels after them would copy).
+    pub fn forward_batch(&self, x: &Array) -> Result<[Array; N]> {
+        let outputs = match self.kernel_parts(x)? {
+            Some(ys) => ys,
             None => self.parts.iter().map(|p| p.forward(x)).collect::<Result<Vec<_>>>()?,
         };
         Ok(outputs.try_into().unwrap_or_else(|_| unreachable!("one output per part")))
@@ -294,6 +277,24 @@ impl<const N: usize> Stacked<N> {
     /// Part `i` alone.
     pub fn part(&self, i: usize) -> &Linear {
         &self.parts[i]
+    }
+
+    /// The parts of `x @ W^T` through [`super::cuda::rows`], when it takes `x` and the matrix.
+    fn kernel_parts(&self, x: &Array) -> Result<Option<Vec<Array>>> {
+        let Some(Linear { weight: Matrix::Dense { weight, .. }, bias }) = &self.all else { return Ok(None) };
+        if N > 3 || !super::cuda::rows_apply(x, weight) {
+            return Ok(None);
+        }
+        let widths: Vec<i32> = self.parts.iter().map(|p| p.weight.out_features()).collect();
+        let ys = super::cuda::rows(x, weight, &widths)?;
+        if bias.is_none() {
+            return Ok(Some(ys));
+        }
+        let biased = ys.iter().zip(&self.parts).map(|(y, p)| match &p.bias {
+            Some(b) => Ok(ops::add(y, b)?),
+            None => Ok(y.clone()),
+        });
+        Ok(Some(biased.collect::<Result<Vec<_>>>()?))
     }
 
     /// Bytes of all the projections on the device (views share the stacked matrix's).

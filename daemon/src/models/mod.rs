@@ -2,6 +2,7 @@
 //! files, dispatched to the architecture named by `model_type` (see [`config::Arch`]).
 
 pub mod config;
+pub mod cuda;
 pub mod layers;
 pub mod safetensors;
 pub mod transformer;

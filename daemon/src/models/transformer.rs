@@ -97,11 +97,7 @@ impl Attention {
                 None => Ok(y),
             }
         };
-        let [q, k, v] = if b == 1 {
-            self.qkv.forward(x)?
-        } else {
-            [self.qkv.part(0).forward(x)?, self.qkv.part(1).forward(x)?, self.qkv.part(2).forward(x)?]
-        };
+        let [q, k, v] = if b == 1 { self.qkv.forward(x)? } else { self.qkv.forward_batch(x)? };
         let q = heads(q, self.heads, &self.q_norm)?;
         let k = heads(k, self.kv_heads, &self.k_norm)?;
         let v = heads(v, self.kv_heads, &None)?;
@@ -121,7 +117,7 @@ impl Attention {
 
     /// One decode step for a stacked batch ([`BatchCache`]): the same operations whatever the
     /// batch size, with per-row RoPE offsets and a mask over each row's left padding (none when
-    /// no row is padded).
+    /// no row is padded; on CUDA the padded-attention kernel skips the padding instead).
     fn decode_batched(
         &self,
         x: &Array,
@@ -133,15 +129,17 @@ impl Attention {
         let (q, k, v) = self.project_heads(x)?;
         let q = self.rope.forward_dynamic(&q, offsets)?;
         let k = self.rope.forward_dynamic(&k, offsets)?;
-        let (k, v) = batch.update_and_fetch(layer, &k, &v)?;
-        let o = fast::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            self.scale,
-            mask.map(ScaledDotProductAttentionMask::Array),
-            None,
-        )?;
+        let o = match mask {
+            Some(_) if super::cuda::attention_applies(&q, self.heads, self.kv_heads, self.head_dim) => {
+                let (keys, values) = batch.update(layer, &k, &v)?;
+                super::cuda::attention(&q, &keys, &values, batch.starts(), offsets, self.scale)?
+            }
+            _ => {
+                let (k, v) = batch.update_and_fetch(layer, &k, &v)?;
+                let mask = mask.map(ScaledDotProductAttentionMask::Array);
+                fast::scaled_dot_product_attention(&q, &k, &v, self.scale, mask, None)?
+            }
+        };
         self.o_proj.forward(&o.reshape(&[x.shape()[0], self.heads * self.head_dim])?)
     }
 }
@@ -383,6 +381,7 @@ impl Transformer {
     /// order. Returns logits `[B, V]` and moves the batch to its next column.
     pub fn forward_batched(&self, tokens: &Array, batch: &mut BatchCache) -> Result<Array> {
         let offsets = batch.offsets();
+        // Unused (never evaluated) where the padded-attention kernel runs.
         let mask = batch.mask()?;
         let mut h = self.embed_tokens.rows(tokens)?;
         for (l, block) in self.layers.iter().enumerate() {

@@ -15,10 +15,10 @@
 //! beyond greedy, but the host time full sampling adds did not measurably drop (docs/
 //! benchmarks.md, session 4), and the kernel adds ~0.15 ms of device time per step.
 
+use crate::ffi::{CudaKernel, TemplateArg};
 use mlx_rs::error::Exception;
-use mlx_rs::Array;
+use mlx_rs::{Array, Dtype};
 use std::cell::{Cell, RefCell};
-use std::ffi::CString;
 
 /// Largest top-k the kernel handles (its candidates live in shared memory).
 pub(crate) const MAX_K: i32 = 256;
@@ -147,7 +147,7 @@ const SOURCE: &str = r#"
 
 thread_local! {
     static ENABLED: Cell<bool> = Cell::new(std::env::var("MLXD_SAMPLER_KERNEL").is_ok_and(|v| v == "1"));
-    static KERNEL: RefCell<Option<Kernel>> = const { RefCell::new(None) };
+    static KERNEL: RefCell<Option<CudaKernel>> = const { RefCell::new(None) };
 }
 
 /// Turns the kernel on or off for this thread (off unless `MLXD_SAMPLER_KERNEL=1`).
@@ -161,45 +161,15 @@ pub(crate) fn available() -> bool {
     ENABLED.with(Cell::get) && *CUDA.get_or_init(|| crate::runtime::backend() == "cuda")
 }
 
-struct Kernel(mlx_sys::mlx_fast_cuda_kernel);
-
-impl Drop for Kernel {
-    fn drop(&mut self) {
-        // SAFETY: created by mlx_fast_cuda_kernel_new, freed once.
-        unsafe { mlx_sys::mlx_fast_cuda_kernel_free(self.0) };
-    }
-}
-
-fn strings(names: &[&str]) -> (Vec<CString>, mlx_sys::mlx_vector_string) {
-    let owned: Vec<CString> = names.iter().map(|n| CString::new(*n).expect("no NUL")).collect();
-    let ptrs: Vec<*const std::os::raw::c_char> = owned.iter().map(|c| c.as_ptr()).collect();
-    // SAFETY: the vector copies the strings.
-    let v = unsafe { mlx_sys::mlx_vector_string_new_data(ptrs.as_ptr() as *mut _, ptrs.len()) };
-    (owned, v)
-}
-
-fn kernel() -> Kernel {
-    let (_in_owned, inputs) =
-        strings(&["logits", "inv_temperature", "top_k", "top_p", "ln_min_p", "keys", "window", "penalty"]);
-    let (_out_owned, outputs) = strings(&["token"]);
-    let name = CString::new("mlxd_sample_topk").expect("no NUL");
-    let source = CString::new(SOURCE).expect("no NUL");
-    let header = CString::new("").expect("no NUL");
-    // SAFETY: mlx-c copies names, source and header; the string vectors are freed after.
-    unsafe {
-        let k = mlx_sys::mlx_fast_cuda_kernel_new(
-            name.as_ptr(),
-            inputs,
-            outputs,
-            source.as_ptr(),
-            header.as_ptr(),
-            true,
-            0,
-        );
-        mlx_sys::mlx_vector_string_free(inputs);
-        mlx_sys::mlx_vector_string_free(outputs);
-        Kernel(k)
-    }
+fn kernel() -> CudaKernel {
+    CudaKernel::new(
+        "mlxd_sample_topk",
+        &["logits", "inv_temperature", "top_k", "top_p", "ln_min_p", "keys", "window", "penalty"],
+        &["token"],
+        "",
+        SOURCE,
+        true,
+    )
 }
 
 /// Largest vocabulary whose repetition bitmap the kernel keeps in shared memory.
@@ -237,58 +207,21 @@ pub(crate) fn sample(inp: &Inputs<'_>) -> Result<Array, Exception> {
         window,
         penalty,
     ];
-    let (top_p, ln_min_p) = (inp.top_p, inp.ln_min_p);
     let c = window.shape()[window.ndim() - 1];
+    let template = [
+        ("V", TemplateArg::Int(v)),
+        ("KMAX", TemplateArg::Int(MAX_K)),
+        ("C", TemplateArg::Int(c)),
+        ("HAS_REP", TemplateArg::Bool(inp.repetition.is_some())),
+        ("HAS_TOP_P", TemplateArg::Bool(inp.top_p.is_some())),
+        ("HAS_MIN_P", TemplateArg::Bool(inp.ln_min_p.is_some())),
+    ];
     KERNEL.with(|cell| {
         let mut cell = cell.borrow_mut();
         let k = cell.get_or_insert_with(kernel);
-        let stream = mlx_rs::Stream::thread_local_or_default();
-        // SAFETY: mlx-c calls on handles that outlive them; every created handle is freed.
-        unsafe {
-            let config = mlx_sys::mlx_fast_cuda_kernel_config_new();
-            let shape = [b];
-            let set = |name: &str, value: bool| {
-                let n = CString::new(name).expect("no NUL");
-                mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_bool(config, n.as_ptr(), value)
-            };
-            let mut rc = mlx_sys::mlx_fast_cuda_kernel_config_add_output_arg(
-                config,
-                shape.as_ptr(),
-                1,
-                mlx_sys::mlx_dtype__MLX_UINT32,
-            );
-            let v_name = CString::new("V").expect("no NUL");
-            let k_name = CString::new("KMAX").expect("no NUL");
-            let c_name = CString::new("C").expect("no NUL");
-            rc |= mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_int(config, v_name.as_ptr(), v);
-            rc |= mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_int(config, k_name.as_ptr(), MAX_K);
-            rc |= mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_int(config, c_name.as_ptr(), c);
-            rc |= set("HAS_REP", inp.repetition.is_some());
-            rc |= set("HAS_TOP_P", top_p.is_some());
-            rc |= set("HAS_MIN_P", ln_min_p.is_some());
-            rc |= mlx_sys::mlx_fast_cuda_kernel_config_set_grid(config, 1024 * b, 1, 1);
-            rc |= mlx_sys::mlx_fast_cuda_kernel_config_set_thread_group(config, 1024, 1, 1);
-            let handles: Vec<mlx_sys::mlx_array> = inputs.iter().map(|a| a.as_ptr()).collect();
-            let ins = mlx_sys::mlx_vector_array_new_data(handles.as_ptr(), handles.len());
-            let mut outs = mlx_sys::mlx_vector_array_new();
-            if rc == 0 {
-                rc = mlx_sys::mlx_fast_cuda_kernel_apply(&mut outs, k.0, ins, config, stream.as_ptr());
-            }
-            let mut token = mlx_sys::mlx_array_new();
-            if rc == 0 {
-                rc = mlx_sys::mlx_vector_array_get(&mut token, outs, 0);
-            }
-            mlx_sys::mlx_vector_array_free(ins);
-            mlx_sys::mlx_vector_array_free(outs);
-            mlx_sys::mlx_fast_cuda_kernel_config_free(config);
-            if rc != 0 {
-                mlx_sys::mlx_array_free(token);
-                return Err(Exception::custom(format!(
-                    "the CUDA sampling kernel failed for logits {:?}",
-                    inp.logits.shape()
-                )));
-            }
-            Ok(Array::from_ptr(token))
-        }
+        let out = k.apply(&inputs, &[(&[b], Dtype::Uint32)], &template, (1024 * b, 1, 1), (1024, 1, 1), || {
+            format!("the sampling kernel for logits {:?}", inp.logits.shape())
+        })?;
+        Ok(out.into_iter().next().expect("one output"))
     })
 }

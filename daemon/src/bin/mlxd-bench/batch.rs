@@ -4,10 +4,10 @@
 //! while building, waiting for the device), so a shortfall of the concurrency benchmark can be
 //! pinned on the engine's step or on the daemon around it.
 //!
-//! With `--row-products both` every batch size runs twice, alternating, with MLX's several-row
-//! matmuls and with the rows as a batch of one-row products (see
-//! `mlxd::models::layers::set_row_products`), which is the A/B for MLX's CUDA matmul path.
-//! The flag decides for the run (default `off`), whatever `MLXD_ROW_GEMV` says.
+//! With `--model-kernels both` every batch size runs twice, alternating, with mlxd's CUDA
+//! kernels for several-row products and padded attention (`mlxd::models::cuda`) and with
+//! MLX's own operations (cuBLASLt, masked attention): the A/B for those kernels. The flag
+//! decides for the run (default `on`; they only run on CUDA), whatever `MLXD_MODEL_KERNELS` says.
 
 use super::{per_step, random_prompt, Args};
 use anyhow::{Context, Result};
@@ -82,12 +82,12 @@ fn one_batch(
 }
 
 /// The batch sizes of `--clients` against each other; prints the table and returns its JSON.
-pub fn run(args: &Args, dir: &Path, row_products: &str) -> Result<Value> {
-    let modes: Vec<bool> = match row_products {
+pub fn run(args: &Args, dir: &Path, model_kernels: &str) -> Result<Value> {
+    let modes: Vec<bool> = match model_kernels {
         "off" => vec![false],
         "on" => vec![true],
-        "both" => vec![false, true],
-        other => anyhow::bail!("--row-products {other}: use off, on or both"),
+        "both" => vec![true, false],
+        other => anyhow::bail!("--model-kernels {other}: use off, on or both"),
     };
     let report = mlxd::runtime::Report::gather();
     let model = mlxd::models::load(dir).with_context(|| format!("loading {}", dir.display()))?;
@@ -97,7 +97,7 @@ pub fn run(args: &Args, dir: &Path, row_products: &str) -> Result<Value> {
     let sizes = args.clients.clone();
     // Warm-up: every size once in every mode (kernels, compiled graphs, allocator).
     for &mode in &modes {
-        mlxd::models::layers::set_row_products(mode);
+        mlxd::models::cuda::set_enabled(mode);
         for &b in &sizes {
             one_batch(&mut engine, b, args.prompt, args.gen.min(32), vocab, args.stagger)?;
         }
@@ -107,12 +107,12 @@ pub fn run(args: &Args, dir: &Path, row_products: &str) -> Result<Value> {
     for _ in 0..args.repeats.max(1) {
         for (si, &b) in sizes.iter().enumerate() {
             for (mi, &mode) in modes.iter().enumerate() {
-                mlxd::models::layers::set_row_products(mode);
+                mlxd::models::cuda::set_enabled(mode);
                 results[mi][si].push(one_batch(&mut engine, b, args.prompt, args.gen, vocab, args.stagger)?);
             }
         }
     }
-    mlxd::models::layers::set_row_products(false);
+    mlxd::models::cuda::set_enabled(true);
 
     println!(
         "\n{} | {} | MLX {} | {} | prompt {} tok (+{} per row), {} tok per row, {} runs (median)",
@@ -125,7 +125,7 @@ pub fn run(args: &Args, dir: &Path, row_products: &str) -> Result<Value> {
         args.gen,
         args.repeats.max(1)
     );
-    println!("| rows | matmuls | aggregate tok/s | x rows=1 | step ms (median) | host build ms/step | of which model graph | thread CPU ms/step | device wait ms/step |");
+    println!("| rows | products, attention | aggregate tok/s | x rows=1 | step ms (median) | host build ms/step | of which model graph | thread CPU ms/step | device wait ms/step |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     let mut out = Vec::new();
     for (mi, &mode) in modes.iter().enumerate() {
@@ -137,9 +137,9 @@ pub fn run(args: &Args, dir: &Path, row_products: &str) -> Result<Value> {
             order.sort_by(|&x, &y| runs[x].tps.total_cmp(&runs[y].tps));
             let m = &runs[order[order.len() / 2]];
             let p = &m.profile;
-            let matmuls = if mode { "one-row products" } else { "MLX" };
+            let kernels = if mode { "mlxd" } else { "MLX" };
             println!(
-                "| {b} | {matmuls} | {:.1} | {:.2} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |",
+                "| {b} | {kernels} | {:.1} | {:.2} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |",
                 m.tps,
                 m.tps / base,
                 m.step_ms,
@@ -150,7 +150,7 @@ pub fn run(args: &Args, dir: &Path, row_products: &str) -> Result<Value> {
             );
             out.push(json!({
                 "rows": b,
-                "row_products": mode,
+                "model_kernels": mode,
                 "aggregate_tps": runs.iter().map(|m| m.tps).collect::<Vec<_>>(),
                 "step_ms_median": m.step_ms,
                 "host_build_ms_per_step": per_step(p.build, p),

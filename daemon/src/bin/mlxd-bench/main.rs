@@ -12,7 +12,8 @@
 //!                                      primitives in one decode step (N > 1: N stacked rows vs one)
 //! mlxd-bench sampler-check           the CUDA sampling kernel against the MLX-op graph (same
 //!                                      draws expected), on random logits
-//! mlxd-bench batch --shape ... [--clients 1,2,4,8,16] [--row-products off|on|both] [--stagger N]
+//! mlxd-bench kernel-check            mlxd's CUDA kernels for batched decode against MLX ops
+//! mlxd-bench batch --shape ... [--clients 1,2,4,8,16] [--model-kernels on|off|both] [--stagger N]
 //!                                      the engine stepping B sequences together (no daemon)
 //! mlxd-bench suite --json out.json [--models qwen3-0.6b:bf16,qwen3-0.6b:q4,...|NAME=PATH|smollm2]
 //!                  [--serve-model SHAPE:DTYPE|none] [--no-plugins] [engine and serve options]
@@ -28,6 +29,7 @@
 //! puts them. mlx-lm has no counterpart, so plugin rows are mlxd only.
 
 mod batch;
+mod kernel_check;
 mod serve_load;
 mod suite;
 
@@ -120,8 +122,8 @@ struct Args {
     batch: bool,
     /// `sampler-check`: the CUDA sampling kernel against the MLX-op graph.
     sampler_check: bool,
-    /// `batch`: several-row matmuls as MLX does them, as one-row products, or both.
-    row_products: String,
+    /// `batch`: mlxd's CUDA kernels for several-row products and padded attention, MLX's ops, or both.
+    model_kernels: String,
     /// `batch`: row `i`'s prompt is this many tokens longer per `i` (a padded stack).
     stagger: usize,
     clients: Vec<usize>,
@@ -153,7 +155,7 @@ fn parse_args() -> Result<Args> {
         serve: false,
         batch: false,
         sampler_check: false,
-        row_products: "off".into(),
+        model_kernels: "on".into(),
         stagger: 0,
         clients: vec![1, 2, 4, 8, 16],
         samplers: vec!["greedy".into()],
@@ -179,7 +181,7 @@ fn parse_args() -> Result<Args> {
             a.plugins = vec![("passthrough".into(), "{}".into()), ("dry".into(), r#"{"multiplier":0.8}"#.into())];
         }
         _ => bail!(
-            "usage: mlxd-bench engine|serve|graph|batch|suite|sampler-check (--shape NAME | --model DIR) [options]; see the file header"
+            "usage: mlxd-bench engine|serve|graph|batch|suite|sampler-check|kernel-check (--shape NAME | --model DIR) [options]; see the file header"
         ),
     }
     while let Some(flag) = it.next() {
@@ -208,7 +210,7 @@ fn parse_args() -> Result<Args> {
             "--models" => a.suite = Some(val()?.split(',').filter(|m| !m.is_empty()).map(String::from).collect()),
             "--serve-model" => a.serve_model = Some(val()?).filter(|m| m != "none"),
             "--no-plugins" => a.plugins.clear(),
-            "--row-products" => a.row_products = val()?,
+            "--model-kernels" => a.model_kernels = val()?,
             "--stagger" => a.stagger = val()?.parse().context("--stagger")?,
             "--cache-prompt" => a.cache_prompt = val()?.parse().context("--cache-prompt")?,
             other => bail!("unknown flag {other}"),
@@ -218,6 +220,9 @@ fn parse_args() -> Result<Args> {
 }
 
 fn main() -> Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("kernel-check") {
+        return kernel_check::run();
+    }
     let args = parse_args()?;
     if std::env::var_os("MLXD_SAMPLER_EAGER").is_some() {
         mlxd::sampling::set_compiled(false);
@@ -247,7 +252,7 @@ fn main() -> Result<()> {
         return print_step_graph(&dir, &variants);
     }
     if args.batch {
-        let summary = batch::run(&args, &dir, &args.row_products)?;
+        let summary = batch::run(&args, &dir, &args.model_kernels)?;
         if let Some(path) = &args.json {
             std::fs::write(path, serde_json::to_string_pretty(&summary)?)?;
         }

@@ -1,0 +1,100 @@
+//! `mlxd-bench kernel-check`: mlxd's CUDA kernels for batched decode (`mlxd::models::cuda`)
+//! against the same computation as MLX operations in float32, on random inputs of the shapes a
+//! Qwen3-0.6B-sized model uses. Prints each case's largest error relative to the largest
+//! reference value and fails when one exceeds the dtype's tolerance. Without CUDA it says so and
+//! checks nothing.
+
+use anyhow::{ensure, Result};
+use mlx_rs::ops::indexing::TryIndexOp;
+use mlx_rs::{ops, random, Array, Dtype};
+
+fn relative_error(got: &Array, want: &Array) -> Result<f32> {
+    let diff = ops::abs(ops::subtract(&got.as_type::<f32>()?, want)?)?.max(None)?;
+    let scale = ops::abs(want)?.max(None)?;
+    Ok(diff.try_item_exact::<f32>()? / scale.try_item_exact::<f32>()?.max(1e-6))
+}
+
+fn tolerance(d: Dtype) -> f32 {
+    if d == Dtype::Float32 {
+        1e-4
+    } else {
+        2e-2
+    }
+}
+
+fn normal(shape: &[i32], std: f32, seed: u64, d: Dtype) -> Result<Array> {
+    Ok(random::normal::<f32>(shape, 0.0, std, &random::key(seed)?)?.as_dtype(d)?)
+}
+
+/// Products of 2-16 rows by stacked and plain matrices, and the attention over a padded stack.
+pub fn run() -> Result<()> {
+    let report = mlxd::runtime::Report::gather();
+    println!("{} ({}), MLX {}", report.device_name.clone().unwrap_or_default(), report.backend, report.mlx_version);
+    if report.backend != "cuda" {
+        println!("no CUDA here: the kernels run only on MLX's CUDA backend; nothing checked");
+        return Ok(());
+    }
+    mlxd::models::cuda::set_enabled(true);
+    let mut worst = Vec::new();
+    println!("| case | dtype | max error / max value | tolerance |\n| --- | --- | --- | --- |");
+    let cases: [(i32, i32, &[i32]); 5] = [
+        (2, 1024, &[2048, 1024, 1024]),
+        (5, 1024, &[3072, 3072]),
+        (8, 3072, &[1024]),
+        (16, 2048, &[1024]),
+        (8, 1024, &[151_936]),
+    ];
+    for d in [Dtype::Bfloat16, Dtype::Float16, Dtype::Float32] {
+        for (i, &(m, k, widths)) in cases.iter().enumerate() {
+            let n: i32 = widths.iter().sum();
+            let x = normal(&[m, k], 1.0, 10 + i as u64, d)?;
+            let w = normal(&[n, k], 0.05, 20 + i as u64, d)?;
+            anyhow::ensure!(mlxd::models::cuda::rows_apply(&x, &w), "the product kernel refuses {m}x{k} by {n}x{k}");
+            let parts = mlxd::models::cuda::rows(&x, &w, widths)?;
+            let want = ops::matmul(&x.as_type::<f32>()?, w.as_type::<f32>()?.t())?;
+            let mut start = 0;
+            let mut err: f32 = 0.0;
+            for (p, &wd) in parts.iter().zip(widths) {
+                ensure!(p.shape() == [m, wd], "part of shape {:?}, want [{m}, {wd}]", p.shape());
+                err = err.max(relative_error(p, &want.try_index((.., start..start + wd))?)?);
+                start += wd;
+            }
+            println!("| {m} rows x [{n}, {k}] in parts {widths:?} | {d:?} | {err:.2e} | {:.0e} |", tolerance(d));
+            worst.push((err, tolerance(d)));
+        }
+        // Five rows padded by different amounts, 16 query heads over 8 key heads of 128.
+        let (b, hq, hkv, dh, cap, cur) = (5, 16, 8, 128, 512, 300);
+        let pads = [0, 37, 100, 5, 250];
+        let q = normal(&[b, hq, 1, dh], 1.0, 30, d)?;
+        let keys = normal(&[b, hkv, cap, dh], 1.0, 31, d)?;
+        let values = normal(&[b, hkv, cap, dh], 1.0, 32, d)?;
+        let starts = Array::from_slice(&pads, &[b]);
+        let offsets = Array::from_slice(&pads.map(|p| cur - p), &[b]);
+        let scale = 1.0 / (dh as f32).sqrt();
+        let got = mlxd::models::cuda::attention(&q, &keys, &values, &starts, &offsets, scale)?;
+        // Reference: grouped heads as [B, kv, group, 1, D] against [B, kv, 1, L, D], float32.
+        let g = hq / hkv;
+        let l = cur + 1;
+        let qf = q.as_type::<f32>()?.reshape(&[b, hkv, g, 1, dh])?;
+        let kf = keys.as_type::<f32>()?.try_index((.., .., ..l, ..))?.reshape(&[b, hkv, 1, l, dh])?;
+        let vf = values.as_type::<f32>()?.try_index((.., .., ..l, ..))?.reshape(&[b, hkv, 1, l, dh])?;
+        let scores = ops::multiply(ops::matmul(&qf, &kf.swap_axes(-1, -2)?)?, Array::from_f32(scale))?;
+        let cols = ops::arange::<_, i32>(None, l, None)?.reshape(&[1, 1, 1, 1, l])?;
+        let live = ops::ge(&cols, &starts.reshape(&[b, 1, 1, 1, 1])?)?;
+        let scores = ops::select(&live, &scores, Array::from_f32(f32::NEG_INFINITY))?;
+        let probs = ops::softmax_axis(&scores, -1, None)?;
+        let want = ops::matmul(&probs, &vf)?.reshape(&[b, hq, 1, dh])?;
+        ensure!(got.shape() == want.shape(), "attention output {:?}, want {:?}", got.shape(), want.shape());
+        let err = relative_error(&got, &want)?;
+        println!(
+            "| attention, {b} rows padded {pads:?}, {hq}/{hkv} heads of {dh} | {d:?} | {err:.2e} | {:.0e} |",
+            tolerance(d)
+        );
+        worst.push((err, tolerance(d)));
+    }
+    // A NaN error counts as a failure.
+    let failed = worst.iter().filter(|(e, t)| e.is_nan() || e > t).count();
+    ensure!(failed == 0, "{failed} case(s) beyond tolerance");
+    println!("all {} cases within tolerance", worst.len());
+    Ok(())
+}
