@@ -11,8 +11,9 @@
 //! - **Attention over a left-padded stack** ([`crate::cache::BatchCache`]): MLX's fused decode
 //!   attention refuses an array mask, and its fallback (two batched products through cuBLASLt, a
 //!   mask and a softmax) costs several nodes per layer. Here one block per (row, query head)
-//!   walks that row's live key columns only, eight warps each keeping an online softmax, merged
-//!   at the end; no mask is built.
+//!   walks that row's live key columns only, sixteen warps each keeping an online softmax over
+//!   four columns at a time (their loads in flight together), merged at the end; no mask is
+//!   built.
 //!
 //! Both are used only on CUDA, for shapes they handle (see [`rows_apply`], [`attention_applies`]),
 //! and can be switched off (`MLXD_MODEL_KERNELS=0`, or [`set_enabled`]) to compare against
@@ -90,6 +91,9 @@ fn rows_source(parts: usize) -> String {
 #pragma unroll
     for (int m = 0; m < MAX_ROWS; ++m) acc[m] = 0.0f;
     const T* wr = w + (size_t)n * K;
+    // Unrolled so that several of the weight row's loads are in flight at once: a column's
+    // time is then about one memory latency, not one per 256 elements.
+#pragma unroll 4
     for (int k = lane * 8; k < K; k += 256) {
         float wf[8];
         mlxd_load8<T>(wr + k, wf);
@@ -155,7 +159,11 @@ pub fn rows(x: &Array, weight: &Array, widths: &[i32]) -> Result<Vec<Array>, Exc
     assert!((1..=3).contains(&parts) && widths.iter().sum::<i32>() == n, "parts {widths:?} of {n} columns");
     let shapes: Vec<[i32; 2]> = widths.iter().map(|&w| [m, w]).collect();
     let outputs: Vec<(&[i32], Dtype)> = shapes.iter().map(|s| (&s[..], x.dtype())).collect();
-    let mut template = vec![("T", TemplateArg::Dtype(x.dtype())), ("MAX_ROWS", TemplateArg::Int(MAX_ROWS))];
+    // Accumulators for 4, 8 or 16 rows (three compiled variants per matrix layout): fewer
+    // registers for fewer rows, so more warps fit on a multiprocessor (53, 82 and 114
+    // registers on sm_90).
+    let room = [4, 8, MAX_ROWS].into_iter().find(|&r| m <= r).unwrap_or(MAX_ROWS);
+    let mut template = vec![("T", TemplateArg::Dtype(x.dtype())), ("MAX_ROWS", TemplateArg::Int(room))];
     let names = ["P0", "P1"];
     for (i, &w) in widths[..parts - 1].iter().enumerate() {
         template.push((names[i], TemplateArg::Int(w)));
@@ -183,7 +191,8 @@ pub fn rows(x: &Array, weight: &Array, widths: &[i32]) -> Result<Vec<Array>, Exc
 
 const ATTENTION_SOURCE: &str = r#"
     constexpr int E = D / 32;
-    constexpr int WARPS = 8;
+    constexpr int WARPS = 16;
+    constexpr int U = 4;
     const int b = blockIdx.x / HQ;
     const int h = blockIdx.x % HQ;
     const int kvh = h / (HQ / HKV);
@@ -200,20 +209,50 @@ const ATTENTION_SOURCE: &str = r#"
     for (int e = 0; e < E; ++e) { qf[e] = static_cast<float>(qp[e]) * scale; acc[e] = 0.0f; }
     float mx = neg_inf, l = 0.0f;
     const size_t head = ((size_t)b * HKV + kvh) * (size_t)cap;
-    for (int j = first + warp; j < end; j += WARPS) {
-        const T* kp = k + (head + j) * D + lane * E;
-        float s = 0.0f;
+    // Each warp takes U columns per round (WARPS apart), all loads issued before any use.
+    for (int j0 = first + warp; j0 < end; j0 += WARPS * U) {
+        float kf[U][E], vf[U][E];
+        bool ok[U];
 #pragma unroll
-        for (int e = 0; e < E; ++e) s = fmaf(qf[e], static_cast<float>(kp[e]), s);
+        for (int u = 0; u < U; ++u) {
+            const int j = j0 + u * WARPS;
+            ok[u] = j < end;
+            const size_t at = (head + (ok[u] ? j : j0)) * D + lane * E;
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        const float m_new = fmaxf(mx, s);
+            for (int e = 0; e < E; ++e) {
+                kf[u][e] = static_cast<float>(k[at + e]);
+                vf[u][e] = static_cast<float>(v[at + e]);
+            }
+        }
+        float s[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            float t = 0.0f;
+#pragma unroll
+            for (int e = 0; e < E; ++e) t = fmaf(qf[e], kf[u][e], t);
+            s[u] = t;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+            for (int u = 0; u < U; ++u) s[u] += __shfl_xor_sync(0xffffffffu, s[u], o);
+        }
+        // Column j0 is live (the loop's condition), so the new maximum is finite.
+        float m_new = mx;
+#pragma unroll
+        for (int u = 0; u < U; ++u) if (ok[u]) m_new = fmaxf(m_new, s[u]);
         const float c = expf(mx - m_new);
-        const float p = expf(s - m_new);
-        l = l * c + p;
-        const T* vp = v + (head + j) * D + lane * E;
+        l *= c;
 #pragma unroll
-        for (int e = 0; e < E; ++e) acc[e] = fmaf(p, static_cast<float>(vp[e]), acc[e] * c);
+        for (int e = 0; e < E; ++e) acc[e] *= c;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (!ok[u]) continue;
+            const float p = expf(s[u] - m_new);
+            l += p;
+#pragma unroll
+            for (int e = 0; e < E; ++e) acc[e] = fmaf(p, vf[u][e], acc[e]);
+        }
         mx = m_new;
     }
     __shared__ float s_m[WARPS];
@@ -288,8 +327,8 @@ pub fn attention(
             &[q, keys, values, starts, offsets],
             &[(&shape, q.dtype())],
             &template,
-            (b * heads * 256, 1, 1),
-            (256, 1, 1),
+            (b * heads * 512, 1, 1),
+            (512, 1, 1),
             || format!("padded attention for queries {:?} over keys {:?}", q.shape(), keys.shape()),
         )?;
         Ok(out.into_iter().next().expect("one output"))

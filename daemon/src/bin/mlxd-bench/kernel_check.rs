@@ -51,7 +51,12 @@ pub fn run() -> Result<()> {
             let w = normal(&[n, k], 0.05, 20 + i as u64, d)?;
             anyhow::ensure!(mlxd::models::cuda::rows_apply(&x, &w), "the product kernel refuses {m}x{k} by {n}x{k}");
             let parts = mlxd::models::cuda::rows(&x, &w, widths)?;
-            let want = ops::matmul(&x.as_type::<f32>()?, w.as_type::<f32>()?.t())?;
+            // Row by row: MLX takes a one-row float32 product through its gemv kernel, in full
+            // float32; several rows would go through cuBLASLt, which computes float32 in TF32.
+            let (xf, wt) = (x.as_type::<f32>()?, w.as_type::<f32>()?.t());
+            let rows: Vec<Array> =
+                (0..m).map(|r| ops::matmul(&xf.try_index(r..r + 1)?, &wt)).collect::<Result<_, _>>()?;
+            let want = ops::concatenate(&rows, 0)?;
             let mut start = 0;
             let mut err: f32 = 0.0;
             for (p, &wd) in parts.iter().zip(widths) {
@@ -62,39 +67,51 @@ pub fn run() -> Result<()> {
             println!("| {m} rows x [{n}, {k}] in parts {widths:?} | {d:?} | {err:.2e} | {:.0e} |", tolerance(d));
             worst.push((err, tolerance(d)));
         }
-        // Five rows padded by different amounts, 16 query heads over 8 key heads of 128.
-        let (b, hq, hkv, dh, cap, cur) = (5, 16, 8, 128, 512, 300);
-        let pads = [0, 37, 100, 5, 250];
-        let q = normal(&[b, hq, 1, dh], 1.0, 30, d)?;
-        let keys = normal(&[b, hkv, cap, dh], 1.0, 31, d)?;
-        let values = normal(&[b, hkv, cap, dh], 1.0, 32, d)?;
-        let starts = Array::from_slice(&pads, &[b]);
-        let offsets = Array::from_slice(&pads.map(|p| cur - p), &[b]);
-        let scale = 1.0 / (dh as f32).sqrt();
-        let got = mlxd::models::cuda::attention(&q, &keys, &values, &starts, &offsets, scale)?;
-        // Reference: grouped heads as [B, kv, group, 1, D] against [B, kv, 1, L, D], float32.
-        let g = hq / hkv;
-        let l = cur + 1;
-        let qf = q.as_type::<f32>()?.reshape(&[b, hkv, g, 1, dh])?;
-        let kf = keys.as_type::<f32>()?.try_index((.., .., ..l, ..))?.reshape(&[b, hkv, 1, l, dh])?;
-        let vf = values.as_type::<f32>()?.try_index((.., .., ..l, ..))?.reshape(&[b, hkv, 1, l, dh])?;
-        let scores = ops::multiply(ops::matmul(&qf, &kf.swap_axes(-1, -2)?)?, Array::from_f32(scale))?;
-        let cols = ops::arange::<_, i32>(None, l, None)?.reshape(&[1, 1, 1, 1, l])?;
-        let live = ops::ge(&cols, &starts.reshape(&[b, 1, 1, 1, 1])?)?;
-        let scores = ops::select(&live, &scores, Array::from_f32(f32::NEG_INFINITY))?;
-        let probs = ops::softmax_axis(&scores, -1, None)?;
-        let want = ops::matmul(&probs, &vf)?.reshape(&[b, hq, 1, dh])?;
-        ensure!(got.shape() == want.shape(), "attention output {:?}, want {:?}", got.shape(), want.shape());
-        let err = relative_error(&got, &want)?;
-        println!(
-            "| attention, {b} rows padded {pads:?}, {hq}/{hkv} heads of {dh} | {d:?} | {err:.2e} | {:.0e} |",
-            tolerance(d)
-        );
-        worst.push((err, tolerance(d)));
+        // Rows padded by different amounts; Qwen3-0.6B's heads (16 over 8, of 128) and
+        // Llama-3.2-1B's (32 over 8, of 64), a short and a long stack.
+        for (hq, hkv, dh, cap, cur, pads) in
+            [(16, 8, 128, 512, 300, vec![0, 37, 100, 5, 250]), (32, 8, 64, 2304, 2100, vec![1900, 0, 12])]
+        {
+            let err = attention_error(d, hq, hkv, dh, cap, cur, &pads)?;
+            println!(
+                "| attention, {} rows padded {pads:?} to {}, {hq}/{hkv} heads of {dh} | {d:?} | {err:.2e} | {:.0e} |",
+                pads.len(),
+                cur + 1,
+                tolerance(d)
+            );
+            worst.push((err, tolerance(d)));
+        }
     }
     // A NaN error counts as a failure.
     let failed = worst.iter().filter(|(e, t)| e.is_nan() || e > t).count();
     ensure!(failed == 0, "{failed} case(s) beyond tolerance");
     println!("all {} cases within tolerance", worst.len());
     Ok(())
+}
+
+/// The padded-attention kernel's error against float32 MLX ops, for `pads.len()` rows whose
+/// last live column is `cur`, in storage `cap` columns wide.
+fn attention_error(d: Dtype, hq: i32, hkv: i32, dh: i32, cap: i32, cur: i32, pads: &[i32]) -> Result<f32> {
+    let b = pads.len() as i32;
+    let q = normal(&[b, hq, 1, dh], 1.0, 30, d)?;
+    let keys = normal(&[b, hkv, cap, dh], 1.0, 31, d)?;
+    let values = normal(&[b, hkv, cap, dh], 1.0, 32, d)?;
+    let starts = Array::from_slice(pads, &[b]);
+    let offsets = Array::from_slice(&pads.iter().map(|p| cur - p).collect::<Vec<_>>(), &[b]);
+    let scale = 1.0 / (dh as f32).sqrt();
+    let got = mlxd::models::cuda::attention(&q, &keys, &values, &starts, &offsets, scale)?;
+    // Reference: grouped heads as [B, kv, group, 1, D] against [B, kv, 1, L, D], float32.
+    let g = hq / hkv;
+    let l = cur + 1;
+    let qf = q.as_type::<f32>()?.reshape(&[b, hkv, g, 1, dh])?;
+    let kf = keys.as_type::<f32>()?.try_index((.., .., ..l, ..))?.reshape(&[b, hkv, 1, l, dh])?;
+    let vf = values.as_type::<f32>()?.try_index((.., .., ..l, ..))?.reshape(&[b, hkv, 1, l, dh])?;
+    let scores = ops::multiply(ops::matmul(&qf, &kf.swap_axes(-1, -2)?)?, Array::from_f32(scale))?;
+    let cols = ops::arange::<_, i32>(None, l, None)?.reshape(&[1, 1, 1, 1, l])?;
+    let live = ops::ge(&cols, &starts.reshape(&[b, 1, 1, 1, 1])?)?;
+    let scores = ops::select(&live, &scores, Array::from_f32(f32::NEG_INFINITY))?;
+    let probs = ops::softmax_axis(&scores, -1, None)?;
+    let want = ops::matmul(&probs, &vf)?.reshape(&[b, hq, 1, dh])?;
+    ensure!(got.shape() == want.shape(), "attention output {:?}, want {:?}", got.shape(), want.shape());
+    relative_error(&got, &want)
 }
