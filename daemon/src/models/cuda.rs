@@ -23,7 +23,7 @@ use crate::ffi::{CudaKernel, TemplateArg};
 use mlx_rs::error::Exception;
 use mlx_rs::{Array, Dtype};
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 /// Most rows one product kernel call takes (its accumulators live in registers).
 pub const MAX_ROWS: i32 = 16;
@@ -85,36 +85,53 @@ fn rows_source(parts: usize) -> String {
     const int K = x_shape[1];
     const int N = w_shape[0];
     const int lane = threadIdx.x & 31;
-    const int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (n >= N) return;
-    float acc[MAX_ROWS];
+    const int n0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * COLS;
+    if (n0 >= N) return;
+    float acc[COLS][MAX_ROWS];
 #pragma unroll
-    for (int m = 0; m < MAX_ROWS; ++m) acc[m] = 0.0f;
-    const T* wr = w + (size_t)n * K;
-    // Unrolled so that several of the weight row's loads are in flight at once: a column's
-    // time is then about one memory latency, not one per 256 elements.
-#pragma unroll 4
+    for (int c = 0; c < COLS; ++c) {
+#pragma unroll
+        for (int m = 0; m < MAX_ROWS; ++m) acc[c][m] = 0.0f;
+    }
+    // Past the last column a warp re-reads the last one; those sums are not written.
+    const T* wr[COLS];
+#pragma unroll
+    for (int c = 0; c < COLS; ++c) wr[c] = w + (size_t)min(n0 + c, N - 1) * K;
+    // COLS weight rows per round, and rounds unrolled, so that several loads are in flight at
+    // once; each row of x loaded serves COLS columns.
+#pragma unroll UNROLL
     for (int k = lane * 8; k < K; k += 256) {
-        float wf[8];
-        mlxd_load8<T>(wr + k, wf);
+        float wf[COLS][8];
+#pragma unroll
+        for (int c = 0; c < COLS; ++c) mlxd_load8<T>(wr[c] + k, wf[c]);
 #pragma unroll
         for (int m = 0; m < MAX_ROWS; ++m) {
             if (m < M) {
                 float xf[8];
                 mlxd_load8<T>(x + (size_t)m * K + k, xf);
 #pragma unroll
-                for (int j = 0; j < 8; ++j) acc[m] = fmaf(wf[j], xf[j], acc[m]);
+                for (int c = 0; c < COLS; ++c) {
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) acc[c][m] = fmaf(wf[c][j], xf[j], acc[c][m]);
+                }
             }
         }
     }
 #pragma unroll
-    for (int m = 0; m < MAX_ROWS; ++m) {
-        if (m < M) {
+    for (int c = 0; c < COLS; ++c) {
 #pragma unroll
-            for (int o = 16; o > 0; o >>= 1) acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], o);
+        for (int m = 0; m < MAX_ROWS; ++m) {
+            if (m < M) {
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) acc[c][m] += __shfl_xor_sync(0xffffffffu, acc[c][m], o);
+            }
         }
     }
     if (lane != 0) return;
+#pragma unroll
+    for (int c = 0; c < COLS; ++c) {
+        const int n = n0 + c;
+        if (n >= N) break;
 "#,
     );
     // Part i's columns start at the sum of the widths before it; the last part's width is
@@ -122,13 +139,43 @@ fn rows_source(parts: usize) -> String {
     let mut start = String::from("0");
     for i in 0..parts {
         let width = if i + 1 < parts { format!("P{i}") } else { format!("(N - ({start}))") };
-        let cond = if i + 1 < parts { format!("if (n < ({start}) + P{i}) ") } else { String::new() };
+        let cond = match (i, i + 1 < parts) {
+            (0, true) => format!("if (n < ({start}) + P{i}) "),
+            (0, false) => String::new(),
+            (_, true) => format!("else if (n < ({start}) + P{i}) "),
+            (_, false) => "else ".to_string(),
+        };
         s.push_str(&format!(
-            "    {cond}{{\n        const int c = n - ({start});\n        for (int m = 0; m < M; ++m) y{i}[(size_t)m * {width} + c] = static_cast<T>(acc[m]);\n        return;\n    }}\n"
+            "        {cond}{{\n            const int col = n - ({start});\n#pragma unroll\n            for (int m = 0; m < MAX_ROWS; ++m) if (m < M) y{i}[(size_t)m * {width} + col] = static_cast<T>(acc[c][m]);\n        }}\n"
         ));
         start = format!("{start} + P{i}");
     }
+    s.push_str("    }\n");
     s
+}
+
+static FORCED_COLS: std::sync::LazyLock<AtomicI32> = std::sync::LazyLock::new(|| {
+    AtomicI32::new(std::env::var("MLXD_ROWS_COLS").ok().and_then(|v| v.parse().ok()).unwrap_or(0))
+});
+
+/// Forces the product kernel's columns per warp (1, 2 or 4; `None`: chosen by the row count),
+/// for measuring; `MLXD_ROWS_COLS` sets it at start.
+pub fn set_columns_per_warp(cols: Option<i32>) {
+    FORCED_COLS.store(cols.unwrap_or(0), Ordering::Relaxed);
+}
+
+/// Columns per warp and unrolled rounds for a product of up to `rows` rows: enough loads in
+/// flight, accumulators within the registers.
+fn layout(rows: i32) -> (i32, i32) {
+    let forced = FORCED_COLS.load(Ordering::Relaxed);
+    let cols = if forced > 0 {
+        forced.min(4)
+    } else if rows <= 8 {
+        4
+    } else {
+        2
+    };
+    (cols, (4 / cols).max(1))
 }
 
 thread_local! {
@@ -163,13 +210,20 @@ pub fn rows(x: &Array, weight: &Array, widths: &[i32]) -> Result<Vec<Array>, Exc
     // registers for fewer rows, so more warps fit on a multiprocessor (53, 82 and 114
     // registers on sm_90).
     let room = [4, 8, MAX_ROWS].into_iter().find(|&r| m <= r).unwrap_or(MAX_ROWS);
-    let mut template = vec![("T", TemplateArg::Dtype(x.dtype())), ("MAX_ROWS", TemplateArg::Int(room))];
+    let (cols, unroll) = layout(room);
+    let mut template = vec![
+        ("T", TemplateArg::Dtype(x.dtype())),
+        ("MAX_ROWS", TemplateArg::Int(room)),
+        ("COLS", TemplateArg::Int(cols)),
+        ("UNROLL", TemplateArg::Int(unroll)),
+    ];
     let names = ["P0", "P1"];
     for (i, &w) in widths[..parts - 1].iter().enumerate() {
         template.push((names[i], TemplateArg::Int(w)));
     }
-    // Eight warps per block, one output column per warp.
-    let blocks = (n + 7) / 8;
+    // Eight warps per block, `cols` output columns per warp.
+    let warps = (n + cols - 1) / cols;
+    let blocks = (warps + 7) / 8;
     ROWS.with(|cell| {
         let mut cell = cell.borrow_mut();
         let k = cell[parts - 1].get_or_insert_with(|| {
@@ -342,11 +396,12 @@ mod tests {
     #[test]
     fn product_kernel_writes_each_part_to_its_own_output() {
         let one = rows_source(1);
-        assert!(one.contains("y0[(size_t)m * (N - (0)) + c]") && !one.contains("y1"));
+        assert!(one.contains("y0[(size_t)m * (N - (0)) + col]") && !one.contains("y1"));
         let three = rows_source(3);
         assert!(three.contains("if (n < (0) + P0)"));
-        assert!(three.contains("if (n < (0 + P0) + P1)"));
-        assert!(three.contains("y2[(size_t)m * (N - (0 + P0 + P1)) + c]"));
+        assert!(three.contains("else if (n < (0 + P0) + P1)"));
+        assert!(three.contains("else {\n            const int col = n - (0 + P0 + P1);"));
+        assert!(three.contains("y2[(size_t)m * (N - (0 + P0 + P1)) + col]"));
     }
 
     #[test]

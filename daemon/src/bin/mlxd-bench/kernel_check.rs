@@ -86,6 +86,79 @@ pub fn run() -> Result<()> {
     let failed = worst.iter().filter(|(e, t)| e.is_nan() || e > t).count();
     ensure!(failed == 0, "{failed} case(s) beyond tolerance");
     println!("all {} cases within tolerance", worst.len());
+    timings()
+}
+
+/// Microseconds per call of `make` (the graph of `CALLS` calls evaluated at once, so the
+/// device's time dominates wherever a call takes longer than the host's few microseconds per
+/// node), median of five after a warm-up.
+fn per_call(make: &dyn Fn() -> Result<Array>) -> Result<f64> {
+    const CALLS: usize = 20;
+    let mut times = Vec::new();
+    for rep in 0..6 {
+        let outs: Vec<Array> = (0..CALLS).map(|_| make()).collect::<Result<_>>()?;
+        let t = std::time::Instant::now();
+        mlx_rs::transforms::eval(outs.iter())?;
+        if rep > 0 {
+            times.push(t.elapsed().as_secs_f64() * 1e6 / CALLS as f64);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Device time per call of each kernel against MLX's own operation for the same work, bf16:
+/// the products of the Qwen3-0.6B and Llama-3.2-1B shapes' layers and LM heads, and padded
+/// attention over 300 columns.
+fn timings() -> Result<()> {
+    let d = Dtype::Bfloat16;
+    println!("\n| bf16, per call | mlxd kernel us (1 / 2 / 4 columns per warp) | MLX us (cuBLASLt / masked attention) |\n| --- | --- | --- |");
+    let shapes: [(&str, i32, i32); 7] = [
+        ("Qwen3 q/k/v", 4096, 1024),
+        ("Qwen3 gate/up", 6144, 1024),
+        ("Qwen3 down", 1024, 3072),
+        ("Qwen3 head", 151_936, 1024),
+        ("Llama gate/up", 16_384, 2048),
+        ("Llama down", 2048, 8192),
+        ("Llama head", 128_256, 2048),
+    ];
+    for (name, n, k) in shapes {
+        let w = normal(&[n, k], 0.05, 40, d)?;
+        let wt = w.t();
+        wt.eval()?;
+        for m in [2, 8, 16] {
+            let x = normal(&[m, k], 1.0, 41, d)?;
+            let mut ours = Vec::new();
+            for cols in [1, 2, 4] {
+                mlxd::models::cuda::set_columns_per_warp(Some(cols));
+                ours.push(format!("{:.1}", per_call(&|| Ok(mlxd::models::cuda::rows(&x, &w, &[n])?.remove(0)))?));
+            }
+            mlxd::models::cuda::set_columns_per_warp(None);
+            let theirs = per_call(&|| Ok(ops::matmul(&x, &wt)?))?;
+            println!("| {name} [{n}, {k}], {m} rows | {} | {theirs:.1} |", ours.join(" / "));
+        }
+    }
+    let (hq, hkv, dh, cap, cur) = (16, 8, 128, 512, 300);
+    for b in [2, 8, 16] {
+        let pads: Vec<i32> = (0..b).map(|i| (i * 7) % 50).collect();
+        let q = normal(&[b, hq, 1, dh], 1.0, 50, d)?;
+        let keys = normal(&[b, hkv, cap, dh], 1.0, 51, d)?;
+        let values = normal(&[b, hkv, cap, dh], 1.0, 52, d)?;
+        let starts = Array::from_slice(&pads, &[b]);
+        let offsets = Array::from_slice(&pads.iter().map(|p| cur - p).collect::<Vec<_>>(), &[b]);
+        let scale = 1.0 / (dh as f32).sqrt();
+        let l = cur + 1;
+        let (ks, vs) = (keys.try_index((.., .., ..l, ..))?, values.try_index((.., .., ..l, ..))?);
+        let cols = ops::arange::<_, i32>(None, l, None)?.reshape(&[1, 1, 1, l])?;
+        let mask = ops::ge(&cols, &starts.reshape(&[b, 1, 1, 1])?)?;
+        mlx_rs::transforms::eval([&ks, &vs, &mask])?;
+        let ours = per_call(&|| Ok(mlxd::models::cuda::attention(&q, &keys, &values, &starts, &offsets, scale)?))?;
+        let theirs = per_call(&|| {
+            let m = mlx_rs::fast::ScaledDotProductAttentionMask::Array(&mask);
+            Ok(mlx_rs::fast::scaled_dot_product_attention(&q, &ks, &vs, scale, Some(m), None)?)
+        })?;
+        println!("| attention, {b} rows, {hq}/{hkv} heads of {dh}, {l} columns | {ours:.1} | {theirs:.1} |");
+    }
     Ok(())
 }
 
