@@ -4,10 +4,11 @@
 //! - **Products of a few rows** (`x [M, K] @ W^T`, 2 <= M <= [`MAX_ROWS`]): MLX 0.32 runs a
 //!   one-row product with its own gemv kernel but several rows through cuBLASLt, set up and
 //!   captured into the step's graph as a child graph per call, which also makes MLX rebuild
-//!   those graphs every step instead of updating them. Here one warp computes one output column
-//!   for every row, reading the weight row once (16 bytes per lane per load) and accumulating in
-//!   float. A stacked weight (q/k/v, gate/up) writes each part's columns to an output of its own,
-//!   so the parts come out contiguous without a split.
+//!   those graphs every step instead of updating them. Here a block of eight warps computes
+//!   eight output columns for every row on the tensor cores (`mma.sync` m16n8k16, float
+//!   accumulators), reading each weight row once, the warps splitting the inner dimension. A
+//!   stacked weight (q/k/v, gate/up) writes each part's columns to an output of its own, so the
+//!   parts come out contiguous without a split.
 //! - **Attention over a left-padded stack** ([`crate::cache::BatchCache`]): MLX's fused decode
 //!   attention refuses an array mask, and its fallback (two batched products through cuBLASLt, a
 //!   mask and a softmax) costs several nodes per layer. Here one block per (row, query head)
@@ -23,9 +24,9 @@ use crate::ffi::{CudaKernel, TemplateArg};
 use mlx_rs::error::Exception;
 use mlx_rs::{Array, Dtype};
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Most rows one product kernel call takes (its accumulators live in registers).
+/// Most rows one product kernel call takes (one 16-row tensor-core tile).
 pub const MAX_ROWS: i32 = 16;
 
 static ENABLED: std::sync::LazyLock<AtomicBool> =
@@ -46,38 +47,33 @@ fn float_dtype(d: Dtype) -> bool {
     matches!(d, Dtype::Bfloat16 | Dtype::Float16 | Dtype::Float32)
 }
 
-/// Loads 8 consecutive elements (16-byte aligned for 16-bit types, 32 bytes for float) as floats.
+/// One `m16n8k16` tensor-core multiply-accumulate (16-bit inputs, float accumulators).
 const HEADER: &str = r#"
-template <typename T> __device__ inline void mlxd_load8(const T* p, float* f);
-template <> __device__ inline void mlxd_load8<__nv_bfloat16>(const __nv_bfloat16* p, float* f) {
-    const uint4 u = *reinterpret_cast<const uint4*>(p);
-    const unsigned int w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        f[2 * j] = __uint_as_float(w[j] << 16);
-        f[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+template <bool BF16>
+__device__ inline void mlxd_mma(float* d, unsigned int a0, unsigned int a1, unsigned int a2, unsigned int a3,
+                                unsigned int b0, unsigned int b1) {
+    if constexpr (BF16) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    } else {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
     }
-}
-template <> __device__ inline void mlxd_load8<__half>(const __half* p, float* f) {
-    const uint4 u = *reinterpret_cast<const uint4*>(p);
-    const __half2* h = reinterpret_cast<const __half2*>(&u);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const float2 v = __half22float2(h[j]);
-        f[2 * j] = v.x;
-        f[2 * j + 1] = v.y;
-    }
-}
-template <> __device__ inline void mlxd_load8<float>(const float* p, float* f) {
-    const float4 a = *reinterpret_cast<const float4*>(p);
-    const float4 b = *reinterpret_cast<const float4*>(p + 4);
-    f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
-    f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
 }
 "#;
 
 /// The product kernel's body for `parts` outputs (1 to 3); part `i` holds columns
 /// `[P0 + ... + P(i-1), ...)` of the product, `[M, Pi]`.
+///
+/// One block of eight warps computes eight output columns for all (up to 16) rows with
+/// tensor-core `m16n8k16` multiplies, the eight warps splitting `K` between them (so a
+/// matrix's rows are streamed by many blocks at once) and summing through shared memory.
+/// Per 64 elements of `K`, lane `(g, t)` (`g = lane / 4`, `t = lane % 4`) loads 16 consecutive
+/// elements at `64c + 16t` of weight row `n0 + g` and of x rows `g` and `g + 8`: the products'
+/// `k` index is then a permutation of the physical one, the same for both operands, which the
+/// sum does not see, and every load is 32 contiguous bytes.
 fn rows_source(parts: usize) -> String {
     let mut s = String::from(
         r#"
@@ -85,53 +81,47 @@ fn rows_source(parts: usize) -> String {
     const int K = x_shape[1];
     const int N = w_shape[0];
     const int lane = threadIdx.x & 31;
-    const int n0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * COLS;
-    if (n0 >= N) return;
-    float acc[COLS][MAX_ROWS];
+    const int warp = threadIdx.x >> 5;
+    const int g = lane >> 2;
+    const int t = lane & 3;
+    const int n0 = blockIdx.x * 8;
+    // Past the last column the block re-reads the last one; those sums are not written.
+    const uint4* wp = reinterpret_cast<const uint4*>(w + (size_t)min(n0 + g, N - 1) * K + t * 16);
+    const bool lo = g < M;
+    const bool hi = g + 8 < M;
+    const uint4* xlo = reinterpret_cast<const uint4*>(x + (size_t)(lo ? g : 0) * K + t * 16);
+    const uint4* xhi = reinterpret_cast<const uint4*>(x + (size_t)(hi ? g + 8 : 0) * K + t * 16);
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 2
+    for (int c = warp; c < K / 64; c += 8) {
+        const int q = c * 8;
+        const uint4 w0 = wp[q], w1 = wp[q + 1];
+        const uint4 a0 = lo ? xlo[q] : zero, a1 = lo ? xlo[q + 1] : zero;
+        const uint4 b0 = hi ? xhi[q] : zero, b1 = hi ? xhi[q + 1] : zero;
+        const unsigned int W[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+        const unsigned int A[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+        const unsigned int B[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
 #pragma unroll
-    for (int c = 0; c < COLS; ++c) {
-#pragma unroll
-        for (int m = 0; m < MAX_ROWS; ++m) acc[c][m] = 0.0f;
-    }
-    // Past the last column a warp re-reads the last one; those sums are not written.
-    const T* wr[COLS];
-#pragma unroll
-    for (int c = 0; c < COLS; ++c) wr[c] = w + (size_t)min(n0 + c, N - 1) * K;
-    // COLS weight rows per round, and rounds unrolled, so that several loads are in flight at
-    // once; each row of x loaded serves COLS columns.
-#pragma unroll UNROLL
-    for (int k = lane * 8; k < K; k += 256) {
-        float wf[COLS][8];
-#pragma unroll
-        for (int c = 0; c < COLS; ++c) mlxd_load8<T>(wr[c] + k, wf[c]);
-#pragma unroll
-        for (int m = 0; m < MAX_ROWS; ++m) {
-            if (m < M) {
-                float xf[8];
-                mlxd_load8<T>(x + (size_t)m * K + k, xf);
-#pragma unroll
-                for (int c = 0; c < COLS; ++c) {
-#pragma unroll
-                    for (int j = 0; j < 8; ++j) acc[c][m] = fmaf(wf[c][j], xf[j], acc[c][m]);
-                }
-            }
+        for (int k = 0; k < 4; ++k) {
+            mlxd_mma<BF16>(d, A[2 * k], B[2 * k], A[2 * k + 1], B[2 * k + 1], W[2 * k], W[2 * k + 1]);
         }
     }
+    __shared__ float part[8][32][4];
 #pragma unroll
-    for (int c = 0; c < COLS; ++c) {
+    for (int i = 0; i < 4; ++i) part[warp][lane][i] = d[i];
+    __syncthreads();
+    if (warp != 0) return;
 #pragma unroll
-        for (int m = 0; m < MAX_ROWS; ++m) {
-            if (m < M) {
+    for (int i = 0; i < 4; ++i) {
+        float v = 0.0f;
 #pragma unroll
-                for (int o = 16; o > 0; o >>= 1) acc[c][m] += __shfl_xor_sync(0xffffffffu, acc[c][m], o);
-            }
-        }
+        for (int j = 0; j < 8; ++j) v += part[j][lane][i];
+        d[i] = v;
     }
-    if (lane != 0) return;
-#pragma unroll
-    for (int c = 0; c < COLS; ++c) {
-        const int n = n0 + c;
-        if (n >= N) break;
+    // d[0], d[1]: row g, columns n0 + 2t and + 1; d[2], d[3]: row g + 8.
+    auto put = [&](int m, int n, float v) {
+        if (m >= M || n >= N) return;
 "#,
     );
     // Part i's columns start at the sum of the widths before it; the last part's width is
@@ -145,37 +135,13 @@ fn rows_source(parts: usize) -> String {
             (_, true) => format!("else if (n < ({start}) + P{i}) "),
             (_, false) => "else ".to_string(),
         };
-        s.push_str(&format!(
-            "        {cond}{{\n            const int col = n - ({start});\n#pragma unroll\n            for (int m = 0; m < MAX_ROWS; ++m) if (m < M) y{i}[(size_t)m * {width} + col] = static_cast<T>(acc[c][m]);\n        }}\n"
-        ));
+        s.push_str(&format!("        {cond}y{i}[(size_t)m * {width} + (n - ({start}))] = static_cast<T>(v);\n"));
         start = format!("{start} + P{i}");
     }
-    s.push_str("    }\n");
+    s.push_str("    };\n");
+    s.push_str("    put(g, n0 + 2 * t, d[0]);\n    put(g, n0 + 2 * t + 1, d[1]);\n");
+    s.push_str("    put(g + 8, n0 + 2 * t, d[2]);\n    put(g + 8, n0 + 2 * t + 1, d[3]);\n");
     s
-}
-
-static FORCED_COLS: std::sync::LazyLock<AtomicI32> = std::sync::LazyLock::new(|| {
-    AtomicI32::new(std::env::var("MLXD_ROWS_COLS").ok().and_then(|v| v.parse().ok()).unwrap_or(0))
-});
-
-/// Forces the product kernel's columns per warp (1, 2 or 4; `None`: chosen by the row count),
-/// for measuring; `MLXD_ROWS_COLS` sets it at start.
-pub fn set_columns_per_warp(cols: Option<i32>) {
-    FORCED_COLS.store(cols.unwrap_or(0), Ordering::Relaxed);
-}
-
-/// Columns per warp and unrolled rounds for a product of up to `rows` rows: enough loads in
-/// flight, accumulators within the registers.
-fn layout(rows: i32) -> (i32, i32) {
-    let forced = FORCED_COLS.load(Ordering::Relaxed);
-    let cols = if forced > 0 {
-        forced.min(4)
-    } else if rows <= 8 {
-        4
-    } else {
-        2
-    };
-    (cols, (4 / cols).max(1))
 }
 
 thread_local! {
@@ -185,7 +151,8 @@ thread_local! {
 }
 
 /// Whether [`rows`] takes `x @ weight^T` (`weight` row-major `[N, K]`): on CUDA, 2 to
-/// [`MAX_ROWS`] rows, one float dtype for both, `K` a multiple of 8.
+/// [`MAX_ROWS`] rows, both bfloat16 or both float16 (the tensor cores' inputs), `K` a
+/// multiple of 64.
 pub fn rows_apply(x: &Array, weight: &Array) -> bool {
     let (xs, ws) = (x.shape(), weight.shape());
     available()
@@ -193,9 +160,9 @@ pub fn rows_apply(x: &Array, weight: &Array) -> bool {
         && weight.ndim() == 2
         && (2..=MAX_ROWS).contains(&xs[0])
         && xs[1] == ws[1]
-        && xs[1] % 8 == 0
+        && xs[1] % 64 == 0
         && x.dtype() == weight.dtype()
-        && float_dtype(x.dtype())
+        && matches!(x.dtype(), Dtype::Bfloat16 | Dtype::Float16)
 }
 
 /// `x @ weight^T` split by output columns into `widths` (they sum to `weight`'s rows; at most
@@ -206,24 +173,14 @@ pub fn rows(x: &Array, weight: &Array, widths: &[i32]) -> Result<Vec<Array>, Exc
     assert!((1..=3).contains(&parts) && widths.iter().sum::<i32>() == n, "parts {widths:?} of {n} columns");
     let shapes: Vec<[i32; 2]> = widths.iter().map(|&w| [m, w]).collect();
     let outputs: Vec<(&[i32], Dtype)> = shapes.iter().map(|s| (&s[..], x.dtype())).collect();
-    // Accumulators for 4, 8 or 16 rows (three compiled variants per matrix layout): fewer
-    // registers for fewer rows, so more warps fit on a multiprocessor (53, 82 and 114
-    // registers on sm_90).
-    let room = [4, 8, MAX_ROWS].into_iter().find(|&r| m <= r).unwrap_or(MAX_ROWS);
-    let (cols, unroll) = layout(room);
-    let mut template = vec![
-        ("T", TemplateArg::Dtype(x.dtype())),
-        ("MAX_ROWS", TemplateArg::Int(room)),
-        ("COLS", TemplateArg::Int(cols)),
-        ("UNROLL", TemplateArg::Int(unroll)),
-    ];
+    let mut template =
+        vec![("T", TemplateArg::Dtype(x.dtype())), ("BF16", TemplateArg::Bool(x.dtype() == Dtype::Bfloat16))];
     let names = ["P0", "P1"];
     for (i, &w) in widths[..parts - 1].iter().enumerate() {
         template.push((names[i], TemplateArg::Int(w)));
     }
-    // Eight warps per block, `cols` output columns per warp.
-    let warps = (n + cols - 1) / cols;
-    let blocks = (warps + 7) / 8;
+    // One block of eight warps per eight output columns.
+    let blocks = (n + 7) / 8;
     ROWS.with(|cell| {
         let mut cell = cell.borrow_mut();
         let k = cell[parts - 1].get_or_insert_with(|| {
@@ -396,12 +353,11 @@ mod tests {
     #[test]
     fn product_kernel_writes_each_part_to_its_own_output() {
         let one = rows_source(1);
-        assert!(one.contains("y0[(size_t)m * (N - (0)) + col]") && !one.contains("y1"));
+        assert!(one.contains("y0[(size_t)m * (N - (0)) + (n - (0))]") && !one.contains("y1"));
         let three = rows_source(3);
-        assert!(three.contains("if (n < (0) + P0)"));
-        assert!(three.contains("else if (n < (0 + P0) + P1)"));
-        assert!(three.contains("else {\n            const int col = n - (0 + P0 + P1);"));
-        assert!(three.contains("y2[(size_t)m * (N - (0 + P0 + P1)) + col]"));
+        assert!(three.contains("if (n < (0) + P0) y0[(size_t)m * P0 + (n - (0))]"));
+        assert!(three.contains("else if (n < (0 + P0) + P1) y1[(size_t)m * P1 + (n - (0 + P0))]"));
+        assert!(three.contains("else y2[(size_t)m * (N - (0 + P0 + P1)) + (n - (0 + P0 + P1))]"));
     }
 
     #[test]
