@@ -32,6 +32,15 @@ pub const MAX_ROWS: i32 = 16;
 static ENABLED: std::sync::LazyLock<AtomicBool> =
     std::sync::LazyLock::new(|| AtomicBool::new(std::env::var("MLXD_MODEL_KERNELS").map_or(true, |v| v != "0")));
 
+static SINGLE_ROW: std::sync::LazyLock<AtomicBool> =
+    std::sync::LazyLock::new(|| AtomicBool::new(std::env::var("MLXD_ROWS_SINGLE").is_ok_and(|v| v == "1")));
+
+/// Whether a one-row product also takes the product kernel instead of MLX's gemv (off unless
+/// `MLXD_ROWS_SINGLE=1`; for measuring).
+pub fn set_single_row(enabled: bool) {
+    SINGLE_ROW.store(enabled, Ordering::Relaxed);
+}
+
 /// Turns the kernels on or off for the whole process (on unless `MLXD_MODEL_KERNELS=0`); they
 /// run only where MLX runs on CUDA.
 pub fn set_enabled(enabled: bool) {
@@ -158,7 +167,7 @@ pub fn rows_apply(x: &Array, weight: &Array) -> bool {
     available()
         && x.ndim() == 2
         && weight.ndim() == 2
-        && (2..=MAX_ROWS).contains(&xs[0])
+        && (if SINGLE_ROW.load(Ordering::Relaxed) { 1 } else { 2 }..=MAX_ROWS).contains(&xs[0])
         && xs[1] == ws[1]
         && xs[1] % 64 == 0
         && x.dtype() == weight.dtype()
