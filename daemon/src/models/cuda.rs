@@ -32,15 +32,6 @@ pub const MAX_ROWS: i32 = 16;
 static ENABLED: std::sync::LazyLock<AtomicBool> =
     std::sync::LazyLock::new(|| AtomicBool::new(std::env::var("MLXD_MODEL_KERNELS").map_or(true, |v| v != "0")));
 
-static SINGLE_ROW: std::sync::LazyLock<AtomicBool> =
-    std::sync::LazyLock::new(|| AtomicBool::new(std::env::var("MLXD_ROWS_SINGLE").is_ok_and(|v| v == "1")));
-
-/// Whether a one-row product also takes the product kernel instead of MLX's gemv (off unless
-/// `MLXD_ROWS_SINGLE=1`; for measuring).
-pub fn set_single_row(enabled: bool) {
-    SINGLE_ROW.store(enabled, Ordering::Relaxed);
-}
-
 /// Turns the kernels on or off for the whole process (on unless `MLXD_MODEL_KERNELS=0`); they
 /// run only where MLX runs on CUDA.
 pub fn set_enabled(enabled: bool) {
@@ -160,14 +151,15 @@ thread_local! {
 }
 
 /// Whether [`rows`] takes `x @ weight^T` (`weight` row-major `[N, K]`): on CUDA, 2 to
-/// [`MAX_ROWS`] rows, both bfloat16 or both float16 (the tensor cores' inputs), `K` a
+/// [`MAX_ROWS`] rows (one row stays with MLX's gemv, as fast on the device and cheaper to
+/// build: measured in docs/benchmarks.md, session 5), both bfloat16 or both float16 (the tensor cores' inputs), `K` a
 /// multiple of 64.
 pub fn rows_apply(x: &Array, weight: &Array) -> bool {
     let (xs, ws) = (x.shape(), weight.shape());
     available()
         && x.ndim() == 2
         && weight.ndim() == 2
-        && (if SINGLE_ROW.load(Ordering::Relaxed) { 1 } else { 2 }..=MAX_ROWS).contains(&xs[0])
+        && (2..=MAX_ROWS).contains(&xs[0])
         && xs[1] == ws[1]
         && xs[1] % 64 == 0
         && x.dtype() == weight.dtype()
