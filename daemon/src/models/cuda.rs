@@ -38,7 +38,7 @@ pub fn set_enabled(enabled: bool) {
     ENABLED.store(enabled, Ordering::Relaxed);
 }
 
-fn available() -> bool {
+pub(crate) fn available() -> bool {
     static CUDA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     ENABLED.load(Ordering::Relaxed) && *CUDA.get_or_init(|| crate::runtime::backend() == "cuda")
 }

@@ -274,7 +274,48 @@ impl Transformer {
                 shown.join(", ")
             )));
         }
-        Ok(Transformer { args, embed_tokens, layers, norm, lm_head })
+        let model = Transformer { args, embed_tokens, layers, norm, lm_head };
+        model.prepare_batch_kernels();
+        Ok(model)
+    }
+
+    /// On CUDA, has MLX compile the batched-decode kernels ([`super::cuda`]) for this model's
+    /// shapes now, with one step's worth of two-row calls on the first layer, so the first time
+    /// two requests share a step does not wait for NVRTC. Kernels that fail here are switched
+    /// off (the model then runs MLX's own operations), with a warning.
+    fn prepare_batch_kernels(&self) {
+        if !super::cuda::available() || self.layers.is_empty() {
+            return;
+        }
+        let started = std::time::Instant::now();
+        match self.batch_kernel_calls().and_then(|outs| Ok(mlx_rs::transforms::eval(outs.iter())?)) {
+            Ok(()) => tracing::info!(ms = started.elapsed().as_millis() as u64, "batched-decode CUDA kernels ready"),
+            Err(e) => {
+                super::cuda::set_enabled(false);
+                tracing::warn!(error = %e, "batched-decode CUDA kernels unavailable; using MLX's operations");
+            }
+        }
+    }
+
+    /// The kernel calls of a two-row step's first layer and head, on zeros.
+    fn batch_kernel_calls(&self) -> Result<Vec<Array>> {
+        let (block, a) = (&self.layers[0], &self.args);
+        let dtype = self.norm.weight.dtype();
+        let zeros = |shape: &[i32]| ops::zeros_dtype(shape, dtype);
+        let x = zeros(&[2, a.hidden])?;
+        let attn = &block.self_attn;
+        let mut outs: Vec<Array> = attn.qkv.forward_batch(&x)?.into();
+        outs.extend(block.mlp.gate_up.forward(&x)?);
+        outs.push(attn.o_proj.forward(&zeros(&[2, attn.heads * attn.head_dim])?)?);
+        outs.push(block.mlp.down_proj.forward(&zeros(&[2, a.intermediate])?)?);
+        outs.push(self.head(&x)?);
+        let q = zeros(&[2, attn.heads, 1, attn.head_dim])?;
+        if super::cuda::attention_applies(&q, attn.heads, attn.kv_heads, attn.head_dim) {
+            let kv = zeros(&[2, attn.kv_heads, 1, attn.head_dim])?;
+            let at = Array::from_slice(&[0i32, 0], &[2]);
+            outs.push(super::cuda::attention(&q, &kv, &kv, &at, &at, attn.scale)?);
+        }
+        Ok(outs)
     }
 
     /// Device bytes one cached position takes across all layers (keys and values).

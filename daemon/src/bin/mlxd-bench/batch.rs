@@ -90,7 +90,10 @@ pub fn run(args: &Args, dir: &Path, model_kernels: &str) -> Result<Value> {
         other => anyhow::bail!("--model-kernels {other}: use off, on or both"),
     };
     let report = mlxd::runtime::Report::gather();
+    let loading = Instant::now();
     let model = mlxd::models::load(dir).with_context(|| format!("loading {}", dir.display()))?;
+    // On CUDA this includes compiling the batched-decode kernels (when they are on).
+    println!("model loaded in {:.0} ms", loading.elapsed().as_secs_f64() * 1e3);
     let vocab = model.model.args.vocab as u32;
     let mut engine = Engine::new(model, EngineOptions { prompt_cache_bytes: 0, ..Default::default() });
     engine.model.eos_ids.clear(); // random weights: run to the token count
