@@ -40,6 +40,15 @@ fn write_positions(dst: &Array, src: &Array, at: i32) -> Result<Array, mlx_rs::e
     })
 }
 
+/// `values` as an int32 array that a GPU operation writes, so it lives in device memory: MLX
+/// keeps arrays made from host data, and any array of at most 8 bytes, in CUDA managed memory,
+/// shared in pages with other small arrays the host writes every step (the sampled tokens), and
+/// a kernel reading such a page faults it over from the host. Callers keep it longer than 8
+/// bytes. Lazy: the first step that uses it computes it.
+fn device_array(values: &[i32]) -> Result<Array, mlx_rs::error::Exception> {
+    ops::add(Array::from_slice(values, &[values.len() as i32]), Array::from_int(0))
+}
+
 /// One attention layer's cache for one sequence (batch size 1 or a fixed batch).
 #[derive(Debug, Clone, Default)]
 pub struct LayerCache {
@@ -197,8 +206,9 @@ pub struct BatchCache {
     keys: Vec<Array>,
     values: Vec<Array>,
     pad: Vec<i32>,
-    /// `pad` on the device (`[B]` int32), made once per stack: the padded-attention kernel's
-    /// first live column of each row.
+    /// `pad` as `[max(B, 4)]` int32 computed on the device (see [`device_array`]), made once per
+    /// stack: the first live column of each row, for the padded-attention kernel and the
+    /// per-row RoPE offsets.
     starts: Array,
     cur: i32,
 }
@@ -231,14 +241,17 @@ impl BatchCache {
             keys.push(stack(&|c: &LayerCache| &c.keys)?);
             values.push(stack(&|c: &LayerCache| &c.values)?);
         }
-        let starts = Array::from_slice(&pad, &[pad.len() as i32]);
+        let mut padded = pad.clone();
+        padded.resize(pad.len().max(4), 0);
+        let starts = device_array(&padded)?;
         Ok(BatchCache { members, keys, values, pad, starts, cur })
     }
 
-    /// Positions already cached per row (RoPE offsets of this step's tokens), `[B]` int32.
-    pub fn offsets(&self) -> Array {
-        let v: Vec<i32> = self.pad.iter().map(|p| self.cur - p).collect();
-        Array::from_slice(&v, &[v.len() as i32])
+    /// Positions already cached per row (RoPE offsets of this step's tokens), `[B]` int32:
+    /// `cur - pad`, computed on the device from [`Self::starts`].
+    pub fn offsets(&self) -> Result<Array, mlx_rs::error::Exception> {
+        let b = self.pad.len() as i32;
+        ops::subtract(Array::from_int(self.cur), &self.starts)?.try_index(..b)
     }
 
     /// Which of the `cur + 1` columns each row may attend to, `[B, 1, 1, cur + 1]` bool; `None`
@@ -259,9 +272,15 @@ impl BatchCache {
         self.pad.iter().any(|&p| p > 0)
     }
 
-    /// Each row's first live column, `[B]` int32 (its padding).
+    /// Each row's first live column (its padding), int32, at least 4 entries (rows past `B`
+    /// are 0).
     pub fn starts(&self) -> &Array {
         &self.starts
+    }
+
+    /// This step's column (the same for every row).
+    pub fn column(&self) -> i32 {
+        self.cur
     }
 
     /// Writes this step's keys and values (`[B, kv_heads, 1, head_dim]`) of `layer` at column

@@ -64,8 +64,9 @@ __device__ inline void mlxd_mma(float* d, unsigned int a0, unsigned int a1, unsi
 }
 "#;
 
-/// The product kernel's body. Output columns are split into up to three parts (`parts`: the
-/// first two widths; the third takes the rest), each written to its own `[M, width]` output.
+/// The product kernel's body. Output columns are split into up to three parts (the first two
+/// widths are the shape of `parts`, an empty array; the third takes the rest), each written to
+/// its own `[M, width]` output.
 ///
 /// One block of eight warps computes eight output columns for all (up to 16) rows with
 /// tensor-core `m16n8k16` multiplies, the eight warps splitting `K` between them (so a
@@ -81,8 +82,8 @@ const ROWS_SOURCE: &str = r#"
     const int K = x_shape[1];
     const int N = w_shape[0];
     // Columns [0, P0) go to y0, [P0, P0 + P1) to y1, the rest to y2 (`[M, width]` each).
-    const int P0 = parts[0];
-    const int P1 = parts[1];
+    const int P0 = parts_shape[0];
+    const int P1 = parts_shape[1];
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int g = lane >> 2;
@@ -137,7 +138,9 @@ const ROWS_SOURCE: &str = r#"
 
 thread_local! {
     static ROWS: RefCell<Option<CudaKernel>> = const { RefCell::new(None) };
-    /// The `parts` input of each split in use (`[P0, P1]` int32), made once.
+    /// The `parts` input of each split in use: an empty `[P0, P1, 0]` array. Sizes travel as
+    /// shapes (kernel arguments) rather than data: a small array made on the host lives in
+    /// CUDA managed memory, where a kernel reading it can fault its page over from the host.
     static PARTS: RefCell<std::collections::HashMap<(i32, i32), Array>> = RefCell::new(Default::default());
     static ATTENTION: RefCell<Option<CudaKernel>> = const { RefCell::new(None) };
 }
@@ -198,7 +201,7 @@ const ATTENTION_SOURCE: &str = r#"
     const int warp = threadIdx.x >> 5;
     const int cap = k_shape[2];
     const int first = start[b];
-    const int end = start[b] + offset[b] + 1;
+    const int end = live_shape[0];
     const float scale = __int_as_float(SCALE_BITS);
     const float neg_inf = __int_as_float(0xff800000);
     float qf[E], acc[E];
@@ -289,14 +292,15 @@ pub fn attention_applies(q: &Array, heads: i32, kv_heads: i32, head_dim: i32) ->
 
 /// Decode attention for a left-padded stack: `q` `[B, heads, 1, head_dim]`, `keys` / `values`
 /// the stack's whole storage `[B, kv_heads, capacity, head_dim]`, row `b` attending to columns
-/// `starts[b] ..= starts[b] + offsets[b]` (`[B]` int32 each: its padding, and its cached
-/// length before this step's token). Returns `[B, heads, 1, head_dim]`.
+/// `starts[b] .. columns` (`starts`: int32, at least `B` entries, best computed on the device;
+/// `columns`: this step's column + 1, passed as the shape of an empty array). Returns
+/// `[B, heads, 1, head_dim]`.
 pub fn attention(
     q: &Array,
     keys: &Array,
     values: &Array,
     starts: &Array,
-    offsets: &Array,
+    columns: i32,
     scale: f32,
 ) -> Result<Array, Exception> {
     let (b, heads, d) = (q.shape()[0], q.shape()[1], q.shape()[3]);
@@ -314,7 +318,7 @@ pub fn attention(
         let k = cell.get_or_insert_with(|| {
             CudaKernel::new(
                 "mlxd_padded_attention",
-                &["q", "k", "v", "start", "offset"],
+                &["q", "k", "v", "start", "live"],
                 &["out"],
                 "",
                 ATTENTION_SOURCE,
@@ -322,7 +326,7 @@ pub fn attention(
             )
         });
         let out = k.apply(
-            &[q, keys, values, starts, offsets],
+            &[q, keys, values, starts, &Array::from_slice::<i32>(&[], &[columns, 0])],
             &[(&shape, q.dtype())],
             &template,
             (b * heads * 512, 1, 1),
