@@ -40,15 +40,6 @@ fn write_positions(dst: &Array, src: &Array, at: i32) -> Result<Array, mlx_rs::e
     })
 }
 
-/// `values` as an int32 array that a GPU operation writes, so it lives in device memory: MLX
-/// keeps arrays made from host data, and any array of at most 8 bytes, in CUDA managed memory,
-/// shared in pages with other small arrays the host writes every step (the sampled tokens), and
-/// a kernel reading such a page faults it over from the host. Callers keep it longer than 8
-/// bytes. Lazy: the first step that uses it computes it.
-fn device_array(values: &[i32]) -> Result<Array, mlx_rs::error::Exception> {
-    ops::add(Array::from_slice(values, &[values.len() as i32]), Array::from_int(0))
-}
-
 /// One attention layer's cache for one sequence (batch size 1 or a fixed batch).
 #[derive(Debug, Clone, Default)]
 pub struct LayerCache {
@@ -206,7 +197,8 @@ pub struct BatchCache {
     keys: Vec<Array>,
     values: Vec<Array>,
     pad: Vec<i32>,
-    /// `pad` as `[max(B, 4)]` int32 computed on the device (see [`device_array`]), made once per
+    /// `pad` as `[max(B, 4)]` int32 computed on the device
+    /// ([`crate::models::cuda::device_array`]), made once per
     /// stack: the first live column of each row, for the padded-attention kernel and the
     /// per-row RoPE offsets.
     starts: Array,
@@ -243,7 +235,7 @@ impl BatchCache {
         }
         let mut padded = pad.clone();
         padded.resize(pad.len().max(4), 0);
-        let starts = device_array(&padded)?;
+        let starts = crate::models::cuda::device_array(&padded)?;
         Ok(BatchCache { members, keys, values, pad, starts, cur })
     }
 
@@ -276,11 +268,6 @@ impl BatchCache {
     /// are 0).
     pub fn starts(&self) -> &Array {
         &self.starts
-    }
-
-    /// This step's column (the same for every row).
-    pub fn column(&self) -> i32 {
-        self.cur
     }
 
     /// Writes this step's keys and values (`[B, kv_heads, 1, head_dim]`) of `layer` at column

@@ -64,9 +64,8 @@ __device__ inline void mlxd_mma(float* d, unsigned int a0, unsigned int a1, unsi
 }
 "#;
 
-/// The product kernel's body. Output columns are split into up to three parts (the first two
-/// widths are the shape of `parts`, an empty array; the third takes the rest), each written to
-/// its own `[M, width]` output.
+/// The product kernel's body. Output columns are split into up to three parts (`parts`: the
+/// first two widths; the third takes the rest), each written to its own `[M, width]` output.
 ///
 /// One block of eight warps computes eight output columns for all (up to 16) rows with
 /// tensor-core `m16n8k16` multiplies, the eight warps splitting `K` between them (so a
@@ -82,8 +81,8 @@ const ROWS_SOURCE: &str = r#"
     const int K = x_shape[1];
     const int N = w_shape[0];
     // Columns [0, P0) go to y0, [P0, P0 + P1) to y1, the rest to y2 (`[M, width]` each).
-    const int P0 = parts_shape[0];
-    const int P1 = parts_shape[1];
+    const int P0 = parts[0];
+    const int P1 = parts[1];
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int g = lane >> 2;
@@ -136,11 +135,21 @@ const ROWS_SOURCE: &str = r#"
     put(g + 8, n0 + 2 * t + 1, d[3]);
 "#;
 
+/// `values` as an int32 array that a GPU operation writes, so that it lives in device memory.
+/// MLX's CUDA allocator keeps arrays made from host data, and any array of at most 8 bytes, in
+/// managed memory, in pages shared with small arrays the host reads or writes every step (the
+/// sampled tokens); a kernel reading such a page faults it over from the host, which measured
+/// 1-2 ms more device time per step (docs/benchmarks.md, session 5). Give more than 8 bytes.
+/// Lazy: the first graph that uses it computes it.
+pub fn device_array(values: &[i32]) -> Result<Array, Exception> {
+    debug_assert!(values.len() > 2, "at most 8 bytes would stay in managed memory");
+    mlx_rs::ops::add(Array::from_slice(values, &[values.len() as i32]), Array::from_int(0))
+}
+
 thread_local! {
     static ROWS: RefCell<Option<CudaKernel>> = const { RefCell::new(None) };
-    /// The `parts` input of each split in use: an empty `[P0, P1, 0]` array. Sizes travel as
-    /// shapes (kernel arguments) rather than data: a small array made on the host lives in
-    /// CUDA managed memory, where a kernel reading it can fault its page over from the host.
+    /// The `parts` input of each split in use, `[P0, P1, 0, 0]` int32 computed on the device
+    /// ([`device_array`]), made once.
     static PARTS: RefCell<std::collections::HashMap<(i32, i32), Array>> = RefCell::new(Default::default());
     static ATTENTION: RefCell<Option<CudaKernel>> = const { RefCell::new(None) };
 }
@@ -201,7 +210,7 @@ const ATTENTION_SOURCE: &str = r#"
     const int warp = threadIdx.x >> 5;
     const int cap = k_shape[2];
     const int first = start[b];
-    const int end = live_shape[0];
+    const int end = start[b] + offset[b] + 1;
     const float scale = __int_as_float(SCALE_BITS);
     const float neg_inf = __int_as_float(0xff800000);
     float qf[E], acc[E];
@@ -292,15 +301,15 @@ pub fn attention_applies(q: &Array, heads: i32, kv_heads: i32, head_dim: i32) ->
 
 /// Decode attention for a left-padded stack: `q` `[B, heads, 1, head_dim]`, `keys` / `values`
 /// the stack's whole storage `[B, kv_heads, capacity, head_dim]`, row `b` attending to columns
-/// `starts[b] .. columns` (`starts`: int32, at least `B` entries, best computed on the device;
-/// `columns`: this step's column + 1, passed as the shape of an empty array). Returns
-/// `[B, heads, 1, head_dim]`.
+/// `starts[b] ..= starts[b] + offsets[b]` (int32, at least `B` entries each: its padding, and
+/// its cached length before this step's token; best computed on the device, see
+/// [`device_array`]). Returns `[B, heads, 1, head_dim]`.
 pub fn attention(
     q: &Array,
     keys: &Array,
     values: &Array,
     starts: &Array,
-    columns: i32,
+    offsets: &Array,
     scale: f32,
 ) -> Result<Array, Exception> {
     let (b, heads, d) = (q.shape()[0], q.shape()[1], q.shape()[3]);
@@ -318,7 +327,7 @@ pub fn attention(
         let k = cell.get_or_insert_with(|| {
             CudaKernel::new(
                 "mlxd_padded_attention",
-                &["q", "k", "v", "start", "live"],
+                &["q", "k", "v", "start", "offset"],
                 &["out"],
                 "",
                 ATTENTION_SOURCE,
@@ -326,7 +335,7 @@ pub fn attention(
             )
         });
         let out = k.apply(
-            &[q, keys, values, starts, &Array::from_slice::<i32>(&[], &[columns, 0])],
+            &[q, keys, values, starts, offsets],
             &[(&shape, q.dtype())],
             &template,
             (b * heads * 512, 1, 1),

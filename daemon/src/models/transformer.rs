@@ -132,7 +132,7 @@ impl Attention {
         let o = match mask {
             Some(_) if super::cuda::attention_applies(&q, self.heads, self.kv_heads, self.head_dim) => {
                 let (keys, values) = batch.update(layer, &k, &v)?;
-                super::cuda::attention(&q, &keys, &values, batch.starts(), batch.column() + 1, self.scale)?
+                super::cuda::attention(&q, &keys, &values, batch.starts(), offsets, self.scale)?
             }
             _ => {
                 let (k, v) = batch.update_and_fetch(layer, &k, &v)?;
@@ -312,8 +312,8 @@ impl Transformer {
         let q = zeros(&[2, attn.heads, 1, attn.head_dim])?;
         if super::cuda::attention_applies(&q, attn.heads, attn.kv_heads, attn.head_dim) {
             let kv = zeros(&[2, attn.kv_heads, 1, attn.head_dim])?;
-            let starts = Array::from_slice(&[0i32; 4], &[4]);
-            outs.push(super::cuda::attention(&q, &kv, &kv, &starts, 1, attn.scale)?);
+            let zeros = super::cuda::device_array(&[0; 4])?;
+            outs.push(super::cuda::attention(&q, &kv, &kv, &zeros, &zeros, attn.scale)?);
         }
         Ok(outs)
     }

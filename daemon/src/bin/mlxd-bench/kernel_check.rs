@@ -154,7 +154,8 @@ fn timings() -> Result<()> {
         let cols = ops::arange::<_, i32>(None, l, None)?.reshape(&[1, 1, 1, l])?;
         let mask = ops::ge(&cols, &starts.reshape(&[b, 1, 1, 1])?)?;
         mlx_rs::transforms::eval([&ks, &vs, &mask])?;
-        let ours = per_call(&|_| Ok(mlxd::models::cuda::attention(&q, &keys, &values, &starts, cur + 1, scale)?))?;
+        let offsets = Array::from_slice(&pads.iter().map(|p| cur - p).collect::<Vec<_>>(), &[b]);
+        let ours = per_call(&|_| Ok(mlxd::models::cuda::attention(&q, &keys, &values, &starts, &offsets, scale)?))?;
         let theirs = per_call(&|_| {
             let m = mlx_rs::fast::ScaledDotProductAttentionMask::Array(&mask);
             Ok(mlx_rs::fast::scaled_dot_product_attention(&q, &ks, &vs, scale, Some(m), None)?)
@@ -172,8 +173,9 @@ fn attention_error(d: Dtype, hq: i32, hkv: i32, dh: i32, cap: i32, cur: i32, pad
     let keys = normal(&[b, hkv, cap, dh], 1.0, 31, d)?;
     let values = normal(&[b, hkv, cap, dh], 1.0, 32, d)?;
     let starts = Array::from_slice(pads, &[b]);
+    let offsets = Array::from_slice(&pads.iter().map(|p| cur - p).collect::<Vec<_>>(), &[b]);
     let scale = 1.0 / (dh as f32).sqrt();
-    let got = mlxd::models::cuda::attention(&q, &keys, &values, &starts, cur + 1, scale)?;
+    let got = mlxd::models::cuda::attention(&q, &keys, &values, &starts, &offsets, scale)?;
     // Reference: grouped heads as [B, kv, group, 1, D] against [B, kv, 1, L, D], float32.
     let g = hq / hkv;
     let l = cur + 1;
