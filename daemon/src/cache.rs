@@ -197,10 +197,8 @@ pub struct BatchCache {
     keys: Vec<Array>,
     values: Vec<Array>,
     pad: Vec<i32>,
-    /// `pad` as `[max(B, 4)]` int32 computed on the device
-    /// ([`crate::models::cuda::device_array`]), made once per
-    /// stack: the first live column of each row, for the padded-attention kernel and the
-    /// per-row RoPE offsets.
+    /// `pad` on the device (`[B]` int32), made once per stack: the padded-attention kernel's
+    /// first live column of each row.
     starts: Array,
     cur: i32,
 }
@@ -233,17 +231,14 @@ impl BatchCache {
             keys.push(stack(&|c: &LayerCache| &c.keys)?);
             values.push(stack(&|c: &LayerCache| &c.values)?);
         }
-        let mut padded = pad.clone();
-        padded.resize(pad.len().max(4), 0);
-        let starts = crate::models::cuda::device_array(&padded)?;
+        let starts = Array::from_slice(&pad, &[pad.len() as i32]);
         Ok(BatchCache { members, keys, values, pad, starts, cur })
     }
 
-    /// Positions already cached per row (RoPE offsets of this step's tokens), `[B]` int32:
-    /// `cur - pad`, computed on the device from [`Self::starts`].
-    pub fn offsets(&self) -> Result<Array, mlx_rs::error::Exception> {
-        let b = self.pad.len() as i32;
-        ops::subtract(Array::from_int(self.cur), &self.starts)?.try_index(..b)
+    /// Positions already cached per row (RoPE offsets of this step's tokens), `[B]` int32.
+    pub fn offsets(&self) -> Array {
+        let v: Vec<i32> = self.pad.iter().map(|p| self.cur - p).collect();
+        Array::from_slice(&v, &[v.len() as i32])
     }
 
     /// Which of the `cur + 1` columns each row may attend to, `[B, 1, 1, cur + 1]` bool; `None`
@@ -264,8 +259,7 @@ impl BatchCache {
         self.pad.iter().any(|&p| p > 0)
     }
 
-    /// Each row's first live column (its padding), int32, at least 4 entries (rows past `B`
-    /// are 0).
+    /// Each row's first live column, `[B]` int32 (its padding).
     pub fn starts(&self) -> &Array {
         &self.starts
     }

@@ -64,8 +64,8 @@ __device__ inline void mlxd_mma(float* d, unsigned int a0, unsigned int a1, unsi
 }
 "#;
 
-/// The product kernel's body. Output columns are split into up to three parts (`parts`: the
-/// first two widths; the third takes the rest), each written to its own `[M, width]` output.
+/// The product kernel's body for `parts` outputs (1 to 3); part `i` holds columns
+/// `[P0 + ... + P(i-1), ...)` of the product, `[M, Pi]`.
 ///
 /// One block of eight warps computes eight output columns for all (up to 16) rows with
 /// tensor-core `m16n8k16` multiplies, the eight warps splitting `K` between them (so a
@@ -73,16 +73,13 @@ __device__ inline void mlxd_mma(float* d, unsigned int a0, unsigned int a1, unsi
 /// Per 64 elements of `K`, lane `(g, t)` (`g = lane / 4`, `t = lane % 4`) loads 16 consecutive
 /// elements at `64c + 16t` of weight row `n0 + g` and of x rows `g` and `g + 8`: the products'
 /// `k` index is then a permutation of the physical one, the same for both operands, which the
-/// sum does not see, and every load is 32 contiguous bytes. One source for every matrix (the
-/// shapes and parts are arguments, not template constants), so MLX compiles it once per dtype:
-/// an NVRTC compile takes 1-2 s.
-const ROWS_SOURCE: &str = r#"
+/// sum does not see, and every load is 32 contiguous bytes.
+fn rows_source(parts: usize) -> String {
+    let mut s = String::from(
+        r#"
     const int M = x_shape[0];
     const int K = x_shape[1];
     const int N = w_shape[0];
-    // Columns [0, P0) go to y0, [P0, P0 + P1) to y1, the rest to y2 (`[M, width]` each).
-    const int P0 = parts[0];
-    const int P1 = parts[1];
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int g = lane >> 2;
@@ -125,32 +122,31 @@ const ROWS_SOURCE: &str = r#"
     // d[0], d[1]: row g, columns n0 + 2t and + 1; d[2], d[3]: row g + 8.
     auto put = [&](int m, int n, float v) {
         if (m >= M || n >= N) return;
-        if (n < P0) y0[(size_t)m * P0 + n] = static_cast<T>(v);
-        else if (n < P0 + P1) y1[(size_t)m * P1 + (n - P0)] = static_cast<T>(v);
-        else y2[(size_t)m * (N - P0 - P1) + (n - P0 - P1)] = static_cast<T>(v);
-    };
-    put(g, n0 + 2 * t, d[0]);
-    put(g, n0 + 2 * t + 1, d[1]);
-    put(g + 8, n0 + 2 * t, d[2]);
-    put(g + 8, n0 + 2 * t + 1, d[3]);
-"#;
-
-/// `values` as an int32 array that a GPU operation writes, so that it lives in device memory.
-/// MLX's CUDA allocator keeps arrays made from host data, and any array of at most 8 bytes, in
-/// managed memory, in pages shared with small arrays the host reads or writes every step (the
-/// sampled tokens); a kernel reading such a page faults it over from the host, which measured
-/// 1-2 ms more device time per step (docs/benchmarks.md, session 5). Give more than 8 bytes.
-/// Lazy: the first graph that uses it computes it.
-pub fn device_array(values: &[i32]) -> Result<Array, Exception> {
-    debug_assert!(values.len() > 2, "at most 8 bytes would stay in managed memory");
-    mlx_rs::ops::add(Array::from_slice(values, &[values.len() as i32]), Array::from_int(0))
+"#,
+    );
+    // Part i's columns start at the sum of the widths before it; the last part's width is
+    // whatever is left of N.
+    let mut start = String::from("0");
+    for i in 0..parts {
+        let width = if i + 1 < parts { format!("P{i}") } else { format!("(N - ({start}))") };
+        let cond = match (i, i + 1 < parts) {
+            (0, true) => format!("if (n < ({start}) + P{i}) "),
+            (0, false) => String::new(),
+            (_, true) => format!("else if (n < ({start}) + P{i}) "),
+            (_, false) => "else ".to_string(),
+        };
+        s.push_str(&format!("        {cond}y{i}[(size_t)m * {width} + (n - ({start}))] = static_cast<T>(v);\n"));
+        start = format!("{start} + P{i}");
+    }
+    s.push_str("    };\n");
+    s.push_str("    put(g, n0 + 2 * t, d[0]);\n    put(g, n0 + 2 * t + 1, d[1]);\n");
+    s.push_str("    put(g + 8, n0 + 2 * t, d[2]);\n    put(g + 8, n0 + 2 * t + 1, d[3]);\n");
+    s
 }
 
 thread_local! {
-    static ROWS: RefCell<Option<CudaKernel>> = const { RefCell::new(None) };
-    /// The `parts` input of each split in use, `[P0, P1, 0, 0]` int32 computed on the device
-    /// ([`device_array`]), made once.
-    static PARTS: RefCell<std::collections::HashMap<(i32, i32), Array>> = RefCell::new(Default::default());
+    /// Product kernels by number of parts (index 0: one part).
+    static ROWS: RefCell<[Option<CudaKernel>; 3]> = const { RefCell::new([None, None, None]) };
     static ATTENTION: RefCell<Option<CudaKernel>> = const { RefCell::new(None) };
 }
 
@@ -174,29 +170,35 @@ pub fn rows_apply(x: &Array, weight: &Array) -> bool {
 /// three parts), each part `[M, width]` and contiguous. Only where [`rows_apply`] holds.
 pub fn rows(x: &Array, weight: &Array, widths: &[i32]) -> Result<Vec<Array>, Exception> {
     let (m, n) = (x.shape()[0], weight.shape()[0]);
-    let count = widths.len();
-    assert!((1..=3).contains(&count) && widths.iter().sum::<i32>() == n, "parts {widths:?} of {n} columns");
-    // Unused outputs are one element each.
-    let mut shapes: Vec<[i32; 2]> = widths.iter().map(|&w| [m, w]).collect();
-    shapes.resize(3, [1, 1]);
+    let parts = widths.len();
+    assert!((1..=3).contains(&parts) && widths.iter().sum::<i32>() == n, "parts {widths:?} of {n} columns");
+    let shapes: Vec<[i32; 2]> = widths.iter().map(|&w| [m, w]).collect();
     let outputs: Vec<(&[i32], Dtype)> = shapes.iter().map(|s| (&s[..], x.dtype())).collect();
-    let (p0, p1) = (widths[0], if count > 1 { widths[1] } else { 0 });
-    let parts =
-        PARTS.with(|c| c.borrow_mut().entry((p0, p1)).or_insert_with(|| Array::from_slice(&[p0, p1], &[2])).clone());
-    let template = [("T", TemplateArg::Dtype(x.dtype())), ("BF16", TemplateArg::Bool(x.dtype() == Dtype::Bfloat16))];
+    let mut template =
+        vec![("T", TemplateArg::Dtype(x.dtype())), ("BF16", TemplateArg::Bool(x.dtype() == Dtype::Bfloat16))];
+    let names = ["P0", "P1"];
+    for (i, &w) in widths[..parts - 1].iter().enumerate() {
+        template.push((names[i], TemplateArg::Int(w)));
+    }
     // One block of eight warps per eight output columns.
     let blocks = (n + 7) / 8;
-    let mut ys = ROWS.with(|cell| {
+    ROWS.with(|cell| {
         let mut cell = cell.borrow_mut();
-        let k = cell.get_or_insert_with(|| {
-            CudaKernel::new("mlxd_rows", &["x", "w", "parts"], &["y0", "y1", "y2"], HEADER, ROWS_SOURCE, true)
+        let k = cell[parts - 1].get_or_insert_with(|| {
+            let outs = ["y0", "y1", "y2"];
+            CudaKernel::new(
+                &format!("mlxd_rows{parts}"),
+                &["x", "w"],
+                &outs[..parts],
+                HEADER,
+                &rows_source(parts),
+                true,
+            )
         });
-        k.apply(&[x, weight, &parts], &outputs, &template, (blocks * 256, 1, 1), (256, 1, 1), || {
+        k.apply(&[x, weight], &outputs, &template, (blocks * 256, 1, 1), (256, 1, 1), || {
             format!("the product of {:?} by the transpose of {:?}", x.shape(), weight.shape())
         })
-    })?;
-    ys.truncate(count);
-    Ok(ys)
+    })
 }
 
 const ATTENTION_SOURCE: &str = r#"
@@ -301,9 +303,8 @@ pub fn attention_applies(q: &Array, heads: i32, kv_heads: i32, head_dim: i32) ->
 
 /// Decode attention for a left-padded stack: `q` `[B, heads, 1, head_dim]`, `keys` / `values`
 /// the stack's whole storage `[B, kv_heads, capacity, head_dim]`, row `b` attending to columns
-/// `starts[b] ..= starts[b] + offsets[b]` (int32, at least `B` entries each: its padding, and
-/// its cached length before this step's token; best computed on the device, see
-/// [`device_array`]). Returns `[B, heads, 1, head_dim]`.
+/// `starts[b] ..= starts[b] + offsets[b]` (`[B]` int32 each: its padding, and its cached
+/// length before this step's token). Returns `[B, heads, 1, head_dim]`.
 pub fn attention(
     q: &Array,
     keys: &Array,
@@ -349,6 +350,16 @@ pub fn attention(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn product_kernel_writes_each_part_to_its_own_output() {
+        let one = rows_source(1);
+        assert!(one.contains("y0[(size_t)m * (N - (0)) + (n - (0))]") && !one.contains("y1"));
+        let three = rows_source(3);
+        assert!(three.contains("if (n < (0) + P0) y0[(size_t)m * P0 + (n - (0))]"));
+        assert!(three.contains("else if (n < (0 + P0) + P1) y1[(size_t)m * P1 + (n - (0 + P0))]"));
+        assert!(three.contains("else y2[(size_t)m * (N - (0 + P0 + P1)) + (n - (0 + P0 + P1))]"));
+    }
 
     #[test]
     fn kernels_stay_off_without_cuda() {

@@ -148,13 +148,13 @@ fn timings() -> Result<()> {
         let keys = normal(&[b, hkv, cap, dh], 1.0, 51, d)?;
         let values = normal(&[b, hkv, cap, dh], 1.0, 52, d)?;
         let starts = Array::from_slice(&pads, &[b]);
+        let offsets = Array::from_slice(&pads.iter().map(|p| cur - p).collect::<Vec<_>>(), &[b]);
         let scale = 1.0 / (dh as f32).sqrt();
         let l = cur + 1;
         let (ks, vs) = (keys.try_index((.., .., ..l, ..))?, values.try_index((.., .., ..l, ..))?);
         let cols = ops::arange::<_, i32>(None, l, None)?.reshape(&[1, 1, 1, l])?;
         let mask = ops::ge(&cols, &starts.reshape(&[b, 1, 1, 1])?)?;
         mlx_rs::transforms::eval([&ks, &vs, &mask])?;
-        let offsets = Array::from_slice(&pads.iter().map(|p| cur - p).collect::<Vec<_>>(), &[b]);
         let ours = per_call(&|_| Ok(mlxd::models::cuda::attention(&q, &keys, &values, &starts, &offsets, scale)?))?;
         let theirs = per_call(&|_| {
             let m = mlx_rs::fast::ScaledDotProductAttentionMask::Array(&mask);
