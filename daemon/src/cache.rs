@@ -197,7 +197,7 @@ pub struct BatchCache {
     keys: Vec<Array>,
     values: Vec<Array>,
     pad: Vec<i32>,
-    /// `pad` on the device (`[B]` int32), made once per stack: the padded-attention kernel's
+    /// `pad` as an array (`[B]` int32), made once per stack: the padded-attention kernel's
     /// first live column of each row.
     starts: Array,
     cur: i32,

@@ -152,8 +152,10 @@ thread_local! {
 
 /// Whether [`rows`] takes `x @ weight^T` (`weight` row-major `[N, K]`): on CUDA, 2 to
 /// [`MAX_ROWS`] rows (one row stays with MLX's gemv, as fast on the device and cheaper to
-/// build: measured in docs/benchmarks.md, session 5), both bfloat16 or both float16 (the tensor cores' inputs), `K` a
-/// multiple of 64.
+/// build: measured in docs/benchmarks.md, session 5), both bfloat16 or both float16 (the
+/// tensor cores' inputs), `K` a multiple of 64. The kernel reads both in 16-byte loads, so
+/// they must start 16-byte aligned: fresh arrays, or row slices of one (as the stacked
+/// projections' parts are), not arbitrary views.
 pub fn rows_apply(x: &Array, weight: &Array) -> bool {
     let (xs, ws) = (x.shape(), weight.shape());
     available()
