@@ -147,3 +147,57 @@ impl CudaKernel {
         }
     }
 }
+
+/// `a` copied by a GPU kernel, for arrays a step reads on the device every time (per-request
+/// sampling parameters, constants). MLX's CUDA allocator keeps arrays made from host data, and
+/// any array of at most 8 bytes, in managed memory, the small ones in one pool of pages shared
+/// with the tokens the host reads every step; a kernel's output of more than 8 bytes lives in
+/// device memory. So `a` is padded with zero rows to at least 16 bytes, copied, and viewed back
+/// at its own rows. Lazy: the first graph that uses it runs the copy.
+pub(crate) fn device_resident(a: &Array) -> Result<Array, mlx_rs::error::Exception> {
+    let shape = a.shape().to_vec();
+    let rows = *shape.first().unwrap_or(&1);
+    if shape.is_empty() || rows == 0 {
+        return Ok(a.clone());
+    }
+    let row_bytes = (a.nbytes() / rows as usize).max(1);
+    let need = (16usize.div_ceil(row_bytes) as i32).max(rows);
+    let padded = if need > rows {
+        let mut fill = shape.clone();
+        fill[0] = need - rows;
+        mlx_rs::ops::concatenate(&[a.clone(), mlx_rs::ops::zeros_dtype(&fill, a.dtype())?], 0)?
+    } else {
+        a.clone()
+    };
+    // SAFETY: mlx-c's copy on an array that outlives the call.
+    let copy = array_op(|res, stream| unsafe { mlx_sys::mlx_copy(res, padded.as_ptr(), stream) })
+        .ok_or_else(|| mlx_rs::error::Exception::custom(format!("copying an array of shape {shape:?} failed")))?;
+    if need > rows {
+        use mlx_rs::ops::indexing::TryIndexOp;
+        copy.try_index(..rows)
+    } else {
+        Ok(copy)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_resident_copies_keep_shape_dtype_and_values() {
+        let cases = [
+            Array::from_slice(&[0.7f32], &[1, 1]),
+            Array::from_slice(&[true, false], &[2, 1]),
+            Array::from_slice(&[7u32, 9], &[1, 2]),
+            Array::from_slice(&(0..192).collect::<Vec<i32>>(), &[3, 64]),
+        ];
+        for a in &cases {
+            let c = device_resident(a).unwrap();
+            assert_eq!(c.shape(), a.shape());
+            assert_eq!(c.dtype(), a.dtype());
+            let same = mlx_rs::ops::array_eq(&c, a, None).unwrap();
+            assert!(same.item::<bool>(), "{a:?} copied as {c:?}");
+        }
+    }
+}
