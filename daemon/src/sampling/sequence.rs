@@ -311,12 +311,7 @@ fn step(
     COLUMNS.with(|cache| -> Result<(), SamplingError> {
         let mut cache = cache.borrow_mut();
         if !cache.as_ref().is_some_and(|c| c.rows == uids && c.stages == st) {
-            let mut columns = columns(st, rows, v, capacity)?;
-            if device_columns() {
-                for (_, a) in columns.iter_mut() {
-                    *a = crate::ffi::device_resident(a)?;
-                }
-            }
+            let columns = columns(st, rows, v, capacity)?;
             *cache = Some(ColumnCache { rows: uids, stages: st, columns });
         }
         for (slot, a) in &cache.as_ref().expect("filled above").columns {
@@ -345,15 +340,6 @@ fn step(
     }
     let logprobs = out.logprobs.map(|(chosen, top_ids, top_logprobs)| Logprobs { chosen, top_ids, top_logprobs });
     Ok((Sampled { tokens, logprobs }, out.inspection))
-}
-
-/// Whether the parameter columns are copied into device memory once per batch
-/// ([`crate::ffi::device_resident`]): on CUDA, unless `MLXD_DEVICE_COLUMNS=0`.
-fn device_columns() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        std::env::var("MLXD_DEVICE_COLUMNS").map_or(true, |v| v != "0") && crate::runtime::backend() == "cuda"
-    })
 }
 
 /// The stages a batch of `rows` needs.
