@@ -197,8 +197,8 @@ pub struct BatchCache {
     keys: Vec<Array>,
     values: Vec<Array>,
     pad: Vec<i32>,
-    /// `pad` as an array (`[B]` int32), made once per stack: the padded-attention kernel's
-    /// first live column of each row.
+    /// `pad` as an array (`[B]` int32), made once per stack: each row's first live column, for
+    /// the padded-attention kernel and the mask.
     starts: Array,
     cur: i32,
 }
@@ -250,8 +250,7 @@ impl BatchCache {
         }
         let b = self.pad.len() as i32;
         let cols = ops::arange::<_, i32>(None, self.cur + 1, None)?.reshape(&[1, 1, 1, self.cur + 1])?;
-        let pad = Array::from_slice(&self.pad, &[b, 1, 1, 1]);
-        Ok(Some(ops::ge(&cols, &pad)?))
+        Ok(Some(ops::ge(&cols, &self.starts.reshape(&[b, 1, 1, 1])?)?))
     }
 
     /// Whether some row is padded (attention then needs a mask or the padded kernel).

@@ -252,14 +252,12 @@ impl<const N: usize> Stacked<N> {
     /// axis (views of one output; rows of a batch larger than 1 are then strided), or one by one
     /// when the parts are kept apart.
     pub fn forward(&self, x: &Array) -> Result<[Array; N]> {
-        if let Some(ys) = self.kernel_parts(x)? {
-            return Ok(ys.try_into().unwrap_or_else(|_| unreachable!("one output per part")));
-        }
-        let outputs = match &self.all {
-            Some(all) => ops::split_at_indices(&all.forward(x)?, &self.splits, -1)?,
-            None => self.parts.iter().map(|p| p.forward(x)).collect::<Result<Vec<_>>>()?,
+        let outputs = match (self.kernel_parts(x)?, &self.all) {
+            (Some(ys), _) => ys,
+            (None, Some(all)) => ops::split_at_indices(&all.forward(x)?, &self.splits, -1)?,
+            (None, None) => self.each_part(x)?,
         };
-        Ok(outputs.try_into().unwrap_or_else(|_| unreachable!("one output per part")))
+        Ok(one_per_part(outputs))
     }
 
     /// All projections of a batch `x` (`[B, in]`, `B > 1`), each `[B, out_i]` and contiguous:
@@ -269,9 +267,14 @@ impl<const N: usize> Stacked<N> {
     pub fn forward_batch(&self, x: &Array) -> Result<[Array; N]> {
         let outputs = match self.kernel_parts(x)? {
             Some(ys) => ys,
-            None => self.parts.iter().map(|p| p.forward(x)).collect::<Result<Vec<_>>>()?,
+            None => self.each_part(x)?,
         };
-        Ok(outputs.try_into().unwrap_or_else(|_| unreachable!("one output per part")))
+        Ok(one_per_part(outputs))
+    }
+
+    /// Each part's projection of `x`, one multiplication per part.
+    fn each_part(&self, x: &Array) -> Result<Vec<Array>> {
+        self.parts.iter().map(|p| p.forward(x)).collect()
     }
 
     /// Part `i` alone.
@@ -305,6 +308,11 @@ impl<const N: usize> Stacked<N> {
             None => self.parts.iter().map(bytes).sum(),
         }
     }
+}
+
+/// The `N` outputs of a [`Stacked`] projection as an array.
+fn one_per_part<const N: usize>(outputs: Vec<Array>) -> [Array; N] {
+    outputs.try_into().unwrap_or_else(|_| unreachable!("one output per part"))
 }
 
 /// RMS normalisation with a learned scale.

@@ -13,6 +13,16 @@ use mlx_rs::{nn, ops, Array};
 
 type Result<T> = std::result::Result<T, ModelError>;
 
+/// How a stacked step's attention keeps each row away from its left padding.
+#[derive(Clone, Copy)]
+enum Padding<'a> {
+    /// No row is padded.
+    None,
+    /// A mask over the columns, `[B, 1, 1, columns]` (MLX's attention).
+    Mask(&'a Array),
+    /// The padded-attention kernel, which reads only live columns (CUDA).
+    Kernel,
+}
 /// Multi-head attention with grouped key/value heads.
 #[derive(Debug)]
 pub struct Attention {
@@ -115,28 +125,35 @@ impl Attention {
         self.o_proj.forward(&o.reshape(&[1, self.heads * self.head_dim])?)
     }
 
+    /// Whether a padded stack of activations of `dtype` attends through the padded-attention
+    /// kernel ([`super::cuda::attention`]).
+    fn padded_kernel(&self, dtype: mlx_rs::Dtype) -> bool {
+        super::cuda::attention_applies(dtype, self.heads, self.kv_heads, self.head_dim)
+    }
+
     /// One decode step for a stacked batch ([`BatchCache`]): the same operations whatever the
-    /// batch size, with per-row RoPE offsets and a mask over each row's left padding (none when
-    /// no row is padded; on CUDA the padded-attention kernel skips the padding instead).
+    /// batch size, with per-row RoPE offsets, and each row's left padding handled as `padding`
+    /// says.
     fn decode_batched(
         &self,
         x: &Array,
         batch: &mut BatchCache,
         layer: usize,
         offsets: &Array,
-        mask: Option<&Array>,
+        padding: Padding<'_>,
     ) -> Result<Array> {
         let (q, k, v) = self.project_heads(x)?;
         let q = self.rope.forward_dynamic(&q, offsets)?;
         let k = self.rope.forward_dynamic(&k, offsets)?;
-        let o = match mask {
-            Some(_) if super::cuda::attention_applies(&q, self.heads, self.kv_heads, self.head_dim) => {
+        let o = match padding {
+            Padding::Kernel => {
                 let (keys, values) = batch.update(layer, &k, &v)?;
                 super::cuda::attention(&q, &keys, &values, batch.starts(), offsets, self.scale)?
             }
-            _ => {
+            Padding::Mask(_) | Padding::None => {
                 let (k, v) = batch.update_and_fetch(layer, &k, &v)?;
-                let mask = mask.map(ScaledDotProductAttentionMask::Array);
+                let mask =
+                    if let Padding::Mask(m) = padding { Some(ScaledDotProductAttentionMask::Array(m)) } else { None };
                 fast::scaled_dot_product_attention(&q, &k, &v, self.scale, mask, None)?
             }
         };
@@ -210,9 +227,9 @@ impl Block {
         batch: &mut BatchCache,
         layer: usize,
         offsets: &Array,
-        mask: Option<&Array>,
+        padding: Padding<'_>,
     ) -> Result<Array> {
-        let a = self.self_attn.decode_batched(&self.input_layernorm.forward(x)?, batch, layer, offsets, mask)?;
+        let a = self.self_attn.decode_batched(&self.input_layernorm.forward(x)?, batch, layer, offsets, padding)?;
         let h = ops::add(x, a)?;
         Ok(ops::add(&h, self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
     }
@@ -309,8 +326,8 @@ impl Transformer {
         outs.push(attn.o_proj.forward(&zeros(&[2, attn.heads * attn.head_dim])?)?);
         outs.push(block.mlp.down_proj.forward(&zeros(&[2, a.intermediate])?)?);
         outs.push(self.head(&x)?);
-        let q = zeros(&[2, attn.heads, 1, attn.head_dim])?;
-        if super::cuda::attention_applies(&q, attn.heads, attn.kv_heads, attn.head_dim) {
+        if attn.padded_kernel(dtype) {
+            let q = zeros(&[2, attn.heads, 1, attn.head_dim])?;
             let kv = zeros(&[2, attn.kv_heads, 1, attn.head_dim])?;
             let at = Array::from_slice(&[0i32, 0], &[2]);
             outs.push(super::cuda::attention(&q, &kv, &kv, &at, &at, attn.scale)?);
@@ -422,11 +439,13 @@ impl Transformer {
     /// order. Returns logits `[B, V]` and moves the batch to its next column.
     pub fn forward_batched(&self, tokens: &Array, batch: &mut BatchCache) -> Result<Array> {
         let offsets = batch.offsets();
-        // Unused (never evaluated) where the padded-attention kernel runs.
-        let mask = batch.mask()?;
         let mut h = self.embed_tokens.rows(tokens)?;
+        let kernel = batch.padded() && self.layers.first().is_some_and(|b| b.self_attn.padded_kernel(h.dtype()));
+        // The mask is built only where attention needs one.
+        let mask = if kernel { None } else { batch.mask()? };
+        let padding = if kernel { Padding::Kernel } else { mask.as_ref().map_or(Padding::None, Padding::Mask) };
         for (l, block) in self.layers.iter().enumerate() {
-            h = block.decode_batched(&h, batch, l, &offsets, mask.as_ref())?;
+            h = block.decode_batched(&h, batch, l, &offsets, padding)?;
         }
         batch.advance();
         let h = self.norm.forward(&h)?;
