@@ -5,6 +5,7 @@
 //! mlxd-bench engine --shape qwen3-0.6b --dtype bf16 [--prompt 128] [--gen 256] [--repeats 5]
 //!                   [--samplers greedy,full] [--no-mlx-lm] [--python python3] [--json out.json]
 //!                   [--dir /tmp/models] [--plugin NAME[:JSON-PARAMS]]... [--plugin-dir DIR]
+//!                   [--profile DIR]   (each variant's host stacks; needs --features profile)
 //! mlxd-bench engine --model /path/to/hf-dir ...
 //! mlxd-bench serve --shape qwen3-0.6b [--clients 1,2,4,8,16] [--prompt 64] [--gen 128]
 //!                                      concurrent WebSocket clients vs mlx_lm.server
@@ -30,6 +31,7 @@
 
 mod batch;
 mod kernel_check;
+mod profile;
 mod serve_load;
 mod suite;
 
@@ -140,6 +142,8 @@ struct Args {
     serve_model: Option<String>,
     /// Prompt length of the prompt-cache row (0: skip it).
     cache_prompt: usize,
+    /// `engine --profile DIR`: each variant's stacks, see `profile`.
+    profile: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -167,6 +171,7 @@ fn parse_args() -> Result<Args> {
         suite: None,
         serve_model: Some("qwen3-0.6b:bf16".into()),
         cache_prompt: 2000,
+        profile: None,
     };
     let mut it = std::env::args().skip(1);
     match it.next().as_deref() {
@@ -213,6 +218,7 @@ fn parse_args() -> Result<Args> {
             "--model-kernels" => a.model_kernels = val()?,
             "--stagger" => a.stagger = val()?.parse().context("--stagger")?,
             "--cache-prompt" => a.cache_prompt = val()?.parse().context("--cache-prompt")?,
+            "--profile" => a.profile = Some(val()?.into()),
             other => bail!("unknown flag {other}"),
         }
     }
@@ -365,6 +371,23 @@ fn engine_compare(args: &Args, dir: &Path, plugin_runs: &[(String, SamplingParam
             name.to_string(),
             json!({"mlxd": {"runs": ours[k], "host_build_ms_per_step": per_step(profile.build), "host_build_cpu_ms_per_step": per_step(profile.build_cpu), "device_wait_ms_per_step": per_step(profile.wait)}, "mlx_lm": theirs}),
         );
+    }
+    if let Some(out) = &args.profile {
+        for (name, sampler) in &variants_list {
+            let req = GenerateRequest {
+                prompt: prompt.clone(),
+                max_tokens: args.gen,
+                stop: vec![],
+                sampler: sampler.clone(),
+            };
+            profile::record(out, name, || {
+                let mut steps = 0;
+                for _ in 0..args.repeats.max(1) {
+                    steps += engine.generate(&req, |_| true)?.ids.len().saturating_sub(1);
+                }
+                Ok(steps)
+            })?;
+        }
     }
     let cache_row =
         if args.cache_prompt > 0 { prompt_cache_ttft(&mut engine, vocab, args.cache_prompt)? } else { Value::Null };
