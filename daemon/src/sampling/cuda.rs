@@ -1,19 +1,23 @@
-//! Steps 4-9 of the pipeline (temperature, top-k, top-p, min-p and the Gumbel-max pick; with
-//! step 2, the repetition penalty, when no bias, presence or frequency penalty, logprobs or
-//! plugin needs the logits in between) as one CUDA kernel,
-//! for MLX's CUDA backend, where a decode step is bound by how many kernels the host launches:
-//! the same steps as MLX operations cost ~35 launches. One block per row: a radix select
-//! finds the row's k best tempered logits, they are ranked, the filters run over them in
-//! order and the draw takes `argmax(logit + Gumbel noise)` with the noise hashed from the row's
-//! key and the token id exactly as [`super::pipeline`] hashes it, so both paths draw the same
-//! token up to floating-point rounding at a filter's boundary.
+//! Steps 4-9 of the pipeline (temperature, top-k, top-p, min-p and the Gumbel-max pick), with
+//! step 2 (the repetition penalty) when no bias, presence or frequency penalty, logprobs or
+//! plugin needs the logits in between, and the advance of the rows' keys and windows, as two
+//! CUDA kernels for MLX's CUDA backend, where a decode step costs host time per primitive: the
+//! same steps as MLX operations are ~40 primitives per step, these are two (greedy's argmax is
+//! one).
 //!
-//! Experimental, off by default (`MLXD_SAMPLER_KERNEL=1` turns it on), and used only where it
-//! applies (a CUDA device, every row drawing at random with a top-k of at most [`MAX_K`], no
-//! typical-p, no inspection). On an H100 it drew exactly what the graph draws (1,024 of 1,024
-//! draws, `mlxd-bench sampler-check`) and cut the full pipeline from 40 to 7 primitives per step
-//! beyond greedy, but the host time full sampling adds did not measurably drop (docs/
-//! benchmarks.md, session 4), and the kernel adds ~0.15 ms of device time per step.
+//! 1. One block per (chunk of 1,024 logits, row): penalty and temperature into shared memory, a
+//!    radix select of the chunk's `k` best, written to the row's candidate slots. The row's `k`
+//!    best are among its chunks' `k` best, and the whole GPU works on the vocabulary (a single
+//!    block per row, the first version, spent ~0.15-0.2 ms of device time per step).
+//! 2. One block per row: a radix select of the `k` best candidates, ranked, the filters in the
+//!    pipeline's order, and the draw `argmax(logit + Gumbel noise)` with the noise hashed from
+//!    the row's key and the token id exactly as [`super::pipeline`] hashes it, so both paths
+//!    draw the same token up to floating-point rounding at a filter's boundary; then the row's
+//!    next key and, with the penalty, its window shifted by the drawn token.
+//!
+//! Used where it applies (a CUDA device, every row drawing at random with a top-k of at most
+//! [`MAX_K`], no typical-p, no inspection); `MLXD_SAMPLER_KERNEL=0` keeps the MLX-op graph.
+//! `mlxd-bench sampler-check` compares the draws of both paths on the GPU.
 
 use crate::ffi::{CudaKernel, TemplateArg};
 use mlx_rs::error::Exception;
@@ -23,56 +27,72 @@ use std::cell::{Cell, RefCell};
 /// Largest top-k the kernel handles (its candidates live in shared memory).
 pub(crate) const MAX_K: i32 = 256;
 
-const SOURCE: &str = r#"
-    const int row = blockIdx.x;
+/// Order-preserving 32-bit keys of floats (NaN below everything), shared by both kernels.
+const HEADER: &str = r#"
+__device__ __forceinline__ unsigned int mlxd_key_of(float f) {
+    const unsigned int b = __float_as_uint(f);
+    return f != f ? 0u : ((b & 0x80000000u) ? ~b : (b | 0x80000000u));
+}
+// MurmurHash3's 32-bit finalizer over (x ^ k0) * 0x9e3779b1 with k1 mixed in after its first
+// round: the pipeline's `hash_words`, word for word.
+__device__ __forceinline__ unsigned int mlxd_hash(unsigned int x, unsigned int k0, unsigned int k1) {
+    unsigned int h = (x ^ k0) * 0x9e3779b1u;
+    h = (h ^ (h >> 16)) * 0x85ebca6bu;
+    h ^= k1;
+    h = (h ^ (h >> 13)) * 0xc2b2ae35u;
+    return h ^ (h >> 16);
+}
+"#;
+
+/// Kernel 1: one block per (chunk of `CH` logits, row). The chunk's logits go through the
+/// repetition penalty and the temperature into shared memory, a radix select finds the chunk's
+/// `k` best, and they go out to the row's candidate slots `[g * KMAX, g * KMAX + k)` (padding
+/// with id -1 where a chunk has fewer than `k` logits). Every one of the row's `k` best logits
+/// is among its chunk's `k` best, so the candidates hold the row's top-k.
+const CHUNKS: &str = r#"
+    const int row = blockIdx.y;
+    const int g = blockIdx.x;
     const int tid = threadIdx.x;
     const int nt = blockDim.x;
-    const float* x = logits + (size_t)row * V;
-    const float inv_t = inv_temperature[row];
+    const int base = g * CH;
+    const int n = min(CH, V - base);
     const int k = max(1, min(top_k[row], KMAX));
-    const float top_p_row = HAS_TOP_P ? top_p[row] : __int_as_float(0x7f800000);
-    const float ln_min_p_row = HAS_MIN_P ? ln_min_p[row] : __int_as_float(0xff800000);
+    const int kk = min(k, n);
+    const float inv_t = inv_temperature[row];
     const float pen = HAS_REP ? penalty[row] : 1.0f;
-    const unsigned int k0 = keys[2 * row];
-    const unsigned int k1 = keys[2 * row + 1];
 
+    __shared__ float vals[CH];
+    __shared__ unsigned int seen[(CH + 31) / 32];
     __shared__ unsigned int hist[256];
     __shared__ unsigned int s_prefix, s_mask, s_need, n_gt, n_eq;
-    __shared__ float cand_v[KMAX];
-    __shared__ int cand_i[KMAX];
-    __shared__ float sorted_v[KMAX];
-    __shared__ int sorted_i[KMAX];
-    // The repetition window as a bitmap of the vocabulary: a token in it is penalized once.
-    __shared__ unsigned int seen[HAS_REP ? (V + 31) / 32 : 1];
     if (HAS_REP) {
-        for (int i = tid; i < (V + 31) / 32; i += nt) seen[i] = 0u;
+        // The window's tokens that fall in this chunk, as a bitmap: a token is penalized once.
+        for (int i = tid; i < (CH + 31) / 32; i += nt) seen[i] = 0u;
         __syncthreads();
         for (int j = tid; j < C; j += nt) {
             const unsigned int t = window[(size_t)row * C + j];
-            if (t < (unsigned int)V) atomicOr(&seen[t >> 5], 1u << (t & 31u));
+            if (t >= (unsigned int)base && t < (unsigned int)(base + n)) {
+                const unsigned int o = t - (unsigned int)base;
+                atomicOr(&seen[o >> 5], 1u << (o & 31u));
+            }
         }
+        __syncthreads();
     }
-    // The tempered logit of token i after the repetition penalty (the graph's steps 2 and 4).
-    auto value = [&](int i) -> float {
+    const float* x = logits + (size_t)row * V + base;
+    for (int i = tid; i < n; i += nt) {
         float f = x[i];
         if (HAS_REP && ((seen[i >> 5] >> (i & 31)) & 1u)) f = f < 0.0f ? f * pen : f / pen;
-        return f * inv_t;
-    };
-    // Order-preserving 32-bit keys of the floats (NaN below everything).
-    auto key_of = [](float f) -> unsigned int {
-        const unsigned int b = __float_as_uint(f);
-        return f != f ? 0u : ((b & 0x80000000u) ? ~b : (b | 0x80000000u));
-    };
-
-    if (tid == 0) { s_prefix = 0u; s_mask = 0u; s_need = (unsigned int)k; }
+        vals[i] = f * inv_t;
+    }
+    if (tid == 0) { s_prefix = 0u; s_mask = 0u; s_need = (unsigned int)kk; n_gt = 0u; n_eq = 0u; }
     __syncthreads();
-    // Radix select, 8 bits at a time from the top: the key of the k-th largest logit.
+    // Radix select, 8 bits at a time from the top: the key of the chunk's kk-th largest logit.
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = tid; i < 256; i += nt) hist[i] = 0u;
         __syncthreads();
         const unsigned int prefix = s_prefix, mask = s_mask;
-        for (int i = tid; i < V; i += nt) {
-            const unsigned int u = key_of(value(i));
+        for (int i = tid; i < n; i += nt) {
+            const unsigned int u = mlxd_key_of(vals[i]);
             if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 255u], 1u);
         }
         __syncthreads();
@@ -91,29 +111,97 @@ const SOURCE: &str = r#"
     }
     const unsigned int kth = s_prefix;
     const unsigned int ties = s_need;
-    if (tid == 0) { n_gt = 0u; n_eq = 0u; }
-    __syncthreads();
-    // The k candidates: every logit above the k-th, and as many equal to it as fit.
-    for (int i = tid; i < V; i += nt) {
-        const float f = value(i);
-        const unsigned int u = key_of(f);
+    float* out_v = cand_v + ((size_t)row * G + g) * KMAX;
+    int* out_i = cand_i + ((size_t)row * G + g) * KMAX;
+    for (int i = tid; i < n; i += nt) {
+        const float f = vals[i];
+        const unsigned int u = mlxd_key_of(f);
         if (u > kth) {
             const unsigned int p = atomicAdd(&n_gt, 1u);
-            if (p < (unsigned int)k) { cand_v[p] = f; cand_i[p] = i; }
+            if (p < (unsigned int)kk) { out_v[p] = f; out_i[p] = base + i; }
         } else if (u == kth) {
             const unsigned int q = atomicAdd(&n_eq, 1u);
-            if (q < ties) { const unsigned int p = (unsigned int)k - ties + q; cand_v[p] = f; cand_i[p] = i; }
+            if (q < ties) { const unsigned int p = (unsigned int)kk - ties + q; out_v[p] = f; out_i[p] = base + i; }
+        }
+    }
+    for (int p = kk + tid; p < k; p += nt) { out_v[p] = __int_as_float(0xff800000); out_i[p] = -1; }
+"#;
+
+/// Kernel 2: one block per row. A radix select over the row's `G * k` candidates finds its `k`
+/// best, they are ranked, the filters run over them in order and the draw takes
+/// `argmax(logit + Gumbel noise)`; then the row's key advances and (with `HAS_REP`) its
+/// window shifts in the drawn token, as the pipeline's `next_keys` and `advance` do.
+const PICK: &str = r#"
+    const int row = blockIdx.y;
+    const int tid = threadIdx.x;
+    const int nt = blockDim.x;
+    const int k = max(1, min(top_k[row], KMAX));
+    const int total = G * k;
+    const float top_p_row = HAS_TOP_P ? top_p[row] : __int_as_float(0x7f800000);
+    const float ln_min_p_row = HAS_MIN_P ? ln_min_p[row] : __int_as_float(0xff800000);
+    const unsigned int k0 = keys[2 * row];
+    const unsigned int k1 = keys[2 * row + 1];
+    const float* cv = cand_v + (size_t)row * G * KMAX;
+    const int* ci = cand_i + (size_t)row * G * KMAX;
+    // Candidate c is slot c % k of chunk c / k; padding (id -1) ranks below every logit.
+    auto slot = [&](int c) -> int { return (c / k) * KMAX + (c % k); };
+    auto key_at = [&](int s) -> unsigned int { return ci[s] < 0 ? 0u : mlxd_key_of(cv[s]); };
+
+    __shared__ unsigned int hist[256];
+    __shared__ unsigned int s_prefix, s_mask, s_need, n_gt, n_eq;
+    __shared__ float best_v[KMAX];
+    __shared__ int best_i[KMAX];
+    __shared__ float sorted_v[KMAX];
+    __shared__ int sorted_i[KMAX];
+    __shared__ unsigned int s_token;
+
+    if (tid == 0) { s_prefix = 0u; s_mask = 0u; s_need = (unsigned int)k; n_gt = 0u; n_eq = 0u; }
+    __syncthreads();
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = tid; i < 256; i += nt) hist[i] = 0u;
+        __syncthreads();
+        const unsigned int prefix = s_prefix, mask = s_mask;
+        for (int c = tid; c < total; c += nt) {
+            const unsigned int u = key_at(slot(c));
+            if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (tid == 0) {
+            unsigned int need = s_need;
+            int bin = 255;
+            for (; bin > 0; --bin) {
+                if (hist[bin] >= need) break;
+                need -= hist[bin];
+            }
+            s_need = need;
+            s_prefix = prefix | ((unsigned int)bin << shift);
+            s_mask = mask | (255u << shift);
+        }
+        __syncthreads();
+    }
+    const unsigned int kth = s_prefix;
+    const unsigned int ties = s_need;
+    for (int c = tid; c < total; c += nt) {
+        const int s = slot(c);
+        const unsigned int u = key_at(s);
+        if (u > kth) {
+            const unsigned int p = atomicAdd(&n_gt, 1u);
+            if (p < (unsigned int)k) { best_v[p] = cv[s]; best_i[p] = ci[s]; }
+        } else if (u == kth) {
+            const unsigned int q = atomicAdd(&n_eq, 1u);
+            if (q < ties) { const unsigned int p = (unsigned int)k - ties + q; best_v[p] = cv[s]; best_i[p] = ci[s]; }
         }
     }
     __syncthreads();
-    // Rank them, best first (equal logits by token id).
+    // Rank them, best first (equal logits by token id; padding last).
     for (int a = tid; a < k; a += nt) {
-        const float va = cand_v[a];
-        const int ia = cand_i[a];
+        const float va = best_v[a];
+        const int ia = best_i[a];
+        const unsigned int ua = ia < 0 ? 0u : mlxd_key_of(va);
         int r = 0;
         for (int b = 0; b < k; ++b) {
-            const float vb = cand_v[b];
-            r += (vb > va) || (vb == va && cand_i[b] < ia);
+            const unsigned int ub = best_i[b] < 0 ? 0u : mlxd_key_of(best_v[b]);
+            r += (ub > ua) || (ub == ua && (unsigned int)best_i[b] < (unsigned int)ia);
         }
         sorted_v[r] = va;
         sorted_i[r] = ia;
@@ -122,65 +210,91 @@ const SOURCE: &str = r#"
     if (tid == 0) {
         const float best = sorted_v[0];
         float z = 0.0f;
-        for (int j = 0; j < k; ++j) z += expf(sorted_v[j] - best);
+        for (int j = 0; j < k; ++j) if (sorted_i[j] >= 0) z += expf(sorted_v[j] - best);
         float before = 0.0f;
         float best_score = __int_as_float(0xff800000);
         int pick = sorted_i[0];
         for (int j = 0; j < k; ++j) {
             const float v = sorted_v[j];
+            if (sorted_i[j] < 0) break;
             // Top-p: the mass strictly before this candidate; min-p: against the best logit.
             const bool keep = before < top_p_row && v >= best + ln_min_p_row;
             before += expf(v - best) / z;
             if (!keep) continue;
-            unsigned int h = ((unsigned int)sorted_i[j] ^ k0) * 0x9e3779b1u;
-            h = (h ^ (h >> 16)) * 0x85ebca6bu;
-            h ^= k1;
-            h = (h ^ (h >> 13)) * 0xc2b2ae35u;
-            h ^= h >> 16;
+            const unsigned int h = mlxd_hash((unsigned int)sorted_i[j], k0, k1);
             const float u = (float)(h >> 8) * (1.0f / 16777216.0f) + (0.5f / 16777216.0f);
             const float s = v - logf(-logf(u));
             if (s > best_score) { best_score = s; pick = sorted_i[j]; }
         }
         token[row] = (unsigned int)pick;
+        s_token = (unsigned int)pick;
+        next_keys[2 * row] = mlxd_hash(0xffffffffu, k0, k1);
+        next_keys[2 * row + 1] = mlxd_hash(0xfffffffeu, k0, k1);
+    }
+    if (HAS_REP) {
+        __syncthreads();
+        // Shift left by one and take the token at the end; slots before the row's first live
+        // one repeat it.
+        const unsigned int t = s_token;
+        const int first = window_start[row];
+        for (int j = tid; j < C; j += nt) {
+            next_window[(size_t)row * C + j] = (j < first || j == C - 1) ? t : window[(size_t)row * C + j + 1];
+        }
     }
 "#;
 
+/// Logits per block of the first kernel (`CH` floats of shared memory).
+const CH: i32 = 1024;
+
 thread_local! {
-    static ENABLED: Cell<bool> = Cell::new(std::env::var("MLXD_SAMPLER_KERNEL").is_ok_and(|v| v == "1"));
-    static KERNEL: RefCell<Option<CudaKernel>> = const { RefCell::new(None) };
+    static ENABLED: Cell<bool> = Cell::new(std::env::var("MLXD_SAMPLER_KERNEL").map_or(true, |v| v != "0"));
+    static KERNELS: RefCell<Option<(CudaKernel, CudaKernel)>> = const { RefCell::new(None) };
 }
 
-/// Turns the kernel on or off for this thread (off unless `MLXD_SAMPLER_KERNEL=1`).
+/// Turns the kernels on or off for this thread (on unless `MLXD_SAMPLER_KERNEL=0`).
 pub fn set_enabled(enabled: bool) {
     ENABLED.with(|c| c.set(enabled));
 }
 
-/// Whether this thread's sampling graph may use the kernel: on, and MLX runs on CUDA.
+/// Whether this thread's sampling graph may use the kernels: on, and MLX runs on CUDA.
 pub(crate) fn available() -> bool {
     static CUDA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     ENABLED.with(Cell::get) && *CUDA.get_or_init(|| crate::runtime::backend() == "cuda")
 }
 
-fn kernel() -> CudaKernel {
-    CudaKernel::new(
-        "mlxd_sample_topk",
-        &["logits", "inv_temperature", "top_k", "top_p", "ln_min_p", "keys", "window", "penalty"],
-        &["token"],
-        "",
-        SOURCE,
+fn kernels() -> (CudaKernel, CudaKernel) {
+    let chunks = CudaKernel::new(
+        "mlxd_sample_chunks",
+        &["logits", "inv_temperature", "top_k", "window", "penalty"],
+        &["cand_v", "cand_i"],
+        HEADER,
+        CHUNKS,
         true,
-    )
+    );
+    let pick = CudaKernel::new(
+        "mlxd_sample_pick",
+        &["cand_v", "cand_i", "top_k", "top_p", "ln_min_p", "keys", "window", "window_start"],
+        &["token", "next_keys", "next_window"],
+        HEADER,
+        PICK,
+        true,
+    );
+    (chunks, pick)
 }
 
-/// Largest vocabulary whose repetition bitmap the kernel keeps in shared memory.
-pub(crate) const MAX_PENALTY_VOCAB: i32 = 262_144;
+/// The repetition penalty's inputs: the rows' windows `[B, C]` uint32, penalties `[B, 1]`
+/// float32 and first live window slots `[B, 1]` int32.
+pub(crate) struct Repetition<'a> {
+    pub window: &'a Array,
+    pub penalty: &'a Array,
+    pub start: &'a Array,
+}
 
-/// The drawn token of each row, `[B]` uint32, from the logits after steps 1-3 (`logits`,
-/// `[B, V]` float32): the repetition penalty when `repetition` gives the rows' windows
-/// (`[B, C]` uint32) and penalties (`[B, 1]` float32; vocabularies up to
-/// [`MAX_PENALTY_VOCAB`]), then the temperature (`[B, 1]` reciprocals), then the rows' top-k
-/// (`[B, 1]` int32, at most [`MAX_K`]), top-p and ln min-p (`[B, 1]` float32, or `None` when
-/// no row filters that way) and the pick with the rows' keys (`[B, 2]` uint32).
+/// What the kernels draw from: the logits after steps 1-3 (`logits`, `[B, V]` float32), the
+/// repetition penalty when `repetition` is given, then the temperature (`[B, 1]`
+/// reciprocals), then the rows' top-k (`[B, 1]` int32, at most [`MAX_K`]), top-p and ln min-p
+/// (`[B, 1]` float32, or `None` when no row filters that way) and the pick with the rows' keys
+/// (`[B, 2]` uint32).
 pub(crate) struct Inputs<'a> {
     pub logits: &'a Array,
     pub inv_temperature: &'a Array,
@@ -188,40 +302,78 @@ pub(crate) struct Inputs<'a> {
     pub top_p: Option<&'a Array>,
     pub ln_min_p: Option<&'a Array>,
     pub keys: &'a Array,
-    pub repetition: Option<(&'a Array, &'a Array)>,
+    pub repetition: Option<Repetition<'a>>,
 }
 
-/// Runs the kernel on `inp`; see [`Inputs`].
-pub(crate) fn sample(inp: &Inputs<'_>) -> Result<Array, Exception> {
+/// A step's draw: the tokens `[B]` uint32, the rows' next keys `[B, 2]`, and with the
+/// repetition penalty their advanced windows `[B, C]`.
+pub(crate) struct Drawn {
+    pub tokens: Array,
+    pub keys: Array,
+    pub window: Option<Array>,
+}
+
+/// Runs both kernels on `inp`; see [`Inputs`].
+pub(crate) fn sample(inp: &Inputs<'_>) -> Result<Drawn, Exception> {
     let (b, v) = (inp.logits.shape()[0], inp.logits.shape()[1]);
+    let g = (v + CH - 1) / CH;
     let unused = Array::from_slice(&[0.0f32], &[1]);
     let unused_window = Array::from_slice(&[u32::MAX], &[1, 1]);
-    let (window, penalty) = inp.repetition.unwrap_or((&unused_window, &unused));
-    let inputs = [
-        inp.logits,
-        inp.inv_temperature,
-        inp.top_k,
-        inp.top_p.unwrap_or(&unused),
-        inp.ln_min_p.unwrap_or(&unused),
-        inp.keys,
-        window,
-        penalty,
-    ];
+    let unused_start = Array::from_slice(&[0i32], &[1]);
+    let (window, penalty, start) = match &inp.repetition {
+        Some(r) => (r.window, r.penalty, r.start),
+        None => (&unused_window, &unused, &unused_start),
+    };
     let c = window.shape()[window.ndim() - 1];
-    let template = [
-        ("V", TemplateArg::Int(v)),
+    let rep = inp.repetition.is_some();
+    let common = [
+        ("G", TemplateArg::Int(g)),
         ("KMAX", TemplateArg::Int(MAX_K)),
         ("C", TemplateArg::Int(c)),
-        ("HAS_REP", TemplateArg::Bool(inp.repetition.is_some())),
-        ("HAS_TOP_P", TemplateArg::Bool(inp.top_p.is_some())),
-        ("HAS_MIN_P", TemplateArg::Bool(inp.ln_min_p.is_some())),
+        ("HAS_REP", TemplateArg::Bool(rep)),
     ];
-    KERNEL.with(|cell| {
+    let what = || format!("the sampling kernels for logits {:?}", inp.logits.shape());
+    KERNELS.with(|cell| {
         let mut cell = cell.borrow_mut();
-        let k = cell.get_or_insert_with(kernel);
-        let out = k.apply(&inputs, &[(&[b], Dtype::Uint32)], &template, (1024 * b, 1, 1), (1024, 1, 1), || {
-            format!("the sampling kernel for logits {:?}", inp.logits.shape())
-        })?;
-        Ok(out.into_iter().next().expect("one output"))
+        let (chunks, pick) = cell.get_or_insert_with(kernels);
+        let mut template = common.to_vec();
+        template.extend([("V", TemplateArg::Int(v)), ("CH", TemplateArg::Int(CH))]);
+        let slots: &[i32] = &[b, g * MAX_K];
+        let cands = chunks.apply(
+            &[inp.logits, inp.inv_temperature, inp.top_k, window, penalty],
+            &[(slots, Dtype::Float32), (slots, Dtype::Int32)],
+            &template,
+            (256 * g, b, 1),
+            (256, 1, 1),
+            what,
+        )?;
+        let mut template = common.to_vec();
+        template.extend([
+            ("HAS_TOP_P", TemplateArg::Bool(inp.top_p.is_some())),
+            ("HAS_MIN_P", TemplateArg::Bool(inp.ln_min_p.is_some())),
+        ]);
+        let window_shape: &[i32] = if rep { &[b, c] } else { &[b, 1] };
+        let mut out = pick
+            .apply(
+                &[
+                    &cands[0],
+                    &cands[1],
+                    inp.top_k,
+                    inp.top_p.unwrap_or(&unused),
+                    inp.ln_min_p.unwrap_or(&unused),
+                    inp.keys,
+                    window,
+                    start,
+                ],
+                &[(&[b], Dtype::Uint32), (&[b, 2], Dtype::Uint32), (window_shape, Dtype::Uint32)],
+                &template,
+                (1024, b, 1),
+                (1024, 1, 1),
+                what,
+            )?
+            .into_iter();
+        let mut next = || out.next().ok_or_else(|| Exception::custom("the sampling kernel returned too few outputs"));
+        let (tokens, keys, window) = (next()?, next()?, next()?);
+        Ok(Drawn { tokens, keys, window: rep.then_some(window) })
     })
 }

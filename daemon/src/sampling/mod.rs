@@ -58,14 +58,14 @@
 //! with the ops around it) inside the graph, and the window and counts take the picked token
 //! inside the graph. Per-row parameters are `[B, 1]` columns built once per batch composition
 //! and reused while the batch stays the same, so a steady step copies nothing from the host.
-//! Experimental (`MLXD_SAMPLER_KERNEL=1`): on MLX's CUDA backend, steps 2 and 4-9 run as one
-//! custom kernel inside that graph when every row draws with a top-k of at most 256 (`cuda`;
-//! the same draws as the MLX ops, but no measured gain yet).
+//! On MLX's CUDA backend, steps 2 and 4-9 and the state's advance run as two custom kernels
+//! inside that graph when every row draws with a top-k of at most 256 (`cuda`; the same draws
+//! as the MLX ops; `MLXD_SAMPLER_KERNEL=0` keeps the ops).
 //!
 //! # Layout
 //! - [`params`]: [`SamplingParams`], their validation and [`SamplingError`].
 //! - `pipeline`: the graph itself and the cache of compiled closures.
-//! - `cuda`: steps 2 and 4-9 as one CUDA kernel (experimental).
+//! - `cuda`: steps 2 and 4-9 as two CUDA kernels.
 //! - `sequence`: [`SequenceSampler`] (one request's device state) and [`sample_batch`].
 //! - `plugin`: sampler plugins inside the step (one plugin chain per sequence).
 //! - `read`: the host-read gate and its counters; a unit test there fails if any other code of

@@ -57,11 +57,13 @@ pub(crate) struct Stages {
     pub inspect: bool,
     /// Advance the repetition window and the counts with the picked tokens, in the graph.
     pub advance: bool,
-    /// Steps 5-9 run as one CUDA kernel ([`super::cuda`]): every row draws, with a top-k of at
-    /// most [`super::cuda::MAX_K`], no typical-p, nothing inspected.
+    /// Steps 4-9 run as CUDA kernels ([`super::cuda`]), which also advance the keys: every
+    /// row draws, with a top-k of at most [`super::cuda::MAX_K`], no typical-p, nothing
+    /// inspected.
     pub kernel: bool,
-    /// The kernel also applies the repetition penalty (step 2 is skipped in the graph): no
-    /// bias, presence or frequency penalty, logprobs or plugins.
+    /// The kernels also apply the repetition penalty and advance the window (step 2 and the
+    /// window's advance are skipped in the graph): no bias, presence or frequency penalty,
+    /// logprobs or plugins.
     pub kernel_penalty: bool,
     /// Stop after step 3 and return the processed logits (plugins run next; see `plugin`).
     pub process_only: bool,
@@ -412,15 +414,23 @@ fn graph(st: Stages, inputs: &[Array]) -> Result<Vec<Array>, Exception> {
     }
 
     let mut next_keys = None;
+    // The window the kernels advanced (with the penalty in the kernels).
+    let mut kernel_window = None;
     let (tokens, candidates) = if st.random {
         let keys = named.get(Slot::Keys)?;
-        next_keys = Some(self::next_keys(keys)?);
         let inv_temperature = named.get(Slot::InvTemperature)?;
         let is_greedy = if st.mixed_greedy { Some(named.get(Slot::Greedy)?.reshape(&[b])?) } else { None };
         let (drawn, candidates) = if st.kernel {
             let optional = |on: bool, slot: Slot| if on { named.get(slot).map(Some) } else { Ok(None) };
-            let repetition =
-                if st.penalty_in_kernel() { Some((named.get(Slot::Window)?, named.get(Slot::Penalty)?)) } else { None };
+            let repetition = if st.penalty_in_kernel() {
+                Some(super::cuda::Repetition {
+                    window: named.get(Slot::Window)?,
+                    penalty: named.get(Slot::Penalty)?,
+                    start: named.get(Slot::WindowStart)?,
+                })
+            } else {
+                None
+            };
             let drawn = super::cuda::sample(&super::cuda::Inputs {
                 logits: &logits,
                 inv_temperature,
@@ -430,9 +440,12 @@ fn graph(st: Stages, inputs: &[Array]) -> Result<Vec<Array>, Exception> {
                 keys,
                 repetition,
             })?;
+            next_keys = Some(drawn.keys);
+            kernel_window = drawn.window;
             // Candidates are only returned when inspected, which the kernel never is.
-            (drawn, logits.clone())
+            (drawn.tokens, logits.clone())
         } else {
+            next_keys = Some(self::next_keys(keys)?);
             // 4. Temperature.
             let scaled = logits.multiply(inv_temperature)?;
             if st.any_filter() {
@@ -467,7 +480,11 @@ fn graph(st: Stages, inputs: &[Array]) -> Result<Vec<Array>, Exception> {
     }
     out.extend(next_keys);
     if st.advances() {
-        out.extend(advance(st, &named, &tokens.reshape(&[b, 1])?)?);
+        match kernel_window {
+            // The kernel advanced the window; only the window is kept with its penalty there.
+            Some(window) => out.push(window),
+            None => out.extend(advance(st, &named, &tokens.reshape(&[b, 1])?)?),
+        }
     }
     Ok(out)
 }

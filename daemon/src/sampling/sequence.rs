@@ -378,12 +378,7 @@ fn stages(rows: &[&mut SequenceSampler], v: i32, want_logprobs: bool, inspect: b
         && !st.typical
         && !st.mixed_greedy
         && !inspect;
-    st.kernel_penalty = st.kernel
-        && st.repetition
-        && !st.bias
-        && !st.presence_frequency
-        && st.logprobs.is_none()
-        && v <= super::cuda::MAX_PENALTY_VOCAB;
+    st.kernel_penalty = st.kernel && st.repetition && !st.bias && !st.presence_frequency && st.logprobs.is_none();
     st
 }
 

@@ -556,17 +556,33 @@ fn print_batched_graph(dir: &Path, rows: usize) -> Result<()> {
     Ok(())
 }
 
-/// Draws the `full` pipeline's tokens for 64 rows (seeds 1-64) over 8 steps of random
-/// Qwen3-sized logits, once through the MLX-op graph and once with the CUDA sampling kernel
-/// where it applies, and prints how many draws agree (the two differ only by rounding at a
-/// filter's boundary).
+/// Draws tokens through the MLX-op graph and through the CUDA sampling kernels on the same
+/// random logits, rows (seeds 1-N) and steps, and prints how many draws agree (the two paths
+/// differ only by rounding at a filter's boundary). Cases: the full pipeline on a
+/// Qwen3-sized vocabulary (not a multiple of the kernels' chunk), temperature + top-k alone, a
+/// strong repetition penalty over a short window on logits that stay the same every step (so a
+/// wrongly advanced window or key changes later draws), and a vocabulary whose last chunk holds
+/// fewer logits than the top-k.
 fn sampler_check() -> Result<()> {
-    let (rows, v, steps) = (64usize, 151_936i32, 8);
     let report = mlxd::runtime::Report::gather();
-    let full = full_sampling();
     let top_k_only = SamplingParams { temperature: 0.9, top_k: 20, ..Default::default() };
+    let penalty = SamplingParams {
+        temperature: 0.5,
+        top_k: 8,
+        repetition_penalty: 3.0,
+        repetition_context_size: 4,
+        ..Default::default()
+    };
+    let wide = SamplingParams { temperature: 1.0, top_k: 150, top_p: 0.95, ..Default::default() };
+    // (name, params, rows, vocabulary, steps, same logits every step)
+    let cases = [
+        ("full", full_sampling(), 64usize, 151_936i32, 8, false),
+        ("temperature + top-k", top_k_only, 64, 151_936, 8, false),
+        ("repetition penalty 3 over 4 tokens, fixed logits", penalty, 16, 49_152, 24, true),
+        ("top-k 150 over 1,124 tokens", wide, 16, 1_124, 8, false),
+    ];
     let mut total = (0, 0);
-    for (name, base) in [("full", full), ("temperature + top-k", top_k_only)] {
+    for (name, base, rows, v, steps, fixed) in cases {
         let mut draws: Vec<Vec<u32>> = Vec::new();
         for kernel in [false, true] {
             mlxd::sampling::set_sampler_kernel(kernel);
@@ -578,7 +594,8 @@ fn sampler_check() -> Result<()> {
                 .collect::<Result<Vec<_>, _>>()?;
             let mut got = Vec::new();
             for s in 0..steps {
-                let logits = random::normal::<f32>(&[rows as i32, v], 0.0, 3.0, &random::key(1000 + s)?)?;
+                let seed = if fixed { 1000 } else { 1000 + s };
+                let logits = random::normal::<f32>(&[rows as i32, v], 0.0, 3.0, &random::key(seed)?)?;
                 let mut refs: Vec<&mut mlxd::sampling::SequenceSampler> = samplers.iter_mut().collect();
                 let t = mlxd::sampling::sample_batch(&logits, &mut refs)?;
                 got.extend(t.as_slice::<u32>().to_vec());
@@ -587,7 +604,7 @@ fn sampler_check() -> Result<()> {
         }
         let same = draws[0].iter().zip(&draws[1]).filter(|(a, b)| a == b).count();
         println!(
-            "{} ({}), {name}: {same} of {} draws agree between the MLX-op graph and the CUDA kernel{}",
+            "{} ({}), {name}: {same} of {} draws agree between the MLX-op graph and the CUDA kernels{}",
             report.device_name.clone().unwrap_or_default(),
             report.backend,
             draws[0].len(),
@@ -595,7 +612,7 @@ fn sampler_check() -> Result<()> {
         );
         total = (total.0 + same, total.1 + draws[0].len());
     }
-    mlxd::sampling::set_sampler_kernel(false);
+    mlxd::sampling::set_sampler_kernel(true); // the default
     anyhow::ensure!(total.0 * 100 >= total.1 * 95, "fewer than 95% of the draws agree");
     Ok(())
 }
