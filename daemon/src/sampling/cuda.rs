@@ -22,7 +22,8 @@
 use crate::ffi::{CudaKernel, TemplateArg};
 use mlx_rs::error::Exception;
 use mlx_rs::{Array, Dtype};
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Largest top-k the kernel handles (its candidates live in shared memory).
 pub(crate) const MAX_K: i32 = 256;
@@ -59,29 +60,28 @@ const CHUNKS: &str = r#"
     const int k = max(1, min(top_k[row], KMAX));
     const int kk = min(k, n);
     const float inv_t = inv_temperature[row];
-    const float pen = HAS_REP ? penalty[row] : 1.0f;
+    const float pen = penalty[row];
+    const int C = window_shape[1];
 
     __shared__ float vals[CH];
     __shared__ unsigned int seen[(CH + 31) / 32];
     __shared__ unsigned int hist[256];
     __shared__ unsigned int s_prefix, s_mask, s_need, n_gt, n_eq;
-    if (HAS_REP) {
-        // The window's tokens that fall in this chunk, as a bitmap: a token is penalized once.
-        for (int i = tid; i < (CH + 31) / 32; i += nt) seen[i] = 0u;
-        __syncthreads();
-        for (int j = tid; j < C; j += nt) {
-            const unsigned int t = window[(size_t)row * C + j];
-            if (t >= (unsigned int)base && t < (unsigned int)(base + n)) {
-                const unsigned int o = t - (unsigned int)base;
-                atomicOr(&seen[o >> 5], 1u << (o & 31u));
-            }
+    // The window's tokens that fall in this chunk, as a bitmap: a token is penalized once.
+    for (int i = tid; i < (CH + 31) / 32; i += nt) seen[i] = 0u;
+    __syncthreads();
+    for (int j = tid; j < C; j += nt) {
+        const unsigned int t = window[(size_t)row * C + j];
+        if (t >= (unsigned int)base && t < (unsigned int)(base + n)) {
+            const unsigned int o = t - (unsigned int)base;
+            atomicOr(&seen[o >> 5], 1u << (o & 31u));
         }
-        __syncthreads();
     }
+    __syncthreads();
     const float* x = logits + (size_t)row * V + base;
     for (int i = tid; i < n; i += nt) {
         float f = x[i];
-        if (HAS_REP && ((seen[i >> 5] >> (i & 31)) & 1u)) f = f < 0.0f ? f * pen : f / pen;
+        if ((seen[i >> 5] >> (i & 31)) & 1u) f = f < 0.0f ? f * pen : f / pen;
         vals[i] = f * inv_t;
     }
     if (tid == 0) { s_prefix = 0u; s_mask = 0u; s_need = (unsigned int)kk; n_gt = 0u; n_eq = 0u; }
@@ -129,16 +129,17 @@ const CHUNKS: &str = r#"
 
 /// Kernel 2: one block per row. A radix select over the row's `G * k` candidates finds its `k`
 /// best, they are ranked, the filters run over them in order and the draw takes
-/// `argmax(logit + Gumbel noise)`; then the row's key advances and (with `HAS_REP`) its
-/// window shifts in the drawn token, as the pipeline's `next_keys` and `advance` do.
+/// `argmax(logit + Gumbel noise)`; then the row's key advances and its window shifts in the
+/// drawn token, as the pipeline's `next_keys` and `advance` do.
 const PICK: &str = r#"
     const int row = blockIdx.y;
     const int tid = threadIdx.x;
     const int nt = blockDim.x;
     const int k = max(1, min(top_k[row], KMAX));
     const int total = G * k;
-    const float top_p_row = HAS_TOP_P ? top_p[row] : __int_as_float(0x7f800000);
-    const float ln_min_p_row = HAS_MIN_P ? ln_min_p[row] : __int_as_float(0xff800000);
+    const float top_p_row = top_p[row];
+    const float ln_min_p_row = ln_min_p[row];
+    const int C = window_shape[1];
     const unsigned int k0 = keys[2 * row];
     const unsigned int k1 = keys[2 * row + 1];
     const float* cv = cand_v + (size_t)row * G * KMAX;
@@ -231,35 +232,72 @@ const PICK: &str = r#"
         next_keys[2 * row] = mlxd_hash(0xffffffffu, k0, k1);
         next_keys[2 * row + 1] = mlxd_hash(0xfffffffeu, k0, k1);
     }
-    if (HAS_REP) {
-        __syncthreads();
-        // Shift left by one and take the token at the end; slots before the row's first live
-        // one repeat it.
-        const unsigned int t = s_token;
-        const int first = window_start[row];
-        for (int j = tid; j < C; j += nt) {
-            next_window[(size_t)row * C + j] = (j < first || j == C - 1) ? t : window[(size_t)row * C + j + 1];
-        }
+    __syncthreads();
+    // Shift left by one and take the token at the end; slots before the row's first live one
+    // repeat it.
+    const unsigned int t = s_token;
+    const int first = window_start[row];
+    for (int j = tid; j < C; j += nt) {
+        next_window[(size_t)row * C + j] = (j < first || j == C - 1) ? t : window[(size_t)row * C + j + 1];
     }
 "#;
 
 /// Logits per block of the first kernel (`CH` floats of shared memory).
 const CH: i32 = 1024;
 
+static ENABLED: std::sync::LazyLock<AtomicBool> =
+    std::sync::LazyLock::new(|| AtomicBool::new(std::env::var("MLXD_SAMPLER_KERNEL").map_or(true, |v| v != "0")));
+
 thread_local! {
-    static ENABLED: Cell<bool> = Cell::new(std::env::var("MLXD_SAMPLER_KERNEL").map_or(true, |v| v != "0"));
     static KERNELS: RefCell<Option<(CudaKernel, CudaKernel)>> = const { RefCell::new(None) };
 }
 
-/// Turns the kernels on or off for this thread (on unless `MLXD_SAMPLER_KERNEL=0`).
+/// Turns the kernels on or off for the whole process (on unless `MLXD_SAMPLER_KERNEL=0`); they
+/// run only where MLX runs on CUDA.
 pub fn set_enabled(enabled: bool) {
-    ENABLED.with(|c| c.set(enabled));
+    ENABLED.store(enabled, Ordering::Relaxed);
 }
 
-/// Whether this thread's sampling graph may use the kernels: on, and MLX runs on CUDA.
+/// Whether the sampling graph may use the kernels: on, and MLX runs on CUDA.
 pub(crate) fn available() -> bool {
     static CUDA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    ENABLED.with(Cell::get) && *CUDA.get_or_init(|| crate::runtime::backend() == "cuda")
+    ENABLED.load(Ordering::Relaxed) && *CUDA.get_or_init(|| crate::runtime::backend() == "cuda")
+}
+
+/// On CUDA, has MLX compile the sampling kernels for a `vocab`-token model now (one draw on
+/// zeros), so the first request that samples does not wait for NVRTC. The kernels' only
+/// compile-time constant is the vocabulary: every request of the model then uses these two.
+/// If they fail here they are switched off (the MLX-op graph samples instead), with a warning.
+pub fn prepare(vocab: i32) {
+    if !available() {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let draw = || -> Result<(), Exception> {
+        let logits = Array::zeros::<f32>(&[1, vocab])?;
+        let (one, k, keys) = (
+            Array::from_slice(&[1.0f32], &[1, 1]),
+            Array::from_slice(&[16i32], &[1, 1]),
+            Array::zeros::<u32>(&[1, 2])?,
+        );
+        let drawn = sample(&Inputs {
+            logits: &logits,
+            inv_temperature: &one,
+            top_k: &k,
+            top_p: None,
+            ln_min_p: None,
+            keys: &keys,
+            repetition: None,
+        })?;
+        mlx_rs::transforms::eval([&drawn.tokens, &drawn.keys])
+    };
+    match draw() {
+        Ok(()) => tracing::info!(ms = started.elapsed().as_millis() as u64, "sampling CUDA kernels ready"),
+        Err(e) => {
+            set_enabled(false);
+            tracing::warn!(error = %e, "sampling CUDA kernels unavailable; sampling with MLX operations");
+        }
+    }
 }
 
 fn kernels() -> (CudaKernel, CudaKernel) {
@@ -313,31 +351,33 @@ pub(crate) struct Drawn {
     pub window: Option<Array>,
 }
 
-/// Runs both kernels on `inp`; see [`Inputs`].
+/// Runs both kernels on `inp`; see [`Inputs`]. A stage a batch does not use gets neutral
+/// columns (penalty 1 over an empty window, top-p infinity, ln min-p minus infinity), so one
+/// compiled pair serves every request of a model; inside the compiled sampling step these are
+/// constants of the trace, not arrays made per step.
 pub(crate) fn sample(inp: &Inputs<'_>) -> Result<Drawn, Exception> {
     let (b, v) = (inp.logits.shape()[0], inp.logits.shape()[1]);
     let g = (v + CH - 1) / CH;
-    let unused = Array::from_slice(&[0.0f32], &[1]);
-    let unused_window = Array::from_slice(&[u32::MAX], &[1, 1]);
-    let unused_start = Array::from_slice(&[0i32], &[1]);
+    let rows = b as usize;
+    let column = |x: f32| Array::from_slice(&vec![x; rows], &[b, 1]);
+    let (top_p, ln_min_p) = (column(f32::INFINITY), column(f32::NEG_INFINITY));
+    let (no_window, no_penalty, no_start) =
+        (Array::from_slice(&vec![u32::MAX; rows], &[b, 1]), column(1.0), Array::from_slice(&vec![0i32; rows], &[b, 1]));
     let (window, penalty, start) = match &inp.repetition {
         Some(r) => (r.window, r.penalty, r.start),
-        None => (&unused_window, &unused, &unused_start),
+        None => (&no_window, &no_penalty, &no_start),
     };
     let c = window.shape()[window.ndim() - 1];
-    let rep = inp.repetition.is_some();
-    let common = [
+    let template = [
+        ("V", TemplateArg::Int(v)),
+        ("CH", TemplateArg::Int(CH)),
         ("G", TemplateArg::Int(g)),
         ("KMAX", TemplateArg::Int(MAX_K)),
-        ("C", TemplateArg::Int(c)),
-        ("HAS_REP", TemplateArg::Bool(rep)),
     ];
     let what = || format!("the sampling kernels for logits {:?}", inp.logits.shape());
     KERNELS.with(|cell| {
         let mut cell = cell.borrow_mut();
         let (chunks, pick) = cell.get_or_insert_with(kernels);
-        let mut template = common.to_vec();
-        template.extend([("V", TemplateArg::Int(v)), ("CH", TemplateArg::Int(CH))]);
         let slots: &[i32] = &[b, g * MAX_K];
         let cands = chunks.apply(
             &[inp.logits, inp.inv_temperature, inp.top_k, window, penalty],
@@ -347,25 +387,19 @@ pub(crate) fn sample(inp: &Inputs<'_>) -> Result<Drawn, Exception> {
             (256, 1, 1),
             what,
         )?;
-        let mut template = common.to_vec();
-        template.extend([
-            ("HAS_TOP_P", TemplateArg::Bool(inp.top_p.is_some())),
-            ("HAS_MIN_P", TemplateArg::Bool(inp.ln_min_p.is_some())),
-        ]);
-        let window_shape: &[i32] = if rep { &[b, c] } else { &[b, 1] };
         let mut out = pick
             .apply(
                 &[
                     &cands[0],
                     &cands[1],
                     inp.top_k,
-                    inp.top_p.unwrap_or(&unused),
-                    inp.ln_min_p.unwrap_or(&unused),
+                    inp.top_p.unwrap_or(&top_p),
+                    inp.ln_min_p.unwrap_or(&ln_min_p),
                     inp.keys,
                     window,
                     start,
                 ],
-                &[(&[b], Dtype::Uint32), (&[b, 2], Dtype::Uint32), (window_shape, Dtype::Uint32)],
+                &[(&[b], Dtype::Uint32), (&[b, 2], Dtype::Uint32), (&[b, c], Dtype::Uint32)],
                 &template,
                 (1024, b, 1),
                 (1024, 1, 1),
@@ -374,6 +408,6 @@ pub(crate) fn sample(inp: &Inputs<'_>) -> Result<Drawn, Exception> {
             .into_iter();
         let mut next = || out.next().ok_or_else(|| Exception::custom("the sampling kernel returned too few outputs"));
         let (tokens, keys, window) = (next()?, next()?, next()?);
-        Ok(Drawn { tokens, keys, window: rep.then_some(window) })
+        Ok(Drawn { tokens, keys, window: inp.repetition.is_some().then_some(window) })
     })
 }

@@ -405,7 +405,23 @@ fn engine_compare(args: &Args, dir: &Path, plugin_runs: &[(String, SamplingParam
         "prompt_cache": cache_row,
     });
     print_table(&summary);
+    eprintln!("process CPU while idle for 1 s after the runs: {:.0}% of one core", idle_cpu_percent());
     Ok(summary)
+}
+
+/// The process's CPU time over one second in which it does nothing, as a percentage of one
+/// core: what a resident model costs the machine between requests (MLX 0.32's CUDA completion
+/// worker busy-polls once it has run, ml-explore/mlx#4451).
+fn idle_cpu_percent() -> f64 {
+    let cpu = || {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes the timespec it is given.
+        unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    };
+    let (before, start) = (cpu(), std::time::Instant::now());
+    std::thread::sleep(Duration::from_secs(1));
+    (cpu() - before).as_secs_f64() / start.elapsed().as_secs_f64() * 100.0
 }
 
 /// The sampler settings compared: `greedy`, and `full` (temperature 0.7, top-p 0.9, top-k 50,
