@@ -193,6 +193,13 @@ impl Linear {
     }
 }
 
+/// Whether a stacked projection multiplies once and splits (default) or multiplies each part
+/// on its own rows of the stacked matrix (`MLXD_STACKED=0`, for comparing the two on a device).
+fn stacked_products() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MLXD_STACKED").map_or(true, |v| v != "0"))
+}
+
 /// Projections of the same input stored as one matrix, their rows stacked (`q`/`k`/`v`, or
 /// `gate`/`up`): a decode step multiplies once instead of once per projection, which on a GPU,
 /// where a small model's decode is bound by kernel launches, is fewer launches per layer. Each
@@ -254,8 +261,8 @@ impl<const N: usize> Stacked<N> {
     pub fn forward(&self, x: &Array) -> Result<[Array; N]> {
         let outputs = match (self.kernel_parts(x)?, &self.all) {
             (Some(ys), _) => ys,
-            (None, Some(all)) => ops::split_at_indices(&all.forward(x)?, &self.splits, -1)?,
-            (None, None) => self.each_part(x)?,
+            (None, Some(all)) if stacked_products() => ops::split_at_indices(&all.forward(x)?, &self.splits, -1)?,
+            (None, _) => self.each_part(x)?,
         };
         Ok(one_per_part(outputs))
     }
