@@ -28,7 +28,7 @@ use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::transforms::async_eval;
 use mlx_rs::{ops, Array, Stream};
 use prompt_cache::PromptCache;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use stop::{StopMatcher, StopOutcome};
 
@@ -134,8 +134,52 @@ impl Outcome {
 
 /// A sampled token (and its logprobs) still on the device.
 struct Pending {
+    /// `[1]` uint32: the input of the row's next step (a view of the step's tokens).
     token: Array,
+    /// What the host reads: the arrays `async_eval` queued for the whole step, and this row's
+    /// place in them.
+    step: Arc<StepOutput>,
+    index: usize,
+}
+
+/// The arrays one step queued (`[B]` tokens; with logprobs `[B]` chosen, `[B, n]` top ids and
+/// values), read to the host once for all its rows. Reading these waits for that step alone;
+/// reading anything made after the queueing (a row's view, a copy, a join) would wait for
+/// everything queued since, the next step included, because MLX runs the new operation behind
+/// it: that cost every decode step its next step's tail (0.4-0.8 ms on an H100, docs/
+/// benchmarks.md, session 6).
+struct StepOutput {
+    tokens: Array,
     logprobs: Option<(Array, Array, Array)>,
+    ids: OnceLock<Vec<u32>>,
+    /// Chosen, top ids and their values, as read.
+    read_logprobs: OnceLock<(Vec<f32>, Vec<u32>, Vec<f32>)>,
+}
+
+impl StepOutput {
+    fn id(&self, index: usize) -> Result<u32, ModelError> {
+        if self.ids.get().is_none() {
+            let _ = self.ids.set(read_ids(&self.tokens)?);
+        }
+        let ids = self.ids.get().expect("set above");
+        ids.get(index).copied().ok_or_else(|| {
+            ModelError::Sampling(SamplingError::Shape(format!("no token for row {index} of {}", ids.len())))
+        })
+    }
+
+    /// Row `index`'s logprobs, the `n` most likely first; `None` when the step made none.
+    fn logprobs(&self, index: usize, n: u32) -> Result<Option<TokenLogprobs>, ModelError> {
+        let Some((chosen, top_ids, top_values)) = &self.logprobs else { return Ok(None) };
+        if self.read_logprobs.get().is_none() {
+            let _ = self.read_logprobs.set((read_logprobs(chosen)?, read_ids(top_ids)?, read_logprobs(top_values)?));
+        }
+        let (chosen, ids, values) = self.read_logprobs.get().expect("set above");
+        let width = top_ids.shape().get(1).copied().unwrap_or(0).max(0) as usize;
+        let row = |v: &[u32]| v.get(index * width..(index + 1) * width).map(<[u32]>::to_vec).unwrap_or_default();
+        let vals = values.get(index * width..(index + 1) * width).map(<[f32]>::to_vec).unwrap_or_default();
+        let top = row(ids).into_iter().zip(vals).take(n as usize).collect();
+        Ok(Some(TokenLogprobs { logprob: chosen.get(index).copied().unwrap_or(f32::NAN), top }))
+    }
 }
 
 /// One sequence in flight: its cache, sampler state and the text produced so far.
@@ -227,6 +271,10 @@ pub struct StepProfile {
     pub build_cpu: Duration,
     /// Host time blocked reading sampled ids.
     pub wait: Duration,
+    /// Part of `wait`, with `MLXD_POLL_TOKENS=1` only: time until MLX reported the ids
+    /// available (polled), before the read itself. Tells a device that finishes late from a
+    /// read that costs time of its own.
+    pub poll: Duration,
     /// Part of `build`: constructing the model and sampler graphs (no evaluation).
     pub graph: Duration,
     /// Requests started.
@@ -525,17 +573,25 @@ impl Engine {
         on_token: &mut dyn FnMut(usize, &TokenEvent) -> bool,
     ) -> Result<(), ModelError> {
         let read_started = Instant::now();
-        let tokens: Vec<Array> =
-            which.iter().map(|&i| rows[i].pending.as_ref().expect("live rows have a token").token.clone()).collect();
-        let ids = read_ids(&stack(tokens)?)?;
+        let steps: Vec<(Arc<StepOutput>, usize)> = which
+            .iter()
+            .map(|&i| {
+                let p = rows[i].pending.as_ref().expect("live rows have a token");
+                (p.step.clone(), p.index)
+            })
+            .collect();
+        if poll_tokens() {
+            for (step, _) in &steps {
+                wait_available(&step.tokens);
+            }
+            self.profile.poll += read_started.elapsed();
+        }
+        let ids = steps.iter().map(|(step, index)| step.id(*index)).collect::<Result<Vec<u32>, _>>()?;
         self.profile.wait += read_started.elapsed();
         self.host_reads += 1;
-        for (&i, id) in which.iter().zip(ids) {
+        for ((&i, id), (step, index)) in which.iter().zip(ids).zip(&steps) {
             let row = &mut *rows[i];
-            let logprobs = match row.pending.as_mut().and_then(|p| p.logprobs.take()) {
-                Some(lp) => Some(read_row_logprobs(&lp, row.req.sampler.logprobs.unwrap_or(0))?),
-                None => None,
-            };
+            let logprobs = step.logprobs(*index, row.req.sampler.logprobs.unwrap_or(0))?;
             let event = self.accept(row, id, logprobs)?;
             if !on_token(i, &event) {
                 row.finished.get_or_insert(FinishReason::Cancelled);
@@ -645,17 +701,19 @@ fn sample(
     }
     async_eval(queue)?;
     let single = samplers.len() == 1;
+    let step = Arc::new(StepOutput {
+        tokens: sampled.tokens.clone(),
+        logprobs: lp.map(|l| (l.chosen, l.top_ids, l.top_logprobs)),
+        ids: OnceLock::new(),
+        read_logprobs: OnceLock::new(),
+    });
     (0..samplers.len() as i32)
         .map(|i| {
             if let Some(e) = samplers[i as usize].take_failure() {
                 return Ok(Err(e));
             }
             let token = if single { sampled.tokens.clone() } else { sampled.tokens.try_index(i..i + 1)? };
-            let logprobs = match &lp {
-                Some(l) => Some((l.chosen.try_index(i..i + 1)?, l.top_ids.try_index(i)?, l.top_logprobs.try_index(i)?)),
-                None => None,
-            };
-            Ok(Ok(Pending { token, logprobs }))
+            Ok(Ok(Pending { token, step: step.clone(), index: i as usize }))
         })
         .collect()
 }
@@ -668,17 +726,29 @@ fn stack(mut arrays: Vec<Array>) -> Result<Array, ModelError> {
     Ok(ops::concatenate(&arrays, 0)?)
 }
 
-fn read_row_logprobs(lp: &(Array, Array, Array), n: u32) -> Result<TokenLogprobs, ModelError> {
-    let chosen = read_logprobs(&lp.0)?;
-    let ids = read_ids(&lp.1)?;
-    let values = read_logprobs(&lp.2)?;
-    let top = ids.into_iter().zip(values).take(n as usize).collect();
-    Ok(TokenLogprobs { logprob: chosen.first().copied().unwrap_or(f32::NAN), top })
-}
-
 fn tokens_array(ids: &[u32]) -> Array {
     let v: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
     Array::from_slice(&v, &[1, v.len() as i32])
+}
+
+/// `MLXD_POLL_TOKENS=1`: poll each token for availability before reading it (measurement).
+fn poll_tokens() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MLXD_POLL_TOKENS").is_ok_and(|v| v == "1"))
+}
+
+/// Spins until MLX reports `a` computed (an array queued by `async_eval`), for at most 100 ms.
+fn wait_available(a: &Array) {
+    let until = Instant::now() + Duration::from_millis(100);
+    loop {
+        let mut ready = false;
+        // SAFETY: reads the status of a live array.
+        let rc = unsafe { mlx_sys::_mlx_array_is_available(&mut ready, a.as_ptr()) };
+        if rc != 0 || ready || Instant::now() > until {
+            return;
+        }
+        std::hint::spin_loop();
+    }
 }
 
 /// CPU time this thread has run (Linux and macOS; zero where unavailable).

@@ -98,7 +98,20 @@ fn host_read<T: ArrayElement + Clone>(a: &Array) -> Result<Vec<T>, SamplingError
         return Ok(Vec::new()); // nothing crosses
     }
     let bytes = (a.size() * a.item_size()) as u64;
-    let values = a.contiguous()?.to_vec_cast::<T>().map_err(|e| mlx_rs::error::Exception::custom(e.to_string()))?;
+    // Wait for `a` itself (an array `async_eval` queued waits for its own step only) and read
+    // it as it lies. Any operation made here (a contiguous copy, a cast) would be queued behind
+    // everything the stream holds by now, usually the next decode step, and the read would wait
+    // for all of it.
+    a.eval()?;
+    let mut row_contiguous = false;
+    // SAFETY: reads the flags of a live, evaluated array.
+    let rc = unsafe { mlx_sys::_mlx_array_is_row_contiguous(&mut row_contiguous, a.as_ptr()) };
+    let conversion = |e: mlx_rs::error::AsSliceError| mlx_rs::error::Exception::custom(e.to_string());
+    let values = if rc == 0 && row_contiguous && a.dtype() == T::DTYPE {
+        a.try_as_slice::<T>().map_err(conversion)?.to_vec()
+    } else {
+        a.contiguous()?.to_vec_cast::<T>().map_err(|e| mlx_rs::error::Exception::custom(e.to_string()))?
+    };
     READS.fetch_add(1, Ordering::Relaxed);
     BYTES.fetch_add(bytes, Ordering::Relaxed);
     THREAD.with(|t| {

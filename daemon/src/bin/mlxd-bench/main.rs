@@ -311,6 +311,15 @@ fn engine_compare(args: &Args, dir: &Path, plugin_runs: &[(String, SamplingParam
         sampler_variants(&args.samplers)?.into_iter().map(|(n, s)| (n.to_string(), s)).collect();
     variants_list.extend(plugin_runs.iter().cloned());
     let mut ours: Vec<Vec<Value>> = vec![Vec::new(); variants_list.len()];
+    // `MLXD_BENCH_HOST_DELAY_US`: extra host work per token (a busy wait after each token is read,
+    // while the device runs the step queued before it). If the step is bound by the device's
+    // work, the delay only shortens the wait for the next token; if the device idles until the
+    // host comes back, every step grows by it.
+    let host_delay = std::env::var("MLXD_BENCH_HOST_DELAY_US")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&us| us > 0)
+        .map(Duration::from_micros);
     let mut profiles = vec![mlxd::engine::StepProfile::default(); variants_list.len()];
     for r in 0..=args.repeats {
         for (k, (_, sampler)) in variants_list.iter().enumerate() {
@@ -326,6 +335,9 @@ fn engine_compare(args: &Args, dir: &Path, plugin_runs: &[(String, SamplingParam
             let mut arrivals = Vec::with_capacity(args.gen);
             let out = engine.generate(&req, |_| {
                 arrivals.push(std::time::Instant::now());
+                if let Some(d) = host_delay {
+                    spin_for(d);
+                }
                 true
             })?;
             if r > 0 {
@@ -338,6 +350,7 @@ fn engine_compare(args: &Args, dir: &Path, plugin_runs: &[(String, SamplingParam
                 acc.build += p.build;
                 acc.build_cpu += p.build_cpu;
                 acc.wait += p.wait;
+                acc.poll += p.poll;
                 acc.graph += p.graph;
             }
         }
@@ -359,12 +372,17 @@ fn engine_compare(args: &Args, dir: &Path, plugin_runs: &[(String, SamplingParam
         let profile = profiles[k];
         let per_step = |d: Duration| per_step(d, &profile);
         eprintln!(
-            "mlxd {name}: host build {:.3} ms/step (model graph {:.3}, sampler + launch {:.3}; thread CPU time {:.3}), waiting for the device {:.3} ms/step",
+            "mlxd {name}: host build {:.3} ms/step (model graph {:.3}, sampler + launch {:.3}; thread CPU time {:.3}), waiting for the device {:.3} ms/step{}",
             per_step(profile.build),
             per_step(profile.graph),
             per_step(profile.build.saturating_sub(profile.graph)),
             per_step(profile.build_cpu),
-            per_step(profile.wait)
+            per_step(profile.wait),
+            if profile.poll > Duration::ZERO {
+                format!(" (until MLX reported the ids available {:.3}, then the read)", per_step(profile.poll))
+            } else {
+                String::new()
+            }
         );
         let theirs = peer_runs.as_ref().map(|p| &p["variants"][name.as_str()]).filter(|v| !v.is_null()).cloned();
         variants.insert(
@@ -407,6 +425,14 @@ fn engine_compare(args: &Args, dir: &Path, plugin_runs: &[(String, SamplingParam
     print_table(&summary);
     eprintln!("process CPU while idle for 1 s after the runs: {:.0}% of one core", idle_cpu_percent());
     Ok(summary)
+}
+
+/// Busy-waits `d` (a sleep would hand the core back and wake late).
+fn spin_for(d: Duration) {
+    let until = std::time::Instant::now() + d;
+    while std::time::Instant::now() < until {
+        std::hint::spin_loop();
+    }
 }
 
 /// The process's CPU time over one second in which it does nothing, as a percentage of one
