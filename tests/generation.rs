@@ -38,8 +38,13 @@ fn smollm2_knows_the_capital_of_france() {
     assert!(out.text.contains("Paris"), "answer: {:?}", out.text);
     assert_eq!(streamed, out.text, "streamed pieces add up to the final text");
     assert_eq!(out.finish, FinishReason::Stop, "ends with <|im_end|>: {:?}", out.text);
-    // Each generated token crossed to the host exactly once, and nothing else did.
+    // Each generated token crossed to the host exactly once, and nothing else did; every
+    // read took the array the step queued as it lay (a copy made first would be queued behind
+    // the next step, and the read would wait for that step too).
     assert_eq!(e.host_reads(), out.ids.len() as u64);
+    let reads = mlxd::sampling::thread_host_read_stats();
+    assert_eq!(reads.copies, 0, "{reads:?}");
+    assert!(reads.reads >= out.ids.len() as u64, "{reads:?}");
     let decoded = e.model.tokenizer.decode(&out.ids, true).unwrap();
     assert_eq!(decoded.trim_end(), out.text.trim_end());
 }

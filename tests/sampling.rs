@@ -648,6 +648,7 @@ fn decode_reads_one_id_per_step_for_every_sampler() {
         assert_eq!(after.reads - before.reads, steps, "{what}: reads");
         assert_eq!(after.bytes - before.bytes, steps * 4, "{what}: bytes");
         assert_eq!(after.refused, before.refused, "{what}: refused reads");
+        assert_eq!(after.copies, before.copies, "{what}: reads that needed a device copy first");
     }
     assert_eq!(Array::zeros::<u32>(&[1]).unwrap().dtype(), Dtype::Uint32);
 }

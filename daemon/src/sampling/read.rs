@@ -26,14 +26,19 @@ pub struct HostReadStats {
     pub bytes: u64,
     /// Reads refused.
     pub refused: u64,
+    /// Reads of an array that was not row-contiguous or not of the type read, so a copy had to
+    /// be made on the device first: queued behind everything the stream held by then (in
+    /// decode, the next step), which the read then waited for. Decode's reads need none.
+    pub copies: u64,
 }
 
 static READS: AtomicU64 = AtomicU64::new(0);
 static BYTES: AtomicU64 = AtomicU64::new(0);
 static REFUSED: AtomicU64 = AtomicU64::new(0);
+static COPIES: AtomicU64 = AtomicU64::new(0);
 
 thread_local! {
-    static THREAD: Cell<HostReadStats> = const { Cell::new(HostReadStats { reads: 0, bytes: 0, refused: 0 }) };
+    static THREAD: Cell<HostReadStats> = const { Cell::new(HostReadStats { reads: 0, bytes: 0, refused: 0, copies: 0 }) };
 }
 
 /// Reads and bytes through the gate since the process started, over all threads.
@@ -42,6 +47,7 @@ pub fn host_read_stats() -> HostReadStats {
         reads: READS.load(Ordering::Relaxed),
         bytes: BYTES.load(Ordering::Relaxed),
         refused: REFUSED.load(Ordering::Relaxed),
+        copies: COPIES.load(Ordering::Relaxed),
     }
 }
 
@@ -107,17 +113,20 @@ fn host_read<T: ArrayElement + Clone>(a: &Array) -> Result<Vec<T>, SamplingError
     // SAFETY: reads the flags of a live, evaluated array.
     let rc = unsafe { mlx_sys::_mlx_array_is_row_contiguous(&mut row_contiguous, a.as_ptr()) };
     let conversion = |e: mlx_rs::error::AsSliceError| mlx_rs::error::Exception::custom(e.to_string());
-    let values = if rc == 0 && row_contiguous && a.dtype() == T::DTYPE {
-        a.try_as_slice::<T>().map_err(conversion)?.to_vec()
-    } else {
+    let copied = !(rc == 0 && row_contiguous && a.dtype() == T::DTYPE);
+    let values = if copied {
         a.contiguous()?.to_vec_cast::<T>().map_err(|e| mlx_rs::error::Exception::custom(e.to_string()))?
+    } else {
+        a.try_as_slice::<T>().map_err(conversion)?.to_vec()
     };
     READS.fetch_add(1, Ordering::Relaxed);
     BYTES.fetch_add(bytes, Ordering::Relaxed);
+    COPIES.fetch_add(u64::from(copied), Ordering::Relaxed);
     THREAD.with(|t| {
         let mut s = t.get();
         s.reads += 1;
         s.bytes += bytes;
+        s.copies += u64::from(copied);
         t.set(s);
     });
     Ok(values)
