@@ -43,6 +43,40 @@ __device__ __forceinline__ unsigned int mlxd_hash(unsigned int x, unsigned int k
     h = (h ^ (h >> 13)) * 0xc2b2ae35u;
     return h ^ (h >> 16);
 }
+// Radix select, 8 bits at a time from the top, over the keys key(0..n): leaves in *kth the key
+// of the need-th largest and in *ties how many keys equal to it the need largest take. Every
+// thread of the block calls it; hist is 256 words of shared memory, kth, mask and ties shared.
+template <typename Key>
+__device__ void mlxd_radix_select(
+    int n, unsigned int need, Key key, unsigned int* hist,
+    unsigned int* kth, unsigned int* mask, unsigned int* ties) {
+    const int tid = threadIdx.x;
+    const int nt = blockDim.x;
+    if (tid == 0) { *kth = 0u; *mask = 0u; *ties = need; }
+    __syncthreads();
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = tid; i < 256; i += nt) hist[i] = 0u;
+        __syncthreads();
+        const unsigned int prefix = *kth, m = *mask;
+        for (int i = tid; i < n; i += nt) {
+            const unsigned int u = key(i);
+            if ((u & m) == prefix) atomicAdd(&hist[(u >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (tid == 0) {
+            unsigned int left = *ties;
+            int bin = 255;
+            for (; bin > 0; --bin) {
+                if (hist[bin] >= left) break;
+                left -= hist[bin];
+            }
+            *ties = left;
+            *kth = prefix | ((unsigned int)bin << shift);
+            *mask = m | (255u << shift);
+        }
+        __syncthreads();
+    }
+}
 "#;
 
 /// Kernel 1: one block per (chunk of `CH` logits, row). The chunk's logits go through the
@@ -84,31 +118,9 @@ const CHUNKS: &str = r#"
         if ((seen[i >> 5] >> (i & 31)) & 1u) f = f < 0.0f ? f * pen : f / pen;
         vals[i] = f * inv_t;
     }
-    if (tid == 0) { s_prefix = 0u; s_mask = 0u; s_need = (unsigned int)kk; n_gt = 0u; n_eq = 0u; }
-    __syncthreads();
-    // Radix select, 8 bits at a time from the top: the key of the chunk's kk-th largest logit.
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int i = tid; i < 256; i += nt) hist[i] = 0u;
-        __syncthreads();
-        const unsigned int prefix = s_prefix, mask = s_mask;
-        for (int i = tid; i < n; i += nt) {
-            const unsigned int u = mlxd_key_of(vals[i]);
-            if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 255u], 1u);
-        }
-        __syncthreads();
-        if (tid == 0) {
-            unsigned int need = s_need;
-            int bin = 255;
-            for (; bin > 0; --bin) {
-                if (hist[bin] >= need) break;
-                need -= hist[bin];
-            }
-            s_need = need;
-            s_prefix = prefix | ((unsigned int)bin << shift);
-            s_mask = mask | (255u << shift);
-        }
-        __syncthreads();
-    }
+    if (tid == 0) { n_gt = 0u; n_eq = 0u; }
+    // The key of the chunk's kk-th largest logit (the call synchronizes the block first).
+    mlxd_radix_select(n, (unsigned int)kk, [&](int i) { return mlxd_key_of(vals[i]); }, hist, &s_prefix, &s_mask, &s_need);
     const unsigned int kth = s_prefix;
     const unsigned int ties = s_need;
     float* out_v = cand_v + ((size_t)row * G + g) * KMAX;
@@ -156,30 +168,8 @@ const PICK: &str = r#"
     __shared__ int sorted_i[KMAX];
     __shared__ unsigned int s_token;
 
-    if (tid == 0) { s_prefix = 0u; s_mask = 0u; s_need = (unsigned int)k; n_gt = 0u; n_eq = 0u; }
-    __syncthreads();
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int i = tid; i < 256; i += nt) hist[i] = 0u;
-        __syncthreads();
-        const unsigned int prefix = s_prefix, mask = s_mask;
-        for (int c = tid; c < total; c += nt) {
-            const unsigned int u = key_at(slot(c));
-            if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 255u], 1u);
-        }
-        __syncthreads();
-        if (tid == 0) {
-            unsigned int need = s_need;
-            int bin = 255;
-            for (; bin > 0; --bin) {
-                if (hist[bin] >= need) break;
-                need -= hist[bin];
-            }
-            s_need = need;
-            s_prefix = prefix | ((unsigned int)bin << shift);
-            s_mask = mask | (255u << shift);
-        }
-        __syncthreads();
-    }
+    if (tid == 0) { n_gt = 0u; n_eq = 0u; }
+    mlxd_radix_select(total, (unsigned int)k, [&](int c) { return key_at(slot(c)); }, hist, &s_prefix, &s_mask, &s_need);
     const unsigned int kth = s_prefix;
     const unsigned int ties = s_need;
     for (int c = tid; c < total; c += nt) {
