@@ -492,11 +492,14 @@ impl Engine {
         let mut next: Vec<Option<Pending>> = (0..rows.len()).map(|_| None).collect();
         let mut failed: Vec<Option<SamplingError>> = (0..rows.len()).map(|_| None).collect();
         if !going_on.is_empty() {
-            let inputs: Vec<Array> = going_on
-                .iter()
-                .map(|&i| rows[i].pending.as_ref().expect("live rows have a token").token.clone())
-                .collect();
-            let tokens = stack(inputs)?;
+            let pending: Vec<&Pending> =
+                going_on.iter().map(|&i| rows[i].pending.as_ref().expect("live rows have a token")).collect();
+            let tokens = match whole_step(&pending) {
+                // The same rows in the same order as the step that made them: its `[B]` array
+                // as it is, instead of joining a view of it per row (B + 1 more primitives).
+                Some(step) => step.tokens.clone(),
+                None => stack(pending.iter().map(|p| p.token.clone()).collect())?,
+            };
             let want_logprobs = going_on.iter().any(|&i| rows[i].req.sampler.logprobs.unwrap_or(0) > 0);
             let logits = if going_on.len() == 1 {
                 self.unstack()?;
@@ -716,6 +719,15 @@ fn sample(
             Ok(Ok(Pending { token, step: step.clone(), index: i as usize }))
         })
         .collect()
+}
+
+/// The step every one of `pending` comes from, when they are all of its rows in its order.
+fn whole_step(pending: &[&Pending]) -> Option<Arc<StepOutput>> {
+    let first = pending.first()?;
+    let rows = first.step.tokens.shape().first().copied().unwrap_or(0).max(0) as usize;
+    let whole = pending.len() == rows
+        && pending.iter().enumerate().all(|(i, p)| p.index == i && Arc::ptr_eq(&p.step, &first.step));
+    whole.then(|| first.step.clone())
 }
 
 /// Joins `[1]`-shaped arrays into `[B]`; a single one is passed through (no copy kernel).
