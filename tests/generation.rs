@@ -106,10 +106,14 @@ fn prompt_cache_reuses_prefixes_without_changing_outputs() {
         }).unwrap();
         (out.cached_tokens, evs)
     };
+    let copies = mlxd::sampling::thread_host_read_stats().copies;
     let (hit_cached, hit_events) = events(&mut cached);
     let (cold_cached, cold_events) = events(&mut plain);
     assert_eq!((hit_cached, cold_cached), (first.len(), 0));
     assert_eq!(hit_events, cold_events);
+    assert!(hit_events.iter().all(|ev| ev.logprobs.as_ref().is_some_and(|l| l.top.len() == 3)), "{hit_events:?}");
+    // Tokens and logprobs were read as the step queued them (no device copy first).
+    assert_eq!(mlxd::sampling::thread_host_read_stats().copies, copies);
 
     // Prompts an entry covers but that are not its prompt (the first prompt plus two of its
     // answer's tokens; the first prompt short of its last tokens) have no cached logits: all but
