@@ -25,8 +25,8 @@
 //! `x` instead: a suffix match that reached `p - 1` reaches `p` when `w[p] = x`, so
 //! `L'(p) = w[p] = x ? L(p - 1) + 1 : 0` (capped at `p + 1` when the window slides), a handful of
 //! `O(N)` operations. The distance to the last breaker updates the same way. `M(t)` is one
-//! scatter-max into `[B, V]`, read back at the history's tokens, and the penalty is written into
-//! the logits with one put.
+//! scatter-max into `[B, V]`, and the penalty is computed over `[B, V]` from it and subtracted
+//! (a handful of elementwise operations, fewer launches than gathering and putting back).
 
 use mlxd_plugin_api::{export_plugin, sys, Array, Context, CreateArgs, Dtype, Error, Host, Kind, Plugin, ScatterMode};
 use serde::Deserialize;
@@ -103,8 +103,15 @@ pub struct Dry {
     params: Params,
     /// `[1, 1, nb]` int32 breaker ids (absent without breakers).
     breakers: Option<Array>,
-    /// `[1, V]` bool: which tokens are breakers.
-    breaker_tokens: Option<Array>,
+    /// `[1, V]` bool: which tokens are not breakers (absent without breakers).
+    not_breaker: Option<Array>,
+    /// The parameters as device scalars, made once: `allowed_length` and the exponent cap
+    /// (int32), `base`, `multiplier` and 0 (float32).
+    allowed: Array,
+    max_exp: Array,
+    base: Array,
+    multiplier: Array,
+    zero: Array,
     /// The match lengths of the last step, updated with each new token.
     state: Option<State>,
 }
@@ -137,20 +144,30 @@ impl Plugin for Dry {
 
     fn create(host: &Host, args: &CreateArgs<'_>) -> Result<Self, Error> {
         let params = Params::parse(args.params_json, args.vocab_size).map_err(Error::params)?;
-        let (breakers, breaker_tokens) = if params.sequence_breakers.is_empty() {
+        let (breakers, not_breaker) = if params.sequence_breakers.is_empty() {
             (None, None)
         } else {
             let ids: Vec<i32> = params.sequence_breakers.iter().map(|&t| t as i32).collect();
-            let mut mask = vec![false; args.vocab_size as usize];
+            let mut mask = vec![true; args.vocab_size as usize];
             for &t in &params.sequence_breakers {
-                mask[t as usize] = true;
+                mask[t as usize] = false;
             }
             (
                 Some(host.from_slice(&ids, &[1, 1, ids.len() as i32])?),
                 Some(host.from_slice(&mask, &[1, args.vocab_size])?),
             )
         };
-        Ok(Dry { params, breakers, breaker_tokens, state: None })
+        Ok(Dry {
+            allowed: host.i32(params.allowed_length)?,
+            max_exp: host.i32(max_exponent(params.base))?,
+            base: host.f32(params.base)?,
+            multiplier: host.f32(params.multiplier)?,
+            zero: host.f32(0.0)?,
+            params,
+            breakers,
+            not_breaker,
+            state: None,
+        })
     }
 
     fn apply(&mut self, host: &Host, logits: &Array, ctx: &Context) -> Result<Array, Error> {
@@ -175,28 +192,24 @@ impl Plugin for Dry {
             Some(d) => state.lengths.minimum(d)?,
         };
 
-        // M(t): the longest repetition each next token would extend, read back at the
-        // history's tokens (one scatter over the vocabulary), so the penalty is computed on
-        // `[B, N-1]` values and written into the logits with one put. A token that occurs
-        // twice in `next` gets the same value written twice.
-        let allowed = host.i32(p.allowed_length)?;
-        let value = host.select(&lengths.ge(&allowed)?, &lengths, &host.i32(-1)?)?;
+        // M(t) for every token of the vocabulary: the longest repetition emitting it would
+        // extend (one scatter-max of the lengths at the token after each position; -1 for a
+        // token that follows no position, as for one whose repetitions are all too short, is
+        // below `allowed_length`), then the penalty elementwise over `[B, V]` and one
+        // subtraction: fewer operations per step than reading `M` back at the history's tokens
+        // and putting the penalties there, and each operation is a kernel launch on a GPU.
         let next = tokens.slice(1, t - n + 1, t, 1)?; // [B, N-1]: the token after each position
-        let longest = host.full(&[b, v], -1.0, Dtype::Int32)?.scatter(ScatterMode::Max, &next, &value, 1)?;
-        let length = longest.take_along_axis(&next, 1)?;
-        let mut hit = length.ge(&allowed)?;
-        if let Some(mask) = &self.breaker_tokens {
-            hit = hit.logical_and(&mask.take_along_axis(&next, 1)?.logical_not()?)?;
+        let longest = host.full(&[b, v], -1.0, Dtype::Int32)?.scatter(ScatterMode::Max, &next, &lengths, 1)?;
+        let mut hit = longest.ge(&self.allowed)?;
+        if let Some(mask) = &self.not_breaker {
+            hit = hit.logical_and(mask)?;
         }
-        let mut exponent = length.sub(&allowed)?;
-        let max_exp = max_exponent(p.base);
-        if max_exp > 0 {
-            exponent = exponent.minimum(&host.i32(max_exp)?)?;
+        let mut exponent = longest.sub(&self.allowed)?;
+        if max_exponent(p.base) > 0 {
+            exponent = exponent.minimum(&self.max_exp)?;
         }
-        let penalty = host.f32(p.base)?.pow(&exponent.astype(Dtype::Float32)?)?.mul(&host.f32(p.multiplier)?)?;
-        let penalty = host.select(&hit, &penalty, &host.f32(0.0)?)?;
-        let current = logits.take_along_axis(&next, 1)?;
-        let out = logits.put_along_axis(&next, &current.sub(&penalty)?, 1);
+        let penalty = self.base.pow(&exponent.astype(Dtype::Float32)?)?.mul(&self.multiplier)?;
+        let out = logits.sub(&host.select(&hit, &penalty, &self.zero)?);
         self.state = Some(state);
         out
     }
