@@ -2,6 +2,8 @@
 
 use mlx_rs::Array;
 use std::os::raw::c_int;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 /// Runs one mlx-c operation that writes its result array into `res`, on this thread's default
 /// stream. Returns the array, or `None` (the result freed) when mlx-c reports a failure; callers
@@ -17,6 +19,33 @@ pub(crate) fn array_op(op: impl FnOnce(*mut mlx_sys::mlx_array, mlx_sys::mlx_str
             return None;
         }
         Some(Array::from_ptr(res))
+    }
+}
+
+/// Whether a family of mlxd's CUDA kernels may run: on unless its environment variable is `0`
+/// (read once), switchable for the whole process, and only where MLX runs on CUDA.
+pub(crate) struct KernelSwitch {
+    var: &'static str,
+    on: OnceLock<AtomicBool>,
+}
+
+impl KernelSwitch {
+    pub(crate) const fn new(var: &'static str) -> Self {
+        KernelSwitch { var, on: OnceLock::new() }
+    }
+
+    fn flag(&self) -> &AtomicBool {
+        self.on.get_or_init(|| AtomicBool::new(std::env::var(self.var).map_or(true, |v| v != "0")))
+    }
+
+    pub(crate) fn set(&self, enabled: bool) {
+        self.flag().store(enabled, Ordering::Relaxed);
+    }
+
+    /// On, and MLX runs on CUDA.
+    pub(crate) fn available(&self) -> bool {
+        static CUDA: OnceLock<bool> = OnceLock::new();
+        self.flag().load(Ordering::Relaxed) && *CUDA.get_or_init(|| crate::runtime::backend() == "cuda")
     }
 }
 

@@ -175,9 +175,9 @@ impl StepOutput {
         }
         let (chosen, ids, values) = self.read_logprobs.get().expect("set above");
         let width = top_ids.shape().get(1).copied().unwrap_or(0).max(0) as usize;
-        let row = |v: &[u32]| v.get(index * width..(index + 1) * width).map(<[u32]>::to_vec).unwrap_or_default();
-        let vals = values.get(index * width..(index + 1) * width).map(<[f32]>::to_vec).unwrap_or_default();
-        let top = row(ids).into_iter().zip(vals).take(n as usize).collect();
+        let span = index * width..(index + 1) * width;
+        let (ids, values) = (ids.get(span.clone()).unwrap_or_default(), values.get(span).unwrap_or_default());
+        let top = ids.iter().copied().zip(values.iter().copied()).take(n as usize).collect();
         Ok(Some(TokenLogprobs { logprob: chosen.get(index).copied().unwrap_or(f32::NAN), top }))
     }
 }

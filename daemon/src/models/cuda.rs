@@ -20,27 +20,24 @@
 //! and can be switched off (`MLXD_MODEL_KERNELS=0`, or [`set_enabled`]) to compare against
 //! MLX's own path. `mlxd-bench kernel-check` compares their results with MLX's on the device.
 
-use crate::ffi::{CudaKernel, TemplateArg};
+use crate::ffi::{CudaKernel, KernelSwitch, TemplateArg};
 use mlx_rs::error::Exception;
 use mlx_rs::{Array, Dtype};
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Most rows one product kernel call takes (one 16-row tensor-core tile).
 pub const MAX_ROWS: i32 = 16;
 
-static ENABLED: std::sync::LazyLock<AtomicBool> =
-    std::sync::LazyLock::new(|| AtomicBool::new(std::env::var("MLXD_MODEL_KERNELS").map_or(true, |v| v != "0")));
+static SWITCH: KernelSwitch = KernelSwitch::new("MLXD_MODEL_KERNELS");
 
 /// Turns the kernels on or off for the whole process (on unless `MLXD_MODEL_KERNELS=0`); they
 /// run only where MLX runs on CUDA.
 pub fn set_enabled(enabled: bool) {
-    ENABLED.store(enabled, Ordering::Relaxed);
+    SWITCH.set(enabled);
 }
 
 pub(crate) fn available() -> bool {
-    static CUDA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    ENABLED.load(Ordering::Relaxed) && *CUDA.get_or_init(|| crate::runtime::backend() == "cuda")
+    SWITCH.available()
 }
 
 fn float_dtype(d: Dtype) -> bool {

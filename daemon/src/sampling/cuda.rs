@@ -19,11 +19,10 @@
 //! [`MAX_K`], no typical-p, no inspection); `MLXD_SAMPLER_KERNEL=0` keeps the MLX-op graph.
 //! `mlxd-bench sampler-check` compares the draws of both paths on the GPU.
 
-use crate::ffi::{CudaKernel, TemplateArg};
+use crate::ffi::{CudaKernel, KernelSwitch, TemplateArg};
 use mlx_rs::error::Exception;
 use mlx_rs::{Array, Dtype};
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Largest top-k the kernel handles (its candidates live in shared memory).
 pub(crate) const MAX_K: i32 = 256;
@@ -235,8 +234,7 @@ const PICK: &str = r#"
 /// Logits per block of the first kernel (`CH` floats of shared memory).
 const CH: i32 = 1024;
 
-static ENABLED: std::sync::LazyLock<AtomicBool> =
-    std::sync::LazyLock::new(|| AtomicBool::new(std::env::var("MLXD_SAMPLER_KERNEL").map_or(true, |v| v != "0")));
+static SWITCH: KernelSwitch = KernelSwitch::new("MLXD_SAMPLER_KERNEL");
 
 thread_local! {
     static KERNELS: RefCell<Option<(CudaKernel, CudaKernel)>> = const { RefCell::new(None) };
@@ -245,13 +243,12 @@ thread_local! {
 /// Turns the kernels on or off for the whole process (on unless `MLXD_SAMPLER_KERNEL=0`); they
 /// run only where MLX runs on CUDA.
 pub fn set_enabled(enabled: bool) {
-    ENABLED.store(enabled, Ordering::Relaxed);
+    SWITCH.set(enabled);
 }
 
 /// Whether the sampling graph may use the kernels: on, and MLX runs on CUDA.
 pub(crate) fn available() -> bool {
-    static CUDA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    ENABLED.load(Ordering::Relaxed) && *CUDA.get_or_init(|| crate::runtime::backend() == "cuda")
+    SWITCH.available()
 }
 
 /// On CUDA, has MLX compile the sampling kernels for a `vocab`-token model now (one draw on

@@ -106,9 +106,9 @@ pub struct Dry {
     /// `[1, V]` bool: which tokens are not breakers (absent without breakers).
     not_breaker: Option<Array>,
     /// The parameters as device scalars, made once: `allowed_length` and the exponent cap
-    /// (int32), `base`, `multiplier` and 0 (float32).
+    /// (int32; no cap when `base` is 1), `base`, `multiplier` and 0 (float32).
     allowed: Array,
-    max_exp: Array,
+    max_exp: Option<Array>,
     base: Array,
     multiplier: Array,
     zero: Array,
@@ -159,7 +159,7 @@ impl Plugin for Dry {
         };
         Ok(Dry {
             allowed: host.i32(params.allowed_length)?,
-            max_exp: host.i32(max_exponent(params.base))?,
+            max_exp: Some(max_exponent(params.base)).filter(|&m| m > 0).map(|m| host.i32(m)).transpose()?,
             base: host.f32(params.base)?,
             multiplier: host.f32(params.multiplier)?,
             zero: host.f32(0.0)?,
@@ -205,8 +205,8 @@ impl Plugin for Dry {
             hit = hit.logical_and(mask)?;
         }
         let mut exponent = longest.sub(&self.allowed)?;
-        if max_exponent(p.base) > 0 {
-            exponent = exponent.minimum(&self.max_exp)?;
+        if let Some(cap) = &self.max_exp {
+            exponent = exponent.minimum(cap)?;
         }
         let penalty = self.base.pow(&exponent.astype(Dtype::Float32)?)?.mul(&self.multiplier)?;
         let out = logits.sub(&host.select(&hit, &penalty, &self.zero)?);
