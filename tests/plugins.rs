@@ -45,6 +45,7 @@ fn plugin_dir(fixtures: bool) -> tempfile::TempDir {
             mlxd_plugin_faulty::NO_ENTRY_LIB,
             mlxd_plugin_faulty::ABI_FUTURE_MINOR_LIB,
             mlxd_plugin_faulty::ABI_MAJOR_2_LIB,
+            mlxd_plugin_faulty::ABI_1_0_LIB,
         ]);
     }
     for lib in c_libs {
@@ -118,10 +119,17 @@ fn loads_lists_and_refuses_with_both_versions_named() {
     let (reg, dir) = registry();
     let listing = reg.listing();
     let names: Vec<&str> = listing["plugins"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["dry", "epsilon", "faulty", "mirostat-v2", "passthrough", "token-filter", "top-n-sigma"]);
+    assert_eq!(
+        names,
+        ["abi-one-zero", "dry", "epsilon", "faulty", "mirostat-v2", "passthrough", "token-filter", "top-n-sigma"]
+    );
     let by_name = |n: &str| listing["plugins"].as_array().unwrap().iter().find(|p| p["name"] == n).unwrap().clone();
     let dry = by_name("dry");
-    assert_eq!((dry["kind"].as_str(), dry["version"].as_str(), dry["abi"].as_str()), (Some("processor"), Some("0.1.0"), Some("1.0")));
+    assert_eq!((dry["kind"].as_str(), dry["version"].as_str(), dry["abi"].as_str()), (Some("processor"), Some("0.1.0"), Some("1.1")));
+    // A plugin built for an older minor loads and runs (same major, host minor >= its minor).
+    assert_eq!(by_name("abi-one-zero")["abi"], "1.0");
+    let p = with_plugins(vec![use_plugin("abi-one-zero", json!({}))]);
+    assert_close(&processed(&p, &[0.5, -2.0, 3.0], &[1]), &[1.5, -1.0, 4.0], "ABI 1.0 plugin");
     assert_eq!(dry["params_schema"]["properties"]["base"]["default"], 1.75);
     assert_eq!(dry["capabilities"]["history"], true);
     assert_eq!(by_name("mirostat-v2")["kind"], "sampler");
@@ -132,13 +140,13 @@ fn loads_lists_and_refuses_with_both_versions_named() {
     let why = |stem: &str| refused.iter().find(|r| r["file"].as_str().unwrap().contains(stem)).unwrap()["error"].as_str().unwrap().to_string();
     let future = why("abi_future");
     assert!(future.contains(&dir.path().join(lib_name("mlxd_fixture_abi_future")).display().to_string()), "{future}");
-    assert!(future.contains("ABI 1.99") && future.contains("speaks ABI 1.0"), "{future}");
+    assert!(future.contains("ABI 1.99") && future.contains("speaks ABI 1.1"), "{future}");
     let major = why("abi_major2");
-    assert!(major.contains("ABI 2.0") && major.contains("speaks ABI 1.0"), "{major}");
+    assert!(major.contains("ABI 2.0") && major.contains("speaks ABI 1.1"), "{major}");
     assert!(why("no_entry").contains("exports no `mlxd_sampler_plugin_v1`"), "{}", why("no_entry"));
 
     let e = reg.get("nope").unwrap_err().to_string();
-    assert!(e.contains("no sampler plugin named `nope`") && e.contains("dry, epsilon"), "{e}");
+    assert!(e.contains("no sampler plugin named `nope`") && e.contains("abi-one-zero, dry, epsilon"), "{e}");
     // A name that matches a refused file says why that file was refused.
     let e = reg.get("no-entry").unwrap_err().to_string();
     assert!(e.contains("refused at load") && e.contains("exports no"), "{e}");

@@ -1,5 +1,5 @@
 /*
- * mlxd_sampler.h — the sampler plugin ABI of mlxd, version 1.0.
+ * mlxd_sampler.h — the sampler plugin ABI of mlxd, version 1.1.
  *
  * This header is all a plugin author needs. A plugin is a shared library (.so / .dylib) that
  * exports ONE function, `mlxd_sampler_plugin_v1`, returning a descriptor of the plugin. It
@@ -75,7 +75,7 @@ extern "C" {
 #endif
 
 #define MLXD_SAMPLER_ABI_MAJOR 1
-#define MLXD_SAMPLER_ABI_MINOR 0
+#define MLXD_SAMPLER_ABI_MINOR 1
 
 /* The one symbol a plugin exports (see the end of this file). */
 #define MLXD_SAMPLER_ENTRY_SYMBOL "mlxd_sampler_plugin_v1"
@@ -184,6 +184,61 @@ typedef int32_t mlxd_scatter_mode;
 #define MLXD_SCATTER_ADD 1
 #define MLXD_SCATTER_MAX 2
 #define MLXD_SCATTER_MIN 3
+
+/* ------------------------------------------------------------------------------------------ */
+/* Kernels (ABI 1.1).                                                                          */
+/* ------------------------------------------------------------------------------------------ */
+/*
+ * A plugin whose work is many small operations per step can write it as one kernel instead:
+ * on a GPU each operation is a launch the host prepares on the CPU, and a small model's decode
+ * step is bound by those launches, not by the device (the `dry` plugin goes from about 20 to
+ * one). Kernels are optional: check `kernel_language` and keep an operations path for hosts
+ * where it is NONE.
+ *
+ * CUDA (MLXD_KERNEL_CUDA). `source` is the BODY of a `__global__ void` function that the host
+ * writes around it (through MLX's custom-kernel support), with one parameter per input,
+ * `const T *name` where T is the input's element type (bool, uint8_t, uint32_t, uint64_t,
+ * int32_t, int64_t, __half, __nv_bfloat16, float), then one per output, `T *name`. Mentioning
+ * `name_shape` (or `name_strides`, `name_ndim`) in the body adds that parameter for an input:
+ * `name_shape[i]` is its size along axis i. Inputs arrive row-contiguous (the host copies any
+ * that are not); outputs are uninitialized and row-contiguous: write every element.
+ * `threadIdx`, `blockIdx`, `blockDim`, `__shared__`, atomics and `cooperative_groups` (as `cg`)
+ * work as usual; `header` (or NULL) holds device functions placed before the kernel.
+ *
+ * A kernel is compiled (NVRTC) the first time a (name, source, element types) combination is
+ * used in the process, which takes up to a few hundred milliseconds; the host does it then,
+ * on zero-filled inputs of the call's shapes, so a kernel that does not compile fails only
+ * that call (the message names the kernel and quotes the compiler). Keep per-request values
+ * (parameters) in small input arrays made once in `create`, never in the source: a new source
+ * is a new compilation. A kernel runs unchecked on the device: an out-of-bounds access there
+ * can take the whole daemon down, like a crash in the plugin's own code.
+ */
+typedef int32_t mlxd_kernel_language;
+#define MLXD_KERNEL_NONE 0
+#define MLXD_KERNEL_CUDA 1
+
+/* What a kernel is; keep it in static storage (the host may keep the pointers). */
+typedef struct mlxd_kernel {
+    size_t struct_size;              /* sizeof(mlxd_kernel) as the plugin built it */
+    const char *name;                /* 1-64 of [A-Za-z0-9_] */
+    const char *header;              /* device code placed before the kernel, or NULL */
+    const char *source;              /* the kernel's body */
+    int32_t n_inputs;                /* 1-16 */
+    const char *const *input_names;  /* n_inputs C identifiers */
+    int32_t n_outputs;               /* 1-8 */
+    const char *const *output_names; /* n_outputs C identifiers, distinct from the inputs' */
+} mlxd_kernel;
+
+/* One call of a kernel; everything is borrowed for the call only. */
+typedef struct mlxd_kernel_launch {
+    size_t struct_size;              /* sizeof(mlxd_kernel_launch) as the plugin built it */
+    const mlxd_array *inputs;        /* k->n_inputs arrays, in input_names' order */
+    const int32_t *output_shapes;    /* every output's dimensions, one output after another */
+    const int32_t *output_ndims;     /* k->n_outputs entries, each 0-8 */
+    const mlxd_dtype *output_dtypes; /* k->n_outputs entries */
+    int32_t grid[3];                 /* THREADS (not blocks) along x, y, z, each >= 1 */
+    int32_t block[3];                /* threads per block along x, y, z: product 1-1024 */
+} mlxd_kernel_launch;
 
 /* ------------------------------------------------------------------------------------------ */
 /* The host: a table of operations on device arrays.                                           */
@@ -308,6 +363,17 @@ struct mlxd_host {
                                 mlxd_dtype dtype);
     /* One uint32 index drawn from softmax(logits) along `axis` (that axis is removed). */
     mlxd_array (*random_categorical)(const mlxd_host *h, mlxd_array key, mlxd_array logits, int32_t axis);
+
+    /* -- 1.1: kernels of your own (see "Kernels" below) -- */
+    /* The language `kernel` compiles on this host's device: MLXD_KERNEL_CUDA where MLX runs on
+       CUDA, MLXD_KERNEL_NONE elsewhere (the CPU; Metal kernels are not offered yet). Constant
+       for the life of the process. */
+    mlxd_kernel_language (*kernel_language)(const mlxd_host *h);
+    /* Queues `k` on `launch`'s inputs as one node of the step (lazy, like every operation) and
+       writes k->n_outputs NEW owned handles to `outputs`. Returns k->n_outputs, or -1 on
+       failure (nothing written; see `last_error`), also when kernel_language is NONE. */
+    int32_t (*kernel)(const mlxd_host *h, const mlxd_kernel *k, const mlxd_kernel_launch *launch,
+                      mlxd_array *outputs);
 };
 
 /* ------------------------------------------------------------------------------------------ */

@@ -232,6 +232,93 @@ impl Host {
     pub fn random_categorical(&self, key: &Array, logits: &Array, axis: i32) -> Result<Array, Error> {
         self.own(unsafe { (self.t().random_categorical)(self.raw, key.handle, logits.handle, axis) })
     }
+
+    /// The language [`Host::kernel`] compiles here (ABI 1.1).
+    pub fn kernel_language(&self) -> KernelLanguage {
+        match unsafe { (self.t().kernel_language)(self.raw) } {
+            sys::KERNEL_CUDA => KernelLanguage::Cuda,
+            _ => KernelLanguage::None,
+        }
+    }
+
+    /// Queues `kernel` on `inputs` (ABI 1.1): one output per `(shape, dtype)` of `outputs`,
+    /// `grid` threads along x, y, z in blocks of `block` threads. See the header's "Kernels".
+    pub fn kernel(
+        &self,
+        kernel: &Kernel,
+        inputs: &[&Array],
+        outputs: &[(&[i32], Dtype)],
+        grid: [i32; 3],
+        block: [i32; 3],
+    ) -> Result<Vec<Array>, Error> {
+        if inputs.len() != kernel.inputs.len() || outputs.len() != kernel.outputs.len() {
+            return Err(Error::shape(format!(
+                "kernel {:?}: {} inputs and {} outputs given for {} and {} names",
+                kernel.name,
+                inputs.len(),
+                outputs.len(),
+                kernel.inputs.len(),
+                kernel.outputs.len()
+            )));
+        }
+        let names = |n: &[&'static CStr]| n.iter().map(|c| c.as_ptr()).collect::<Vec<_>>();
+        let (input_names, output_names) = (names(kernel.inputs), names(kernel.outputs));
+        let raw = sys::Kernel {
+            struct_size: std::mem::size_of::<sys::Kernel>(),
+            name: kernel.name.as_ptr(),
+            header: kernel.header.map_or(std::ptr::null(), CStr::as_ptr),
+            source: kernel.source.as_ptr(),
+            n_inputs: input_names.len() as i32,
+            input_names: input_names.as_ptr(),
+            n_outputs: output_names.len() as i32,
+            output_names: output_names.as_ptr(),
+        };
+        let handles: Vec<ArrayHandle> = inputs.iter().map(|a| a.handle).collect();
+        let shapes: Vec<i32> = outputs.iter().flat_map(|(s, _)| s.iter().copied()).collect();
+        let ndims: Vec<i32> = outputs.iter().map(|(s, _)| s.len() as i32).collect();
+        let dtypes: Vec<i32> = outputs.iter().map(|(_, d)| *d as i32).collect();
+        let launch = sys::KernelLaunch {
+            struct_size: std::mem::size_of::<sys::KernelLaunch>(),
+            inputs: handles.as_ptr(),
+            output_shapes: shapes.as_ptr(),
+            output_ndims: ndims.as_ptr(),
+            output_dtypes: dtypes.as_ptr(),
+            grid,
+            block,
+        };
+        let mut out = vec![std::ptr::null_mut(); outputs.len()];
+        // SAFETY: every pointer is valid for the call; the host writes `outputs.len()` handles.
+        let n = unsafe { (self.t().kernel)(self.raw, &raw, &launch, out.as_mut_ptr()) };
+        if n != outputs.len() as i32 {
+            return Err(Error::host(self.last_error()));
+        }
+        out.into_iter().map(|h| self.own(h)).collect()
+    }
+}
+
+/// The language of [`Host::kernel`]'s bodies on this host (`mlxd_kernel_language`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelLanguage {
+    /// No kernels here (the CPU): use operations.
+    None,
+    /// CUDA bodies (MLX on an NVIDIA GPU).
+    Cuda,
+}
+
+/// A kernel (`mlxd_kernel`): its name, code and parameter names, all static. The header's
+/// "Kernels" section says what `source` sees.
+#[derive(Debug, Clone, Copy)]
+pub struct Kernel {
+    /// 1-64 of `[A-Za-z0-9_]`.
+    pub name: &'static CStr,
+    /// Device code before the kernel.
+    pub header: Option<&'static CStr>,
+    /// The kernel's body.
+    pub source: &'static CStr,
+    /// One identifier per input, in order.
+    pub inputs: &'static [&'static CStr],
+    /// One identifier per output, in order.
+    pub outputs: &'static [&'static CStr],
 }
 
 macro_rules! unary {
@@ -434,7 +521,8 @@ impl Array {
     }
 
     fn cumulative(&self, op: i32, axis: i32, reverse: bool, inclusive: bool) -> Result<Array, Error> {
-        self.host.own(unsafe { (self.t().cumulative)(self.h(), op, self.handle, axis, reverse as i32, inclusive as i32) })
+        self.host
+            .own(unsafe { (self.t().cumulative)(self.h(), op, self.handle, axis, reverse as i32, inclusive as i32) })
     }
 
     /// Running sum along `axis`.
@@ -494,7 +582,9 @@ impl Array {
 
     /// `put_along_axis` where repeated indices combine by `mode`.
     pub fn scatter(&self, mode: ScatterMode, indices: &Array, updates: &Array, axis: i32) -> Result<Array, Error> {
-        self.host.own(unsafe { (self.t().scatter)(self.h(), mode as i32, self.handle, indices.handle, updates.handle, axis) })
+        self.host.own(unsafe {
+            (self.t().scatter)(self.h(), mode as i32, self.handle, indices.handle, updates.handle, axis)
+        })
     }
 
     /// Same elements, new shape.

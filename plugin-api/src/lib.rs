@@ -40,7 +40,8 @@
 //!
 //! # Layout
 //! - [`sys`]: the header's types, `#[repr(C)]`.
-//! - `array`: [`Host`], [`Array`], [`Dtype`], [`ScatterMode`].
+//! - `array`: [`Host`], [`Array`], [`Dtype`], [`ScatterMode`], [`Kernel`] (ABI 1.1: a plugin's
+//!   own CUDA kernel, one launch instead of many operations).
 //! - `plugin`: [`Plugin`], [`Error`], [`Kind`], the entry-point trampolines and
 //!   [`export_plugin!`].
 #![deny(missing_docs)]
@@ -49,7 +50,7 @@ mod array;
 mod plugin;
 pub mod sys;
 
-pub use array::{Array, Dtype, Element, Host, ScatterMode};
+pub use array::{Array, Dtype, Element, Host, Kernel, KernelLanguage, ScatterMode};
 pub use plugin::{accept, apply, create, descriptor, destroy, vtable, Context, CreateArgs, Error, Kind, Plugin};
 
 /// The C header, for tools that install it next to a plugin's sources.

@@ -7,7 +7,7 @@ use std::ffi::{c_char, c_void};
 /// `MLXD_SAMPLER_ABI_MAJOR`: a plugin of another major version is refused.
 pub const ABI_MAJOR: u32 = 1;
 /// `MLXD_SAMPLER_ABI_MINOR`: a plugin whose minor is above the host's is refused.
-pub const ABI_MINOR: u32 = 0;
+pub const ABI_MINOR: u32 = 1;
 /// `MLXD_SAMPLER_ENTRY_SYMBOL`, NUL-terminated for `dlsym`.
 pub const ENTRY_SYMBOL: &[u8] = b"mlxd_sampler_plugin_v1\0";
 
@@ -94,6 +94,58 @@ pub struct Host {
     pub random_normal: unsafe extern "C" fn(h: *const Host, key: ArrayHandle, shape: *const i32, ndim: i32, dtype: i32) -> ArrayHandle,
     pub random_gumbel: unsafe extern "C" fn(h: *const Host, key: ArrayHandle, shape: *const i32, ndim: i32, dtype: i32) -> ArrayHandle,
     pub random_categorical: unsafe extern "C" fn(h: *const Host, key: ArrayHandle, logits: ArrayHandle, axis: i32) -> ArrayHandle,
+
+    // 1.1
+    pub kernel_language: unsafe extern "C" fn(h: *const Host) -> i32,
+    pub kernel: unsafe extern "C" fn(h: *const Host, k: *const Kernel, launch: *const KernelLaunch, outputs: *mut ArrayHandle) -> i32,
+}
+
+/// Size of the operation table of ABI 1.0 (what a host of that version passes).
+pub const HOST_SIZE_V1_0: usize = std::mem::offset_of!(Host, kernel_language);
+
+/// `MLXD_KERNEL_NONE`: this host compiles no kernels.
+pub const KERNEL_NONE: i32 = 0;
+/// `MLXD_KERNEL_CUDA`: kernels are CUDA bodies.
+pub const KERNEL_CUDA: i32 = 1;
+
+/// `mlxd_kernel` (1.1): a kernel's name, code and parameter names, in static storage.
+#[repr(C)]
+pub struct Kernel {
+    /// `sizeof(mlxd_kernel)` as the plugin built it.
+    pub struct_size: usize,
+    /// 1-64 of `[A-Za-z0-9_]`, NUL-terminated.
+    pub name: *const c_char,
+    /// Device code before the kernel, or null.
+    pub header: *const c_char,
+    /// The kernel's body.
+    pub source: *const c_char,
+    /// 1-16.
+    pub n_inputs: i32,
+    /// `n_inputs` identifiers.
+    pub input_names: *const *const c_char,
+    /// 1-8.
+    pub n_outputs: i32,
+    /// `n_outputs` identifiers.
+    pub output_names: *const *const c_char,
+}
+
+/// `mlxd_kernel_launch` (1.1): one call's arrays, output shapes and launch geometry.
+#[repr(C)]
+pub struct KernelLaunch {
+    /// `sizeof(mlxd_kernel_launch)` as the plugin built it.
+    pub struct_size: usize,
+    /// `n_inputs` borrowed handles.
+    pub inputs: *const ArrayHandle,
+    /// Every output's dimensions, one after another.
+    pub output_shapes: *const i32,
+    /// Each output's number of dimensions.
+    pub output_ndims: *const i32,
+    /// Each output's `mlxd_dtype`.
+    pub output_dtypes: *const i32,
+    /// Threads along x, y, z.
+    pub grid: [i32; 3],
+    /// Threads per block along x, y, z.
+    pub block: [i32; 3],
 }
 
 /// `mlxd_error`: a host-owned message buffer.
@@ -219,7 +271,10 @@ mod tests {
     #[test]
     #[cfg(target_pointer_width = "64")]
     fn struct_sizes_match_the_header() {
-        assert_eq!(std::mem::size_of::<Host>(), 24 + 37 * 8);
+        assert_eq!(std::mem::size_of::<Host>(), 24 + 39 * 8);
+        assert_eq!(HOST_SIZE_V1_0, 24 + 37 * 8);
+        assert_eq!(std::mem::size_of::<Kernel>(), 64);
+        assert_eq!(std::mem::size_of::<KernelLaunch>(), 64);
         assert_eq!(std::mem::size_of::<ErrorBuf>(), 16);
         assert_eq!(std::mem::size_of::<CreateArgs>(), 32);
         assert_eq!(std::mem::size_of::<Context>(), 48);

@@ -26,7 +26,7 @@ type Fixture = (&'static str, &'static str, &'static str, &'static [(&'static st
 
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
-    let fixtures: [Fixture; 3] = [
+    let fixtures: [Fixture; 4] = [
         ("MLXD_FIXTURE_NO_ENTRY", "mlxd_fixture_no_entry", "no_entry.c", &[]),
         (
             "MLXD_FIXTURE_ABI_FUTURE_MINOR",
@@ -40,6 +40,7 @@ fn main() {
             "abi_version.c",
             &[("FIXTURE_MAJOR", "2"), ("FIXTURE_MINOR", "0"), ("FIXTURE_NAME", "\"major-two\"")],
         ),
+        ("MLXD_FIXTURE_ABI_1_0", "mlxd_fixture_abi_1_0", "abi_1_0.c", &[]),
     ];
     for (env, name, source, defines) in fixtures {
         let lib = shared_library(&out, name, source, defines);

@@ -8,13 +8,17 @@
 //! is inside a call into this instance, on that thread ([`HostCtx::enter`]); nothing here
 //! reads array data to the host. The operations themselves are in `ops`.
 
+use super::kernels::{op_kernel, op_kernel_language};
 use super::ops::*;
+use crate::ffi::CudaKernel;
 use mlx_rs::error::Exception;
 use mlx_rs::{Array, Dtype};
 use mlxd_plugin_api::sys::{self, ArrayHandle};
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::rc::Rc;
 
 /// Largest array `from_data` copies from the plugin.
 pub(super) const MAX_FROM_DATA: i64 = 1 << 24;
@@ -40,6 +44,10 @@ pub(crate) struct HostCtx {
     table: sys::Host,
     slab: RefCell<Slab>,
     pub(super) last_error: RefCell<CString>,
+    /// `MLXD_KERNEL_*` this instance is offered, fixed at creation.
+    pub(super) kernel_language: i32,
+    /// The plugin's kernels by name and source address (MLX keeps their compiled code).
+    kernels: RefCell<HashMap<(String, usize), Rc<CudaKernel>>>,
 }
 
 /// Why an operation returned NULL.
@@ -76,6 +84,11 @@ impl Drop for Entered {
 impl HostCtx {
     /// A table with no handles. Boxed: plugins keep its address until `destroy`.
     pub(crate) fn new() -> Box<HostCtx> {
+        Self::with_kernel_language(super::kernels::language())
+    }
+
+    /// A table offering kernels of `language` (`MLXD_KERNEL_*`).
+    pub(super) fn with_kernel_language(kernel_language: i32) -> Box<HostCtx> {
         let table = sys::Host {
             struct_size: std::mem::size_of::<sys::Host>(),
             abi_major: sys::ABI_MAJOR,
@@ -118,8 +131,16 @@ impl HostCtx {
             random_normal: op_random_normal,
             random_gumbel: op_random_gumbel,
             random_categorical: op_random_categorical,
+            kernel_language: op_kernel_language,
+            kernel: op_kernel,
         };
-        Box::new(HostCtx { table, slab: RefCell::default(), last_error: RefCell::new(CString::default()) })
+        Box::new(HostCtx {
+            table,
+            slab: RefCell::default(),
+            last_error: RefCell::new(CString::default()),
+            kernel_language,
+            kernels: RefCell::default(),
+        })
     }
 
     /// The pointer plugins receive.
@@ -188,6 +209,12 @@ impl HostCtx {
     /// Drops every handle (after `destroy`, so leaks end with the sequence).
     pub(crate) fn clear(&self) {
         *self.slab.borrow_mut() = Slab::default();
+    }
+
+    /// The plugin's kernel `name` with the source at `source`, made by `make` on first use.
+    pub(super) fn kernel(&self, name: &str, source: usize, make: impl FnOnce() -> CudaKernel) -> Rc<CudaKernel> {
+        let mut kernels = self.kernels.borrow_mut();
+        kernels.entry((name.to_string(), source)).or_insert_with(|| Rc::new(make())).clone()
     }
 
     /// The last recorded error message.

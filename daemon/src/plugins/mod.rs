@@ -13,6 +13,7 @@
 //! - [`registry`]: the catalog of loaded plugins, its listing, reload.
 //! - `host`: the per-instance handle table the operation table works on.
 //! - `ops`: the operations (`extern "C"` functions over MLX).
+//! - [`kernels`]: ABI 1.1's `kernel` operation, a plugin's own CUDA kernel as one node.
 //! - [`instance`]: one plugin instance of one sequence: create, apply, accept, destroy.
 
 pub mod instance;
@@ -20,6 +21,7 @@ pub mod loader;
 pub mod registry;
 
 pub(crate) mod host;
+pub mod kernels;
 mod ops;
 
 pub use instance::PluginInstance;

@@ -246,6 +246,41 @@ pub fn set_enabled(enabled: bool) {
     SWITCH.set(enabled);
 }
 
+const APPEND: &str = r#"
+    const int T = history_shape[1];
+    const int row = blockIdx.y;
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < T) {
+        out[(size_t)row * (T + 1) + i] = history[(size_t)row * T + i];
+    } else if (i == T) {
+        out[(size_t)row * (T + 1) + T] = static_cast<int32_t>(token[row]);
+    }
+"#;
+
+thread_local! {
+    static APPEND_KERNEL: RefCell<Option<CudaKernel>> = const { RefCell::new(None) };
+}
+
+/// `history` (`[B, T]` int32) with `token` (`[B]`, uint32) appended as column `T`: one node
+/// where joining them takes a conversion and two copies. `None` where the kernels are off.
+pub fn append_history(history: &Array, token: &Array) -> Option<Result<Array, Exception>> {
+    if !available() || history.dtype() != Dtype::Int32 || token.dtype() != Dtype::Uint32 {
+        return None;
+    }
+    let (b, t) = (history.shape()[0], history.shape()[1]);
+    Some(APPEND_KERNEL.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let k = cell.get_or_insert_with(|| {
+            CudaKernel::new("mlxd_history_append", &["history", "token"], &["out"], "", APPEND, true)
+        });
+        let out =
+            k.apply(&[history, token], &[(&[b, t + 1], Dtype::Int32)], &[], (t + 1, b, 1), (256, 1, 1), || {
+                format!("appending a token to a history of {:?}", history.shape())
+            })?;
+        Ok(out.into_iter().next().expect("one output"))
+    }))
+}
+
 /// Whether the sampling graph may use the kernels: on, and MLX runs on CUDA.
 pub(crate) fn available() -> bool {
     SWITCH.available()

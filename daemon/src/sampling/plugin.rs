@@ -93,7 +93,10 @@ impl PluginChain {
             p.accept(&token)?;
         }
         if let Some(h) = self.history.as_mut() {
-            *h = ops::concatenate(&[h.clone(), token.reshape(&[1, 1])?.as_type::<i32>()?], 1)?;
+            *h = match super::cuda::append_history(h, &token) {
+                Some(appended) => appended?,
+                None => ops::concatenate(&[h.clone(), token.reshape(&[1, 1])?.as_type::<i32>()?], 1)?,
+            };
         }
         self.info.generated_tokens += 1;
         Ok(())

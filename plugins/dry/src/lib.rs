@@ -27,8 +27,21 @@
 //! `O(N)` operations. The distance to the last breaker updates the same way. `M(t)` is one
 //! scatter-max into `[B, V]`, and the penalty is computed over `[B, V]` from it and subtracted
 //! (a handful of elementwise operations, fewer launches than gathering and putting back).
+//!
+//! # As one CUDA kernel
+//! Where the host compiles kernels (ABI 1.1, MLX on CUDA) all of the above is one kernel
+//! instead of about twenty operations, each of which is a launch the host prepares on the CPU:
+//! a block per (4,096 tokens of the vocabulary, row) finds the last breaker, computes `L(p)`
+//! for the positions whose next token falls in its chunk (counting matches back from `p`,
+//! at most `K`), takes the maximum per token in shared memory, and writes its chunk of
+//! penalized logits. Every block reads the whole window, which is small next to the
+//! vocabulary, so the kernel needs no state between steps. `mlxd-bench kernel-check` compares
+//! it with the operations on the device.
 
-use mlxd_plugin_api::{export_plugin, sys, Array, Context, CreateArgs, Dtype, Error, Host, Kind, Plugin, ScatterMode};
+use mlxd_plugin_api::{
+    export_plugin, sys, Array, Context, CreateArgs, Dtype, Error, Host, Kernel, KernelLanguage, Kind, Plugin,
+    ScatterMode,
+};
 use serde::Deserialize;
 use std::ffi::CStr;
 
@@ -114,7 +127,80 @@ pub struct Dry {
     zero: Array,
     /// The match lengths of the last step, updated with each new token.
     state: Option<State>,
+    /// The kernel's parameter arrays, where the host compiles CUDA kernels.
+    kernel: Option<KernelParams>,
 }
+
+/// Inputs of [`KERNEL`] besides the logits and the history, made once per sequence.
+struct KernelParams {
+    /// `[V]` bool: which tokens are not breakers (`[1]` when there are none).
+    allow: Array,
+    /// `[4]` int32: allowed_length, the exponent cap (0: none), penalty_last_n, whether there
+    /// are breakers.
+    ints: Array,
+    /// `[2]` float32: multiplier, base.
+    floats: Array,
+}
+
+/// Logits per block of [`KERNEL`].
+const CHUNK: i32 = 4096;
+
+/// The whole penalty as one CUDA kernel (see the crate's documentation); grid `(chunks, B)`.
+const KERNEL: Kernel = Kernel {
+    name: c"dry_penalty",
+    header: None,
+    source: cr#"
+    constexpr int CHUNK = 4096;
+    const int V = logits_shape[1];
+    const int T = tokens_shape[1];
+    const int row = blockIdx.y;
+    const int c0 = blockIdx.x * CHUNK;
+    const int allowed = ints[0];
+    const int max_exp = ints[1];
+    const int last_n = ints[2];
+    const bool breakers = ints[3] != 0;
+    const float multiplier = floats[0];
+    const float base = floats[1];
+    const int n = last_n < 0 ? T : min(T, last_n);
+    const int32_t* w = tokens + (size_t)row * T + (T - n);
+    __shared__ int best[CHUNK];
+    __shared__ int last_breaker;
+    for (int i = threadIdx.x; i < CHUNK; i += blockDim.x) best[i] = -1;
+    if (threadIdx.x == 0) last_breaker = -1;
+    __syncthreads();
+    if (breakers) {
+        int mine = -1;
+        for (int p = threadIdx.x; p < n; p += blockDim.x) {
+            if (!allow[w[p]]) mine = p;
+        }
+        if (mine >= 0) atomicMax(&last_breaker, mine);
+        __syncthreads();
+    }
+    // L(p) stops at K (longer ones all get the largest penalty) and at the last breaker.
+    const int k_cap = max_exp > 0 ? min(allowed + max_exp, n - 1) : n - 1;
+    const int cap = min(k_cap, n - 1 - last_breaker);
+    for (int p = threadIdx.x; p < n - 1; p += blockDim.x) {
+        const int t = w[p + 1];
+        if (t < c0 || t >= c0 + CHUNK) continue;
+        int l = 0;
+        while (l < cap && l <= p && w[p - l] == w[n - 1 - l]) ++l;
+        if (l >= allowed) atomicMax(&best[t - c0], l);
+    }
+    __syncthreads();
+    const size_t at = (size_t)row * V;
+    for (int i = threadIdx.x; i < CHUNK && c0 + i < V; i += blockDim.x) {
+        float v = static_cast<float>(logits[at + c0 + i]);
+        const int m = best[i];
+        if (m >= allowed && (!breakers || allow[c0 + i])) {
+            const int e = max_exp > 0 ? min(m - allowed, max_exp) : m - allowed;
+            v -= powf(base, static_cast<float>(e)) * multiplier;
+        }
+        out[at + c0 + i] = v;
+    }
+"#,
+    inputs: &[c"logits", c"tokens", c"allow", c"ints", c"floats"],
+    outputs: &[c"out"],
+};
 
 /// What the last `apply` computed, for a history of `t` tokens and a window of `n`.
 struct State {
@@ -157,7 +243,27 @@ impl Plugin for Dry {
                 Some(host.from_slice(&mask, &[1, args.vocab_size])?),
             )
         };
+        let kernel = match host.kernel_language() {
+            KernelLanguage::Cuda => Some(KernelParams {
+                allow: match &not_breaker {
+                    Some(mask) => mask.reshape(&[args.vocab_size])?,
+                    None => host.from_slice(&[true], &[1])?,
+                },
+                ints: host.from_slice(
+                    &[
+                        params.allowed_length,
+                        max_exponent(params.base),
+                        params.penalty_last_n,
+                        not_breaker.is_some() as i32,
+                    ],
+                    &[4],
+                )?,
+                floats: host.from_slice(&[params.multiplier, params.base], &[2])?,
+            }),
+            KernelLanguage::None => None,
+        };
         Ok(Dry {
+            kernel,
             allowed: host.i32(params.allowed_length)?,
             max_exp: Some(max_exponent(params.base)).filter(|&m| m > 0).map(|m| host.i32(m)).transpose()?,
             base: host.f32(params.base)?,
@@ -180,6 +286,12 @@ impl Plugin for Dry {
             return logits.retain();
         }
         let (b, v) = (logits.dim(0), logits.dim(1));
+        if let Some(k) = &self.kernel {
+            let grid = [(v + CHUNK - 1) / CHUNK * 1024, b, 1];
+            let inputs = [logits, tokens, &k.allow, &k.ints, &k.floats];
+            let mut out = host.kernel(&KERNEL, &inputs, &[(&[b, v], Dtype::Float32)], grid, [1024, 1, 1])?;
+            return Ok(out.pop().expect("one output"));
+        }
         // One token more than last time: update; otherwise (first step) compute from scratch.
         let state = match self.state.take() {
             Some(old) if old.t + 1 == t && old.lengths.dim(0) == b && n - old.n <= 1 && old.n > p.allowed_length => {

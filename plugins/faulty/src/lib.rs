@@ -18,6 +18,8 @@ pub const NO_ENTRY_LIB: &str = env!("MLXD_FIXTURE_NO_ENTRY");
 pub const ABI_FUTURE_MINOR_LIB: &str = env!("MLXD_FIXTURE_ABI_FUTURE_MINOR");
 /// A plugin built for ABI 2.0.
 pub const ABI_MAJOR_2_LIB: &str = env!("MLXD_FIXTURE_ABI_MAJOR_2");
+/// A working processor built for ABI 1.0 (`abi-one-zero`: adds 1), which a 1.1 host loads.
+pub const ABI_1_0_LIB: &str = env!("MLXD_FIXTURE_ABI_1_0");
 
 /// Where and how to fail.
 #[derive(Debug, Clone, Deserialize)]
@@ -106,7 +108,7 @@ export_plugin!(Faulty);
 mod tests {
     #[test]
     fn fixtures_were_built() {
-        for lib in [super::NO_ENTRY_LIB, super::ABI_FUTURE_MINOR_LIB, super::ABI_MAJOR_2_LIB] {
+        for lib in [super::NO_ENTRY_LIB, super::ABI_FUTURE_MINOR_LIB, super::ABI_MAJOR_2_LIB, super::ABI_1_0_LIB] {
             assert!(std::path::Path::new(lib).is_file(), "{lib}");
         }
     }

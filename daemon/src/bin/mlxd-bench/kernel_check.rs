@@ -1,12 +1,15 @@
 //! `mlxd-bench kernel-check`: mlxd's CUDA kernels for batched decode (`mlxd::models::cuda`)
 //! against the same computation as MLX operations in float32, on random inputs of the shapes a
-//! Qwen3-0.6B-sized model uses. Prints each case's largest error relative to the largest
+//! Qwen3-0.6B-sized model uses, and the `dry` plugin's kernel (ABI 1.1) against its own
+//! operations path. Prints each case's largest error relative to the largest
 //! reference value and fails when one exceeds the dtype's tolerance. Without CUDA it says so and
 //! checks nothing.
 
-use anyhow::{ensure, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::{ops, random, Array, Dtype};
+use mlxd::plugins::instance::StepInfo;
+use mlxd::plugins::PluginInstance;
 
 fn relative_error(got: &Array, want: &Array) -> Result<f32> {
     let diff = ops::abs(ops::subtract(&got.as_type::<f32>()?, want)?)?.max(None)?;
@@ -86,6 +89,15 @@ pub fn run() -> Result<()> {
             worst.push((err, tolerance(d)));
         }
     }
+    worst.extend(dry_plugin_errors()?);
+    // A plugin's token history grows by one column per step through one kernel.
+    let history = Array::from_slice(&(0..300).map(|i| (i * 7919) % 151_936).collect::<Vec<i32>>(), &[1, 300]);
+    let token = Array::from_slice(&[151_935u32], &[1]);
+    let appended = mlxd::sampling::append_history(&history, &token).context("the append kernel is off")??;
+    let want = ops::concatenate(&[history.clone(), token.reshape(&[1, 1])?.as_type::<i32>()?], 1)?;
+    let same = appended.shape() == want.shape() && ops::array_eq(&appended, &want, false)?.try_item_exact::<bool>()?;
+    println!("| history append, 300 + 1 tokens | Int32 | {} | exact |", if same { "equal" } else { "DIFFERENT" });
+    worst.push((if same { 0.0 } else { f32::NAN }, 0.0));
     // A NaN error counts as a failure.
     let failed = worst.iter().filter(|(e, t)| e.is_nan() || e > t).count();
     ensure!(failed == 0, "{failed} case(s) beyond tolerance");
@@ -190,4 +202,67 @@ fn attention_error(d: Dtype, hq: i32, hkv: i32, dh: i32, cap: i32, cur: i32, pad
     let want = ops::matmul(&probs, &vf)?.reshape(&[b, hq, 1, dh])?;
     ensure!(got.shape() == want.shape(), "attention output {:?}, want {:?}", got.shape(), want.shape());
     relative_error(&got, &want)
+}
+
+/// The `dry` plugin's CUDA kernel (ABI 1.1 `kernel`) against the same plugin's operations path
+/// (kernels switched off for that instance), over four consecutive steps so that the
+/// operations' incremental update is compared too; histories drawn from a few token ids repeat
+/// a lot. Error: the largest `|got - want| / max(|want|, 1)` (equal values, infinities
+/// included, count as 0).
+fn dry_plugin_errors() -> Result<Vec<(f32, f32)>> {
+    let dir = std::env::current_exe()?.parent().context("executable directory")?.to_path_buf();
+    let registry = mlxd::plugins::PluginRegistry::new(vec![dir.clone()]);
+    let plugin = registry
+        .get("dry")
+        .map_err(|e| anyhow!("{e} (looked in {}): build mlxd-plugin-dry next to mlxd-bench", dir.display()))?;
+    let vocab = 151_936;
+    let tolerance = 1e-5;
+    let mut out = Vec::new();
+    for (params, alphabet, d) in [
+        (r#"{"multiplier":0.8}"#, 8, Dtype::Bfloat16),
+        (r#"{"multiplier":0.8,"sequence_breakers":[3,5000]}"#, 8, Dtype::Float32),
+        (r#"{"multiplier":1.5,"base":1.0,"allowed_length":3,"penalty_last_n":64}"#, 4, Dtype::Bfloat16),
+        (r#"{"multiplier":0.8}"#, 150_000, Dtype::Float32),
+    ] {
+        let make = |kernels: bool| {
+            mlxd::plugins::kernels::set_enabled(kernels);
+            let p = PluginInstance::create(plugin.clone(), params, vocab as usize, 0).map_err(|e| anyhow!("{e}"));
+            mlxd::plugins::kernels::set_enabled(true);
+            p
+        };
+        let (mut kernel, mut operations) = (make(true)?, make(false)?);
+        let mut state = 12345u64;
+        let history: Vec<i32> = (0..310)
+            .map(|_| {
+                state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                ((state >> 33) % alphabet) as i32
+            })
+            .collect();
+        let (mut err, mut changed) = (0f32, 0i64);
+        for step in 0..4usize {
+            let t = 300 + step;
+            let h = Array::from_slice(&history[..t], &[1, t as i32]);
+            let logits = normal(&[1, vocab], 2.0, 60 + step as u64, d)?;
+            let info = StepInfo { prompt_tokens: 300, generated_tokens: step, temperature: 0.0 };
+            let got = kernel.apply(&logits, Some(&h), info).map_err(|e| anyhow!("{e}"))?.as_type::<f32>()?;
+            let want = operations.apply(&logits, Some(&h), info).map_err(|e| anyhow!("{e}"))?.as_type::<f32>()?;
+            ensure!(got.shape() == want.shape(), "kernel output {:?}, operations {:?}", got.shape(), want.shape());
+            let diff = ops::divide(
+                ops::abs(ops::subtract(&got, &want)?)?,
+                ops::maximum(ops::abs(&want)?, Array::from_f32(1.0))?,
+            )?;
+            let diff = ops::select(&ops::eq(&got, &want)?, Array::from_f32(0.0), &diff)?;
+            err = err.max(diff.max(None)?.try_item_exact::<f32>()?);
+            let moved = ops::ne(&want, &logits.as_type::<f32>()?)?.as_type::<i32>()?.sum(None)?;
+            changed += moved.try_item_exact::<i32>()? as i64;
+        }
+        println!(
+            "| dry plugin: kernel vs its operations, {params}, {alphabet} distinct ids, 4 steps ({changed} logits penalized) | {d:?} | {err:.2e} | {tolerance:.0e} |"
+        );
+        if alphabet < 100 {
+            ensure!(changed > 0, "dry changed no logit for a history of {alphabet} ids: nothing was compared");
+        }
+        out.push((err, tolerance));
+    }
+    Ok(out)
 }

@@ -1,0 +1,307 @@
+//! The ABI 1.1 operations `kernel_language` and `kernel`: a plugin's own CUDA kernel, queued as
+//! one node of the step through MLX's custom-kernel support (the header's "Kernels" section is
+//! the contract).
+//!
+//! Everything a plugin passes is checked before MLX sees it (names, counts, shapes, dtypes,
+//! launch geometry). A kernel is compiled by MLX at its first evaluation, which would be inside
+//! the engine's step, where a compiler error would fail every request of the batch; so the first
+//! call of each (name, code, element types) in the process also runs the kernel once on
+//! zero-filled inputs of the call's shapes and waits for it, and a kernel that fails there fails
+//! only this call, with the compiler's message.
+
+use super::host::*;
+use crate::ffi::{CudaKernel, KernelSwitch};
+use mlx_rs::{ops, Array, Dtype};
+use mlxd_plugin_api::sys::{self, ArrayHandle};
+use std::collections::HashSet;
+use std::ffi::{c_char, CStr};
+use std::sync::Mutex;
+
+static SWITCH: KernelSwitch = KernelSwitch::new("MLXD_PLUGIN_KERNELS");
+
+/// Offers plugins kernels or not (on unless `MLXD_PLUGIN_KERNELS=0`, and only on CUDA); read by
+/// each instance when it is created.
+pub fn set_enabled(enabled: bool) {
+    SWITCH.set(enabled);
+}
+
+/// The language new instances are offered.
+pub(super) fn language() -> i32 {
+    if SWITCH.available() {
+        sys::KERNEL_CUDA
+    } else {
+        sys::KERNEL_NONE
+    }
+}
+
+const MAX_INPUTS: i32 = 16;
+const MAX_OUTPUTS: i32 = 8;
+const MAX_NDIM: i32 = 8;
+
+pub(super) unsafe extern "C" fn op_kernel_language(h: *const sys::Host) -> i32 {
+    guarded(h, sys::KERNEL_NONE, |ctx| Ok(ctx.kernel_language))
+}
+
+pub(super) unsafe extern "C" fn op_kernel(
+    h: *const sys::Host,
+    k: *const sys::Kernel,
+    launch: *const sys::KernelLaunch,
+    outputs: *mut ArrayHandle,
+) -> i32 {
+    guarded(h, -1, |ctx| {
+        if outputs.is_null() {
+            return fail("kernel: null outputs");
+        }
+        let arrays = match unsafe { queue(ctx, k, launch) } {
+            Err(OpError::Failed(m)) => return fail(format!("kernel: {m}")),
+            other => other?,
+        };
+        let n = arrays.len();
+        for (i, a) in arrays.into_iter().enumerate() {
+            // SAFETY: the plugin passes room for n_outputs handles (checked count).
+            unsafe { *outputs.add(i) = ctx.insert(a) };
+        }
+        Ok(n as i32)
+    })
+}
+
+/// A NUL-terminated string argument, as UTF-8.
+unsafe fn text<'a>(p: *const c_char, what: &str) -> Op<&'a str> {
+    if p.is_null() {
+        return fail(format!("null {what}"));
+    }
+    unsafe { CStr::from_ptr(p) }.to_str().or_else(|_| fail(format!("{what} is not UTF-8")))
+}
+
+fn identifier(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_')
+        && !s.as_bytes()[0].is_ascii_digit()
+}
+
+/// `n` identifiers from `names`.
+unsafe fn names(names: *const *const c_char, n: i32, what: &str) -> Op<Vec<String>> {
+    if names.is_null() {
+        return fail(format!("null {what} names"));
+    }
+    let mut out = Vec::with_capacity(n as usize);
+    for i in 0..n as usize {
+        let s = unsafe { text(*names.add(i), &format!("{what} name {i}")) }?;
+        if !identifier(s) {
+            return fail(format!("{what} name {s:?} is not a C identifier of 1-64 characters"));
+        }
+        out.push(s.to_string());
+    }
+    Ok(out)
+}
+
+/// Checks a call and queues the kernel; the error says what is wrong.
+unsafe fn queue(ctx: &HostCtx, k: *const sys::Kernel, launch: *const sys::KernelLaunch) -> Op<Vec<Array>> {
+    if ctx.kernel_language == sys::KERNEL_NONE {
+        return fail("this host compiles no kernels (kernel_language is MLXD_KERNEL_NONE): use operations here");
+    }
+    let (Some(k), Some(l)) = (unsafe { k.as_ref() }, unsafe { launch.as_ref() }) else {
+        return fail("null kernel or launch");
+    };
+    if k.struct_size < std::mem::size_of::<sys::Kernel>() || l.struct_size < std::mem::size_of::<sys::KernelLaunch>() {
+        return fail(format!(
+            "mlxd_kernel / mlxd_kernel_launch of {} / {} bytes; ABI 1.1 defines {} / {}",
+            k.struct_size,
+            l.struct_size,
+            std::mem::size_of::<sys::Kernel>(),
+            std::mem::size_of::<sys::KernelLaunch>()
+        ));
+    }
+    let name = unsafe { text(k.name, "name") }?;
+    if !identifier(name) {
+        return fail(format!("name {name:?} must be 1-64 of [A-Za-z0-9_], not starting with a digit"));
+    }
+    let what = |m: String| OpError::Failed(format!("`{name}`: {m}"));
+    let source = unsafe { text(k.source, "source") }.map_err(|_| what("null or non-UTF-8 source".into()))?;
+    let header = if k.header.is_null() {
+        ""
+    } else {
+        unsafe { text(k.header, "header") }.map_err(|_| what("non-UTF-8 header".into()))?
+    };
+    if !(1..=MAX_INPUTS).contains(&k.n_inputs) || !(1..=MAX_OUTPUTS).contains(&k.n_outputs) {
+        return Err(what(format!(
+            "{} inputs and {} outputs; 1-{MAX_INPUTS} and 1-{MAX_OUTPUTS} are allowed",
+            k.n_inputs, k.n_outputs
+        )));
+    }
+    let input_names = unsafe { names(k.input_names, k.n_inputs, "input") }.map_err(|e| prefix(e, name))?;
+    let output_names = unsafe { names(k.output_names, k.n_outputs, "output") }.map_err(|e| prefix(e, name))?;
+    let mut seen = HashSet::new();
+    if let Some(dup) = input_names.iter().chain(&output_names).find(|n| !seen.insert(n.as_str())) {
+        return Err(what(format!("parameter name {dup:?} is used twice")));
+    }
+
+    if l.inputs.is_null() || l.output_ndims.is_null() || l.output_dtypes.is_null() {
+        return Err(what("null inputs, output_ndims or output_dtypes".into()));
+    }
+    let mut inputs = Vec::with_capacity(k.n_inputs as usize);
+    for i in 0..k.n_inputs as usize {
+        inputs.push(ctx.arg(unsafe { *l.inputs.add(i) }).map_err(|e| prefix(e, name))?);
+    }
+    let mut shapes = Vec::with_capacity(k.n_outputs as usize);
+    let mut at = 0usize;
+    for i in 0..k.n_outputs as usize {
+        let ndim = unsafe { *l.output_ndims.add(i) };
+        if !(0..=MAX_NDIM).contains(&ndim) {
+            return Err(what(format!("output {:?} has {ndim} dimensions; 0-{MAX_NDIM} are allowed", output_names[i])));
+        }
+        if ndim > 0 && l.output_shapes.is_null() {
+            return Err(what("null output_shapes".into()));
+        }
+        let dims: Vec<i32> = (0..ndim as usize).map(|j| unsafe { *l.output_shapes.add(at + j) }).collect();
+        at += ndim as usize;
+        let size =
+            dims.iter().try_fold(1i64, |acc, &d| (d >= 0).then(|| acc * d as i64).filter(|&s| s <= i32::MAX as i64));
+        if size.is_none() {
+            return Err(what(format!("output {:?} has shape {dims:?}: negative or too large", output_names[i])));
+        }
+        let dtype = dtype_of(unsafe { *l.output_dtypes.add(i) }).map_err(|e| prefix(e, name))?;
+        shapes.push((dims, dtype));
+    }
+    if l.grid.iter().any(|&g| g < 1) || l.block.iter().any(|&b| b < 1) {
+        return Err(what(format!("grid {:?} and block {:?} must be >= 1 along every axis", l.grid, l.block)));
+    }
+    let threads = l.block.iter().map(|&b| b as i64).product::<i64>();
+    if threads > 1024 {
+        return Err(what(format!("block {:?} has {threads} threads; at most 1024", l.block)));
+    }
+
+    let kernel = ctx.kernel(name, k.source as usize, || {
+        let ins: Vec<&str> = input_names.iter().map(String::as_str).collect();
+        let outs: Vec<&str> = output_names.iter().map(String::as_str).collect();
+        CudaKernel::new(&format!("plugin_{name}"), &ins, &outs, header, source, true)
+    });
+    let grid = (l.grid[0], l.grid[1], l.grid[2]);
+    let block = (l.block[0], l.block[1], l.block[2]);
+    let outputs: Vec<(&[i32], Dtype)> = shapes.iter().map(|(s, d)| (&s[..], *d)).collect();
+    let run =
+        |inputs: &[&Array]| kernel.apply(inputs, &outputs, &[], grid, block, || format!("plugin kernel `{name}`"));
+
+    // The first call of this code with these element types compiles it, here, on zeros.
+    let signature = {
+        let mut key = format!("{name}\u{0}{header}\u{0}{source}");
+        for a in &inputs {
+            key.push_str(&format!("\u{0}{:?}", a.dtype()));
+        }
+        for (_, d) in &shapes {
+            key.push_str(&format!("\u{0}{d:?}"));
+        }
+        key
+    };
+    static COMPILED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+    let known =
+        COMPILED.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(HashSet::new).contains(&signature);
+    if !known {
+        let zeros = inputs.iter().map(|a| ops::zeros_dtype(a.shape(), a.dtype())).collect::<Result<Vec<_>, _>>()?;
+        let trial = run(&zeros.iter().collect::<Vec<_>>()).and_then(|outs| mlx_rs::transforms::eval(outs.iter()));
+        if let Err(e) = trial {
+            return Err(what(format!("does not compile or run (on zero inputs of this call's shapes): {}", e.what())));
+        }
+        COMPILED.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(HashSet::new).insert(signature);
+    }
+    Ok(run(&inputs.iter().collect::<Vec<_>>())?)
+}
+
+fn prefix(e: OpError, name: &str) -> OpError {
+    match e {
+        OpError::Failed(m) => OpError::Failed(format!("`{name}`: {m}")),
+        e => e,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_cuda_there_are_no_kernels_and_a_call_says_why() {
+        let ctx = HostCtx::new();
+        let h = ctx.table();
+        let t = unsafe { &*h };
+        let _entered = ctx.enter();
+        // The tests run MLX on the CPU.
+        assert_eq!(unsafe { (t.kernel_language)(h) }, sys::KERNEL_NONE);
+        let a = ctx.insert(Array::from_slice(&[1.0f32, 2.0], &[2]));
+        let input_names: [*const c_char; 1] = [c"x".as_ptr()];
+        let output_names: [*const c_char; 1] = [c"y".as_ptr()];
+        let k = sys::Kernel {
+            struct_size: std::mem::size_of::<sys::Kernel>(),
+            name: c"copy".as_ptr(),
+            header: std::ptr::null(),
+            source: c"y[threadIdx.x] = x[threadIdx.x];".as_ptr(),
+            n_inputs: 1,
+            input_names: input_names.as_ptr(),
+            n_outputs: 1,
+            output_names: output_names.as_ptr(),
+        };
+        let (shape, ndim, dtype) = ([2i32], [1i32], [sys_float32()]);
+        let launch = sys::KernelLaunch {
+            struct_size: std::mem::size_of::<sys::KernelLaunch>(),
+            inputs: &a,
+            output_shapes: shape.as_ptr(),
+            output_ndims: ndim.as_ptr(),
+            output_dtypes: dtype.as_ptr(),
+            grid: [2, 1, 1],
+            block: [2, 1, 1],
+        };
+        let mut out: ArrayHandle = std::ptr::null_mut();
+        assert_eq!(unsafe { (t.kernel)(h, &k, &launch, &mut out) }, -1);
+        assert!(out.is_null());
+        assert!(ctx.last_error().contains("compiles no kernels"), "{}", ctx.last_error());
+    }
+
+    #[test]
+    fn calls_are_checked_before_mlx_sees_them() {
+        let ctx = HostCtx::with_kernel_language(sys::KERNEL_CUDA);
+        let h = ctx.table();
+        let t = unsafe { &*h };
+        let _entered = ctx.enter();
+        let a = ctx.insert(Array::from_slice(&[1.0f32, 2.0], &[2]));
+        let ok_names: [*const c_char; 1] = [c"x".as_ptr()];
+        let out_names: [*const c_char; 1] = [c"y".as_ptr()];
+        let dup_names: [*const c_char; 1] = [c"x".as_ptr()];
+        let bad_names: [*const c_char; 1] = [c"2x".as_ptr()];
+        let kernel = |name: &'static CStr, outs: &[*const c_char; 1]| sys::Kernel {
+            struct_size: std::mem::size_of::<sys::Kernel>(),
+            name: name.as_ptr(),
+            header: std::ptr::null(),
+            source: c"".as_ptr(),
+            n_inputs: 1,
+            input_names: ok_names.as_ptr(),
+            n_outputs: 1,
+            output_names: outs.as_ptr(),
+        };
+        let (shape, ndim, dtype) = ([2i32], [1i32], [sys_float32()]);
+        let launch = |block: [i32; 3], shape: &[i32; 1]| sys::KernelLaunch {
+            struct_size: std::mem::size_of::<sys::KernelLaunch>(),
+            inputs: &a,
+            output_shapes: shape.as_ptr(),
+            output_ndims: ndim.as_ptr(),
+            output_dtypes: dtype.as_ptr(),
+            grid: [2, 1, 1],
+            block,
+        };
+        let mut out: ArrayHandle = std::ptr::null_mut();
+        for (k, l, expect) in [
+            (kernel(c"bad name", &out_names), launch([2, 1, 1], &shape), "must be 1-64 of [A-Za-z0-9_]"),
+            (kernel(c"k", &dup_names), launch([2, 1, 1], &shape), "\"x\" is used twice"),
+            (kernel(c"k", &bad_names), launch([2, 1, 1], &shape), "\"2x\" is not a C identifier"),
+            (kernel(c"k", &out_names), launch([64, 32, 1], &shape), "2048 threads; at most 1024"),
+            (kernel(c"k", &out_names), launch([0, 1, 1], &shape), "must be >= 1"),
+            (kernel(c"k", &out_names), launch([2, 1, 1], &[-3]), "negative or too large"),
+        ] {
+            assert_eq!(unsafe { (t.kernel)(h, &k, &l, &mut out) }, -1);
+            let e = ctx.last_error();
+            assert!(e.starts_with("kernel: ") && e.contains(expect), "{e}");
+        }
+    }
+
+    fn sys_float32() -> i32 {
+        code_of(Dtype::Float32)
+    }
+}
