@@ -270,7 +270,7 @@ fn dry_reference(logits: &[f32], history: &[u32], p: &DryParams) -> Vec<f32> {
             *e = (*e).max(l);
         }
     }
-    let max_exp = if p.base > 1.000001 { (88.722_84_f32 / (p.base as f32).ln()) as i64 } else { 0 };
+    let max_exp = if p.base > 1.000001 { (88.0 / (p.base as f32 as f64).ln()).floor() as i64 } else { 0 };
     for (token, l) in longest {
         if p.breakers.contains(&token) {
             continue;

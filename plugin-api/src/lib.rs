@@ -85,9 +85,11 @@ mod tests {
             .filter_map(|rest| rest.split(')').next())
             .collect();
         let host_ops = &c_ops[..c_ops.iter().position(|&n| n == "create").unwrap()];
-        assert_eq!(host_ops.len(), 37, "{host_ops:?}");
+        assert_eq!(host_ops.len(), 39, "{host_ops:?}");
         assert_eq!(host_ops[0], "last_error");
-        assert_eq!(host_ops[36], "random_categorical");
+        assert_eq!(host_ops[36..], ["random_categorical", "kernel_language", "kernel"]);
+        assert_eq!(define("MLXD_KERNEL_NONE"), sys::KERNEL_NONE.to_string());
+        assert_eq!(define("MLXD_KERNEL_CUDA"), sys::KERNEL_CUDA.to_string());
     }
 
     struct Boom;

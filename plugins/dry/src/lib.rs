@@ -12,7 +12,8 @@
 //!
 //! `logit[t] -= multiplier * base ^ min(M(t) - allowed_length, max_exponent)`
 //!
-//! where `max_exponent = floor(88.7228391 / ln base)` keeps the power finite in float32 (no
+//! where `max_exponent = floor(88 / ln base)` (in double precision) keeps the power below
+//! `e^88`, finite in float32 with room for rounding (no
 //! cap when `base <= 1.000001`). Nothing happens when `N <= allowed_length` or `rep_limit <
 //! allowed_length`. This is llama.cpp's definition with one difference: sequence breakers are
 //! token ids, not strings (a plugin sees ids; clients can get them from the `tokenize` message).
@@ -70,7 +71,9 @@ impl Default for Params {
 /// Largest exponent whose power of `base` stays finite in float32 (0: no cap).
 pub fn max_exponent(base: f32) -> i32 {
     if base > 1.000_001 {
-        (88.722_84_f32 / base.ln()) as i32
+        // e^88 is half of float32's largest value: the float32 power the device computes stays
+        // finite even where ln(base) rounds (ln(f32::MAX) itself overflowed for base 1.00001).
+        (88.0 / (base as f64).ln()).floor() as i32
     } else {
         0
     }
@@ -433,10 +436,11 @@ mod tests {
     fn the_exponent_cap_keeps_the_penalty_finite() {
         for base in [1.000_01_f32, 1.1, 1.75, 3.0, 100.0] {
             let m = max_exponent(base);
-            assert!(m > 0 && base.powi(m).is_finite(), "{base}: {m}");
+            // As the device computes it: a float32 power with a float exponent.
+            assert!(m > 0 && base.powf(m as f32).is_finite(), "{base}: {m}");
         }
         assert_eq!(max_exponent(1.0), 0);
-        assert_eq!(max_exponent(1.75), 158);
+        assert_eq!(max_exponent(1.75), 157);
     }
 
     #[test]
