@@ -5,7 +5,7 @@
 Prints one JSON object: per variant, per-run time to first token, prefill and decode tokens per
 second, the median time between tokens, and peak memory, measured around
 mlx_lm.generate.generate_step (no EOS check), which is the loop `mlx_lm.generate` and
-`mlx_lm.server` use. Several variants run interleaved (A B A B ...), as mlxd's do.
+`mlx_lm.server` use. Several variants run interleaved, the order rotating each round, as mlxd's do.
 """
 import json
 import sys
@@ -59,7 +59,8 @@ def main():
     prompt = mx.array(rng.integers(0, vocab, size=plen).astype(np.int32))
     runs = {v: [] for v in variants}
     for r in range(repeats + 1):  # the first round warms up and is dropped
-        for v in variants:
+        # Each round starts one variant later, as mlxd-bench's do (no variant always first).
+        for v in variants[r % len(variants):] + variants[:r % len(variants)]:
             run = one_run(model, prompt, gen, kwargs[v])
             if r > 0:
                 runs[v].append(run)

@@ -47,7 +47,15 @@ pub(crate) struct HostCtx {
     /// `MLXD_KERNEL_*` this instance is offered, fixed at creation.
     pub(super) kernel_language: i32,
     /// The plugin's kernels by name and source address (MLX keeps their compiled code).
-    kernels: RefCell<HashMap<(String, usize), Rc<CudaKernel>>>,
+    kernels: RefCell<HashMap<(String, usize), Rc<PluginKernel>>>,
+}
+
+/// One of a plugin's kernels, and the element types it is known to compile for.
+pub(super) struct PluginKernel {
+    pub(super) kernel: CudaKernel,
+    /// Inputs' then outputs' dtypes of the calls that compiled (checked once per process, then
+    /// remembered here so a step costs a lookup).
+    pub(super) compiled: RefCell<Vec<Vec<Dtype>>>,
 }
 
 /// Why an operation returned NULL.
@@ -212,9 +220,10 @@ impl HostCtx {
     }
 
     /// The plugin's kernel `name` with the source at `source`, made by `make` on first use.
-    pub(super) fn kernel(&self, name: &str, source: usize, make: impl FnOnce() -> CudaKernel) -> Rc<CudaKernel> {
+    pub(super) fn kernel(&self, name: &str, source: usize, make: impl FnOnce() -> CudaKernel) -> Rc<PluginKernel> {
         let mut kernels = self.kernels.borrow_mut();
-        kernels.entry((name.to_string(), source)).or_insert_with(|| Rc::new(make())).clone()
+        let entry = kernels.entry((name.to_string(), source));
+        entry.or_insert_with(|| Rc::new(PluginKernel { kernel: make(), compiled: RefCell::default() })).clone()
     }
 
     /// The last recorded error message.

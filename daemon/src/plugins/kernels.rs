@@ -171,7 +171,7 @@ unsafe fn queue(ctx: &HostCtx, k: *const sys::Kernel, launch: *const sys::Kernel
         return Err(what(format!("block {:?} has {threads} threads; at most 1024", l.block)));
     }
 
-    let kernel = ctx.kernel(name, k.source as usize, || {
+    let entry = ctx.kernel(name, k.source as usize, || {
         let ins: Vec<&str> = input_names.iter().map(String::as_str).collect();
         let outs: Vec<&str> = output_names.iter().map(String::as_str).collect();
         CudaKernel::new(&format!("plugin_{name}"), &ins, &outs, header, source, true)
@@ -179,30 +179,25 @@ unsafe fn queue(ctx: &HostCtx, k: *const sys::Kernel, launch: *const sys::Kernel
     let grid = (l.grid[0], l.grid[1], l.grid[2]);
     let block = (l.block[0], l.block[1], l.block[2]);
     let outputs: Vec<(&[i32], Dtype)> = shapes.iter().map(|(s, d)| (&s[..], *d)).collect();
-    let run =
-        |inputs: &[&Array]| kernel.apply(inputs, &outputs, &[], grid, block, || format!("plugin kernel `{name}`"));
+    let run = |inputs: &[&Array]| {
+        entry.kernel.apply(inputs, &outputs, &[], grid, block, || format!("plugin kernel `{name}`"))
+    };
 
     // The first call of this code with these element types compiles it, here, on zeros.
-    let signature = {
-        let mut key = format!("{name}\u{0}{header}\u{0}{source}");
-        for a in &inputs {
-            key.push_str(&format!("\u{0}{:?}", a.dtype()));
+    let dtypes: Vec<Dtype> = inputs.iter().map(Array::dtype).chain(shapes.iter().map(|(_, d)| *d)).collect();
+    if !entry.compiled.borrow().contains(&dtypes) {
+        let signature = format!("{name}\u{0}{header}\u{0}{source}\u{0}{dtypes:?}");
+        static COMPILED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+        let known = COMPILED.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(HashSet::new).contains(&signature);
+        if !known {
+            let zeros = inputs.iter().map(|a| ops::zeros_dtype(a.shape(), a.dtype())).collect::<Result<Vec<_>, _>>()?;
+            let trial = run(&zeros.iter().collect::<Vec<_>>()).and_then(|outs| mlx_rs::transforms::eval(outs.iter()));
+            if let Err(e) = trial {
+                return Err(what(format!("does not compile or run (on zero inputs of this call's shapes): {}", e.what())));
+            }
+            COMPILED.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(HashSet::new).insert(signature);
         }
-        for (_, d) in &shapes {
-            key.push_str(&format!("\u{0}{d:?}"));
-        }
-        key
-    };
-    static COMPILED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
-    let known =
-        COMPILED.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(HashSet::new).contains(&signature);
-    if !known {
-        let zeros = inputs.iter().map(|a| ops::zeros_dtype(a.shape(), a.dtype())).collect::<Result<Vec<_>, _>>()?;
-        let trial = run(&zeros.iter().collect::<Vec<_>>()).and_then(|outs| mlx_rs::transforms::eval(outs.iter()));
-        if let Err(e) = trial {
-            return Err(what(format!("does not compile or run (on zero inputs of this call's shapes): {}", e.what())));
-        }
-        COMPILED.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(HashSet::new).insert(signature);
+        entry.compiled.borrow_mut().push(dtypes);
     }
     Ok(run(&inputs.iter().collect::<Vec<_>>())?)
 }

@@ -306,7 +306,10 @@ fn engine_compare(args: &Args, dir: &Path, plugin_runs: &[(String, SamplingParam
     // Same BLAS for both: the Python wheel's libmlx would otherwise use its reference BLAS.
     let preload = report.blas.strip_prefix("OpenBLAS (").and_then(|p| p.strip_suffix(')')).map(String::from);
 
-    // Variants run interleaved (A B A B ...), so slow drifts of clock or load hit all alike.
+    // Variants run interleaved, so slow drifts of clock or load hit all alike, and each round
+    // starts one variant later (A B C, B C A, C A B, ...), so that no variant always runs first
+    // after the pause between rounds: a fixed order biased the run-by-run ratios by 2-3% on a
+    // lent H100 (a pass-through plugin, which adds no device work, measured 2.9% slower).
     let mut variants_list: Vec<(String, SamplingParams)> =
         sampler_variants(&args.samplers)?.into_iter().map(|(n, s)| (n.to_string(), s)).collect();
     variants_list.extend(plugin_runs.iter().cloned());
@@ -321,8 +324,10 @@ fn engine_compare(args: &Args, dir: &Path, plugin_runs: &[(String, SamplingParam
         .filter(|&us| us > 0)
         .map(Duration::from_micros);
     let mut profiles = vec![mlxd::engine::StepProfile::default(); variants_list.len()];
+    let n_variants = variants_list.len();
     for r in 0..=args.repeats {
-        for (k, (_, sampler)) in variants_list.iter().enumerate() {
+        for k in (0..n_variants).map(|i| (i + r) % n_variants) {
+            let sampler = &variants_list[k].1;
             let req = GenerateRequest {
                 prompt: prompt.clone(),
                 max_tokens: args.gen,
