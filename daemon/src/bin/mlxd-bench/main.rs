@@ -326,11 +326,9 @@ fn engine_compare(args: &Args, dir: &Path, plugin_runs: &[(String, SamplingParam
         .map(Duration::from_micros);
     let mut profiles = vec![mlxd::engine::StepProfile::default(); variants_list.len()];
     let n_variants = variants_list.len();
-    let fusion = std::env::var("MLXD_DECODE_FUSION").map_or(true, |v| v != "0");
     for r in 0..=args.repeats {
         for k in (0..n_variants).map(|i| (i + r) % n_variants) {
             let sampler = &variants_list[k].1;
-            mlxd::models::fused::set_enabled(fusion && variants_list[k].0 != "greedy-unfused");
             let req = GenerateRequest {
                 prompt: prompt.clone(),
                 max_tokens: args.gen,
@@ -363,7 +361,6 @@ fn engine_compare(args: &Args, dir: &Path, plugin_runs: &[(String, SamplingParam
             }
         }
     }
-    mlxd::models::fused::set_enabled(fusion);
     // mlx-lm runs the variants it has a twin of (bench/mlx_lm_bench.py): greedy and full,
     // interleaved in one process like ours.
     let twins: Vec<&str> = variants_list
@@ -473,8 +470,6 @@ fn sampler_variants(names: &[String]) -> Result<Vec<(&'static str, SamplingParam
         .iter()
         .map(|n| match n.as_str() {
             "greedy" => Ok(("greedy", SamplingParams::default())),
-            // Greedy with the fused decode kernels off for its runs (mlxd::models::fused).
-            "greedy-unfused" => Ok(("greedy-unfused", SamplingParams::default())),
             "full" => Ok(("full", SamplingParams { seed: Some(1), ..full_sampling() })),
             "temperature" => Ok(("temperature", hot(|_| {}))),
             "top-k" => Ok(("top-k", hot(|p| p.top_k = 50))),
@@ -485,7 +480,7 @@ fn sampler_variants(names: &[String]) -> Result<Vec<(&'static str, SamplingParam
                 SamplingParams { repetition_penalty: 1.1, repetition_context_size: 64, ..Default::default() },
             )),
             other => bail!(
-                "--samplers: unknown variant {other} (greedy, greedy-unfused, full, temperature, top-k, top-p, min-p, repetition)"
+                "--samplers: unknown variant {other} (greedy, full, temperature, top-k, top-p, min-p, repetition)"
             ),
         })
         .collect()
