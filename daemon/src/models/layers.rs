@@ -365,18 +365,12 @@ pub struct Rope {
     scale: f32,
     /// Per-pair periods `base^(2i/dims)`, adjusted, when the scaling needs custom ones.
     periods: Option<Array>,
-    /// `[dims / 2]` float32 inverse frequencies as MLX's kernels compute them (the fused decode
-    /// kernel reads these).
-    inv_freq: Array,
 }
 
 impl Rope {
     /// Plain RoPE; `linear_factor` divides positions (`rope_scaling.type == "linear"`).
     pub fn new(dims: i32, base: f32, linear_factor: f32) -> Self {
-        // MLX: exp2(-(i / (dims / 2)) * log2(base)).
-        let half = dims / 2;
-        let inv: Vec<f32> = (0..half).map(|i| (-(i as f32 / half as f32) * base.log2()).exp2()).collect();
-        Rope { dims, base, scale: 1.0 / linear_factor, periods: None, inv_freq: Array::from_slice(&inv, &[half]) }
+        Rope { dims, base, scale: 1.0 / linear_factor, periods: None }
     }
 
     /// Llama 3 scaled RoPE: long wavelengths stretched by `factor`, short ones kept, a smooth
@@ -400,30 +394,7 @@ impl Rope {
             })
             .collect();
         let n = periods.len() as i32;
-        // MLX: 1 / the period.
-        let inv: Vec<f32> = periods.iter().map(|p| 1.0 / p).collect();
-        Rope {
-            dims,
-            base,
-            scale: 1.0,
-            periods: Some(Array::from_slice(&periods, &[n])),
-            inv_freq: Array::from_slice(&inv, &[n]),
-        }
-    }
-
-    /// Rotated channels per head.
-    pub fn dims(&self) -> i32 {
-        self.dims
-    }
-
-    /// Factor on positions (1 / the linear scaling factor).
-    pub fn scale(&self) -> f32 {
-        self.scale
-    }
-
-    /// `[dims / 2]` float32 inverse frequencies.
-    pub fn inv_freq(&self) -> &Array {
-        &self.inv_freq
+        Rope { dims, base, scale: 1.0, periods: Some(Array::from_slice(&periods, &[n])) }
     }
 
     /// Rotates `x` (`[B, heads, T, head_dim]`) for positions `offset..offset + T`.

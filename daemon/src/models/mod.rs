@@ -3,7 +3,6 @@
 
 pub mod config;
 pub mod cuda;
-pub mod fused;
 pub mod layers;
 pub mod safetensors;
 pub mod transformer;

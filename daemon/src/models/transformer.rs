@@ -125,35 +125,6 @@ impl Attention {
         self.o_proj.forward(&o.reshape(&[1, self.heads * self.head_dim])?)
     }
 
-    /// [`Attention::decode_one`] with the q/k norms and RoPE as one fused kernel
-    /// ([`super::fused::qk_norm_rope`]); `position` is `[1]` int32, the cache's offset.
-    fn decode_one_fused(&self, x: &Array, cache: &mut LayerCache, position: &Array) -> Result<Array> {
-        let [q, k, v] = self.qkv.forward(x)?;
-        let norms = match (&self.q_norm, &self.k_norm) {
-            (Some(qn), Some(kn)) => Some((&qn.weight, &kn.weight, qn.eps)),
-            _ => None,
-        };
-        let params = super::fused::QkParams {
-            heads: self.heads,
-            kv_heads: self.kv_heads,
-            head_dim: self.head_dim,
-            norms,
-            inv_freq: self.rope.inv_freq(),
-            scale: self.rope.scale(),
-        };
-        let (q, k) = super::fused::qk_norm_rope(&q, &k, position, &params)?;
-        let v = v.reshape(&[1, self.kv_heads, 1, self.head_dim])?;
-        let (k, v) = cache.update_and_fetch(&k, &v)?;
-        let o = fast::scaled_dot_product_attention(&q, &k, &v, self.scale, None, None)?;
-        self.o_proj.forward(&o.reshape(&[1, self.heads * self.head_dim])?)
-    }
-
-    /// Whether the fused single-sequence kernels ([`super::fused`]) take this layer's shapes:
-    /// RoPE over whole heads, and both per-head norms or neither.
-    fn fusable(&self) -> bool {
-        self.rope.dims() == self.head_dim && self.q_norm.is_some() == self.k_norm.is_some()
-    }
-
     /// Whether a padded stack of activations of `dtype` attends through the padded-attention
     /// kernel ([`super::cuda::attention`]).
     fn padded_kernel(&self, dtype: mlx_rs::Dtype) -> bool {
@@ -212,12 +183,6 @@ impl Mlp {
         let [gate, up] = self.gate_up.forward(x)?;
         let h = swiglu(&gate, &up)?;
         self.down_proj.forward(&h)
-    }
-
-    /// [`Mlp::forward`] with SwiGLU as the fused kernel, whose output is contiguous.
-    fn forward_fused(&self, x: &Array) -> Result<Array> {
-        let [gate, up] = self.gate_up.forward(x)?;
-        self.down_proj.forward(&super::fused::swiglu(&gate, &up)?)
     }
 }
 
@@ -456,9 +421,6 @@ impl Transformer {
         }
         if let [only] = caches {
             let mut h = self.embed_tokens.rows(tokens)?;
-            if self.fused_decode(h.dtype()) {
-                return self.decode_one_fused(h, only);
-            }
             for (block, layer) in self.layers.iter().zip(only.layers.iter_mut()) {
                 h = block.decode_one(&h, layer)?;
             }
@@ -472,40 +434,6 @@ impl Transformer {
             *caches[i as usize] = cache;
         }
         Ok(logits)
-    }
-
-    /// Whether a single sequence's decode step with activations of `dtype` runs the fused
-    /// kernels ([`super::fused`]).
-    fn fused_decode(&self, dtype: mlx_rs::Dtype) -> bool {
-        super::fused::applies(dtype, self.args.head_dim) && self.layers.iter().all(|b| b.self_attn.fusable())
-    }
-
-    /// One decode step of one sequence from its embedded token `x` (`[1, D]`) through the fused
-    /// kernels: each block's residual add is done by the next RMS norm's kernel, so a block
-    /// hands on its hidden state and its MLP output, not yet added.
-    fn decode_one_fused(&self, x: Array, cache: &mut SequenceCache) -> Result<Array> {
-        let position = Array::from_slice(&[cache.layers.first().map_or(0, |l| l.offset())], &[1]);
-        let (mut h, mut pending) = (x, None::<Array>);
-        for (block, layer) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let normed = match pending.take() {
-                None => block.input_layernorm.forward(&h)?,
-                Some(m) => {
-                    let (sum, normed) = super::fused::add_rms_norm(&h, &m, &block.input_layernorm.weight, block.input_layernorm.eps)?;
-                    h = sum;
-                    normed
-                }
-            };
-            let a = block.self_attn.decode_one_fused(&normed, layer, &position)?;
-            let (sum, normed) =
-                super::fused::add_rms_norm(&h, &a, &block.post_attention_layernorm.weight, block.post_attention_layernorm.eps)?;
-            h = sum;
-            pending = Some(block.mlp.forward_fused(&normed)?);
-        }
-        let last = match pending {
-            None => self.norm.forward(&h)?,
-            Some(m) => super::fused::add_rms_norm(&h, &m, &self.norm.weight, self.norm.eps)?.1,
-        };
-        self.head(&last)
     }
 
     /// One decode step for a stacked batch of sequences: `tokens` is `[B]`, in the batch's row

@@ -89,7 +89,6 @@ pub fn run() -> Result<()> {
             worst.push((err, tolerance(d)));
         }
     }
-    worst.extend(fused_errors()?);
     worst.extend(dry_plugin_errors()?);
     // A plugin's token history grows by one column per step through one kernel.
     let history = Array::from_slice(&(0..300).map(|i| (i * 7919) % 151_936).collect::<Vec<i32>>(), &[1, 300]);
@@ -264,72 +263,6 @@ fn dry_plugin_errors() -> Result<Vec<(f32, f32)>> {
             ensure!(changed > 0, "dry changed no logit for a history of {alphabet} ids: nothing was compared");
         }
         out.push((err, tolerance));
-    }
-    Ok(out)
-}
-
-/// The fused single-sequence decode kernels (`mlxd::models::fused`) against MLX's operations:
-/// residual add + RMS norm, q/k norms + RoPE (Qwen3-0.6B's heads with norms and base 1e6,
-/// Llama-3.2-1B's without norms and with Llama 3 frequencies), SwiGLU on the halves of a stacked
-/// product.
-fn fused_errors() -> Result<Vec<(f32, f32)>> {
-    use mlxd::models::fused;
-    use mlxd::models::layers::{Llama3Scaling, Rope};
-    let mut out = Vec::new();
-    for d in [Dtype::Bfloat16, Dtype::Float16] {
-        let tol = tolerance(d);
-        for width in [1024, 2048] {
-            let (x, r) = (normal(&[1, width], 1.0, 70, d)?, normal(&[1, width], 1.0, 71, d)?);
-            let w = normal(&[width], 1.0, 72, d)?;
-            let (h, y) = fused::add_rms_norm(&x, &r, &w, 1e-6)?;
-            let sum = ops::add(&x, &r)?;
-            let want = mlx_rs::fast::rms_norm(&sum, Some(&w), 1e-6)?;
-            let err = relative_error(&h, &sum.as_type::<f32>()?)?.max(relative_error(&y, &want.as_type::<f32>()?)?);
-            println!("| fused residual add + RMS norm, {width} wide | {d:?} | {err:.2e} | {tol:.0e} |");
-            out.push((err, tol));
-        }
-        let qwen = Rope::new(128, 1_000_000.0, 1.0);
-        let llama = Rope::llama3(
-            64,
-            500_000.0,
-            Llama3Scaling {
-                factor: 32.0,
-                low_freq_factor: 1.0,
-                high_freq_factor: 4.0,
-                original_max_position_embeddings: 8192.0,
-            },
-        );
-        for (name, rope, hq, hkv, dh, norms, pos) in
-            [("Qwen3 16/8 heads of 128, norms", &qwen, 16, 8, 128, true, 300), ("Llama 3 32/8 heads of 64", &llama, 32, 8, 64, false, 2100)]
-        {
-            let q = normal(&[1, hq * dh], 1.0, 73, d)?;
-            let k = normal(&[1, hkv * dh], 1.0, 74, d)?;
-            let (qw, kw) = (normal(&[dh], 1.0, 75, d)?, normal(&[dh], 1.0, 76, d)?);
-            let params = fused::QkParams {
-                heads: hq,
-                kv_heads: hkv,
-                head_dim: dh,
-                norms: norms.then_some((&qw, &kw, 1e-6)),
-                inv_freq: rope.inv_freq(),
-                scale: rope.scale(),
-            };
-            let (qo, ko) = fused::qk_norm_rope(&q, &k, &Array::from_slice(&[pos], &[1]), &params)?;
-            let reference = |x: &Array, heads: i32, w: &Array| -> Result<Array> {
-                let x = x.reshape(&[1, heads, 1, dh])?;
-                let x = if norms { mlx_rs::fast::rms_norm(&x, Some(w), 1e-6)? } else { x };
-                Ok(rope.forward(&x, pos)?.as_type::<f32>()?)
-            };
-            let err = relative_error(&qo, &reference(&q, hq, &qw)?)?.max(relative_error(&ko, &reference(&k, hkv, &kw)?)?);
-            println!("| fused q/k norm + RoPE, {name}, position {pos} | {d:?} | {err:.2e} | {tol:.0e} |");
-            out.push((err, tol));
-        }
-        let stacked = normal(&[1, 2 * 3072], 2.0, 77, d)?;
-        let (gate, up) = (stacked.try_index((.., ..3072))?, stacked.try_index((.., 3072..))?);
-        let got = fused::swiglu(&gate, &up)?;
-        let want = ops::multiply(mlx_rs::nn::silu(&gate)?, &up)?.as_type::<f32>()?;
-        let err = relative_error(&got, &want)?;
-        println!("| fused SwiGLU on a stacked product's halves, 3072 wide | {d:?} | {err:.2e} | {tol:.0e} |");
-        out.push((err, tol));
     }
     Ok(out)
 }
