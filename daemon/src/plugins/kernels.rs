@@ -188,12 +188,16 @@ unsafe fn queue(ctx: &HostCtx, k: *const sys::Kernel, launch: *const sys::Kernel
     if !entry.compiled.borrow().contains(&dtypes) {
         let signature = format!("{name}\u{0}{header}\u{0}{source}\u{0}{dtypes:?}");
         static COMPILED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
-        let known = COMPILED.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(HashSet::new).contains(&signature);
+        let known =
+            COMPILED.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(HashSet::new).contains(&signature);
         if !known {
             let zeros = inputs.iter().map(|a| ops::zeros_dtype(a.shape(), a.dtype())).collect::<Result<Vec<_>, _>>()?;
             let trial = run(&zeros.iter().collect::<Vec<_>>()).and_then(|outs| mlx_rs::transforms::eval(outs.iter()));
             if let Err(e) = trial {
-                return Err(what(format!("does not compile or run (on zero inputs of this call's shapes): {}", e.what())));
+                return Err(what(format!(
+                    "does not compile or run (on zero inputs of this call's shapes): {}",
+                    e.what()
+                )));
             }
             COMPILED.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(HashSet::new).insert(signature);
         }
@@ -213,68 +217,26 @@ fn prefix(e: OpError, name: &str) -> OpError {
 mod tests {
     use super::*;
 
-    #[test]
-    fn without_cuda_there_are_no_kernels_and_a_call_says_why() {
-        let ctx = HostCtx::new();
+    /// Calls `kernel` (a copy of `x`, a float32 `[2]`) as `name` with the output names `outs`,
+    /// an output of `shape` and blocks of `block`; returns what the operation returned.
+    fn call(ctx: &HostCtx, name: &CStr, outs: &[*const c_char; 1], block: [i32; 3], shape: &[i32; 1]) -> i32 {
         let h = ctx.table();
-        let t = unsafe { &*h };
-        let _entered = ctx.enter();
-        // The tests run MLX on the CPU.
-        assert_eq!(unsafe { (t.kernel_language)(h) }, sys::KERNEL_NONE);
-        let a = ctx.insert(Array::from_slice(&[1.0f32, 2.0], &[2]));
-        let input_names: [*const c_char; 1] = [c"x".as_ptr()];
-        let output_names: [*const c_char; 1] = [c"y".as_ptr()];
+        let x = ctx.insert(Array::from_slice(&[1.0f32, 2.0], &[2]));
+        let inputs: [*const c_char; 1] = [c"x".as_ptr()];
         let k = sys::Kernel {
-            struct_size: std::mem::size_of::<sys::Kernel>(),
-            name: c"copy".as_ptr(),
-            header: std::ptr::null(),
-            source: c"y[threadIdx.x] = x[threadIdx.x];".as_ptr(),
-            n_inputs: 1,
-            input_names: input_names.as_ptr(),
-            n_outputs: 1,
-            output_names: output_names.as_ptr(),
-        };
-        let (shape, ndim, dtype) = ([2i32], [1i32], [sys_float32()]);
-        let launch = sys::KernelLaunch {
-            struct_size: std::mem::size_of::<sys::KernelLaunch>(),
-            inputs: &a,
-            output_shapes: shape.as_ptr(),
-            output_ndims: ndim.as_ptr(),
-            output_dtypes: dtype.as_ptr(),
-            grid: [2, 1, 1],
-            block: [2, 1, 1],
-        };
-        let mut out: ArrayHandle = std::ptr::null_mut();
-        assert_eq!(unsafe { (t.kernel)(h, &k, &launch, &mut out) }, -1);
-        assert!(out.is_null());
-        assert!(ctx.last_error().contains("compiles no kernels"), "{}", ctx.last_error());
-    }
-
-    #[test]
-    fn calls_are_checked_before_mlx_sees_them() {
-        let ctx = HostCtx::with_kernel_language(sys::KERNEL_CUDA);
-        let h = ctx.table();
-        let t = unsafe { &*h };
-        let _entered = ctx.enter();
-        let a = ctx.insert(Array::from_slice(&[1.0f32, 2.0], &[2]));
-        let ok_names: [*const c_char; 1] = [c"x".as_ptr()];
-        let out_names: [*const c_char; 1] = [c"y".as_ptr()];
-        let dup_names: [*const c_char; 1] = [c"x".as_ptr()];
-        let bad_names: [*const c_char; 1] = [c"2x".as_ptr()];
-        let kernel = |name: &'static CStr, outs: &[*const c_char; 1]| sys::Kernel {
             struct_size: std::mem::size_of::<sys::Kernel>(),
             name: name.as_ptr(),
             header: std::ptr::null(),
-            source: c"".as_ptr(),
+            source: c"y[threadIdx.x] = x[threadIdx.x];".as_ptr(),
             n_inputs: 1,
-            input_names: ok_names.as_ptr(),
+            input_names: inputs.as_ptr(),
             n_outputs: 1,
             output_names: outs.as_ptr(),
         };
-        let (shape, ndim, dtype) = ([2i32], [1i32], [sys_float32()]);
-        let launch = |block: [i32; 3], shape: &[i32; 1]| sys::KernelLaunch {
+        let (ndim, dtype) = ([1i32], [code_of(Dtype::Float32)]);
+        let launch = sys::KernelLaunch {
             struct_size: std::mem::size_of::<sys::KernelLaunch>(),
-            inputs: &a,
+            inputs: &x,
             output_shapes: shape.as_ptr(),
             output_ndims: ndim.as_ptr(),
             output_dtypes: dtype.as_ptr(),
@@ -282,21 +244,37 @@ mod tests {
             block,
         };
         let mut out: ArrayHandle = std::ptr::null_mut();
-        for (k, l, expect) in [
-            (kernel(c"bad name", &out_names), launch([2, 1, 1], &shape), "must be 1-64 of [A-Za-z0-9_]"),
-            (kernel(c"k", &dup_names), launch([2, 1, 1], &shape), "\"x\" is used twice"),
-            (kernel(c"k", &bad_names), launch([2, 1, 1], &shape), "\"2x\" is not a C identifier"),
-            (kernel(c"k", &out_names), launch([64, 32, 1], &shape), "2048 threads; at most 1024"),
-            (kernel(c"k", &out_names), launch([0, 1, 1], &shape), "must be >= 1"),
-            (kernel(c"k", &out_names), launch([2, 1, 1], &[-3]), "negative or too large"),
+        let n = unsafe { ((*h).kernel)(h, &k, &launch, &mut out) };
+        assert!(n > 0 || out.is_null(), "a failed call writes no handle");
+        n
+    }
+
+    #[test]
+    fn without_cuda_there_are_no_kernels_and_a_call_says_why() {
+        let ctx = HostCtx::new();
+        let _entered = ctx.enter();
+        // The tests run MLX on the CPU.
+        assert_eq!(unsafe { ((*ctx.table()).kernel_language)(ctx.table()) }, sys::KERNEL_NONE);
+        assert_eq!(call(&ctx, c"copy", &[c"y".as_ptr()], [2, 1, 1], &[2]), -1);
+        assert!(ctx.last_error().contains("compiles no kernels"), "{}", ctx.last_error());
+    }
+
+    #[test]
+    fn calls_are_checked_before_mlx_sees_them() {
+        let ctx = HostCtx::with_kernel_language(sys::KERNEL_CUDA);
+        let _entered = ctx.enter();
+        let (y, x, bad) = ([c"y".as_ptr()], [c"x".as_ptr()], [c"2x".as_ptr()]);
+        for (name, outs, block, shape, expect) in [
+            (c"bad name", &y, [2, 1, 1], [2], "must be 1-64 of [A-Za-z0-9_]"),
+            (c"k", &x, [2, 1, 1], [2], "\"x\" is used twice"),
+            (c"k", &bad, [2, 1, 1], [2], "\"2x\" is not a C identifier"),
+            (c"k", &y, [64, 32, 1], [2], "2048 threads; at most 1024"),
+            (c"k", &y, [0, 1, 1], [2], "must be >= 1"),
+            (c"k", &y, [2, 1, 1], [-3], "negative or too large"),
         ] {
-            assert_eq!(unsafe { (t.kernel)(h, &k, &l, &mut out) }, -1);
+            assert_eq!(call(&ctx, name, outs, block, &shape), -1);
             let e = ctx.last_error();
             assert!(e.starts_with("kernel: ") && e.contains(expect), "{e}");
         }
-    }
-
-    fn sys_float32() -> i32 {
-        code_of(Dtype::Float32)
     }
 }
