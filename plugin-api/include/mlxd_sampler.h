@@ -236,9 +236,11 @@ typedef struct mlxd_kernel_launch {
     const int32_t *output_shapes;    /* every output's dimensions, one output after another */
     const int32_t *output_ndims;     /* k->n_outputs entries, each 0-8 */
     const mlxd_dtype *output_dtypes; /* k->n_outputs entries */
-    int32_t grid[3];                 /* THREADS (not blocks) along x, y, z, each >= 1 */
+    int32_t grid[3];                 /* THREADS (not blocks) along x, y, z, each >= 1; at most
+                                        65,535 blocks along y and z */
     int32_t block[3];                /* threads per block along x, y, z: product 1-1024 */
 } mlxd_kernel_launch;
+/* The outputs of one call hold at most 2^26 elements in all. */
 
 /* ------------------------------------------------------------------------------------------ */
 /* The host: a table of operations on device arrays.                                           */

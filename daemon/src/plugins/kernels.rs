@@ -37,6 +37,9 @@ pub(super) fn language() -> i32 {
 const MAX_INPUTS: i32 = 16;
 const MAX_OUTPUTS: i32 = 8;
 const MAX_NDIM: i32 = 8;
+/// Most elements a call's outputs may have together (256 MiB of float32: logits of 256 rows of
+/// a 256k-token vocabulary).
+const MAX_OUTPUT_ELEMENTS: i64 = 1 << 26;
 
 pub(super) unsafe extern "C" fn op_kernel_language(h: *const sys::Host) -> i32 {
     guarded(h, sys::KERNEL_NONE, |ctx| Ok(ctx.kernel_language))
@@ -144,7 +147,7 @@ unsafe fn queue(ctx: &HostCtx, k: *const sys::Kernel, launch: *const sys::Kernel
         inputs.push(ctx.arg(unsafe { *l.inputs.add(i) }).map_err(|e| prefix(e, name))?);
     }
     let mut shapes = Vec::with_capacity(k.n_outputs as usize);
-    let mut at = 0usize;
+    let (mut at, mut total) = (0usize, 0i64);
     for i in 0..k.n_outputs as usize {
         let ndim = unsafe { *l.output_ndims.add(i) };
         if !(0..=MAX_NDIM).contains(&ndim) {
@@ -155,10 +158,15 @@ unsafe fn queue(ctx: &HostCtx, k: *const sys::Kernel, launch: *const sys::Kernel
         }
         let dims: Vec<i32> = (0..ndim as usize).map(|j| unsafe { *l.output_shapes.add(at + j) }).collect();
         at += ndim as usize;
-        let size =
-            dims.iter().try_fold(1i64, |acc, &d| (d >= 0).then(|| acc * d as i64).filter(|&s| s <= i32::MAX as i64));
-        if size.is_none() {
-            return Err(what(format!("output {:?} has shape {dims:?}: negative or too large", output_names[i])));
+        let size = dims
+            .iter()
+            .try_fold(1i64, |acc, &d| (d >= 0).then(|| acc * d as i64).filter(|&s| s <= MAX_OUTPUT_ELEMENTS));
+        total += size.unwrap_or(i64::MAX / 2);
+        if size.is_none() || total > MAX_OUTPUT_ELEMENTS {
+            return Err(what(format!(
+                "output {:?} has shape {dims:?}: negative, or more than {MAX_OUTPUT_ELEMENTS} elements in all outputs",
+                output_names[i]
+            )));
         }
         let dtype = dtype_of(unsafe { *l.output_dtypes.add(i) }).map_err(|e| prefix(e, name))?;
         shapes.push((dims, dtype));
@@ -169,6 +177,14 @@ unsafe fn queue(ctx: &HostCtx, k: *const sys::Kernel, launch: *const sys::Kernel
     let threads = l.block.iter().map(|&b| b as i64).product::<i64>();
     if threads > 1024 {
         return Err(what(format!("block {:?} has {threads} threads; at most 1024", l.block)));
+    }
+    // CUDA's limits on blocks along y and z (x allows 2^31 - 1, more than an i32 grid can ask).
+    let blocks = |axis: usize| (l.grid[axis] as i64 + l.block[axis] as i64 - 1) / l.block[axis] as i64;
+    if blocks(1) > 65_535 || blocks(2) > 65_535 {
+        return Err(what(format!(
+            "grid {:?} in blocks of {:?} is more than 65,535 blocks along y or z",
+            l.grid, l.block
+        )));
     }
 
     let entry = ctx.kernel(name, k.source as usize, || {
@@ -218,8 +234,9 @@ mod tests {
     use super::*;
 
     /// Calls `kernel` (a copy of `x`, a float32 `[2]`) as `name` with the output names `outs`,
-    /// an output of `shape` and blocks of `block`; returns what the operation returned.
-    fn call(ctx: &HostCtx, name: &CStr, outs: &[*const c_char; 1], block: [i32; 3], shape: &[i32; 1]) -> i32 {
+    /// an output of `shape`, `grid` threads in blocks of `block`; returns what it returned.
+    fn call(ctx: &HostCtx, name: &CStr, outs: &[*const c_char; 1], geometry: [[i32; 3]; 2], shape: &[i32; 1]) -> i32 {
+        let [grid, block] = geometry;
         let h = ctx.table();
         let x = ctx.insert(Array::from_slice(&[1.0f32, 2.0], &[2]));
         let inputs: [*const c_char; 1] = [c"x".as_ptr()];
@@ -240,7 +257,7 @@ mod tests {
             output_shapes: shape.as_ptr(),
             output_ndims: ndim.as_ptr(),
             output_dtypes: dtype.as_ptr(),
-            grid: [2, 1, 1],
+            grid,
             block,
         };
         let mut out: ArrayHandle = std::ptr::null_mut();
@@ -255,7 +272,7 @@ mod tests {
         let _entered = ctx.enter();
         // The tests run MLX on the CPU.
         assert_eq!(unsafe { ((*ctx.table()).kernel_language)(ctx.table()) }, sys::KERNEL_NONE);
-        assert_eq!(call(&ctx, c"copy", &[c"y".as_ptr()], [2, 1, 1], &[2]), -1);
+        assert_eq!(call(&ctx, c"copy", &[c"y".as_ptr()], [[2, 1, 1], [2, 1, 1]], &[2]), -1);
         assert!(ctx.last_error().contains("compiles no kernels"), "{}", ctx.last_error());
     }
 
@@ -264,15 +281,18 @@ mod tests {
         let ctx = HostCtx::with_kernel_language(sys::KERNEL_CUDA);
         let _entered = ctx.enter();
         let (y, x, bad) = ([c"y".as_ptr()], [c"x".as_ptr()], [c"2x".as_ptr()]);
-        for (name, outs, block, shape, expect) in [
-            (c"bad name", &y, [2, 1, 1], [2], "must be 1-64 of [A-Za-z0-9_]"),
-            (c"k", &x, [2, 1, 1], [2], "\"x\" is used twice"),
-            (c"k", &bad, [2, 1, 1], [2], "\"2x\" is not a C identifier"),
-            (c"k", &y, [64, 32, 1], [2], "2048 threads; at most 1024"),
-            (c"k", &y, [0, 1, 1], [2], "must be >= 1"),
-            (c"k", &y, [2, 1, 1], [-3], "negative or too large"),
+        let ok = [[2, 1, 1], [2, 1, 1]];
+        for (name, outs, geometry, shape, expect) in [
+            (c"bad name", &y, ok, [2], "must be 1-64 of [A-Za-z0-9_]"),
+            (c"k", &x, ok, [2], "\"x\" is used twice"),
+            (c"k", &bad, ok, [2], "\"2x\" is not a C identifier"),
+            (c"k", &y, [[64, 32, 1], [64, 32, 1]], [2], "2048 threads; at most 1024"),
+            (c"k", &y, [[2, 1, 1], [0, 1, 1]], [2], "must be >= 1"),
+            (c"k", &y, [[1, 70_000, 1], [1, 1, 1]], [2], "more than 65,535 blocks"),
+            (c"k", &y, ok, [-3], "negative, or more than"),
+            (c"k", &y, ok, [1 << 27], "negative, or more than"),
         ] {
-            assert_eq!(call(&ctx, name, outs, block, &shape), -1);
+            assert_eq!(call(&ctx, name, outs, geometry, &shape), -1);
             let e = ctx.last_error();
             assert!(e.starts_with("kernel: ") && e.contains(expect), "{e}");
         }
