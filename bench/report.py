@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import statistics
+import random
 import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -272,6 +273,21 @@ class ModelResult:
             ratios = [o[key] / b[key] for b, o in zip(base, other) if b.get(key)]
         return 1.0 - statistics.median(ratios) if ratios else None
 
+    def paired_interval(self, variant: str, engine: str = "mlxd") -> Optional[Tuple[float, float]]:
+        """A 90% bootstrap interval for `paired_overhead` (decode tok/s): the 5th and 95th
+        percentiles of the medians of 2,000 resamples of the rounds, seeded for reproducible
+        reports; None where the runs are not paired or fewer than 5."""
+        def runs(v: str) -> List[dict]:
+            return (((self.engine.get("variants") or {}).get(v) or {}).get(engine) or {}).get("runs") or []
+        if self.paired_overhead(variant, engine) is None:
+            return None
+        costs = [1.0 - o["decode_tps"] / b["decode_tps"] for b, o in zip(runs("greedy"), runs(variant)) if b.get("decode_tps")]
+        if len(costs) < 5:
+            return None
+        rng = random.Random(1)
+        medians = sorted(statistics.median(rng.choices(costs, k=len(costs))) for _ in range(2000))
+        return medians[100], medians[1899]
+
     @property
     def weight_bytes(self) -> Optional[int]:
         return self.engine.get("weight_bytes")
@@ -323,6 +339,9 @@ def single_stream_lines(m: ModelResult) -> List[str]:
             paired = m.paired_overhead(variant, key)
             by_step = m.paired_overhead(variant, key, "step_median_s")
             paired_text = "" if paired is None else f"; run by run against the greedy run beside it, {fmt_pct(paired)}"
+            interval = m.paired_interval(variant, key)
+            if interval is not None:
+                paired_text += f" [90% interval {fmt_pct(interval[0])}, {fmt_pct(interval[1])}]"
             if by_step is not None:
                 paired_text += f", by median time between tokens {fmt_pct(by_step)}"
             lines.append(f"- {engine_name}: {what} costs **{fmt_pct(by_median)}** of greedy decode tok/s by "

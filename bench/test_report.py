@@ -133,6 +133,15 @@ class ReportTest(unittest.TestCase):
                       "by median time between tokens 9.1%.", md)
         self.assertIn("run by run against the greedy run beside it, 3.2%, by median time between tokens 9.1%.", md)
 
+    def test_enough_rounds_get_an_interval(self):
+        suite = gpu_suite()
+        variants = suite["models"][0]["engine"]["variants"]
+        # Six rounds, full 2% slower than greedy in every one: the interval is that 2% too.
+        variants["greedy"]["mlxd"] = mlxd(100.0, 300.0, 200.0, 250.0, 150.0, 120.0)
+        variants["full"]["mlxd"] = mlxd(98.0, 294.0, 196.0, 245.0, 147.0, 117.6)
+        md = self.report(suite)
+        self.assertIn("run by run against the greedy run beside it, 2.0% [90% interval 2.0%, 2.0%]", md)
+
     def test_gpu_ratios_and_lines(self):
         md = self.report(gpu_suite(), title="Synthetic H100")
         self.assertTrue(md.startswith("# Synthetic H100\n"))
