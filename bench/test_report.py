@@ -183,9 +183,10 @@ class ReportTest(unittest.TestCase):
         md = self.report(gpu_suite())
         expect = {
             "tiny bf16: mlxd / mlx-lm greedy decode": ("1.50x", "met"),
-            "tiny bf16: mlxd full-sampling overhead (median)": ("1.0%", "met"),
-            "tiny bf16: mlxd pass-through plugin overhead (median)": ("0.5%", "met"),
-            "tiny bf16: mlxd DRY plugin overhead (median)": ("5.0%", "**not met**"),
+            # Paired runs: run by run (280/290, 297/300, 300/310 -> 3.2%), not the 1.0% of medians.
+            "tiny bf16: mlxd full-sampling overhead (run by run)": ("3.2%", "**not met**"),
+            "tiny bf16: mlxd pass-through plugin overhead (run by run)": ("0.5%", "met"),
+            "tiny bf16: mlxd DRY plugin overhead (run by run)": ("5.0%", "**not met**"),
             "tiny bf16: mlxd batch-1 decode / bandwidth ceiling": ("30.0%", "met"),
             "other q4: mlxd / mlx-lm greedy decode": ("–", "not measured"),
             "other q4: mlxd full-sampling overhead (median)": ("–", "not measured"),
@@ -209,7 +210,7 @@ class ReportTest(unittest.TestCase):
         self.assertIn("These are GPU targets and this is a CPU run: values only, no verdict.", md)
         self.assertNotIn("| met |", md)
         self.assertNotIn("not met", md)
-        self.assertEqual(table_row(md, "smollm2 f32: mlxd full-sampling overhead (median)")[2:], ["4.8%"])
+        self.assertEqual(table_row(md, "smollm2 f32: mlxd full-sampling overhead (run by run)")[2:], ["4.8%"])
         self.assertEqual(table_row(md, "smollm2 f32: mlxd / mlx-lm greedy decode")[2:], ["not measured"])
         self.assertIn("driver n/a", md)
         self.assertIn("pinned CPUs not pinned", md)
