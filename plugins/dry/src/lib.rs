@@ -68,6 +68,10 @@ impl Default for Params {
     }
 }
 
+/// Largest `allowed_length` (longer repetitions than any context mlxd keeps are never
+/// penalized anyway; the bound keeps `allowed_length + max_exponent` far from overflowing).
+pub const MAX_LENGTH: i32 = 1 << 24;
+
 /// Largest exponent whose power of `base` stays finite in float32 (0: no cap).
 pub fn max_exponent(base: f32) -> i32 {
     if base > 1.000_001 {
@@ -90,8 +94,8 @@ impl Params {
         if !(p.base.is_finite() && p.base >= 1.0) {
             return Err(format!("`base` must be >= 1, got {}", p.base));
         }
-        if p.allowed_length < 1 {
-            return Err(format!("`allowed_length` must be >= 1, got {}", p.allowed_length));
+        if !(1..=MAX_LENGTH).contains(&p.allowed_length) {
+            return Err(format!("`allowed_length` must be in [1, {MAX_LENGTH}], got {}", p.allowed_length));
         }
         if p.penalty_last_n < -1 {
             return Err(format!(
@@ -226,7 +230,7 @@ impl Plugin for Dry {
         cr#"{"type":"object","additionalProperties":false,"properties":{
 "multiplier":{"type":"number","minimum":0,"default":0.8},
 "base":{"type":"number","minimum":1,"default":1.75},
-"allowed_length":{"type":"integer","minimum":1,"default":2},
+"allowed_length":{"type":"integer","minimum":1,"maximum":16777216,"default":2},
 "penalty_last_n":{"type":"integer","minimum":-1,"default":-1,"description":"-1: the whole history; 0: off"},
 "sequence_breakers":{"type":"array","items":{"type":"integer","minimum":0},"maxItems":256,"default":[]}}}"#,
     );
@@ -422,6 +426,7 @@ mod tests {
             (r#"{"multiplier": -1}"#, "multiplier"),
             (r#"{"base": 0.5}"#, "base"),
             (r#"{"allowed_length": 0}"#, "allowed_length"),
+            (r#"{"allowed_length": 2147483647}"#, "allowed_length"),
             (r#"{"penalty_last_n": -2}"#, "penalty_last_n"),
             (r#"{"sequence_breakers": [100]}"#, "sequence_breakers"),
             (r#"{"sequence_breakers": "x"}"#, "sequence_breakers"),
