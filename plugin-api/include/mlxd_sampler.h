@@ -192,8 +192,9 @@ typedef int32_t mlxd_scatter_mode;
  * A plugin whose work is many small operations per step can write it as one kernel instead:
  * on a GPU each operation is a launch the host prepares on the CPU, and a small model's decode
  * step is bound by those launches, not by the device (the `dry` plugin goes from about 20 to
- * one). Kernels are optional: check `kernel_language` and keep an operations path for hosts
- * where it is NONE.
+ * one). A kernel call itself costs the host about what one or two operations do, so replace
+ * many operations, not one. Kernels are optional: check `kernel_language` and keep an
+ * operations path for hosts where it is NONE.
  *
  * CUDA (MLXD_KERNEL_CUDA). `source` is the BODY of a `__global__ void` function that the host
  * writes around it (through MLX's custom-kernel support), with one parameter per input,
@@ -368,8 +369,8 @@ struct mlxd_host {
 
     /* -- 1.1: kernels of your own (see "Kernels" below) -- */
     /* The language `kernel` compiles on this host's device: MLXD_KERNEL_CUDA where MLX runs on
-       CUDA, MLXD_KERNEL_NONE elsewhere (the CPU; Metal kernels are not offered yet). Constant
-       for the life of the process. */
+       CUDA, MLXD_KERNEL_NONE elsewhere (the CPU; Metal kernels are not offered yet). The same
+       for every call of an instance. */
     mlxd_kernel_language (*kernel_language)(const mlxd_host *h);
     /* Queues `k` on `launch`'s inputs as one node of the step (lazy, like every operation) and
        writes k->n_outputs NEW owned handles to `outputs`. Returns k->n_outputs, or -1 on
