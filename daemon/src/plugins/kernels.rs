@@ -148,10 +148,10 @@ unsafe fn queue(ctx: &HostCtx, k: *const sys::Kernel, launch: *const sys::Kernel
     }
     let mut shapes = Vec::with_capacity(k.n_outputs as usize);
     let (mut at, mut total) = (0usize, 0i64);
-    for i in 0..k.n_outputs as usize {
+    for (i, output) in output_names.iter().enumerate() {
         let ndim = unsafe { *l.output_ndims.add(i) };
         if !(0..=MAX_NDIM).contains(&ndim) {
-            return Err(what(format!("output {:?} has {ndim} dimensions; 0-{MAX_NDIM} are allowed", output_names[i])));
+            return Err(what(format!("output {output:?} has {ndim} dimensions; 0-{MAX_NDIM} are allowed")));
         }
         if ndim > 0 && l.output_shapes.is_null() {
             return Err(what("null output_shapes".into()));
@@ -164,8 +164,7 @@ unsafe fn queue(ctx: &HostCtx, k: *const sys::Kernel, launch: *const sys::Kernel
         total += size.unwrap_or(i64::MAX / 2);
         if size.is_none() || total > MAX_OUTPUT_ELEMENTS {
             return Err(what(format!(
-                "output {:?} has shape {dims:?}: negative, or more than {MAX_OUTPUT_ELEMENTS} elements in all outputs",
-                output_names[i]
+                "output {output:?} has shape {dims:?}: negative, or more than {MAX_OUTPUT_ELEMENTS} elements in all outputs"
             )));
         }
         let dtype = dtype_of(unsafe { *l.output_dtypes.add(i) }).map_err(|e| prefix(e, name))?;
