@@ -287,7 +287,7 @@ pub(crate) fn available() -> bool {
 }
 
 /// On CUDA, has MLX compile the sampling kernels for a `vocab`-token model now (one draw on
-/// zeros), so the first request that samples does not wait for NVRTC. The kernels' only
+/// zeros, and one history append), so the first request that samples does not wait for NVRTC. The kernels' only
 /// compile-time constant is the vocabulary: every request of the model then uses these two.
 /// If they fail here they are switched off (the MLX-op graph samples instead), with a warning.
 pub fn prepare(vocab: i32) {
@@ -311,7 +311,10 @@ pub fn prepare(vocab: i32) {
             keys: &keys,
             repetition: None,
         })?;
-        mlx_rs::transforms::eval([&drawn.tokens, &drawn.keys])
+        // The history append of plugins that read the tokens, compiled now as well.
+        let appended = append_history(&Array::zeros::<i32>(&[1, 1])?, &Array::zeros::<u32>(&[1])?)
+            .unwrap_or_else(|| Err(Exception::custom("the append kernel is off")))?;
+        mlx_rs::transforms::eval([&drawn.tokens, &drawn.keys, &appended])
     };
     match draw() {
         Ok(()) => tracing::info!(ms = started.elapsed().as_millis() as u64, "sampling CUDA kernels ready"),
