@@ -287,8 +287,9 @@ pub(crate) fn available() -> bool {
 }
 
 /// On CUDA, has MLX compile the sampling kernels for a `vocab`-token model now (one draw on
-/// zeros, and one history append), so the first request that samples does not wait for NVRTC. The kernels' only
-/// compile-time constant is the vocabulary: every request of the model then uses these two.
+/// zeros, and one history append), so the first request that samples does not wait for NVRTC.
+/// The kernels' only compile-time constant is the vocabulary: every request of the model then
+/// uses these two.
 /// If they fail here they are switched off (the MLX-op graph samples instead), with a warning.
 pub fn prepare(vocab: i32) {
     if !available() {

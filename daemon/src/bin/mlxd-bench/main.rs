@@ -772,15 +772,19 @@ fn run_mlx_lm(args: &Args, dir: &Path, preload: Option<&str>, sampler: &str) -> 
 }
 
 fn random_prompt(n: usize, vocab: u32, seed: u64) -> Vec<u32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s % u64::from(vocab)) as u32
-        })
-        .collect()
+    let mut next = xorshift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    (0..n).map(|_| (next() % u64::from(vocab)) as u32).collect()
+}
+
+/// A xorshift64 stream from `state` (not 0): cheap, reproducible numbers for the benchmark's
+/// prompts and resampling.
+fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
 }
 
 /// Field `key` of every run that has it, in run order.
@@ -810,13 +814,7 @@ fn paired_cost(s: &Value, engine: &str, variant: &str, key: &str, time: bool) ->
         other.iter().zip(&greedy).map(|(o, g)| (1.0 - if time { g / o } else { o / g }) * 100.0).collect();
     // A 90% interval for the median: medians of 2,000 resamples (with replacement) of the pairs,
     // their 5th and 95th percentiles. A fixed seed keeps a run's printout reproducible.
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = xorshift(0x9E37_79B9_7F4A_7C15);
     let mut medians: Vec<f64> = (0..2000)
         .map(|_| median((0..costs.len()).map(|_| costs[(next() % costs.len() as u64) as usize]).collect()))
         .collect();
