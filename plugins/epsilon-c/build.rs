@@ -1,12 +1,13 @@
 //! Compiles `epsilon.c` against `plugin-api/include/mlxd_sampler.h` into a shared library with
 //! the `cc` crate's C compiler; `src/lib.rs` exposes its path.
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let ext = if cfg!(target_os = "macos") { "dylib" } else { "so" };
     let lib = out.join(format!("libmlxd_epsilon.{ext}"));
-    let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../plugin-api/include");
+    let include = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"))
+        .join("../../plugin-api/include");
     let mut cmd = cc::Build::new().get_compiler().to_command();
     cmd.arg(if cfg!(target_os = "macos") { "-dynamiclib" } else { "-shared" })
         .args(["-fPIC", "-O2", "-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic"])

@@ -10,7 +10,10 @@ fn shared_library(out: &Path, name: &str, source: &str, defines: &[(&str, &str)]
     cmd.arg(if cfg!(target_os = "macos") { "-dynamiclib" } else { "-shared" })
         .args(["-fPIC", "-O2", "-std=c99", "-Wall", "-Wextra", "-Werror"])
         .arg("-I")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../plugin-api/include"));
+        .arg(
+            PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"))
+                .join("../../plugin-api/include"),
+        );
     for (k, v) in defines {
         cmd.arg(format!("-D{k}={v}"));
     }
