@@ -293,7 +293,7 @@ impl Transformer {
         }
         let model = Transformer { args, embed_tokens, layers, norm, lm_head };
         model.prepare_batch_kernels();
-        crate::sampling::prepare_kernels(model.args.vocab);
+        crate::sampling::prepare_kernels(model.args.vocab, model.norm.weight.dtype());
         Ok(model)
     }
 

@@ -1,19 +1,23 @@
 //! Steps 4-9 of the pipeline (temperature, top-k, top-p, min-p and the Gumbel-max pick), with
 //! step 2 (the repetition penalty) when no bias, presence or frequency penalty, logprobs or
-//! plugin needs the logits in between, and the advance of the rows' keys and windows, as two
-//! CUDA kernels for MLX's CUDA backend, where a decode step costs host time per primitive: the
-//! same steps as MLX operations are ~40 primitives per step, these are two (greedy's argmax is
-//! one).
+//! plugin needs the logits in between, and the advance of the rows' keys and windows, as ONE
+//! CUDA kernel for MLX's CUDA backend, where a decode step costs host time per node: the same
+//! steps as MLX operations are ~40 nodes per step, this is one, like greedy's argmax. It reads
+//! the logits in the model's dtype, so no conversion node runs before it either.
 //!
 //! 1. One block per (chunk of 1,024 logits, row): penalty and temperature into shared memory, a
 //!    radix select of the chunk's `k` best, written to the row's candidate slots. The row's `k`
 //!    best are among its chunks' `k` best, and the whole GPU works on the vocabulary (a single
 //!    block per row, the first version, spent ~0.15-0.2 ms of device time per step).
-//! 2. One block per row: a radix select of the `k` best candidates, ranked, the filters in the
-//!    pipeline's order, and the draw `argmax(logit + Gumbel noise)` with the noise hashed from
-//!    the row's key and the token id exactly as [`super::pipeline`] hashes it, so both paths
-//!    draw the same token up to floating-point rounding at a filter's boundary; then the row's
-//!    next key and, with the penalty, its window shifted by the drawn token.
+//! 2. The row's last block to finish stage 1 (a per-row arrival counter, CUDA's "last block"
+//!    pattern: every block fences its candidate writes, then counts itself in) goes on alone: a
+//!    radix select of the `k` best candidates, ranked, the filters in the pipeline's order, and
+//!    the draw `argmax(logit + Gumbel noise)` with the noise hashed from the row's key and the
+//!    token id exactly as [`super::pipeline`] hashes it, so both paths draw the same token up to
+//!    floating-point rounding at a filter's boundary; then the row's next key and, with the
+//!    penalty, its window shifted by the drawn token. It sets the counter back to zero, so the
+//!    counters (one device array per thread, [`counter`]) are ready for the next step.
+//!    (Session 6 ran the stages as two kernels; one node fewer per step.)
 //!
 //! Used where it applies (a CUDA device, every row drawing at random with a top-k of at most
 //! [`MAX_K`], no typical-p, no inspection); `MLXD_SAMPLER_KERNEL=0` keeps the MLX-op graph.
@@ -78,7 +82,7 @@ __device__ void mlxd_radix_select(
 }
 "#;
 
-/// Kernel 1: one block per (chunk of `CH` logits, row). The chunk's logits go through the
+/// Stage 1: one block per (chunk of `CH` logits, row). The chunk's logits go through the
 /// repetition penalty and the temperature into shared memory, a radix select finds the chunk's
 /// `k` best, and they go out to the row's candidate slots `[g * KMAX, g * KMAX + k)` (padding
 /// with id -1 where a chunk has fewer than `k` logits). Every one of the row's `k` best logits
@@ -111,9 +115,9 @@ const CHUNKS: &str = r#"
         }
     }
     __syncthreads();
-    const float* x = logits + (size_t)row * V + base;
+    const auto* x = logits + (size_t)row * V + base;
     for (int i = tid; i < n; i += nt) {
-        float f = x[i];
+        float f = static_cast<float>(x[i]);
         if ((seen[i >> 5] >> (i & 31)) & 1u) f = f < 0.0f ? f * pen : f / pen;
         vals[i] = f * inv_t;
     }
@@ -138,7 +142,8 @@ const CHUNKS: &str = r#"
     for (int p = kk + tid; p < k; p += nt) { out_v[p] = __int_as_float(0xff800000); out_i[p] = -1; }
 "#;
 
-/// Kernel 2: one block per row. A radix select over the row's `G * k` candidates finds its `k`
+/// Stage 2, in the row's last block: a radix select over the row's `G * k` candidates (read
+/// past L1: other blocks wrote them) finds its `k`
 /// best, they are ranked, the filters run over them in order and the draw takes
 /// `argmax(logit + Gumbel noise)`; then the row's key advances and its window shifts in the
 /// drawn token, as the pipeline's `next_keys` and `advance` do.
@@ -157,7 +162,7 @@ const PICK: &str = r#"
     const int* ci = cand_i + (size_t)row * G * KMAX;
     // Candidate c is slot c % k of chunk c / k; padding (id -1) ranks below every logit.
     auto slot = [&](int c) -> int { return (c / k) * KMAX + (c % k); };
-    auto key_at = [&](int s) -> unsigned int { return ci[s] < 0 ? 0u : mlxd_key_of(cv[s]); };
+    auto key_at = [&](int s) -> unsigned int { return __ldcg(ci + s) < 0 ? 0u : mlxd_key_of(__ldcg(cv + s)); };
 
     __shared__ unsigned int hist[256];
     __shared__ unsigned int s_prefix, s_mask, s_need, n_gt, n_eq;
@@ -176,10 +181,14 @@ const PICK: &str = r#"
         const unsigned int u = key_at(s);
         if (u > kth) {
             const unsigned int p = atomicAdd(&n_gt, 1u);
-            if (p < (unsigned int)k) { best_v[p] = cv[s]; best_i[p] = ci[s]; }
+            if (p < (unsigned int)k) { best_v[p] = __ldcg(cv + s); best_i[p] = __ldcg(ci + s); }
         } else if (u == kth) {
             const unsigned int q = atomicAdd(&n_eq, 1u);
-            if (q < ties) { const unsigned int p = (unsigned int)k - ties + q; best_v[p] = cv[s]; best_i[p] = ci[s]; }
+            if (q < ties) {
+                const unsigned int p = (unsigned int)k - ties + q;
+                best_v[p] = __ldcg(cv + s);
+                best_i[p] = __ldcg(ci + s);
+            }
         }
     }
     __syncthreads();
@@ -231,13 +240,52 @@ const PICK: &str = r#"
     }
 "#;
 
-/// Logits per block of the first kernel (`CH` floats of shared memory).
+/// Between the stages: every thread fences its candidate writes, then one thread per block
+/// counts the block in on the row's counter; the block that arrives last resets the counter for
+/// the next step and runs stage 2, every other block is done. (`counter` is an input, so MLX
+/// declares it `const`; it is this thread's own scratch array, see [`counter`].)
+const HANDOFF: &str = r#"
+    __threadfence();
+    __shared__ unsigned int s_last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned int* arrived = const_cast<unsigned int*>(counter) + blockIdx.y;
+        const unsigned int before = atomicAdd(arrived, 1u);
+        s_last = before == (unsigned int)(G - 1) ? 1u : 0u;
+        if (s_last) atomicExch(arrived, 0u);
+    }
+    __syncthreads();
+    if (s_last == 0u) return;
+    __threadfence();
+"#;
+
+/// Logits per block of stage 1 (`CH` floats of shared memory).
 const CH: i32 = 1024;
 
 static SWITCH: KernelSwitch = KernelSwitch::new("MLXD_SAMPLER_KERNEL");
 
 thread_local! {
-    static KERNELS: RefCell<Option<(CudaKernel, CudaKernel)>> = const { RefCell::new(None) };
+    static KERNEL: RefCell<Option<CudaKernel>> = const { RefCell::new(None) };
+    /// The rows' arrival counters (uint32 zeros, at least one per row of a step), reused by
+    /// every step of this thread: each step's last blocks leave them at zero again. A model's
+    /// steps run on one thread and each waits for the tokens of the one before, so two draws
+    /// never count on the same counters at once.
+    static COUNTER: RefCell<Option<Array>> = const { RefCell::new(None) };
+}
+
+/// This thread's arrival counters for a step of `rows` rows: zeros, evaluated (made outside any
+/// compiled trace, where the sampling graph takes it as an input).
+pub(crate) fn counter(rows: i32) -> Result<Array, Exception> {
+    COUNTER.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if let Some(c) = cell.as_ref().filter(|c| c.shape()[0] >= rows) {
+            return Ok(c.clone());
+        }
+        let c = Array::zeros::<u32>(&[rows.max(64)])?;
+        c.eval()?;
+        *cell = Some(c.clone());
+        Ok(c)
+    })
 }
 
 /// Turns the kernels on or off for the whole process (on unless `MLXD_SAMPLER_KERNEL=0`); they
@@ -281,23 +329,102 @@ pub fn append_history(history: &Array, token: &Array) -> Option<Result<Array, Ex
     }))
 }
 
+/// The greedy pick of one row and the history append in one node: one block finds the first
+/// index of the largest logit (float keys as [`HEADER`] orders them, packed above the inverted
+/// index so one 64-bit maximum breaks ties toward the lower id, as MLX's argmax does), then
+/// copies the history and puts the token after it.
+const PICK_APPEND: &str = r#"
+    const int V = logits_shape[1];
+    const int T = history_shape[1];
+    const int tid = threadIdx.x;
+    const int nt = blockDim.x;
+    __shared__ unsigned long long warp_best[32];
+    unsigned long long best = 0ull;
+    for (int i = tid; i < V; i += nt) {
+        const unsigned long long c =
+            ((unsigned long long)mlxd_key_of(static_cast<float>(logits[i])) << 32) | (unsigned long long)(~(unsigned int)i);
+        best = c > best ? c : best;
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        const unsigned long long other = __shfl_down_sync(0xffffffffu, best, o);
+        best = other > best ? other : best;
+    }
+    if ((tid & 31) == 0) warp_best[tid >> 5] = best;
+    __syncthreads();
+    if (tid < 32) {
+        best = tid < (nt + 31) / 32 ? warp_best[tid] : 0ull;
+        for (int o = 16; o > 0; o >>= 1) {
+            const unsigned long long other = __shfl_down_sync(0xffffffffu, best, o);
+            best = other > best ? other : best;
+        }
+        if (tid == 0) warp_best[0] = best;
+    }
+    __syncthreads();
+    const unsigned int pick = ~(unsigned int)(warp_best[0] & 0xffffffffull);
+    if (tid == 0) {
+        token[0] = pick;
+        out[T] = (int32_t)pick;
+    }
+    for (int i = tid; i < T; i += nt) out[i] = history[i];
+"#;
+
+thread_local! {
+    static PICK_APPEND_KERNEL: RefCell<Option<CudaKernel>> = const { RefCell::new(None) };
+}
+
+/// For one greedy row whose plugins read the history: its token (`[1]` uint32, the argmax of
+/// `logits`, `[1, V]` any float dtype) and `history` (`[1, T]` int32) with that token appended,
+/// from one kernel where the argmax and the append are two nodes. `None` where the kernels are
+/// off or the shapes are not one row.
+pub fn pick_and_append(logits: &Array, history: &Array) -> Option<Result<(Array, Array), Exception>> {
+    if !available()
+        || history.dtype() != Dtype::Int32
+        || logits.ndim() != 2
+        || logits.shape()[0] != 1
+        || history.shape()[0] != 1
+    {
+        return None;
+    }
+    let t = history.shape()[1];
+    Some(PICK_APPEND_KERNEL.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let k = cell.get_or_insert_with(|| {
+            CudaKernel::new("mlxd_pick_append", &["logits", "history"], &["token", "out"], HEADER, PICK_APPEND, true)
+        });
+        let out = k.apply(
+            &[logits, history],
+            &[(&[1], Dtype::Uint32), (&[1, t + 1], Dtype::Int32)],
+            &[],
+            (1024, 1, 1),
+            (1024, 1, 1),
+            || format!("the greedy pick and history append for logits {:?}", logits.shape()),
+        )?;
+        let mut out = out.into_iter();
+        match (out.next(), out.next()) {
+            (Some(token), Some(history)) => Ok((token, history)),
+            _ => Err(Exception::custom("the pick-and-append kernel returned too few outputs")),
+        }
+    }))
+}
+
 /// Whether the sampling graph may use the kernels: on, and MLX runs on CUDA.
 pub(crate) fn available() -> bool {
     SWITCH.available()
 }
 
-/// On CUDA, has MLX compile the sampling kernels for a `vocab`-token model now (one draw on
-/// zeros, and one history append), so the first request that samples does not wait for NVRTC.
-/// The kernels' only compile-time constant is the vocabulary: every request of the model then
-/// uses these two.
-/// If they fail here they are switched off (the MLX-op graph samples instead), with a warning.
-pub fn prepare(vocab: i32) {
+/// On CUDA, has MLX compile the sampling kernel for a `vocab`-token model whose logits are
+/// `dtype` now (one draw on zeros, and one history append), so the first request that samples
+/// does not wait for NVRTC. The kernel's compile-time constants are the vocabulary and the
+/// logits' dtype: every request of the model then uses this one.
+/// If it fails here the kernels are switched off (the MLX-op graph samples instead), with a
+/// warning.
+pub fn prepare(vocab: i32, dtype: Dtype) {
     if !available() {
         return;
     }
     let started = std::time::Instant::now();
     let draw = || -> Result<(), Exception> {
-        let logits = Array::zeros::<f32>(&[1, vocab])?;
+        let logits = mlx_rs::ops::zeros_dtype(&[1, vocab], dtype)?;
         let (one, k, keys) = (
             Array::from_slice(&[1.0f32], &[1, 1]),
             Array::from_slice(&[16i32], &[1, 1]),
@@ -311,39 +438,46 @@ pub fn prepare(vocab: i32) {
             ln_min_p: None,
             keys: &keys,
             repetition: None,
+            counter: &counter(1)?,
         })?;
-        // The history append of plugins that read the tokens, compiled now as well.
-        let appended = append_history(&Array::zeros::<i32>(&[1, 1])?, &Array::zeros::<u32>(&[1])?)
-            .unwrap_or_else(|| Err(Exception::custom("the append kernel is off")))?;
-        mlx_rs::transforms::eval([&drawn.tokens, &drawn.keys, &appended])
+        // The history append of plugins that read the tokens, and the greedy pick with it,
+        // compiled now as well (the pick on float32: plugins' logits come out in it mostly).
+        let off = || Exception::custom("the append kernels are off");
+        let history = Array::zeros::<i32>(&[1, 1])?;
+        let appended = append_history(&history, &Array::zeros::<u32>(&[1])?).unwrap_or_else(|| Err(off()))?;
+        let (picked, with_pick) =
+            pick_and_append(&Array::zeros::<f32>(&[1, vocab])?, &history).unwrap_or_else(|| Err(off()))?;
+        mlx_rs::transforms::eval([&drawn.tokens, &drawn.keys, &appended, &picked, &with_pick])
     };
     match draw() {
-        Ok(()) => tracing::info!(ms = started.elapsed().as_millis() as u64, "sampling CUDA kernels ready"),
+        Ok(()) => tracing::info!(ms = started.elapsed().as_millis() as u64, "sampling CUDA kernel ready"),
         Err(e) => {
             set_enabled(false);
-            tracing::warn!(error = %e, "sampling CUDA kernels unavailable; sampling with MLX operations");
+            tracing::warn!(error = %e, "sampling CUDA kernel unavailable; sampling with MLX operations");
         }
     }
 }
 
-fn kernels() -> (CudaKernel, CudaKernel) {
-    let chunks = CudaKernel::new(
-        "mlxd_sample_chunks",
-        &["logits", "inv_temperature", "top_k", "window", "penalty"],
-        &["cand_v", "cand_i"],
+fn kernel() -> CudaKernel {
+    CudaKernel::new(
+        "mlxd_sample",
+        &[
+            "logits",
+            "inv_temperature",
+            "top_k",
+            "window",
+            "penalty",
+            "top_p",
+            "ln_min_p",
+            "keys",
+            "window_start",
+            "counter",
+        ],
+        &["cand_v", "cand_i", "token", "next_keys", "next_window"],
         HEADER,
-        CHUNKS,
+        &format!("{{{CHUNKS}}}\n{HANDOFF}{{{PICK}}}"),
         true,
-    );
-    let pick = CudaKernel::new(
-        "mlxd_sample_pick",
-        &["cand_v", "cand_i", "top_k", "top_p", "ln_min_p", "keys", "window", "window_start"],
-        &["token", "next_keys", "next_window"],
-        HEADER,
-        PICK,
-        true,
-    );
-    (chunks, pick)
+    )
 }
 
 /// The repetition penalty's inputs: the rows' windows `[B, C]` uint32, penalties `[B, 1]`
@@ -354,11 +488,12 @@ pub(crate) struct Repetition<'a> {
     pub start: &'a Array,
 }
 
-/// What the kernels draw from: the logits after steps 1-3 (`logits`, `[B, V]` float32), the
+/// What the kernel draws from: the logits after steps 1-3 (`logits`, `[B, V]`, any float
+/// dtype), the
 /// repetition penalty when `repetition` is given, then the temperature (`[B, 1]`
 /// reciprocals), then the rows' top-k (`[B, 1]` int32, at most [`MAX_K`]), top-p and ln min-p
 /// (`[B, 1]` float32, or `None` when no row filters that way) and the pick with the rows' keys
-/// (`[B, 2]` uint32).
+/// (`[B, 2]` uint32); `counter` is [`counter`]'s.
 pub(crate) struct Inputs<'a> {
     pub logits: &'a Array,
     pub inv_temperature: &'a Array,
@@ -367,6 +502,7 @@ pub(crate) struct Inputs<'a> {
     pub ln_min_p: Option<&'a Array>,
     pub keys: &'a Array,
     pub repetition: Option<Repetition<'a>>,
+    pub counter: &'a Array,
 }
 
 /// A step's draw: the tokens `[B]` uint32, the rows' next keys `[B, 2]`, and with the
@@ -377,9 +513,9 @@ pub(crate) struct Drawn {
     pub window: Option<Array>,
 }
 
-/// Runs both kernels on `inp`; see [`Inputs`]. A stage a batch does not use gets neutral
+/// Runs the kernel on `inp`; see [`Inputs`]. A stage a batch does not use gets neutral
 /// columns (penalty 1 over an empty window, top-p infinity, ln min-p minus infinity), so one
-/// compiled pair serves every request of a model; inside the compiled sampling step these are
+/// compiled kernel serves every request of a model; inside the compiled sampling step these are
 /// constants of the trace, not arrays made per step.
 pub(crate) fn sample(inp: &Inputs<'_>) -> Result<Drawn, Exception> {
     let (b, v) = (inp.logits.shape()[0], inp.logits.shape()[1]);
@@ -400,40 +536,38 @@ pub(crate) fn sample(inp: &Inputs<'_>) -> Result<Drawn, Exception> {
         ("G", TemplateArg::Int(g)),
         ("KMAX", TemplateArg::Int(MAX_K)),
     ];
-    let what = || format!("the sampling kernels for logits {:?}", inp.logits.shape());
-    KERNELS.with(|cell| {
+    let slots: &[i32] = &[b, g * MAX_K];
+    let out = KERNEL.with(|cell| {
         let mut cell = cell.borrow_mut();
-        let (chunks, pick) = cell.get_or_insert_with(kernels);
-        let slots: &[i32] = &[b, g * MAX_K];
-        let cands = chunks.apply(
-            &[inp.logits, inp.inv_temperature, inp.top_k, window, penalty],
-            &[(slots, Dtype::Float32), (slots, Dtype::Int32)],
+        cell.get_or_insert_with(kernel).apply(
+            &[
+                inp.logits,
+                inp.inv_temperature,
+                inp.top_k,
+                window,
+                penalty,
+                inp.top_p.unwrap_or(&top_p),
+                inp.ln_min_p.unwrap_or(&ln_min_p),
+                inp.keys,
+                start,
+                inp.counter,
+            ],
+            &[
+                (slots, Dtype::Float32),
+                (slots, Dtype::Int32),
+                (&[b], Dtype::Uint32),
+                (&[b, 2], Dtype::Uint32),
+                (&[b, c], Dtype::Uint32),
+            ],
             &template,
             (256 * g, b, 1),
             (256, 1, 1),
-            what,
-        )?;
-        let mut out = pick
-            .apply(
-                &[
-                    &cands[0],
-                    &cands[1],
-                    inp.top_k,
-                    inp.top_p.unwrap_or(&top_p),
-                    inp.ln_min_p.unwrap_or(&ln_min_p),
-                    inp.keys,
-                    window,
-                    start,
-                ],
-                &[(&[b], Dtype::Uint32), (&[b, 2], Dtype::Uint32), (&[b, c], Dtype::Uint32)],
-                &template,
-                (1024, b, 1),
-                (1024, 1, 1),
-                what,
-            )?
-            .into_iter();
-        let mut next = || out.next().ok_or_else(|| Exception::custom("the sampling kernel returned too few outputs"));
-        let (tokens, keys, window) = (next()?, next()?, next()?);
-        Ok(Drawn { tokens, keys, window: inp.repetition.is_some().then_some(window) })
-    })
+            || format!("the sampling kernel for logits {:?}", inp.logits.shape()),
+        )
+    })?;
+    // The candidates (outputs 0 and 1) are the kernel's scratch.
+    let mut out = out.into_iter().skip(2);
+    let mut next = || out.next().ok_or_else(|| Exception::custom("the sampling kernel returned too few outputs"));
+    let (tokens, keys, window) = (next()?, next()?, next()?);
+    Ok(Drawn { tokens, keys, window: inp.repetition.is_some().then_some(window) })
 }

@@ -126,9 +126,11 @@ pub(crate) enum Slot {
     ChunkOffsets,
     /// `0..C` as `[1, C]` int32 (window slots).
     Positions,
+    /// The CUDA sampling kernel's arrival counters ([`super::cuda::counter`]).
+    Counter,
 }
 
-const SLOTS: usize = Slot::Positions as usize + 1;
+const SLOTS: usize = Slot::Counter as usize + 1;
 
 /// Named inputs of one call.
 #[derive(Default, Clone)]
@@ -193,6 +195,9 @@ pub(crate) fn plan(st: Stages) -> Vec<Slot> {
         }
         if st.truncate.is_some() && st.chunk.is_some() {
             p.push(ChunkOffsets);
+        }
+        if st.kernel {
+            p.push(Counter);
         }
     }
     p
@@ -385,7 +390,18 @@ fn graph(st: Stages, inputs: &[Array]) -> Result<Vec<Array>, Exception> {
         let b = head.shape()[0];
         return advance(st, &named, &head.reshape(&[b, 1])?);
     }
-    let mut logits = head.as_type::<f32>()?;
+    // Steps that compute on the logits do it in float32. Where none does (greedy, or the
+    // sampling kernel with at most the repetition penalty, which it applies itself), the logits
+    // stay in the model's dtype: the argmax and the kernel read bfloat16 as it is, without a
+    // conversion node per step.
+    let in_float32 = st.bias
+        || (st.repetition && !st.penalty_in_kernel())
+        || st.presence_frequency
+        || st.process_only
+        || st.logprobs.is_some()
+        || st.inspect
+        || (st.random && !st.kernel);
+    let mut logits = if in_float32 { head.as_type::<f32>()? } else { head.clone() };
     let (b, v) = (logits.shape()[0], logits.shape()[1]);
 
     // 1. Logit bias: one scatter-add of every row's (token, bias) pairs.
@@ -439,6 +455,7 @@ fn graph(st: Stages, inputs: &[Array]) -> Result<Vec<Array>, Exception> {
                 ln_min_p: optional(st.min_p, Slot::LnMinP)?,
                 keys,
                 repetition,
+                counter: named.get(Slot::Counter)?,
             })?;
             next_keys = Some(drawn.keys);
             kernel_window = drawn.window;
@@ -640,6 +657,8 @@ fn typical_keep(sorted: &Array, keep: Option<&Array>, mass: &Array) -> Result<Ar
 /// Log-softmax of the processed logits (after biases and penalties, before temperature and
 /// filters, as mlx-lm reports them): the chosen token's value and the `n` best.
 pub(crate) fn logprobs(logits: &Array, tokens: &Array, n: i32) -> Result<(Array, Array, Array), Exception> {
+    // In float32 whatever the logits came in (plugins may return another float dtype).
+    let logits = &logits.as_type::<f32>()?;
     let (b, v) = (logits.shape()[0], logits.shape()[1]);
     let logp = logits.subtract(logsumexp_axis(logits, -1, true)?)?;
     let chosen = logp.take_along_axis(tokens.reshape(&[b, 1])?, -1)?.reshape(&[b])?;

@@ -30,6 +30,9 @@ pub(crate) struct PluginChain {
     sampler: Option<PluginInstance>,
     /// `[1, T]` int32 prompt + output, kept when some plugin reads it.
     history: Option<Array>,
+    /// This step's history with its token already appended, when the greedy pick did that in
+    /// the same kernel ([`super::cuda::pick_and_append`]); `accept` takes it.
+    appended: Option<Array>,
     info: StepInfo,
 }
 
@@ -58,7 +61,7 @@ impl PluginChain {
             Array::from_slice(&ids, &[1, ids.len() as i32])
         });
         let info = StepInfo { prompt_tokens: prompt.len(), generated_tokens: 0, temperature };
-        Ok(PluginChain { processors, sampler, history, info })
+        Ok(PluginChain { processors, sampler, history, appended: None, info })
     }
 
     fn has_processors(&self) -> bool {
@@ -93,14 +96,47 @@ impl PluginChain {
             p.accept(&token)?;
         }
         if let Some(h) = self.history.as_mut() {
-            *h = match super::cuda::append_history(h, &token) {
-                Some(appended) => appended?,
-                None => ops::concatenate(&[h.clone(), token.reshape(&[1, 1])?.as_type::<i32>()?], 1)?,
-            };
+            if let Some(appended) = self.appended.take() {
+                *h = appended;
+            } else {
+                *h = match super::cuda::append_history(h, &token) {
+                    Some(appended) => appended?,
+                    None => ops::concatenate(&[h.clone(), token.reshape(&[1, 1])?.as_type::<i32>()?], 1)?,
+                };
+            }
         }
         self.info.generated_tokens += 1;
         Ok(())
     }
+}
+
+/// Step 3 for a lone greedy row whose plugins read the history, on CUDA: the argmax and the
+/// history append of `accept` as one kernel (two nodes per step otherwise). `None` where that
+/// does not apply: the built-in step 3 runs, and `accept` appends.
+fn fused_greedy_pick(
+    post: Stages,
+    rows: &mut [&mut SequenceSampler],
+    processed: &Array,
+) -> Result<Option<Outputs>, SamplingError> {
+    let [row] = rows else { return Ok(None) };
+    if post.random || post.logprobs.is_some() || post.inspect || row.failure.is_some() {
+        return Ok(None);
+    }
+    let Some(chain) = row.plugins.as_mut().filter(|c| !c.has_sampler()) else { return Ok(None) };
+    chain.appended = None;
+    let Some(history) = chain.history.as_ref() else { return Ok(None) };
+    let Some(fused) = super::cuda::pick_and_append(processed, history) else { return Ok(None) };
+    let (token, appended) = fused?;
+    chain.appended = Some(appended);
+    Ok(Some(Outputs {
+        tokens: Some(token),
+        logprobs: None,
+        inspection: None,
+        keys: None,
+        window: None,
+        counts: None,
+        processed: None,
+    }))
 }
 
 /// Row `i` of a `[B, ...]` array, keeping the axis.
@@ -123,10 +159,12 @@ pub(super) fn run(st: Stages, named: &Named, rows: &mut [&mut SequenceSampler]) 
         process_only: true,
         ..Stages::default()
     };
+    // Without those stages the logits stay in the model's dtype: a processor gets a float32
+    // conversion unless it takes them as they are (`CAP_MODEL_DTYPE`, see `PluginInstance`).
     let logits = if st.bias || st.repetition || st.presence_frequency {
         pipeline::run(pre, named)?.processed.ok_or_else(|| SamplingError::Shape("no processed logits".into()))?
     } else {
-        named.head()?.as_type::<f32>()?
+        named.head()?.clone()
     };
 
     // 2. Plugin processors, row by row.
@@ -152,7 +190,10 @@ pub(super) fn run(st: Stages, named: &Named, rows: &mut [&mut SequenceSampler]) 
     let processed = match rows_out {
         None => logits,
         Some(mut out) if b == 1 => out.remove(0),
-        Some(out) => ops::concatenate(&out, 0)?,
+        // Rows of different dtypes (a processor's float32 beside the model's bfloat16) join
+        // in float32.
+        Some(out) if out.iter().all(|x| x.dtype() == out[0].dtype()) => ops::concatenate(&out, 0)?,
+        Some(out) => ops::concatenate(&out.iter().map(|x| x.as_type::<f32>()).collect::<Result<Vec<_>, _>>()?, 0)?,
     };
 
     // 3. Built-in temperature, filters and pick.
@@ -166,9 +207,14 @@ pub(super) fn run(st: Stages, named: &Named, rows: &mut [&mut SequenceSampler]) 
         kernel_penalty: false,
         ..st
     };
-    let mut post_inputs = named.clone();
-    post_inputs.set(Slot::Head, processed.clone());
-    let mut out = pipeline::run(post, &post_inputs)?;
+    let mut out = match fused_greedy_pick(post, rows, &processed)? {
+        Some(out) => out,
+        None => {
+            let mut post_inputs = named.clone();
+            post_inputs.set(Slot::Head, processed.clone());
+            pipeline::run(post, &post_inputs)?
+        }
+    };
 
     // 4. Final sampler plugins replace the built-in pick of their rows.
     if any_sampler {
@@ -180,7 +226,7 @@ pub(super) fn run(st: Stages, named: &Named, rows: &mut [&mut SequenceSampler]) 
             let pick = match r.plugins.as_mut().filter(|c| c.has_sampler() && r.failure.is_none()) {
                 None => None,
                 Some(chain) => {
-                    let x = row(&processed, i, b)?;
+                    let x = row(&processed, i, b)?.as_type::<f32>()?;
                     let x = if temperature > 0.0 { x.multiply(Array::from_f32(1.0 / temperature))? } else { x };
                     match chain.pick(&x) {
                         Ok(t) => t,

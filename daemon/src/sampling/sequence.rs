@@ -307,6 +307,9 @@ fn step(
         let keys = rows.iter().map(|r| r.key.clone().map_or_else(|| Array::zeros::<u32>(&[1, 2]), Ok));
         named.set(Slot::Keys, rows_of(keys.collect::<Result<_, _>>()?)?);
     }
+    if st.kernel {
+        named.set(Slot::Counter, super::cuda::counter(b as i32)?);
+    }
     let uids: Vec<u64> = rows.iter().map(|r| r.uid).collect();
     COLUMNS.with(|cache| -> Result<(), SamplingError> {
         let mut cache = cache.borrow_mut();

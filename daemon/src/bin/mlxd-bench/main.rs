@@ -603,10 +603,11 @@ fn print_batched_graph(dir: &Path, rows: usize) -> Result<()> {
     Ok(())
 }
 
-/// Draws tokens through the MLX-op graph and through the CUDA sampling kernels on the same
+/// Draws tokens through the MLX-op graph and through the CUDA sampling kernel on the same
 /// random logits, rows (seeds 1-N) and steps, and prints how many draws agree (the two paths
 /// differ only by rounding at a filter's boundary). Cases: the full pipeline on a
-/// Qwen3-sized vocabulary (not a multiple of the kernels' chunk), temperature + top-k alone, a
+/// Qwen3-sized vocabulary (not a multiple of the kernel's chunk) in float32 and bfloat16 (the
+/// kernel reads bfloat16 itself; the graph converts first), temperature + top-k alone, a
 /// strong repetition penalty over a short window on logits that stay the same every step (so a
 /// wrongly advanced window or key changes later draws), and a vocabulary whose last chunk holds
 /// fewer logits than the top-k.
@@ -621,15 +622,17 @@ fn sampler_check() -> Result<()> {
         ..Default::default()
     };
     let wide = SamplingParams { temperature: 1.0, top_k: 150, top_p: 0.95, ..Default::default() };
-    // (name, params, rows, vocabulary, steps, same logits every step)
+    // (name, params, rows, vocabulary, steps, same logits every step, logits' dtype)
+    let bf16 = mlx_rs::Dtype::Bfloat16;
     let cases = [
-        ("full", full_sampling(), 64usize, 151_936i32, 8, false),
-        ("temperature + top-k", top_k_only, 64, 151_936, 8, false),
-        ("repetition penalty 3 over 4 tokens, fixed logits", penalty, 16, 49_152, 24, true),
-        ("top-k 150 over 1,124 tokens", wide, 16, 1_124, 8, false),
+        ("full", full_sampling(), 64usize, 151_936i32, 8, false, mlx_rs::Dtype::Float32),
+        ("full, bfloat16 logits", full_sampling(), 64, 151_936, 8, false, bf16),
+        ("temperature + top-k", top_k_only, 64, 151_936, 8, false, mlx_rs::Dtype::Float32),
+        ("repetition penalty 3 over 4 tokens, fixed logits, bfloat16", penalty, 16, 49_152, 24, true, bf16),
+        ("top-k 150 over 1,124 tokens", wide, 16, 1_124, 8, false, mlx_rs::Dtype::Float32),
     ];
     let mut total = (0, 0);
-    for (name, base, rows, v, steps, fixed) in cases {
+    for (name, base, rows, v, steps, fixed, dtype) in cases {
         let mut draws: Vec<Vec<u32>> = Vec::new();
         for kernel in [false, true] {
             mlxd::sampling::set_sampler_kernel(kernel);
@@ -642,7 +645,8 @@ fn sampler_check() -> Result<()> {
             let mut got = Vec::new();
             for s in 0..steps {
                 let seed = if fixed { 1000 } else { 1000 + s };
-                let logits = random::normal::<f32>(&[rows as i32, v], 0.0, 3.0, &random::key(seed)?)?;
+                let logits =
+                    random::normal::<f32>(&[rows as i32, v], 0.0, 3.0, &random::key(seed)?)?.as_dtype(dtype)?;
                 let mut refs: Vec<&mut mlxd::sampling::SequenceSampler> = samplers.iter_mut().collect();
                 let t = mlxd::sampling::sample_batch(&logits, &mut refs)?;
                 got.extend(t.as_slice::<u32>().to_vec());
