@@ -14,7 +14,9 @@ mod common;
 use common::daemon::{recv, send, Daemon, Ws};
 use mlx_rs::Array;
 use mlxd::plugins::{Kind, PluginRegistry, PluginRequest};
-use mlxd::sampling::{read_ids, sample_batch, sample_batch_inspect, thread_host_read_stats, SamplingParams, SequenceSampler};
+use mlxd::sampling::{
+    read_ids, sample_batch, sample_batch_inspect, thread_host_read_stats, SamplingParams, SequenceSampler,
+};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,7 +25,11 @@ use std::time::Duration;
 const RUST_PLUGINS: [&str; 6] = ["passthrough", "dry", "mirostat", "top_n_sigma", "token_filter", "faulty"];
 
 fn lib_name(stem: &str) -> String {
-    if cfg!(target_os = "macos") { format!("lib{stem}.dylib") } else { format!("lib{stem}.so") }
+    if cfg!(target_os = "macos") {
+        format!("lib{stem}.dylib")
+    } else {
+        format!("lib{stem}.so")
+    }
 }
 
 /// The directory cargo put this test's dependencies' cdylibs in.
@@ -125,7 +131,10 @@ fn loads_lists_and_refuses_with_both_versions_named() {
     );
     let by_name = |n: &str| listing["plugins"].as_array().unwrap().iter().find(|p| p["name"] == n).unwrap().clone();
     let dry = by_name("dry");
-    assert_eq!((dry["kind"].as_str(), dry["version"].as_str(), dry["abi"].as_str()), (Some("processor"), Some("0.1.0"), Some("1.1")));
+    assert_eq!(
+        (dry["kind"].as_str(), dry["version"].as_str(), dry["abi"].as_str()),
+        (Some("processor"), Some("0.1.0"), Some("1.1"))
+    );
     // A plugin built for an older minor loads and runs (same major, host minor >= its minor).
     assert_eq!(by_name("abi-one-zero")["abi"], "1.0");
     let p = with_plugins(vec![use_plugin("abi-one-zero", json!({}))]);
@@ -133,11 +142,19 @@ fn loads_lists_and_refuses_with_both_versions_named() {
     assert_eq!(dry["params_schema"]["properties"]["base"]["default"], 1.75);
     assert_eq!(dry["capabilities"]["history"], true);
     assert_eq!(by_name("mirostat-v2")["kind"], "sampler");
-    assert_eq!(by_name("epsilon")["description"], "epsilon sampling: drops tokens less likely than epsilon (written in C)");
+    assert_eq!(
+        by_name("epsilon")["description"],
+        "epsilon sampling: drops tokens less likely than epsilon (written in C)"
+    );
 
     let refused = listing["refused"].as_array().unwrap();
     assert_eq!(refused.len(), 3, "{refused:?}");
-    let why = |stem: &str| refused.iter().find(|r| r["file"].as_str().unwrap().contains(stem)).unwrap()["error"].as_str().unwrap().to_string();
+    let why = |stem: &str| {
+        refused.iter().find(|r| r["file"].as_str().unwrap().contains(stem)).unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
     let future = why("abi_future");
     assert!(future.contains(&dir.path().join(lib_name("mlxd_fixture_abi_future")).display().to_string()), "{future}");
     assert!(future.contains("ABI 1.99") && future.contains("speaks ABI 1.1"), "{future}");
@@ -187,6 +204,41 @@ fn passthrough_changes_nothing() {
     assert_eq!(processed(&p, &logits, &[1]), logits);
 }
 
+/// `MLXD_CAP_MODEL_DTYPE`: a processor that sets it gets the logits in their own dtype (the
+/// pass-through hands bfloat16 back as it came); one that does not gets float32 (the ABI 1.0
+/// fixture, which adds 1). The values stay the same either way.
+#[test]
+fn processors_get_float32_unless_they_take_the_model_dtype() {
+    use mlxd::plugins::{instance::StepInfo, PluginInstance};
+    let values = [0.5f32, -2.0, 3.0, 1.25];
+    let bf16 = row(&values).as_dtype(mlx_rs::Dtype::Bfloat16).unwrap();
+    let info = StepInfo { prompt_tokens: 1, generated_tokens: 0, temperature: 0.0 };
+    let run = |name: &str| {
+        let plugin = registry().0.get(name).expect("loaded");
+        let mut p = PluginInstance::create(plugin, "{}", values.len(), 7).expect("create");
+        p.apply(&bf16, None, info).expect("apply")
+    };
+    let through = run("passthrough");
+    assert_eq!(through.dtype(), mlx_rs::Dtype::Bfloat16, "passthrough sets CAP_MODEL_DTYPE");
+    assert_eq!(host_f32(&through), values);
+    let plus_one = run("abi-one-zero");
+    assert_eq!(plus_one.dtype(), mlx_rs::Dtype::Float32, "a plugin without the flag sees float32");
+    assert_eq!(host_f32(&plus_one), values.map(|x| x + 1.0));
+    let by_name = |n: &str| registry().0.get(n).unwrap().describe();
+    assert_eq!(by_name("passthrough")["capabilities"]["model_dtype"], true);
+    assert_eq!(by_name("abi-one-zero")["capabilities"]["model_dtype"], false);
+
+    // Whole steps on bfloat16 logits: greedy alone, through each plugin, and DRY (float32 out).
+    for plugins in [vec![], vec![use_plugin("passthrough", json!({}))], vec![use_plugin("abi-one-zero", json!({}))]] {
+        let mut s = SequenceSampler::new(&with_plugins(plugins), values.len(), &[1]).unwrap();
+        assert_eq!(read_ids(&s.sample(&bf16).unwrap()).unwrap(), [2]);
+    }
+    let dry = with_plugins(vec![use_plugin("dry", json!({"multiplier": 100.0, "allowed_length": 1}))]);
+    // History 0 2 0: token 2 followed 0 before, so after this 0 it is penalized; token 3 wins.
+    let mut s = SequenceSampler::new(&dry, values.len(), &[0, 2, 0]).unwrap();
+    assert_eq!(read_ids(&s.sample(&bf16).unwrap()).unwrap(), [3]);
+}
+
 #[test]
 fn token_filter_bans_and_allows() {
     let logits = pseudo(10, 2);
@@ -216,7 +268,11 @@ fn top_n_sigma_keeps_what_its_definition_keeps() {
         let p = with_plugins(vec![use_plugin("top-n-sigma", json!({"n": n}))]);
         let got = processed(&p, &logits, &[1]);
         let want = top_n_sigma_reference(&logits, n);
-        assert_eq!(got.iter().map(|x| x.is_finite()).collect::<Vec<_>>(), want.iter().map(|x| x.is_finite()).collect::<Vec<_>>(), "n = {n}");
+        assert_eq!(
+            got.iter().map(|x| x.is_finite()).collect::<Vec<_>>(),
+            want.iter().map(|x| x.is_finite()).collect::<Vec<_>>(),
+            "n = {n}"
+        );
         assert!(want.iter().filter(|x| x.is_finite()).count() < 63, "n = {n}: the case removes something");
         assert_close(&got, &want, &format!("top-n-sigma n={n}"));
     }
@@ -229,11 +285,14 @@ fn epsilon_written_in_c_keeps_what_its_definition_keeps() {
         let p = with_plugins(vec![use_plugin("epsilon", json!({"epsilon": eps}))]);
         let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
         let lse = m + logits.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
-        let want: Vec<f32> =
-            logits.iter().map(|&x| if x as f64 - lse >= f64::ln(eps) || x as f64 == m { x } else { f32::NEG_INFINITY }).collect();
+        let want: Vec<f32> = logits
+            .iter()
+            .map(|&x| if x as f64 - lse >= f64::ln(eps) || x as f64 == m { x } else { f32::NEG_INFINITY })
+            .collect();
         assert_close(&processed(&p, &logits, &[1]), &want, &format!("epsilon {eps}"));
     }
-    let e = SequenceSampler::new(&with_plugins(vec![use_plugin("epsilon", json!({"epsilon": 2}))]), 4, &[1]).unwrap_err();
+    let e =
+        SequenceSampler::new(&with_plugins(vec![use_plugin("epsilon", json!({"epsilon": 2}))]), 4, &[1]).unwrap_err();
     assert!(e.to_string().contains("plugin `epsilon`") && e.to_string().contains("(0, 1)"), "{e}");
     let e = SequenceSampler::new(&with_plugins(vec![use_plugin("epsilon", json!({"eps": 0.1}))]), 4, &[1]).unwrap_err();
     assert!(e.to_string().contains("unknown field `eps`"), "{e}");
@@ -373,7 +432,11 @@ fn dry_updates_step_by_step_as_the_definition_says() {
             let out = sample_batch_inspect(&row(&logits), &mut [&mut s]).unwrap();
             assert!(s.failure().is_none(), "{:?}", s.failure());
             let want = dry_reference(&logits, &history, &d);
-            assert_close(&host_f32(&out.processed), &want, &format!("case {case} {d:?} step {step} history {history:?}"));
+            assert_close(
+                &host_f32(&out.processed),
+                &want,
+                &format!("case {case} {d:?} step {step} history {history:?}"),
+            );
             history.push(read_ids(&out.tokens).unwrap()[0]);
         }
     }
@@ -395,7 +458,9 @@ fn mirostat_keep(logits: &[f32], mu: f64) -> Vec<bool> {
 fn mirostat_follows_its_definition() {
     let logits = [2.0f32, 1.5, 1.0, 0.2, -0.5, -1.0, -2.0, -3.0];
     let (tau, eta) = (1.5f64, 0.3f64);
-    let mut s = SequenceSampler::new(&with_plugins(vec![use_plugin("mirostat-v2", json!({"tau": tau, "eta": eta}))]), 8, &[1]).unwrap();
+    let mut s =
+        SequenceSampler::new(&with_plugins(vec![use_plugin("mirostat-v2", json!({"tau": tau, "eta": eta}))]), 8, &[1])
+            .unwrap();
     // Every token lies in the set the reference mu allows, with mu updated from the drawn
     // tokens' renormalized surprise; the set must change along the way.
     let mut mu = 2.0 * tau;
@@ -418,7 +483,10 @@ fn mirostat_follows_its_definition() {
     let n = 600;
     let mut counts = [0usize; 8];
     for seed in 0..n {
-        let p = SamplingParams { seed: Some(seed as u64), ..with_plugins(vec![use_plugin("mirostat-v2", json!({"tau": tau}))]) };
+        let p = SamplingParams {
+            seed: Some(seed as u64),
+            ..with_plugins(vec![use_plugin("mirostat-v2", json!({"tau": tau}))])
+        };
         let mut s = SequenceSampler::new(&p, 8, &[1]).unwrap();
         counts[read_ids(&s.sample(&row(&logits)).unwrap()).unwrap()[0] as usize] += 1;
     }
@@ -480,8 +548,16 @@ fn a_failing_plugin_fails_only_its_row_of_the_batch() {
         read_ids(&s.sample(&row(&logits[r * v..(r + 1) * v])).unwrap()).unwrap()[0]
     };
     let ok_a = with_plugins(vec![use_plugin("token-filter", json!({"ban": [0, 1, 2, 3, 4, 5]}))]);
-    let ok_c = SamplingParams { temperature: 0.7, seed: Some(3), ..with_plugins(vec![use_plugin("passthrough", json!({}))]) };
-    for how in [("apply", "error"), ("apply", "panic"), ("apply", "shape"), ("apply", "dtype"), ("accept", "error"), ("accept", "panic")] {
+    let ok_c =
+        SamplingParams { temperature: 0.7, seed: Some(3), ..with_plugins(vec![use_plugin("passthrough", json!({}))]) };
+    for how in [
+        ("apply", "error"),
+        ("apply", "panic"),
+        ("apply", "shape"),
+        ("apply", "dtype"),
+        ("accept", "error"),
+        ("accept", "panic"),
+    ] {
         let bad = faulty(how.0, how.1);
         let mut rows: Vec<SequenceSampler> =
             [&ok_a, &bad, &ok_c].iter().map(|p| SequenceSampler::new(p, v, &[1, 2]).unwrap()).collect();
@@ -518,7 +594,12 @@ fn engine() -> mlxd::engine::Engine {
     mlxd::engine::Engine::new(model, mlxd::engine::EngineOptions { prompt_cache_bytes: 0, ..Default::default() })
 }
 
-fn request(e: &mlxd::engine::Engine, text: &str, max_tokens: usize, sampler: SamplingParams) -> mlxd::engine::GenerateRequest {
+fn request(
+    e: &mlxd::engine::Engine,
+    text: &str,
+    max_tokens: usize,
+    sampler: SamplingParams,
+) -> mlxd::engine::GenerateRequest {
     let prompt = e.model.tokenizer.encode(text, true).unwrap();
     mlxd::engine::GenerateRequest { prompt, max_tokens, stop: vec![], sampler }
 }
@@ -528,10 +609,12 @@ fn engine_batches_survive_a_failing_plugin_and_read_only_ids() {
     let mut e = engine();
     let greedy = request(&e, "The capital of France is", 12, SamplingParams::default());
     let dry = request(&e, "One, two, three, one, two, three, one, two,", 12, with_plugins(vec![dry_use(&base_dry())]));
-    let failing = request(&e, "Hello", 12, with_plugins(vec![use_plugin("faulty", json!({"fail": "apply", "after": 3}))]));
+    let failing =
+        request(&e, "Hello", 12, with_plugins(vec![use_plugin("faulty", json!({"fail": "apply", "after": 3}))]));
     let alone: Vec<Vec<u32>> = [&greedy, &dry].iter().map(|r| e.generate(r, |_| true).unwrap().ids).collect();
 
-    let mut rows = vec![e.start(greedy.clone()).unwrap(), e.start(failing.clone()).unwrap(), e.start(dry.clone()).unwrap()];
+    let mut rows =
+        vec![e.start(greedy.clone()).unwrap(), e.start(failing.clone()).unwrap(), e.start(dry.clone()).unwrap()];
     let mut ids: Vec<Vec<u32>> = vec![Vec::new(); 3];
     while rows.iter().any(|r| r.finished().is_none()) {
         let mut refs: Vec<&mut mlxd::engine::Row> = rows.iter_mut().collect();
@@ -619,7 +702,8 @@ async fn the_daemon_lists_runs_isolates_and_reloads_plugins() {
 
     send(&mut ws, json!({"type": "plugins", "id": "l"})).await;
     let l = recv(&mut ws).await;
-    let names: Vec<&str> = l["data"]["plugins"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> =
+        l["data"]["plugins"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
     assert!(names.contains(&"dry") && names.contains(&"epsilon") && names.contains(&"mirostat-v2"), "{l}");
     assert_eq!(l["data"]["refused"].as_array().unwrap().len(), 3, "{l}");
 
@@ -657,7 +741,13 @@ async fn the_daemon_lists_runs_isolates_and_reloads_plugins() {
         let (m, _) = &out[bad];
         assert_eq!((m["type"].as_str(), m["code"].as_str()), (Some("error"), Some("plugin_error")), "{bad}: {m}");
         let msg = m["message"].as_str().unwrap();
-        let plugin = if bad == "noentry" { "no-entry" } else if bad == "params" { "dry" } else { "faulty" };
+        let plugin = if bad == "noentry" {
+            "no-entry"
+        } else if bad == "params" {
+            "dry"
+        } else {
+            "faulty"
+        };
         assert!(msg.contains(&format!("plugin `{plugin}`")) && msg.contains(needle), "{bad}: {msg}");
     }
     assert!(out["err"].1 >= 2 && out["err"].1 < 10, "tokens before the failure still arrived: {}", out["err"].1);

@@ -438,6 +438,12 @@ typedef int32_t mlxd_kind;
 /* Capability flags (descriptor.capabilities): what the host must prepare. */
 #define MLXD_CAP_HISTORY ((uint64_t)1 << 0) /* apply reads mlxd_context.tokens */
 #define MLXD_CAP_RANDOM ((uint64_t)1 << 1)  /* apply reads mlxd_context.key */
+/* A PROCESSOR's apply takes the logits in the float dtype they arrive in: the model's
+   (bfloat16 or float16 on a GPU) unless a built-in stage or an earlier processor made them
+   float32. Without this flag the host hands it a float32 conversion, one more operation per
+   step. Samplers always get float32 (the host divides by the temperature in float32). Hosts
+   that predate the flag ignore it and always convert, so setting it needs no newer ABI minor. */
+#define MLXD_CAP_MODEL_DTYPE ((uint64_t)1 << 2)
 
 /*
  * The plugin's entry points. Every call gets the instance's `host` (see mlxd_host) and, where

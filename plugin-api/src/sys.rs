@@ -38,6 +38,9 @@ pub const KIND_SAMPLER: i32 = 2;
 pub const CAP_HISTORY: u64 = 1 << 0;
 /// `MLXD_CAP_RANDOM`: apply reads `Context::key`.
 pub const CAP_RANDOM: u64 = 1 << 1;
+/// `MLXD_CAP_MODEL_DTYPE`: a processor's apply takes the logits in the float dtype they arrive
+/// in (the model's, e.g. bfloat16) instead of a float32 conversion.
+pub const CAP_MODEL_DTYPE: u64 = 1 << 2;
 
 /// `mlxd_host`: the operation table. Every function takes the host pointer first; see the
 /// header for each one's contract.

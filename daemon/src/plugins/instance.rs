@@ -49,7 +49,8 @@ impl PluginInstance {
     /// Creates an instance for a sequence of a `vocab`-token model; `seed` seeds its random key.
     pub fn create(plugin: Arc<Plugin>, params_json: &str, vocab: usize, seed: u64) -> Result<Self, PluginError> {
         let err = |message: String| PluginError { plugin: plugin.name.clone(), message };
-        let key = if plugin.wants_random() { Some(random::key(seed).map_err(|e| err(e.what().to_string()))?) } else { None };
+        let key =
+            if plugin.wants_random() { Some(random::key(seed).map_err(|e| err(e.what().to_string()))?) } else { None };
         let params = CString::new(params_json).map_err(|_| err("params contain a NUL byte".into()))?;
         let (vocab, batch) = (vocab as i32, 1);
         let args = sys::CreateArgs {
@@ -100,10 +101,23 @@ impl PluginInstance {
         let key = match self.key.as_mut() {
             None => None,
             Some(k) => {
-                let (keep, now) = random::split(&*k, 2).map_err(|e| PluginError { plugin: self.plugin.name.clone(), message: e.what().to_string() })?;
+                let (keep, now) = random::split(&*k, 2)
+                    .map_err(|e| PluginError { plugin: self.plugin.name.clone(), message: e.what().to_string() })?;
                 *k = keep;
                 Some(now)
             }
+        };
+        // Float32 unless the processor takes the logits as they come (`CAP_MODEL_DTYPE`).
+        let converted;
+        let logits = if logits.dtype() != Dtype::Float32
+            && !(self.plugin.kind == Kind::Processor && self.plugin.takes_model_dtype())
+        {
+            converted = logits
+                .as_type::<f32>()
+                .map_err(|e| PluginError { plugin: self.plugin.name.clone(), message: e.what().to_string() })?;
+            &converted
+        } else {
+            logits
         };
         let mut buf = self.message_buf();
         let mut out: sys::ArrayHandle = std::ptr::null_mut();
@@ -125,7 +139,8 @@ impl PluginInstance {
                 vocab_size: self.vocab,
             };
             // SAFETY: the plugin's apply, with its state and the header's arguments.
-            let status = unsafe { (self.plugin.apply)(self.state, self.host.table(), lent_logits, &ctx, &mut out, &mut buf) };
+            let status =
+                unsafe { (self.plugin.apply)(self.state, self.host.table(), lent_logits, &ctx, &mut out, &mut buf) };
             // The output first: a plugin that returns a lent handle itself gets away with it.
             let output = if status == sys::OK { self.host.take(out) } else { None };
             for lent in [lent_logits, lent_history, lent_key] {
@@ -144,7 +159,14 @@ impl PluginInstance {
 
     fn check_output(&self, logits: &Array, out: Array) -> Result<Array, PluginError> {
         let (b, v) = (logits.shape()[0], logits.shape()[1]);
-        let bad = |want: &str| self.error(format!("apply returned a {:?} {:?} array; a {:?} must return {want}", out.shape(), out.dtype(), self.plugin.kind));
+        let bad = |want: &str| {
+            self.error(format!(
+                "apply returned a {:?} {:?} array; a {:?} must return {want}",
+                out.shape(),
+                out.dtype(),
+                self.plugin.kind
+            ))
+        };
         let mlx = |e: mlx_rs::error::Exception| self.error(e.what().to_string());
         match self.plugin.kind {
             Kind::Processor => {
@@ -152,10 +174,21 @@ impl PluginInstance {
                 if out.shape() != [b, v] || !float {
                     return Err(bad(&format!("[{b}, {v}] float logits")));
                 }
-                out.as_type::<f32>().map_err(mlx)
+                // Kept in its dtype: what runs next converts if it computes on it.
+                Ok(out)
             }
             Kind::Sampler => {
-                let integer = matches!(out.dtype(), Dtype::Uint32 | Dtype::Int32 | Dtype::Int64 | Dtype::Uint64 | Dtype::Uint8 | Dtype::Int16 | Dtype::Uint16 | Dtype::Int8);
+                let integer = matches!(
+                    out.dtype(),
+                    Dtype::Uint32
+                        | Dtype::Int32
+                        | Dtype::Int64
+                        | Dtype::Uint64
+                        | Dtype::Uint8
+                        | Dtype::Int16
+                        | Dtype::Uint16
+                        | Dtype::Int8
+                );
                 if !(out.shape() == [b] || out.shape() == [b, 1]) || !integer {
                     return Err(bad(&format!("[{b}] integer token ids")));
                 }
@@ -199,7 +232,11 @@ fn failure(message: &[c_char; MESSAGE_BYTES], host: &HostCtx, call: &str, status
         sys::ERR_PANIC => "panic",
         _ => "error",
     };
-    if text.is_empty() { format!("{call} failed ({code}, status {status})") } else { format!("{call} failed ({code}): {text}") }
+    if text.is_empty() {
+        format!("{call} failed ({code}, status {status})")
+    } else {
+        format!("{call} failed ({code}): {text}")
+    }
 }
 
 impl Drop for PluginInstance {

@@ -79,6 +79,12 @@ impl Plugin {
         self.capabilities & sys::CAP_RANDOM != 0
     }
 
+    /// Whether a processor's `apply` takes the logits in their own float dtype (otherwise the
+    /// host converts them to float32 first).
+    pub fn takes_model_dtype(&self) -> bool {
+        self.capabilities & sys::CAP_MODEL_DTYPE != 0
+    }
+
     /// The listing entry.
     pub fn describe(&self) -> serde_json::Value {
         serde_json::json!({
@@ -87,7 +93,11 @@ impl Plugin {
             "kind": self.kind,
             "description": self.description,
             "params_schema": self.schema,
-            "capabilities": {"history": self.wants_history(), "random": self.wants_random()},
+            "capabilities": {
+                "history": self.wants_history(),
+                "random": self.wants_random(),
+                "model_dtype": self.takes_model_dtype(),
+            },
             "abi": format!("{}.{}", self.abi.0, self.abi.1),
             "file": self.file.display().to_string(),
         })

@@ -223,7 +223,8 @@ impl Plugin for Dry {
     const NAME: &'static CStr = c"dry";
     const VERSION: &'static CStr = c"0.1.0";
     const KIND: Kind = Kind::Processor;
-    const CAPABILITIES: u64 = sys::CAP_HISTORY;
+    // The kernel and the operations read the logits in any float dtype.
+    const CAPABILITIES: u64 = sys::CAP_HISTORY | sys::CAP_MODEL_DTYPE;
     const DESCRIPTION: Option<&'static CStr> =
         Some(c"DRY (don't repeat yourself) sequence penalty, llama.cpp's definition with token-id breakers");
     const PARAMS_SCHEMA: Option<&'static CStr> = Some(
@@ -451,7 +452,7 @@ mod tests {
     #[test]
     fn descriptor_asks_for_the_history() {
         let d = unsafe { &*mlxd_sampler_plugin_v1() };
-        assert_eq!(d.capabilities, sys::CAP_HISTORY);
+        assert_eq!(d.capabilities, sys::CAP_HISTORY | sys::CAP_MODEL_DTYPE);
         assert_eq!(d.kind, sys::KIND_PROCESSOR);
         let schema = unsafe { CStr::from_ptr(d.params_schema) }.to_str().unwrap();
         let v: serde_json::Value = serde_json::from_str(schema).unwrap();
