@@ -23,19 +23,26 @@ pub(crate) fn array_op(op: impl FnOnce(*mut mlx_sys::mlx_array, mlx_sys::mlx_str
 }
 
 /// Whether a family of mlxd's CUDA kernels may run: on unless its environment variable is `0`
-/// (read once), switchable for the whole process, and only where MLX runs on CUDA.
+/// (or, for one made with [`KernelSwitch::off_by_default`], off unless it is set to something
+/// else; read once), switchable for the whole process, and only where MLX runs on CUDA.
 pub(crate) struct KernelSwitch {
     var: &'static str,
+    default: bool,
     on: OnceLock<AtomicBool>,
 }
 
 impl KernelSwitch {
     pub(crate) const fn new(var: &'static str) -> Self {
-        KernelSwitch { var, on: OnceLock::new() }
+        KernelSwitch { var, default: true, on: OnceLock::new() }
+    }
+
+    /// For kernels not yet the default: on only where `var` is set (and not `0`).
+    pub(crate) const fn off_by_default(var: &'static str) -> Self {
+        KernelSwitch { var, default: false, on: OnceLock::new() }
     }
 
     fn flag(&self) -> &AtomicBool {
-        self.on.get_or_init(|| AtomicBool::new(std::env::var(self.var).map_or(true, |v| v != "0")))
+        self.on.get_or_init(|| AtomicBool::new(std::env::var(self.var).map_or(self.default, |v| v != "0")))
     }
 
     pub(crate) fn set(&self, enabled: bool) {

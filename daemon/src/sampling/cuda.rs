@@ -1,27 +1,32 @@
 //! Steps 4-9 of the pipeline (temperature, top-k, top-p, min-p and the Gumbel-max pick), with
 //! step 2 (the repetition penalty) when no bias, presence or frequency penalty, logprobs or
-//! plugin needs the logits in between, and the advance of the rows' keys and windows, as ONE
-//! CUDA kernel for MLX's CUDA backend, where a decode step costs host time per node: the same
-//! steps as MLX operations are ~40 nodes per step, this is one, like greedy's argmax. It reads
-//! the logits in the model's dtype, so no conversion node runs before it either.
+//! plugin needs the logits in between, and the advance of the rows' keys and windows, as CUDA
+//! kernels for MLX's CUDA backend, where a decode step costs host time per node: the same steps
+//! as MLX operations are ~40 nodes per step, these are two (or one, fused), like greedy's
+//! argmax. They read the logits in the model's dtype, so no conversion node runs before them.
 //!
 //! 1. One block per (chunk of 1,024 logits, row): penalty and temperature into shared memory, a
 //!    radix select of the chunk's `k` best, written to the row's candidate slots. The row's `k`
 //!    best are among its chunks' `k` best, and the whole GPU works on the vocabulary (a single
 //!    block per row, the first version, spent ~0.15-0.2 ms of device time per step).
-//! 2. The row's last block to finish stage 1 (a per-row arrival counter, CUDA's "last block"
-//!    pattern: every block fences its candidate writes, then counts itself in) goes on alone: a
-//!    radix select of the `k` best candidates, ranked, the filters in the pipeline's order, and
-//!    the draw `argmax(logit + Gumbel noise)` with the noise hashed from the row's key and the
-//!    token id exactly as [`super::pipeline`] hashes it, so both paths draw the same token up to
-//!    floating-point rounding at a filter's boundary; then the row's next key and, with the
-//!    penalty, its window shifted by the drawn token. It sets the counter back to zero, so the
-//!    counters (one device array per thread, [`counter`]) are ready for the next step.
-//!    (Session 6 ran the stages as two kernels; one node fewer per step.)
+//! 2. Per row: a radix select of the `k` best candidates, ranked, the filters in the pipeline's
+//!    order, and the draw `argmax(logit + Gumbel noise)` with the noise hashed from the row's key
+//!    and the token id exactly as [`super::pipeline`] hashes it, so both paths draw the same
+//!    token up to floating-point rounding at a filter's boundary; then the row's next key and,
+//!    with the penalty, its window shifted by the drawn token.
+//!
+//! By default the stages are two kernels (stage 2: one block of 1,024 threads per row), the
+//! version `mlxd-bench sampler-check` verified on an H100 (1,536 of 1,536 draws). With
+//! `MLXD_SAMPLER_FUSED=1` they are one kernel, one node fewer per step: the row's last block to
+//! finish stage 1 (a per-row arrival counter, CUDA's "last block" pattern: every block fences its
+//! candidate writes, then counts itself in) runs stage 2 and sets the counter back to zero for
+//! the next step (the counters: one device array per thread, [`counter`]). The same switch
+//! fuses the greedy pick with the plugins' history append ([`pick_and_append`]). Written
+//! 2026-11-27 without a GPU to run them on (compile-checked with NVRTC for sm_90a only), so they
+//! stay opt-in until `sampler-check` and the benchmark's `--fused-twins` rows have run.
 //!
 //! Used where it applies (a CUDA device, every row drawing at random with a top-k of at most
 //! [`MAX_K`], no typical-p, no inspection); `MLXD_SAMPLER_KERNEL=0` keeps the MLX-op graph.
-//! `mlxd-bench sampler-check` compares the draws of both paths on the GPU.
 
 use crate::ffi::{CudaKernel, KernelSwitch, TemplateArg};
 use mlx_rs::error::Exception;
@@ -240,7 +245,8 @@ const PICK: &str = r#"
     }
 "#;
 
-/// Between the stages: every thread fences its candidate writes, then one thread per block
+/// Between the stages of the fused kernel: every thread fences its candidate writes, then one
+/// thread per block
 /// counts the block in on the row's counter; the block that arrives last resets the counter for
 /// the next step and runs stage 2, every other block is done. (`counter` is an input, so MLX
 /// declares it `const`; it is this thread's own scratch array, see [`counter`].)
@@ -263,14 +269,34 @@ const HANDOFF: &str = r#"
 const CH: i32 = 1024;
 
 static SWITCH: KernelSwitch = KernelSwitch::new("MLXD_SAMPLER_KERNEL");
+static FUSED: KernelSwitch = KernelSwitch::off_by_default("MLXD_SAMPLER_FUSED");
+
+/// The kernels of one thread, made at first use: stage 1, stage 2, and both fused.
+struct Kernels {
+    chunks: CudaKernel,
+    pick: CudaKernel,
+    fused: CudaKernel,
+}
 
 thread_local! {
-    static KERNEL: RefCell<Option<CudaKernel>> = const { RefCell::new(None) };
-    /// The rows' arrival counters (uint32 zeros, at least one per row of a step), reused by
-    /// every step of this thread: each step's last blocks leave them at zero again. A model's
-    /// steps run on one thread and each waits for the tokens of the one before, so two draws
-    /// never count on the same counters at once.
+    static KERNELS: RefCell<Option<Kernels>> = const { RefCell::new(None) };
+    /// The fused kernel's per-row arrival counters (uint32 zeros, at least one per row of a
+    /// step), reused by every step of this thread: each step's last blocks leave them at zero
+    /// again. Two draws never count on them at once: a model's steps run on one thread, and the
+    /// engine queues each step's draw in an evaluation of its own, which MLX runs after the one
+    /// before on the stream.
     static COUNTER: RefCell<Option<Array>> = const { RefCell::new(None) };
+}
+
+/// Turns the fused variant (one kernel for both stages, and the greedy pick with the history
+/// append) on or off for the whole process; off unless `MLXD_SAMPLER_FUSED` is set (not `0`).
+pub fn set_fused(enabled: bool) {
+    FUSED.set(enabled);
+}
+
+/// Whether the fused variant runs (on, the kernels on, and MLX on CUDA).
+pub(crate) fn fused() -> bool {
+    available() && FUSED.available()
 }
 
 /// This thread's arrival counters for a step of `rows` rows: zeros, evaluated (made outside any
@@ -374,10 +400,10 @@ thread_local! {
 
 /// For one greedy row whose plugins read the history: its token (`[1]` uint32, the argmax of
 /// `logits`, `[1, V]` any float dtype) and `history` (`[1, T]` int32) with that token appended,
-/// from one kernel where the argmax and the append are two nodes. `None` where the kernels are
-/// off or the shapes are not one row.
+/// from one kernel where the argmax and the append are two nodes. `None` where the fused
+/// variant is off (see the module header) or the shapes are not one row.
 pub fn pick_and_append(logits: &Array, history: &Array) -> Option<Result<(Array, Array), Exception>> {
-    if !available()
+    if !fused()
         || history.dtype() != Dtype::Int32
         || logits.ndim() != 2
         || logits.shape()[0] != 1
@@ -412,12 +438,12 @@ pub(crate) fn available() -> bool {
     SWITCH.available()
 }
 
-/// On CUDA, has MLX compile the sampling kernel for a `vocab`-token model whose logits are
-/// `dtype` now (one draw on zeros, and one history append), so the first request that samples
-/// does not wait for NVRTC. The kernel's compile-time constants are the vocabulary and the
-/// logits' dtype: every request of the model then uses this one.
-/// If it fails here the kernels are switched off (the MLX-op graph samples instead), with a
-/// warning.
+/// On CUDA, has MLX compile the sampling kernels for a `vocab`-token model whose logits are
+/// `dtype` now (one draw on zeros, and the history append of plugins that read the tokens), so
+/// the first request that samples does not wait for NVRTC. The kernels' compile-time constants
+/// are the vocabulary and the logits' dtype: every request of the model then uses these.
+/// If the fused variant fails here it is switched off and the two kernels are tried; if those
+/// fail the kernels are switched off (the MLX-op graph samples instead), with a warning.
 pub fn prepare(vocab: i32, dtype: Dtype) {
     if !available() {
         return;
@@ -438,46 +464,58 @@ pub fn prepare(vocab: i32, dtype: Dtype) {
             ln_min_p: None,
             keys: &keys,
             repetition: None,
-            counter: &counter(1)?,
+            counter: Some(&counter(1)?),
         })?;
-        // The history append of plugins that read the tokens, and the greedy pick with it,
-        // compiled now as well (the pick on float32: plugins' logits come out in it mostly).
-        let off = || Exception::custom("the append kernels are off");
         let history = Array::zeros::<i32>(&[1, 1])?;
-        let appended = append_history(&history, &Array::zeros::<u32>(&[1])?).unwrap_or_else(|| Err(off()))?;
-        let (picked, with_pick) =
-            pick_and_append(&Array::zeros::<f32>(&[1, vocab])?, &history).unwrap_or_else(|| Err(off()))?;
-        mlx_rs::transforms::eval([&drawn.tokens, &drawn.keys, &appended, &picked, &with_pick])
+        let appended = append_history(&history, &Array::zeros::<u32>(&[1])?)
+            .unwrap_or_else(|| Err(Exception::custom("the append kernel is off")))?;
+        let mut outs = vec![drawn.tokens, drawn.keys, appended];
+        // Fused: the greedy pick with the append too (on float32, what DRY returns).
+        if let Some(fused) = pick_and_append(&Array::zeros::<f32>(&[1, vocab])?, &history) {
+            let (token, history) = fused?;
+            outs.extend([token, history]);
+        }
+        mlx_rs::transforms::eval(outs.iter())
     };
-    match draw() {
-        Ok(()) => tracing::info!(ms = started.elapsed().as_millis() as u64, "sampling CUDA kernel ready"),
+    let mut result = draw();
+    if let (Err(e), true) = (&result, fused()) {
+        tracing::warn!(error = %e, "fused sampling CUDA kernel unavailable; trying the two-kernel version");
+        set_fused(false);
+        result = draw();
+    }
+    match result {
+        Ok(()) => {
+            tracing::info!(ms = started.elapsed().as_millis() as u64, fused = fused(), "sampling CUDA kernels ready")
+        }
         Err(e) => {
             set_enabled(false);
-            tracing::warn!(error = %e, "sampling CUDA kernel unavailable; sampling with MLX operations");
+            tracing::warn!(error = %e, "sampling CUDA kernels unavailable; sampling with MLX operations");
         }
     }
 }
 
-fn kernel() -> CudaKernel {
-    CudaKernel::new(
-        "mlxd_sample",
-        &[
-            "logits",
-            "inv_temperature",
-            "top_k",
-            "window",
-            "penalty",
-            "top_p",
-            "ln_min_p",
-            "keys",
-            "window_start",
-            "counter",
-        ],
-        &["cand_v", "cand_i", "token", "next_keys", "next_window"],
-        HEADER,
-        &format!("{{{CHUNKS}}}\n{HANDOFF}{{{PICK}}}"),
-        true,
-    )
+fn kernels() -> Kernels {
+    const INPUTS: [&str; 10] = [
+        "logits",
+        "inv_temperature",
+        "top_k",
+        "window",
+        "penalty",
+        "top_p",
+        "ln_min_p",
+        "keys",
+        "window_start",
+        "counter",
+    ];
+    const CANDIDATES: [&str; 2] = ["cand_v", "cand_i"];
+    const DRAWN: [&str; 3] = ["token", "next_keys", "next_window"];
+    let chunks = CudaKernel::new("mlxd_sample_chunks", &INPUTS[..5], &CANDIDATES, HEADER, CHUNKS, true);
+    let pick_inputs = ["cand_v", "cand_i", "top_k", "top_p", "ln_min_p", "keys", "window", "window_start"];
+    let pick = CudaKernel::new("mlxd_sample_pick", &pick_inputs, &DRAWN, HEADER, PICK, true);
+    let outputs: Vec<&str> = CANDIDATES.iter().chain(&DRAWN).copied().collect();
+    let body = format!("{{{CHUNKS}}}\n{HANDOFF}{{{PICK}}}");
+    let fused = CudaKernel::new("mlxd_sample", &INPUTS, &outputs, HEADER, &body, true);
+    Kernels { chunks, pick, fused }
 }
 
 /// The repetition penalty's inputs: the rows' windows `[B, C]` uint32, penalties `[B, 1]`
@@ -493,7 +531,7 @@ pub(crate) struct Repetition<'a> {
 /// repetition penalty when `repetition` is given, then the temperature (`[B, 1]`
 /// reciprocals), then the rows' top-k (`[B, 1]` int32, at most [`MAX_K`]), top-p and ln min-p
 /// (`[B, 1]` float32, or `None` when no row filters that way) and the pick with the rows' keys
-/// (`[B, 2]` uint32); `counter` is [`counter`]'s.
+/// (`[B, 2]` uint32); `counter` is [`counter`]'s, for the fused kernel.
 pub(crate) struct Inputs<'a> {
     pub logits: &'a Array,
     pub inv_temperature: &'a Array,
@@ -502,7 +540,7 @@ pub(crate) struct Inputs<'a> {
     pub ln_min_p: Option<&'a Array>,
     pub keys: &'a Array,
     pub repetition: Option<Repetition<'a>>,
-    pub counter: &'a Array,
+    pub counter: Option<&'a Array>,
 }
 
 /// A step's draw: the tokens `[B]` uint32, the rows' next keys `[B, 2]`, and with the
@@ -513,10 +551,10 @@ pub(crate) struct Drawn {
     pub window: Option<Array>,
 }
 
-/// Runs the kernel on `inp`; see [`Inputs`]. A stage a batch does not use gets neutral
-/// columns (penalty 1 over an empty window, top-p infinity, ln min-p minus infinity), so one
-/// compiled kernel serves every request of a model; inside the compiled sampling step these are
-/// constants of the trace, not arrays made per step.
+/// Runs the kernels on `inp` (two, or the fused one; see the module header); see [`Inputs`]. A
+/// stage a batch does not use gets neutral columns (penalty 1 over an empty window, top-p
+/// infinity, ln min-p minus infinity), so one compiled set serves every request of a model;
+/// inside the compiled sampling step these are constants of the trace, not arrays made per step.
 pub(crate) fn sample(inp: &Inputs<'_>) -> Result<Drawn, Exception> {
     let (b, v) = (inp.logits.shape()[0], inp.logits.shape()[1]);
     let g = (v + CH - 1) / CH;
@@ -529,6 +567,7 @@ pub(crate) fn sample(inp: &Inputs<'_>) -> Result<Drawn, Exception> {
         Some(r) => (r.window, r.penalty, r.start),
         None => (&no_window, &no_penalty, &no_start),
     };
+    let (top_p, ln_min_p) = (inp.top_p.unwrap_or(&top_p), inp.ln_min_p.unwrap_or(&ln_min_p));
     let c = window.shape()[window.ndim() - 1];
     let template = [
         ("V", TemplateArg::Int(v)),
@@ -537,37 +576,27 @@ pub(crate) fn sample(inp: &Inputs<'_>) -> Result<Drawn, Exception> {
         ("KMAX", TemplateArg::Int(MAX_K)),
     ];
     let slots: &[i32] = &[b, g * MAX_K];
-    let out = KERNEL.with(|cell| {
+    let candidates = [(slots, Dtype::Float32), (slots, Dtype::Int32)];
+    let drawn = [(&[b][..], Dtype::Uint32), (&[b, 2][..], Dtype::Uint32), (&[b, c][..], Dtype::Uint32)];
+    let what = || format!("the sampling kernels for logits {:?}", inp.logits.shape());
+    let out = KERNELS.with(|cell| {
         let mut cell = cell.borrow_mut();
-        cell.get_or_insert_with(kernel).apply(
-            &[
-                inp.logits,
-                inp.inv_temperature,
-                inp.top_k,
-                window,
-                penalty,
-                inp.top_p.unwrap_or(&top_p),
-                inp.ln_min_p.unwrap_or(&ln_min_p),
-                inp.keys,
-                start,
-                inp.counter,
-            ],
-            &[
-                (slots, Dtype::Float32),
-                (slots, Dtype::Int32),
-                (&[b], Dtype::Uint32),
-                (&[b, 2], Dtype::Uint32),
-                (&[b, c], Dtype::Uint32),
-            ],
-            &template,
-            (256 * g, b, 1),
-            (256, 1, 1),
-            || format!("the sampling kernel for logits {:?}", inp.logits.shape()),
-        )
+        let k = cell.get_or_insert_with(kernels);
+        let stage1 = [inp.logits, inp.inv_temperature, inp.top_k, window, penalty];
+        if let (true, Some(counter)) = (fused(), inp.counter) {
+            let inputs: Vec<&Array> =
+                stage1.iter().copied().chain([top_p, ln_min_p, inp.keys, start, counter]).collect();
+            let all: Vec<_> = candidates.iter().chain(&drawn).copied().collect();
+            // The candidates (outputs 0 and 1) are the kernel's scratch.
+            Ok(k.fused.apply(&inputs, &all, &template, (256 * g, b, 1), (256, 1, 1), what)?.split_off(2))
+        } else {
+            let cands = k.chunks.apply(&stage1, &candidates, &template, (256 * g, b, 1), (256, 1, 1), what)?;
+            let inputs = [&cands[0], &cands[1], inp.top_k, top_p, ln_min_p, inp.keys, window, start];
+            k.pick.apply(&inputs, &drawn, &template, (1024, b, 1), (1024, 1, 1), what)
+        }
     })?;
-    // The candidates (outputs 0 and 1) are the kernel's scratch.
-    let mut out = out.into_iter().skip(2);
-    let mut next = || out.next().ok_or_else(|| Exception::custom("the sampling kernel returned too few outputs"));
+    let mut out = out.into_iter();
+    let mut next = || out.next().ok_or_else(|| Exception::custom("the sampling kernels returned too few outputs"));
     let (tokens, keys, window) = (next()?, next()?, next()?);
     Ok(Drawn { tokens, keys, window: inp.repetition.is_some().then_some(window) })
 }

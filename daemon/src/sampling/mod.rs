@@ -78,7 +78,10 @@ mod plugin;
 mod read;
 mod sequence;
 
-pub use cuda::{append_history, prepare as prepare_kernels, set_enabled as set_sampler_kernel};
+pub use cuda::{
+    append_history, pick_and_append, prepare as prepare_kernels, set_enabled as set_sampler_kernel,
+    set_fused as set_sampler_fused,
+};
 pub use params::{SamplingError, SamplingParams, MAX_LOGPROBS, MAX_REPETITION_CONTEXT};
 pub use pipeline::{set_chunked_top_k, set_compiled};
 pub(crate) use read::is_integer;

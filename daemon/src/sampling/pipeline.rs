@@ -65,6 +65,8 @@ pub(crate) struct Stages {
     /// window's advance are skipped in the graph): no bias, presence or frequency penalty,
     /// logprobs or plugins.
     pub kernel_penalty: bool,
+    /// The kernels run fused ([`super::cuda::fused`]; takes the `Counter` input).
+    pub fused: bool,
     /// Stop after step 3 and return the processed logits (plugins run next; see `plugin`).
     pub process_only: bool,
     /// Only advance the window and counts with given tokens (the head input is `[B]` ids):
@@ -196,7 +198,7 @@ pub(crate) fn plan(st: Stages) -> Vec<Slot> {
         if st.truncate.is_some() && st.chunk.is_some() {
             p.push(ChunkOffsets);
         }
-        if st.kernel {
+        if st.fused {
             p.push(Counter);
         }
     }
@@ -455,7 +457,7 @@ fn graph(st: Stages, inputs: &[Array]) -> Result<Vec<Array>, Exception> {
                 ln_min_p: optional(st.min_p, Slot::LnMinP)?,
                 keys,
                 repetition,
-                counter: named.get(Slot::Counter)?,
+                counter: if st.fused { Some(named.get(Slot::Counter)?) } else { None },
             })?;
             next_keys = Some(drawn.keys);
             kernel_window = drawn.window;

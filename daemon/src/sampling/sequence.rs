@@ -307,7 +307,7 @@ fn step(
         let keys = rows.iter().map(|r| r.key.clone().map_or_else(|| Array::zeros::<u32>(&[1, 2]), Ok));
         named.set(Slot::Keys, rows_of(keys.collect::<Result<_, _>>()?)?);
     }
-    if st.kernel {
+    if st.fused {
         named.set(Slot::Counter, super::cuda::counter(b as i32)?);
     }
     let uids: Vec<u64> = rows.iter().map(|r| r.uid).collect();
@@ -382,6 +382,7 @@ fn stages(rows: &[&mut SequenceSampler], v: i32, want_logprobs: bool, inspect: b
         && !st.mixed_greedy
         && !inspect;
     st.kernel_penalty = st.kernel && st.repetition && !st.bias && !st.presence_frequency && st.logprobs.is_none();
+    st.fused = st.kernel && super::cuda::fused();
     st
 }
 

@@ -6,13 +6,15 @@
 //!                   [--samplers greedy,full] [--no-mlx-lm] [--python python3] [--json out.json]
 //!                   [--dir /tmp/models] [--plugin NAME[:JSON-PARAMS]]... [--plugin-dir DIR]
 //!                   [--profile DIR]   (each variant's host stacks; needs --features profile)
+//!                   [--fused-twins]   (each variant but greedy again as NAME+fused, with the
+//!                                      fused sampling kernels, MLXD_SAMPLER_FUSED)
 //! mlxd-bench engine --model /path/to/hf-dir ...
 //! mlxd-bench serve --shape qwen3-0.6b [--clients 1,2,4,8,16] [--prompt 64] [--gen 128]
 //!                                      concurrent WebSocket clients vs mlx_lm.server
 //! mlxd-bench graph --shape ... [--clients N]
 //!                                      primitives in one decode step (N > 1: N stacked rows vs one)
-//! mlxd-bench sampler-check           the CUDA sampling kernel against the MLX-op graph (same
-//!                                      draws expected), on random logits
+//! mlxd-bench sampler-check           the CUDA sampling kernels (two, and fused) against the
+//!                                      MLX-op graph (same draws expected), on random logits
 //! mlxd-bench kernel-check            mlxd's CUDA kernels for batched decode against MLX ops
 //! mlxd-bench batch --shape ... [--clients 1,2,4,8,16] [--model-kernels on|off|both] [--stagger N]
 //!                                      the engine stepping B sequences together (no daemon)
@@ -130,6 +132,9 @@ struct Args {
     stagger: usize,
     clients: Vec<usize>,
     samplers: Vec<String>,
+    /// `--fused-twins`: every variant but greedy runs twice, the second time (`NAME+fused`) with
+    /// the fused sampling kernels (`MLXD_SAMPLER_FUSED`).
+    fused_twins: bool,
     /// `--plugin NAME[:JSON]`: name and params.
     plugins: Vec<(String, String)>,
     plugin_dir: Option<PathBuf>,
@@ -163,6 +168,7 @@ fn parse_args() -> Result<Args> {
         stagger: 0,
         clients: vec![1, 2, 4, 8, 16],
         samplers: vec!["greedy".into()],
+        fused_twins: false,
         plugins: Vec::new(),
         plugin_dir: None,
         python: "python3".into(),
@@ -202,6 +208,7 @@ fn parse_args() -> Result<Args> {
             "--json" => a.json = Some(val()?.into()),
             "--dir" => a.dir = val()?.into(),
             "--no-mlx-lm" => a.mlx_lm = false,
+            "--fused-twins" => a.fused_twins = true,
             "--clients" => {
                 a.clients = val()?.split(',').map(|c| c.parse().context("--clients")).collect::<Result<_>>()?
             }
@@ -313,6 +320,14 @@ fn engine_compare(args: &Args, dir: &Path, plugin_runs: &[(String, SamplingParam
     let mut variants_list: Vec<(String, SamplingParams)> =
         sampler_variants(&args.samplers)?.into_iter().map(|(n, s)| (n.to_string(), s)).collect();
     variants_list.extend(plugin_runs.iter().cloned());
+    if args.fused_twins {
+        let twins: Vec<_> = variants_list
+            .iter()
+            .filter(|(n, _)| n != "greedy")
+            .map(|(n, s)| (format!("{n}+fused"), s.clone()))
+            .collect();
+        variants_list.extend(twins);
+    }
     let mut ours: Vec<Vec<Value>> = vec![Vec::new(); variants_list.len()];
     // `MLXD_BENCH_HOST_DELAY_US`: extra host work per token (a busy wait after each token is read,
     // while the device runs the step queued before it). If the step is bound by the device's
@@ -328,6 +343,7 @@ fn engine_compare(args: &Args, dir: &Path, plugin_runs: &[(String, SamplingParam
     for r in 0..=args.repeats {
         for k in (0..n_variants).map(|i| (i + r) % n_variants) {
             let sampler = &variants_list[k].1;
+            mlxd::sampling::set_sampler_fused(variants_list[k].0.ends_with("+fused"));
             let req = GenerateRequest {
                 prompt: prompt.clone(),
                 max_tokens: args.gen,
@@ -631,11 +647,13 @@ fn sampler_check() -> Result<()> {
         ("repetition penalty 3 over 4 tokens, fixed logits, bfloat16", penalty, 16, 49_152, 24, true, bf16),
         ("top-k 150 over 1,124 tokens", wide, 16, 1_124, 8, false, mlx_rs::Dtype::Float32),
     ];
-    let mut total = (0, 0);
+    // Against the graph: the two kernels (the default), then the fused one (opt-in).
+    let mut totals = [(0, 0); 2];
     for (name, base, rows, v, steps, fixed, dtype) in cases {
         let mut draws: Vec<Vec<u32>> = Vec::new();
-        for kernel in [false, true] {
+        for (kernel, fused) in [(false, false), (true, false), (true, true)] {
             mlxd::sampling::set_sampler_kernel(kernel);
+            mlxd::sampling::set_sampler_fused(fused);
             let mut samplers = (0..rows)
                 .map(|i| {
                     let params = SamplingParams { seed: Some(1 + i as u64), ..base.clone() };
@@ -653,19 +671,59 @@ fn sampler_check() -> Result<()> {
             }
             draws.push(got);
         }
-        let same = draws[0].iter().zip(&draws[1]).filter(|(a, b)| a == b).count();
-        println!(
-            "{} ({}), {name}: {same} of {} draws agree between the MLX-op graph and the CUDA kernels{}",
-            report.device_name.clone().unwrap_or_default(),
-            report.backend,
-            draws[0].len(),
-            if report.backend == "cuda" { "" } else { " (no CUDA here: both ran the graph)" }
-        );
-        total = (total.0 + same, total.1 + draws[0].len());
+        for (i, kernels) in ["the two CUDA kernels", "the fused CUDA kernel"].into_iter().enumerate() {
+            let same = draws[0].iter().zip(&draws[i + 1]).filter(|(a, b)| a == b).count();
+            println!(
+                "{} ({}), {name}: {same} of {} draws agree between the MLX-op graph and {kernels}{}",
+                report.device_name.clone().unwrap_or_default(),
+                report.backend,
+                draws[0].len(),
+                if report.backend == "cuda" { "" } else { " (no CUDA here: both ran the graph)" }
+            );
+            totals[i] = (totals[i].0 + same, totals[i].1 + draws[0].len());
+        }
     }
-    mlxd::sampling::set_sampler_kernel(true); // the default
-    anyhow::ensure!(total.0 * 100 >= total.1 * 95, "fewer than 95% of the draws agree");
+    let picks = fused_pick_check(&report)?;
+    // The defaults.
+    mlxd::sampling::set_sampler_kernel(true);
+    mlxd::sampling::set_sampler_fused(false);
+    anyhow::ensure!(picks.0 == picks.1, "the fused greedy pick disagreed with argmax or the history");
+    for (kernels, (same, all)) in ["the two kernels", "the fused kernel"].into_iter().zip(totals) {
+        anyhow::ensure!(same * 100 >= all * 95, "fewer than 95% of the draws of {kernels} agree with the graph");
+    }
     Ok(())
+}
+
+/// The fused greedy pick with the history append (the plugin path's lone greedy rows, opt-in)
+/// against MLX's argmax and a concatenation, on random float32 and bfloat16 logits (bfloat16
+/// ties near the top test the lower-id rule). Returns (agreeing, compared); (0, 0) off CUDA.
+fn fused_pick_check(report: &mlxd::runtime::Report) -> Result<(usize, usize)> {
+    mlxd::sampling::set_sampler_fused(true);
+    let history = Array::from_slice(&(0..300).collect::<Vec<i32>>(), &[1, 300]);
+    let mut agree = (0, 0);
+    for seed in 0..32u64 {
+        let dtype = if seed % 2 == 0 { Dtype::Float32 } else { Dtype::Bfloat16 };
+        let logits = random::normal::<f32>(&[1, 151_936], 0.0, 3.0, &random::key(seed)?)?.as_dtype(dtype)?;
+        let Some(fused) = mlxd::sampling::pick_and_append(&logits, &history) else {
+            break; // not on CUDA, or the kernels are off
+        };
+        let (token, appended) = fused?;
+        let want = mlx_rs::ops::indexing::argmax_axis(&logits, -1, false)?.as_type::<u32>()?;
+        let want_history = mlx_rs::ops::concatenate(&[history.clone(), want.reshape(&[1, 1])?.as_type::<i32>()?], 1)?;
+        let same = token.as_slice::<u32>() == want.as_slice::<u32>()
+            && appended.as_slice::<i32>() == want_history.as_slice::<i32>();
+        agree = (agree.0 + same as usize, agree.1 + 1);
+    }
+    println!(
+        "{} ({}), fused greedy pick + history append: {} of {} agree with argmax and a concatenation{}",
+        report.device_name.clone().unwrap_or_default(),
+        report.backend,
+        agree.0,
+        agree.1,
+        if agree.1 == 0 { " (not run: no CUDA here)" } else { "" }
+    );
+    mlxd::sampling::set_sampler_fused(false);
+    Ok(agree)
 }
 
 /// Primitives of the graph that computes `out`, by kind (MLX's own graph printer).
