@@ -206,6 +206,7 @@ pub(crate) fn plan(st: Stages) -> Vec<Slot> {
 }
 
 /// What the graph returns.
+#[derive(Default)]
 pub(crate) struct Outputs {
     /// `[B]` uint32 (empty when only advancing).
     pub tokens: Option<Array>,
@@ -265,15 +266,7 @@ pub(crate) fn run(st: Stages, inputs: &Named) -> Result<Outputs, Exception> {
     };
     let mut out = out.into_iter();
     let mut next = || out.next().ok_or_else(|| Exception::custom("sampling graph: missing output"));
-    let mut o = Outputs {
-        tokens: None,
-        logprobs: None,
-        inspection: None,
-        keys: None,
-        window: None,
-        counts: None,
-        processed: None,
-    };
+    let mut o = Outputs::default();
     if st.process_only && !st.advance_only {
         o.processed = Some(next()?);
         return Ok(o);

@@ -128,15 +128,7 @@ fn fused_greedy_pick(
     let Some(fused) = super::cuda::pick_and_append(processed, history) else { return Ok(None) };
     let (token, appended) = fused?;
     chain.appended = Some(appended);
-    Ok(Some(Outputs {
-        tokens: Some(token),
-        logprobs: None,
-        inspection: None,
-        keys: None,
-        window: None,
-        counts: None,
-        processed: None,
-    }))
+    Ok(Some(Outputs { tokens: Some(token), ..Outputs::default() }))
 }
 
 /// Row `i` of a `[B, ...]` array, keeping the axis.
