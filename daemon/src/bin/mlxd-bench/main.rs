@@ -232,7 +232,25 @@ fn parse_args() -> Result<Args> {
     Ok(a)
 }
 
-fn main() -> Result<()> {
+fn main() {
+    let code = match run() {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            1
+        }
+    };
+    // End without library exit handlers, as the daemon does: OpenBLAS 0.3.21's can wait forever
+    // for its worker thread after several threads used BLAS (docs/platforms.md), and a finished
+    // benchmark must not hang its script.
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: `_exit` ends the process; nothing after it runs.
+    unsafe { libc::_exit(code) }
+}
+
+fn run() -> Result<()> {
     if std::env::args().nth(1).as_deref() == Some("kernel-check") {
         return kernel_check::run();
     }
