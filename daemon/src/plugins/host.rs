@@ -8,7 +8,7 @@
 //! is inside a call into this instance, on that thread ([`HostCtx::enter`]); nothing here
 //! reads array data to the host. The operations themselves are in `ops`.
 
-use super::kernels::{op_kernel, op_kernel_language};
+use super::kernels::{op_kernel, op_kernel_language, KernelKey};
 use super::ops::*;
 use crate::ffi::CudaKernel;
 use mlx_rs::error::Exception;
@@ -46,12 +46,19 @@ pub(crate) struct HostCtx {
     pub(super) last_error: RefCell<CString>,
     /// `MLXD_KERNEL_*` this instance is offered, fixed at creation.
     pub(super) kernel_language: i32,
-    /// The plugin's kernels by name and source address (MLX keeps their compiled code).
-    kernels: RefCell<HashMap<(String, usize), Rc<PluginKernel>>>,
+    /// The plugin's kernels by the addresses their definition points at (the header asks for
+    /// static storage), each definition checked once (MLX keeps their compiled code).
+    kernels: RefCell<HashMap<KernelKey, Rc<PluginKernel>>>,
 }
 
-/// One of a plugin's kernels, and the element types it is known to compile for.
+/// One of a plugin's kernels: its checked definition, and the element types it is known to
+/// compile for.
 pub(super) struct PluginKernel {
+    pub(super) name: String,
+    /// Name, header and source: what makes two kernels the same code for the process-wide
+    /// record of what compiled.
+    pub(super) signature: String,
+    pub(super) output_names: Vec<String>,
     pub(super) kernel: CudaKernel,
     /// Inputs' then outputs' dtypes of the calls that compiled (checked once per process, then
     /// remembered here so a step costs a lookup).
@@ -219,11 +226,15 @@ impl HostCtx {
         *self.slab.borrow_mut() = Slab::default();
     }
 
-    /// The plugin's kernel `name` with the source at `source`, made by `make` on first use.
-    pub(super) fn kernel(&self, name: &str, source: usize, make: impl FnOnce() -> CudaKernel) -> Rc<PluginKernel> {
-        let mut kernels = self.kernels.borrow_mut();
-        let entry = kernels.entry((name.to_string(), source));
-        entry.or_insert_with(|| Rc::new(PluginKernel { kernel: make(), compiled: RefCell::default() })).clone()
+    /// The plugin's kernel whose definition points where `key` says, checked and made by
+    /// `make` on first use (a definition that fails its check is not remembered).
+    pub(super) fn kernel(&self, key: KernelKey, make: impl FnOnce() -> Op<PluginKernel>) -> Op<Rc<PluginKernel>> {
+        if let Some(k) = self.kernels.borrow().get(&key) {
+            return Ok(k.clone());
+        }
+        let k = Rc::new(make()?);
+        self.kernels.borrow_mut().insert(key, k.clone());
+        Ok(k)
     }
 
     /// The last recorded error message.

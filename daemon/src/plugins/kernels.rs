@@ -98,23 +98,36 @@ unsafe fn names(names: *const *const c_char, n: i32, what: &str) -> Op<Vec<Strin
     Ok(out)
 }
 
-/// Checks a call and queues the kernel; the error says what is wrong.
-unsafe fn queue(ctx: &HostCtx, k: *const sys::Kernel, launch: *const sys::KernelLaunch) -> Op<Vec<Array>> {
-    if ctx.kernel_language == sys::KERNEL_NONE {
-        return fail("this host compiles no kernels (kernel_language is MLXD_KERNEL_NONE): use operations here");
+/// Where a kernel definition's fields point. The header asks plugins to keep definitions in
+/// static storage, so a call whose definition points at the same strings is the same kernel:
+/// it was checked at its first call and is not checked again (a step costs a lookup).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct KernelKey {
+    name: usize,
+    header: usize,
+    source: usize,
+    input_names: usize,
+    n_inputs: i32,
+    output_names: usize,
+    n_outputs: i32,
+}
+
+impl KernelKey {
+    fn of(k: &sys::Kernel) -> Self {
+        KernelKey {
+            name: k.name as usize,
+            header: k.header as usize,
+            source: k.source as usize,
+            input_names: k.input_names as usize,
+            n_inputs: k.n_inputs,
+            output_names: k.output_names as usize,
+            n_outputs: k.n_outputs,
+        }
     }
-    let (Some(k), Some(l)) = (unsafe { k.as_ref() }, unsafe { launch.as_ref() }) else {
-        return fail("null kernel or launch");
-    };
-    if k.struct_size < std::mem::size_of::<sys::Kernel>() || l.struct_size < std::mem::size_of::<sys::KernelLaunch>() {
-        return fail(format!(
-            "mlxd_kernel / mlxd_kernel_launch of {} / {} bytes; ABI 1.1 defines {} / {}",
-            k.struct_size,
-            l.struct_size,
-            std::mem::size_of::<sys::Kernel>(),
-            std::mem::size_of::<sys::KernelLaunch>()
-        ));
-    }
+}
+
+/// Checks a kernel definition (name, code, parameter names) and makes its MLX kernel.
+unsafe fn define(k: &sys::Kernel) -> Op<PluginKernel> {
     let name = unsafe { text(k.name, "name") }?;
     if !identifier(name) {
         return fail(format!("name {name:?} must be 1-64 of [A-Za-z0-9_], not starting with a digit"));
@@ -138,6 +151,38 @@ unsafe fn queue(ctx: &HostCtx, k: *const sys::Kernel, launch: *const sys::Kernel
     if let Some(dup) = input_names.iter().chain(&output_names).find(|n| !seen.insert(n.as_str())) {
         return Err(what(format!("parameter name {dup:?} is used twice")));
     }
+    let ins: Vec<&str> = input_names.iter().map(String::as_str).collect();
+    let outs: Vec<&str> = output_names.iter().map(String::as_str).collect();
+    let kernel = CudaKernel::new(&format!("plugin_{name}"), &ins, &outs, header, source, true);
+    Ok(PluginKernel {
+        name: name.to_string(),
+        signature: format!("{name}\u{0}{header}\u{0}{source}"),
+        output_names,
+        kernel,
+        compiled: Default::default(),
+    })
+}
+
+/// Checks a call and queues the kernel; the error says what is wrong.
+unsafe fn queue(ctx: &HostCtx, k: *const sys::Kernel, launch: *const sys::KernelLaunch) -> Op<Vec<Array>> {
+    if ctx.kernel_language == sys::KERNEL_NONE {
+        return fail("this host compiles no kernels (kernel_language is MLXD_KERNEL_NONE): use operations here");
+    }
+    let (Some(k), Some(l)) = (unsafe { k.as_ref() }, unsafe { launch.as_ref() }) else {
+        return fail("null kernel or launch");
+    };
+    if k.struct_size < std::mem::size_of::<sys::Kernel>() || l.struct_size < std::mem::size_of::<sys::KernelLaunch>() {
+        return fail(format!(
+            "mlxd_kernel / mlxd_kernel_launch of {} / {} bytes; ABI 1.1 defines {} / {}",
+            k.struct_size,
+            l.struct_size,
+            std::mem::size_of::<sys::Kernel>(),
+            std::mem::size_of::<sys::KernelLaunch>()
+        ));
+    }
+    let entry = ctx.kernel(KernelKey::of(k), || unsafe { define(k) })?;
+    let (name, output_names) = (entry.name.as_str(), &entry.output_names);
+    let what = |m: String| OpError::Failed(format!("`{name}`: {m}"));
 
     if l.inputs.is_null() || l.output_ndims.is_null() || l.output_dtypes.is_null() {
         return Err(what("null inputs, output_ndims or output_dtypes".into()));
@@ -186,11 +231,6 @@ unsafe fn queue(ctx: &HostCtx, k: *const sys::Kernel, launch: *const sys::Kernel
         )));
     }
 
-    let entry = ctx.kernel(name, k.source as usize, || {
-        let ins: Vec<&str> = input_names.iter().map(String::as_str).collect();
-        let outs: Vec<&str> = output_names.iter().map(String::as_str).collect();
-        CudaKernel::new(&format!("plugin_{name}"), &ins, &outs, header, source, true)
-    });
     let grid = (l.grid[0], l.grid[1], l.grid[2]);
     let block = (l.block[0], l.block[1], l.block[2]);
     let outputs: Vec<(&[i32], Dtype)> = shapes.iter().map(|(s, d)| (&s[..], *d)).collect();
@@ -201,7 +241,7 @@ unsafe fn queue(ctx: &HostCtx, k: *const sys::Kernel, launch: *const sys::Kernel
     // The first call of this code with these element types compiles it, here, on zeros.
     let dtypes: Vec<Dtype> = inputs.iter().map(Array::dtype).chain(shapes.iter().map(|(_, d)| *d)).collect();
     if !entry.compiled.borrow().contains(&dtypes) {
-        let signature = format!("{name}\u{0}{header}\u{0}{source}\u{0}{dtypes:?}");
+        let signature = format!("{}\u{0}{dtypes:?}", entry.signature);
         static COMPILED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
         let known =
             COMPILED.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(HashSet::new).contains(&signature);
