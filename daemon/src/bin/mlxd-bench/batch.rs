@@ -132,7 +132,7 @@ pub fn run(args: &Args, dir: &Path, model_kernels: &str) -> Result<Value> {
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     let mut out = Vec::new();
     for (mi, &mode) in modes.iter().enumerate() {
-        let base = median(results[mi][0].iter().map(|m| m.tps).collect());
+        let base = median_run(results[mi][0].iter().map(|m| m.tps).collect());
         for (si, &b) in sizes.iter().enumerate() {
             let runs = &results[mi][si];
             // The run whose throughput is the median, for its step profile.
@@ -175,7 +175,11 @@ pub fn run(args: &Args, dir: &Path, model_kernels: &str) -> Result<Value> {
     }))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The upper of the two middle values for an even count (not their mean, as `main.rs`'s
+/// `median`): the table reports each size by its median *run* (a run that happened, whose step
+/// profile it prints), so the base it divides by must be picked the same way or the 1-row line
+/// would not read 1.00x.
+fn median_run(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
