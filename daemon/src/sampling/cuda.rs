@@ -246,10 +246,10 @@ const PICK: &str = r#"
 "#;
 
 /// Between the stages of the fused kernel: every thread fences its candidate writes, then one
-/// thread per block
-/// counts the block in on the row's counter; the block that arrives last resets the counter for
-/// the next step and runs stage 2, every other block is done. (`counter` is an input, so MLX
-/// declares it `const`; it is this thread's own scratch array, see [`counter`].)
+/// thread per block counts the block in on the row's counter; the block that arrives last
+/// resets the counter for the next step and runs stage 2, every other block is done.
+/// (`counter` is an input, so MLX declares it `const`; it is this thread's own scratch array,
+/// see [`counter`].)
 const HANDOFF: &str = r#"
     __threadfence();
     __shared__ unsigned int s_last;
