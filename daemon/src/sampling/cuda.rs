@@ -441,7 +441,9 @@ pub(crate) fn available() -> bool {
 /// On CUDA, has MLX compile the sampling kernels for a `vocab`-token model whose logits are
 /// `dtype` now (one draw on zeros, and the history append of plugins that read the tokens), so
 /// the first request that samples does not wait for NVRTC. The kernels' compile-time constants
-/// are the vocabulary and the logits' dtype: every request of the model then uses these.
+/// are the vocabulary and the logits' dtype: every request of the model then uses these, except
+/// one that samples a plugin's float32 output at random (stage 1 for float32 compiles at its
+/// first use; MLX keeps the compiled code on disk for later processes).
 /// If the fused variant fails here it is switched off and the two kernels are tried; if those
 /// fail the kernels are switched off (the MLX-op graph samples instead), with a warning.
 pub fn prepare(vocab: i32, dtype: Dtype) {
