@@ -16,7 +16,9 @@
 //!    with the penalty, its window shifted by the drawn token.
 //!
 //! By default the stages are two kernels (stage 2: one block of 1,024 threads per row), the
-//! version `mlxd-bench sampler-check` verified on an H100 (1,536 of 1,536 draws). With
+//! version `mlxd-bench sampler-check` verified on an H100 (1,536 of 1,536 draws), since then
+//! reading bfloat16 logits by `static_cast<float>` as the DRY plugin's kernel does (that one
+//! `kernel-check` verified on bfloat16 logits on an H100, session 7). With
 //! `MLXD_SAMPLER_FUSED=1` they are one kernel, one node fewer per step: the row's last block to
 //! finish stage 1 (a per-row arrival counter, CUDA's "last block" pattern: every block fences its
 //! candidate writes, then counts itself in) runs stage 2 and sets the counter back to zero for
