@@ -60,7 +60,11 @@ impl LayerCache {
         let needed = self.offset + t;
         let capacity = self.keys.as_ref().map_or(0, |a| a.shape()[2]);
         if needed > capacity {
-            let grow = (needed - capacity + STEP - 1) / STEP * STEP;
+            // The old storage is kept only up to `offset` (what lies past it is stale), so the
+            // new room is counted from there: enough for `needed`, rounded up to a STEP. (It was
+            // counted from the old capacity, which left a cache with spare room, such as a
+            // prompt-cache prefix copy, short of `needed`: 153 kept + 256 new < 153 + 297.)
+            let grow = (needed + STEP - 1) / STEP * STEP - self.offset;
             let (b, h, d) = (k.shape()[0], k.shape()[1], k.shape()[3]);
             let vd = v.shape()[3];
             let new_k = ops::zeros_dtype(&[b, h, grow, d], k.dtype())?;
@@ -320,5 +324,53 @@ impl BatchCache {
             out.push((*id, SequenceCache { layers }));
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn positions(t: i32, first: f32) -> Array {
+        let data: Vec<f32> = (0..t).map(|i| first + i as f32).collect();
+        Array::from_slice(&data, &[1, 1, t, 1])
+    }
+
+    fn values(a: &Array) -> Vec<f32> {
+        let a = a.contiguous().unwrap();
+        a.eval().unwrap();
+        a.as_slice::<f32>().to_vec()
+    }
+
+    /// A cache with spare room past its offset (a prompt-cache prefix copy keeps room up to the
+    /// next STEP) takes an update longer than that room: it grows to hold all of it, and the
+    /// kept prefix and the new positions read back in order.
+    #[test]
+    fn an_update_longer_than_the_spare_room_grows_the_cache_enough() {
+        let mut full = LayerCache::default();
+        full.update_and_fetch(&positions(300, 0.0), &positions(300, 0.0)).unwrap();
+        let mut prefix = full.prefix_copy(153).unwrap();
+        assert_eq!((prefix.offset(), prefix.keys.as_ref().unwrap().shape()[2]), (153, 256));
+        let (k, v) = prefix.update_and_fetch(&positions(297, 1000.0), &positions(297, 1000.0)).unwrap();
+        assert_eq!(prefix.offset(), 450);
+        assert!(prefix.keys.as_ref().unwrap().shape()[2] >= 450);
+        let want: Vec<f32> = (0..153).map(|i| i as f32).chain((0..297).map(|i| 1000.0 + i as f32)).collect();
+        assert_eq!(values(&k), want);
+        assert_eq!(values(&v), want);
+        // The original is untouched.
+        assert_eq!(full.offset(), 300);
+    }
+
+    /// Growth from empty and from exactly full rounds up to whole STEPs.
+    #[test]
+    fn growth_rounds_up_to_whole_steps() {
+        let mut c = LayerCache::default();
+        c.update_and_fetch(&positions(10, 0.0), &positions(10, 0.0)).unwrap();
+        assert_eq!(c.keys.as_ref().unwrap().shape()[2], STEP);
+        c.update_and_fetch(&positions(STEP - 10, 10.0), &positions(STEP - 10, 10.0)).unwrap();
+        assert_eq!(c.keys.as_ref().unwrap().shape()[2], STEP);
+        let (k, _) = c.update_and_fetch(&positions(1, STEP as f32), &positions(1, STEP as f32)).unwrap();
+        assert_eq!(c.keys.as_ref().unwrap().shape()[2], 2 * STEP);
+        assert_eq!(values(&k), (0..=STEP).map(|i| i as f32).collect::<Vec<_>>());
     }
 }
