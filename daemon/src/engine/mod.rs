@@ -284,6 +284,18 @@ pub struct StepProfile {
     pub start: Duration,
 }
 
+impl Drop for Engine {
+    /// Waits for what is still queued on the engine's stream. Decoding queues one step ahead,
+    /// so a finished generation leaves a step in flight on MLX's stream thread; a thread that
+    /// drops its engine and then ends the process (a test binary returning from its last test)
+    /// would otherwise tear MLX down under that step: tests/generation.rs died of SIGSEGV at
+    /// exit in about one run in five, inside a matmul of the smollm2 test's last step.
+    fn drop(&mut self) {
+        // SAFETY: an mlx-c call on a stream this engine owns; errors have nowhere to go here.
+        unsafe { mlx_sys::mlx_synchronize(self.stream.as_ptr()) };
+    }
+}
+
 impl Engine {
     /// Takes ownership of a loaded model. Call on the thread that will run it.
     pub fn new(model: LoadedModel, options: EngineOptions) -> Self {
