@@ -112,9 +112,7 @@ impl PluginInstance {
         let logits = if logits.dtype() != Dtype::Float32
             && !(self.plugin.kind == Kind::Processor && self.plugin.takes_model_dtype())
         {
-            converted = logits
-                .as_type::<f32>()
-                .map_err(|e| PluginError { plugin: self.plugin.name.clone(), message: e.what().to_string() })?;
+            converted = logits.as_type::<f32>().map_err(|e| self.error(e.what().to_string()))?;
             &converted
         } else {
             logits

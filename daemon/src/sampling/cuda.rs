@@ -149,9 +149,9 @@ const CHUNKS: &str = r#"
     for (int p = kk + tid; p < k; p += nt) { out_v[p] = __int_as_float(0xff800000); out_i[p] = -1; }
 "#;
 
-/// Stage 2, in the row's last block: a radix select over the row's `G * k` candidates (read
-/// past L1: other blocks wrote them) finds its `k`
-/// best, they are ranked, the filters run over them in order and the draw takes
+/// Stage 2, one block per row (in the fused kernel, the row's last block of stage 1): a radix
+/// select over the row's `G * k` candidates (read past L1: other blocks wrote them) finds its
+/// `k` best, they are ranked, the filters run over them in order and the draw takes
 /// `argmax(logit + Gumbel noise)`; then the row's key advances and its window shifts in the
 /// drawn token, as the pipeline's `next_keys` and `advance` do.
 const PICK: &str = r#"
@@ -273,11 +273,19 @@ const CH: i32 = 1024;
 static SWITCH: KernelSwitch = KernelSwitch::new("MLXD_SAMPLER_KERNEL");
 static FUSED: KernelSwitch = KernelSwitch::off_by_default("MLXD_SAMPLER_FUSED");
 
-/// The kernels of one thread, made at first use: stage 1, stage 2, and both fused.
+/// This thread's sampler kernels, made at first use (MLX compiles each at its first call):
+/// stage 1, stage 2, both fused, the history append, and the greedy pick with the append.
 struct Kernels {
     chunks: CudaKernel,
     pick: CudaKernel,
     fused: CudaKernel,
+    append: CudaKernel,
+    pick_append: CudaKernel,
+}
+
+/// Runs `f` on this thread's kernels.
+fn with_kernels<T>(f: impl FnOnce(&Kernels) -> T) -> T {
+    KERNELS.with(|cell| f(cell.borrow_mut().get_or_insert_with(kernels)))
 }
 
 thread_local! {
@@ -333,10 +341,6 @@ const APPEND: &str = r#"
     }
 "#;
 
-thread_local! {
-    static APPEND_KERNEL: RefCell<Option<CudaKernel>> = const { RefCell::new(None) };
-}
-
 /// `history` (`[B, T]` int32) with `token` (`[B]`, uint32) appended as column `T`: one node
 /// where joining them takes a conversion and two copies. `None` where the kernels are off.
 pub fn append_history(history: &Array, token: &Array) -> Option<Result<Array, Exception>> {
@@ -344,15 +348,15 @@ pub fn append_history(history: &Array, token: &Array) -> Option<Result<Array, Ex
         return None;
     }
     let (b, t) = (history.shape()[0], history.shape()[1]);
-    Some(APPEND_KERNEL.with(|cell| {
-        let mut cell = cell.borrow_mut();
-        let k = cell.get_or_insert_with(|| {
-            CudaKernel::new("mlxd_history_append", &["history", "token"], &["out"], "", APPEND, true)
-        });
-        let out =
-            k.apply(&[history, token], &[(&[b, t + 1], Dtype::Int32)], &[], (t + 1, b, 1), (256, 1, 1), || {
-                format!("appending a token to a history of {:?}", history.shape())
-            })?;
+    Some(with_kernels(|k| {
+        let out = k.append.apply(
+            &[history, token],
+            &[(&[b, t + 1], Dtype::Int32)],
+            &[],
+            (t + 1, b, 1),
+            (256, 1, 1),
+            || format!("appending a token to a history of {:?}", history.shape()),
+        )?;
         Ok(out.into_iter().next().expect("one output"))
     }))
 }
@@ -396,10 +400,6 @@ const PICK_APPEND: &str = r#"
     for (int i = tid; i < T; i += nt) out[i] = history[i];
 "#;
 
-thread_local! {
-    static PICK_APPEND_KERNEL: RefCell<Option<CudaKernel>> = const { RefCell::new(None) };
-}
-
 /// For one greedy row whose plugins read the history: its token (`[1]` uint32, the argmax of
 /// `logits`, `[1, V]` any float dtype) and `history` (`[1, T]` int32) with that token appended,
 /// from one kernel where the argmax and the append are two nodes. `None` where the fused
@@ -414,12 +414,8 @@ pub fn pick_and_append(logits: &Array, history: &Array) -> Option<Result<(Array,
         return None;
     }
     let t = history.shape()[1];
-    Some(PICK_APPEND_KERNEL.with(|cell| {
-        let mut cell = cell.borrow_mut();
-        let k = cell.get_or_insert_with(|| {
-            CudaKernel::new("mlxd_pick_append", &["logits", "history"], &["token", "out"], HEADER, PICK_APPEND, true)
-        });
-        let out = k.apply(
+    Some(with_kernels(|k| {
+        let out = k.pick_append.apply(
             &[logits, history],
             &[(&[1], Dtype::Uint32), (&[1, t + 1], Dtype::Int32)],
             &[],
@@ -519,7 +515,10 @@ fn kernels() -> Kernels {
     let outputs: Vec<&str> = CANDIDATES.iter().chain(&DRAWN).copied().collect();
     let body = format!("{{{CHUNKS}}}\n{HANDOFF}{{{PICK}}}");
     let fused = CudaKernel::new("mlxd_sample", &INPUTS, &outputs, HEADER, &body, true);
-    Kernels { chunks, pick, fused }
+    let append = CudaKernel::new("mlxd_history_append", &["history", "token"], &["out"], "", APPEND, true);
+    let pick_append =
+        CudaKernel::new("mlxd_pick_append", &["logits", "history"], &["token", "out"], HEADER, PICK_APPEND, true);
+    Kernels { chunks, pick, fused, append, pick_append }
 }
 
 /// The repetition penalty's inputs: the rows' windows `[B, C]` uint32, penalties `[B, 1]`
@@ -530,9 +529,8 @@ pub(crate) struct Repetition<'a> {
     pub start: &'a Array,
 }
 
-/// What the kernel draws from: the logits after steps 1-3 (`logits`, `[B, V]`, any float
-/// dtype), the
-/// repetition penalty when `repetition` is given, then the temperature (`[B, 1]`
+/// What the kernels draw from: the logits after steps 1-3 (`logits`, `[B, V]`, any float
+/// dtype), the repetition penalty when `repetition` is given, then the temperature (`[B, 1]`
 /// reciprocals), then the rows' top-k (`[B, 1]` int32, at most [`MAX_K`]), top-p and ln min-p
 /// (`[B, 1]` float32, or `None` when no row filters that way) and the pick with the rows' keys
 /// (`[B, 2]` uint32); `counter` is [`counter`]'s, for the fused kernel.
@@ -583,9 +581,7 @@ pub(crate) fn sample(inp: &Inputs<'_>) -> Result<Drawn, Exception> {
     let candidates = [(slots, Dtype::Float32), (slots, Dtype::Int32)];
     let drawn = [(&[b][..], Dtype::Uint32), (&[b, 2][..], Dtype::Uint32), (&[b, c][..], Dtype::Uint32)];
     let what = || format!("the sampling kernels for logits {:?}", inp.logits.shape());
-    let out = KERNELS.with(|cell| {
-        let mut cell = cell.borrow_mut();
-        let k = cell.get_or_insert_with(kernels);
+    let out = with_kernels(|k| {
         let stage1 = [inp.logits, inp.inv_temperature, inp.top_k, window, penalty];
         if let (true, Some(counter)) = (fused(), inp.counter) {
             let inputs: Vec<&Array> =
