@@ -1,9 +1,10 @@
 //! Calls into mlx-c for operations mlx-rs does not wrap (or wraps with extra nodes).
 
-use mlx_rs::Array;
+use mlx_rs::{Array, Dtype};
 use std::os::raw::c_int;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 /// Runs one mlx-c operation that writes its result array into `res`, on this thread's default
 /// stream. Returns the array, or `None` (the result freed) when mlx-c reports a failure; callers
@@ -49,10 +50,11 @@ impl KernelSwitch {
         self.flag().store(enabled, Ordering::Relaxed);
     }
 
-    /// On, and MLX runs on CUDA.
+    /// On, and MLX runs on CUDA (or kernels are being recorded: [`record_cuda_kernels`]).
     pub(crate) fn available(&self) -> bool {
         static CUDA: OnceLock<bool> = OnceLock::new();
-        self.flag().load(Ordering::Relaxed) && *CUDA.get_or_init(|| crate::runtime::backend() == "cuda")
+        self.flag().load(Ordering::Relaxed)
+            && (*CUDA.get_or_init(|| crate::runtime::backend() == "cuda") || RECORDING.get().is_some())
     }
 }
 
@@ -64,17 +66,79 @@ pub(crate) enum TemplateArg {
     Dtype(mlx_rs::Dtype),
 }
 
+/// Where [`record_cuda_kernels`] writes, and the files written so far.
+struct Recording {
+    dir: PathBuf,
+    written: Mutex<std::collections::BTreeSet<String>>,
+}
+
+static RECORDING: OnceLock<Recording> = OnceLock::new();
+
+/// From now on, for the whole process, every CUDA kernel mlxd would queue is written to `dir`
+/// instead (one JSON file per distinct compile: name, header, body, each parameter's dtype, the
+/// template arguments) and its outputs are zeros of the asked shapes. The kernel paths are taken
+/// on any backend, so a machine without a GPU walks the same call sites as one with it and hands
+/// the exact sources MLX would compile to an NVRTC check (`tests/nvrtc/check.py`). For that
+/// check only: a model's outputs are meaningless while recording. Call before any kernel is made.
+pub fn record_cuda_kernels(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let recording = Recording { dir: dir.to_path_buf(), written: Mutex::new(Default::default()) };
+    RECORDING.set(recording).map_err(|_| std::io::Error::other("kernels are already being recorded"))
+}
+
+/// The names of the kernel files recorded so far (`NAME-HASH.json`).
+pub fn recorded_cuda_kernels() -> Vec<String> {
+    RECORDING
+        .get()
+        .map_or_else(Vec::new, |r| r.written.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect())
+}
+
+/// MLX's name of a dtype (`mlx.core.bfloat16`'s `bfloat16`).
+fn dtype_name(d: Dtype) -> &'static str {
+    match d {
+        Dtype::Bool => "bool",
+        Dtype::Uint8 => "uint8",
+        Dtype::Uint16 => "uint16",
+        Dtype::Uint32 => "uint32",
+        Dtype::Uint64 => "uint64",
+        Dtype::Int8 => "int8",
+        Dtype::Int16 => "int16",
+        Dtype::Int32 => "int32",
+        Dtype::Int64 => "int64",
+        Dtype::Float16 => "float16",
+        Dtype::Bfloat16 => "bfloat16",
+        Dtype::Float32 => "float32",
+        Dtype::Float64 => "float64",
+        Dtype::Complex64 => "complex64",
+    }
+}
+
+/// What MLX is given to compile a kernel, kept for [`record_cuda_kernels`].
+struct KernelSource {
+    name: String,
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+    header: String,
+    source: String,
+}
+
 /// A CUDA kernel body compiled by MLX at first use (NVRTC) and run as one node of the step's
 /// graph (`mlx_fast_cuda_kernel`); only on MLX's CUDA backend. MLX wraps `source` into a
 /// function whose parameters are the inputs (`const T* name`, plus `name_shape` when the body
 /// mentions it) and the outputs (`T* name`), and compiles one variant per set of template
 /// arguments: callers keep those constant per model, never per step.
-pub(crate) struct CudaKernel(mlx_sys::mlx_fast_cuda_kernel);
+pub(crate) struct CudaKernel {
+    /// `None` while recording (nothing is handed to MLX).
+    handle: Option<mlx_sys::mlx_fast_cuda_kernel>,
+    spec: KernelSource,
+}
 
 impl Drop for CudaKernel {
     fn drop(&mut self) {
-        // SAFETY: created by mlx_fast_cuda_kernel_new, freed once.
-        unsafe { mlx_sys::mlx_fast_cuda_kernel_free(self.0) };
+        if let Some(handle) = self.handle {
+            // SAFETY: created by mlx_fast_cuda_kernel_new, freed once.
+            unsafe { mlx_sys::mlx_fast_cuda_kernel_free(handle) };
+        }
     }
 }
 
@@ -96,6 +160,17 @@ impl CudaKernel {
         source: &str,
         row_contiguous: bool,
     ) -> Self {
+        let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        let spec = KernelSource {
+            name: name.to_string(),
+            inputs: owned(inputs),
+            outputs: owned(outputs),
+            header: header.to_string(),
+            source: source.to_string(),
+        };
+        if RECORDING.get().is_some() {
+            return CudaKernel { handle: None, spec };
+        }
         let (ins, outs) = (string_vector(inputs), string_vector(outputs));
         let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
         let (name, header, source) = (c(name), c(header), c(source));
@@ -112,8 +187,51 @@ impl CudaKernel {
             );
             mlx_sys::mlx_vector_string_free(ins);
             mlx_sys::mlx_vector_string_free(outs);
-            CudaKernel(k)
+            CudaKernel { handle: Some(k), spec }
         }
+    }
+
+    /// Writes this call's compile (not its shapes, which MLX passes at run time) to the
+    /// recording folder once, and returns zeros in place of the outputs.
+    fn record(
+        &self,
+        inputs: &[&Array],
+        outputs: &[(&[i32], Dtype)],
+        template: &[(&str, TemplateArg)],
+        what: impl FnOnce() -> String,
+    ) -> Result<Vec<Array>, mlx_rs::error::Exception> {
+        let recording = RECORDING.get().expect("recording");
+        let spec = &self.spec;
+        let template: Vec<serde_json::Value> = template
+            .iter()
+            .map(|(name, arg)| match arg {
+                TemplateArg::Int(v) => serde_json::json!([name, v]),
+                TemplateArg::Bool(v) => serde_json::json!([name, v]),
+                TemplateArg::Dtype(d) => serde_json::json!([name, {"dtype": dtype_name(*d)}]),
+            })
+            .collect();
+        let json = serde_json::json!({
+            "name": spec.name,
+            "header": spec.header,
+            "source": spec.source,
+            "inputs": spec.inputs.iter().zip(inputs)
+                .map(|(n, a)| serde_json::json!([n, dtype_name(a.dtype()), a.ndim()])).collect::<Vec<_>>(),
+            "outputs": spec.outputs.iter().zip(outputs)
+                .map(|(n, (_, d))| serde_json::json!([n, dtype_name(*d)])).collect::<Vec<_>>(),
+            "template": template,
+        })
+        .to_string();
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        json.hash(&mut h);
+        let file = format!("{}-{:016x}.json", spec.name, h.finish());
+        let mut written = recording.written.lock().unwrap_or_else(|e| e.into_inner());
+        if !written.contains(&file) {
+            std::fs::write(recording.dir.join(&file), &json)
+                .map_err(|e| mlx_rs::error::Exception::custom(format!("recording {}: {e}", what())))?;
+            written.insert(file);
+        }
+        outputs.iter().map(|(shape, d)| mlx_rs::ops::zeros_dtype(shape, *d)).collect()
     }
 
     /// Queues the kernel on this thread's stream: `grid` counts threads (not blocks) per axis,
@@ -122,12 +240,15 @@ impl CudaKernel {
     pub(crate) fn apply(
         &self,
         inputs: &[&Array],
-        outputs: &[(&[i32], mlx_rs::Dtype)],
+        outputs: &[(&[i32], Dtype)],
         template: &[(&str, TemplateArg)],
         grid: (i32, i32, i32),
         block: (i32, i32, i32),
         what: impl FnOnce() -> String,
     ) -> Result<Vec<Array>, mlx_rs::error::Exception> {
+        let Some(handle) = self.handle else {
+            return self.record(inputs, outputs, template, what);
+        };
         let stream = mlx_rs::Stream::thread_local_or_default();
         let dtype = |d: mlx_rs::Dtype| d as mlx_sys::mlx_dtype;
         // SAFETY: mlx-c calls on handles that outlive them; every handle created is freed.
@@ -158,7 +279,7 @@ impl CudaKernel {
             let ins = mlx_sys::mlx_vector_array_new_data(handles.as_ptr(), handles.len());
             let mut outs = mlx_sys::mlx_vector_array_new();
             if rc == 0 {
-                rc = mlx_sys::mlx_fast_cuda_kernel_apply(&mut outs, self.0, ins, config, stream.as_ptr());
+                rc = mlx_sys::mlx_fast_cuda_kernel_apply(&mut outs, handle, ins, config, stream.as_ptr());
             }
             let mut result = Vec::with_capacity(outputs.len());
             for i in 0..outputs.len() {

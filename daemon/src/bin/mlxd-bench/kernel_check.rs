@@ -29,6 +29,19 @@ fn normal(shape: &[i32], std: f32, seed: u64, d: Dtype) -> Result<Array> {
     Ok(random::normal::<f32>(shape, 0.0, std, &random::key(seed)?)?.as_dtype(d)?)
 }
 
+/// The product kernel's cases, `(rows, K, widths of the parts)`: Qwen3-0.6B's stacked q/k/v
+/// and gate/up, its down projection and LM head, Llama-3.2-1B's down, SmolLM2's widths (K not a
+/// multiple of 128, N not of 8).
+pub const PRODUCT_CASES: [(i32, i32, &[i32]); 7] = [
+    (2, 1024, &[2048, 1024, 1024]),
+    (5, 1024, &[3072, 3072]),
+    (8, 3072, &[1024]),
+    (16, 2048, &[1024]),
+    (8, 1024, &[151_936]),
+    (11, 576, &[1533]),
+    (3, 576, &[576, 192, 192]),
+];
+
 /// Products of 2-16 rows by stacked and plain matrices, and the attention over a padded stack.
 pub fn run() -> Result<()> {
     let report = mlxd::runtime::Report::gather();
@@ -40,15 +53,7 @@ pub fn run() -> Result<()> {
     mlxd::models::cuda::set_enabled(true);
     let mut worst = Vec::new();
     println!("| case | dtype | max error / max value | tolerance |\n| --- | --- | --- | --- |");
-    let cases: [(i32, i32, &[i32]); 7] = [
-        (2, 1024, &[2048, 1024, 1024]),
-        (5, 1024, &[3072, 3072]),
-        (8, 3072, &[1024]),
-        (16, 2048, &[1024]),
-        (8, 1024, &[151_936]),
-        (11, 576, &[1533]),
-        (3, 576, &[576, 192, 192]),
-    ];
+    let cases = &PRODUCT_CASES;
     for d in [Dtype::Bfloat16, Dtype::Float16, Dtype::Float32] {
         // The product kernel runs the tensor cores' 16-bit types; float32 stays with MLX.
         let product_cases = if d == Dtype::Float32 { &cases[..0] } else { &cases[..] };

@@ -16,6 +16,9 @@
 //! mlxd-bench sampler-check           the CUDA sampling kernels (two, and fused) against the
 //!                                      MLX-op graph (same draws expected), on random logits
 //! mlxd-bench kernel-check            mlxd's CUDA kernels for batched decode against MLX ops
+//! mlxd-bench kernel-sources --out DIR [--plugin-dir DIR]
+//!                                      every CUDA kernel's source as MLX would compile it, on
+//!                                      any machine (for tests/nvrtc/check.py; see its module)
 //! mlxd-bench batch --shape ... [--clients 1,2,4,8,16] [--model-kernels on|off|both] [--stagger N]
 //!                                      the engine stepping B sequences together (no daemon)
 //! mlxd-bench suite --json out.json [--models qwen3-0.6b:bf16,qwen3-0.6b:q4,...|NAME=PATH|smollm2]
@@ -33,6 +36,7 @@
 
 mod batch;
 mod kernel_check;
+mod kernel_sources;
 mod profile;
 mod serve_load;
 mod suite;
@@ -192,7 +196,7 @@ fn parse_args() -> Result<Args> {
             a.plugins = vec![("passthrough".into(), "{}".into()), ("dry".into(), r#"{"multiplier":0.8}"#.into())];
         }
         _ => bail!(
-            "usage: mlxd-bench engine|serve|graph|batch|suite|sampler-check|kernel-check (--shape NAME | --model DIR) [options]; see the file header"
+            "usage: mlxd-bench engine|serve|graph|batch|suite|sampler-check|kernel-check|kernel-sources (--shape NAME | --model DIR) [options]; see the file header"
         ),
     }
     while let Some(flag) = it.next() {
@@ -251,8 +255,16 @@ fn main() {
 }
 
 fn run() -> Result<()> {
-    if std::env::args().nth(1).as_deref() == Some("kernel-check") {
-        return kernel_check::run();
+    match std::env::args().nth(1).as_deref() {
+        Some("kernel-check") => return kernel_check::run(),
+        Some("kernel-sources") => {
+            let args: Vec<String> = std::env::args().skip(2).collect();
+            let flag =
+                |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(PathBuf::from);
+            let out = flag("--out").context("usage: mlxd-bench kernel-sources --out DIR [--plugin-dir DIR]")?;
+            return kernel_sources::run(&out, flag("--plugin-dir"));
+        }
+        _ => {}
     }
     let args = parse_args()?;
     if std::env::var_os("MLXD_SAMPLER_EAGER").is_some() {

@@ -1,0 +1,143 @@
+//! `mlxd-bench kernel-sources --out DIR [--plugin-dir DIR]`: records every CUDA kernel mlxd can
+//! queue, on any machine, for `tests/nvrtc/check.py` to compile with NVRTC where no GPU is.
+//!
+//! The kernels are recorded through the calls the engine makes (`mlxd::runtime::
+//! record_cuda_kernels`): the sampling kernels (the two, the fused one, the greedy pick with the
+//! history append) for each logits dtype, a vocabulary that is a multiple of the chunk and one
+//! that is not, with and without a repetition window; the products of 2-16 rows in one, two and
+//! three parts for the 16-bit types; the padded attention for Qwen3-0.6B's and Llama-3.2-1B's
+//! heads in each float dtype; a plugin's history append; and the `dry` plugin's own kernel
+//! (loaded from `--plugin-dir`, by default this executable's folder). Each distinct compile is
+//! one JSON file in DIR. Fails when a kernel family was not reached, so a refactoring that
+//! moves a call site off these paths cannot silently shrink what the check compiles.
+
+use anyhow::{anyhow, ensure, Context, Result};
+use mlx_rs::{Array, Dtype};
+use mlxd::plugins::instance::StepInfo;
+use mlxd::plugins::PluginInstance;
+use mlxd::sampling::{SamplingParams, SequenceSampler};
+use std::path::{Path, PathBuf};
+
+/// Every kernel name (or name prefix, for plugins) the recording must contain.
+const EXPECTED: [&str; 9] = [
+    "mlxd_sample_chunks",
+    "mlxd_sample_pick",
+    "mlxd_sample-",
+    "mlxd_pick_append",
+    "mlxd_history_append",
+    "mlxd_rows1",
+    "mlxd_rows2",
+    "mlxd_rows3",
+    "mlxd_padded_attention",
+];
+
+const FLOATS: [Dtype; 3] = [Dtype::Float32, Dtype::Bfloat16, Dtype::Float16];
+
+pub fn run(out: &Path, plugin_dir: Option<PathBuf>) -> Result<()> {
+    mlxd::runtime::record_cuda_kernels(out).with_context(|| format!("recording into {}", out.display()))?;
+    mlxd::sampling::set_sampler_kernel(true);
+    mlxd::models::cuda::set_enabled(true);
+    mlxd::plugins::kernels::set_enabled(true);
+    sampling()?;
+    model()?;
+    let plugin = dry_plugin(plugin_dir)?;
+    let files = mlxd::runtime::recorded_cuda_kernels();
+    for name in EXPECTED.iter().copied().chain([plugin.as_str()]) {
+        ensure!(files.iter().any(|f| f.starts_with(name)), "no `{name}` kernel was recorded");
+    }
+    println!("{} kernel compiles recorded in {}:", files.len(), out.display());
+    for f in &files {
+        println!("  {f}");
+    }
+    Ok(())
+}
+
+/// One draw of two rows through the sampling pipeline, each configuration.
+fn sampling() -> Result<()> {
+    let full = SamplingParams {
+        temperature: 0.7,
+        top_p: 0.9,
+        top_k: 50,
+        min_p: 0.05,
+        repetition_penalty: 1.1,
+        repetition_context_size: 64,
+        ..Default::default()
+    };
+    let top_k = SamplingParams { temperature: 0.9, top_k: 20, ..Default::default() };
+    for fused in [false, true] {
+        mlxd::sampling::set_sampler_fused(fused);
+        for dtype in FLOATS {
+            // Qwen3's vocabulary, then one whose last chunk is shorter than the top-k.
+            for (params, vocab) in [(&full, 151_936), (&top_k, 1_124)] {
+                let mut rows = (0..2u64)
+                    .map(|i| {
+                        SequenceSampler::new(&SamplingParams { seed: Some(1 + i), ..params.clone() }, vocab, &[1, 2])
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut refs: Vec<&mut SequenceSampler> = rows.iter_mut().collect();
+                let logits = mlx_rs::ops::zeros_dtype(&[2, vocab as i32], dtype)?;
+                let tokens = mlxd::sampling::sample_batch(&logits, &mut refs)?;
+                ensure!(tokens.shape() == [2], "two rows drew {:?}", tokens.shape());
+            }
+        }
+        if fused {
+            let history = Array::zeros::<i32>(&[1, 4])?;
+            for dtype in [Dtype::Float32, Dtype::Bfloat16] {
+                let logits = mlx_rs::ops::zeros_dtype(&[1, 151_936], dtype)?;
+                mlxd::sampling::pick_and_append(&logits, &history).context("the fused pick is off")??;
+            }
+        }
+    }
+    mlxd::sampling::set_sampler_fused(false);
+    let history = Array::zeros::<i32>(&[1, 4])?;
+    mlxd::sampling::append_history(&history, &Array::zeros::<u32>(&[1])?).context("the append kernel is off")??;
+    Ok(())
+}
+
+/// The batched decode step's kernels, at the shapes `kernel-check` verifies on a GPU.
+fn model() -> Result<()> {
+    for d in [Dtype::Bfloat16, Dtype::Float16] {
+        for &(m, k, widths) in crate::kernel_check::PRODUCT_CASES.iter() {
+            let n: i32 = widths.iter().sum();
+            let (x, w) = (mlx_rs::ops::zeros_dtype(&[m, k], d)?, mlx_rs::ops::zeros_dtype(&[n, k], d)?);
+            ensure!(mlxd::models::cuda::rows_apply(&x, &w), "the product kernel refuses {m}x{k} by {n}x{k}");
+            mlxd::models::cuda::rows(&x, &w, widths)?;
+        }
+    }
+    for d in FLOATS {
+        for (hq, hkv, dh) in [(16, 8, 128), (32, 8, 64)] {
+            ensure!(
+                mlxd::models::cuda::attention_applies(d, hq, hkv, dh),
+                "attention refuses {hq}/{hkv} heads of {dh}"
+            );
+            let q = mlx_rs::ops::zeros_dtype(&[2, hq, 1, dh], d)?;
+            let kv = mlx_rs::ops::zeros_dtype(&[2, hkv, 64, dh], d)?;
+            let (starts, offsets) = (Array::from_slice(&[0i32, 3], &[2]), Array::from_slice(&[10i32, 7], &[2]));
+            mlxd::models::cuda::attention(&q, &kv, &kv, &starts, &offsets, 1.0 / (dh as f32).sqrt())?;
+        }
+    }
+    Ok(())
+}
+
+/// The `dry` plugin's kernel, for the logits dtypes it is handed (it takes the model's).
+/// Returns the recorded name's prefix.
+fn dry_plugin(dir: Option<PathBuf>) -> Result<String> {
+    let dir = match dir {
+        Some(d) => d,
+        None => std::env::current_exe()?.parent().context("executable directory")?.to_path_buf(),
+    };
+    let registry = mlxd::plugins::PluginRegistry::new(vec![dir.clone()]);
+    let plugin = registry
+        .get("dry")
+        .map_err(|e| anyhow!("{e} (looked in {}): build mlxd-plugin-dry, or pass --plugin-dir", dir.display()))?;
+    let vocab = 151_936;
+    for d in FLOATS {
+        let mut dry =
+            PluginInstance::create(plugin.clone(), r#"{"multiplier":0.8}"#, vocab, 0).map_err(|e| anyhow!("{e}"))?;
+        let history = Array::from_slice(&[1i32, 2, 3, 1, 2, 3, 1, 2], &[1, 8]);
+        let logits = mlx_rs::ops::zeros_dtype(&[1, vocab as i32], d)?;
+        let info = StepInfo { prompt_tokens: 8, generated_tokens: 0, temperature: 0.0 };
+        dry.apply(&logits, Some(&history), info).map_err(|e| anyhow!("dry on {d:?} logits: {e}"))?;
+    }
+    Ok("plugin_".into())
+}
