@@ -54,15 +54,7 @@ pub fn run(out: &Path, plugin_dir: Option<PathBuf>) -> Result<()> {
 
 /// One draw of two rows through the sampling pipeline, each configuration.
 fn sampling() -> Result<()> {
-    let full = SamplingParams {
-        temperature: 0.7,
-        top_p: 0.9,
-        top_k: 50,
-        min_p: 0.05,
-        repetition_penalty: 1.1,
-        repetition_context_size: 64,
-        ..Default::default()
-    };
+    let full = crate::full_sampling();
     let top_k = SamplingParams { temperature: 0.9, top_k: 20, ..Default::default() };
     for fused in [false, true] {
         mlxd::sampling::set_sampler_fused(fused);
