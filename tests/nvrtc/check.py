@@ -227,7 +227,8 @@ def compile_one(job):
                                 names)
     if rc != 0:
         return False, f"nvrtcCreateProgram failed ({rc})"
-    options = [b"--device-as-default-execution-space", f"--gpu-architecture={arch}".encode()]
+    # MLX's options, and ptxas's report of what the kernel uses (it changes no code).
+    options = [b"--device-as-default-execution-space", f"--gpu-architecture={arch}".encode(), b"--ptxas-options=-v"]
     options += [f"--include-path={p}".encode() for p in includes]
     rc = lib.nvrtcCompileProgram(prog, len(options), (ctypes.c_char_p * len(options))(*options))
     size = ctypes.c_size_t()
@@ -236,6 +237,16 @@ def compile_one(job):
     lib.nvrtcGetProgramLog(prog, log)
     lib.nvrtcDestroyProgram(ctypes.byref(prog))
     return rc == 0, log.value.decode(errors="replace").strip()
+
+
+def resources(log):
+    """(registers, shared memory bytes, spilled bytes) from ptxas's report, or None each."""
+    def number(pattern):
+        m = re.search(pattern, log)
+        return int(m.group(1)) if m else None
+    stores, loads = number(r"(\d+) bytes spill stores"), number(r"(\d+) bytes spill loads")
+    spilled = None if stores is None else stores + (loads or 0)
+    return number(r"Used (\d+) registers"), number(r"(\d+) bytes smem"), spilled
 
 
 def main():
@@ -263,19 +274,28 @@ def main():
     ok, log = compile_one((broken, *jobs[0][1:]))
     if ok or "mlxd_undeclared_name" not in log:
         sys.exit(f"a kernel with an undeclared name compiled, or failed for another reason:\n{log[-2000:]}")
-    failed = 0
-    print("| kernel | inputs | architecture | compiles |\n| --- | --- | --- | --- |")
+    failed, spilling = 0, []
+    print("| kernel | inputs | architecture | compiles | registers | shared memory | spilled bytes |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |")
     with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
         for (path, arch, *_), (ok, log) in zip(jobs, pool.map(compile_one, jobs)):
             spec = json.loads(Path(path).read_text())
             dtypes = ", ".join(sorted({d for _, d, _ in spec["inputs"]}))
-            print(f"| {Path(path).stem} | {dtypes} | {arch} | {'yes' if ok else 'NO'} |")
+            registers, smem, spilled = resources(log) if ok else (None, None, None)
+            print(f"| {Path(path).stem} | {dtypes} | {arch} | {'yes' if ok else 'NO'} | {registers} | {smem} | "
+                  f"{spilled} |")
             if not ok:
                 failed += 1
                 print(log[-4000:], file=sys.stderr)
+            elif spilled:
+                spilling.append(f"{Path(path).stem} ({arch}): {spilled} bytes")
     if failed:
         sys.exit(f"{failed} of {len(jobs)} compiles failed")
-    print(f"all {len(jobs)} compiles succeeded")
+    # A spill puts registers in local memory: slower on every call, and none of these kernels
+    # needs to; one that starts to is a regression to look at, not to ship unnoticed.
+    if spilling:
+        sys.exit("kernels spill registers to local memory: " + "; ".join(spilling))
+    print(f"all {len(jobs)} compiles succeeded, none spills registers")
 
 
 if __name__ == "__main__":
