@@ -1,5 +1,6 @@
-//! `mlxd-bench kernel-sources --out DIR [--plugin-dir DIR]`: records every CUDA kernel mlxd can
-//! queue, on any machine, for `tests/nvrtc/check.py` to compile with NVRTC where no GPU is.
+//! `mlxd-bench kernel-sources --out DIR [--plugin-dir DIR] [--plugin NAME[:JSON]]...`: records
+//! every CUDA kernel mlxd can queue, on any machine, for `tests/nvrtc/check.py` to compile with
+//! NVRTC where no GPU is.
 //!
 //! The kernels are recorded through the calls the engine makes (`mlxd::runtime::
 //! record_cuda_kernels`): the sampling kernels (the two, the fused one, the greedy pick with the
@@ -10,6 +11,10 @@
 //! (loaded from `--plugin-dir`, by default this executable's folder). Each distinct compile is
 //! one JSON file in DIR. Fails when a kernel family was not reached, so a refactoring that
 //! moves a call site off these paths cannot silently shrink what the check compiles.
+//!
+//! With `--plugin` (repeatable), only those plugins' kernels are recorded: each instance is
+//! created with the given parameters and applied once to zero logits of each float dtype with a
+//! short history, as a plugin author's compile check without a GPU (plugin-api/README.md).
 
 use anyhow::{anyhow, ensure, Context, Result};
 use mlx_rs::{Array, Dtype};
@@ -33,18 +38,31 @@ const EXPECTED: [&str; 9] = [
 
 const FLOATS: [Dtype; 3] = [Dtype::Float32, Dtype::Bfloat16, Dtype::Float16];
 
-pub fn run(out: &Path, plugin_dir: Option<PathBuf>) -> Result<()> {
+pub fn run(out: &Path, plugin_dir: Option<PathBuf>, plugins: &[(String, String)]) -> Result<()> {
     mlxd::runtime::record_cuda_kernels(out).with_context(|| format!("recording into {}", out.display()))?;
     mlxd::sampling::set_sampler_kernel(true);
     mlxd::models::cuda::set_enabled(true);
     mlxd::plugins::kernels::set_enabled(true);
-    sampling()?;
-    model()?;
-    let plugin = dry_plugin(plugin_dir)?;
-    let files = mlxd::runtime::recorded_cuda_kernels();
-    for name in EXPECTED.iter().copied().chain([plugin.as_str()]) {
-        ensure!(files.iter().any(|f| f.starts_with(name)), "no `{name}` kernel was recorded");
+    let dir = match plugin_dir {
+        Some(d) => d,
+        None => std::env::current_exe()?.parent().context("executable directory")?.to_path_buf(),
+    };
+    let registry = mlxd::plugins::PluginRegistry::new(vec![dir.clone()]);
+    if plugins.is_empty() {
+        sampling()?;
+        model()?;
+        ensure!(plugin(&registry, &dir, "dry", r#"{"multiplier":0.8}"#)? > 0, "the dry plugin queued no kernel");
+        let files = mlxd::runtime::recorded_cuda_kernels();
+        for name in EXPECTED {
+            ensure!(files.iter().any(|f| f.starts_with(name)), "no `{name}` kernel was recorded");
+        }
+    } else {
+        for (name, params) in plugins {
+            let kernels = plugin(&registry, &dir, name, params)?;
+            println!("{name}: {kernels} kernel compile(s)");
+        }
     }
+    let files = mlxd::runtime::recorded_cuda_kernels();
     println!("{} kernel compiles recorded in {}:", files.len(), out.display());
     for f in &files {
         println!("  {f}");
@@ -111,25 +129,21 @@ fn model() -> Result<()> {
     Ok(())
 }
 
-/// The `dry` plugin's kernel, for the logits dtypes it is handed (it takes the model's).
-/// Returns the recorded name's prefix.
-fn dry_plugin(dir: Option<PathBuf>) -> Result<String> {
-    let dir = match dir {
-        Some(d) => d,
-        None => std::env::current_exe()?.parent().context("executable directory")?.to_path_buf(),
-    };
-    let registry = mlxd::plugins::PluginRegistry::new(vec![dir.clone()]);
+/// Applies plugin `name` with `params` once per float dtype of the logits (a processor that
+/// takes the model's dtype gets each; others get float32, as in the engine) to zero logits with
+/// a short history. Returns how many new kernel compiles it recorded.
+fn plugin(registry: &mlxd::plugins::PluginRegistry, dir: &Path, name: &str, params: &str) -> Result<usize> {
     let plugin = registry
-        .get("dry")
-        .map_err(|e| anyhow!("{e} (looked in {}): build mlxd-plugin-dry, or pass --plugin-dir", dir.display()))?;
+        .get(name)
+        .map_err(|e| anyhow!("{e} (looked in {}): build the plugin, or pass --plugin-dir", dir.display()))?;
+    let before = mlxd::runtime::recorded_cuda_kernels().len();
     let vocab = 151_936;
     for d in FLOATS {
-        let mut dry =
-            PluginInstance::create(plugin.clone(), r#"{"multiplier":0.8}"#, vocab, 0).map_err(|e| anyhow!("{e}"))?;
+        let mut instance = PluginInstance::create(plugin.clone(), params, vocab, 0).map_err(|e| anyhow!("{e}"))?;
         let history = Array::from_slice(&[1i32, 2, 3, 1, 2, 3, 1, 2], &[1, 8]);
         let logits = mlx_rs::ops::zeros_dtype(&[1, vocab as i32], d)?;
         let info = StepInfo { prompt_tokens: 8, generated_tokens: 0, temperature: 0.0 };
-        dry.apply(&logits, Some(&history), info).map_err(|e| anyhow!("dry on {d:?} logits: {e}"))?;
+        instance.apply(&logits, Some(&history), info).map_err(|e| anyhow!("{name} on {d:?} logits: {e}"))?;
     }
-    Ok("plugin_".into())
+    Ok(mlxd::runtime::recorded_cuda_kernels().len() - before)
 }

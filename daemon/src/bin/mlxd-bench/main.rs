@@ -16,9 +16,10 @@
 //! mlxd-bench sampler-check           the CUDA sampling kernels (two, and fused) against the
 //!                                      MLX-op graph (same draws expected), on random logits
 //! mlxd-bench kernel-check            mlxd's CUDA kernels for batched decode against MLX ops
-//! mlxd-bench kernel-sources --out DIR [--plugin-dir DIR]
-//!                                      every CUDA kernel's source as MLX would compile it, on
-//!                                      any machine (for tests/nvrtc/check.py; see its module)
+//! mlxd-bench kernel-sources --out DIR [--plugin-dir DIR] [--plugin NAME[:JSON]]...
+//!                                      every CUDA kernel's source as MLX would compile it (or
+//!                                      only the named plugins'), on any machine, for
+//!                                      tests/nvrtc/check.py (see kernel_sources.rs)
 //! mlxd-bench batch --shape ... [--clients 1,2,4,8,16] [--model-kernels on|off|both] [--stagger N]
 //!                                      the engine stepping B sequences together (no daemon)
 //! mlxd-bench suite --json out.json [--models qwen3-0.6b:bf16,qwen3-0.6b:q4,...|NAME=PATH|smollm2]
@@ -261,8 +262,14 @@ fn run() -> Result<()> {
             let args: Vec<String> = std::env::args().skip(2).collect();
             let flag =
                 |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(PathBuf::from);
-            let out = flag("--out").context("usage: mlxd-bench kernel-sources --out DIR [--plugin-dir DIR]")?;
-            return kernel_sources::run(&out, flag("--plugin-dir"));
+            let usage = "usage: mlxd-bench kernel-sources --out DIR [--plugin-dir DIR] [--plugin NAME[:JSON]]...";
+            let out = flag("--out").context(usage)?;
+            let plugins: Vec<(String, String)> = args
+                .windows(2)
+                .filter(|w| w[0] == "--plugin")
+                .map(|w| w[1].split_once(':').map_or((w[1].clone(), "{}".into()), |(n, p)| (n.into(), p.into())))
+                .collect();
+            return kernel_sources::run(&out, flag("--plugin-dir"), &plugins);
         }
         _ => {}
     }
