@@ -50,11 +50,12 @@ impl KernelSwitch {
         self.flag().store(enabled, Ordering::Relaxed);
     }
 
-    /// On, and MLX runs on CUDA (or kernels are being recorded: [`record_cuda_kernels`]).
+    /// On, and MLX runs on CUDA (or kernels are being recorded or emulated:
+    /// [`record_cuda_kernels`], [`emulate_cuda_kernels`]).
     pub(crate) fn available(&self) -> bool {
         static CUDA: OnceLock<bool> = OnceLock::new();
         self.flag().load(Ordering::Relaxed)
-            && (*CUDA.get_or_init(|| crate::runtime::backend() == "cuda") || RECORDING.get().is_some())
+            && (*CUDA.get_or_init(|| crate::runtime::backend() == "cuda") || RECORDING.get().is_some() || emulating())
     }
 }
 
@@ -86,6 +87,20 @@ pub fn record_cuda_kernels(dir: &Path) -> std::io::Result<()> {
     RECORDING.set(recording).map_err(|_| std::io::Error::other("kernels are already being recorded"))
 }
 
+static EMULATING: AtomicBool = AtomicBool::new(false);
+
+fn emulating() -> bool {
+    EMULATING.load(Ordering::Relaxed)
+}
+
+/// From now on, for the whole process, every CUDA kernel mlxd would queue runs on the CPU
+/// instead, in `crate::cuda_emulator` (compiled by the system's C++ compiler, evaluated at once),
+/// and the kernel paths are taken on any backend: for tests that compare the kernels with MLX
+/// operations where no GPU is. Call before any kernel is made.
+pub fn emulate_cuda_kernels() {
+    EMULATING.store(true, Ordering::Relaxed);
+}
+
 /// The names of the kernel files recorded so far (`NAME-HASH.json`).
 pub fn recorded_cuda_kernels() -> Vec<String> {
     RECORDING
@@ -94,7 +109,7 @@ pub fn recorded_cuda_kernels() -> Vec<String> {
 }
 
 /// MLX's name of a dtype (`mlx.core.bfloat16`'s `bfloat16`).
-fn dtype_name(d: Dtype) -> &'static str {
+pub(crate) fn dtype_name(d: Dtype) -> &'static str {
     match d {
         Dtype::Bool => "bool",
         Dtype::Uint8 => "uint8",
@@ -113,13 +128,14 @@ fn dtype_name(d: Dtype) -> &'static str {
     }
 }
 
-/// What MLX is given to compile a kernel, kept for [`record_cuda_kernels`].
-struct KernelSource {
-    name: String,
-    inputs: Vec<String>,
-    outputs: Vec<String>,
-    header: String,
-    source: String,
+/// What MLX is given to compile a kernel, kept for [`record_cuda_kernels`] and
+/// [`emulate_cuda_kernels`].
+pub(crate) struct KernelSource {
+    pub(crate) name: String,
+    pub(crate) inputs: Vec<String>,
+    pub(crate) outputs: Vec<String>,
+    pub(crate) header: String,
+    pub(crate) source: String,
 }
 
 /// A CUDA kernel body compiled by MLX at first use (NVRTC) and run as one node of the step's
@@ -128,7 +144,7 @@ struct KernelSource {
 /// mentions it) and the outputs (`T* name`), and compiles one variant per set of template
 /// arguments: callers keep those constant per model, never per step.
 pub(crate) struct CudaKernel {
-    /// `None` while recording (nothing is handed to MLX).
+    /// `None` while recording or emulating (nothing is handed to MLX).
     handle: Option<mlx_sys::mlx_fast_cuda_kernel>,
     spec: KernelSource,
 }
@@ -168,7 +184,7 @@ impl CudaKernel {
             header: header.to_string(),
             source: source.to_string(),
         };
-        if RECORDING.get().is_some() {
+        if RECORDING.get().is_some() || emulating() {
             return CudaKernel { handle: None, spec };
         }
         let (ins, outs) = (string_vector(inputs), string_vector(outputs));
@@ -247,6 +263,9 @@ impl CudaKernel {
         what: impl FnOnce() -> String,
     ) -> Result<Vec<Array>, mlx_rs::error::Exception> {
         let Some(handle) = self.handle else {
+            if emulating() {
+                return crate::cuda_emulator::run(&self.spec, inputs, outputs, template, grid, block);
+            }
             return self.record(inputs, outputs, template, what);
         };
         let stream = mlx_rs::Stream::thread_local_or_default();

@@ -26,6 +26,7 @@ pub mod cache;
 pub mod chat;
 pub mod config;
 pub mod connection;
+mod cuda_emulator;
 pub mod default_model;
 pub mod engine;
 mod ffi;

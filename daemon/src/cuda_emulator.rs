@@ -1,0 +1,419 @@
+//! Runs mlxd's CUDA kernels on the CPU, so tests compare what they compute with MLX operations
+//! on machines without a GPU ([`crate::runtime::emulate_cuda_kernels`]).
+//!
+//! Each kernel is wrapped as MLX 0.32 wraps it (its header, `namespace mlx::core::cu`, one
+//! pointer per input and output, `NAME_shape` / `NAME_strides` / `NAME_ndim` where the body
+//! mentions them, the template arguments as `constexpr` values and type aliases), with
+//! [`SHIM`] standing in for MLX's device headers and CUDA's built-ins, compiled by the system's
+//! C++ compiler into a shared library, loaded, and launched with one OS thread per CUDA thread of
+//! a block and the blocks one after another. So `__shared__` variables are function statics (one
+//! block at a time uses them), `__syncthreads` is a barrier of the block's live threads, warp
+//! shuffles go through a per-warp buffer and barrier, atomics are C++ atomics, `bfloat16` and
+//! `half` convert as the device types do. What it cannot show: timing, inline PTX (the
+//! tensor-core products are refused), and races between blocks (they never run at once here, so
+//! a kernel that depends on blocks running concurrently would deadlock rather than pass).
+//!
+//! Evaluation is eager: [`run`] evaluates its inputs and returns evaluated outputs, so kernels
+//! called inside a compiled MLX function (the sampling step, unless `set_compiled(false)`)
+//! cannot be emulated.
+
+use crate::ffi::{KernelSource, TemplateArg};
+use mlx_rs::error::Exception;
+use mlx_rs::{Array, Dtype};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Mutex, OnceLock};
+
+/// MLX's device headers and CUDA's built-ins, for a C++20 host compiler.
+const SHIM: &str = r#"
+#pragma once
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <math.h>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __grid_constant__
+// One block runs at a time, so a function's statics are its block's shared memory.
+#define __shared__ static
+
+namespace cooperative_groups {}
+
+namespace mlxd_emu {
+struct Dim { unsigned int x, y, z; };
+
+// A barrier of the threads that have not returned from the kernel yet.
+struct Barrier {
+  std::mutex m;
+  std::condition_variable cv;
+  int expected = 0, arrived = 0;
+  unsigned long long generation = 0;
+  void release() { arrived = 0; ++generation; cv.notify_all(); }
+  void wait() {
+    std::unique_lock<std::mutex> lock(m);
+    const auto g = generation;
+    if (++arrived == expected) release();
+    else cv.wait(lock, [&] { return generation != g; });
+  }
+  void leave() {
+    std::unique_lock<std::mutex> lock(m);
+    if (--expected == arrived && arrived > 0) release();
+  }
+};
+
+struct Launch {
+  Dim grid, block;
+  Barrier block_barrier;
+  std::vector<std::unique_ptr<Barrier>> warp_barriers;
+  std::vector<std::array<unsigned long long, 32>> exchange;
+};
+
+inline thread_local Launch* launch_state = nullptr;
+inline thread_local Dim thread_idx, block_idx;
+inline thread_local unsigned int lane = 0, warp = 0;
+
+template <class Kernel>
+void launch(Dim grid, Dim block, Kernel kernel) {
+  Launch state;
+  state.grid = grid;
+  state.block = block;
+  const int threads = (int)(block.x * block.y * block.z);
+  const int warps = (threads + 31) / 32;
+  for (int w = 0; w < warps; ++w) state.warp_barriers.emplace_back(new Barrier());
+  state.exchange.resize(warps);
+  auto reset = [&]() noexcept {
+    state.block_barrier.expected = threads;
+    for (int w = 0; w < warps; ++w) state.warp_barriers[w]->expected = std::min(32, threads - 32 * w);
+  };
+  reset();
+  std::barrier end_of_block(threads, reset);
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      launch_state = &state;
+      thread_idx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+      lane = t % 32;
+      warp = t / 32;
+      for (unsigned int z = 0; z < grid.z; ++z)
+        for (unsigned int y = 0; y < grid.y; ++y)
+          for (unsigned int x = 0; x < grid.x; ++x) {
+            block_idx = {x, y, z};
+            kernel();
+            state.block_barrier.leave();
+            state.warp_barriers[warp]->leave();
+            end_of_block.arrive_and_wait();
+          }
+    });
+  }
+  for (auto& th : pool) th.join();
+}
+
+template <class T>
+T shuffle(T v, unsigned int from) {
+  auto& slots = launch_state->exchange[warp];
+  auto& barrier = *launch_state->warp_barriers[warp];
+  static_assert(sizeof(T) <= sizeof(unsigned long long), "shuffle of a wide type");
+  std::memcpy(&slots[lane], &v, sizeof(T));
+  barrier.wait();
+  T out = v;
+  if (from < 32u) std::memcpy(&out, &slots[from], sizeof(T));
+  barrier.wait();
+  return out;
+}
+}  // namespace mlxd_emu
+
+#define threadIdx mlxd_emu::thread_idx
+#define blockIdx mlxd_emu::block_idx
+#define blockDim (mlxd_emu::launch_state->block)
+#define gridDim (mlxd_emu::launch_state->grid)
+#define warpSize 32
+
+inline void __syncthreads() { mlxd_emu::launch_state->block_barrier.wait(); }
+inline void __syncwarp(unsigned int = 0xffffffffu) { mlxd_emu::launch_state->warp_barriers[mlxd_emu::warp]->wait(); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+template <class T> inline T __ldcg(const T* p) { return *p; }
+template <class T> inline T __ldg(const T* p) { return *p; }
+template <class T> inline T __shfl_down_sync(unsigned int, T v, int d) { return mlxd_emu::shuffle(v, mlxd_emu::lane + d); }
+template <class T> inline T __shfl_up_sync(unsigned int, T v, int d) {
+  return mlxd_emu::shuffle(v, mlxd_emu::lane >= (unsigned int)d ? mlxd_emu::lane - d : 32u);
+}
+template <class T> inline T __shfl_xor_sync(unsigned int, T v, int m) { return mlxd_emu::shuffle(v, mlxd_emu::lane ^ m); }
+template <class T> inline T __shfl_sync(unsigned int, T v, int src) { return mlxd_emu::shuffle(v, (unsigned int)src & 31u); }
+
+inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
+inline int __float_as_int(float f) { int u; std::memcpy(&u, &f, 4); return u; }
+inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+template <class T, class U> inline T atomicAdd(T* p, U v) { return std::atomic_ref<T>(*p).fetch_add((T)v); }
+template <class T, class U> inline T atomicSub(T* p, U v) { return std::atomic_ref<T>(*p).fetch_sub((T)v); }
+template <class T, class U> inline T atomicOr(T* p, U v) { return std::atomic_ref<T>(*p).fetch_or((T)v); }
+template <class T, class U> inline T atomicAnd(T* p, U v) { return std::atomic_ref<T>(*p).fetch_and((T)v); }
+template <class T, class U> inline T atomicExch(T* p, U v) { return std::atomic_ref<T>(*p).exchange((T)v); }
+template <class T, class U> inline T atomicMax(T* p, U v) {
+  std::atomic_ref<T> a(*p);
+  T old = a.load();
+  while (old < (T)v && !a.compare_exchange_weak(old, (T)v)) {}
+  return old;
+}
+template <class T, class U> inline T atomicMin(T* p, U v) {
+  std::atomic_ref<T> a(*p);
+  T old = a.load();
+  while ((T)v < old && !a.compare_exchange_weak(old, (T)v)) {}
+  return old;
+}
+template <class T, class U> inline T atomicCAS(T* p, U expected, U desired) {
+  T e = (T)expected;
+  std::atomic_ref<T>(*p).compare_exchange_strong(e, (T)desired);
+  return e;
+}
+
+template <class A, class B> inline auto min(A a, B b) { return b < a ? b : a; }
+template <class A, class B> inline auto max(A a, B b) { return a < b ? b : a; }
+
+struct __nv_bfloat16 {
+  uint16_t bits;
+  __nv_bfloat16() = default;
+  __nv_bfloat16(float f) {
+    uint32_t u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) bits = 0x7fc0;
+    else bits = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+  operator float() const { return __uint_as_float((uint32_t)bits << 16); }
+};
+struct __half {
+  _Float16 value;
+  __half() = default;
+  __half(float f) : value((_Float16)f) {}
+  operator float() const { return (float)value; }
+};
+
+namespace mlx::core::cu {
+struct Shape { int32_t v[10]; int32_t operator[](int i) const { return v[i]; } };
+struct Strides { int64_t v[10]; int64_t operator[](int i) const { return v[i]; } };
+}  // namespace mlx::core::cu
+"#;
+
+/// The C++ type MLX writes for `d` (its `dtype_to_cuda_type`).
+fn cuda_type(d: Dtype) -> &'static str {
+    match d {
+        Dtype::Bool => "bool",
+        Dtype::Uint8 => "uint8_t",
+        Dtype::Uint16 => "uint16_t",
+        Dtype::Uint32 => "uint32_t",
+        Dtype::Uint64 => "uint64_t",
+        Dtype::Int8 => "int8_t",
+        Dtype::Int16 => "int16_t",
+        Dtype::Int32 => "int32_t",
+        Dtype::Int64 => "int64_t",
+        Dtype::Float16 => "__half",
+        Dtype::Bfloat16 => "__nv_bfloat16",
+        Dtype::Float32 => "float",
+        Dtype::Float64 => "double",
+        Dtype::Complex64 => "unsupported_complex64",
+    }
+}
+
+/// Bytes per element of `d`.
+fn item_size(d: Dtype) -> usize {
+    match d {
+        Dtype::Bool | Dtype::Uint8 | Dtype::Int8 => 1,
+        Dtype::Uint16 | Dtype::Int16 | Dtype::Float16 | Dtype::Bfloat16 => 2,
+        Dtype::Uint32 | Dtype::Int32 | Dtype::Float32 => 4,
+        Dtype::Uint64 | Dtype::Int64 | Dtype::Float64 | Dtype::Complex64 => 8,
+    }
+}
+
+/// The source of one kernel call: MLX's wrapper around the body, and a C entry point that
+/// launches it. Arrays are passed as raw pointers; shapes and strides as 10 values per input.
+fn source(
+    spec: &KernelSource,
+    inputs: &[&Array],
+    outputs: &[(&[i32], Dtype)],
+    template: &[(&str, TemplateArg)],
+) -> String {
+    let mut params = Vec::new();
+    let mut args = Vec::new();
+    for (i, (name, a)) in spec.inputs.iter().zip(inputs).enumerate() {
+        params.push(format!("    const {}* {name}", cuda_type(a.dtype())));
+        args.push(format!("(const {}*)in[{i}]", cuda_type(a.dtype())));
+        if a.ndim() > 0 {
+            if spec.source.contains(&format!("{name}_shape")) {
+                params.push(format!("    const __grid_constant__ Shape {name}_shape"));
+                args.push(format!("*(const mlx::core::cu::Shape*)(shapes + 10 * {i})"));
+            }
+            if spec.source.contains(&format!("{name}_strides")) {
+                params.push(format!("    const __grid_constant__ Strides {name}_strides"));
+                args.push(format!("*(const mlx::core::cu::Strides*)(strides + 10 * {i})"));
+            }
+            if spec.source.contains(&format!("{name}_ndim")) {
+                params.push(format!("    const __grid_constant__ int {name}_ndim"));
+                args.push(format!("ndims[{i}]"));
+            }
+        }
+    }
+    for (i, (name, (_, d))) in spec.outputs.iter().zip(outputs).enumerate() {
+        params.push(format!("    {}* {name}", cuda_type(*d)));
+        args.push(format!("({}*)out[{i}]", cuda_type(*d)));
+    }
+    let mut constants = String::new();
+    for (name, arg) in template {
+        constants += &match arg {
+            TemplateArg::Int(v) => format!("  constexpr int {name} = {v};\n"),
+            TemplateArg::Bool(v) => format!("  constexpr bool {name} = {v};\n"),
+            TemplateArg::Dtype(d) => format!("  using {name} = {};\n", cuda_type(*d)),
+        };
+    }
+    format!(
+        "#include \"mlxd_emulation.h\"\n{header}\nnamespace mlx::core::cu {{\n\nnamespace cg = cooperative_groups;\n\n\
+         __global__ void kernel(\n{params}) {{\n{constants}\n{body}\n}}\n\n}} // namespace mlx::core::cu\n\n\
+         extern \"C\" void mlxd_launch(const void* const* in, const int32_t* shapes, const int64_t* strides,\n\
+             const int32_t* ndims, void* const* out, const unsigned int* dims) {{\n\
+           (void)shapes; (void)strides; (void)ndims;\n\
+           mlxd_emu::launch({{dims[0], dims[1], dims[2]}}, {{dims[3], dims[4], dims[5]}}, [&] {{\n\
+             mlx::core::cu::kernel({args});\n\
+           }});\n\
+         }}\n",
+        header = spec.header,
+        params = params.join(",\n"),
+        body = spec.source,
+        args = args.join(", "),
+    )
+}
+
+type Launch = unsafe extern "C" fn(
+    *const *const std::ffi::c_void,
+    *const i32,
+    *const i64,
+    *const i32,
+    *const *mut std::ffi::c_void,
+    *const u32,
+);
+
+/// The compiled kernels of this process, by source.
+fn libraries() -> &'static Mutex<HashMap<u64, (libloading::Library, Launch)>> {
+    static LIBS: OnceLock<Mutex<HashMap<u64, (libloading::Library, Launch)>>> = OnceLock::new();
+    LIBS.get_or_init(Default::default)
+}
+
+/// Compiles `src` (once per process and source; the libraries are kept in a folder under the
+/// temporary directory) and returns its entry point.
+fn compiled(name: &str, src: &str) -> Result<Launch, Exception> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    src.hash(&mut h);
+    SHIM.hash(&mut h);
+    let key = h.finish();
+    let mut libs = libraries().lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, launch)) = libs.get(&key) {
+        return Ok(*launch);
+    }
+    let fail = |m: String| Exception::custom(format!("emulating CUDA kernel `{name}`: {m}"));
+    let dir: PathBuf = std::env::temp_dir().join(format!("mlxd-cuda-emulation-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| fail(format!("{}: {e}", dir.display())))?;
+    std::fs::write(dir.join("mlxd_emulation.h"), SHIM).map_err(|e| fail(e.to_string()))?;
+    let (cpp, lib) = (dir.join(format!("{name}-{key:016x}.cpp")), dir.join(format!("{name}-{key:016x}.so")));
+    std::fs::write(&cpp, src).map_err(|e| fail(e.to_string()))?;
+    let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let out = std::process::Command::new(&compiler)
+        .args(["-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-w", "-I"])
+        .arg(&dir)
+        .arg(&cpp)
+        .arg("-o")
+        .arg(&lib)
+        .output()
+        .map_err(|e| fail(format!("running {compiler}: {e}")))?;
+    if !out.status.success() {
+        return Err(fail(format!("{compiler} failed:\n{}", String::from_utf8_lossy(&out.stderr))));
+    }
+    // SAFETY: a library this function just compiled from the source above; its entry point has
+    // the signature `Launch` declares.
+    let (library, launch) = unsafe {
+        let library = libloading::Library::new(&lib).map_err(|e| fail(e.to_string()))?;
+        let launch: Launch = *library.get::<Launch>(b"mlxd_launch\0").map_err(|e| fail(e.to_string()))?;
+        (library, launch)
+    };
+    libs.insert(key, (library, launch));
+    Ok(launch)
+}
+
+/// Runs one kernel call on the CPU: see the module header. `grid` counts threads per axis and
+/// `block` threads per block, as [`crate::ffi::CudaKernel::apply`] takes them (blocks are
+/// clipped to the grid, as MLX does).
+pub(crate) fn run(
+    spec: &KernelSource,
+    inputs: &[&Array],
+    outputs: &[(&[i32], Dtype)],
+    template: &[(&str, TemplateArg)],
+    grid: (i32, i32, i32),
+    block: (i32, i32, i32),
+) -> Result<Vec<Array>, Exception> {
+    if spec.header.contains("asm") || spec.source.contains("asm") {
+        return Err(Exception::custom(format!("`{}` uses inline PTX, which the emulator cannot run", spec.name)));
+    }
+    let launch = compiled(&spec.name, &source(spec, inputs, outputs, template))?;
+    // MLX hands a kernel row-contiguous inputs (copying where needed).
+    let held: Vec<Array> = inputs.iter().map(|a| a.contiguous()).collect::<Result<_, _>>()?;
+    mlx_rs::transforms::eval(held.iter())?;
+    let mut shapes = vec![0i32; 10 * held.len()];
+    let mut strides = vec![0i64; 10 * held.len()];
+    let mut ndims = Vec::with_capacity(held.len());
+    let mut pointers = Vec::with_capacity(held.len());
+    for (i, a) in held.iter().enumerate() {
+        if a.ndim() > 10 {
+            return Err(Exception::custom(format!("input {i} of `{}` has {} dimensions", spec.name, a.ndim())));
+        }
+        for (j, (&s, &st)) in a.shape().iter().zip(a.strides()).enumerate() {
+            shapes[10 * i + j] = s;
+            strides[10 * i + j] = st as i64;
+        }
+        ndims.push(a.ndim() as i32);
+        // SAFETY: an evaluated array; the pointer is its data, offset included.
+        pointers.push(unsafe { mlx_sys::mlx_array_data_uint8(a.as_ptr()) } as *const std::ffi::c_void);
+    }
+    // Outputs start as a pattern, not zeros: a kernel that leaves an element unwritten shows.
+    let mut buffers: Vec<Vec<u8>> = outputs
+        .iter()
+        .map(|(shape, d)| vec![0xA5u8; shape.iter().map(|&s| s as usize).product::<usize>() * item_size(*d)])
+        .collect();
+    let out_pointers: Vec<*mut std::ffi::c_void> = buffers.iter_mut().map(|b| b.as_mut_ptr().cast()).collect();
+    let clip = |g: i32, b: i32| (b.min(g).max(1) as u32, ((g + b.min(g).max(1) - 1) / b.min(g).max(1)) as u32);
+    let ((bx, gx), (by, gy), (bz, gz)) = (clip(grid.0, block.0), clip(grid.1, block.1), clip(grid.2, block.2));
+    let dims = [gx, gy, gz, bx, by, bz];
+    // One launch at a time in the process: a kernel's shared memory is its library's statics.
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: the pointers and shapes describe live buffers of the dtypes the source was
+    // generated for; the kernel's own indexing is what is under test.
+    unsafe {
+        launch(
+            pointers.as_ptr(),
+            shapes.as_ptr(),
+            strides.as_ptr(),
+            ndims.as_ptr(),
+            out_pointers.as_ptr(),
+            dims.as_ptr(),
+        )
+    };
+    outputs
+        .iter()
+        .zip(&buffers)
+        .map(|((shape, d), b)| {
+            // SAFETY: `b` holds exactly the elements of `shape` in dtype `d`; MLX copies them.
+            let a = unsafe { Array::from_raw_data(b.as_ptr().cast(), shape, *d) };
+            Ok(a)
+        })
+        .collect()
+}

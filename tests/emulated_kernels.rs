@@ -1,0 +1,214 @@
+//! mlxd's CUDA kernels, run on the CPU by the emulator (`mlxd::runtime::emulate_cuda_kernels`:
+//! each kernel wrapped as MLX wraps it, compiled by the C++ compiler, one OS thread per CUDA
+//! thread), against the same computation in MLX operations. The GPU runs the same checks at
+//! full size (`mlxd-bench sampler-check`, `kernel-check`); these keep the kernels' logic under
+//! test in CI, where there is no GPU. Emulation is process-wide, so this file is its own test
+//! binary, and everything runs in one test (the kernels' shared memory is per library, launches
+//! are serialized anyway).
+
+use mlx_rs::ops::indexing::{argmax_axis, TryIndexOp};
+use mlx_rs::{ops, random, Array, Dtype};
+use mlxd::plugins::instance::StepInfo;
+use mlxd::plugins::{PluginInstance, PluginRegistry};
+use mlxd::sampling::{SamplingParams, SequenceSampler};
+use std::path::PathBuf;
+
+fn normal(shape: &[i32], std: f32, seed: u64, d: Dtype) -> Array {
+    random::normal::<f32>(shape, 0.0, std, &random::key(seed).unwrap()).unwrap().as_dtype(d).unwrap()
+}
+
+fn max_abs(a: &Array) -> f32 {
+    ops::abs(a).unwrap().max(None).unwrap().try_item_exact::<f32>().unwrap()
+}
+
+/// Tokens drawn for `rows` rows (seeds 1..=rows) over `steps` steps of random logits (the same
+/// logits every step when `fixed`), through the graph or the kernels (two or fused).
+fn draws(params: &SamplingParams, rows: i32, vocab: i32, steps: u64, fixed: bool, d: Dtype, path: &str) -> Vec<u32> {
+    mlxd::sampling::set_sampler_kernel(path != "graph");
+    mlxd::sampling::set_sampler_fused(path == "fused");
+    let mut samplers: Vec<SequenceSampler> = (0..rows)
+        .map(|i| {
+            SequenceSampler::new(
+                &SamplingParams { seed: Some(1 + i as u64), ..params.clone() },
+                vocab as usize,
+                &[1, 2, 3],
+            )
+        })
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let mut tokens = Vec::new();
+    for step in 0..steps {
+        let logits = normal(&[rows, vocab], 3.0, 1000 + if fixed { 0 } else { step }, d);
+        let mut refs: Vec<&mut SequenceSampler> = samplers.iter_mut().collect();
+        tokens.extend(mlxd::sampling::sample_batch(&logits, &mut refs).unwrap().as_slice::<u32>().to_vec());
+    }
+    tokens
+}
+
+fn sampling_kernels_draw_what_the_graph_draws() {
+    let full = SamplingParams {
+        temperature: 0.7,
+        top_p: 0.9,
+        top_k: 50,
+        min_p: 0.05,
+        repetition_penalty: 1.1,
+        repetition_context_size: 64,
+        ..Default::default()
+    };
+    let penalty = SamplingParams {
+        temperature: 0.5,
+        top_k: 8,
+        repetition_penalty: 3.0,
+        repetition_context_size: 4,
+        ..Default::default()
+    };
+    let wide = SamplingParams { temperature: 1.0, top_k: 150, top_p: 0.95, ..Default::default() };
+    // (what, params, rows, vocabulary, steps, same logits every step, dtype): a vocabulary of
+    // three chunks and a short last one, bfloat16 and float16 logits read as they are, a strong
+    // penalty over a short window on fixed logits (a wrongly advanced window changes later
+    // draws), a top-k larger than the last chunk.
+    let cases = [
+        ("full", &full, 4, 2_100, 3, false, Dtype::Float32),
+        ("full, bfloat16", &full, 4, 2_100, 3, false, Dtype::Bfloat16),
+        ("full, float16", &full, 2, 2_100, 2, false, Dtype::Float16),
+        ("penalty 3 over 4 tokens, fixed logits", &penalty, 2, 1_500, 8, true, Dtype::Bfloat16),
+        ("top-k 150 over 1,124 tokens", &wide, 3, 1_124, 3, false, Dtype::Float32),
+    ];
+    for (what, params, rows, vocab, steps, fixed, d) in cases {
+        let graph = draws(params, rows, vocab, steps, fixed, d, "graph");
+        for path in ["kernels", "fused"] {
+            let got = draws(params, rows, vocab, steps, fixed, d, path);
+            let same = graph.iter().zip(&got).filter(|(a, b)| a == b).count();
+            // The paths differ only by rounding at a filter's boundary.
+            assert!(
+                same * 100 >= graph.len() * 95,
+                "{what}: {path} drew {got:?}, the graph {graph:?} ({same} of {} agree)",
+                graph.len()
+            );
+            assert!(got.iter().all(|&t| t < vocab as u32), "{what}: {path} drew a token outside the vocabulary");
+        }
+    }
+    mlxd::sampling::set_sampler_fused(false);
+}
+
+fn greedy_pick_with_append_and_the_append_are_exact() {
+    mlxd::sampling::set_sampler_kernel(true);
+    mlxd::sampling::set_sampler_fused(true);
+    let history = Array::from_slice(&(0..37).map(|i| i * 11).collect::<Vec<i32>>(), &[1, 37]);
+    for (seed, d) in [(1, Dtype::Float32), (2, Dtype::Bfloat16), (3, Dtype::Bfloat16)] {
+        let logits = normal(&[1, 3_000], 3.0, seed, d);
+        let (token, appended) = mlxd::sampling::pick_and_append(&logits, &history).expect("fused is on").unwrap();
+        let want = argmax_axis(&logits, -1, false).unwrap().as_type::<u32>().unwrap();
+        assert_eq!(token.as_slice::<u32>(), want.as_slice::<u32>(), "{d:?} seed {seed}");
+        let mut want_history = history.as_slice::<i32>().to_vec();
+        want_history.push(want.as_slice::<u32>()[0] as i32);
+        assert_eq!(appended.as_slice::<i32>(), &want_history[..]);
+    }
+    // Ties go to the lower id, as MLX's argmax.
+    let tied = Array::from_slice(&[0.0f32, 5.0, 1.0, 5.0], &[1, 4]);
+    let (token, _) = mlxd::sampling::pick_and_append(&tied, &history).unwrap().unwrap();
+    assert_eq!(token.as_slice::<u32>(), &[1]);
+    mlxd::sampling::set_sampler_fused(false);
+    let two = Array::from_slice(&[1i32, 2, 3, 4, 5, 6], &[2, 3]);
+    let appended = mlxd::sampling::append_history(&two, &Array::from_slice(&[7u32, 8], &[2])).unwrap().unwrap();
+    assert_eq!(appended.shape(), &[2, 4]);
+    assert_eq!(appended.as_slice::<i32>(), &[1, 2, 3, 7, 4, 5, 6, 8]);
+}
+
+fn padded_attention_matches_masked_attention() {
+    mlxd::models::cuda::set_enabled(true);
+    // Rows padded by different amounts: row b attends to columns pads[b] ..= cur.
+    let (b, hq, hkv, dh, cap, cur) = (3, 4, 2, 64, 40, 30);
+    let pads = [0i32, 5, 29];
+    for d in [Dtype::Float32, Dtype::Bfloat16] {
+        assert!(mlxd::models::cuda::attention_applies(d, hq, hkv, dh));
+        let q = normal(&[b, hq, 1, dh], 1.0, 30, d);
+        let keys = normal(&[b, hkv, cap, dh], 1.0, 31, d);
+        let values = normal(&[b, hkv, cap, dh], 1.0, 32, d);
+        let starts = Array::from_slice(&pads, &[b]);
+        let offsets = Array::from_slice(&pads.map(|p| cur - p), &[b]);
+        let scale = 1.0 / (dh as f32).sqrt();
+        let got = mlxd::models::cuda::attention(&q, &keys, &values, &starts, &offsets, scale).unwrap();
+        let (g, l) = (hq / hkv, cur + 1);
+        let qf = q.as_type::<f32>().unwrap().reshape(&[b, hkv, g, 1, dh]).unwrap();
+        let kf =
+            keys.as_type::<f32>().unwrap().try_index((.., .., ..l, ..)).unwrap().reshape(&[b, hkv, 1, l, dh]).unwrap();
+        let vf = values
+            .as_type::<f32>()
+            .unwrap()
+            .try_index((.., .., ..l, ..))
+            .unwrap()
+            .reshape(&[b, hkv, 1, l, dh])
+            .unwrap();
+        let scores =
+            ops::multiply(ops::matmul(&qf, kf.swap_axes(-1, -2).unwrap()).unwrap(), Array::from_f32(scale)).unwrap();
+        let cols = ops::arange::<_, i32>(None, l, None).unwrap().reshape(&[1, 1, 1, 1, l]).unwrap();
+        let live = ops::ge(&cols, starts.reshape(&[b, 1, 1, 1, 1]).unwrap()).unwrap();
+        let scores = ops::select(&live, &scores, Array::from_f32(f32::NEG_INFINITY)).unwrap();
+        let probs = ops::softmax_axis(&scores, -1, None).unwrap();
+        let want = ops::matmul(&probs, &vf).unwrap().reshape(&[b, hq, 1, dh]).unwrap();
+        assert_eq!(got.shape(), want.shape());
+        let err = max_abs(&ops::subtract(got.as_type::<f32>().unwrap(), &want).unwrap()) / max_abs(&want);
+        let tolerance = if d == Dtype::Float32 { 1e-5 } else { 2e-2 };
+        assert!(err <= tolerance, "{d:?}: error {err} over tolerance {tolerance}");
+    }
+}
+
+/// The folder cargo put this test's dependencies' cdylibs in (the DRY plugin among them).
+fn deps_dir() -> PathBuf {
+    std::env::current_exe().unwrap().parent().unwrap().to_path_buf()
+}
+
+fn dry_kernel_matches_its_operations() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = "libmlxd_plugin_dry.so";
+    std::fs::copy(deps_dir().join(name), dir.path().join(name)).unwrap();
+    let registry = PluginRegistry::new(vec![dir.path().to_path_buf()]);
+    let plugin = registry.get("dry").unwrap();
+    let vocab = 3_000;
+    for (params, d) in
+        [(r#"{"multiplier":0.8}"#, Dtype::Bfloat16), (r#"{"multiplier":1.5,"allowed_length":3}"#, Dtype::Float32)]
+    {
+        let make = |kernels: bool| {
+            mlxd::plugins::kernels::set_enabled(kernels);
+            let p = PluginInstance::create(plugin.clone(), params, vocab, 0).unwrap();
+            mlxd::plugins::kernels::set_enabled(true);
+            p
+        };
+        let (mut kernel, mut operations) = (make(true), make(false));
+        // A history that repeats a lot: ids from a small alphabet.
+        let history: Vec<i32> = (0..90).map(|i| (i * 7 + i / 5) % 6).collect();
+        let mut penalized = 0;
+        for step in 0..3usize {
+            let t = 80 + step;
+            let h = Array::from_slice(&history[..t], &[1, t as i32]);
+            let logits = normal(&[1, vocab as i32], 2.0, 60 + step as u64, d);
+            let info = StepInfo { prompt_tokens: 80, generated_tokens: step, temperature: 0.0 };
+            let got = kernel.apply(&logits, Some(&h), info).unwrap().as_type::<f32>().unwrap();
+            let want = operations.apply(&logits, Some(&h), info).unwrap().as_type::<f32>().unwrap();
+            assert_eq!(got.shape(), want.shape());
+            let same = ops::eq(&got, &want).unwrap();
+            let diff = ops::divide(
+                ops::abs(ops::subtract(&got, &want).unwrap()).unwrap(),
+                ops::maximum(ops::abs(&want).unwrap(), Array::from_f32(1.0)).unwrap(),
+            )
+            .unwrap();
+            let err = max_abs(&ops::select(&same, Array::from_f32(0.0), &diff).unwrap());
+            assert!(err <= 1e-5, "{params} on {d:?}, step {step}: error {err}");
+            let moved = ops::ne(&want, logits.as_type::<f32>().unwrap()).unwrap();
+            penalized += moved.as_type::<i32>().unwrap().sum(None).unwrap().try_item_exact::<i32>().unwrap();
+        }
+        assert!(penalized > 0, "{params}: DRY penalized nothing, so nothing was compared");
+    }
+}
+
+#[test]
+fn cuda_kernels_compute_what_mlx_operations_compute() {
+    mlxd::runtime::emulate_cuda_kernels();
+    // Kernels are evaluated as they are called: the sampling step cannot be a compiled function.
+    mlxd::sampling::set_compiled(false);
+    greedy_pick_with_append_and_the_append_are_exact();
+    padded_attention_matches_masked_attention();
+    dry_kernel_matches_its_operations();
+    sampling_kernels_draw_what_the_graph_draws();
+}
