@@ -24,8 +24,9 @@
 //! candidate writes, then counts itself in) runs stage 2 and sets the counter back to zero for
 //! the next step (the counters: one device array per thread, [`counter`]). The same switch
 //! fuses the greedy pick with the plugins' history append ([`pick_and_append`]). Written
-//! 2026-11-27 without a GPU to run them on (compile-checked with NVRTC for sm_90a only), so they
-//! stay opt-in until `sampler-check` and the benchmark's `--fused-twins` rows have run.
+//! 2026-11-27 without a GPU to run them on; CI compiles them with NVRTC and runs them through
+//! the CPU emulator against the MLX-op graph (`tests/emulated_kernels.rs`), but they stay opt-in
+//! until `sampler-check` and the benchmark's `--fused-twins` rows have run on a device.
 //!
 //! Used where it applies (a CUDA device, every row drawing at random with a top-k of at most
 //! [`MAX_K`], no typical-p, no inspection); `MLXD_SAMPLER_KERNEL=0` keeps the MLX-op graph.
