@@ -15,7 +15,8 @@
 //!
 //! Evaluation is eager: [`run`] evaluates its inputs and returns evaluated outputs, so kernels
 //! called inside a compiled MLX function (the sampling step, unless `set_compiled(false)`)
-//! cannot be emulated.
+//! cannot be emulated. Needs a C++20 compiler with `std::barrier`, `std::atomic_ref` and
+//! `_Float16` (`$CXX`, else `c++`): GCC 12 on Linux x86_64 here; not tried with Apple clang.
 
 use crate::ffi::{KernelSource, TemplateArg};
 use mlx_rs::error::Exception;
