@@ -2,7 +2,8 @@
 //! each kernel wrapped as MLX wraps it, compiled by the C++ compiler, one OS thread per CUDA
 //! thread), against the same computation in MLX operations. The GPU runs the same checks at
 //! full size (`mlxd-bench sampler-check`, `kernel-check`); these keep the kernels' logic under
-//! test in CI, where there is no GPU. Emulation is process-wide, so this file is its own test
+//! test in CI, where there is no GPU: the sampling kernels, the greedy pick with the history
+//! append, the append, the tensor-core products, the padded attention, DRY's kernel. Emulation is process-wide, so this file is its own test
 //! binary, and everything runs in one test (the kernels' shared memory is per library, launches
 //! are serialized anyway).
 
@@ -154,6 +155,31 @@ fn padded_attention_matches_masked_attention() {
     }
 }
 
+fn tensor_core_products_match_float32_products() {
+    mlxd::models::cuda::set_enabled(true);
+    // (rows, K, widths of the parts): one part; two; three whose total is no multiple of 8.
+    let cases: [(i32, i32, &[i32]); 3] = [(2, 128, &[64]), (5, 1024, &[40, 24]), (16, 576, &[24, 8, 11])];
+    for d in [Dtype::Bfloat16, Dtype::Float16] {
+        for (i, &(m, k, widths)) in cases.iter().enumerate() {
+            let n: i32 = widths.iter().sum();
+            let x = normal(&[m, k], 1.0, 10 + i as u64, d);
+            let w = normal(&[n, k], 0.05, 20 + i as u64, d);
+            assert!(mlxd::models::cuda::rows_apply(&x, &w), "{m}x{k} by {n}x{k} refused");
+            let parts = mlxd::models::cuda::rows(&x, &w, widths).unwrap();
+            let want = ops::matmul(x.as_type::<f32>().unwrap(), w.as_type::<f32>().unwrap().t()).unwrap();
+            let mut start = 0;
+            for (part, &width) in parts.iter().zip(widths) {
+                assert_eq!(part.shape(), &[m, width]);
+                let expected = want.try_index((.., start..start + width)).unwrap();
+                let err =
+                    max_abs(&ops::subtract(part.as_type::<f32>().unwrap(), &expected).unwrap()) / max_abs(&expected);
+                assert!(err <= 2e-2, "{d:?} {m}x{k} by {n}x{k}, columns {start}..{}: error {err}", start + width);
+                start += width;
+            }
+        }
+    }
+}
+
 /// The folder cargo put this test's dependencies' cdylibs in (the DRY plugin among them).
 fn deps_dir() -> PathBuf {
     std::env::current_exe().unwrap().parent().unwrap().to_path_buf()
@@ -209,6 +235,7 @@ fn cuda_kernels_compute_what_mlx_operations_compute() {
     mlxd::sampling::set_compiled(false);
     greedy_pick_with_append_and_the_append_are_exact();
     padded_attention_matches_masked_attention();
+    tensor_core_products_match_float32_products();
     dry_kernel_matches_its_operations();
     sampling_kernels_draw_what_the_graph_draws();
 }

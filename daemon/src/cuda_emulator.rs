@@ -9,9 +9,11 @@
 //! a block and the blocks one after another. So `__shared__` variables are function statics (one
 //! block at a time uses them), `__syncthreads` is a barrier of the block's live threads, warp
 //! shuffles go through a per-warp buffer and barrier, atomics are C++ atomics, `bfloat16` and
-//! `half` convert as the device types do. What it cannot show: timing, inline PTX (the
-//! tensor-core products are refused), and races between blocks (they never run at once here, so
-//! a kernel that depends on blocks running concurrently would deadlock rather than pass).
+//! `half` convert as the device types do, and the one inline PTX instruction mlxd uses (the
+//! tensor cores' `mma.sync` m16n8k16) is translated into a warp-wide exchange of its fragments,
+//! laid out as the PTX ISA defines them. What it cannot show: timing, and races between blocks
+//! (they never run at once here, so a kernel that depends on blocks running concurrently would
+//! deadlock rather than pass).
 //!
 //! Evaluation is eager: [`run`] evaluates its inputs and returns evaluated outputs, so kernels
 //! called inside a compiled MLX function (the sampling step, unless `set_compiled(false)`)
@@ -29,6 +31,7 @@ use std::sync::{Mutex, OnceLock};
 const SHIM: &str = r#"
 #pragma once
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <barrier>
 #include <condition_variable>
@@ -78,6 +81,7 @@ struct Launch {
   Barrier block_barrier;
   std::vector<std::unique_ptr<Barrier>> warp_barriers;
   std::vector<std::array<unsigned long long, 32>> exchange;
+  std::vector<std::array<std::array<unsigned int, 6>, 32>> fragments;
 };
 
 inline thread_local Launch* launch_state = nullptr;
@@ -93,6 +97,7 @@ void launch(Dim grid, Dim block, Kernel kernel) {
   const int warps = (threads + 31) / 32;
   for (int w = 0; w < warps; ++w) state.warp_barriers.emplace_back(new Barrier());
   state.exchange.resize(warps);
+  state.fragments.resize(warps);
   auto reset = [&]() noexcept {
     state.block_barrier.expected = threads;
     for (int w = 0; w < warps; ++w) state.warp_barriers[w]->expected = std::min(32, threads - 32 * w);
@@ -201,6 +206,46 @@ struct __half {
   operator float() const { return (float)value; }
 };
 
+struct uint4 { unsigned int x, y, z, w; };
+inline uint4 make_uint4(unsigned int x, unsigned int y, unsigned int z, unsigned int w) { return {x, y, z, w}; }
+
+namespace mlxd_emu {
+inline float half_of(unsigned int reg, int high, bool bf16) {
+  const uint16_t bits = (uint16_t)(high ? reg >> 16 : reg & 0xffffu);
+  if (bf16) return __uint_as_float((uint32_t)bits << 16);
+  _Float16 h;
+  std::memcpy(&h, &bits, 2);
+  return (float)h;
+}
+
+// PTX `mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}`: the warp's fragments, laid out as
+// the PTX ISA defines them (lane = 4 * group + t; A's registers hold rows group / group + 8 at
+// columns 2t, 2t + 1 and 2t + 8, 2t + 9; B's hold rows 2t, 2t + 1 and 2t + 8, 2t + 9 of column
+// group; D's rows group / group + 8 at columns 2t, 2t + 1), gathered through the warp's buffer.
+inline void mma_m16n8k16(bool bf16, float& d0, float& d1, float& d2, float& d3, unsigned int a0, unsigned int a1,
+                         unsigned int a2, unsigned int a3, unsigned int b0, unsigned int b1) {
+  auto& f = launch_state->fragments[warp];
+  auto& barrier = *launch_state->warp_barriers[warp];
+  const unsigned int mine[6] = {a0, a1, a2, a3, b0, b1};
+  std::memcpy(f[lane].data(), mine, sizeof(mine));
+  barrier.wait();
+  auto a = [&](int r, int c) {
+    const int reg = (r >= 8 ? 1 : 0) + (c >= 8 ? 2 : 0);
+    return half_of(f[4 * (r % 8) + (c % 8) / 2][reg], c % 2, bf16);
+  };
+  auto b = [&](int r, int c) { return half_of(f[4 * c + (r % 8) / 2][4 + (r >= 8 ? 1 : 0)], r % 2, bf16); };
+  const int g = (int)lane / 4, t = (int)lane % 4;
+  float* out[4] = {&d0, &d1, &d2, &d3};
+  for (int i = 0; i < 4; ++i) {
+    const int r = g + (i >= 2 ? 8 : 0), c = 2 * t + i % 2;
+    float sum = 0.0f;
+    for (int k = 0; k < 16; ++k) sum += a(r, k) * b(k, c);
+    *out[i] += sum;
+  }
+  barrier.wait();
+}
+}  // namespace mlxd_emu
+
 namespace mlx::core::cu {
 struct Shape { int32_t v[10]; int32_t operator[](int i) const { return v[i]; } };
 struct Strides { int64_t v[10]; int64_t operator[](int i) const { return v[i]; } };
@@ -225,6 +270,95 @@ fn cuda_type(d: Dtype) -> &'static str {
         Dtype::Float64 => "double",
         Dtype::Complex64 => "unsupported_complex64",
     }
+}
+
+/// Replaces each inline PTX statement (`asm volatile("..." : outputs : inputs);`) of `src` with
+/// the emulator's version of that instruction. Only `mma.sync.aligned.m16n8k16.row.col.f32`
+/// with bfloat16 or float16 inputs, operands in the order D, A, B, C = D, is known; anything else
+/// is an error naming it.
+fn translate_ptx(src: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(src.len());
+    let mut rest = src;
+    while let Some(at) = rest.find("asm") {
+        let after = &rest[at + 3..];
+        let is_statement = !rest[..at].ends_with(|c: char| c.is_alphanumeric() || c == '_')
+            && after.trim_start().starts_with(['(', 'v']);
+        if !is_statement {
+            out.push_str(&rest[..at + 3]);
+            rest = after;
+            continue;
+        }
+        out.push_str(&rest[..at]);
+        let open = at + 3 + after.find('(').ok_or("inline PTX without `(`")?;
+        // The statement's parenthesized part, string literals skipped.
+        let (mut depth, mut in_string, mut close) = (0, false, None);
+        for (i, c) in rest[open..].char_indices() {
+            match c {
+                '"' => in_string = !in_string,
+                '(' if !in_string => depth += 1,
+                ')' if !in_string => {
+                    depth -= 1;
+                    if depth == 0 {
+                        close = Some(open + i);
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let close = close.ok_or("unbalanced inline PTX")?;
+        let inner = &rest[open + 1..close];
+        let mut sections = inner.splitn(3, ':');
+        let template: String = sections
+            .next()
+            .unwrap_or_default()
+            .split('"')
+            .skip(1)
+            .step_by(2)
+            .collect::<Vec<_>>()
+            .concat()
+            .replace("\\n", "");
+        let operands = |section: Option<&str>| -> Vec<String> {
+            let Some(section) = section else { return Vec::new() };
+            let mut list = Vec::new();
+            let (mut depth, mut current) = (0, String::new());
+            for c in section.chars() {
+                match c {
+                    '(' => depth += 1,
+                    ')' => depth -= 1,
+                    ',' if depth == 0 => {
+                        list.push(std::mem::take(&mut current));
+                        continue;
+                    }
+                    _ => {}
+                }
+                current.push(c);
+            }
+            list.push(current);
+            // `"constraint"(expression)` -> `expression`
+            list.iter()
+                .filter_map(|o| o.find('(').map(|i| o[i + 1..o.rfind(')').unwrap_or(o.len())].trim().to_string()))
+                .collect()
+        };
+        let (outputs, inputs) = (operands(sections.next()), operands(sections.next()));
+        let instruction = template.split_whitespace().next().unwrap_or_default();
+        let order = template.split_whitespace().skip(1).collect::<String>();
+        let bf16 = match instruction {
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" => true,
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" => false,
+            other => return Err(format!("inline PTX `{other}` is not emulated")),
+        };
+        if order.trim_end_matches(';') != "{%0,%1,%2,%3},{%4,%5,%6,%7},{%8,%9},{%0,%1,%2,%3}"
+            || outputs.len() != 4
+            || inputs.len() != 6
+        {
+            return Err(format!("`{instruction}` with operands `{order}` is not emulated"));
+        }
+        out.push_str(&format!("mlxd_emu::mma_m16n8k16({bf16}, {}, {})", outputs.join(", "), inputs.join(", ")));
+        rest = &rest[close + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 /// Bytes per element of `d`.
@@ -329,7 +463,7 @@ fn compiled(name: &str, src: &str) -> Result<Launch, Exception> {
     std::fs::write(&cpp, src).map_err(|e| fail(e.to_string()))?;
     let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let out = std::process::Command::new(&compiler)
-        .args(["-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-w", "-I"])
+        .args(["-std=c++20", "-O2", "-fno-strict-aliasing", "-shared", "-fPIC", "-pthread", "-w", "-I"])
         .arg(&dir)
         .arg(&cpp)
         .arg("-o")
@@ -361,10 +495,9 @@ pub(crate) fn run(
     grid: (i32, i32, i32),
     block: (i32, i32, i32),
 ) -> Result<Vec<Array>, Exception> {
-    if spec.header.contains("asm") || spec.source.contains("asm") {
-        return Err(Exception::custom(format!("`{}` uses inline PTX, which the emulator cannot run", spec.name)));
-    }
-    let launch = compiled(&spec.name, &source(spec, inputs, outputs, template))?;
+    let src = translate_ptx(&source(spec, inputs, outputs, template))
+        .map_err(|e| Exception::custom(format!("emulating CUDA kernel `{}`: {e}", spec.name)))?;
+    let launch = compiled(&spec.name, &src)?;
     // MLX hands a kernel row-contiguous inputs (copying where needed).
     let held: Vec<Array> = inputs.iter().map(|a| a.contiguous()).collect::<Result<_, _>>()?;
     mlx_rs::transforms::eval(held.iter())?;
