@@ -47,23 +47,25 @@ fn draws(params: &SamplingParams, rows: i32, vocab: i32, steps: u64, fixed: bool
 }
 
 fn sampling_kernels_draw_what_the_graph_draws() {
+    // The full pipeline with a shorter window, a strong penalty over a window of five,
+    // a top-k wider than a short last chunk.
     let full = SamplingParams {
         temperature: 0.7,
         top_p: 0.9,
         top_k: 50,
         min_p: 0.05,
         repetition_penalty: 1.1,
-        repetition_context_size: 64,
+        repetition_context_size: 32,
         ..Default::default()
     };
     let penalty = SamplingParams {
-        temperature: 0.5,
-        top_k: 8,
-        repetition_penalty: 3.0,
-        repetition_context_size: 4,
+        temperature: 0.6,
+        top_k: 6,
+        repetition_penalty: 2.5,
+        repetition_context_size: 5,
         ..Default::default()
     };
-    let wide = SamplingParams { temperature: 1.0, top_k: 150, top_p: 0.95, ..Default::default() };
+    let wide = SamplingParams { temperature: 1.1, top_k: 140, top_p: 0.97, ..Default::default() };
     // (what, params, rows, vocabulary, steps, same logits every step, dtype): a vocabulary of
     // three chunks and a short last one, bfloat16 and float16 logits read as they are, a strong
     // penalty over a short window on fixed logits (a wrongly advanced window changes later
@@ -72,8 +74,8 @@ fn sampling_kernels_draw_what_the_graph_draws() {
         ("full", &full, 4, 2_100, 3, false, Dtype::Float32),
         ("full, bfloat16", &full, 4, 2_100, 3, false, Dtype::Bfloat16),
         ("full, float16", &full, 2, 2_100, 2, false, Dtype::Float16),
-        ("penalty 3 over 4 tokens, fixed logits", &penalty, 2, 1_500, 8, true, Dtype::Bfloat16),
-        ("top-k 150 over 1,124 tokens", &wide, 3, 1_124, 3, false, Dtype::Float32),
+        ("penalty 2.5 over 5 tokens, fixed logits", &penalty, 2, 1_500, 8, true, Dtype::Bfloat16),
+        ("top-k 140 over 1,124 tokens", &wide, 3, 1_124, 3, false, Dtype::Float32),
     ];
     for (what, params, rows, vocab, steps, fixed, d) in cases {
         let graph = draws(params, rows, vocab, steps, fixed, d, "graph");
