@@ -3,12 +3,16 @@
 //! thread), against the same computation in MLX operations. The GPU runs the same checks at
 //! full size (`mlxd-bench sampler-check`, `kernel-check`); these keep the kernels' logic under
 //! test in CI, where there is no GPU: the sampling kernels, the greedy pick with the history
-//! append, the append, the tensor-core products, the padded attention, DRY's kernel. Emulation is process-wide, so this file is its own test
+//! append, the append, the tensor-core products, the padded attention, DRY's kernel, and the
+//! engine's batched decode through the products and the attention against MLX's operations. Emulation is process-wide, so this file is its own test
 //! binary, and everything runs in one test (the kernels' shared memory is per library, launches
 //! are serialized anyway).
 
+mod common;
+
 use mlx_rs::ops::indexing::{argmax_axis, TryIndexOp};
 use mlx_rs::{ops, random, Array, Dtype};
+use mlxd::engine::{Engine, EngineOptions, GenerateRequest};
 use mlxd::plugins::instance::StepInfo;
 use mlxd::plugins::{PluginInstance, PluginRegistry};
 use mlxd::sampling::{SamplingParams, SequenceSampler};
@@ -182,6 +186,83 @@ fn tensor_core_products_match_float32_products() {
     }
 }
 
+/// A two-layer Qwen3-shaped model with random bfloat16 weights (the products' kernel takes
+/// 16-bit types; every matrix's K is a multiple of 64, the heads 32 wide), with the byte-level
+/// tokenizer of the daemon tests' tiny model.
+fn bf16_model(dir: &std::path::Path) -> mlxd::models::LoadedModel {
+    common::tiny::write_tiny_model(dir);
+    let mut config = common::tiny_config("qwen3");
+    config["vocab_size"] = serde_json::json!(common::tiny::VOCAB);
+    config["eos_token_id"] = serde_json::json!(257);
+    common::write_checkpoint(dir, &config, None);
+    let file = dir.join("model.safetensors");
+    let weights = Array::load_safetensors(&file).unwrap();
+    let cast: Vec<(String, Array)> =
+        weights.into_iter().map(|(k, v)| (k, v.as_dtype(Dtype::Bfloat16).unwrap())).collect();
+    // Loading is lazy: read everything before the file is overwritten.
+    mlx_rs::transforms::eval(cast.iter().map(|(_, v)| v)).unwrap();
+    Array::save_safetensors(cast.iter().map(|(k, v)| (k.as_str(), v)), None, &file).unwrap();
+    mlxd::models::load(dir).unwrap()
+}
+
+/// Greedy tokens of rows started together from prompts of different lengths (a left-padded
+/// stack), stepped until each has `gen` tokens.
+fn batched_greedy(engine: &mut Engine, prompts: &[Vec<u32>], gen: usize) -> Vec<Vec<u32>> {
+    let mut rows: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            engine
+                .start(GenerateRequest {
+                    prompt: p.clone(),
+                    max_tokens: gen,
+                    stop: vec![],
+                    sampler: SamplingParams::default(),
+                })
+                .unwrap()
+        })
+        .collect();
+    let mut tokens = vec![Vec::new(); prompts.len()];
+    while rows.iter().any(|r| r.finished().is_none()) {
+        let mut live: Vec<(usize, &mut mlxd::engine::Row)> =
+            rows.iter_mut().enumerate().filter(|(_, r)| r.finished().is_none()).collect();
+        let index: Vec<usize> = live.iter().map(|(i, _)| *i).collect();
+        let mut refs: Vec<&mut mlxd::engine::Row> = live.iter_mut().map(|(_, r)| &mut **r).collect();
+        engine
+            .step(&mut refs, |i, event| {
+                tokens[index[i]].push(event.id);
+                true
+            })
+            .unwrap();
+    }
+    tokens
+}
+
+fn batched_decode_with_the_kernels_matches_mlx_operations() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = Engine::new(bf16_model(dir.path()), EngineOptions { prompt_cache_bytes: 0, ..Default::default() });
+    let prompts: Vec<Vec<u32>> =
+        [5usize, 11, 18].iter().map(|&n| (0..n as u32).map(|i| (i * 37 + n as u32) % 250).collect()).collect();
+    mlxd::models::cuda::set_enabled(false);
+    let reference = batched_greedy(&mut engine, &prompts, 8);
+    let before = mlxd::runtime::emulated_kernel_launches();
+    mlxd::models::cuda::set_enabled(true);
+    let got = batched_greedy(&mut engine, &prompts, 8);
+    let after = mlxd::runtime::emulated_kernel_launches();
+    let ran = |name: &str| after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0);
+    assert!(ran("mlxd_padded_attention") > 0, "the batched steps did not use the padded attention: {after:?}");
+    assert!(ran("mlxd_rows1") + ran("mlxd_rows2") + ran("mlxd_rows3") > 0, "no product kernel ran: {after:?}");
+    // Deterministic on both sides; bfloat16 products summed in another order may still move a
+    // near-tie, so a few later tokens may differ, never the first two of a row.
+    let (mut same, mut all) = (0, 0);
+    for (g, r) in got.iter().zip(&reference) {
+        assert_eq!(g.len(), r.len());
+        assert_eq!(g[..2], r[..2], "kernels {got:?}, MLX operations {reference:?}");
+        same += g.iter().zip(r).filter(|(a, b)| a == b).count();
+        all += r.len();
+    }
+    assert!(same * 10 >= all * 9, "kernels {got:?}, MLX operations {reference:?}");
+}
+
 /// The folder cargo put this test's dependencies' cdylibs in (the DRY plugin among them).
 fn deps_dir() -> PathBuf {
     std::env::current_exe().unwrap().parent().unwrap().to_path_buf()
@@ -238,6 +319,7 @@ fn cuda_kernels_compute_what_mlx_operations_compute() {
     greedy_pick_with_append_and_the_append_are_exact();
     padded_attention_matches_masked_attention();
     tensor_core_products_match_float32_products();
+    batched_decode_with_the_kernels_matches_mlx_operations();
     dry_kernel_matches_its_operations();
     sampling_kernels_draw_what_the_graph_draws();
 }

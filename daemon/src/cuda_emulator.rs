@@ -484,6 +484,18 @@ fn compiled(name: &str, src: &str) -> Result<Launch, Exception> {
     Ok(launch)
 }
 
+/// Emulated launches so far in this process, by kernel name.
+fn launch_counts() -> &'static Mutex<std::collections::BTreeMap<String, usize>> {
+    static COUNTS: OnceLock<Mutex<std::collections::BTreeMap<String, usize>>> = OnceLock::new();
+    COUNTS.get_or_init(Default::default)
+}
+
+/// How many times each kernel has been emulated in this process, by name: so a test can tell
+/// that the path it compares really went through the kernels.
+pub fn launches() -> std::collections::BTreeMap<String, usize> {
+    launch_counts().lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
 /// Runs one kernel call on the CPU: see the module header. `grid` counts threads per axis and
 /// `block` threads per block, as [`crate::ffi::CudaKernel::apply`] takes them (blocks are
 /// clipped to the grid, as MLX does).
@@ -529,6 +541,7 @@ pub(crate) fn run(
     // One launch at a time in the process: a kernel's shared memory is its library's statics.
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    *launch_counts().lock().unwrap_or_else(|e| e.into_inner()).entry(spec.name.clone()).or_default() += 1;
     // SAFETY: the pointers and shapes describe live buffers of the dtypes the source was
     // generated for; the kernel's own indexing is what is under test.
     unsafe {

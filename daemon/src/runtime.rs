@@ -7,6 +7,7 @@
 use std::ffi::{CStr, CString};
 use std::fmt::Write as _;
 
+pub use crate::cuda_emulator::launches as emulated_kernel_launches;
 pub use crate::ffi::{emulate_cuda_kernels, record_cuda_kernels, recorded_cuda_kernels};
 
 /// A snapshot of the MLX runtime this process loaded.
