@@ -29,12 +29,13 @@ use std::sync::{Mutex, OnceLock};
 
 /// MLX's device headers and CUDA's built-ins, for a C++20 host compiler.
 const SHIM: &str = r#"
-#pragma once
 #include <algorithm>
 #include <array>
 #include <atomic>
 #include <barrier>
+#include <chrono>
 #include <condition_variable>
+#include <cstdio>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -68,7 +69,12 @@ struct Barrier {
     std::unique_lock<std::mutex> lock(m);
     const auto g = generation;
     if (++arrived == expected) release();
-    else cv.wait(lock, [&] { return generation != g; });
+    else if (!cv.wait_for(lock, std::chrono::seconds(120), [&] { return generation != g; })) {
+      // A real GPU would hang or misbehave too; here the test ends with a reason instead.
+      std::fprintf(stderr, "mlxd CUDA emulation: a barrier waited 120 s; some live thread never reached it "
+                           "(a __syncthreads or warp shuffle in divergent code?)\n");
+      std::abort();
+    }
   }
   void leave() {
     std::unique_lock<std::mutex> lock(m);
@@ -412,7 +418,7 @@ fn source(
         };
     }
     format!(
-        "#include \"mlxd_emulation.h\"\n{header}\nnamespace mlx::core::cu {{\n\nnamespace cg = cooperative_groups;\n\n\
+        "{SHIM}\n{header}\nnamespace mlx::core::cu {{\n\nnamespace cg = cooperative_groups;\n\n\
          __global__ void kernel(\n{params}) {{\n{constants}\n{body}\n}}\n\n}} // namespace mlx::core::cu\n\n\
          extern \"C\" void mlxd_launch(const void* const* in, const int32_t* shapes, const int64_t* strides,\n\
              const int32_t* ndims, void* const* out, const unsigned int* dims) {{\n\
@@ -443,35 +449,48 @@ fn libraries() -> &'static Mutex<HashMap<u64, (libloading::Library, Launch)>> {
     LIBS.get_or_init(Default::default)
 }
 
-/// Compiles `src` (once per process and source; the libraries are kept in a folder under the
+/// Compiles `src` (once per source; the libraries are kept in a folder of the user's under the
 /// temporary directory) and returns its entry point.
 fn compiled(name: &str, src: &str) -> Result<Launch, Exception> {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     src.hash(&mut h);
-    SHIM.hash(&mut h);
     let key = h.finish();
     let mut libs = libraries().lock().unwrap_or_else(|e| e.into_inner());
     if let Some((_, launch)) = libs.get(&key) {
         return Ok(*launch);
     }
     let fail = |m: String| Exception::custom(format!("emulating CUDA kernel `{name}`: {m}"));
-    let dir: PathBuf = std::env::temp_dir().join(format!("mlxd-cuda-emulation-{}", std::process::id()));
+    // One folder per user, kept between runs: a library is named by the hash of its source (the
+    // shim included), so a later run loads it instead of compiling again.
+    // SAFETY: getuid has no preconditions.
+    let dir: PathBuf = std::env::temp_dir().join(format!("mlxd-cuda-emulation-{}", unsafe { libc::getuid() }));
     std::fs::create_dir_all(&dir).map_err(|e| fail(format!("{}: {e}", dir.display())))?;
-    std::fs::write(dir.join("mlxd_emulation.h"), SHIM).map_err(|e| fail(e.to_string()))?;
-    let (cpp, lib) = (dir.join(format!("{name}-{key:016x}.cpp")), dir.join(format!("{name}-{key:016x}.so")));
-    std::fs::write(&cpp, src).map_err(|e| fail(e.to_string()))?;
-    let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-    let out = std::process::Command::new(&compiler)
-        .args(["-std=c++20", "-O2", "-fno-strict-aliasing", "-shared", "-fPIC", "-pthread", "-w", "-I"])
-        .arg(&dir)
-        .arg(&cpp)
-        .arg("-o")
-        .arg(&lib)
-        .output()
-        .map_err(|e| fail(format!("running {compiler}: {e}")))?;
-    if !out.status.success() {
-        return Err(fail(format!("{compiler} failed:\n{}", String::from_utf8_lossy(&out.stderr))));
+    let lib = dir.join(format!("{name}-{key:016x}.so"));
+    if !lib.is_file() {
+        // Written under names of this process's own, then renamed: concurrent runs never load a
+        // half-written library.
+        let pid = std::process::id();
+        let (cpp, built) =
+            (dir.join(format!("{name}-{key:016x}.{pid}.cpp")), dir.join(format!("{name}-{key:016x}.{pid}.so")));
+        std::fs::write(&cpp, src).map_err(|e| fail(e.to_string()))?;
+        let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        let out = std::process::Command::new(&compiler)
+            .args(["-std=c++20", "-O2", "-fno-strict-aliasing", "-shared", "-fPIC", "-pthread", "-w"])
+            .arg(&cpp)
+            .arg("-o")
+            .arg(&built)
+            .output()
+            .map_err(|e| fail(format!("running {compiler}: {e}")))?;
+        if !out.status.success() {
+            return Err(fail(format!(
+                "{compiler} failed on {}:\n{}",
+                cpp.display(),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        let _ = std::fs::remove_file(&cpp);
+        std::fs::rename(&built, &lib).map_err(|e| fail(e.to_string()))?;
     }
     // SAFETY: a library this function just compiled from the source above; its entry point has
     // the signature `Launch` declares.
