@@ -5,20 +5,22 @@
 //! pointer per input and output, `NAME_shape` / `NAME_strides` / `NAME_ndim` where the body
 //! mentions them, the template arguments as `constexpr` values and type aliases), with
 //! [`SHIM`] standing in for MLX's device headers and CUDA's built-ins, compiled by the system's
-//! C++ compiler into a shared library, loaded, and launched with one OS thread per CUDA thread of
-//! a block and the blocks one after another. So `__shared__` variables are function statics (one
-//! block at a time uses them), `__syncthreads` is a barrier of the block's live threads, warp
-//! shuffles go through a per-warp buffer and barrier, atomics are C++ atomics, `bfloat16` and
+//! C++ compiler into a shared library, loaded, and launched on the calling thread: the blocks one
+//! after another, a block's CUDA threads as fibers (`ucontext`) that each run until they reach a
+//! barrier. So `__shared__` variables are function statics (one block at a time uses them),
+//! `__syncthreads` is a barrier of the block's live threads (any call site, as the hardware's
+//! barrier 0 is), warp shuffles go through a per-warp buffer and barrier, a barrier that can never
+//! open aborts with the reason, atomics are C++ atomics, `bfloat16` and
 //! `half` convert as the device types do, and the one inline PTX instruction mlxd uses (the
 //! tensor cores' `mma.sync` m16n8k16) is translated into a warp-wide exchange of its fragments,
 //! laid out as the PTX ISA defines them. What it cannot show: timing, and races between blocks
-//! (they never run at once here, so a kernel that depends on blocks running concurrently would
-//! deadlock rather than pass).
+//! (they never run at once here, so a kernel that waits for another block to run concurrently
+//! would spin forever rather than pass).
 //!
 //! Evaluation is eager: [`run`] evaluates its inputs and returns evaluated outputs, so kernels
 //! called inside a compiled MLX function (the sampling step, unless `set_compiled(false)`)
-//! cannot be emulated. Needs a C++20 compiler with `std::barrier`, `std::atomic_ref` and
-//! `_Float16` (`$CXX`, else `c++`): GCC 12 on Linux x86_64 here; not tried with Apple clang.
+//! cannot be emulated. Needs a C++20 compiler with `std::atomic_ref` and `_Float16`, and
+//! `ucontext.h` (`$CXX`, else `c++`): GCC 12 on Linux x86_64 here; not tried with Apple clang.
 
 use crate::ffi::{KernelSource, TemplateArg};
 use mlx_rs::error::Exception;
@@ -32,17 +34,15 @@ const SHIM: &str = r#"
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <barrier>
-#include <chrono>
-#include <condition_variable>
-#include <cstdio>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <math.h>
 #include <memory>
-#include <mutex>
-#include <thread>
+#include <ucontext.h>
 #include <vector>
 
 #define __global__
@@ -58,34 +58,25 @@ namespace cooperative_groups {}
 namespace mlxd_emu {
 struct Dim { unsigned int x, y, z; };
 
-// A barrier of the threads that have not returned from the kernel yet.
-struct Barrier {
-  std::mutex m;
-  std::condition_variable cv;
-  int expected = 0, arrived = 0;
-  unsigned long long generation = 0;
-  void release() { arrived = 0; ++generation; cv.notify_all(); }
-  void wait() {
-    std::unique_lock<std::mutex> lock(m);
-    const auto g = generation;
-    if (++arrived == expected) release();
-    else if (!cv.wait_for(lock, std::chrono::seconds(120), [&] { return generation != g; })) {
-      // A real GPU would hang or misbehave too; here the test ends with a reason instead.
-      std::fprintf(stderr, "mlxd CUDA emulation: a barrier waited 120 s; some live thread never reached it "
-                           "(a __syncthreads or warp shuffle in divergent code?)\n");
-      std::abort();
-    }
-  }
-  void leave() {
-    std::unique_lock<std::mutex> lock(m);
-    if (--expected == arrived && arrived > 0) release();
-  }
+// Each CUDA thread of a block is a fiber on the launching OS thread: it runs until it reaches a
+// barrier (or returns), then the next one runs; a barrier opens when every fiber that has not
+// returned waits at it (the block's for __syncthreads, the warp's for shuffles).
+enum class State { Runnable, AtBlockBarrier, AtWarpBarrier, Done };
+
+struct Fiber {
+  ucontext_t context;
+  std::unique_ptr<char[]> stack;
+  State state = State::Runnable;
 };
+
+constexpr size_t kStack = 256 * 1024;
 
 struct Launch {
   Dim grid, block;
-  Barrier block_barrier;
-  std::vector<std::unique_ptr<Barrier>> warp_barriers;
+  std::function<void()> kernel;
+  std::vector<Fiber> fibers;
+  ucontext_t scheduler;
+  int current = 0;
   std::vector<std::array<unsigned long long, 32>> exchange;
   std::vector<std::array<std::array<unsigned int, 6>, 32>> fragments;
 };
@@ -94,53 +85,112 @@ inline thread_local Launch* launch_state = nullptr;
 inline thread_local Dim thread_idx, block_idx;
 inline thread_local unsigned int lane = 0, warp = 0;
 
+inline void enter(int t) {
+  auto& s = *launch_state;
+  s.current = t;
+  const Dim b = s.block;
+  thread_idx = {t % b.x, (t / b.x) % b.y, t / (b.x * b.y)};
+  lane = t % 32;
+  warp = t / 32;
+}
+
+inline void fiber_main() {
+  launch_state->kernel();
+  launch_state->fibers[launch_state->current].state = State::Done;
+}  // returns to the scheduler (uc_link)
+
+inline void wait_at(State at) {
+  auto& s = *launch_state;
+  Fiber& f = s.fibers[s.current];
+  f.state = at;
+  swapcontext(&f.context, &s.scheduler);
+}
+
+inline void run_block(Launch& s) {
+  const int threads = (int)s.fibers.size();
+  for (int t = 0; t < threads; ++t) {
+    Fiber& f = s.fibers[t];
+    f.state = State::Runnable;
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = f.stack.get();
+    f.context.uc_stack.ss_size = kStack;
+    f.context.uc_link = &s.scheduler;
+    makecontext(&f.context, fiber_main, 0);
+  }
+  for (;;) {
+    bool ran = false;
+    for (int t = 0; t < threads; ++t) {
+      if (s.fibers[t].state != State::Runnable) continue;
+      enter(t);
+      swapcontext(&s.scheduler, &s.fibers[t].context);
+      ran = true;
+    }
+    bool live = false, block_open = true, opened = false;
+    for (auto& f : s.fibers) {
+      if (f.state == State::Done) continue;
+      live = true;
+      if (f.state != State::AtBlockBarrier) block_open = false;
+    }
+    if (!live) return;
+    if (block_open) {
+      for (auto& f : s.fibers) if (f.state == State::AtBlockBarrier) f.state = State::Runnable;
+      opened = true;
+    }
+    for (int w = 0; w * 32 < threads; ++w) {
+      bool waiting = false, open = true;
+      for (int t = w * 32; t < std::min(threads, w * 32 + 32); ++t) {
+        const State st = s.fibers[t].state;
+        if (st == State::Done) continue;
+        if (st == State::AtWarpBarrier) waiting = true; else open = false;
+      }
+      if (waiting && open) {
+        for (int t = w * 32; t < std::min(threads, w * 32 + 32); ++t)
+          if (s.fibers[t].state == State::AtWarpBarrier) s.fibers[t].state = State::Runnable;
+        opened = true;
+      }
+    }
+    if (!ran && !opened) {
+      // A real GPU would hang or misbehave too; here the test ends with a reason instead.
+      std::fprintf(stderr, "mlxd CUDA emulation: deadlock, some live thread never reaches the barrier the "
+                           "others wait at (a __syncthreads or warp shuffle in divergent code?)\n");
+      std::abort();
+    }
+  }
+}
+
 template <class Kernel>
 void launch(Dim grid, Dim block, Kernel kernel) {
-  Launch state;
-  state.grid = grid;
-  state.block = block;
+  Launch s;
+  s.grid = grid;
+  s.block = block;
+  s.kernel = kernel;
   const int threads = (int)(block.x * block.y * block.z);
-  const int warps = (threads + 31) / 32;
-  for (int w = 0; w < warps; ++w) state.warp_barriers.emplace_back(new Barrier());
-  state.exchange.resize(warps);
-  state.fragments.resize(warps);
-  auto reset = [&]() noexcept {
-    state.block_barrier.expected = threads;
-    for (int w = 0; w < warps; ++w) state.warp_barriers[w]->expected = std::min(32, threads - 32 * w);
-  };
-  reset();
-  std::barrier end_of_block(threads, reset);
-  std::vector<std::thread> pool;
-  for (int t = 0; t < threads; ++t) {
-    pool.emplace_back([&, t] {
-      launch_state = &state;
-      thread_idx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
-      lane = t % 32;
-      warp = t / 32;
-      for (unsigned int z = 0; z < grid.z; ++z)
-        for (unsigned int y = 0; y < grid.y; ++y)
-          for (unsigned int x = 0; x < grid.x; ++x) {
-            block_idx = {x, y, z};
-            kernel();
-            state.block_barrier.leave();
-            state.warp_barriers[warp]->leave();
-            end_of_block.arrive_and_wait();
-          }
-    });
-  }
-  for (auto& th : pool) th.join();
+  s.fibers.resize(threads);
+  for (auto& f : s.fibers) f.stack.reset(new char[kStack]);
+  s.exchange.resize((threads + 31) / 32);
+  s.fragments.resize((threads + 31) / 32);
+  Launch* outer = launch_state;
+  launch_state = &s;
+  for (unsigned int z = 0; z < grid.z; ++z)
+    for (unsigned int y = 0; y < grid.y; ++y)
+      for (unsigned int x = 0; x < grid.x; ++x) {
+        block_idx = {x, y, z};
+        run_block(s);
+      }
+  launch_state = outer;
 }
+
+inline void warp_barrier() { wait_at(State::AtWarpBarrier); }
 
 template <class T>
 T shuffle(T v, unsigned int from) {
   auto& slots = launch_state->exchange[warp];
-  auto& barrier = *launch_state->warp_barriers[warp];
   static_assert(sizeof(T) <= sizeof(unsigned long long), "shuffle of a wide type");
   std::memcpy(&slots[lane], &v, sizeof(T));
-  barrier.wait();
+  warp_barrier();
   T out = v;
   if (from < 32u) std::memcpy(&out, &slots[from], sizeof(T));
-  barrier.wait();
+  warp_barrier();
   return out;
 }
 }  // namespace mlxd_emu
@@ -151,8 +201,8 @@ T shuffle(T v, unsigned int from) {
 #define gridDim (mlxd_emu::launch_state->grid)
 #define warpSize 32
 
-inline void __syncthreads() { mlxd_emu::launch_state->block_barrier.wait(); }
-inline void __syncwarp(unsigned int = 0xffffffffu) { mlxd_emu::launch_state->warp_barriers[mlxd_emu::warp]->wait(); }
+inline void __syncthreads() { mlxd_emu::wait_at(mlxd_emu::State::AtBlockBarrier); }
+inline void __syncwarp(unsigned int = 0xffffffffu) { mlxd_emu::warp_barrier(); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 template <class T> inline T __ldcg(const T* p) { return *p; }
@@ -231,10 +281,9 @@ inline float half_of(unsigned int reg, int high, bool bf16) {
 inline void mma_m16n8k16(bool bf16, float& d0, float& d1, float& d2, float& d3, unsigned int a0, unsigned int a1,
                          unsigned int a2, unsigned int a3, unsigned int b0, unsigned int b1) {
   auto& f = launch_state->fragments[warp];
-  auto& barrier = *launch_state->warp_barriers[warp];
   const unsigned int mine[6] = {a0, a1, a2, a3, b0, b1};
   std::memcpy(f[lane].data(), mine, sizeof(mine));
-  barrier.wait();
+  warp_barrier();
   auto a = [&](int r, int c) {
     const int reg = (r >= 8 ? 1 : 0) + (c >= 8 ? 2 : 0);
     return half_of(f[4 * (r % 8) + (c % 8) / 2][reg], c % 2, bf16);
@@ -248,7 +297,7 @@ inline void mma_m16n8k16(bool bf16, float& d0, float& d1, float& d2, float& d3, 
     for (int k = 0; k < 16; ++k) sum += a(r, k) * b(k, c);
     *out[i] += sum;
   }
-  barrier.wait();
+  warp_barrier();
 }
 }  // namespace mlxd_emu
 
@@ -476,7 +525,7 @@ fn compiled(name: &str, src: &str) -> Result<Launch, Exception> {
         std::fs::write(&cpp, src).map_err(|e| fail(e.to_string()))?;
         let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
         let out = std::process::Command::new(&compiler)
-            .args(["-std=c++20", "-O2", "-fno-strict-aliasing", "-shared", "-fPIC", "-pthread", "-w"])
+            .args(["-std=c++20", "-O2", "-fno-strict-aliasing", "-shared", "-fPIC", "-w"])
             .arg(&cpp)
             .arg("-o")
             .arg(&built)
