@@ -502,8 +502,10 @@ fn libraries() -> &'static Mutex<HashMap<u64, (libloading::Library, Launch)>> {
 /// temporary directory) and returns its entry point.
 fn compiled(name: &str, src: &str) -> Result<Launch, Exception> {
     use std::hash::{Hash, Hasher};
+    const FLAGS: [&str; 6] = ["-std=c++20", "-O2", "-fno-strict-aliasing", "-shared", "-fPIC", "-w"];
+    let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    src.hash(&mut h);
+    (src, &compiler, FLAGS).hash(&mut h);
     let key = h.finish();
     let mut libs = libraries().lock().unwrap_or_else(|e| e.into_inner());
     if let Some((_, launch)) = libs.get(&key) {
@@ -511,7 +513,7 @@ fn compiled(name: &str, src: &str) -> Result<Launch, Exception> {
     }
     let fail = |m: String| Exception::custom(format!("emulating CUDA kernel `{name}`: {m}"));
     // One folder per user, kept between runs: a library is named by the hash of its source (the
-    // shim included), so a later run loads it instead of compiling again.
+    // shim included), compiler and flags, so a later run loads it instead of compiling again.
     // SAFETY: getuid has no preconditions.
     let dir: PathBuf = std::env::temp_dir().join(format!("mlxd-cuda-emulation-{}", unsafe { libc::getuid() }));
     std::fs::create_dir_all(&dir).map_err(|e| fail(format!("{}: {e}", dir.display())))?;
@@ -523,9 +525,8 @@ fn compiled(name: &str, src: &str) -> Result<Launch, Exception> {
         let (cpp, built) =
             (dir.join(format!("{name}-{key:016x}.{pid}.cpp")), dir.join(format!("{name}-{key:016x}.{pid}.so")));
         std::fs::write(&cpp, src).map_err(|e| fail(e.to_string()))?;
-        let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
         let out = std::process::Command::new(&compiler)
-            .args(["-std=c++20", "-O2", "-fno-strict-aliasing", "-shared", "-fPIC", "-w"])
+            .args(FLAGS)
             .arg(&cpp)
             .arg("-o")
             .arg(&built)
