@@ -268,12 +268,18 @@ fn deps_dir() -> PathBuf {
     std::env::current_exe().unwrap().parent().unwrap().to_path_buf()
 }
 
-fn dry_kernel_matches_its_operations() {
+/// The DRY plugin, loaded from a folder of its own (kept alive with it).
+fn dry_plugin() -> (tempfile::TempDir, std::sync::Arc<mlxd::plugins::Plugin>) {
     let dir = tempfile::tempdir().unwrap();
     let name = "libmlxd_plugin_dry.so";
     std::fs::copy(deps_dir().join(name), dir.path().join(name)).unwrap();
     let registry = PluginRegistry::new(vec![dir.path().to_path_buf()]);
     let plugin = registry.get("dry").unwrap();
+    (dir, plugin)
+}
+
+fn dry_kernel_matches_its_operations() {
+    let (_dir, plugin) = dry_plugin();
     let vocab = 3_000;
     for (params, d) in
         [(r#"{"multiplier":0.8}"#, Dtype::Bfloat16), (r#"{"multiplier":1.5,"allowed_length":3}"#, Dtype::Float32)]
@@ -311,6 +317,42 @@ fn dry_kernel_matches_its_operations() {
     }
 }
 
+/// A greedy request through the DRY plugin in the engine, three ways: MLX operations only; the
+/// plugin's kernel, argmax and the history append kernel; the plugin's kernel and the fused
+/// pick with the append (`MLXD_SAMPLER_FUSED`, the plugin chain's `appended` history).
+fn greedy_through_dry_is_the_same_with_the_fused_pick() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = Engine::new(bf16_model(dir.path()), EngineOptions { prompt_cache_bytes: 0, ..Default::default() });
+    engine.model.eos_ids.clear();
+    let (_plugins, plugin) = dry_plugin();
+    let prompt: Vec<u32> = (0..24u32).map(|i| [65, 66, 67, 68][(i % 4) as usize]).collect();
+    let sampler = SamplingParams {
+        plugins: vec![mlxd::plugins::PluginRequest { plugin, params: r#"{"multiplier":0.8}"#.into() }],
+        ..Default::default()
+    };
+    let request = GenerateRequest { prompt, max_tokens: 12, stop: vec![], sampler };
+    let mut run = |kernels: bool, fused: bool| {
+        mlxd::sampling::set_sampler_kernel(kernels);
+        mlxd::plugins::kernels::set_enabled(kernels);
+        mlxd::sampling::set_sampler_fused(fused);
+        let before = mlxd::runtime::emulated_kernel_launches();
+        let ids = engine.generate(&request, |_| true).unwrap().ids;
+        let after = mlxd::runtime::emulated_kernel_launches();
+        let ran = |name: &str| after.get(name).copied().unwrap_or(0) > before.get(name).copied().unwrap_or(0);
+        (ids, ran("plugin_dry_penalty"), ran("mlxd_history_append"), ran("mlxd_pick_append"))
+    };
+    let (operations, dry_kernel, _, _) = run(false, false);
+    assert!(!dry_kernel, "the kernels were off");
+    let (kernels, dry_kernel, append, _) = run(true, false);
+    assert!(dry_kernel && append, "the DRY kernel and the append kernel ran");
+    let (fused, dry_kernel, _, pick_append) = run(true, true);
+    assert!(dry_kernel && pick_append, "the DRY kernel and the fused pick ran");
+    mlxd::sampling::set_sampler_fused(false);
+    assert_eq!(operations.len(), 12);
+    assert_eq!(kernels, operations, "the kernels against MLX operations");
+    assert_eq!(fused, operations, "the fused pick against MLX operations");
+}
+
 #[test]
 fn cuda_kernels_compute_what_mlx_operations_compute() {
     mlxd::runtime::emulate_cuda_kernels();
@@ -321,5 +363,6 @@ fn cuda_kernels_compute_what_mlx_operations_compute() {
     tensor_core_products_match_float32_products();
     batched_decode_with_the_kernels_matches_mlx_operations();
     dry_kernel_matches_its_operations();
+    greedy_through_dry_is_the_same_with_the_fused_pick();
     sampling_kernels_draw_what_the_graph_draws();
 }
