@@ -55,7 +55,7 @@ impl KernelSwitch {
     pub(crate) fn available(&self) -> bool {
         static CUDA: OnceLock<bool> = OnceLock::new();
         self.flag().load(Ordering::Relaxed)
-            && (*CUDA.get_or_init(|| crate::runtime::backend() == "cuda") || RECORDING.get().is_some() || emulating())
+            && (*CUDA.get_or_init(|| crate::runtime::backend() == "cuda") || off_device())
     }
 }
 
@@ -101,6 +101,12 @@ pub fn emulate_cuda_kernels() {
     EMULATING.store(true, Ordering::Relaxed);
 }
 
+/// Kernels are recorded or emulated: none reaches MLX, and the kernel paths are taken on any
+/// backend.
+fn off_device() -> bool {
+    RECORDING.get().is_some() || emulating()
+}
+
 /// The names of the kernel files recorded so far (`NAME-HASH.json`).
 pub fn recorded_cuda_kernels() -> Vec<String> {
     RECORDING
@@ -109,7 +115,7 @@ pub fn recorded_cuda_kernels() -> Vec<String> {
 }
 
 /// MLX's name of a dtype (`mlx.core.bfloat16`'s `bfloat16`).
-pub(crate) fn dtype_name(d: Dtype) -> &'static str {
+fn dtype_name(d: Dtype) -> &'static str {
     match d {
         Dtype::Bool => "bool",
         Dtype::Uint8 => "uint8",
@@ -184,7 +190,7 @@ impl CudaKernel {
             header: header.to_string(),
             source: source.to_string(),
         };
-        if RECORDING.get().is_some() || emulating() {
+        if off_device() {
             return CudaKernel { handle: None, spec };
         }
         let (ins, outs) = (string_vector(inputs), string_vector(outputs));

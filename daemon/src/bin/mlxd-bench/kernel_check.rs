@@ -215,11 +215,7 @@ fn attention_error(d: Dtype, hq: i32, hkv: i32, dh: i32, cap: i32, cur: i32, pad
 /// a lot. Error: the largest `|got - want| / max(|want|, 1)` (equal values, infinities
 /// included, count as 0).
 fn dry_plugin_errors() -> Result<Vec<(f32, f32)>> {
-    let dir = std::env::current_exe()?.parent().context("executable directory")?.to_path_buf();
-    let registry = mlxd::plugins::PluginRegistry::new(vec![dir.clone()]);
-    let plugin = registry
-        .get("dry")
-        .map_err(|e| anyhow!("{e} (looked in {}): build mlxd-plugin-dry next to mlxd-bench", dir.display()))?;
+    let plugin = crate::BenchPlugins::open(None)?.get("dry")?;
     let vocab = 151_936;
     let tolerance = 1e-5;
     let mut out = Vec::new();

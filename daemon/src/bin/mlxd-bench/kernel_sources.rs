@@ -43,22 +43,18 @@ pub fn run(out: &Path, plugin_dir: Option<PathBuf>, plugins: &[(String, String)]
     mlxd::sampling::set_sampler_kernel(true);
     mlxd::models::cuda::set_enabled(true);
     mlxd::plugins::kernels::set_enabled(true);
-    let dir = match plugin_dir {
-        Some(d) => d,
-        None => std::env::current_exe()?.parent().context("executable directory")?.to_path_buf(),
-    };
-    let registry = mlxd::plugins::PluginRegistry::new(vec![dir.clone()]);
+    let registry = crate::BenchPlugins::open(plugin_dir.as_deref())?;
     if plugins.is_empty() {
         sampling()?;
         model()?;
-        ensure!(plugin(&registry, &dir, "dry", r#"{"multiplier":0.8}"#)? > 0, "the dry plugin queued no kernel");
+        ensure!(plugin(&registry, "dry", r#"{"multiplier":0.8}"#)? > 0, "the dry plugin queued no kernel");
         let files = mlxd::runtime::recorded_cuda_kernels();
         for name in EXPECTED {
             ensure!(files.iter().any(|f| f.starts_with(name)), "no `{name}` kernel was recorded");
         }
     } else {
         for (name, params) in plugins {
-            let kernels = plugin(&registry, &dir, name, params)?;
+            let kernels = plugin(&registry, name, params)?;
             println!("{name}: {kernels} kernel compile(s)");
         }
     }
@@ -132,10 +128,8 @@ fn model() -> Result<()> {
 /// Applies plugin `name` with `params` once per float dtype of the logits (a processor that
 /// takes the model's dtype gets each; others get float32, as in the engine) to zero logits with
 /// a short history. Returns how many new kernel compiles it recorded.
-fn plugin(registry: &mlxd::plugins::PluginRegistry, dir: &Path, name: &str, params: &str) -> Result<usize> {
-    let plugin = registry
-        .get(name)
-        .map_err(|e| anyhow!("{e} (looked in {}): build the plugin, or pass --plugin-dir", dir.display()))?;
+fn plugin(plugins: &crate::BenchPlugins, name: &str, params: &str) -> Result<usize> {
+    let plugin = plugins.get(name)?;
     let before = mlxd::runtime::recorded_cuda_kernels().len();
     let vocab = 151_936;
     for d in FLOATS {

@@ -552,25 +552,43 @@ fn full_sampling() -> SamplingParams {
     }
 }
 
+/// The sampler plugins the benchmark loads: from `--plugin-dir`, by default this executable's
+/// folder (where `cargo build -p mlxd-plugin-NAME` puts them beside mlxd-bench).
+struct BenchPlugins {
+    dir: PathBuf,
+    registry: mlxd::plugins::PluginRegistry,
+}
+
+impl BenchPlugins {
+    fn open(dir: Option<&Path>) -> Result<Self> {
+        let dir = match dir {
+            Some(d) => d.to_path_buf(),
+            None => std::env::current_exe()?.parent().context("executable directory")?.to_path_buf(),
+        };
+        Ok(BenchPlugins { registry: mlxd::plugins::PluginRegistry::new(vec![dir.clone()]), dir })
+    }
+
+    /// Plugin `name`; the error says where it looked and how to build it.
+    fn get(&self, name: &str) -> Result<std::sync::Arc<mlxd::plugins::Plugin>> {
+        self.registry.get(name).map_err(|e| {
+            anyhow::anyhow!(
+                "{e}; build it (cargo build --release -p mlxd-plugin-{name}) or pass --plugin-dir (looked in {})",
+                self.dir.display()
+            )
+        })
+    }
+}
+
 /// Greedy decoding through each `--plugin`, as variants named `plugin:NAME`.
 fn plugin_variants(args: &Args) -> Result<Vec<(String, SamplingParams)>> {
     if args.plugins.is_empty() {
         return Ok(Vec::new());
     }
-    let dir = match &args.plugin_dir {
-        Some(d) => d.clone(),
-        None => std::env::current_exe()?.parent().context("executable directory")?.to_path_buf(),
-    };
-    let registry = mlxd::plugins::PluginRegistry::new(vec![dir.clone()]);
+    let plugins = BenchPlugins::open(args.plugin_dir.as_deref())?;
     args.plugins
         .iter()
         .map(|(name, params)| {
-            let plugin = registry.get(name).map_err(|e| {
-                anyhow::anyhow!(
-                    "{e}; build it (cargo build --release -p mlxd-plugin-{name}) or pass --plugin-dir (looked in {})",
-                    dir.display()
-                )
-            })?;
+            let plugin = plugins.get(name)?;
             serde_json::from_str::<Value>(params).with_context(|| format!("--plugin {name}: params are not JSON"))?;
             let request = mlxd::plugins::PluginRequest { plugin, params: params.clone() };
             Ok((format!("plugin:{name}"), SamplingParams { plugins: vec![request], ..Default::default() }))
