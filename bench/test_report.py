@@ -237,5 +237,47 @@ class ReportTest(unittest.TestCase):
         self.assert_png("concurrency.png")
 
 
+class PoolOverheadsTest(unittest.TestCase):
+    """bench/pool_overheads.py: each run against the greedy run of its round, pooled over files."""
+
+    POOL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pool_overheads.py")
+
+    def pool(self, *summaries):
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = []
+            for i, summary in enumerate(summaries):
+                paths.append(os.path.join(tmp, f"{i}.json"))
+                with open(paths[-1], "w") as f:
+                    json.dump(summary, f)
+            out = subprocess.run([sys.executable, self.POOL, *paths], capture_output=True, text=True)
+            self.assertEqual(out.returncode, 0, out.stderr)
+            return out.stdout.splitlines()
+
+    def test_costs_are_paired_by_round_and_pooled(self):
+        # Greedy drifts from round to round; the variant is 1%, 5%, 4% below the greedy run of
+        # its own round: paired by round the median is 4.0% (medians of each side: 1.0%).
+        engine = {"model": "m1", "variants": {
+            "greedy": {"mlxd": {"runs": runs(100, 200, 50)}, "mlx_lm": {"runs": runs(80, 80, 80)}},
+            "full": {"mlxd": {"runs": runs(99, 190, 48)}, "mlx_lm": {"runs": runs(72, 72, 72)}},
+        }}
+        suite = {"models": [{"name": "m2", "dtype": "q4", "engine": {"variants": {
+            "greedy": {"mlxd": {"runs": runs(100, 100)}},
+            "full": {"mlxd": {"runs": runs(90, 90)}},
+        }}}]}
+        lines = self.pool(engine, suite)
+        self.assertIn("| m1 | mlxd | full | 3 | 4.0% [", "\n".join(lines))
+        self.assertIn("| m1 | mlx_lm | full | 3 | 10.0% [10.0, 10.0] |", lines)
+        self.assertIn("| m2 q4 | mlxd | full | 2 | 10.0% [10.0, 10.0] |", lines)
+        pooled = [line for line in lines if line.startswith("| **all** | mlxd | **full** |")]
+        self.assertEqual(len(pooled), 1)
+        # Five pairs: 1, 4, 5, 10, 10 -> median 5.0.
+        self.assertIn("| 5 | **5.0% [", pooled[0])
+
+    def test_no_files_is_a_usage_error(self):
+        out = subprocess.run([sys.executable, self.POOL], capture_output=True, text=True)
+        self.assertNotEqual(out.returncode, 0)
+        self.assertIn("pool_overheads.py", out.stderr)
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)

@@ -6,7 +6,7 @@
 use anyhow::{bail, Context, Result};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -57,9 +57,27 @@ fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn start_mlxd(dir: &Path) -> Result<(Server, String)> {
+/// The daemon the load test starts: `mlxd` beside this executable, with the `mlxd-engine` it
+/// runs models in. Checked before anything is measured, so a suite copied somewhere without
+/// them fails at once instead of after its single-stream rows.
+pub fn daemon_binary() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let bin = exe.parent().context("bin dir")?.join("mlxd");
+    let dir = exe.parent().context("the directory of mlxd-bench")?;
+    for name in ["mlxd", "mlxd-engine"] {
+        let path = dir.join(name);
+        if !path.is_file() {
+            bail!(
+                "the WebSocket load test needs {} beside mlxd-bench (cargo build --release -p mlxd builds \
+                 mlxd, mlxd-engine and mlxd-bench together; or pass --serve-model none)",
+                path.display()
+            );
+        }
+    }
+    Ok(dir.join("mlxd"))
+}
+
+fn start_mlxd(dir: &Path) -> Result<(Server, String)> {
+    let bin = daemon_binary()?;
     let tmp = std::env::temp_dir().join(format!("mlxd-bench-serve-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
     let config = tmp.join("config.toml");

@@ -22,6 +22,9 @@ pub const DEFAULT_MODELS: &[&str] =
 
 pub fn run(args: &Args) -> Result<()> {
     let out_path = args.json.clone().context("suite needs --json FILE (results are written as they come)")?;
+    if args.serve_model.is_some() {
+        serve_load::daemon_binary()?;
+    }
     let models = args.suite.clone().unwrap_or_default();
     let plugin_runs = match plugin_variants(args) {
         Ok(p) => p,
