@@ -199,6 +199,26 @@ class ReportTest(unittest.TestCase):
         for what, (value, status) in expect.items():
             self.assertEqual(table_row(md, what)[2:], [value, status], what)
 
+    def test_overhead_verdict_needs_the_whole_interval(self):
+        # Seven paired rounds against a steady greedy of 100 tok/s: costs in percent.
+        def model(name, full, dry, passthrough):
+            variants = {"greedy": {"mlxd": mlxd(*[100.0] * 7)}}
+            for variant, costs in [("full", full), ("plugin:dry", dry), ("plugin:passthrough", passthrough)]:
+                variants[variant] = {"mlxd": mlxd(*[100.0 - c for c in costs])}
+            return {"name": name, "dtype": "bf16", "engine": engine(variants, 1_000_000_000)}
+
+        suite = gpu_suite()
+        suite["models"] = [model("a", full=[0.5, 1.0, 1.5, 1.0, 0.8, 1.2, 1.1],  # wholly under 2%
+                                 dry=[4.0, 5.0, 6.0, 5.5, 4.5, 5.0, 4.8],  # wholly over 3%
+                                 passthrough=[-3.0, 4.0, 0.0, 2.0, -2.0, 3.0, 0.5])]  # spans 1%
+        md = self.report(suite)
+        self.assertEqual(table_row(md, "a bf16: mlxd full-sampling overhead (run by run)")[3], "met")
+        self.assertEqual(table_row(md, "a bf16: mlxd DRY plugin overhead (run by run)")[3], "**not met**")
+        # Its median, 0.5%, is under the 1% threshold, but the interval reaches past it.
+        row = table_row(md, "a bf16: mlxd pass-through plugin overhead (run by run)")
+        self.assertTrue(row[2].startswith("0.5% ["), row)
+        self.assertEqual(row[3], "undecided (the interval spans the threshold)")
+
     def test_plots_written_and_referenced(self):
         md = self.report(gpu_suite())
         for name in ["concurrency.png", "overhead.png", "decode.png"]:
