@@ -258,6 +258,33 @@ def chat_seeds():
     write("chat_template", "pyfuncs.jinja", PYFUNCS + "\0" + "\x1e".join(["ua b", "tx y"]))
 
 
+def openai_seeds():
+    # Byte 0: bit 0 picks /v1/completions; the rest is the JSON body.
+    chat = {
+        "model": "m",
+        "messages": [
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": " there"}]},
+        ],
+        "max_completion_tokens": 16,
+        "stop": ["\n", "User:"],
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "seed": 3,
+        "logit_bias": {"42": -100},
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "n": 1,
+        "user": "u",
+        "top_k": 40,
+        "plugins": [{"name": "dry", "params": {"base": 2}}],
+    }
+    write("openai_request", "chat.json", b"\x00" + json.dumps(chat).encode())
+    write("openai_request", "chat_refused.json", b"\x00" + json.dumps({"messages": [], "n": 2, "tools": []}).encode())
+    completion = {"prompt": ["Once upon a time"], "max_tokens": 8, "logprobs": None, "echo": False, "stop": "."}
+    write("openai_request", "completion.json", b"\x01" + json.dumps(completion).encode())
+
+
 def main():
     if os.path.isdir(SEEDS):
         shutil.rmtree(SEEDS)
@@ -268,6 +295,7 @@ def main():
     safetensors_seeds()
     tokenizer_seeds()
     chat_seeds()
+    openai_seeds()
 
 
 if __name__ == "__main__":

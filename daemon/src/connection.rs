@@ -24,7 +24,7 @@ use tokio_tungstenite::WebSocketStream;
 /// sequences pause on the model thread).
 const OUTGOING: usize = 1024;
 
-type Out = mpsc::Sender<ServerMessage>;
+pub(crate) type Out = mpsc::Sender<ServerMessage>;
 
 /// Runs a connection to its end.
 pub async fn serve(ws: WebSocketStream<Box<dyn Stream>>, shared: Arc<Shared>) {
@@ -139,20 +139,9 @@ async fn dispatch(
                 let _ = out.send(ServerMessage::error(Some(&v.id), ErrorCode::Busy, format!("{} requests are running on this connection (server.max_requests_per_connection)", running.len()))).await;
                 return;
             }
-            if !v.plugins.is_empty() {
-                // Names resolve against the catalog of this moment; the request then holds its
-                // libraries whatever reloads follow.
-                let resolved = shared.plugins.resolve(&v.plugins).and_then(|p| {
-                    crate::plugins::registry::check_combination(&p, &v.sampling)?;
-                    Ok(p)
-                });
-                match resolved {
-                    Ok(p) => v.sampling.plugins = p,
-                    Err(e) => {
-                        let _ = out.send(ServerMessage::error(Some(&v.id), ErrorCode::PluginError, e.to_string())).await;
-                        return;
-                    }
-                }
+            if let Err(e) = resolve_plugins(&mut v, shared) {
+                let _ = out.send(ServerMessage::error(Some(&v.id), ErrorCode::PluginError, e)).await;
+                return;
             }
             let cancel = Arc::new(AtomicBool::new(false));
             running.insert(v.id.clone(), cancel.clone());
@@ -233,6 +222,18 @@ async fn dispatch(
     }
 }
 
+/// Resolves the plugins a request names against the catalog of this moment (the request then
+/// holds their libraries whatever reloads follow) and checks they combine with its sampling.
+pub(crate) fn resolve_plugins(v: &mut crate::validation::ValidGenerate, shared: &Shared) -> Result<(), String> {
+    if v.plugins.is_empty() {
+        return Ok(());
+    }
+    let p = shared.plugins.resolve(&v.plugins).map_err(|e| e.to_string())?;
+    crate::plugins::registry::check_combination(&p, &v.sampling).map_err(|e| e.to_string())?;
+    v.sampling.plugins = p;
+    Ok(())
+}
+
 /// Sends a command to a model's thread and waits for its answer.
 async fn with_model<T>(
     shared: &Shared,
@@ -259,7 +260,8 @@ fn stalled_message(model: &str, shared: &Shared) -> String {
     )
 }
 
-async fn run_generate(v: crate::validation::ValidGenerate, cancel: Arc<AtomicBool>, shared: &Shared, out: &Out) {
+/// Runs a validated generation on its model and sends its events to `out`, the final one last.
+pub(crate) async fn run_generate(v: crate::validation::ValidGenerate, cancel: Arc<AtomicBool>, shared: &Shared, out: &Out) {
     let received = Instant::now();
     let id = v.id.clone();
     let (model, handle) = match shared.registry.get(v.model.as_deref()).await {

@@ -19,8 +19,15 @@ use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 /// The names of the fuzz targets, each the name of a function of this module; `fuzz/seeds/NAME/`
 /// and `fuzz/regressions/NAME/` hold its committed inputs.
-pub const TARGETS: [&str; 6] =
-    ["protocol_frame", "config_toml", "gguf_header", "safetensors_header", "gguf_tokenizer", "chat_template"];
+pub const TARGETS: [&str; 7] = [
+    "protocol_frame",
+    "config_toml",
+    "gguf_header",
+    "safetensors_header",
+    "gguf_tokenizer",
+    "chat_template",
+    "openai_request",
+];
 
 /// Runs the harness called `target` (one of [`TARGETS`]) on `data`; false for an unknown name.
 pub fn run(target: &str, data: &[u8]) -> bool {
@@ -31,6 +38,7 @@ pub fn run(target: &str, data: &[u8]) -> bool {
         "safetensors_header" => safetensors_header(data),
         "gguf_tokenizer" => gguf_tokenizer(data),
         "chat_template" => chat_template(data),
+        "openai_request" => openai_request(data),
         _ => return false,
     }
     true
@@ -59,6 +67,26 @@ pub fn protocol_frame(data: &[u8]) {
     assert!(!message.is_empty(), "an error without a message for {text:?}");
     let event = ServerMessage::error(id.as_deref(), ErrorCode::InvalidRequest, message);
     serde_json::to_string(&event).expect("events always serialize");
+}
+
+/// An OpenAI-compatible request body (byte 0: bit 0 picks `/v1/completions` over
+/// `/v1/chat/completions`; the rest is the JSON body): [`crate::openai::prepare`] under the
+/// default limits, and the error object the client would get.
+pub fn openai_request(data: &[u8]) {
+    let Some((&selector, body)) = data.split_first() else { return };
+    let Ok(body) = serde_json::from_slice::<serde_json::Value>(body) else { return };
+    let endpoint = if selector & 1 == 0 { crate::openai::Endpoint::Chat } else { crate::openai::Endpoint::Completions };
+    match crate::openai::prepare(endpoint, &body, "chatcmpl-1", &LimitsConfig::default()) {
+        Ok((v, stream, include_usage)) => {
+            assert_eq!(v.id, "chatcmpl-1");
+            assert!(v.max_tokens >= 1 && v.max_tokens <= LimitsConfig::default().max_tokens);
+            assert!(stream || !include_usage, "usage events only come with a stream");
+        }
+        Err(e) => {
+            assert!((400..600).contains(&e.status) && !e.message.is_empty(), "{e:?} for {body}");
+            serde_json::to_string(&e.body()).expect("error bodies always serialize");
+        }
+    }
 }
 
 /// `config.toml` text through [`Config::parse`] (TOML, unknown keys, bounds).

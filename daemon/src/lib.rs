@@ -35,6 +35,7 @@ pub mod fuzzing;
 pub mod gguf;
 pub mod metrics;
 pub mod models;
+pub mod openai;
 pub mod plugins;
 pub mod protocol;
 pub mod registry;

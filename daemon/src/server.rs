@@ -1,6 +1,6 @@
 //! The listener: accepts TCP (and optionally Unix-socket) connections, answers the plain HTTP
-//! paths (`/metrics`, `/health`) and upgrades the rest to WebSocket after checking the bearer
-//! token and the browser `Origin`. Each connection then runs in [`crate::connection`].
+//! paths (`/metrics`, `/health`, and the OpenAI-compatible `/v1/...` of [`crate::openai`]) and
+//! upgrades the rest to WebSocket after checking the bearer token and the browser `Origin`. Each connection then runs in [`crate::connection`].
 //!
 //! `run(listener, shutdown)` returns once shutdown was signalled and every connection has sent
 //! its final events (mini-redis's pattern: a broadcast notice and a wait for every task).
@@ -185,6 +185,9 @@ async fn handle(stream: Box<dyn Stream>, shared: Arc<Shared>) {
     let head = String::from_utf8_lossy(&head[..n]);
     let upgrade = head.to_ascii_lowercase().contains("upgrade: websocket");
     if !upgrade {
+        if crate::openai::handles(&head) {
+            return crate::openai::serve(stream, shared).await;
+        }
         if let Some(path) = head.strip_prefix("GET ").and_then(|r| r.split_whitespace().next()) {
             return serve_http(stream, path, &shared).await;
         }
@@ -250,7 +253,7 @@ async fn serve_http(mut s: Box<dyn Stream>, path: &str, shared: &Shared) {
     let (status, ctype, body) = match path {
         "/metrics" => ("200 OK", "text/plain; version=0.0.4", shared.metrics.render(&shared.registry)),
         "/health" => ("200 OK", "application/json", "{\"status\":\"ok\"}".to_string()),
-        _ => ("404 Not Found", "application/json", "{\"error\":\"not_found\",\"message\":\"WebSocket clients connect to /; plain HTTP serves /metrics and /health\"}".to_string()),
+        _ => ("404 Not Found", "application/json", "{\"error\":\"not_found\",\"message\":\"WebSocket clients connect to /; plain HTTP serves /metrics, /health and the OpenAI-compatible /v1/models, /v1/chat/completions, /v1/completions\"}".to_string()),
     };
     let resp = format!("HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
     let _ = s.write_all(resp.as_bytes()).await;

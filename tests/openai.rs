@@ -1,0 +1,234 @@
+//! The OpenAI-compatible endpoints of the real daemon (default model, CPU), spoken to over raw
+//! HTTP/1.1 as the `openai` SDKs speak it: answers whole and streamed agree with each other and
+//! with the WebSocket protocol's, errors are OpenAI error objects that name the field, a client
+//! that hangs up cancels its request, and the daemon keeps serving through all of it.
+
+mod common;
+
+use common::daemon::{ask, connect, finish, send, start, Daemon};
+use serde_json::{json, Value};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// An HTTP answer.
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    headers: String,
+    body: String,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
+    }
+
+    /// The `data:` payloads of a server-sent event stream, in order.
+    fn events(&self) -> Vec<String> {
+        self.body.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).map(String::from).collect()
+    }
+
+    fn error(&self) -> (u16, String, Value) {
+        let v = self.json();
+        (self.status, v["error"]["code"].as_str().unwrap_or_default().to_string(), v["error"]["param"].clone())
+    }
+}
+
+/// Sends one raw request and reads the whole answer (the daemon closes each connection).
+async fn raw(d: &Daemon, request: &[u8]) -> Reply {
+    let mut s = TcpStream::connect(&d.addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut bytes = Vec::new();
+    tokio::time::timeout(Duration::from_secs(120), s.read_to_end(&mut bytes))
+        .await
+        .expect("an answer within 120 s")
+        .unwrap();
+    let text = String::from_utf8(bytes).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no head in {text:?}"));
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    Reply { status, headers: head.to_ascii_lowercase(), body: body.to_string() }
+}
+
+fn request(method: &str, path: &str, token: Option<&str>, extra: &str, body: &str) -> Vec<u8> {
+    let auth = token.map(|t| format!("authorization: Bearer {t}\r\n")).unwrap_or_default();
+    format!("{method} {path} HTTP/1.1\r\nhost: x\r\n{auth}{extra}content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len())
+        .into_bytes()
+}
+
+async fn post(d: &Daemon, path: &str, body: Value) -> Reply {
+    raw(d, &request("POST", path, Some(&d.token), "", &body.to_string())).await
+}
+
+fn question(extra: Value) -> Value {
+    let mut body = json!({"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 24, "temperature": 0});
+    body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_and_completions_answer_as_the_websocket_protocol_does() {
+    let d = start("");
+
+    let models = raw(&d, &request("GET", "/v1/models", Some(&d.token), "", "")).await;
+    assert_eq!(models.status, 200, "{models:?}");
+    assert_eq!(models.json()["data"][0]["id"], "smollm2-135m-instruct");
+
+    // Whole.
+    let r = post(&d, "/v1/chat/completions", question(json!({}))).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let v = r.json();
+    assert_eq!((v["object"].as_str(), v["model"].as_str()), (Some("chat.completion"), Some("smollm2-135m-instruct")));
+    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"), "{v}");
+    let message = &v["choices"][0]["message"];
+    assert_eq!(message["role"], "assistant");
+    let content = message["content"].as_str().unwrap().to_string();
+    assert!(content.contains("Paris"), "{v}");
+    let usage = &v["usage"];
+    let (prompt, completion) = (usage["prompt_tokens"].as_u64().unwrap(), usage["completion_tokens"].as_u64().unwrap());
+    assert!(prompt > 5 && completion >= 1, "{v}");
+    assert_eq!(usage["total_tokens"].as_u64().unwrap(), prompt + completion);
+    let reason = v["choices"][0]["finish_reason"].as_str().unwrap().to_string();
+
+    // The same request over WebSocket: the same tokens (greedy), the same text.
+    let mut ws = connect(&d).await;
+    send(
+        &mut ws,
+        json!({"type": "generate", "id": "w", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 24}),
+    )
+    .await;
+    let w = finish(&mut ws, &["w"]).await.remove("w").unwrap();
+    assert_eq!(w.text, content);
+    assert_eq!(w.ids.len() as u64, completion);
+
+    // Streamed, with the usage event: the pieces add up to the same answer.
+    let r =
+        post(&d, "/v1/chat/completions", question(json!({"stream": true, "stream_options": {"include_usage": true}})))
+            .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.headers.contains("content-type: text/event-stream"), "{r:?}");
+    let events = r.events();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]), "{chunks:?}");
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(streamed, content);
+    let finals: Vec<&Value> = chunks.iter().filter(|c| !c["choices"][0]["finish_reason"].is_null()).collect();
+    assert_eq!(finals.len(), 1, "{chunks:?}");
+    assert_eq!(finals[0]["choices"][0]["finish_reason"], reason.as_str());
+    let tail = chunks.last().unwrap();
+    assert_eq!(tail["choices"], json!([]));
+    assert_eq!(tail["usage"]["completion_tokens"].as_u64(), Some(completion));
+
+    // A raw prompt, whole and streamed: the length limit reached, the same text.
+    let body = json!({"prompt": "The three primary colors are", "max_tokens": 12, "temperature": 0});
+    let whole = post(&d, "/v1/completions", body.clone()).await.json();
+    assert_eq!(
+        (whole["object"].as_str(), whole["choices"][0]["finish_reason"].as_str()),
+        (Some("text_completion"), Some("length"))
+    );
+    assert_eq!(whole["usage"]["completion_tokens"], 12);
+    let mut body = body;
+    body["stream"] = json!(true);
+    let r = post(&d, "/v1/completions", body).await;
+    let streamed: String = r
+        .events()
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str::<Value>(e).unwrap()["choices"][0]["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(streamed, whole["choices"][0]["text"].as_str().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_openai_errors_that_name_the_field_and_the_daemon_keeps_serving() {
+    let d = start("max_frame_bytes = 4096\nallowed_origins = [\"http://allowed.example\"]\n");
+    let chat = |body: Value| request("POST", "/v1/chat/completions", Some(&d.token), "", &body.to_string());
+
+    let r = raw(&d, &request("POST", "/v1/chat/completions", None, "", &question(json!({})).to_string())).await;
+    assert_eq!(r.error().0, 401);
+    assert_eq!(r.error().1, "unauthorized");
+    let r =
+        raw(&d, &request("POST", "/v1/chat/completions", Some("wrong"), "", &question(json!({})).to_string())).await;
+    assert_eq!((r.status, r.json()["error"]["message"].as_str()), (401, Some("wrong token")));
+    // A page of another site learns nothing, not even whether the token is right.
+    let r = raw(&d, &request("GET", "/v1/models", None, "origin: http://evil.example\r\n", "")).await;
+    assert_eq!(r.error(), (403, "origin_not_allowed".into(), Value::Null));
+    let r = raw(&d, &request("GET", "/v1/models", Some(&d.token), "origin: http://allowed.example\r\n", "")).await;
+    assert_eq!(r.status, 200);
+    assert!(r.headers.contains("access-control-allow-origin: http://allowed.example"), "{r:?}");
+
+    for (body, status, code, param) in [
+        (question(json!({"model": "nope"})), 404, "model_not_found", json!("model")),
+        (question(json!({"temperature": "hot"})), 400, "invalid_request", json!("temperature")),
+        (question(json!({"temperature": -1})), 400, "invalid_request", json!("temperature")),
+        (question(json!({"n": 2})), 400, "invalid_request", json!("n")),
+        (question(json!({"tools": [{"type": "function"}]})), 400, "invalid_request", json!("tools")),
+        (question(json!({"max_tokens": 0})), 400, "invalid_request", json!("max_tokens")),
+        (
+            question(json!({"messages": [{"role": "robot", "content": "hi"}]})),
+            400,
+            "invalid_request",
+            json!("messages[0].role"),
+        ),
+        (question(json!({"plugins": [{"name": "missing"}]})), 400, "plugin_error", Value::Null),
+    ] {
+        let r = raw(&d, &chat(body.clone())).await;
+        let (got_status, got_code, got_param) = r.error();
+        assert_eq!((got_status, got_code.as_str()), (status, code), "{body}: {r:?}");
+        if !param.is_null() {
+            assert_eq!(got_param, param, "{body}: {r:?}");
+        }
+    }
+    let r = raw(&d, &request("POST", "/v1/chat/completions", Some(&d.token), "", "{not json")).await;
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("not valid JSON"), "{r:?}");
+    let r =
+        raw(&d, format!("POST /v1/chat/completions HTTP/1.1\r\nauthorization: Bearer {}\r\n\r\n", d.token).as_bytes())
+            .await;
+    assert_eq!(r.status, 411);
+    let big = question(json!({"stop": ["x".repeat(5000)]})).to_string();
+    let r = raw(&d, &request("POST", "/v1/chat/completions", Some(&d.token), "", &big)).await;
+    assert_eq!(r.error().0, 413);
+    let r = raw(&d, &request("POST", "/v1/embeddings", Some(&d.token), "", "{}")).await;
+    assert_eq!(r.error().0, 404);
+
+    // Still serving.
+    let r = post(&d, "/v1/chat/completions", question(json!({}))).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.json()["choices"][0]["message"]["content"].as_str().unwrap().contains("Paris"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_cancels_its_request() {
+    let d = start("");
+    let mut ws = connect(&d).await;
+    // The end-of-text tokens biased away (SmolLM2's 0-2), so nothing but the hang-up ends it.
+    let bias = json!({"0": -100, "1": -100, "2": -100});
+    let body = json!({"prompt": "Write a story about the sea.", "max_tokens": 2000, "stream": true, "temperature": 0, "logit_bias": bias})
+        .to_string();
+    let mut s = TcpStream::connect(&d.addr).await.unwrap();
+    s.write_all(&request("POST", "/v1/completions", Some(&d.token), "", &body)).await.unwrap();
+    // Wait for the first text event, then hang up.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("\"text\":\"") {
+        let n = tokio::time::timeout(Duration::from_secs(60), s.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let m = ask(&mut ws, json!({"type": "models", "id": "before"})).await;
+    assert_eq!(m["data"]["models"][0]["in_flight"], 1, "{m}");
+    drop(s);
+    // 2,000 tokens take minutes on this CPU; cancelled, the model has nothing in flight within seconds.
+    let started = std::time::Instant::now();
+    loop {
+        let m = ask(&mut ws, json!({"type": "models", "id": "m"})).await;
+        if m["data"]["models"][0]["in_flight"] == 0 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "still in flight: {m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
