@@ -158,6 +158,13 @@ async fn bad_requests_get_openai_errors_that_name_the_field_and_the_daemon_keeps
     let r = raw(&d, &request("GET", "/v1/models", Some(&d.token), "origin: http://allowed.example\r\n", "")).await;
     assert_eq!(r.status, 200);
     assert!(r.headers.contains("access-control-allow-origin: http://allowed.example"), "{r:?}");
+    // The browser's preflight (it carries no token) for that origin only.
+    let preflight = "origin: http://allowed.example\r\naccess-control-request-method: POST\r\n";
+    let r = raw(&d, &request("OPTIONS", "/v1/chat/completions", None, preflight, "")).await;
+    assert_eq!(r.status, 204, "{r:?}");
+    assert!(r.headers.contains("access-control-allow-headers: authorization, content-type"), "{r:?}");
+    let r = raw(&d, &request("OPTIONS", "/v1/chat/completions", None, "origin: http://evil.example\r\n", "")).await;
+    assert_eq!(r.status, 403);
 
     for (body, status, code, param) in [
         (question(json!({"model": "nope"})), 404, "model_not_found", json!("model")),
