@@ -291,6 +291,11 @@ fn messages(v: &Value) -> Result<Vec<Message>, HttpError> {
         .iter()
         .enumerate()
         .map(|(i, m)| {
+            let fields = m.as_object().ok_or_else(|| HttpError::bad(format!("`messages[{i}]` must be an object")))?;
+            // `name` changes nothing here; tool calls and anything else would be dropped unseen.
+            if let Some(other) = fields.keys().find(|k| !matches!(k.as_str(), "role" | "content" | "name")) {
+                return Err(HttpError::bad(format!("`messages[{i}].{other}` is not supported: mlxd's chat takes role and content")));
+            }
             let role = m
                 .get("role")
                 .and_then(Value::as_str)
@@ -791,6 +796,8 @@ mod tests {
             (json!({"messages": [], "stop": [1]}), "stop[0]"),
             (json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}), "messages[0].content[0]"),
             (json!({"messages": [{"content": "x"}]}), "messages[0].role"),
+            (json!({"messages": [{"role": "assistant", "content": null, "tool_calls": []}]}), "messages[0].tool_calls"),
+            (json!({"messages": ["hi"]}), "messages[0]"),
             (json!({"messages": [], "stream": "yes"}), "stream"),
             (json!({"prompt": "x"}), "prompt"),
             (json!({"model": "m"}), "messages"),
