@@ -1,11 +1,12 @@
 //! The OpenAI-compatible endpoints of the real daemon (default model, CPU), spoken to over raw
 //! HTTP/1.1 as the `openai` SDKs speak it: answers whole and streamed agree with each other and
-//! with the WebSocket protocol's, errors are OpenAI error objects that name the field, a client
-//! that hangs up cancels its request, and the daemon keeps serving through all of it.
+//! with the WebSocket protocol's, HTTP and WebSocket clients share the batch and each gets what it
+//! gets alone, errors are OpenAI error objects that name the field, a client that hangs up
+//! cancels its request, and the daemon keeps serving through all of it.
 
 mod common;
 
-use common::daemon::{ask, connect, finish, send, start, Daemon};
+use common::daemon::{ask, connect, finish, recv, send, start, Daemon};
 use serde_json::{json, Value};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -37,7 +38,11 @@ impl Reply {
 
 /// Sends one raw request and reads the whole answer (the daemon closes each connection).
 async fn raw(d: &Daemon, request: &[u8]) -> Reply {
-    let mut s = TcpStream::connect(&d.addr).await.unwrap();
+    raw_at(&d.addr, request).await
+}
+
+async fn raw_at(addr: &str, request: &[u8]) -> Reply {
+    let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(request).await.unwrap();
     let mut bytes = Vec::new();
     tokio::time::timeout(Duration::from_secs(120), s.read_to_end(&mut bytes))
@@ -238,4 +243,61 @@ async fn a_client_that_hangs_up_cancels_its_request() {
         assert!(started.elapsed() < Duration::from_secs(20), "still in flight: {m}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The text of a chat answer, whole or streamed.
+fn answer_text(r: &Reply) -> String {
+    assert_eq!(r.status, 200, "{r:?}");
+    if r.headers.contains("text/event-stream") {
+        r.events()
+            .iter()
+            .filter(|e| *e != "[DONE]")
+            .filter_map(|e| {
+                serde_json::from_str::<Value>(e).unwrap()["choices"][0]["delta"]["content"].as_str().map(String::from)
+            })
+            .collect()
+    } else {
+        r.json()["choices"][0]["message"]["content"].as_str().unwrap().to_string()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_and_websocket_clients_share_the_batch_and_each_gets_what_it_gets_alone() {
+    let d = start("");
+    let prompts = ["Name a fruit.", "What is 2+2?", "Name a planet."];
+    let body = |p: &str, stream: bool| {
+        json!({"messages": [{"role": "user", "content": p}], "max_tokens": 24, "temperature": 0, "stream": stream})
+            .to_string()
+    };
+    let mut alone = Vec::new();
+    for p in prompts {
+        alone.push(answer_text(
+            &raw(&d, &request("POST", "/v1/chat/completions", Some(&d.token), "", &body(p, false))).await,
+        ));
+    }
+    // Each prompt three times at once: whole over HTTP, streamed over HTTP, and over WebSocket.
+    let mut http = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        for stream in [false, true] {
+            let (addr, req) =
+                (d.addr.clone(), request("POST", "/v1/chat/completions", Some(&d.token), "", &body(p, stream)));
+            http.push((i, tokio::spawn(async move { answer_text(&raw_at(&addr, &req).await) })));
+        }
+    }
+    let mut ws = connect(&d).await;
+    for (i, p) in prompts.iter().enumerate() {
+        let msg = json!({"type": "generate", "id": format!("w{i}"), "messages": [{"role": "user", "content": p}], "max_tokens": 24});
+        send(&mut ws, msg).await;
+    }
+    let mut runs = finish(&mut ws, &["w0", "w1", "w2"]).await;
+    for (i, h) in http {
+        assert_eq!(h.await.unwrap(), alone[i], "prompt {i} over HTTP: batching changed the greedy output");
+    }
+    for (i, text) in alone.iter().enumerate() {
+        assert_eq!(&runs.remove(&format!("w{i}")).unwrap().text, text, "prompt {i} over WebSocket");
+    }
+    // They really ran together.
+    send(&mut ws, json!({"type": "status", "id": "s"})).await;
+    let s = recv(&mut ws).await;
+    assert!(s["data"]["resident_models"][0]["mean_batch"].as_f64().unwrap() > 1.0, "{s}");
 }
