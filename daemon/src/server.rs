@@ -1,6 +1,7 @@
 //! The listener: accepts TCP (and optionally Unix-socket) connections, answers the plain HTTP
 //! paths (`/metrics`, `/health`, and the OpenAI-compatible `/v1/...` of [`crate::openai`]) and
-//! upgrades the rest to WebSocket after checking the bearer token and the browser `Origin`. Each connection then runs in [`crate::connection`].
+//! upgrades the rest to WebSocket after checking the bearer token and the browser `Origin`. Each
+//! WebSocket connection then runs in [`crate::connection`].
 //!
 //! `run(listener, shutdown)` returns once shutdown was signalled and every connection has sent
 //! its final events (mini-redis's pattern: a broadcast notice and a wait for every task).
