@@ -206,6 +206,21 @@ async fn bad_requests_get_openai_errors_that_name_the_field_and_the_daemon_keeps
     let r = raw(&d, &request("POST", "/v1/embeddings", Some(&d.token), "", "{}")).await;
     assert_eq!(r.error().0, 404);
 
+    // A client that asks before sending its body (curl's `expect: 100-continue`) is told to go on.
+    let body = json!({"prompt": "Hello", "max_tokens": 2}).to_string();
+    let mut s = TcpStream::connect(&d.addr).await.unwrap();
+    let head = request("POST", "/v1/completions", Some(&d.token), "expect: 100-continue\r\n", "");
+    let head =
+        String::from_utf8(head).unwrap().replace("content-length: 0", &format!("content-length: {}", body.len()));
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut interim = [0u8; 25];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut interim)).await.unwrap().unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    s.write_all(body.as_bytes()).await.unwrap();
+    let mut rest = String::new();
+    s.read_to_string(&mut rest).await.unwrap();
+    assert!(rest.starts_with("HTTP/1.1 200"), "{rest}");
+
     // Still serving.
     let r = post(&d, "/v1/chat/completions", question(json!({}))).await;
     assert_eq!(r.status, 200, "{r:?}");

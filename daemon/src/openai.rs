@@ -475,6 +475,10 @@ pub async fn serve(stream: Box<dyn Stream>, shared: Arc<Shared>) {
             return reply_error(&mut wr, &e, Some(&cors)).await;
         }
     };
+    // curl asks before sending a larger body, and waits a second for the answer otherwise.
+    if head.header("expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue")) && head.rest.is_empty() {
+        let _ = wr.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+    }
     let body = match tokio::time::timeout(READ_TIMEOUT, read_body(&mut rd, &head, shared.config.server.max_frame_bytes))
         .await
     {
