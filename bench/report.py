@@ -474,6 +474,26 @@ class ServeResult:
     def value(side: Dict[int, dict], clients: int, key: str) -> Optional[float]:
         return (side.get(clients) or {}).get(key)
 
+    def host_lines(self) -> List[str]:
+        """Per level, what the daemon's decode steps cost the host and how many cores the servers'
+        processes kept busy (absent from results of before these were recorded)."""
+        out = []
+        for c in self.levels():
+            ours, theirs = self.mlxd.get(c) or {}, self.peer.get(c) or {}
+            step = (ours.get("daemon_steps") or {}).get("host_build_ms_per_step")
+            cores = (ours.get("cpu") or {}).get("server_cpu_cores")
+            peer_cores = (theirs.get("cpu") or {}).get("server_cpu_cores")
+            parts = []
+            if step is not None:
+                parts.append(f"mlxd {step:.2f} ms of host work per step")
+            if cores is not None:
+                parts.append(f"its process {cores:.2f} cores busy")
+            if peer_cores is not None:
+                parts.append(f"mlx_lm.server's {peer_cores:.2f}")
+            if parts:
+                out.append(f"{clients_text(c)}: " + ", ".join(parts))
+        return out
+
     def client_engine(self, clients: int) -> Optional[float]:
         """Decode tok/s a client observed / what mlxd's engine reported for its sequence."""
         return ratio(self.value(self.mlxd, clients, "per_client_tps_mean"),
@@ -521,6 +541,9 @@ def concurrency_section(serve: Optional[ServeResult], plot: Optional[str]) -> Li
     low = serve.min_client_engine()
     if low:
         lines.append(f"- Client-observed / engine decode tok/s: lowest {low[0]:.3f} ({clients_text(low[1])}).")
+    host = serve.host_lines()
+    if host:
+        lines.append("- Where the host's time went, per level: " + "; ".join(host) + ".")
     if not serve.peer:
         lines.append("- mlx_lm.server: not measured.")
     return lines + [""] + plot_lines(plot, "Aggregate tok/s and TTFT vs clients")

@@ -199,6 +199,15 @@ class ReportTest(unittest.TestCase):
         for what, (value, status) in expect.items():
             self.assertEqual(table_row(md, what)[2:], [value, status], what)
 
+    def test_host_time_per_level_when_recorded(self):
+        self.assertNotIn("Where the host's time went", self.report(gpu_suite()))
+        suite = gpu_suite()
+        suite["serve"]["mlxd"]["8"].update({"daemon_steps": {"host_build_ms_per_step": 8.6}, "cpu": {"server_cpu_cores": 2.5}})
+        suite["serve"]["mlx_lm_server"]["8"]["cpu"] = {"server_cpu_cores": 1.25}
+        md = self.report(suite)
+        self.assertIn("- Where the host's time went, per level: 8 clients: mlxd 8.60 ms of host work per step, "
+                      "its process 2.50 cores busy, mlx_lm.server's 1.25.", md)
+
     def test_overhead_verdict_needs_the_whole_interval(self):
         # Seven paired rounds against a steady greedy of 100 tok/s: costs in percent.
         def model(name, full, dry, passthrough):

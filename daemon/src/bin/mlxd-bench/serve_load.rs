@@ -221,6 +221,45 @@ async fn step_counters(addr: &str) -> Result<[f64; 4]> {
     }
 }
 
+/// CPU seconds a process has used (user + system; `/proc`, so Linux only), for the cores the
+/// server and the benchmark's own clients keep busy at each level: a host whose daemon steps
+/// grow with the client count while the engine alone does not shows it there first.
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesized command name (which may hold spaces): state is field 3,
+    // utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (hz > 0.0).then(|| ticks / hz)
+}
+
+/// Cores busy in `server` and in this process over a measured level.
+struct CpuMeter {
+    server: String,
+    started: Instant,
+    server_s: Option<f64>,
+    self_s: Option<f64>,
+}
+
+impl CpuMeter {
+    fn start(server_pid: u32) -> Self {
+        let server = server_pid.to_string();
+        CpuMeter { server_s: cpu_seconds(&server), self_s: cpu_seconds("self"), started: Instant::now(), server }
+    }
+
+    fn stop(&self) -> Value {
+        let wall = self.started.elapsed().as_secs_f64().max(1e-9);
+        let cores = |before: Option<f64>, now: Option<f64>| before.zip(now).map(|(b, n)| (n - b) / wall);
+        json!({
+            "server_cpu_cores": cores(self.server_s, cpu_seconds(&self.server)),
+            "client_cpu_cores": cores(self.self_s, cpu_seconds("self")),
+        })
+    }
+}
+
 /// What one level's decode steps cost inside the daemon, per step: to compare with
 /// `mlxd-bench engine`'s split of the same model (a gap between the two is the daemon's own).
 fn step_split(before: [f64; 4], after: [f64; 4]) -> Value {
@@ -259,7 +298,9 @@ pub fn run(a: LoadArgs) -> Result<Value> {
         for &n in &a.clients {
             let before = step_counters(&addr).await?;
             let level_addr = addr.clone();
+            let cpu = CpuMeter::start(server.0.id());
             let mut s = level(n, a.prompt, a.gen, move |p, g, t| mlxd_client(level_addr.clone(), p, g, t)).await?;
+            s["cpu"] = cpu.stop();
             s["daemon_steps"] = step_split(before, step_counters(&addr).await?);
             eprintln!("mlxd {n} clients: {s}");
             ours.insert(n.to_string(), s);
@@ -278,7 +319,7 @@ pub fn run(a: LoadArgs) -> Result<Value> {
             .stderr(Stdio::null())
             .spawn()
             .context("starting mlx_lm.server")?;
-        let _server = Server(child);
+        let server = Server(child);
         rt.block_on(async {
             let deadline = Instant::now() + Duration::from_secs(120);
             while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
@@ -291,7 +332,9 @@ pub fn run(a: LoadArgs) -> Result<Value> {
                 level(n, a.prompt, a.gen, move |p, g, t| mlx_lm_client(port, p, g, t)).await?;
             }
             for &n in &a.clients {
-                let s = level(n, a.prompt, a.gen, move |p, g, t| mlx_lm_client(port, p, g, t)).await?;
+                let cpu = CpuMeter::start(server.0.id());
+                let mut s = level(n, a.prompt, a.gen, move |p, g, t| mlx_lm_client(port, p, g, t)).await?;
+                s["cpu"] = cpu.stop();
                 eprintln!("mlx_lm.server {n} clients: {s}");
                 theirs.insert(n.to_string(), s);
             }
@@ -315,6 +358,20 @@ pub fn run(a: LoadArgs) -> Result<Value> {
             f(&t, "per_client_tps_mean"),
             f(&t, "ttft_p50_ms"),
             f(&t, "ttft_p99_ms"),
+        );
+    }
+    let cores = |v: &Value, k: &str| v["cpu"][k].as_f64().map_or("-".to_string(), |c| format!("{c:.2}"));
+    println!("\n| clients | mlxd process, cores busy | its clients | mlx_lm.server process | its clients |");
+    println!("| --- | --- | --- | --- | --- |");
+    for n in &a.clients {
+        let o = &ours[&n.to_string()];
+        let t = theirs.get(&n.to_string()).cloned().unwrap_or(Value::Null);
+        println!(
+            "| {n} | {} | {} | {} | {} |",
+            cores(o, "server_cpu_cores"),
+            cores(o, "client_cpu_cores"),
+            cores(&t, "server_cpu_cores"),
+            cores(&t, "client_cpu_cores")
         );
     }
     if let (Some(one), Some(eight)) = (ours.get("1"), ours.get("8")) {
