@@ -9,9 +9,11 @@
 //! with every WebSocket client. The same bearer token and the same `Origin` rule apply. One
 //! request per connection (`connection: close`); a client that disconnects cancels its request.
 //! What the protocol cannot honour (`n` above 1, tools, response formats, log-probabilities) is
-//! refused with a 400 that names the field, never silently ignored. mlxd's own sampling fields
-//! (`top_k`, `min_p`, `typical_p`, `repetition_penalty`, `repetition_context_size`) and
-//! `plugins` are accepted beside OpenAI's, as vLLM and llama.cpp's server accept theirs.
+//! refused with a 400 that names the field; only fields that change nothing about the answer
+//! (`user`, `metadata`, `store`, `service_tier`, a message's `name`) are ignored. mlxd's own
+//! sampling fields (`top_k`, `min_p`, `typical_p`, `repetition_penalty`,
+//! `repetition_context_size`) and `plugins` are accepted beside OpenAI's, as vLLM and llama.cpp's
+//! server accept theirs.
 
 use crate::chat::Message;
 use crate::protocol::{ErrorCode, GenerateMsg, PluginUse, ServerMessage};
