@@ -316,3 +316,44 @@ async fn http_and_websocket_clients_share_the_batch_and_each_gets_what_it_gets_a
     let s = recv(&mut ws).await;
     assert!(s["data"]["resident_models"][0]["mean_batch"].as_f64().unwrap() > 1.0, "{s}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_logprobs_name_each_token_and_its_alternatives() {
+    let d = start("");
+    let r = post(&d, "/v1/chat/completions", question(json!({"logprobs": true, "top_logprobs": 3}))).await;
+    let v = r.json();
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let entries = v["choices"][0]["logprobs"]["content"].as_array().unwrap().clone();
+    assert_eq!(entries.len() as u64, v["usage"]["completion_tokens"].as_u64().unwrap(), "{v}");
+    for e in &entries {
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3, "{e}");
+        // Greedy: the chosen token is the most likely one, and the alternatives come best first.
+        assert_eq!((&e["token"], &e["logprob"]), (&top[0]["token"], &top[0]["logprob"]), "{e}");
+        let lps: Vec<f64> = top.iter().map(|t| t["logprob"].as_f64().unwrap()).collect();
+        assert!(lps.windows(2).all(|w| w[0] >= w[1]) && lps[0] <= 0.0, "{e}");
+        assert_eq!(e["bytes"], json!(e["token"].as_str().unwrap().as_bytes()), "{e}");
+    }
+    // The tokens spell the answer (then the end-of-sequence token, when it stopped on one).
+    let spelled: String = entries.iter().map(|e| e["token"].as_str().unwrap()).collect();
+    assert!(spelled.starts_with(&content) && spelled.len() > content.len() - 1, "{spelled:?} vs {content:?}");
+
+    // Streamed: the same entries, one per token.
+    let r =
+        post(&d, "/v1/chat/completions", question(json!({"logprobs": true, "top_logprobs": 3, "stream": true}))).await;
+    let streamed: Vec<Value> = r
+        .events()
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .flat_map(|e| {
+            serde_json::from_str::<Value>(e).unwrap()["choices"][0]["logprobs"]["content"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(streamed, entries);
+    // Without them, none.
+    let r = post(&d, "/v1/chat/completions", question(json!({}))).await;
+    assert_eq!(r.json()["choices"][0]["logprobs"], Value::Null);
+}

@@ -310,7 +310,11 @@ pub(crate) async fn run_generate(v: crate::validation::ValidGenerate, cancel: Ar
                     id: id.clone(),
                     text: t.text,
                     tokens: vec![t.id],
-                    logprobs: t.logprobs.map(|l| json!({"logprob": l.logprob, "top": l.top.iter().map(|(t, p)| json!({"token": t, "logprob": p})).collect::<Vec<_>>()})),
+                    logprobs: t.logprobs.map(|l| {
+                        let text = |i: usize| l.top_text.get(i).cloned().unwrap_or_default();
+                        let top = l.top.iter().enumerate().map(|(i, (t, p))| json!({"token": t, "logprob": p, "text": text(i)}));
+                        json!({"logprob": l.logprob, "text": l.text, "top": top.collect::<Vec<_>>()})
+                    }),
                 }
             }
             JobEvent::Done(o) => {

@@ -8,9 +8,10 @@
 //! sent it), the same plugin resolution and the same model queue, and shares the continuous batch
 //! with every WebSocket client. The same bearer token and the same `Origin` rule apply. One
 //! request per connection (`connection: close`); a client that disconnects cancels its request.
-//! What the protocol cannot honour (`n` above 1, tools, response formats, log-probabilities) is
-//! refused with a 400 that names the field; only fields that change nothing about the answer
-//! (`user`, `metadata`, `store`, `service_tier`, a message's `name`) are ignored. mlxd's own
+//! What the protocol cannot honour (`n` above 1, tools, response formats, log-probabilities on
+//! `/v1/completions`) is refused with a 400 that names the field; only fields that change nothing
+//! about the answer (`user`, `metadata`, `store`, `service_tier`, a message's `name`) are
+//! ignored; chat log-probabilities carry each token's own text. mlxd's own
 //! sampling fields (`top_k`, `min_p`, `typical_p`, `repetition_penalty`,
 //! `repetition_context_size`) and `plugins` are accepted beside OpenAI's, as vLLM and llama.cpp's
 //! server accept theirs.
@@ -162,6 +163,7 @@ pub fn translate(endpoint: Endpoint, body: &Value, id: &str) -> Result<Translate
         logprobs: None,
     };
     let (mut stream, mut include_usage) = (false, false);
+    let (mut logprobs, mut top_logprobs) = (false, None);
     for (key, value) in obj {
         let k = key.as_str();
         match k {
@@ -180,10 +182,21 @@ pub fn translate(endpoint: Endpoint, body: &Value, id: &str) -> Result<Translate
             }
             "n" | "best_of" => {}
             "logprobs" | "echo" if matches!(value, Value::Null | Value::Bool(false)) => {}
-            "top_logprobs" if value.is_null() || value.as_u64() == Some(0) => {}
+            "logprobs" if endpoint == Endpoint::Chat && value == &Value::Bool(true) => logprobs = true,
+            "logprobs" if endpoint == Endpoint::Chat => {
+                return Err(HttpError::bad(format!("`logprobs` must be true or false, got {value}")));
+            }
+            "top_logprobs" if endpoint == Endpoint::Chat => {
+                top_logprobs = match value {
+                    Value::Null => None,
+                    v => Some(v.as_u64().filter(|&n| n <= 20).ok_or_else(|| {
+                        HttpError::bad(format!("`top_logprobs` must be an integer from 0 to 20, got {v}"))
+                    })?),
+                }
+            }
             "logprobs" | "top_logprobs" => {
                 return Err(HttpError::bad(format!(
-                    "`{k}` is not supported on the OpenAI endpoints (the WebSocket protocol's `logprobs` gives them)"
+                    "`{k}` is not supported on /v1/completions (/v1/chat/completions and the WebSocket protocol have them)"
                 )));
             }
             "suffix" if value.is_null() => {}
@@ -206,6 +219,11 @@ pub fn translate(endpoint: Endpoint, body: &Value, id: &str) -> Result<Translate
                 )))
             }
         }
+    }
+    match (logprobs, top_logprobs) {
+        (true, n) => msg.logprobs = Some(n.unwrap_or(0) as u32),
+        (false, Some(n)) if n > 0 => return Err(HttpError::bad("`top_logprobs` needs `logprobs: true`")),
+        (false, _) => {}
     }
     match endpoint {
         Endpoint::Chat if msg.messages.is_none() => return Err(HttpError::bad("`messages` is required")),
@@ -505,6 +523,7 @@ pub async fn serve(stream: Box<dyn Stream>, shared: Arc<Shared>) {
 
     // The request runs as a WebSocket request does; its events come back here. A client that
     // goes away (its half of the connection ends) or a server shutdown cancels it.
+    let wants_logprobs = v.sampling.logprobs.is_some();
     let cancel = Arc::new(AtomicBool::new(false));
     let (out, mut events) = mpsc::channel::<ServerMessage>(shared.config.server.stream_buffer.max(2));
     let task = {
@@ -525,7 +544,8 @@ pub async fn serve(stream: Box<dyn Stream>, shared: Arc<Shared>) {
         })
     };
     let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let mut answer = Answer { id, endpoint, created, model: String::new(), text: String::new() };
+    let logprobs = wants_logprobs.then(Vec::new);
+    let mut answer = Answer { id, endpoint, created, model: String::new(), text: String::new(), logprobs };
     if stream {
         stream_events(&mut wr, &mut events, &mut answer, include_usage, &cors, &cancel).await;
     } else {
@@ -542,6 +562,8 @@ struct Answer {
     created: u64,
     model: String,
     text: String,
+    /// The tokens' log-probability entries so far, when the request asked for them.
+    logprobs: Option<Vec<Value>>,
 }
 
 impl Answer {
@@ -553,12 +575,14 @@ impl Answer {
         }
     }
 
-    /// One choice: `piece` as a chat delta / message or a completion's text.
-    fn choice(&self, piece: Value, finish: Option<&str>, chunk: bool) -> Value {
+    /// One choice: `piece` as a chat delta / message or a completion's text; `entries`, its
+    /// tokens' log-probabilities where the request asked for them.
+    fn choice(&self, piece: Value, finish: Option<&str>, chunk: bool, entries: &[Value]) -> Value {
         match self.endpoint {
             Endpoint::Chat => {
                 let field = if chunk { "delta" } else { "message" };
-                json!({"index": 0, field: piece, "logprobs": null, "finish_reason": finish})
+                let logprobs = if self.logprobs.is_some() { json!({"content": entries}) } else { Value::Null };
+                json!({"index": 0, field: piece, "logprobs": logprobs, "finish_reason": finish})
             }
             Endpoint::Completions => json!({"index": 0, "text": piece, "logprobs": null, "finish_reason": finish}),
         }
@@ -567,6 +591,20 @@ impl Answer {
     fn envelope(&self, choices: Value, chunk: bool) -> Value {
         json!({"id": self.id, "object": self.object(chunk), "created": self.created, "model": self.model, "choices": choices})
     }
+}
+
+/// OpenAI's log-probability entry of one token, from the protocol's `logprobs` object: the
+/// token's own text, its bytes (of that text) and the alternatives.
+fn logprob_entry(l: &Value) -> Value {
+    let one = |text: &Value, logprob: &Value| {
+        let bytes = text.as_str().map(|t| t.as_bytes().to_vec());
+        json!({"token": text, "logprob": logprob, "bytes": bytes})
+    };
+    let mut entry = one(&l["text"], &l["logprob"]);
+    let top: Vec<Value> =
+        l["top"].as_array().map(|t| t.iter().map(|x| one(&x["text"], &x["logprob"])).collect()).unwrap_or_default();
+    entry["top_logprobs"] = Value::Array(top);
+    entry
 }
 
 fn usage(u: &crate::protocol::Usage) -> Value {
@@ -596,13 +634,19 @@ async fn whole(
     while let Some(ev) = events.recv().await {
         match ev {
             ServerMessage::Started { model, .. } => a.model = model,
-            ServerMessage::Token { text, .. } => a.text.push_str(&text),
+            ServerMessage::Token { text, logprobs, .. } => {
+                a.text.push_str(&text);
+                if let (Some(entries), Some(l)) = (a.logprobs.as_mut(), logprobs) {
+                    entries.push(logprob_entry(&l));
+                }
+            }
             ServerMessage::Done { finish_reason: f, usage: u, .. } => {
                 let piece = match a.endpoint {
                     Endpoint::Chat => json!({"role": "assistant", "content": a.text}),
                     Endpoint::Completions => json!(a.text),
                 };
-                let mut body = a.envelope(json!([a.choice(piece, Some(finish_reason(f)), false)]), false);
+                let entries = a.logprobs.clone().unwrap_or_default();
+                let mut body = a.envelope(json!([a.choice(piece, Some(finish_reason(f)), false, &entries)]), false);
                 body["usage"] = usage(&u);
                 return reply_json(wr, 200, &body, cors).await;
             }
@@ -642,24 +686,28 @@ async fn stream_events(
                 }
                 open = true;
                 if a.endpoint == Endpoint::Chat {
-                    frames.push(
-                        a.envelope(json!([a.choice(json!({"role": "assistant", "content": ""}), None, true)]), true),
-                    );
+                    frames.push(a.envelope(
+                        json!([a.choice(json!({"role": "assistant", "content": ""}), None, true, &[])]),
+                        true,
+                    ));
                 }
             }
-            ServerMessage::Token { text, .. } if !text.is_empty() => {
+            // A token that completes no text yet (a piece of a character, the end-of-sequence
+            // token) has an event of its own only where its log-probabilities were asked for.
+            ServerMessage::Token { text, logprobs, .. } if !text.is_empty() || a.logprobs.is_some() => {
                 let piece = match a.endpoint {
                     Endpoint::Chat => json!({"content": text}),
                     Endpoint::Completions => json!(text),
                 };
-                frames.push(a.envelope(json!([a.choice(piece, None, true)]), true));
+                let entries: Vec<Value> = logprobs.iter().map(logprob_entry).collect();
+                frames.push(a.envelope(json!([a.choice(piece, None, true, &entries)]), true));
             }
             ServerMessage::Done { finish_reason: f, usage: u, .. } => {
                 let piece = match a.endpoint {
                     Endpoint::Chat => json!({}),
                     Endpoint::Completions => json!(""),
                 };
-                frames.push(a.envelope(json!([a.choice(piece, Some(finish_reason(f)), true)]), true));
+                frames.push(a.envelope(json!([a.choice(piece, Some(finish_reason(f)), true, &[])]), true));
                 if include_usage {
                     let mut tail = a.envelope(json!([]), true);
                     tail["usage"] = usage(&u);
@@ -778,6 +826,16 @@ mod tests {
     }
 
     #[test]
+    fn chat_logprobs_become_the_protocols_and_completions_refuse_them() {
+        let t = chat(json!({"messages": [], "logprobs": true, "top_logprobs": 5})).unwrap();
+        assert_eq!(t.msg.logprobs, Some(5));
+        assert_eq!(chat(json!({"messages": [], "logprobs": true})).unwrap().msg.logprobs, Some(0));
+        assert_eq!(chat(json!({"messages": [], "logprobs": false, "top_logprobs": 0})).unwrap().msg.logprobs, None);
+        let e = translate(Endpoint::Completions, &json!({"prompt": "x", "logprobs": 1}), "c").unwrap_err();
+        assert_eq!((e.status, e.param.as_deref()), (400, Some("logprobs")));
+    }
+
+    #[test]
     fn openai_defaults_apply_where_the_body_is_silent() {
         let t = translate(
             Endpoint::Completions,
@@ -796,7 +854,9 @@ mod tests {
         for (body, field) in [
             (json!({"messages": [], "n": 2}), "n"),
             (json!({"messages": [], "tools": []}), "tools"),
-            (json!({"messages": [], "logprobs": true}), "logprobs"),
+            (json!({"messages": [], "top_logprobs": 3}), "top_logprobs"),
+            (json!({"messages": [], "logprobs": true, "top_logprobs": 21}), "top_logprobs"),
+            (json!({"messages": [], "logprobs": 2}), "logprobs"),
             (json!({"messages": [], "response_format": {"type": "json_object"}}), "response_format"),
             (json!({"messages": [], "max_tokens": "many"}), "max_tokens"),
             (json!({"messages": [], "stop": [1]}), "stop[0]"),

@@ -150,7 +150,10 @@ export interface StartedEvent {
 
 export interface TokenLogprobs {
   logprob: number;
-  top: { token: number; logprob: number }[];
+  /** The chosen token's own text (special tokens as written). */
+  text: string;
+  /** The most likely alternatives, best first, each with its own text. */
+  top: { token: number; logprob: number; text: string }[];
 }
 
 export interface TokenEvent {

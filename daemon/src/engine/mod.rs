@@ -81,6 +81,11 @@ pub struct TokenLogprobs {
     pub logprob: f32,
     /// The most likely alternatives, best first: `(token id, log-probability)`.
     pub top: Vec<(u32, f32)>,
+    /// The chosen token's own text (special tokens as written; a piece of a character decodes
+    /// lossily), set when the token is accepted.
+    pub text: String,
+    /// Each alternative's own text, in the order of `top`.
+    pub top_text: Vec<String>,
 }
 
 /// A piece of output, as it is produced.
@@ -178,7 +183,12 @@ impl StepOutput {
         let span = index * width..(index + 1) * width;
         let (ids, values) = (ids.get(span.clone()).unwrap_or_default(), values.get(span).unwrap_or_default());
         let top = ids.iter().copied().zip(values.iter().copied()).take(n as usize).collect();
-        Ok(Some(TokenLogprobs { logprob: chosen.get(index).copied().unwrap_or(f32::NAN), top }))
+        Ok(Some(TokenLogprobs {
+            logprob: chosen.get(index).copied().unwrap_or(f32::NAN),
+            top,
+            text: String::new(),
+            top_text: Vec::new(),
+        }))
     }
 }
 
@@ -619,6 +629,14 @@ impl Engine {
     /// (Whether the token is fed to the model is the step's business: see `Row::fed`.)
     fn accept(&self, row: &mut Row, id: u32, logprobs: Option<TokenLogprobs>) -> Result<TokenEvent, ModelError> {
         row.first_token_at.get_or_insert_with(Instant::now);
+        // Each token's own text, for clients that show the alternatives (a few microseconds per
+        // id on the host, only for requests that asked for logprobs).
+        let alone = |t: u32| self.model.tokenizer.decode(&[t], false).unwrap_or_default();
+        let logprobs = logprobs.map(|mut l| {
+            l.text = alone(id);
+            l.top_text = l.top.iter().map(|&(t, _)| alone(t)).collect();
+            l
+        });
         row.ids.push(id);
         let tok_err = |e: crate::tokenizer::TokenizerError| ModelError::Tokenizer(e.to_string());
         if self.model.eos_ids.contains(&id) {
