@@ -629,8 +629,8 @@ impl Engine {
     /// (Whether the token is fed to the model is the step's business: see `Row::fed`.)
     fn accept(&self, row: &mut Row, id: u32, logprobs: Option<TokenLogprobs>) -> Result<TokenEvent, ModelError> {
         row.first_token_at.get_or_insert_with(Instant::now);
-        // Each token's own text, for clients that show the alternatives (a few microseconds per
-        // id on the host, only for requests that asked for logprobs).
+        // Each token's own text, for clients that show the alternatives: one decode per id on
+        // the host, only for requests that asked for logprobs.
         let alone = |t: u32| self.model.tokenizer.decode(&[t], false).unwrap_or_default();
         let logprobs = logprobs.map(|mut l| {
             l.text = alone(id);
