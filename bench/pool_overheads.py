@@ -8,8 +8,10 @@ gives, per model and pooled over all files, the median cost with a 90% bootstrap
     python3 bench/pool_overheads.py e-llama.json e-qwen3-q4.json suite.json
 """
 import json
-import random
+import statistics
 import sys
+
+import paired  # bench/paired.py, beside this script
 
 
 def engine_runs(path):
@@ -22,24 +24,20 @@ def engine_runs(path):
 
 
 def costs(summary, engine, variant):
-    greedy = (summary["variants"].get("greedy", {}).get(engine) or {}).get("runs") or []
-    runs = (summary["variants"].get(variant, {}).get(engine) or {}).get("runs") or []
-    return [100.0 * (1.0 - v["decode_tps"] / g["decode_tps"]) for g, v in zip(greedy, runs)]
+    """Percent costs of `variant` against the greedy run of each round."""
+    runs = lambda v: (summary["variants"].get(v, {}).get(engine) or {}).get("runs") or []  # noqa: E731
+    return [100.0 * c for c in paired.costs(runs("greedy"), runs(variant))]
 
 
-def median(xs):
-    s = sorted(xs)
-    n = len(s)
-    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
-
-
-def interval(xs, rng, draws=2000):
-    meds = sorted(median([rng.choice(xs) for _ in xs]) for _ in range(draws))
-    return meds[int(0.05 * draws)], meds[int(0.95 * draws) - 1]
+def row(label, engine, variant, c, bold=False):
+    lo, hi = paired.interval(c, minimum=1)
+    cost = f"{statistics.median(c):.1f}% [{lo:.1f}, {hi:.1f}]"
+    if bold:
+        return f"| **{label}** | {engine} | **{variant}** | {len(c)} | **{cost}** |"
+    return f"| {label} | {engine} | {variant} | {len(c)} | {cost} |"
 
 
 def main(paths):
-    rng = random.Random(1)
     rows, pooled = [], {}
     for path in paths:
         for model, summary in engine_runs(path):
@@ -49,16 +47,14 @@ def main(paths):
                 for engine in ("mlxd", "mlx_lm"):
                     c = costs(summary, engine, variant)
                     if c:
-                        rows.append((model, engine, variant, c))
+                        rows.append(row(model, engine, variant, c))
                         pooled.setdefault((engine, variant), []).extend(c)
     print("| model | engine | variant | pairs | cost, median [90% interval] |")
     print("| --- | --- | --- | --- | --- |")
-    for model, engine, variant, c in rows:
-        lo, hi = interval(c, rng)
-        print(f"| {model} | {engine} | {variant} | {len(c)} | {median(c):.1f}% [{lo:.1f}, {hi:.1f}] |")
+    for line in rows:
+        print(line)
     for (engine, variant), c in sorted(pooled.items()):
-        lo, hi = interval(c, rng)
-        print(f"| **all** | {engine} | **{variant}** | {len(c)} | **{median(c):.1f}% [{lo:.1f}, {hi:.1f}]** |")
+        print(row("all", engine, variant, c, bold=True))
 
 
 if __name__ == "__main__":

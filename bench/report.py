@@ -16,10 +16,11 @@ import argparse
 import json
 import os
 import statistics
-import random
 import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
+
+import paired  # bench/paired.py, beside this script
 
 try:
     import matplotlib
@@ -281,12 +282,7 @@ class ModelResult:
             return (((self.engine.get("variants") or {}).get(v) or {}).get(engine) or {}).get("runs") or []
         if self.paired_overhead(variant, engine) is None:
             return None
-        costs = [1.0 - o["decode_tps"] / b["decode_tps"] for b, o in zip(runs("greedy"), runs(variant)) if b.get("decode_tps")]
-        if len(costs) < 5:
-            return None
-        rng = random.Random(1)
-        medians = sorted(statistics.median(rng.choices(costs, k=len(costs))) for _ in range(2000))
-        return medians[100], medians[1899]
+        return paired.interval(paired.costs(runs("greedy"), runs(variant)))
 
     @property
     def weight_bytes(self) -> Optional[int]:
