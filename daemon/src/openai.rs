@@ -18,6 +18,7 @@
 
 use crate::chat::Message;
 use crate::protocol::{ErrorCode, GenerateMsg, PluginUse, ServerMessage};
+use crate::sampling::MAX_LOGPROBS;
 use crate::server::{Shared, Stream};
 use serde_json::{json, Map, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -106,7 +107,7 @@ fn param_of(message: &str) -> Option<String> {
 /// The error messages of the shared validation speak of the protocol's fields: say them as an
 /// OpenAI client sent them.
 fn as_sent(message: String) -> String {
-    message.replace("`sampling.", "`").replace("generate: ", "")
+    message.replace("`sampling.", "`")
 }
 
 /// Which endpoint a body is for.
@@ -174,6 +175,7 @@ pub fn translate(endpoint: Endpoint, body: &Value, id: &str) -> Result<Translate
                 msg.max_tokens =
                     Some(value.as_u64().ok_or_else(|| HttpError::bad(format!("`{k}` must be a positive integer")))?)
             }
+            "max_tokens" | "max_completion_tokens" => {}
             "stop" => msg.stop = stop(value)?,
             "stream" => stream = bool_or_null(value, k)?,
             "stream_options" => include_usage = stream_options(value)?,
@@ -189,8 +191,8 @@ pub fn translate(endpoint: Endpoint, body: &Value, id: &str) -> Result<Translate
             "top_logprobs" if endpoint == Endpoint::Chat => {
                 top_logprobs = match value {
                     Value::Null => None,
-                    v => Some(v.as_u64().filter(|&n| n <= 20).ok_or_else(|| {
-                        HttpError::bad(format!("`top_logprobs` must be an integer from 0 to 20, got {v}"))
+                    v => Some(v.as_u64().filter(|&n| n <= u64::from(MAX_LOGPROBS)).ok_or_else(|| {
+                        HttpError::bad(format!("`top_logprobs` must be an integer from 0 to {MAX_LOGPROBS}, got {v}"))
                     })?),
                 }
             }
@@ -211,7 +213,6 @@ pub fn translate(endpoint: Endpoint, body: &Value, id: &str) -> Result<Translate
                 }
             }
             k if IGNORED.contains(&k) => {}
-            "max_tokens" | "max_completion_tokens" => {}
             other => {
                 return Err(HttpError::bad(format!(
                     "`{other}` is not supported by mlxd's {} endpoint",
@@ -221,7 +222,7 @@ pub fn translate(endpoint: Endpoint, body: &Value, id: &str) -> Result<Translate
         }
     }
     match (logprobs, top_logprobs) {
-        (true, n) => msg.logprobs = Some(n.unwrap_or(0) as u32),
+        (true, n) => msg.logprobs = Some(n.unwrap_or(0) as u32), // at most MAX_LOGPROBS, checked above
         (false, Some(n)) if n > 0 => return Err(HttpError::bad("`top_logprobs` needs `logprobs: true`")),
         (false, _) => {}
     }
@@ -316,11 +317,11 @@ fn messages(v: &Value) -> Result<Vec<Message>, HttpError> {
             if let Some(other) = fields.keys().find(|k| !matches!(k.as_str(), "role" | "content" | "name")) {
                 return Err(HttpError::bad(format!("`messages[{i}].{other}` is not supported: mlxd's chat takes role and content")));
             }
-            let role = m
+            let role = fields
                 .get("role")
                 .and_then(Value::as_str)
                 .ok_or_else(|| HttpError::bad(format!("`messages[{i}].role` must be a string")))?;
-            let content = match m.get("content") {
+            let content = match fields.get("content") {
                 Some(Value::String(s)) => s.clone(),
                 Some(Value::Array(parts)) => {
                     let mut text = String::new();
