@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::daemon::{connect_with as connect_raw, recv, send, start, Daemon, Ws};
+use common::daemon::{assert_batched, connect_with as connect_raw, recv, send, start, Daemon, Ws};
 use futures_util::SinkExt;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -269,10 +269,7 @@ async fn concurrent_clients_get_what_each_gets_alone() {
         assert_eq!(together, alone[i], "client {i}: batching changed the greedy output");
     }
     // They really ran together: the status reports batches larger than one.
-    let mut ws = connect(&d).await;
-    send(&mut ws, json!({"type": "status", "id": "s"})).await;
-    let s = recv(&mut ws).await;
-    assert!(s["data"]["resident_models"][0]["mean_batch"].as_f64().unwrap() > 1.0, "{s}");
+    assert_batched(&mut connect(&d).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::daemon::{ask, connect, finish, recv, send, start, Daemon};
+use common::daemon::{ask, assert_batched, connect, finish, send, start, Daemon};
 use serde_json::{json, Value};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -312,9 +312,7 @@ async fn http_and_websocket_clients_share_the_batch_and_each_gets_what_it_gets_a
         assert_eq!(&runs.remove(&format!("w{i}")).unwrap().text, text, "prompt {i} over WebSocket");
     }
     // They really ran together.
-    send(&mut ws, json!({"type": "status", "id": "s"})).await;
-    let s = recv(&mut ws).await;
-    assert!(s["data"]["resident_models"][0]["mean_batch"].as_f64().unwrap() > 1.0, "{s}");
+    assert_batched(&mut ws).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -93,6 +93,14 @@ pub async fn recv(ws: &mut Ws) -> Value {
     }
 }
 
+/// Asserts that the default model really decoded rows together: its `status` reports a mean
+/// batch above one.
+pub async fn assert_batched(ws: &mut Ws) {
+    send(ws, serde_json::json!({"type": "status", "id": "s"})).await;
+    let s = recv(ws).await;
+    assert!(s["data"]["resident_models"][0]["mean_batch"].as_f64().unwrap() > 1.0, "{s}");
+}
+
 /// Connects with the daemon's token.
 pub async fn connect(d: &Daemon) -> Ws {
     connect_with(d, Some(&d.token), None).await.expect("connects with the token").0
