@@ -15,6 +15,10 @@
 //!                                      primitives in one decode step (N > 1: N stacked rows vs one)
 //! mlxd-bench sampler-check           the CUDA sampling kernels (two, and fused) against the
 //!                                      MLX-op graph (same draws expected), on random logits
+//! mlxd-bench sampler-cost [--shape NAME] [--dtype bf16|f32] [--samplers greedy,full] [--plugin ...]
+//!                          [--gen STEPS] [--repeats ROUNDS]
+//!                                      host time of one sampling step alone, per variant
+//!                                      (build / submit / read), on fixed device logits
 //! mlxd-bench kernel-check            mlxd's CUDA kernels for batched decode against MLX ops
 //! mlxd-bench kernel-sources --out DIR [--plugin-dir DIR] [--plugin NAME[:JSON]]...
 //!                                      every CUDA kernel's source as MLX would compile it (or
@@ -39,6 +43,7 @@ mod batch;
 mod kernel_check;
 mod kernel_sources;
 mod profile;
+mod sampler_cost;
 mod serve_load;
 mod suite;
 
@@ -131,6 +136,8 @@ struct Args {
     batch: bool,
     /// `sampler-check`: the CUDA sampling kernel against the MLX-op graph.
     sampler_check: bool,
+    /// `sampler-cost`: the host time of a sampling step alone.
+    sampler_cost: bool,
     /// `batch`: mlxd's CUDA kernels for several-row products and padded attention, MLX's ops, or both.
     model_kernels: String,
     /// `batch`: row `i`'s prompt is this many tokens longer per `i` (a padded stack).
@@ -169,6 +176,7 @@ fn parse_args() -> Result<Args> {
         serve: false,
         batch: false,
         sampler_check: false,
+        sampler_cost: false,
         model_kernels: "on".into(),
         stagger: 0,
         clients: vec![1, 2, 4, 8, 16],
@@ -191,13 +199,14 @@ fn parse_args() -> Result<Args> {
         Some("serve") => a.serve = true,
         Some("batch") => a.batch = true,
         Some("sampler-check") => a.sampler_check = true,
+        Some("sampler-cost") => a.sampler_cost = true,
         Some("suite") => {
             a.suite = Some(suite::DEFAULT_MODELS.iter().map(|m| m.to_string()).collect());
             a.samplers = vec!["greedy".into(), "full".into()];
             a.plugins = vec![("passthrough".into(), "{}".into()), ("dry".into(), r#"{"multiplier":0.8}"#.into())];
         }
         _ => bail!(
-            "usage: mlxd-bench engine|serve|graph|batch|suite|sampler-check|kernel-check|kernel-sources (--shape NAME | --model DIR) [options]; see the file header"
+            "usage: mlxd-bench engine|serve|graph|batch|suite|sampler-check|sampler-cost|kernel-check|kernel-sources (--shape NAME | --model DIR) [options]; see the file header"
         ),
     }
     while let Some(flag) = it.next() {
@@ -282,6 +291,13 @@ fn run() -> Result<()> {
     }
     if args.sampler_check {
         return sampler_check();
+    }
+    if args.sampler_cost {
+        let summary = sampler_cost::run(&args)?;
+        if let Some(path) = &args.json {
+            std::fs::write(path, serde_json::to_string_pretty(&summary)?)?;
+        }
+        return Ok(());
     }
     // Plugins resolve first: a missing one should not cost a model build to find out.
     let plugin_runs = plugin_variants(&args)?;
