@@ -285,8 +285,11 @@ pub struct StepProfile {
     /// available (polled), before the read itself. Tells a device that finishes late from a
     /// read that costs time of its own.
     pub poll: Duration,
-    /// Part of `build`: constructing the model and sampler graphs (no evaluation).
+    /// Part of `build`: constructing the model's graph (no evaluation).
     pub graph: Duration,
+    /// Part of `build`: constructing the sampler's graph (no evaluation); the rest of `build`
+    /// is queueing the step (`async_eval`: on a GPU, encoding and launching every primitive).
+    pub sampler: Duration,
     /// Requests started.
     pub starts: u64,
     /// Host time inside `start` (prompt-cache lookup, prefill graph building and chunk
@@ -433,7 +436,7 @@ impl Engine {
                 logits
             }
         };
-        let pending = match sample(&logits, &mut [&mut sampler], req.sampler.logprobs.unwrap_or(0) > 0)?.pop() {
+        let pending = match sample(&logits, &mut [&mut sampler], req.sampler.logprobs.unwrap_or(0) > 0)?.0.pop() {
             Some(Ok(p)) => Some(p),
             Some(Err(e)) => return Err(e.into()),
             None => None,
@@ -552,8 +555,9 @@ impl Engine {
                 .map(|(_, r)| &mut r.sampler)
                 .collect();
             let graph_started = Instant::now();
-            let sampled = sample(&logits, &mut samplers, want_logprobs)?;
+            let (sampled, sampler_built) = sample(&logits, &mut samplers, want_logprobs)?;
             self.profile.graph += graph_started - build_started;
+            self.profile.sampler += sampler_built;
             self.profile.built += 1;
             for (slot, p) in going_on.iter().zip(sampled) {
                 match p {
@@ -720,13 +724,16 @@ impl Engine {
 }
 
 /// Samples every row of `logits` and queues the result on the device; a row whose plugin
-/// failed gets its error instead of a token.
+/// failed gets its error instead of a token. Also returns the time building the sampler's
+/// graph took (before the step was queued).
 fn sample(
     logits: &Array,
     samplers: &mut [&mut SequenceSampler],
     want_logprobs: bool,
-) -> Result<Vec<Result<Pending, SamplingError>>, ModelError> {
+) -> Result<(Vec<Result<Pending, SamplingError>>, Duration), ModelError> {
+    let started = Instant::now();
     let sampled = sample_batch_with_logprobs(logits, samplers)?;
+    let built = started.elapsed();
     let lp = if want_logprobs { sampled.logprobs } else { None };
     let mut queue: Vec<&Array> = vec![&sampled.tokens];
     if let Some(l) = &lp {
@@ -748,7 +755,8 @@ fn sample(
             let token = if single { sampled.tokens.clone() } else { sampled.tokens.try_index(i..i + 1)? };
             Ok(Ok(Pending { token, step: step.clone(), index: i as usize }))
         })
-        .collect()
+        .collect::<Result<_, ModelError>>()
+        .map(|pending| (pending, built))
 }
 
 /// The step every one of `pending` comes from, when they are all of its rows in its order.

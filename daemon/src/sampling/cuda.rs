@@ -54,13 +54,37 @@ __device__ __forceinline__ unsigned int mlxd_hash(unsigned int x, unsigned int k
     h = (h ^ (h >> 13)) * 0xc2b2ae35u;
     return h ^ (h >> 16);
 }
+// Inclusive prefix sums of x over threads 0-255 of the block, in thread order (threads from
+// 256 on pass through and get their x back); every thread of the block calls it. totals: 8
+// values of shared memory, holding each warp's sum after the call until the next barrier.
+template <typename T>
+__device__ T mlxd_scan256(T x, T* totals) {
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    if (tid < 256) {
+        for (int o = 1; o < 32; o <<= 1) {
+            const T up = __shfl_up_sync(0xffffffffu, x, o);
+            if (lane >= o) x += up;
+        }
+        if (lane == 31) totals[tid >> 5] = x;
+    }
+    __syncthreads();
+    if (tid < 256) {
+        for (int w = 0; w < (tid >> 5); ++w) x += totals[w];
+    }
+    return x;
+}
 // Radix select, 8 bits at a time from the top, over the keys key(0..n): leaves in *kth the key
 // of the need-th largest and in *ties how many keys equal to it the need largest take. Every
-// thread of the block calls it; hist is 256 words of shared memory, kth, mask and ties shared.
+// thread of the block (at least 256) calls it; hist is 256 words of shared memory, kth, mask
+// and ties shared. Each round finds its bin with a parallel suffix sum over the 256 bins (one
+// thread per bin, largest bin first): the bin where the running count reaches the keys still
+// needed.
 template <typename Key>
 __device__ void mlxd_radix_select(
     int n, unsigned int need, Key key, unsigned int* hist,
     unsigned int* kth, unsigned int* mask, unsigned int* ties) {
+    __shared__ unsigned int totals[8];
     const int tid = threadIdx.x;
     const int nt = blockDim.x;
     if (tid == 0) { *kth = 0u; *mask = 0u; *ties = need; }
@@ -68,20 +92,20 @@ __device__ void mlxd_radix_select(
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = tid; i < 256; i += nt) hist[i] = 0u;
         __syncthreads();
-        const unsigned int prefix = *kth, m = *mask;
+        const unsigned int prefix = *kth, m = *mask, left = *ties;
         for (int i = tid; i < n; i += nt) {
             const unsigned int u = key(i);
             if ((u & m) == prefix) atomicAdd(&hist[(u >> shift) & 255u], 1u);
         }
         __syncthreads();
-        if (tid == 0) {
-            unsigned int left = *ties;
-            int bin = 255;
-            for (; bin > 0; --bin) {
-                if (hist[bin] >= left) break;
-                left -= hist[bin];
-            }
-            *ties = left;
+        const int bin = 255 - tid;
+        const unsigned int count = tid < 256 ? hist[bin] : 0u;
+        // Keys in bins above and including this one.
+        const unsigned int through = mlxd_scan256(count, totals);
+        const unsigned int above = through - count;
+        // One thread matches: the bin holding the left-th largest key (bin 0 if none does).
+        if (tid < 256 && above < left && (through >= left || bin == 0)) {
+            *ties = left - above;
             *kth = prefix | ((unsigned int)bin << shift);
             *mask = m | (255u << shift);
         }
@@ -214,29 +238,45 @@ const PICK: &str = r#"
         sorted_i[r] = ia;
     }
     __syncthreads();
-    if (tid == 0) {
+    // The filters and the draw, candidate j on thread j (k <= KMAX = 256 <= threads): the
+    // softmax mass before each candidate is a prefix sum, the pick a maximum of
+    // (score, -rank) packed in 64 bits, so ties go to the better-ranked candidate.
+    {
+        const int j = tid;
+        const bool valid = j < k && sorted_i[j] >= 0;
         const float best = sorted_v[0];
+        const float v = valid ? sorted_v[j] : 0.0f;
+        const float e = valid ? expf(v - best) : 0.0f;
+        __shared__ float mass[8];
+        const float through = mlxd_scan256(e, mass);
         float z = 0.0f;
-        for (int j = 0; j < k; ++j) if (sorted_i[j] >= 0) z += expf(sorted_v[j] - best);
-        float before = 0.0f;
-        float best_score = __int_as_float(0xff800000);
-        int pick = sorted_i[0];
-        for (int j = 0; j < k; ++j) {
-            const float v = sorted_v[j];
-            if (sorted_i[j] < 0) break;
-            // Top-p: the mass strictly before this candidate; min-p: against the best logit.
-            const bool keep = before < top_p_row && v >= best + ln_min_p_row;
-            before += expf(v - best) / z;
-            if (!keep) continue;
+        for (int w = 0; w < 8; ++w) z += mass[w];
+        // Top-p: the mass strictly before this candidate; min-p: against the best logit.
+        const bool keep = valid && (through - e) / z < top_p_row && v >= best + ln_min_p_row;
+        unsigned long long c = 0ull;
+        if (keep) {
             const unsigned int h = mlxd_hash((unsigned int)sorted_i[j], k0, k1);
             const float u = (float)(h >> 8) * (1.0f / 16777216.0f) + (0.5f / 16777216.0f);
-            const float s = v - logf(-logf(u));
-            if (s > best_score) { best_score = s; pick = sorted_i[j]; }
+            c = ((unsigned long long)mlxd_key_of(v - logf(-logf(u))) << 32) | (unsigned long long)(~(unsigned int)j);
         }
-        token[row] = (unsigned int)pick;
-        s_token = (unsigned int)pick;
-        next_keys[2 * row] = mlxd_hash(0xffffffffu, k0, k1);
-        next_keys[2 * row + 1] = mlxd_hash(0xfffffffeu, k0, k1);
+        __shared__ unsigned long long warp_best[8];
+        if (tid < 256) {
+            for (int o = 16; o > 0; o >>= 1) {
+                const unsigned long long other = __shfl_down_sync(0xffffffffu, c, o);
+                c = other > c ? other : c;
+            }
+            if ((tid & 31) == 0) warp_best[tid >> 5] = c;
+        }
+        __syncthreads();
+        if (tid == 0) {
+            for (int w = 1; w < 8; ++w) c = warp_best[w] > c ? warp_best[w] : c;
+            // The best candidate is always kept (nothing before it, nothing above it).
+            const int pick = c == 0ull ? sorted_i[0] : sorted_i[~(unsigned int)(c & 0xffffffffull)];
+            token[row] = (unsigned int)pick;
+            s_token = (unsigned int)pick;
+            next_keys[2 * row] = mlxd_hash(0xffffffffu, k0, k1);
+            next_keys[2 * row + 1] = mlxd_hash(0xfffffffeu, k0, k1);
+        }
     }
     __syncthreads();
     // Shift left by one and take the token at the end; slots before the row's first live one

@@ -16,7 +16,8 @@
 //! mlxd-bench sampler-check           the CUDA sampling kernels (two, and fused) against the
 //!                                      MLX-op graph (same draws expected), on random logits
 //! mlxd-bench sampler-cost [--shape NAME] [--dtype bf16|f32] [--samplers greedy,full] [--plugin ...]
-//!                          [--gen STEPS] [--repeats ROUNDS]
+//!                          [--gen STEPS] [--repeats ROUNDS] [--clients ROWS] [--fused-twins]
+//!                          [--profile DIR]
 //!                                      host time of one sampling step alone, per variant
 //!                                      (build / submit / read), on fixed device logits
 //! mlxd-bench kernel-check            mlxd's CUDA kernels for batched decode against MLX ops
@@ -426,6 +427,7 @@ fn engine_compare(args: &Args, dir: &Path, plugin_runs: &[(String, SamplingParam
                 acc.wait += p.wait;
                 acc.poll += p.poll;
                 acc.graph += p.graph;
+                acc.sampler += p.sampler;
             }
         }
     }
@@ -446,10 +448,11 @@ fn engine_compare(args: &Args, dir: &Path, plugin_runs: &[(String, SamplingParam
         let profile = profiles[k];
         let per_step = |d: Duration| per_step(d, &profile);
         eprintln!(
-            "mlxd {name}: host build {:.3} ms/step (model graph {:.3}, sampler + launch {:.3}; thread CPU time {:.3}), waiting for the device {:.3} ms/step{}",
+            "mlxd {name}: host build {:.3} ms/step (model graph {:.3}, sampler graph {:.3}, launch {:.3}; thread CPU time {:.3}), waiting for the device {:.3} ms/step{}",
             per_step(profile.build),
             per_step(profile.graph),
-            per_step(profile.build.saturating_sub(profile.graph)),
+            per_step(profile.sampler),
+            per_step(profile.build.saturating_sub(profile.graph + profile.sampler)),
             per_step(profile.build_cpu),
             per_step(profile.wait),
             if profile.poll > Duration::ZERO {
@@ -461,7 +464,7 @@ fn engine_compare(args: &Args, dir: &Path, plugin_runs: &[(String, SamplingParam
         let theirs = peer_runs.as_ref().map(|p| &p["variants"][name.as_str()]).filter(|v| !v.is_null()).cloned();
         variants.insert(
             name.to_string(),
-            json!({"mlxd": {"runs": ours[k], "host_build_ms_per_step": per_step(profile.build), "host_build_cpu_ms_per_step": per_step(profile.build_cpu), "device_wait_ms_per_step": per_step(profile.wait)}, "mlx_lm": theirs}),
+            json!({"mlxd": {"runs": ours[k], "host_build_ms_per_step": per_step(profile.build), "host_sampler_graph_ms_per_step": per_step(profile.sampler), "host_model_graph_ms_per_step": per_step(profile.graph), "host_build_cpu_ms_per_step": per_step(profile.build_cpu), "device_wait_ms_per_step": per_step(profile.wait)}, "mlx_lm": theirs}),
         );
     }
     if let Some(out) = &args.profile {

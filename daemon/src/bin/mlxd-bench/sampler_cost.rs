@@ -22,6 +22,9 @@ use std::time::Instant;
 
 /// Steps a variant takes before it is timed (compiled graphs traced, kernels loaded).
 const WARMUP: usize = 20;
+/// Steps each variant takes under the profiler (`--profile DIR`): a sampler step is tens of
+/// microseconds, and the profiler samples about once a millisecond.
+const PROFILE_STEPS: usize = 20_000;
 
 pub(crate) fn run(args: &Args) -> Result<Value> {
     let report = mlxd::runtime::Report::gather();
@@ -39,10 +42,47 @@ pub(crate) fn run(args: &Args) -> Result<Value> {
     let mut variants: Vec<(String, SamplingParams)> =
         sampler_variants(&args.samplers)?.into_iter().map(|(n, p)| (n.to_string(), p)).collect();
     variants.extend(plugin_variants(args)?);
+    // (name, parameters, the fused sampling kernels on)
+    let mut variants: Vec<(String, SamplingParams, bool)> = variants.into_iter().map(|(n, p)| (n, p, false)).collect();
+    if args.fused_twins {
+        let twins: Vec<_> = variants
+            .iter()
+            .filter(|(n, _, _)| n != "greedy")
+            .map(|(n, p, _)| (format!("{n}+fused"), p.clone(), true))
+            .collect();
+        variants.extend(twins);
+    }
+    let rows = args.clients.first().copied().unwrap_or(1).max(1);
     let steps = args.gen.max(1);
     let prompt = crate::random_prompt(args.prompt.max(1), vocab as u32, 7);
-    let logits = random::normal::<f32>(&[1, vocab], 0.0, 3.0, &random::key(1)?)?.as_dtype(dtype)?;
+    let logits = random::normal::<f32>(&[rows as i32, vocab], 0.0, 3.0, &random::key(1)?)?.as_dtype(dtype)?;
     logits.eval()?;
+    // One sampling step of every row; returns when it started, was built, queued and read.
+    let step = |samplers: &mut Vec<SequenceSampler>, name: &str| -> Result<[Instant; 4]> {
+        let t0 = Instant::now();
+        let mut refs: Vec<&mut SequenceSampler> = samplers.iter_mut().collect();
+        let tokens = sample_batch(&logits, &mut refs)?;
+        let t1 = Instant::now();
+        async_eval([&tokens])?;
+        let t2 = Instant::now();
+        let ids = mlxd::sampling::read_ids(&tokens)?;
+        let t3 = Instant::now();
+        anyhow::ensure!(ids.len() == rows && ids.iter().all(|&t| (t as i32) < vocab), "{name}: read {ids:?}");
+        for s in samplers.iter_mut() {
+            if let Some(e) = s.take_failure() {
+                anyhow::bail!("{name}: {e}");
+            }
+        }
+        Ok([t0, t1, t2, t3])
+    };
+    let make = |name: &str, params: &SamplingParams| -> Result<Vec<SequenceSampler>> {
+        (0..rows)
+            .map(|r| {
+                let params = SamplingParams { seed: params.seed.map(|s| s + r as u64), ..params.clone() };
+                SequenceSampler::new(&params, vocab as usize, &prompt).with_context(|| format!("variant {name}"))
+            })
+            .collect()
+    };
 
     // Per variant: build, submit, read (microseconds per step), over every round.
     let mut times: Vec<[Vec<f64>; 3]> = variants.iter().map(|_| Default::default()).collect();
@@ -51,25 +91,19 @@ pub(crate) fn run(args: &Args) -> Result<Value> {
     for round in 0..args.repeats.max(1) {
         for j in 0..n {
             let i = (round + j) % n;
-            let (name, params) = &variants[i];
-            let mut sampler = SequenceSampler::new(params, vocab as usize, &prompt)
-                .with_context(|| format!("variant {name}"))?;
+            let (name, params, fused) = &variants[i];
+            mlxd::sampling::set_sampler_fused(*fused);
+            let mut samplers = make(name, params)?;
             for s in 0..WARMUP + steps {
-                let t0 = Instant::now();
-                let tokens = sample_batch(&logits, &mut [&mut sampler])?;
-                let t1 = Instant::now();
                 if round == 0 && s == WARMUP {
+                    // The primitives of one steady step (built, counted, then dropped: the
+                    // samplers' state moved on with it, which the next steps continue from).
+                    let mut refs: Vec<&mut SequenceSampler> = samplers.iter_mut().collect();
+                    let tokens = sample_batch(&logits, &mut refs)?;
                     primitives[i] = graph_kinds(&tokens)?.values().sum();
+                    tokens.eval()?;
                 }
-                let t1 = if round == 0 && s == WARMUP { Instant::now() } else { t1 };
-                async_eval([&tokens])?;
-                let t2 = Instant::now();
-                let ids = mlxd::sampling::read_ids(&tokens)?;
-                let t3 = Instant::now();
-                anyhow::ensure!(ids.len() == 1 && (ids[0] as i32) < vocab, "{name}: read {ids:?}");
-                if let Some(e) = sampler.take_failure() {
-                    anyhow::bail!("{name}: {e}");
-                }
+                let [t0, t1, t2, t3] = step(&mut samplers, name)?;
                 if s >= WARMUP {
                     let us = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e6;
                     times[i][0].push(us(t0, t1));
@@ -79,9 +113,25 @@ pub(crate) fn run(args: &Args) -> Result<Value> {
             }
         }
     }
+    if let Some(dir) = &args.profile {
+        for (name, params, fused) in &variants {
+            mlxd::sampling::set_sampler_fused(*fused);
+            let mut samplers = make(name, params)?;
+            for _ in 0..WARMUP {
+                step(&mut samplers, name)?;
+            }
+            crate::profile::record(dir, name, || {
+                for _ in 0..PROFILE_STEPS {
+                    step(&mut samplers, name)?;
+                }
+                Ok(PROFILE_STEPS)
+            })?;
+        }
+    }
+    mlxd::sampling::set_sampler_fused(false);
 
     println!(
-        "\nSampler alone, one row, [1, {vocab}] {dtype:?} logits on the device ({}, {}), {} rounds x {steps} steps, medians in us per step:\n",
+        "\nSampler alone, [{rows}, {vocab}] {dtype:?} logits on the device ({}, {}), {} rounds x {steps} steps, medians in us per step:\n",
         report.device_name.clone().unwrap_or_else(|| "cpu".into()),
         report.backend,
         args.repeats.max(1),
@@ -96,8 +146,8 @@ pub(crate) fn run(args: &Args) -> Result<Value> {
             [median(t[0].clone()), median(t[1].clone()), median(t[2].clone()), median(total)]
         })
         .collect();
-    let greedy = variants.iter().position(|(n, _)| n == "greedy").map(|g| med[g][3]);
-    for (i, (name, _)) in variants.iter().enumerate() {
+    let greedy = variants.iter().position(|(n, _, _)| n == "greedy").map(|g| med[g][3]);
+    for (i, (name, _, _)) in variants.iter().enumerate() {
         let [b, s, r, t] = med[i];
         let beyond = greedy.map_or_else(|| "-".to_string(), |g| format!("{:+.1}", t - g));
         println!("| {name} | {} | {b:.1} | {s:.1} | {r:.1} | {t:.1} | {beyond} |", primitives[i]);
@@ -112,6 +162,7 @@ pub(crate) fn run(args: &Args) -> Result<Value> {
         "backend": report.backend,
         "mlx": report.mlx_version,
         "vocab": vocab,
+        "rows": rows,
         "dtype": format!("{dtype:?}"),
         "steps": steps,
         "rounds": args.repeats.max(1),
