@@ -336,8 +336,13 @@ fn greedy_through_dry_is_the_same_with_the_fused_pick() {
         mlxd::plugins::kernels::set_enabled(kernels);
         mlxd::sampling::set_sampler_fused(fused);
         let before = mlxd::runtime::emulated_kernel_launches();
+        let defined = mlxd::plugins::kernels::definitions();
         let ids = engine.generate(&request, |_| true).unwrap().ids;
         let after = mlxd::runtime::emulated_kernel_launches();
+        // The request's plugin instance defines its kernel once, not once per step (the Rust
+        // helper builds the parameter-name arrays anew for every call).
+        let defined = mlxd::plugins::kernels::definitions() - defined;
+        assert!(defined <= 1, "the DRY kernel was defined {defined} times in one request");
         let ran = |name: &str| after.get(name).copied().unwrap_or(0) > before.get(name).copied().unwrap_or(0);
         (ids, ran("plugin_dry_penalty"), ran("mlxd_history_append"), ran("mlxd_pick_append"))
     };

@@ -6,10 +6,22 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
+/// Makes sure mlx-rs's error handler is MLX's before calling mlx-c directly. mlx-rs installs it
+/// at its first operation; until then mlx-c's default handler ends the process on any error,
+/// so a direct call that fails first (a CUDA kernel made where MLX has no CUDA back-end) would
+/// take the process down instead of returning an error.
+pub(crate) fn ensure_error_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = mlx_rs::ops::zeros::<f32>(&[1]);
+    });
+}
+
 /// Runs one mlx-c operation that writes its result array into `res`, on this thread's default
 /// stream. Returns the array, or `None` (the result freed) when mlx-c reports a failure; callers
 /// turn that into an error naming what they asked for.
 pub(crate) fn array_op(op: impl FnOnce(*mut mlx_sys::mlx_array, mlx_sys::mlx_stream) -> c_int) -> Option<Array> {
+    ensure_error_handler();
     let stream = mlx_rs::Stream::thread_local_or_default();
     // SAFETY: `res` is created here and either owned by the returned Array or freed; `op` only
     // writes an array into it (an untouched empty array is still a valid handle).
@@ -193,6 +205,7 @@ impl CudaKernel {
         if off_device() {
             return CudaKernel { handle: None, spec };
         }
+        ensure_error_handler();
         let (ins, outs) = (string_vector(inputs), string_vector(outputs));
         let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
         let (name, header, source) = (c(name), c(header), c(source));
@@ -211,6 +224,19 @@ impl CudaKernel {
             mlx_sys::mlx_vector_string_free(outs);
             CudaKernel { handle: Some(k), spec }
         }
+    }
+
+    /// A kernel MLX never sees (unit tests of code that keeps kernels, on the CPU).
+    #[cfg(test)]
+    pub(crate) fn inert(name: &str) -> Self {
+        let spec = KernelSource {
+            name: name.to_string(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            header: String::new(),
+            source: String::new(),
+        };
+        CudaKernel { handle: None, spec }
     }
 
     /// Writes this call's compile (not its shapes, which MLX passes at run time) to the

@@ -46,10 +46,13 @@ pub(crate) struct HostCtx {
     pub(super) last_error: RefCell<CString>,
     /// `MLXD_KERNEL_*` this instance is offered, fixed at creation.
     pub(super) kernel_language: i32,
-    /// The plugin's kernels by the addresses their definition points at (the header asks for
-    /// static storage), each definition checked once (MLX keeps their compiled code).
+    /// The plugin's kernels by the addresses of their name, header and source (the header asks
+    /// for static storage), each definition checked once (MLX keeps their compiled code).
     kernels: RefCell<HashMap<KernelKey, Rc<PluginKernel>>>,
 }
+
+/// Kernel definitions one plugin instance may make (see [`HostCtx::kernel`]).
+pub(crate) const MAX_KERNELS: usize = 64;
 
 /// One of a plugin's kernels: its checked definition, and the element types it is known to
 /// compile for.
@@ -58,6 +61,7 @@ pub(super) struct PluginKernel {
     /// Name, header and source: what makes two kernels the same code for the process-wide
     /// record of what compiled.
     pub(super) signature: String,
+    pub(super) input_names: Vec<String>,
     pub(super) output_names: Vec<String>,
     pub(super) kernel: CudaKernel,
     /// Inputs' then outputs' dtypes of the calls that compiled (checked once per process, then
@@ -226,15 +230,37 @@ impl HostCtx {
         *self.slab.borrow_mut() = Slab::default();
     }
 
-    /// The plugin's kernel whose definition points where `key` says, checked and made by
-    /// `make` on first use (a definition that fails its check is not remembered).
-    pub(super) fn kernel(&self, key: KernelKey, make: impl FnOnce() -> Op<PluginKernel>) -> Op<Rc<PluginKernel>> {
-        if let Some(k) = self.kernels.borrow().get(&key) {
+    /// The plugin's kernel whose name, header and source are where `key` says and whose
+    /// parameter names `same` accepts, checked and made by `make` on first use (a definition
+    /// that fails its check is not remembered). The parameter-name arrays may move between
+    /// calls (the Rust helper builds them per call), so they are compared, not keyed on. At
+    /// most [`MAX_KERNELS`] definitions per instance: a plugin that builds its strings anew
+    /// for every call would otherwise define (and keep) a kernel per step.
+    pub(super) fn kernel(
+        &self,
+        key: KernelKey,
+        same: impl FnOnce(&PluginKernel) -> bool,
+        make: impl FnOnce() -> Op<PluginKernel>,
+    ) -> Op<Rc<PluginKernel>> {
+        if let Some(k) = self.kernels.borrow().get(&key).filter(|k| same(k)) {
             return Ok(k.clone());
         }
+        let mut kernels = self.kernels.borrow_mut();
+        if kernels.len() >= MAX_KERNELS && !kernels.contains_key(&key) {
+            return Err(OpError::Failed(format!(
+                "more than {MAX_KERNELS} kernel definitions in one instance: keep each mlxd_kernel's name, header \
+                 and source in static storage (new addresses are a new definition)"
+            )));
+        }
         let k = Rc::new(make()?);
-        self.kernels.borrow_mut().insert(key, k.clone());
+        kernels.insert(key, k.clone());
         Ok(k)
+    }
+
+    /// Kernel definitions made so far (tests).
+    #[cfg(test)]
+    pub(super) fn kernel_count(&self) -> usize {
+        self.kernels.borrow().len()
     }
 
     /// The last recorded error message.

@@ -15,6 +15,7 @@ use mlx_rs::{ops, Array, Dtype};
 use mlxd_plugin_api::sys::{self, ArrayHandle};
 use std::collections::HashSet;
 use std::ffi::{c_char, CStr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 static SWITCH: KernelSwitch = KernelSwitch::new("MLXD_PLUGIN_KERNELS");
@@ -98,17 +99,16 @@ unsafe fn names(names: *const *const c_char, n: i32, what: &str) -> Op<Vec<Strin
     Ok(out)
 }
 
-/// Where a kernel definition's fields point. The header asks plugins to keep definitions in
-/// static storage, so a call whose definition points at the same strings is the same kernel:
-/// it was checked at its first call and is not checked again (a step costs a lookup).
+/// Where a kernel definition's code points. The header asks plugins to keep definitions in
+/// static storage, so a call whose name, header and source are at the same addresses (and
+/// whose parameter names read the same) is the same kernel: it was checked at its first call
+/// and is not checked again (a step costs a lookup and a few short comparisons).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct KernelKey {
     name: usize,
     header: usize,
     source: usize,
-    input_names: usize,
     n_inputs: i32,
-    output_names: usize,
     n_outputs: i32,
 }
 
@@ -118,16 +118,35 @@ impl KernelKey {
             name: k.name as usize,
             header: k.header as usize,
             source: k.source as usize,
-            input_names: k.input_names as usize,
             n_inputs: k.n_inputs,
-            output_names: k.output_names as usize,
             n_outputs: k.n_outputs,
         }
     }
 }
 
+/// Whether `k`'s parameter names are `known`'s (same counts, by the key).
+unsafe fn same_names(known: &PluginKernel, k: &sys::Kernel) -> bool {
+    let same = |names: *const *const c_char, want: &[String]| {
+        !names.is_null()
+            && want.iter().enumerate().all(|(i, w)| {
+                let p = unsafe { *names.add(i) };
+                !p.is_null() && unsafe { CStr::from_ptr(p) }.to_bytes() == w.as_bytes()
+            })
+    };
+    same(k.input_names, &known.input_names) && same(k.output_names, &known.output_names)
+}
+
+static DEFINED: AtomicU64 = AtomicU64::new(0);
+
+/// Plugin kernel definitions checked and made so far in this process: one per kernel per
+/// plugin instance (tests check that a step does not define its kernel again).
+pub fn definitions() -> u64 {
+    DEFINED.load(Ordering::Relaxed)
+}
+
 /// Checks a kernel definition (name, code, parameter names) and makes its MLX kernel.
 unsafe fn define(k: &sys::Kernel) -> Op<PluginKernel> {
+    DEFINED.fetch_add(1, Ordering::Relaxed);
     let name = unsafe { text(k.name, "name") }?;
     if !identifier(name) {
         return fail(format!("name {name:?} must be 1-64 of [A-Za-z0-9_], not starting with a digit"));
@@ -157,6 +176,7 @@ unsafe fn define(k: &sys::Kernel) -> Op<PluginKernel> {
     Ok(PluginKernel {
         name: name.to_string(),
         signature: format!("{name}\u{0}{header}\u{0}{source}"),
+        input_names,
         output_names,
         kernel,
         compiled: Default::default(),
@@ -180,7 +200,7 @@ unsafe fn queue(ctx: &HostCtx, k: *const sys::Kernel, launch: *const sys::Kernel
             std::mem::size_of::<sys::KernelLaunch>()
         ));
     }
-    let entry = ctx.kernel(KernelKey::of(k), || unsafe { define(k) })?;
+    let entry = ctx.kernel(KernelKey::of(k), |known| unsafe { same_names(known, k) }, || unsafe { define(k) })?;
     let (name, output_names) = (entry.name.as_str(), &entry.output_names);
     let what = |m: String| OpError::Failed(format!("`{name}`: {m}"));
 
@@ -303,6 +323,44 @@ mod tests {
         let n = unsafe { ((*h).kernel)(h, &k, &launch, &mut out) };
         assert!(n > 0 || out.is_null(), "a failed call writes no handle");
         n
+    }
+
+    /// A checked definition without MLX behind it (the CPU cannot make CUDA kernels).
+    fn inert(name: &str, input: &str) -> PluginKernel {
+        PluginKernel {
+            name: name.into(),
+            signature: name.into(),
+            input_names: vec![input.into()],
+            output_names: vec!["y".into()],
+            kernel: CudaKernel::inert(name),
+            compiled: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_definition_is_made_once_for_its_code_and_names_and_only_so_many() {
+        let ctx = HostCtx::with_kernel_language(sys::KERNEL_CUDA);
+        let key = |source: usize| KernelKey { name: 1, header: 0, source, n_inputs: 1, n_outputs: 1 };
+        let made = std::cell::Cell::new(0);
+        let get = |k: KernelKey, input: &'static str| {
+            ctx.kernel(k, |known| known.input_names[0] == input, || {
+                made.set(made.get() + 1);
+                Ok(inert("k", input))
+            })
+        };
+        for _ in 0..5 {
+            assert!(get(key(10), "x").is_ok());
+        }
+        assert_eq!(made.get(), 1, "one definition for five calls");
+        assert!(get(key(10), "w").is_ok()); // the same code with other parameter names: made again
+        assert_eq!((made.get(), ctx.kernel_count()), (2, 1));
+        for source in 11..(10 + MAX_KERNELS) {
+            assert!(get(key(source), "x").is_ok());
+        }
+        assert_eq!(ctx.kernel_count(), MAX_KERNELS);
+        let Err(OpError::Failed(e)) = get(key(1000), "x") else { panic!("a definition past the limit was made") };
+        assert!(e.contains("static storage"), "{e}");
+        assert!(get(key(10), "w").is_ok()); // known ones still work
     }
 
     #[test]
