@@ -451,6 +451,58 @@ fn a_batch_gives_each_row_what_it_gets_alone() {
     assert!(alone[0].0 != alone[2].0, "rows differ, so the comparison means something");
 }
 
+/// Rows leave and the batch goes on (a finished request), and a row steps alone after being
+/// batched: each row still draws what it draws alone. (A steady batch steps from the state
+/// its last step left stacked; a changed one takes each row's state out first.)
+#[test]
+fn rows_draw_the_same_when_the_batch_changes_under_them() {
+    let v = 32usize;
+    let table: Vec<Vec<f32>> = (0..3)
+        .map(|r| (0..v).map(|i| ((i * 5 + r * 11) % 13) as f32 * 0.37 - 2.0 + (i as f32 * 0.02)).collect())
+        .collect();
+    let rows = [
+        params(|p| {
+            (p.temperature, p.top_k, p.seed) = (0.9, 8, Some(7));
+            (p.repetition_penalty, p.repetition_context_size) = (1.4, 4);
+        }),
+        params(|p| (p.temperature, p.top_p, p.seed, p.presence_penalty) = (1.1, 0.95, Some(8), 0.5)),
+        params(|p| {
+            (p.temperature, p.seed) = (0.7, Some(9));
+            (p.repetition_penalty, p.repetition_context_size, p.frequency_penalty) = (1.2, 16, 0.2);
+        }),
+    ];
+    let prompt = [1u32, 2, 3, 2, 1];
+    let alone: Vec<Vec<u32>> = rows
+        .iter()
+        .zip(&table)
+        .map(|(p, logits)| {
+            let mut s = sampler(p, v, &prompt);
+            (0..16).map(|_| one_token(&s.sample(&row(logits)).expect("sample"))).collect()
+        })
+        .collect();
+    let mut samplers: Vec<SequenceSampler> = rows.iter().map(|p| sampler(p, v, &prompt)).collect();
+    let mut got: Vec<Vec<u32>> = vec![Vec::new(); 3];
+    // (rows stepping together, steps)
+    for (members, steps) in [(vec![0usize, 1, 2], 6), (vec![0, 2], 5), (vec![2, 0], 2), (vec![2], 3)] {
+        let flat: Vec<f32> = members.iter().flat_map(|&m| table[m].clone()).collect();
+        let logits = Array::from_slice(&flat, &[members.len() as i32, v as i32]);
+        for _ in 0..steps {
+            // The members, in their order.
+            let mut all: Vec<Option<&mut SequenceSampler>> = samplers.iter_mut().map(Some).collect();
+            let mut refs: Vec<&mut SequenceSampler> =
+                members.iter().map(|&m| all[m].take().expect("distinct members")).collect();
+            let ids = read_ids(&sample_batch(&logits, &mut refs).expect("sample")).unwrap();
+            for (k, &m) in members.iter().enumerate() {
+                got[m].push(ids[k]);
+            }
+        }
+    }
+    for r in 0..3 {
+        assert_eq!(got[r][..], alone[r][..got[r].len()], "row {r}");
+    }
+    assert_eq!(got.iter().map(Vec::len).collect::<Vec<_>>(), [13, 6, 16]);
+}
+
 #[test]
 fn batch_of_greedy_and_sampled_rows_is_one_call() {
     let greedy = params(|_| {});

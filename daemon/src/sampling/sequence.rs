@@ -9,6 +9,7 @@ use mlx_rs::ops::{self};
 use mlx_rs::{random, Array};
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// A `[B, 1]` array of per-row values from the host.
 macro_rules! column {
@@ -82,6 +83,27 @@ fn bucket(n: usize) -> usize {
 
 static NEXT_UID: AtomicU64 = AtomicU64::new(1);
 
+/// The rows' next state as a batched step left it, still stacked `[B, ...]`. Rows keep a place
+/// in it instead of a row of their own each ([`InStack`]): a batch whose rows stay the same
+/// steps on from the stack as it is, instead of joining B rows before every step and slicing
+/// them apart after it (two primitives per row and kind of state, host time on a GPU).
+#[derive(Debug)]
+struct Stacked {
+    keys: Option<Array>,
+    window: Option<Array>,
+    counts: Option<Array>,
+    rows: usize,
+}
+
+/// A row's place in a [`Stacked`] state: its index, and how many slots its window was padded
+/// with on the left to the batch's width.
+#[derive(Debug)]
+struct InStack {
+    stack: Arc<Stacked>,
+    index: usize,
+    pad: i32,
+}
+
 /// One request's sampler: its parameters and its device state (random key, repetition window,
 /// generated-token counts). Nothing it holds is ever read back to the host.
 #[derive(Debug)]
@@ -99,6 +121,9 @@ pub struct SequenceSampler {
     pub(super) plugins: Option<PluginChain>,
     /// Set when a plugin of this row failed; the row's request must end with this error.
     pub(super) failure: Option<SamplingError>,
+    /// Where this row's key, window and counts are while they sit in a batched step's output
+    /// (then `key`, `window.ids` and `counts` are stale; [`SequenceSampler::unstack`]).
+    stacked: Option<InStack>,
 }
 
 impl SequenceSampler {
@@ -139,6 +164,7 @@ impl SequenceSampler {
             counts,
             plugins,
             failure: None,
+            stacked: None,
         })
     }
 
@@ -183,6 +209,7 @@ impl SequenceSampler {
     /// this for the tokens they pick (inside their graph); call it yourself only for tokens the
     /// sampler did not choose (forced tokens).
     pub fn accept(&mut self, token: &Array) -> Result<(), SamplingError> {
+        self.unstack()?;
         if self.window.is_some() || self.counts.is_some() {
             let st = Stages {
                 repetition: self.window.is_some(),
@@ -201,7 +228,7 @@ impl SequenceSampler {
                 named.set(Slot::Counts, c.clone());
             }
             let out = pipeline::run(st, &named)?;
-            self.store(&out, 0, 1, 0)?;
+            self.store(&out);
         }
         match self.plugins.as_mut() {
             Some(chain) => chain.accept(token),
@@ -209,19 +236,43 @@ impl SequenceSampler {
         }
     }
 
-    /// Takes row `i` of a batch of `b`'s next state from the graph's outputs; `pad` is how many
-    /// empty slots this row's window was padded with on the left.
-    fn store(&mut self, out: &Outputs, i: i32, b: usize, pad: i32) -> Result<(), SamplingError> {
-        let row =
-            |a: &Array| -> Result<Array, SamplingError> { Ok(if b == 1 { a.clone() } else { a.try_index(i..i + 1)? }) };
+    /// Takes this row's next state from a one-row step's outputs.
+    fn store(&mut self, out: &Outputs) {
+        self.stacked = None;
         if let (Some(key), Some(keys)) = (self.key.as_mut(), &out.keys) {
-            *key = row(keys)?;
+            *key = keys.clone();
         }
         if let (Some(w), Some(ids)) = (self.window.as_mut(), &out.window) {
+            w.ids = ids.clone();
+        }
+        if let (Some(c), Some(counts)) = (self.counts.as_mut(), &out.counts) {
+            *c = counts.clone();
+        }
+    }
+
+    /// Whether every kind of state this row keeps is in `stack`.
+    fn fits(&self, stack: &Stacked) -> bool {
+        (self.key.is_none() || stack.keys.is_some())
+            && (self.window.is_none() || stack.window.is_some())
+            && (self.counts.is_none() || stack.counts.is_some())
+    }
+
+    /// Takes this row's state out of the batched step's output it sits in, as a row of its
+    /// own (when the batch it stepped with changes).
+    fn unstack(&mut self) -> Result<(), SamplingError> {
+        let Some(InStack { stack, index, pad }) = self.stacked.take() else {
+            return Ok(());
+        };
+        let i = index as i32;
+        let row = |a: &Array| -> Result<Array, SamplingError> { Ok(a.try_index(i..i + 1)?) };
+        if let (Some(key), Some(keys)) = (self.key.as_mut(), &stack.keys) {
+            *key = row(keys)?;
+        }
+        if let (Some(w), Some(ids)) = (self.window.as_mut(), &stack.window) {
             let ids = row(ids)?;
             w.ids = if pad > 0 { ids.try_index((.., pad..))? } else { ids };
         }
-        if let (Some(c), Some(counts)) = (self.counts.as_mut(), &out.counts) {
+        if let (Some(c), Some(counts)) = (self.counts.as_mut(), &stack.counts) {
             *c = row(counts)?;
         }
         Ok(())
@@ -282,10 +333,24 @@ fn step(
 
     let mut named = Named::default();
     named.set(Slot::Head, logits.clone());
-    // The rows' device state, stacked (no copy for a single row).
+    // The rows' device state, stacked: as the last step left it when this is the same batch,
+    // else joined from the rows' own (no copy for a single row).
     let capacity = rows.iter().filter_map(|r| r.window.as_ref().map(Window::capacity)).max().unwrap_or(1);
     let pads: Vec<i32> = rows.iter().map(|r| r.window.as_ref().map_or(0, |w| capacity - w.capacity())).collect();
-    if st.repetition {
+    let stacked = same_stack(rows);
+    if stacked.is_none() {
+        for r in rows.iter_mut() {
+            r.unstack()?;
+        }
+    }
+    if let Some(s) = &stacked {
+        for (slot, a) in [(Slot::Window, &s.window), (Slot::Counts, &s.counts), (Slot::Keys, &s.keys)] {
+            if let Some(a) = a {
+                named.set(slot, a.clone());
+            }
+        }
+    }
+    if st.repetition && stacked.is_none() {
         let mut ids = Vec::with_capacity(b);
         for (r, &pad) in rows.iter().zip(&pads) {
             ids.push(match &r.window {
@@ -299,11 +364,11 @@ fn step(
         }
         named.set(Slot::Window, rows_of(ids)?);
     }
-    if st.presence_frequency {
+    if st.presence_frequency && stacked.is_none() {
         let counts = rows.iter().map(|r| r.counts.clone().map_or_else(|| Array::zeros::<f32>(&[1, v]), Ok));
         named.set(Slot::Counts, rows_of(counts.collect::<Result<_, _>>()?)?);
     }
-    if st.random {
+    if st.random && stacked.is_none() {
         let keys = rows.iter().map(|r| r.key.clone().map_or_else(|| Array::zeros::<u32>(&[1, 2]), Ok));
         named.set(Slot::Keys, rows_of(keys.collect::<Result<_, _>>()?)?);
     }
@@ -330,8 +395,14 @@ fn step(
     };
     let tokens =
         out.tokens.clone().ok_or_else(|| SamplingError::Shape("the sampling graph returned no tokens".into()))?;
+    let next = (b > 1).then(|| {
+        Arc::new(Stacked { keys: out.keys.clone(), window: out.window.clone(), counts: out.counts.clone(), rows: b })
+    });
     for (i, r) in rows.iter_mut().enumerate() {
-        r.store(&out, i as i32, b, pads[i])?;
+        match &next {
+            Some(stack) => r.stacked = Some(InStack { stack: stack.clone(), index: i, pad: pads[i] }),
+            None => r.store(&out),
+        }
         if r.failure.is_none() {
             if let Some(chain) = r.plugins.as_mut() {
                 let token = if b == 1 { tokens.clone() } else { tokens.try_index(i as i32..i as i32 + 1)? };
@@ -343,6 +414,17 @@ fn step(
     }
     let logprobs = out.logprobs.map(|(chosen, top_ids, top_logprobs)| Logprobs { chosen, top_ids, top_logprobs });
     Ok((Sampled { tokens, logprobs }, out.inspection))
+}
+
+/// The stacked state every one of `rows` sits in, row `i` at index `i`, when it is the same
+/// batch as the step that made it and the stack holds every kind of state the rows keep.
+fn same_stack(rows: &[&mut SequenceSampler]) -> Option<Arc<Stacked>> {
+    let stack = rows.first()?.stacked.as_ref()?.stack.clone();
+    let same = stack.rows == rows.len()
+        && rows.iter().enumerate().all(|(i, r)| {
+            r.stacked.as_ref().is_some_and(|s| Arc::ptr_eq(&s.stack, &stack) && s.index == i) && r.fits(&stack)
+        });
+    same.then_some(stack)
 }
 
 /// The stages a batch of `rows` needs.
