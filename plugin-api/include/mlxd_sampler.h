@@ -218,7 +218,10 @@ typedef int32_t mlxd_kernel_language;
 #define MLXD_KERNEL_NONE 0
 #define MLXD_KERNEL_CUDA 1
 
-/* What a kernel is; keep it in static storage (the host may keep the pointers). */
+/* What a kernel is; keep name, header and source in static storage (the host may keep the
+ * pointers). The host knows a kernel again by those three addresses (and its parameter names,
+ * compared, so the name arrays may be built per call); each new address is a new definition,
+ * checked again, and one plugin instance may make at most 64. */
 typedef struct mlxd_kernel {
     size_t struct_size;              /* sizeof(mlxd_kernel) as the plugin built it */
     const char *name;                /* 1-64 of [A-Za-z0-9_] */
