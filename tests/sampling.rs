@@ -381,12 +381,15 @@ fn top_p_draws_follow_the_renormalized_nucleus() {
 // ---------------------------------------------------------------------------------------------
 // Batching.
 
+/// `rows` rows of `v` logits, each row its own pattern with no ties.
+fn varied_logits(rows: usize, v: usize) -> Vec<Vec<f32>> {
+    (0..rows).map(|r| (0..v).map(|i| ((i * 7 + r * 13) % 17) as f32 * 0.31 - 2.0 + (i as f32 * 0.01)).collect()).collect()
+}
+
 #[test]
 fn a_batch_gives_each_row_what_it_gets_alone() {
     let v = 32usize;
-    let table: Vec<Vec<f32>> = (0..3)
-        .map(|r| (0..v).map(|i| ((i * 7 + r * 13) % 17) as f32 * 0.31 - 2.0 + (i as f32 * 0.01)).collect())
-        .collect();
+    let table = varied_logits(3, v);
     let rows = [
         params(|p| {
             (p.temperature, p.top_k, p.top_p, p.seed) = (0.8, 5, 0.9, Some(1));
@@ -457,9 +460,7 @@ fn a_batch_gives_each_row_what_it_gets_alone() {
 #[test]
 fn rows_draw_the_same_when_the_batch_changes_under_them() {
     let v = 32usize;
-    let table: Vec<Vec<f32>> = (0..3)
-        .map(|r| (0..v).map(|i| ((i * 5 + r * 11) % 13) as f32 * 0.37 - 2.0 + (i as f32 * 0.02)).collect())
-        .collect();
+    let table = varied_logits(3, v);
     let rows = [
         params(|p| {
             (p.temperature, p.top_k, p.seed) = (0.9, 8, Some(7));

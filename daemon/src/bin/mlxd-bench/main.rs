@@ -371,17 +371,7 @@ fn engine_compare(args: &Args, dir: &Path, plugin_runs: &[(String, SamplingParam
     // starts one variant later (A B C, B C A, C A B, ...), so that no variant always runs first
     // after the pause between rounds: a fixed order biased the run-by-run ratios by 2-3% on a
     // lent H100 (a pass-through plugin, which adds no device work, measured 2.9% slower).
-    let mut variants_list: Vec<(String, SamplingParams)> =
-        sampler_variants(&args.samplers)?.into_iter().map(|(n, s)| (n.to_string(), s)).collect();
-    variants_list.extend(plugin_runs.iter().cloned());
-    if args.fused_twins {
-        let twins: Vec<_> = variants_list
-            .iter()
-            .filter(|(n, _)| n != "greedy")
-            .map(|(n, s)| (format!("{n}+fused"), s.clone()))
-            .collect();
-        variants_list.extend(twins);
-    }
+    let variants_list = variant_list(args, plugin_runs)?;
     let mut ours: Vec<Vec<Value>> = vec![Vec::new(); variants_list.len()];
     // `MLXD_BENCH_HOST_DELAY_US`: extra host work per token (a busy wait after each token is read,
     // while the device runs the step queued before it). If the step is bound by the device's
@@ -397,7 +387,7 @@ fn engine_compare(args: &Args, dir: &Path, plugin_runs: &[(String, SamplingParam
     for r in 0..=args.repeats {
         for k in (0..n_variants).map(|i| (i + r) % n_variants) {
             let sampler = &variants_list[k].1;
-            mlxd::sampling::set_sampler_fused(variants_list[k].0.ends_with("+fused"));
+            mlxd::sampling::set_sampler_fused(is_fused_twin(&variants_list[k].0));
             let req = GenerateRequest {
                 prompt: prompt.clone(),
                 max_tokens: args.gen,
@@ -555,6 +545,42 @@ fn sampler_variants(names: &[String]) -> Result<Vec<(&'static str, SamplingParam
             ),
         })
         .collect()
+}
+
+/// The `--samplers` variants, then the `--plugin` rows, then with `--fused-twins` each of them
+/// but greedy again as `NAME+fused` (run with the fused sampling kernels, [`is_fused_twin`]).
+fn variant_list(args: &Args, plugin_runs: &[(String, SamplingParams)]) -> Result<Vec<(String, SamplingParams)>> {
+    let mut variants: Vec<(String, SamplingParams)> =
+        sampler_variants(&args.samplers)?.into_iter().map(|(n, s)| (n.to_string(), s)).collect();
+    variants.extend(plugin_runs.iter().cloned());
+    if args.fused_twins {
+        let twins: Vec<_> =
+            variants.iter().filter(|(n, _)| n != "greedy").map(|(n, s)| (format!("{n}+fused"), s.clone())).collect();
+        variants.extend(twins);
+    }
+    Ok(variants)
+}
+
+/// Whether variant `name` is a `--fused-twins` twin.
+fn is_fused_twin(name: &str) -> bool {
+    name.ends_with("+fused")
+}
+
+/// The shape `--shape` names.
+fn shape_named(name: &str) -> Result<&'static Shape> {
+    SHAPES.iter().find(|s| s.name == name).with_context(|| {
+        format!("unknown shape {name} ({})", SHAPES.iter().map(|s| s.name).collect::<Vec<_>>().join(", "))
+    })
+}
+
+/// The element type `--dtype` names (`q4`: 4-bit weights around bfloat16 activations).
+fn dtype_named(name: &str) -> Result<Dtype> {
+    Ok(match name {
+        "bf16" | "q4" => Dtype::Bfloat16,
+        "f16" => Dtype::Float16,
+        "f32" => Dtype::Float32,
+        other => bail!("--dtype {other}: use bf16, f16, f32 or q4"),
+    })
 }
 
 /// The full pipeline: temperature 0.7, top-p 0.9, top-k 50, min-p 0.05, repetition
@@ -1083,16 +1109,11 @@ fn quantize_tensors(tensors: Vec<(String, Array)>) -> Result<Vec<(String, Array)
 /// Writes a random-weight checkpoint of `shape` (config.json, model.safetensors, a word-level
 /// tokenizer.json) unless it already exists.
 fn make_model(shape: &str, dtype: &str, root: &Path) -> Result<PathBuf> {
-    let s = SHAPES.iter().find(|s| s.name == shape).with_context(|| format!("unknown shape {shape}"))?;
+    let s = shape_named(shape)?;
     // `q4`: bf16 weights quantized the way mlx-community checkpoints are (4 bits, groups of
     // 64; every linear layer and the embedding), so both engines load an MLX-quantized model.
     let quantized = dtype == "q4";
-    let dt = match dtype {
-        "bf16" | "q4" => Dtype::Bfloat16,
-        "f16" => Dtype::Float16,
-        "f32" => Dtype::Float32,
-        other => bail!("--dtype {other}: use bf16, f16, f32 or q4"),
-    };
+    let dt = dtype_named(dtype)?;
     let dir = root.join(format!("{shape}-{dtype}"));
     if dir.join("model.safetensors").is_file() {
         return Ok(dir);

@@ -12,10 +12,10 @@
 //! the primitive count of one step, and says where a variant's extra time sits (build, submit,
 //! or waiting for the device).
 
-use crate::{graph_kinds, median, plugin_variants, sampler_variants, Args};
+use crate::{graph_kinds, median, plugin_variants, Args};
 use anyhow::{Context, Result};
+use mlx_rs::random;
 use mlx_rs::transforms::async_eval;
-use mlx_rs::{random, Dtype};
 use mlxd::sampling::{sample_batch, SamplingParams, SequenceSampler};
 use serde_json::{json, Value};
 use std::time::Instant;
@@ -28,30 +28,11 @@ const PROFILE_STEPS: usize = 20_000;
 
 pub(crate) fn run(args: &Args) -> Result<Value> {
     let report = mlxd::runtime::Report::gather();
-    let shape = args.shape.as_deref().unwrap_or("qwen3-0.6b");
-    let vocab = crate::SHAPES.iter().find(|s| s.name == shape).map(|s| s.vocab).with_context(|| {
-        format!("--shape {shape}: unknown ({})", crate::SHAPES.iter().map(|s| s.name).collect::<Vec<_>>().join(", "))
-    })?;
-    let dtype = match args.dtype.as_str() {
-        "bf16" | "q4" => Dtype::Bfloat16,
-        "f16" => Dtype::Float16,
-        "f32" => Dtype::Float32,
-        other => anyhow::bail!("--dtype {other}: the logits' dtype is bf16 (also for q4), f16 or f32"),
-    };
+    let vocab = crate::shape_named(args.shape.as_deref().unwrap_or("qwen3-0.6b"))?.vocab;
+    // The logits come in the model's activation dtype (bfloat16 for q4).
+    let dtype = crate::dtype_named(&args.dtype)?;
     mlxd::sampling::prepare_kernels(vocab, dtype);
-    let mut variants: Vec<(String, SamplingParams)> =
-        sampler_variants(&args.samplers)?.into_iter().map(|(n, p)| (n.to_string(), p)).collect();
-    variants.extend(plugin_variants(args)?);
-    // (name, parameters, the fused sampling kernels on)
-    let mut variants: Vec<(String, SamplingParams, bool)> = variants.into_iter().map(|(n, p)| (n, p, false)).collect();
-    if args.fused_twins {
-        let twins: Vec<_> = variants
-            .iter()
-            .filter(|(n, _, _)| n != "greedy")
-            .map(|(n, p, _)| (format!("{n}+fused"), p.clone(), true))
-            .collect();
-        variants.extend(twins);
-    }
+    let variants = crate::variant_list(args, &plugin_variants(args)?)?;
     let rows = args.clients.first().copied().unwrap_or(1).max(1);
     let steps = args.gen.max(1);
     let prompt = crate::random_prompt(args.prompt.max(1), vocab as u32, 7);
@@ -91,8 +72,8 @@ pub(crate) fn run(args: &Args) -> Result<Value> {
     for round in 0..args.repeats.max(1) {
         for j in 0..n {
             let i = (round + j) % n;
-            let (name, params, fused) = &variants[i];
-            mlxd::sampling::set_sampler_fused(*fused);
+            let (name, params) = &variants[i];
+            mlxd::sampling::set_sampler_fused(crate::is_fused_twin(name));
             let mut samplers = make(name, params)?;
             for s in 0..WARMUP + steps {
                 if round == 0 && s == WARMUP {
@@ -114,8 +95,8 @@ pub(crate) fn run(args: &Args) -> Result<Value> {
         }
     }
     if let Some(dir) = &args.profile {
-        for (name, params, fused) in &variants {
-            mlxd::sampling::set_sampler_fused(*fused);
+        for (name, params) in &variants {
+            mlxd::sampling::set_sampler_fused(crate::is_fused_twin(name));
             let mut samplers = make(name, params)?;
             for _ in 0..WARMUP {
                 step(&mut samplers, name)?;
@@ -146,8 +127,8 @@ pub(crate) fn run(args: &Args) -> Result<Value> {
             [median(t[0].clone()), median(t[1].clone()), median(t[2].clone()), median(total)]
         })
         .collect();
-    let greedy = variants.iter().position(|(n, _, _)| n == "greedy").map(|g| med[g][3]);
-    for (i, (name, _, _)) in variants.iter().enumerate() {
+    let greedy = variants.iter().position(|(n, _)| n == "greedy").map(|g| med[g][3]);
+    for (i, (name, _)) in variants.iter().enumerate() {
         let [b, s, r, t] = med[i];
         let beyond = greedy.map_or_else(|| "-".to_string(), |g| format!("{:+.1}", t - g));
         println!("| {name} | {} | {b:.1} | {s:.1} | {r:.1} | {t:.1} | {beyond} |", primitives[i]);
