@@ -193,6 +193,24 @@ T shuffle(T v, unsigned int from) {
   warp_barrier();
   return out;
 }
+// The lanes of `mask` whose value equals this lane's (this lane included), as __match_any_sync.
+template <class T>
+unsigned int match_any(unsigned int mask, T v) {
+  auto& slots = launch_state->exchange[warp];
+  static_assert(sizeof(T) <= sizeof(unsigned long long), "match of a wide type");
+  unsigned long long mine = 0;
+  std::memcpy(&mine, &v, sizeof(T));
+  slots[lane] = mine;
+  warp_barrier();
+  const Dim b = launch_state->block;
+  const unsigned int threads = b.x * b.y * b.z;
+  const unsigned int lanes = std::min(32u, threads - warp * 32u);
+  unsigned int out = 0;
+  for (unsigned int l = 0; l < lanes; ++l)
+    if (((mask >> l) & 1u) && slots[l] == mine) out |= 1u << l;
+  warp_barrier();
+  return out;
+}
 }  // namespace mlxd_emu
 
 #define threadIdx mlxd_emu::thread_idx
@@ -213,6 +231,9 @@ template <class T> inline T __shfl_up_sync(unsigned int, T v, int d) {
 }
 template <class T> inline T __shfl_xor_sync(unsigned int, T v, int m) { return mlxd_emu::shuffle(v, mlxd_emu::lane ^ m); }
 template <class T> inline T __shfl_sync(unsigned int, T v, int src) { return mlxd_emu::shuffle(v, (unsigned int)src & 31u); }
+template <class T> inline unsigned int __match_any_sync(unsigned int mask, T v) { return mlxd_emu::match_any(mask, v); }
+inline int __popc(unsigned int x) { return __builtin_popcount(x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
 
 inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
 inline int __float_as_int(float f) { int u; std::memcpy(&u, &f, 4); return u; }

@@ -176,6 +176,22 @@ impl Drop for CudaKernel {
     }
 }
 
+/// `source` without blank lines, lines that are only a `//` comment, and leading whitespace.
+/// MLX 0.32 hashes a custom kernel's whole source text each time it queues the kernel (to name
+/// its compiled module), so the text's length is host time at every decode step; the sampling
+/// kernels' comments were about half of it.
+pub(crate) fn compact_source(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    for line in source.lines().map(str::trim_start) {
+        if line.is_empty() || line.starts_with("//") {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
 fn string_vector(names: &[&str]) -> mlx_sys::mlx_vector_string {
     let owned: Vec<std::ffi::CString> = names.iter().map(|n| std::ffi::CString::new(*n).expect("no NUL")).collect();
     let ptrs: Vec<*const std::os::raw::c_char> = owned.iter().map(|c| c.as_ptr()).collect();
@@ -185,7 +201,8 @@ fn string_vector(names: &[&str]) -> mlx_sys::mlx_vector_string {
 
 impl CudaKernel {
     /// A kernel named `name` (plus its template arguments) with `header` (device functions)
-    /// before the body. With `row_contiguous`, MLX copies any input that is not.
+    /// before the body. With `row_contiguous`, MLX copies any input that is not. Header and
+    /// body go to MLX without their comment lines and indentation ([`compact_source`]).
     pub(crate) fn new(
         name: &str,
         inputs: &[&str],
@@ -199,9 +216,10 @@ impl CudaKernel {
             name: name.to_string(),
             inputs: owned(inputs),
             outputs: owned(outputs),
-            header: header.to_string(),
-            source: source.to_string(),
+            header: compact_source(header),
+            source: compact_source(source),
         };
+        let (header, source) = (spec.header.as_str(), spec.source.as_str());
         if off_device() {
             return CudaKernel { handle: None, spec };
         }
@@ -353,5 +371,17 @@ impl CudaKernel {
             }
             Ok(result)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::compact_source;
+
+    #[test]
+    fn compacted_kernel_source_keeps_every_code_line() {
+        let source = "    // what it does\n\n    const int i = threadIdx.x;  // a thread\n        if (i < n) {\n\t// inner\n            y[i] = x[i];\n        }\n";
+        assert_eq!(compact_source(source), "const int i = threadIdx.x;  // a thread\nif (i < n) {\ny[i] = x[i];\n}\n");
+        assert_eq!(compact_source(""), "");
     }
 }

@@ -76,10 +76,13 @@ __device__ T mlxd_scan256(T x, T* totals) {
 }
 // Radix select, 8 bits at a time from the top, over the keys key(0..n): leaves in *kth the key
 // of the need-th largest and in *ties how many keys equal to it the need largest take. Every
-// thread of the block (at least 256) calls it; hist is 256 words of shared memory, kth, mask
-// and ties shared. Each round finds its bin with a parallel suffix sum over the 256 bins (one
-// thread per bin, largest bin first): the bin where the running count reaches the keys still
-// needed.
+// thread of the block (at least 256, a multiple of 32) calls it; hist is 256 words of shared
+// memory, kth, mask and ties shared. The histogram is counted a warp at a time: the lanes
+// whose keys fall in one bin add their count with one atomic (a vocabulary's logits share a
+// handful of exponents, so the first rounds' keys crowd into a few bins, and one atomic per key
+// there queues the whole block on one word of shared memory). Each round finds its bin with a
+// parallel suffix sum over the 256 bins (one thread per bin, largest bin first): the bin where
+// the running count reaches the keys still needed.
 template <typename Key>
 __device__ void mlxd_radix_select(
     int n, unsigned int need, Key key, unsigned int* hist,
@@ -93,9 +96,16 @@ __device__ void mlxd_radix_select(
         for (int i = tid; i < 256; i += nt) hist[i] = 0u;
         __syncthreads();
         const unsigned int prefix = *kth, m = *mask, left = *ties;
-        for (int i = tid; i < n; i += nt) {
-            const unsigned int u = key(i);
-            if ((u & m) == prefix) atomicAdd(&hist[(u >> shift) & 255u], 1u);
+        // Whole warps each iteration (bin 256: no key, or not under this round's prefix).
+        for (int i0 = 0; i0 < n; i0 += nt) {
+            const int i = i0 + tid;
+            unsigned int bin = 256u;
+            if (i < n) {
+                const unsigned int u = key(i);
+                if ((u & m) == prefix) bin = (u >> shift) & 255u;
+            }
+            const unsigned int peers = __match_any_sync(0xffffffffu, bin);
+            if (bin < 256u && (tid & 31) == __ffs((int)peers) - 1) atomicAdd(&hist[bin], (unsigned int)__popc(peers));
         }
         __syncthreads();
         const int bin = 255 - tid;
@@ -203,14 +213,24 @@ const PICK: &str = r#"
     __shared__ float sorted_v[KMAX];
     __shared__ int sorted_i[KMAX];
     __shared__ unsigned int s_token;
+    // The candidates' keys, read once into shared memory where they fit (k <= 54 with a
+    // 151,936-token vocabulary), for the select's four passes and the pass that gathers.
+    constexpr int KEYS = 8192;
+    __shared__ unsigned int keys_of[KEYS];
+    const bool in_shared = total <= KEYS;
+    if (in_shared) {
+        for (int c = tid; c < total; c += nt) keys_of[c] = key_at(slot(c));
+    }
+    auto key_of = [&](int c) -> unsigned int { return in_shared ? keys_of[c] : key_at(slot(c)); };
 
     if (tid == 0) { n_gt = 0u; n_eq = 0u; }
-    mlxd_radix_select(total, (unsigned int)k, [&](int c) { return key_at(slot(c)); }, hist, &s_prefix, &s_mask, &s_need);
+    // (The select's first barrier publishes keys_of.)
+    mlxd_radix_select(total, (unsigned int)k, key_of, hist, &s_prefix, &s_mask, &s_need);
     const unsigned int kth = s_prefix;
     const unsigned int ties = s_need;
     for (int c = tid; c < total; c += nt) {
         const int s = slot(c);
-        const unsigned int u = key_at(s);
+        const unsigned int u = key_of(c);
         if (u > kth) {
             const unsigned int p = atomicAdd(&n_gt, 1u);
             if (p < (unsigned int)k) { best_v[p] = __ldcg(cv + s); best_i[p] = __ldcg(ci + s); }
