@@ -248,7 +248,6 @@ fn parse_args() -> Result<Args> {
 }
 
 fn main() {
-    mlxd::spin_guard::install();
     let code = match run() {
         Ok(()) => 0,
         Err(e) => {
