@@ -180,7 +180,11 @@ pub(crate) fn plan(st: Stages) -> Vec<Slot> {
         }
     }
     if st.repetition && st.advances() {
-        p.extend([WindowStart, Positions]);
+        p.push(WindowStart);
+        // Where the kernel applies the penalty it also advances the window.
+        if !st.penalty_in_kernel() {
+            p.push(Positions);
+        }
     }
     if st.random && st.post() {
         p.push(InvTemperature);
@@ -192,10 +196,12 @@ pub(crate) fn plan(st: Stages) -> Vec<Slot> {
                 p.push(slot);
             }
         }
-        if st.top_k {
+        // The graph's filters' constants; the kernels need neither (each input of the compiled
+        // step is host time at every step).
+        if st.top_k && !st.kernel {
             p.push(Ranks);
         }
-        if st.truncate.is_some() && st.chunk.is_some() {
+        if st.truncate.is_some() && st.chunk.is_some() && !st.kernel {
             p.push(ChunkOffsets);
         }
         if st.fused {
