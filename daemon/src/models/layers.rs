@@ -267,6 +267,28 @@ impl<const N: usize> Stacked<N> {
         Ok(one_per_part(outputs))
     }
 
+    /// For one row `x` (`[1, in]`), all projections as heads of `head_dim`: one
+    /// multiplication, its output reshaped once to `[1, heads, 1, head_dim]` and split along the
+    /// heads, part `i` `[1, out_i / head_dim, 1, head_dim]` (contiguous views). Two primitives
+    /// where splitting first and reshaping each part takes one per part, and a decode step's
+    /// host time is paid per primitive. `None` when the parts are kept apart, products are
+    /// taken part by part (`MLXD_STACKED=0`), or a part is not a whole number of heads.
+    pub fn forward_heads(&self, x: &Array, head_dim: i32) -> Result<Option<[Array; N]>> {
+        let Some(all) = &self.all else { return Ok(None) };
+        let whole = |n: i32| n % head_dim == 0;
+        if !stacked_products() || x.ndim() != 2 || x.shape()[0] != 1 || !self.splits.iter().all(|&s| whole(s)) {
+            return Ok(None);
+        }
+        let y = all.forward(x)?;
+        let total = y.shape()[1];
+        if !whole(total) {
+            return Ok(None);
+        }
+        let heads = y.reshape(&[1, total / head_dim, 1, head_dim])?;
+        let at: Vec<i32> = self.splits.iter().map(|s| s / head_dim).collect();
+        Ok(Some(one_per_part(ops::split_at_indices(&heads, &at, 1)?)))
+    }
+
     /// All projections of a batch `x` (`[B, in]`, `B > 1`), each `[B, out_i]` and contiguous:
     /// on CUDA one kernel that writes each part to its own output ([`super::cuda::rows`]),
     /// otherwise part by part (slices of one several-row product would be strided, and the
@@ -493,6 +515,42 @@ mod tests {
     fn stacked_projections_equal_the_separate_ones() {
         check(|| [dense(48, 64, 1), dense(16, 64, 2), dense(16, 64, 3)], true);
         check(|| [quantized(64, 64, 4, 4), quantized(32, 64, 5, 4)], true);
+    }
+
+    fn row_contiguous(a: &Array) -> bool {
+        a.eval().unwrap();
+        let mut yes = false;
+        // SAFETY: reads the flags of a live, evaluated array.
+        let rc = unsafe { mlx_sys::_mlx_array_is_row_contiguous(&mut yes, a.as_ptr()) };
+        rc == 0 && yes
+    }
+
+    #[test]
+    fn one_row_as_heads_equals_the_parts_reshaped_and_copies_nothing() {
+        // Heads of 16: q of 3 heads, k and v of 1 (dense and 4-bit), as a decode step takes them.
+        let makes: [fn() -> [Linear; 3]; 2] = [
+            || [dense(48, 64, 11), dense(16, 64, 12), dense(16, 64, 13)],
+            || [quantized(64, 64, 14, 4), quantized(32, 64, 15, 4), quantized(32, 64, 16, 4)],
+        ];
+        for make in makes {
+            let s = Stacked::new(make()).unwrap();
+            let x = random::normal::<f32>(&[1, 64], None, None, &random::key(17).unwrap()).unwrap();
+            let heads = s.forward_heads(&x, 16).unwrap().expect("stacked, whole heads");
+            for (part, want) in heads.iter().zip(s.forward(&x).unwrap()) {
+                let n = want.shape()[1] / 16;
+                assert_eq!(part.shape(), &[1, n, 1, 16]);
+                assert!(max_diff(part, &want.reshape(&[1, n, 1, 16]).unwrap()) < 1e-5);
+                // A strided part would make the norm and RoPE kernels after it copy.
+                assert!(row_contiguous(part), "a part of {:?} is strided", part.shape());
+            }
+            // Not whole heads, or more than one row: the caller reshapes parts itself.
+            assert!(s.forward_heads(&x, 24).unwrap().is_none());
+            let rows = random::normal::<f32>(&[2, 64], None, None, &random::key(18).unwrap()).unwrap();
+            assert!(s.forward_heads(&rows, 16).unwrap().is_none());
+        }
+        let apart = Stacked::new([quantized(64, 64, 19, 4), dense(32, 64, 20)]).unwrap();
+        let x = random::normal::<f32>(&[1, 64], None, None, &random::key(21).unwrap()).unwrap();
+        assert!(apart.forward_heads(&x, 16).unwrap().is_none());
     }
 
     #[test]

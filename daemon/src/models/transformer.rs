@@ -100,14 +100,21 @@ impl Attention {
     /// would be strided and the norm and RoPE kernels would copy them.
     fn project_heads(&self, x: &Array) -> Result<(Array, Array, Array)> {
         let b = x.shape()[0];
+        // (Parts from `forward_heads` are already `[1, n, 1, head_dim]`.)
         let heads = |y: Array, n: i32, norm: &Option<RmsNorm>| -> Result<Array> {
-            let y = y.reshape(&[b, n, 1, self.head_dim])?;
+            let y = if y.ndim() == 4 { y } else { y.reshape(&[b, n, 1, self.head_dim])? };
             match norm {
                 Some(norm) => norm.forward(&y),
                 None => Ok(y),
             }
         };
-        let [q, k, v] = if b == 1 { self.qkv.forward(x)? } else { self.qkv.forward_batch(x)? };
+        let [q, k, v] = match b {
+            1 => match self.qkv.forward_heads(x, self.head_dim)? {
+                Some(parts) => parts,
+                None => self.qkv.forward(x)?,
+            },
+            _ => self.qkv.forward_batch(x)?,
+        };
         let q = heads(q, self.heads, &self.q_norm)?;
         let k = heads(k, self.kv_heads, &self.k_norm)?;
         let v = heads(v, self.kv_heads, &None)?;
