@@ -274,6 +274,14 @@ impl<const N: usize> Stacked<N> {
     /// host time is paid per primitive. `None` when the parts are kept apart, products are
     /// taken part by part (`MLXD_STACKED=0`), or a part is not a whole number of heads.
     pub fn forward_heads(&self, x: &Array, head_dim: i32) -> Result<Option<[Array; N]>> {
+        let Some(heads) = self.heads(x, head_dim)? else { return Ok(None) };
+        let at: Vec<i32> = self.splits.iter().map(|s| s / head_dim).collect();
+        Ok(Some(one_per_part(ops::split_at_indices(&heads, &at, 1)?)))
+    }
+
+    /// [`Self::forward_heads`] before the split: the whole product as `[1, heads, 1, head_dim]`,
+    /// part `i`'s heads after those of the parts before it.
+    pub fn heads(&self, x: &Array, head_dim: i32) -> Result<Option<Array>> {
         let Some(all) = &self.all else { return Ok(None) };
         let whole = |n: i32| n % head_dim == 0;
         if !stacked_products() || x.ndim() != 2 || x.shape()[0] != 1 || !self.splits.iter().all(|&s| whole(s)) {
@@ -284,9 +292,7 @@ impl<const N: usize> Stacked<N> {
         if !whole(total) {
             return Ok(None);
         }
-        let heads = y.reshape(&[1, total / head_dim, 1, head_dim])?;
-        let at: Vec<i32> = self.splits.iter().map(|s| s / head_dim).collect();
-        Ok(Some(one_per_part(ops::split_at_indices(&heads, &at, 1)?)))
+        Ok(Some(y.reshape(&[1, total / head_dim, 1, head_dim])?))
     }
 
     /// All projections of a batch `x` (`[B, in]`, `B > 1`), each `[B, out_i]` and contiguous:

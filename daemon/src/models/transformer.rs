@@ -123,13 +123,38 @@ impl Attention {
 
     /// One decode step of a single sequence with its own cache.
     fn decode_one(&self, x: &Array, cache: &mut LayerCache) -> Result<Array> {
-        let (q, k, v) = self.project_heads(x)?;
         let offset = cache.offset();
-        let q = self.rope.forward(&q, offset)?;
-        let k = self.rope.forward(&k, offset)?;
+        let (q, k, v) = match self.roped_together(x, offset)? {
+            Some(qkv) => qkv,
+            None => {
+                let (q, k, v) = self.project_heads(x)?;
+                (self.rope.forward(&q, offset)?, self.rope.forward(&k, offset)?, v)
+            }
+        };
         let (k, v) = cache.update_and_fetch(&k, &v)?;
         let o = fast::scaled_dot_product_attention(&q, &k, &v, self.scale, None, None)?;
         self.o_proj.forward(&o.reshape(&[1, self.heads * self.head_dim])?)
+    }
+
+    /// One row's q, k and v (`[1, n, 1, head_dim]`) with q and k rotated by one RoPE over
+    /// their heads together, a kernel fewer per layer than rotating each (the stacked product
+    /// holds q's heads, then k's, then v's). `None` where q or k has its own norm (Qwen3) or the
+    /// projections are not stacked.
+    fn roped_together(&self, x: &Array, offset: i32) -> Result<Option<(Array, Array, Array)>> {
+        if self.q_norm.is_some() || self.k_norm.is_some() {
+            return Ok(None);
+        }
+        let Some(heads) = self.qkv.heads(x, self.head_dim)? else { return Ok(None) };
+        let two = |a: &Array, at: i32| -> Result<(Array, Array)> {
+            let mut parts = ops::split_at_indices(a, &[at], 1)?.into_iter();
+            match (parts.next(), parts.next()) {
+                (Some(a), Some(b)) => Ok((a, b)),
+                _ => unreachable!("a split at one index has two parts"),
+            }
+        };
+        let (qk, v) = two(&heads, self.heads + self.kv_heads)?;
+        let (q, k) = two(&self.rope.forward(&qk, offset)?, self.heads)?;
+        Ok(Some((q, k, v)))
     }
 
     /// Whether a padded stack of activations of `dtype` attends through the padded-attention
