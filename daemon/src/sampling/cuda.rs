@@ -79,8 +79,9 @@ __device__ T mlxd_scan256(T x, T* totals) {
 // thread of the block (at least 256, a multiple of 32) calls it; hist is 256 words of shared
 // memory, kth, mask and ties shared. The histogram is counted a warp at a time: the lanes
 // whose keys fall in one bin add their count with one atomic (a vocabulary's logits share a
-// handful of exponents, so the first rounds' keys crowd into a few bins, and one atomic per key
-// there queues the whole block on one word of shared memory). Each round finds its bin with a
+// handful of exponents, so the first rounds' keys crowd into a few bins; on an H100 this and
+// stage 2's key cache took ~23 us off the fused kernel, whose stage 2 has 256 threads, and
+// barely moved the two kernels' time, session 12). Each round finds its bin with a
 // parallel suffix sum over the 256 bins (one thread per bin, largest bin first): the bin where
 // the running count reaches the keys still needed.
 template <typename Key>
