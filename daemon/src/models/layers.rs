@@ -346,7 +346,7 @@ impl<const N: usize> Stacked<N> {
 }
 
 /// The `N` outputs of a [`Stacked`] projection as an array.
-fn one_per_part<const N: usize>(outputs: Vec<Array>) -> [Array; N] {
+pub(super) fn one_per_part<const N: usize>(outputs: Vec<Array>) -> [Array; N] {
     outputs.try_into().unwrap_or_else(|_| unreachable!("one output per part"))
 }
 

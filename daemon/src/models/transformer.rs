@@ -4,7 +4,7 @@
 //! Field names follow the checkpoints' tensor names.
 
 use super::config::{ModelArgs, RopeScaling};
-use super::layers::{last_position, Linear, Matrix, RmsNorm, Rope, Stacked};
+use super::layers::{last_position, one_per_part, Linear, Matrix, RmsNorm, Rope, Stacked};
 use super::weights::Weights;
 use super::ModelError;
 use crate::cache::{BatchCache, LayerCache, SequenceCache};
@@ -145,15 +145,8 @@ impl Attention {
             return Ok(None);
         }
         let Some(heads) = self.qkv.heads(x, self.head_dim)? else { return Ok(None) };
-        let two = |a: &Array, at: i32| -> Result<(Array, Array)> {
-            let mut parts = ops::split_at_indices(a, &[at], 1)?.into_iter();
-            match (parts.next(), parts.next()) {
-                (Some(a), Some(b)) => Ok((a, b)),
-                _ => unreachable!("a split at one index has two parts"),
-            }
-        };
-        let (qk, v) = two(&heads, self.heads + self.kv_heads)?;
-        let (q, k) = two(&self.rope.forward(&qk, offset)?, self.heads)?;
+        let [qk, v] = one_per_part(ops::split_at_indices(&heads, &[self.heads + self.kv_heads], 1)?);
+        let [q, k] = one_per_part(ops::split_at_indices(&self.rope.forward(&qk, offset)?, &[self.heads], 1)?);
         Ok(Some((q, k, v)))
     }
 
