@@ -26,15 +26,16 @@ fn max_abs(a: &Array) -> f32 {
     ops::abs(a).unwrap().max(None).unwrap().try_item_exact::<f32>().unwrap()
 }
 
-/// Tokens drawn for `rows` rows (seeds 1..=rows) over `steps` steps of random logits (the same
-/// logits every step when `fixed`), through the graph or the kernels (two or fused).
-fn draws(params: &SamplingParams, rows: i32, vocab: i32, steps: u64, fixed: bool, d: Dtype, path: &str) -> Vec<u32> {
+/// Tokens drawn for `rows` rows (seeds 1..=rows; row `i` with `params[i % params.len()]`) over
+/// `steps` steps of random logits (the same logits every step when `fixed`), through the graph
+/// or the kernels (two or fused).
+fn draws(params: &[&SamplingParams], rows: i32, vocab: i32, steps: u64, fixed: bool, d: Dtype, path: &str) -> Vec<u32> {
     mlxd::sampling::set_sampler_kernel(path != "graph");
     mlxd::sampling::set_sampler_fused(path == "fused");
     let mut samplers: Vec<SequenceSampler> = (0..rows)
         .map(|i| {
             SequenceSampler::new(
-                &SamplingParams { seed: Some(1 + i as u64), ..params.clone() },
+                &SamplingParams { seed: Some(1 + i as u64), ..params[i as usize % params.len()].clone() },
                 vocab as usize,
                 &[1, 2, 3],
             )
@@ -76,13 +77,16 @@ fn sampling_kernels_draw_what_the_graph_draws() {
     // penalty over a short window on fixed logits (a wrongly advanced window changes later
     // draws), a top-k larger than the last chunk, more candidates than stage 2 keeps in shared
     // memory (33 chunks x 256 > 8,192: their keys are read from global memory each pass).
-    let cases = [
-        ("full", &full, 4, 2_100, 3, false, Dtype::Float32),
-        ("full, bfloat16", &full, 4, 2_100, 3, false, Dtype::Bfloat16),
-        ("full, float16", &full, 2, 2_100, 2, false, Dtype::Float16),
-        ("penalty 2.5 over 5 tokens, fixed logits", &penalty, 2, 1_500, 8, true, Dtype::Bfloat16),
-        ("top-k 140 over 1,124 tokens", &wide, 3, 1_124, 3, false, Dtype::Float32),
-        ("top-k 256 over 33,000 tokens", &widest, 2, 33_000, 2, false, Dtype::Bfloat16),
+    // A batch of rows that each set other parameters (each reads its own row of the kernels'
+    // parameter array).
+    let cases: [(&str, &[&SamplingParams], i32, i32, u64, bool, Dtype); 7] = [
+        ("full", &[&full], 4, 2_100, 3, false, Dtype::Float32),
+        ("full, bfloat16", &[&full], 4, 2_100, 3, false, Dtype::Bfloat16),
+        ("full, float16", &[&full], 2, 2_100, 2, false, Dtype::Float16),
+        ("penalty 2.5 over 5 tokens, fixed logits", &[&penalty], 2, 1_500, 8, true, Dtype::Bfloat16),
+        ("top-k 140 over 1,124 tokens", &[&wide], 3, 1_124, 3, false, Dtype::Float32),
+        ("top-k 256 over 33,000 tokens", &[&widest], 2, 33_000, 2, false, Dtype::Bfloat16),
+        ("rows with different parameters, fixed logits", &[&penalty, &wide, &full], 3, 1_500, 6, true, Dtype::Float32),
     ];
     for (what, params, rows, vocab, steps, fixed, d) in cases {
         let graph = draws(params, rows, vocab, steps, fixed, d, "graph");

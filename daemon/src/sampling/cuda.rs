@@ -41,6 +41,8 @@ pub(crate) const MAX_K: i32 = 256;
 
 /// Order-preserving 32-bit keys of floats (NaN below everything), shared by both kernels.
 const HEADER: &str = r#"
+// Each row's parameters, one float32 row of `params` (see `PARAMS`).
+constexpr int MLXD_PARAMS = 8;
 __device__ __forceinline__ unsigned int mlxd_key_of(float f) {
     const unsigned int b = __float_as_uint(f);
     return f != f ? 0u : ((b & 0x80000000u) ? ~b : (b | 0x80000000u));
@@ -137,10 +139,11 @@ const CHUNKS: &str = r#"
     const int nt = blockDim.x;
     const int base = g * CH;
     const int n = min(CH, V - base);
-    const int k = max(1, min(top_k[row], KMAX));
+    const float* pr = params + (size_t)row * MLXD_PARAMS;
+    const int k = max(1, min((int)pr[1], KMAX));
     const int kk = min(k, n);
-    const float inv_t = inv_temperature[row];
-    const float pen = penalty[row];
+    const float inv_t = pr[0];
+    const float pen = pr[4];
     const int C = window_shape[1];
 
     __shared__ float vals[CH];
@@ -194,10 +197,11 @@ const PICK: &str = r#"
     const int row = blockIdx.y;
     const int tid = threadIdx.x;
     const int nt = blockDim.x;
-    const int k = max(1, min(top_k[row], KMAX));
+    const float* pr = params + (size_t)row * MLXD_PARAMS;
+    const int k = max(1, min((int)pr[1], KMAX));
     const int total = G * k;
-    const float top_p_row = top_p[row];
-    const float ln_min_p_row = ln_min_p[row];
+    const float top_p_row = pr[2];
+    const float ln_min_p_row = pr[3];
     const int C = window_shape[1];
     const unsigned int k0 = keys[2 * row];
     const unsigned int k1 = keys[2 * row + 1];
@@ -303,7 +307,7 @@ const PICK: &str = r#"
     // Shift left by one and take the token at the end; slots before the row's first live one
     // repeat it.
     const unsigned int t = s_token;
-    const int first = window_start[row];
+    const int first = (int)pr[5];
     for (int j = tid; j < C; j += nt) {
         next_window[(size_t)row * C + j] = (j < first || j == C - 1) ? t : window[(size_t)row * C + j + 1];
     }
@@ -513,19 +517,19 @@ pub fn prepare(vocab: i32, dtype: Dtype) {
     let started = std::time::Instant::now();
     let draw = || -> Result<(), Exception> {
         let logits = mlx_rs::ops::zeros_dtype(&[1, vocab], dtype)?;
-        let (one, k, keys) = (
-            Array::from_slice(&[1.0f32], &[1, 1]),
-            Array::from_slice(&[16i32], &[1, 1]),
-            Array::zeros::<u32>(&[1, 2])?,
-        );
+        let row = RowParams {
+            inv_temperature: 1.0,
+            top_k: 16,
+            top_p: f32::INFINITY,
+            ln_min_p: f32::NEG_INFINITY,
+            penalty: 1.0,
+            window_start: 0,
+        };
         let drawn = sample(&Inputs {
             logits: &logits,
-            inv_temperature: &one,
-            top_k: &k,
-            top_p: None,
-            ln_min_p: None,
-            keys: &keys,
-            repetition: None,
+            params: &params(&[row]),
+            keys: &Array::zeros::<u32>(&[1, 2])?,
+            window: None,
             counter: Some(&counter(1)?),
         })?;
         let history = Array::zeros::<i32>(&[1, 1])?;
@@ -557,22 +561,11 @@ pub fn prepare(vocab: i32, dtype: Dtype) {
 }
 
 fn kernels() -> Kernels {
-    const INPUTS: [&str; 10] = [
-        "logits",
-        "inv_temperature",
-        "top_k",
-        "window",
-        "penalty",
-        "top_p",
-        "ln_min_p",
-        "keys",
-        "window_start",
-        "counter",
-    ];
+    const INPUTS: [&str; 5] = ["logits", "params", "window", "keys", "counter"];
     const CANDIDATES: [&str; 2] = ["cand_v", "cand_i"];
     const DRAWN: [&str; 3] = ["token", "next_keys", "next_window"];
-    let chunks = CudaKernel::new("mlxd_sample_chunks", &INPUTS[..5], &CANDIDATES, HEADER, CHUNKS, true);
-    let pick_inputs = ["cand_v", "cand_i", "top_k", "top_p", "ln_min_p", "keys", "window", "window_start"];
+    let chunks = CudaKernel::new("mlxd_sample_chunks", &INPUTS[..3], &CANDIDATES, HEADER, CHUNKS, true);
+    let pick_inputs = ["cand_v", "cand_i", "params", "window", "keys"];
     let pick = CudaKernel::new("mlxd_sample_pick", &pick_inputs, &DRAWN, HEADER, PICK, true);
     let outputs: Vec<&str> = CANDIDATES.iter().chain(&DRAWN).copied().collect();
     let body = format!("{{{CHUNKS}}}\n{HANDOFF}{{{PICK}}}");
@@ -583,27 +576,45 @@ fn kernels() -> Kernels {
     Kernels { chunks, pick, fused, append, pick_append }
 }
 
-/// The repetition penalty's inputs: the rows' windows `[B, C]` uint32, penalties `[B, 1]`
-/// float32 and first live window slots `[B, 1]` int32.
-pub(crate) struct Repetition<'a> {
-    pub window: &'a Array,
-    pub penalty: &'a Array,
-    pub start: &'a Array,
+/// Columns of a row's parameters in [`params`]'s array, as the kernels read them.
+const PARAMS: usize = 8;
+
+/// One row's parameters for the kernels. A stage a row does not use takes its neutral value:
+/// top-p infinity, ln min-p minus infinity, penalty 1.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RowParams {
+    pub inv_temperature: f32,
+    /// At most [`MAX_K`] (larger values are clamped by the kernels).
+    pub top_k: i32,
+    pub top_p: f32,
+    pub ln_min_p: f32,
+    pub penalty: f32,
+    /// The first live slot of the row's repetition window.
+    pub window_start: i32,
+}
+
+/// The rows' parameters as the kernels take them: one `[B, 8]` float32 array (the integers are
+/// exact in float32), so a step passes one array where six `[B, 1]` columns were six inputs to
+/// the compiled step and to each kernel, each of them host time on every step.
+pub(crate) fn params(rows: &[RowParams]) -> Array {
+    let mut flat = Vec::with_capacity(rows.len() * PARAMS);
+    for r in rows {
+        let row = [r.inv_temperature, r.top_k as f32, r.top_p, r.ln_min_p, r.penalty, r.window_start as f32];
+        flat.extend(row);
+        flat.resize(flat.len() + PARAMS - row.len(), 0.0);
+    }
+    Array::from_slice(&flat, &[rows.len() as i32, PARAMS as i32])
 }
 
 /// What the kernels draw from: the logits after steps 1-3 (`logits`, `[B, V]`, any float
-/// dtype), the repetition penalty when `repetition` is given, then the temperature (`[B, 1]`
-/// reciprocals), then the rows' top-k (`[B, 1]` int32, at most [`MAX_K`]), top-p and ln min-p
-/// (`[B, 1]` float32, or `None` when no row filters that way) and the pick with the rows' keys
-/// (`[B, 2]` uint32); `counter` is [`counter`]'s, for the fused kernel.
+/// dtype), the rows' [`params`], their keys (`[B, 2]` uint32) and, where the kernels apply the
+/// repetition penalty, their windows (`[B, C]` uint32); `counter` is [`counter`]'s, for the
+/// fused kernel.
 pub(crate) struct Inputs<'a> {
     pub logits: &'a Array,
-    pub inv_temperature: &'a Array,
-    pub top_k: &'a Array,
-    pub top_p: Option<&'a Array>,
-    pub ln_min_p: Option<&'a Array>,
+    pub params: &'a Array,
     pub keys: &'a Array,
-    pub repetition: Option<Repetition<'a>>,
+    pub window: Option<&'a Array>,
     pub counter: Option<&'a Array>,
 }
 
@@ -615,23 +626,16 @@ pub(crate) struct Drawn {
     pub window: Option<Array>,
 }
 
-/// Runs the kernels on `inp` (two, or the fused one; see the module header); see [`Inputs`]. A
-/// stage a batch does not use gets neutral columns (penalty 1 over an empty window, top-p
-/// infinity, ln min-p minus infinity), so one compiled set serves every request of a model;
-/// inside the compiled sampling step these are constants of the trace, not arrays made per step.
+/// Runs the kernels on `inp` (two, or the fused one; see the module header); see [`Inputs`].
+/// Without a window the kernels get a one-slot window no token matches (inside the compiled
+/// sampling step, a constant of the trace, not an array made per step), so one compiled set
+/// serves every request of a model.
 pub(crate) fn sample(inp: &Inputs<'_>) -> Result<Drawn, Exception> {
     let (b, v) = (inp.logits.shape()[0], inp.logits.shape()[1]);
     let g = (v + CH - 1) / CH;
-    let rows = b as usize;
-    let column = |x: f32| Array::from_slice(&vec![x; rows], &[b, 1]);
-    let (top_p, ln_min_p) = (column(f32::INFINITY), column(f32::NEG_INFINITY));
-    let (no_window, no_penalty, no_start) =
-        (Array::from_slice(&vec![u32::MAX; rows], &[b, 1]), column(1.0), Array::from_slice(&vec![0i32; rows], &[b, 1]));
-    let (window, penalty, start) = match &inp.repetition {
-        Some(r) => (r.window, r.penalty, r.start),
-        None => (&no_window, &no_penalty, &no_start),
-    };
-    let (top_p, ln_min_p) = (inp.top_p.unwrap_or(&top_p), inp.ln_min_p.unwrap_or(&ln_min_p));
+    // Without a penalty, a window no token id matches (the drawn one is shifted in and dropped).
+    let no_window = Array::from_slice(&vec![u32::MAX; b as usize], &[b, 1]);
+    let window = inp.window.unwrap_or(&no_window);
     let c = window.shape()[window.ndim() - 1];
     let template = [
         ("V", TemplateArg::Int(v)),
@@ -644,21 +648,20 @@ pub(crate) fn sample(inp: &Inputs<'_>) -> Result<Drawn, Exception> {
     let drawn = [(&[b][..], Dtype::Uint32), (&[b, 2][..], Dtype::Uint32), (&[b, c][..], Dtype::Uint32)];
     let what = || format!("the sampling kernels for logits {:?}", inp.logits.shape());
     let out = with_kernels(|k| {
-        let stage1 = [inp.logits, inp.inv_temperature, inp.top_k, window, penalty];
+        let stage1 = [inp.logits, inp.params, window];
         if let (true, Some(counter)) = (fused(), inp.counter) {
-            let inputs: Vec<&Array> =
-                stage1.iter().copied().chain([top_p, ln_min_p, inp.keys, start, counter]).collect();
+            let inputs: Vec<&Array> = stage1.iter().copied().chain([inp.keys, counter]).collect();
             let all: Vec<_> = candidates.iter().chain(&drawn).copied().collect();
             // The candidates (outputs 0 and 1) are the kernel's scratch.
             Ok(k.fused.apply(&inputs, &all, &template, (256 * g, b, 1), (256, 1, 1), what)?.split_off(2))
         } else {
             let cands = k.chunks.apply(&stage1, &candidates, &template, (256 * g, b, 1), (256, 1, 1), what)?;
-            let inputs = [&cands[0], &cands[1], inp.top_k, top_p, ln_min_p, inp.keys, window, start];
+            let inputs = [&cands[0], &cands[1], inp.params, window, inp.keys];
             k.pick.apply(&inputs, &drawn, &template, (1024, b, 1), (1024, 1, 1), what)
         }
     })?;
     let mut out = out.into_iter();
     let mut next = || out.next().ok_or_else(|| Exception::custom("the sampling kernels returned too few outputs"));
     let (tokens, keys, window) = (next()?, next()?, next()?);
-    Ok(Drawn { tokens, keys, window: inp.repetition.is_some().then_some(window) })
+    Ok(Drawn { tokens, keys, window: inp.window.is_some().then_some(window) })
 }

@@ -130,9 +130,12 @@ pub(crate) enum Slot {
     Positions,
     /// The CUDA sampling kernel's arrival counters ([`super::cuda::counter`]).
     Counter,
+    /// The kernels' per-row parameters, `[B, 8]` float32 ([`super::cuda::params`]): they take
+    /// this one array in place of the columns from `Penalty` to `LnMinP`.
+    KernelParams,
 }
 
-const SLOTS: usize = Slot::Counter as usize + 1;
+const SLOTS: usize = Slot::KernelParams as usize + 1;
 
 /// Named inputs of one call.
 #[derive(Default, Clone)]
@@ -172,37 +175,38 @@ pub(crate) fn plan(st: Stages) -> Vec<Slot> {
         if st.bias {
             p.extend([BiasIndex, BiasValues]);
         }
-        if st.repetition {
+        if st.repetition && !st.penalty_in_kernel() {
             p.push(Penalty);
         }
         if st.presence_frequency {
             p.extend([Presence, Frequency]);
         }
     }
-    if st.repetition && st.advances() {
-        p.push(WindowStart);
-        // Where the kernel applies the penalty it also advances the window.
-        if !st.penalty_in_kernel() {
-            p.push(Positions);
-        }
+    // Where the kernel applies the penalty it also advances the window.
+    if st.repetition && st.advances() && !st.penalty_in_kernel() {
+        p.extend([WindowStart, Positions]);
     }
     if st.random && st.post() {
-        p.push(InvTemperature);
-        if st.mixed_greedy {
-            p.push(Greedy);
-        }
-        for (on, slot) in [(st.top_k, TopK), (st.top_p, TopP), (st.min_p, LnMinP), (st.typical, Typical)] {
-            if on {
-                p.push(slot);
+        if st.kernel {
+            // One array for the kernels (each input of the compiled step is host time at every
+            // step), and none of the graph filters' constants.
+            p.push(KernelParams);
+        } else {
+            p.push(InvTemperature);
+            if st.mixed_greedy {
+                p.push(Greedy);
             }
-        }
-        // The graph's filters' constants; the kernels need neither (each input of the compiled
-        // step is host time at every step).
-        if st.top_k && !st.kernel {
-            p.push(Ranks);
-        }
-        if st.truncate.is_some() && st.chunk.is_some() && !st.kernel {
-            p.push(ChunkOffsets);
+            for (on, slot) in [(st.top_k, TopK), (st.top_p, TopP), (st.min_p, LnMinP), (st.typical, Typical)] {
+                if on {
+                    p.push(slot);
+                }
+            }
+            if st.top_k {
+                p.push(Ranks);
+            }
+            if st.truncate.is_some() && st.chunk.is_some() {
+                p.push(ChunkOffsets);
+            }
         }
         if st.fused {
             p.push(Counter);
@@ -435,27 +439,13 @@ fn graph(st: Stages, inputs: &[Array]) -> Result<Vec<Array>, Exception> {
     let mut kernel_window = None;
     let (tokens, candidates) = if st.random {
         let keys = named.get(Slot::Keys)?;
-        let inv_temperature = named.get(Slot::InvTemperature)?;
         let is_greedy = if st.mixed_greedy { Some(named.get(Slot::Greedy)?.reshape(&[b])?) } else { None };
         let (drawn, candidates) = if st.kernel {
-            let optional = |on: bool, slot: Slot| if on { named.get(slot).map(Some) } else { Ok(None) };
-            let repetition = if st.penalty_in_kernel() {
-                Some(super::cuda::Repetition {
-                    window: named.get(Slot::Window)?,
-                    penalty: named.get(Slot::Penalty)?,
-                    start: named.get(Slot::WindowStart)?,
-                })
-            } else {
-                None
-            };
             let drawn = super::cuda::sample(&super::cuda::Inputs {
                 logits: &logits,
-                inv_temperature,
-                top_k: named.get(Slot::TopK)?,
-                top_p: optional(st.top_p, Slot::TopP)?,
-                ln_min_p: optional(st.min_p, Slot::LnMinP)?,
+                params: named.get(Slot::KernelParams)?,
                 keys,
-                repetition,
+                window: if st.penalty_in_kernel() { Some(named.get(Slot::Window)?) } else { None },
                 counter: if st.fused { Some(named.get(Slot::Counter)?) } else { None },
             })?;
             next_keys = Some(drawn.keys);
@@ -465,7 +455,7 @@ fn graph(st: Stages, inputs: &[Array]) -> Result<Vec<Array>, Exception> {
         } else {
             next_keys = Some(self::next_keys(keys)?);
             // 4. Temperature.
-            let scaled = logits.multiply(inv_temperature)?;
+            let scaled = logits.multiply(named.get(Slot::InvTemperature)?)?;
             if st.any_filter() {
                 filtered_draw(st, &scaled, keys, &named)?
             } else {

@@ -496,10 +496,10 @@ fn columns(
         out.push((Slot::BiasIndex, Array::from_slice(&index, &[m])));
         out.push((Slot::BiasValues, Array::from_slice(&values, &[m, 1])));
     }
+    let start = |r: &SequenceSampler| r.window.as_ref().map_or(capacity, |w| capacity - w.size as i32);
     if st.repetition {
         out.push((Slot::Penalty, column!((0..b).map(|i| p(i).repetition_penalty).collect())));
-        let start = rows.iter().map(|r| r.window.as_ref().map_or(capacity, |w| capacity - w.size as i32)).collect();
-        out.push((Slot::WindowStart, column!(start)));
+        out.push((Slot::WindowStart, column!(rows.iter().map(|r| start(r)).collect())));
         out.push((Slot::Positions, range(capacity, &[1, capacity])));
     }
     if st.presence_frequency {
@@ -535,6 +535,18 @@ fn columns(
         if st.typical {
             let x = (0..b).map(|i| if on(i, &|q| q.typical_p < 1.0) { p(i).typical_p } else { f32::INFINITY });
             out.push((Slot::Typical, column!(x.collect())));
+        }
+        if st.kernel {
+            // The same values as the columns above, one row each (every row draws here).
+            let row = |i: usize| super::cuda::RowParams {
+                inv_temperature: 1.0 / p(i).temperature,
+                top_k: if p(i).top_k > 0 { (p(i).top_k as i32).min(width) } else { width },
+                top_p: if p(i).top_p < 1.0 { p(i).top_p } else { f32::INFINITY },
+                ln_min_p: if p(i).min_p > 0.0 { p(i).min_p.ln() } else { f32::NEG_INFINITY },
+                penalty: p(i).repetition_penalty,
+                window_start: start(rows[i]),
+            };
+            out.push((Slot::KernelParams, super::cuda::params(&(0..b).map(row).collect::<Vec<_>>())));
         }
     }
     Ok(out)
