@@ -72,14 +72,16 @@ fn sampling_kernels_draw_what_the_graph_draws() {
     };
     let wide = SamplingParams { temperature: 1.1, top_k: 140, top_p: 0.97, ..Default::default() };
     let widest = SamplingParams { temperature: 0.9, top_k: 256, min_p: 0.01, ..Default::default() };
+    let narrow = SamplingParams { temperature: 1.3, top_k: 8, top_p: 0.95, ..Default::default() };
     // (what, params, rows, vocabulary, steps, same logits every step, dtype): a vocabulary of
     // three chunks and a short last one, bfloat16 and float16 logits read as they are, a strong
     // penalty over a short window on fixed logits (a wrongly advanced window changes later
     // draws), a top-k larger than the last chunk, more candidates than stage 2 keeps in shared
-    // memory (33 chunks x 256 > 8,192: their keys are read from global memory each pass).
+    // memory (33 chunks x 256 > 4,096: their keys are read from global memory each pass), more
+    // chunks than k (stage 2 keeps only the chunks whose best beats the k-th best chunk's).
     // A batch of rows that each set other parameters (each reads its own row of the kernels'
     // parameter array).
-    let cases: [(&str, &[&SamplingParams], i32, i32, u64, bool, Dtype); 7] = [
+    let cases: [(&str, &[&SamplingParams], i32, i32, u64, bool, Dtype); 8] = [
         ("full", &[&full], 4, 2_100, 3, false, Dtype::Float32),
         ("full, bfloat16", &[&full], 4, 2_100, 3, false, Dtype::Bfloat16),
         ("full, float16", &[&full], 2, 2_100, 2, false, Dtype::Float16),
@@ -87,6 +89,7 @@ fn sampling_kernels_draw_what_the_graph_draws() {
         ("top-k 140 over 1,124 tokens", &[&wide], 3, 1_124, 3, false, Dtype::Float32),
         ("top-k 256 over 33,000 tokens", &[&widest], 2, 33_000, 2, false, Dtype::Bfloat16),
         ("rows with different parameters, fixed logits", &[&penalty, &wide, &full], 3, 1_500, 6, true, Dtype::Float32),
+        ("top-k 6 and 8 over 20 chunks", &[&penalty, &narrow], 2, 20_000, 4, false, Dtype::Bfloat16),
     ];
     for (what, params, rows, vocab, steps, fixed, d) in cases {
         let graph = draws(params, rows, vocab, steps, fixed, d, "graph");

@@ -47,6 +47,10 @@ __device__ __forceinline__ unsigned int mlxd_key_of(float f) {
     const unsigned int b = __float_as_uint(f);
     return f != f ? 0u : ((b & 0x80000000u) ? ~b : (b | 0x80000000u));
 }
+// The float a key came from (NaN keys give a NaN).
+__device__ __forceinline__ float mlxd_float_of(unsigned int u) {
+    return __uint_as_float((u & 0x80000000u) ? (u & 0x7fffffffu) : ~u);
+}
 // MurmurHash3's 32-bit finalizer over (x ^ k0) * 0x9e3779b1 with k1 mixed in after its first
 // round: the pipeline's `hash_words`, word for word.
 __device__ __forceinline__ unsigned int mlxd_hash(unsigned int x, unsigned int k0, unsigned int k1) {
@@ -149,9 +153,10 @@ const CHUNKS: &str = r#"
     __shared__ float vals[CH];
     __shared__ unsigned int seen[(CH + 31) / 32];
     __shared__ unsigned int hist[256];
-    __shared__ unsigned int s_prefix, s_mask, s_need, n_gt, n_eq;
+    __shared__ unsigned int s_prefix, s_mask, s_need, n_gt, n_eq, s_top;
     // The window's tokens that fall in this chunk, as a bitmap: a token is penalized once.
     for (int i = tid; i < (CH + 31) / 32; i += nt) seen[i] = 0u;
+    if (tid == 0) s_top = 0u;
     __syncthreads();
     for (int j = tid; j < C; j += nt) {
         const unsigned int t = window[(size_t)row * C + j];
@@ -162,30 +167,35 @@ const CHUNKS: &str = r#"
     }
     __syncthreads();
     const auto* x = logits + (size_t)row * V + base;
+    unsigned int top = 0u;
     for (int i = tid; i < n; i += nt) {
         float f = static_cast<float>(x[i]);
         if ((seen[i >> 5] >> (i & 31)) & 1u) f = f < 0.0f ? f * pen : f / pen;
         vals[i] = f * inv_t;
+        top = max(top, mlxd_key_of(f * inv_t));
     }
+    // The chunk's best key, for stage 2's threshold.
+    for (int o = 16; o > 0; o >>= 1) top = max(top, __shfl_down_sync(0xffffffffu, top, o));
+    if ((tid & 31) == 0) atomicMax(&s_top, top);
     if (tid == 0) { n_gt = 0u; n_eq = 0u; }
     // The key of the chunk's kk-th largest logit (the call synchronizes the block first).
     mlxd_radix_select(n, (unsigned int)kk, [&](int i) { return mlxd_key_of(vals[i]); }, hist, &s_prefix, &s_mask, &s_need);
     const unsigned int kth = s_prefix;
     const unsigned int ties = s_need;
-    float* out_v = cand_v + ((size_t)row * G + g) * KMAX;
+    unsigned int* out_k = cand_k + ((size_t)row * G + g) * KMAX;
     int* out_i = cand_i + ((size_t)row * G + g) * KMAX;
     for (int i = tid; i < n; i += nt) {
-        const float f = vals[i];
-        const unsigned int u = mlxd_key_of(f);
+        const unsigned int u = mlxd_key_of(vals[i]);
         if (u > kth) {
             const unsigned int p = atomicAdd(&n_gt, 1u);
-            if (p < (unsigned int)kk) { out_v[p] = f; out_i[p] = base + i; }
+            if (p < (unsigned int)kk) { out_k[p] = u; out_i[p] = base + i; }
         } else if (u == kth) {
             const unsigned int q = atomicAdd(&n_eq, 1u);
-            if (q < ties) { const unsigned int p = (unsigned int)kk - ties + q; out_v[p] = f; out_i[p] = base + i; }
+            if (q < ties) { const unsigned int p = (unsigned int)kk - ties + q; out_k[p] = u; out_i[p] = base + i; }
         }
     }
-    for (int p = kk + tid; p < k; p += nt) { out_v[p] = __int_as_float(0xff800000); out_i[p] = -1; }
+    for (int p = kk + tid; p < k; p += nt) { out_k[p] = 0u; out_i[p] = -1; }
+    if (tid == 0) cand_m[(size_t)row * G + g] = s_top;
 "#;
 
 /// Stage 2, one block per row (in the fused kernel, the row's last block of stage 1): a radix
@@ -199,67 +209,90 @@ const PICK: &str = r#"
     const int nt = blockDim.x;
     const float* pr = params + (size_t)row * MLXD_PARAMS;
     const int k = max(1, min((int)pr[1], KMAX));
-    const int total = G * k;
     const float top_p_row = pr[2];
     const float ln_min_p_row = pr[3];
     const int C = window_shape[1];
     const unsigned int k0 = keys[2 * row];
     const unsigned int k1 = keys[2 * row + 1];
-    const float* cv = cand_v + (size_t)row * G * KMAX;
+    const unsigned int* ck = cand_k + (size_t)row * G * KMAX;
     const int* ci = cand_i + (size_t)row * G * KMAX;
-    // Candidate c is slot c % k of chunk c / k; padding (id -1) ranks below every logit.
-    auto slot = [&](int c) -> int { return (c / k) * KMAX + (c % k); };
-    auto key_at = [&](int s) -> unsigned int { return __ldcg(ci + s) < 0 ? 0u : mlxd_key_of(__ldcg(cv + s)); };
+    const unsigned int* cm = cand_m + (size_t)row * G;
 
     __shared__ unsigned int hist[256];
-    __shared__ unsigned int s_prefix, s_mask, s_need, n_gt, n_eq;
-    __shared__ float best_v[KMAX];
+    __shared__ unsigned int s_prefix, s_mask, s_need, n_gt, n_eq, n_chunks, n_kept;
+    __shared__ unsigned int best_k[KMAX];
     __shared__ int best_i[KMAX];
     __shared__ float sorted_v[KMAX];
     __shared__ int sorted_i[KMAX];
     __shared__ unsigned int s_token;
-    // The candidates' keys, read once into shared memory where they fit (k <= 54 with a
-    // 151,936-token vocabulary), for the select's four passes and the pass that gathers.
-    constexpr int KEYS = 8192;
+    __shared__ int chunk_of[G];
+    constexpr int KEYS = 4096;
     __shared__ unsigned int keys_of[KEYS];
-    const bool in_shared = total <= KEYS;
-    if (in_shared) {
-        for (int c = tid; c < total; c += nt) keys_of[c] = key_at(slot(c));
+    __shared__ int slot_of[KEYS];
+    // Read past L1 throughout: other blocks wrote the candidates (in the fused kernel, during
+    // this launch).
+    // 1. The k-th best of the chunks' maxima, T: k chunks hold a logit of at least T, so the
+    //    row's k best are all at least T, and each lies in a chunk whose maximum is at least T.
+    if (tid == 0) { n_chunks = 0u; n_kept = 0u; }
+    for (int c = tid; c < G; c += nt) keys_of[c] = __ldcg(cm + c);
+    unsigned int floor_key = 0u;
+    if (G > k) {
+        mlxd_radix_select(G, (unsigned int)k, [&](int c) { return keys_of[c]; }, hist, &s_prefix, &s_mask, &s_need);
+        floor_key = s_prefix;
     }
-    auto key_of = [&](int c) -> unsigned int { return in_shared ? keys_of[c] : key_at(slot(c)); };
+    __syncthreads();
+    // 2. Those chunks' candidates of at least T go to shared memory (typically a few times k
+    //    of the G * k); padding (key 0) only where T is 0.
+    for (int c = tid; c < G; c += nt) {
+        if (keys_of[c] >= floor_key) chunk_of[atomicAdd(&n_chunks, 1u)] = c;
+    }
+    __syncthreads();
+    const int scan = (int)n_chunks * k;
+    for (int c = tid; c < scan; c += nt) {
+        const int s = chunk_of[c / k] * KMAX + (c % k);
+        const unsigned int u = __ldcg(ck + s);
+        if (u >= floor_key) {
+            const unsigned int p = atomicAdd(&n_kept, 1u);
+            if (p < (unsigned int)KEYS) { keys_of[p] = u; slot_of[p] = s; }
+        }
+    }
+    __syncthreads();
+    // More than fit (ties over many chunks): every candidate, from global memory.
+    const bool kept = n_kept <= (unsigned int)KEYS;
+    const int total = kept ? (int)n_kept : G * k;
+    auto slot = [&](int c) -> int { return kept ? slot_of[c] : (c / k) * KMAX + (c % k); };
+    auto key_of = [&](int c) -> unsigned int { return kept ? keys_of[c] : __ldcg(ck + slot(c)); };
 
     if (tid == 0) { n_gt = 0u; n_eq = 0u; }
-    // (The select's first barrier publishes keys_of.)
+    // 3. The row's k best among them.
     mlxd_radix_select(total, (unsigned int)k, key_of, hist, &s_prefix, &s_mask, &s_need);
     const unsigned int kth = s_prefix;
     const unsigned int ties = s_need;
     for (int c = tid; c < total; c += nt) {
-        const int s = slot(c);
         const unsigned int u = key_of(c);
         if (u > kth) {
             const unsigned int p = atomicAdd(&n_gt, 1u);
-            if (p < (unsigned int)k) { best_v[p] = __ldcg(cv + s); best_i[p] = __ldcg(ci + s); }
+            if (p < (unsigned int)k) { best_k[p] = u; best_i[p] = __ldcg(ci + slot(c)); }
         } else if (u == kth) {
             const unsigned int q = atomicAdd(&n_eq, 1u);
             if (q < ties) {
                 const unsigned int p = (unsigned int)k - ties + q;
-                best_v[p] = __ldcg(cv + s);
-                best_i[p] = __ldcg(ci + s);
+                best_k[p] = u;
+                best_i[p] = __ldcg(ci + slot(c));
             }
         }
     }
     __syncthreads();
     // Rank them, best first (equal logits by token id; padding last).
     for (int a = tid; a < k; a += nt) {
-        const float va = best_v[a];
         const int ia = best_i[a];
-        const unsigned int ua = ia < 0 ? 0u : mlxd_key_of(va);
+        const unsigned int ua = ia < 0 ? 0u : best_k[a];
         int r = 0;
         for (int b = 0; b < k; ++b) {
-            const unsigned int ub = best_i[b] < 0 ? 0u : mlxd_key_of(best_v[b]);
+            const unsigned int ub = best_i[b] < 0 ? 0u : best_k[b];
             r += (ub > ua) || (ub == ua && (unsigned int)best_i[b] < (unsigned int)ia);
         }
-        sorted_v[r] = va;
+        sorted_v[r] = mlxd_float_of(ua);
         sorted_i[r] = ia;
     }
     __syncthreads();
@@ -562,10 +595,10 @@ pub fn prepare(vocab: i32, dtype: Dtype) {
 
 fn kernels() -> Kernels {
     const INPUTS: [&str; 5] = ["logits", "params", "window", "keys", "counter"];
-    const CANDIDATES: [&str; 2] = ["cand_v", "cand_i"];
+    const CANDIDATES: [&str; 3] = ["cand_k", "cand_i", "cand_m"];
     const DRAWN: [&str; 3] = ["token", "next_keys", "next_window"];
     let chunks = CudaKernel::new("mlxd_sample_chunks", &INPUTS[..3], &CANDIDATES, HEADER, CHUNKS, true);
-    let pick_inputs = ["cand_v", "cand_i", "params", "window", "keys"];
+    let pick_inputs = ["cand_k", "cand_i", "cand_m", "params", "window", "keys"];
     let pick = CudaKernel::new("mlxd_sample_pick", &pick_inputs, &DRAWN, HEADER, PICK, true);
     let outputs: Vec<&str> = CANDIDATES.iter().chain(&DRAWN).copied().collect();
     let body = format!("{{{CHUNKS}}}\n{HANDOFF}{{{PICK}}}");
@@ -644,7 +677,7 @@ pub(crate) fn sample(inp: &Inputs<'_>) -> Result<Drawn, Exception> {
         ("KMAX", TemplateArg::Int(MAX_K)),
     ];
     let slots: &[i32] = &[b, g * MAX_K];
-    let candidates = [(slots, Dtype::Float32), (slots, Dtype::Int32)];
+    let candidates = [(slots, Dtype::Uint32), (slots, Dtype::Int32), (&[b, g][..], Dtype::Uint32)];
     let drawn = [(&[b][..], Dtype::Uint32), (&[b, 2][..], Dtype::Uint32), (&[b, c][..], Dtype::Uint32)];
     let what = || format!("the sampling kernels for logits {:?}", inp.logits.shape());
     let out = with_kernels(|k| {
@@ -652,11 +685,11 @@ pub(crate) fn sample(inp: &Inputs<'_>) -> Result<Drawn, Exception> {
         if let (true, Some(counter)) = (fused(), inp.counter) {
             let inputs: Vec<&Array> = stage1.iter().copied().chain([inp.keys, counter]).collect();
             let all: Vec<_> = candidates.iter().chain(&drawn).copied().collect();
-            // The candidates (outputs 0 and 1) are the kernel's scratch.
-            Ok(k.fused.apply(&inputs, &all, &template, (256 * g, b, 1), (256, 1, 1), what)?.split_off(2))
+            // The candidates (outputs 0 to 2) are the kernel's scratch.
+            Ok(k.fused.apply(&inputs, &all, &template, (256 * g, b, 1), (256, 1, 1), what)?.split_off(3))
         } else {
             let cands = k.chunks.apply(&stage1, &candidates, &template, (256 * g, b, 1), (256, 1, 1), what)?;
-            let inputs = [&cands[0], &cands[1], inp.params, window, inp.keys];
+            let inputs = [&cands[0], &cands[1], &cands[2], inp.params, window, inp.keys];
             k.pick.apply(&inputs, &drawn, &template, (1024, b, 1), (1024, 1, 1), what)
         }
     })?;
