@@ -366,6 +366,20 @@ const HANDOFF: &str = r#"
     __threadfence();
 "#;
 
+/// Threads of stage 2's block in the two-kernel version: 1,024, or `MLXD_SAMPLER_PICK_THREADS`
+/// (256, 512 or 1,024; a measurement switch: fewer threads wait at each barrier, more share
+/// the passes over the candidates).
+fn pick_threads() -> i32 {
+    static T: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+    *T.get_or_init(|| {
+        std::env::var("MLXD_SAMPLER_PICK_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|t| [256, 512, 1024].contains(t))
+            .unwrap_or(1024)
+    })
+}
+
 /// Logits per block of stage 1 (`CH` floats of shared memory).
 const CH: i32 = 1024;
 
@@ -690,7 +704,8 @@ pub(crate) fn sample(inp: &Inputs<'_>) -> Result<Drawn, Exception> {
         } else {
             let cands = k.chunks.apply(&stage1, &candidates, &template, (256 * g, b, 1), (256, 1, 1), what)?;
             let inputs = [&cands[0], &cands[1], &cands[2], inp.params, window, inp.keys];
-            k.pick.apply(&inputs, &drawn, &template, (1024, b, 1), (1024, 1, 1), what)
+            let t = pick_threads();
+            k.pick.apply(&inputs, &drawn, &template, (t, b, 1), (t, 1, 1), what)
         }
     })?;
     let mut out = out.into_iter();
