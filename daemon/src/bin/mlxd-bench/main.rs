@@ -248,6 +248,7 @@ fn parse_args() -> Result<Args> {
 }
 
 fn main() {
+    mlxd::spin_guard::install();
     let code = match run() {
         Ok(()) => 0,
         Err(e) => {
@@ -255,6 +256,7 @@ fn main() {
             1
         }
     };
+    idle_cpu();
     // End without library exit handlers, as the daemon does: OpenBLAS 0.3.21's can wait forever
     // for its worker thread after several threads used BLAS (docs/platforms.md), and a finished
     // benchmark must not hang its script.
@@ -263,6 +265,29 @@ fn main() {
     let _ = std::io::stderr().flush();
     // SAFETY: `_exit` ends the process; nothing after it runs.
     unsafe { libc::_exit(code) }
+}
+
+/// `MLXD_BENCH_IDLE_SECS=N`: after the command, stay idle N seconds and print the CPU time the
+/// whole process used meanwhile (MLX's threads included): what an idle daemon costs its host.
+fn idle_cpu() {
+    let Some(secs) = std::env::var("MLXD_BENCH_IDLE_SECS").ok().and_then(|v| v.parse::<u64>().ok()) else {
+        return;
+    };
+    let cpu = || {
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: getrusage fills the struct it is given.
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+        let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 * 1e-6;
+        t(u.ru_utime) + t(u.ru_stime)
+    };
+    let before = cpu();
+    std::thread::sleep(Duration::from_secs(secs));
+    let used = cpu() - before;
+    println!(
+        "idle {secs} s: the process used {used:.3} s of CPU ({:.1}% of one core; spin guard active: {})",
+        100.0 * used / secs as f64,
+        mlxd::spin_guard::active()
+    );
 }
 
 fn run() -> Result<()> {
