@@ -14,9 +14,9 @@
 //!   exports for a thread running `cu::Worker`'s member function. That thread, and only that
 //!   one, starts through a trampoline that marks it.
 //! - `pthread_mutex_lock`, on the marked thread only: when it has locked the *same* mutex
-//!   [`STREAK`] times in a row, each within [`GAP_TICKS`] of the lock before (the idle loop:
-//!   whenever it has completions to run it frees buffers and counts tasks, under other
-//!   mutexes), it sleeps before its next lock, 50 µs for its first [`SHORT_SLEEPS`] sleeps and
+//!   [`STREAK`] times in a row, each within [`GAP_TICKS`] of the lock before (the idle loop,
+//!   for a few milliseconds: whenever it has completions to run it frees buffers and counts
+//!   tasks, under other mutexes), it sleeps before its next lock, 50 µs for its first [`SHORT_SLEEPS`] sleeps and
 //!   1 ms after that, until it locks another mutex. It never sleeps holding a lock. A
 //!   completion that arrives while it sleeps waits at most 1 ms (MLX's evaluation waits for
 //!   completions only beyond 10 graphs in flight; a new request's first step may wait once).
@@ -38,8 +38,11 @@ pub fn install() {
     imp::install()
 }
 
-/// Consecutive locks of one mutex, each soon after the last, before the worker counts as idle.
-pub const STREAK: u32 = 2_000;
+/// Consecutive locks of one mutex, each soon after the last, before the worker counts as idle:
+/// a few milliseconds without a completion, longer than the gaps between a decoding step's
+/// completions (on an H100, MLX commits a graph every 100 nodes: ~7 a step, ~0.4 ms apart), so
+/// the worker sleeps only when the process has nothing on the GPU.
+pub const STREAK: u32 = 20_000;
 /// "Soon": time-stamp-counter ticks between two locks (about 1-2 µs at 2-4 GHz; an idle turn
 /// of MLX's worker takes well under 0.2 µs).
 pub const GAP_TICKS: u64 = 4_000;
@@ -299,15 +302,15 @@ mod tests {
         // interposers run (threads start through the one, locks through the other).
         assert!(!super::active());
         let (a, b) = (Arc::new(Raw::new()), Arc::new(Raw::new()));
-        // The worker alone on one mutex: the first 2,000 turns at full speed, then 50 µs sleeps
+        // The worker alone on one mutex: the first STREAK turns at full speed, then 50 µs sleeps
         // (at most ~20,000 a second), then 1 ms ones.
         let idle = turns(vec![a.clone()], true);
-        assert!(idle < 12_000, "the idle worker turned {idle} times in 200 ms");
+        assert!(idle < super::STREAK as u64 + 12_000, "the idle worker turned {idle} times in 200 ms");
         // The worker taking two mutexes in turn (running completions): never slowed.
         let working = turns(vec![a.clone(), b], true);
-        assert!(working > 50_000, "the working worker turned only {working} times in 200 ms");
+        assert!(working > 100_000, "the working worker turned only {working} times in 200 ms");
         // Any other thread, spinning on one mutex: never slowed.
         let other = turns(vec![a], false);
-        assert!(other > 50_000, "an unmarked thread turned only {other} times in 200 ms");
+        assert!(other > 100_000, "an unmarked thread turned only {other} times in 200 ms");
     }
 }
