@@ -19,18 +19,18 @@
 //!    token up to floating-point rounding at a filter's boundary; then the row's next key and,
 //!    with the penalty, its window shifted by the drawn token.
 //!
-//! By default the stages are two kernels (stage 2: one block of 1,024 threads per row), the
-//! version `mlxd-bench sampler-check` verified on an H100 (1,536 of 1,536 draws), since then
-//! reading bfloat16 logits by `static_cast<float>` as the DRY plugin's kernel does (that one
-//! `kernel-check` verified on bfloat16 logits on an H100, session 7). With
+//! By default the stages are two kernels (stage 2: one block of 1,024 threads per row; on an
+//! H100, `mlxd-bench sampler-check` finds them drawing what the MLX-op graph draws, session 13:
+//! 512 of 512 draws of the full pipeline on float32 and bfloat16 logits). With
 //! `MLXD_SAMPLER_FUSED=1` they are one kernel, one node fewer per step: the row's last block to
 //! finish stage 1 (a per-row arrival counter, CUDA's "last block" pattern: every block fences its
 //! candidate writes, then counts itself in) runs stage 2 and sets the counter back to zero for
 //! the next step (the counters: one device array per thread, [`counter`]). The same switch
-//! fuses the greedy pick with the plugins' history append ([`pick_and_append`]). Written
-//! 2026-11-27 without a GPU to run them on; CI compiles them with NVRTC and runs them through
-//! the CPU emulator against the MLX-op graph (`tests/emulated_kernels.rs`), but they stay opt-in
-//! until `sampler-check` and the benchmark's `--fused-twins` rows have run on a device.
+//! fuses the greedy pick with the plugins' history append ([`pick_and_append`]). It draws what
+//! the two kernels draw (`sampler-check` on H100s, sessions 10-13) but stays opt-in: its stage 2
+//! runs in one 256-thread block and took more device time than the node it saves is worth
+//! (docs/benchmarks.md, sessions 10-12). CI compiles every kernel here with NVRTC and runs them
+//! through the CPU emulator against the MLX-op graph (`tests/emulated_kernels.rs`).
 //!
 //! Used where it applies (a CUDA device, every row drawing at random with a top-k of at most
 //! [`MAX_K`], no typical-p, no inspection); `MLXD_SAMPLER_KERNEL=0` keeps the MLX-op graph.

@@ -267,25 +267,15 @@ fn main() {
     unsafe { libc::_exit(code) }
 }
 
-/// `MLXD_BENCH_IDLE_SECS=N`: after the command, stay idle N seconds and print the CPU time the
-/// whole process used meanwhile (MLX's threads included): what an idle daemon costs its host.
+/// `MLXD_BENCH_IDLE_SECS=N`: after the command, stay idle N seconds and print the process's CPU
+/// use meanwhile (MLX's threads included): what an idle daemon costs its host.
 fn idle_cpu() {
     let Some(secs) = std::env::var("MLXD_BENCH_IDLE_SECS").ok().and_then(|v| v.parse::<u64>().ok()) else {
         return;
     };
-    let cpu = || {
-        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-        // SAFETY: getrusage fills the struct it is given.
-        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
-        let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 * 1e-6;
-        t(u.ru_utime) + t(u.ru_stime)
-    };
-    let before = cpu();
-    std::thread::sleep(Duration::from_secs(secs));
-    let used = cpu() - before;
     println!(
-        "idle {secs} s: the process used {used:.3} s of CPU ({:.1}% of one core; spin guard active: {})",
-        100.0 * used / secs as f64,
+        "idle {secs} s: {:.1}% of one core (spin guard active: {})",
+        idle_cpu_percent(Duration::from_secs(secs)),
         mlxd::spin_guard::active()
     );
 }
@@ -515,7 +505,7 @@ fn engine_compare(args: &Args, dir: &Path, plugin_runs: &[(String, SamplingParam
         "prompt_cache": cache_row,
     });
     print_table(&summary);
-    eprintln!("process CPU while idle for 1 s after the runs: {:.0}% of one core", idle_cpu_percent());
+    eprintln!("process CPU while idle for 1 s after the runs: {:.0}% of one core", idle_cpu_percent(Duration::from_secs(1)));
     Ok(summary)
 }
 
@@ -527,10 +517,10 @@ fn spin_for(d: Duration) {
     }
 }
 
-/// The process's CPU time over one second in which it does nothing, as a percentage of one
-/// core: what a resident model costs the machine between requests (MLX 0.32's CUDA completion
-/// worker busy-polls once it has run, ml-explore/mlx#4451).
-fn idle_cpu_percent() -> f64 {
+/// The process's CPU time over `span` in which it does nothing, as a percentage of one core:
+/// what a resident model costs the machine between requests (MLX 0.32's CUDA completion worker
+/// busy-polls once it has run, ml-explore/mlx#4451, unless [`mlxd::spin_guard`] is active).
+fn idle_cpu_percent(span: Duration) -> f64 {
     let cpu = || {
         let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
         // SAFETY: clock_gettime writes the timespec it is given.
@@ -538,7 +528,7 @@ fn idle_cpu_percent() -> f64 {
         Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
     };
     let (before, start) = (cpu(), std::time::Instant::now());
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(span);
     (cpu() - before).as_secs_f64() / start.elapsed().as_secs_f64() * 100.0
 }
 
