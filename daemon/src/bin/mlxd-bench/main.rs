@@ -1,36 +1,8 @@
 //! `mlxd-bench`: the engine against mlx-lm on the same model, prompt and token counts, in one
 //! run. Prints a table of medians (and min–max) and optionally writes JSON.
 //!
-//! ```text
-//! mlxd-bench engine --shape qwen3-0.6b --dtype bf16 [--prompt 128] [--gen 256] [--repeats 5]
-//!                   [--samplers greedy,full] [--no-mlx-lm] [--python python3] [--json out.json]
-//!                   [--dir /tmp/models] [--plugin NAME[:JSON-PARAMS]]... [--plugin-dir DIR]
-//!                   [--profile DIR]   (each variant's host stacks; needs --features profile)
-//!                   [--fused-twins]   (each variant but greedy again as NAME+fused, with the
-//!                                      fused sampling kernels, MLXD_SAMPLER_FUSED)
-//! mlxd-bench engine --model /path/to/hf-dir ...
-//! mlxd-bench serve --shape qwen3-0.6b [--clients 1,2,4,8,16] [--prompt 64] [--gen 128]
-//!                                      concurrent WebSocket clients vs mlx_lm.server
-//! mlxd-bench graph --shape ... [--clients N]
-//!                                      primitives in one decode step (N > 1: N stacked rows vs one)
-//! mlxd-bench sampler-check           the CUDA sampling kernels (two, and fused) against the
-//!                                      MLX-op graph (same draws expected), on random logits
-//! mlxd-bench sampler-cost [--shape NAME] [--dtype bf16|f32] [--samplers greedy,full] [--plugin ...]
-//!                          [--gen STEPS] [--repeats ROUNDS] [--clients ROWS] [--fused-twins]
-//!                          [--profile DIR]
-//!                                      host time of one sampling step alone, per variant
-//!                                      (build / submit / read), on fixed device logits
-//! mlxd-bench kernel-check            mlxd's CUDA kernels for batched decode against MLX ops
-//! mlxd-bench kernel-sources --out DIR [--plugin-dir DIR] [--plugin NAME[:JSON]]...
-//!                                      every CUDA kernel's source as MLX would compile it (or
-//!                                      only the named plugins'), on any machine, for
-//!                                      tests/nvrtc/check.py (see kernel_sources.rs)
-//! mlxd-bench batch --shape ... [--clients 1,2,4,8,16] [--model-kernels on|off|both] [--stagger N]
-//!                                      the engine stepping B sequences together (no daemon)
-//! mlxd-bench suite --json out.json [--models qwen3-0.6b:bf16,qwen3-0.6b:q4,...|NAME=PATH|smollm2]
-//!                  [--serve-model SHAPE:DTYPE|none] [--no-plugins] [engine and serve options]
-//!                                      everything the report needs, in one run (see `suite`)
-//! ```
+//! Usage: [`USAGE`] (`mlxd-bench --help` prints it).
+//!
 //! `--shape` writes a random-weight checkpoint of a public architecture's shape (no download);
 //! the prompt-cache row times a repeated 2,000-token prompt cold and warm.
 //!
@@ -55,6 +27,38 @@ use mlxd::sampling::SamplingParams;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// What `mlxd-bench --help` prints.
+const USAGE: &str = "\
+mlxd-bench engine --shape qwen3-0.6b --dtype bf16 [--prompt 128] [--gen 256] [--repeats 5]
+                  [--samplers greedy,full] [--no-mlx-lm] [--python python3] [--json out.json]
+                  [--dir /tmp/models] [--plugin NAME[:JSON-PARAMS]]... [--plugin-dir DIR]
+                  [--profile DIR]   (each variant's host stacks; needs --features profile)
+                  [--fused-twins]   (each variant but greedy again as NAME+fused, with the
+                                     fused sampling kernels, MLXD_SAMPLER_FUSED)
+mlxd-bench engine --model /path/to/hf-dir ...
+mlxd-bench serve --shape qwen3-0.6b [--clients 1,2,4,8,16] [--prompt 64] [--gen 128]
+                                     concurrent WebSocket clients vs mlx_lm.server
+mlxd-bench graph --shape ... [--clients N]
+                                     primitives in one decode step (N > 1: N stacked rows vs one)
+mlxd-bench sampler-check           the CUDA sampling kernels (two, and fused) against the
+                                     MLX-op graph (same draws expected), on random logits
+mlxd-bench sampler-cost [--shape NAME] [--dtype bf16|f32] [--samplers greedy,full] [--plugin ...]
+                         [--gen STEPS] [--repeats ROUNDS] [--clients ROWS] [--fused-twins]
+                         [--profile DIR]
+                                     host time of one sampling step alone, per variant
+                                     (build / submit / read), on fixed device logits
+mlxd-bench kernel-check            mlxd's CUDA kernels for batched decode against MLX ops
+mlxd-bench kernel-sources --out DIR [--plugin-dir DIR] [--plugin NAME[:JSON]]...
+                                     every CUDA kernel's source as MLX would compile it (or
+                                     only the named plugins'), on any machine, for
+                                     tests/nvrtc/check.py (see kernel_sources.rs)
+mlxd-bench batch --shape ... [--clients 1,2,4,8,16] [--model-kernels on|off|both] [--stagger N]
+                                     the engine stepping B sequences together (no daemon)
+mlxd-bench suite --json out.json [--models qwen3-0.6b:bf16,qwen3-0.6b:q4,...|NAME=PATH|smollm2]
+                 [--serve-model SHAPE:DTYPE|none] [--no-plugins] [engine and serve options]
+                                     everything the report needs, in one run (see `suite`)
+";
 
 struct Shape {
     name: &'static str,
@@ -207,7 +211,7 @@ fn parse_args() -> Result<Args> {
             a.plugins = vec![("passthrough".into(), "{}".into()), ("dry".into(), r#"{"multiplier":0.8}"#.into())];
         }
         _ => bail!(
-            "usage: mlxd-bench engine|serve|graph|batch|suite|sampler-check|sampler-cost|kernel-check|kernel-sources (--shape NAME | --model DIR) [options]; see the file header"
+            "usage: mlxd-bench engine|serve|graph|batch|suite|sampler-check|sampler-cost|kernel-check|kernel-sources (--shape NAME | --model DIR) [options]; mlxd-bench --help lists them"
         ),
     }
     while let Some(flag) = it.next() {
@@ -241,7 +245,7 @@ fn parse_args() -> Result<Args> {
             "--stagger" => a.stagger = val()?.parse().context("--stagger")?,
             "--cache-prompt" => a.cache_prompt = val()?.parse().context("--cache-prompt")?,
             "--profile" => a.profile = Some(val()?.into()),
-            other => bail!("unknown flag {other}"),
+            other => bail!("unknown flag {other} (mlxd-bench --help lists them)"),
         }
     }
     Ok(a)
@@ -282,6 +286,10 @@ fn idle_cpu() {
 
 fn run() -> Result<()> {
     match std::env::args().nth(1).as_deref() {
+        None | Some("-h" | "--help" | "help") => {
+            print!("{USAGE}");
+            return Ok(());
+        }
         Some("kernel-check") => return kernel_check::run(),
         Some("kernel-sources") => {
             let args: Vec<String> = std::env::args().skip(2).collect();
@@ -505,7 +513,10 @@ fn engine_compare(args: &Args, dir: &Path, plugin_runs: &[(String, SamplingParam
         "prompt_cache": cache_row,
     });
     print_table(&summary);
-    eprintln!("process CPU while idle for 1 s after the runs: {:.0}% of one core", idle_cpu_percent(Duration::from_secs(1)));
+    eprintln!(
+        "process CPU while idle for 1 s after the runs: {:.0}% of one core",
+        idle_cpu_percent(Duration::from_secs(1))
+    );
     Ok(summary)
 }
 
