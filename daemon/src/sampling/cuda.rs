@@ -232,6 +232,7 @@ const PICK: &str = r#"
     __shared__ unsigned int s_token;
     __shared__ int chunk_of[G];
     constexpr int KEYS = 4096;
+    static_assert(G <= KEYS, "a vocabulary of more than 4,096 chunks: the MLX-op graph samples instead");
     __shared__ unsigned int keys_of[KEYS];
     __shared__ int slot_of[KEYS];
     // Read past L1 throughout: other blocks wrote the candidates (in the fused kernel, during
