@@ -14,9 +14,8 @@
 //!   exports for a thread running `cu::Worker`'s member function. That thread, and only that
 //!   one, starts through a trampoline that marks it.
 //! - `pthread_mutex_lock`, on the marked thread only: when it has locked the *same* mutex
-//!   [`STREAK`] times in a row, each within [`GAP_TICKS`] of the lock before (the idle loop,
-//!   for a few milliseconds: whenever it has completions to run it frees buffers and counts
-//!   tasks, under other mutexes), it sleeps before its next lock, 50 µs for its first [`SHORT_SLEEPS`] sleeps and
+//!   [`STREAK`] times in a row (the idle loop, for a few milliseconds: whenever it has
+//!   completions to run it frees buffers and counts tasks, under other mutexes), it sleeps before its next lock, 50 µs for its first [`SHORT_SLEEPS`] sleeps and
 //!   1 ms after that, until it locks another mutex. It never sleeps holding a lock. A
 //!   completion that arrives while it sleeps waits at most 1 ms (MLX's evaluation waits for
 //!   completions only beyond 10 graphs in flight; a new request's first step may wait once).
@@ -38,20 +37,19 @@ pub fn install() {
     imp::install()
 }
 
-/// Consecutive locks of one mutex, each soon after the last, before the worker counts as idle:
-/// a few milliseconds without a completion, longer than the gaps between a decoding step's
-/// completions (on an H100, MLX commits a graph every 100 nodes: ~7 a step, ~0.4 ms apart), so
-/// the worker sleeps only when the process has nothing on the GPU.
+/// Consecutive locks of one mutex (and no other) before the worker counts as idle: a few
+/// milliseconds without a completion at the 0.1-0.2 µs an idle turn takes, longer than the gaps
+/// between a decoding step's completions (on an H100, MLX commits a graph every 100 nodes: ~7
+/// a step, ~0.4 ms apart), so the worker sleeps only when the process has nothing on the GPU.
+/// Time between the locks does not count: a busy host preempts the spinning thread often, and
+/// that is when its core matters most.
 pub const STREAK: u32 = 20_000;
-/// "Soon": time-stamp-counter ticks between two locks (about 1-2 µs at 2-4 GHz; an idle turn
-/// of MLX's worker takes well under 0.2 µs).
-pub const GAP_TICKS: u64 = 4_000;
 /// Sleeps of 50 µs before an idle worker's sleeps lengthen to 1 ms.
 pub const SHORT_SLEEPS: u32 = 20;
 
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 mod imp {
-    use super::{GAP_TICKS, SHORT_SLEEPS, STREAK};
+    use super::{SHORT_SLEEPS, STREAK};
     use std::cell::Cell;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -70,7 +68,6 @@ mod imp {
     thread_local! {
         static MARKED: Cell<bool> = const { Cell::new(false) };
         static LAST: Cell<usize> = const { Cell::new(0) };
-        static LAST_TICK: Cell<u64> = const { Cell::new(0) };
         static STREAK_N: Cell<u32> = const { Cell::new(0) };
         static SLEEPS: Cell<u32> = const { Cell::new(0) };
     }
@@ -173,10 +170,7 @@ mod imp {
 
     /// Sleeps first when the worker is idling on `m` (see the module header).
     fn before_lock(m: usize) {
-        // SAFETY: reads the time-stamp counter (every x86_64 CPU has it).
-        let now = unsafe { std::arch::x86_64::_rdtsc() };
-        let (last, tick) = (LAST.replace(m), LAST_TICK.replace(now));
-        if last != m {
+        if LAST.replace(m) != m {
             STREAK_N.set(0);
             SLEEPS.set(0);
             return;
@@ -187,7 +181,7 @@ mod imp {
             sleep_us(if sleeps < SHORT_SLEEPS { 50 } else { 1_000 });
             return;
         }
-        let streak = if now.wrapping_sub(tick) < GAP_TICKS { STREAK_N.get() + 1 } else { 0 };
+        let streak = STREAK_N.get() + 1;
         STREAK_N.set(streak);
         if streak >= STREAK {
             SLEEPS.set(1);
