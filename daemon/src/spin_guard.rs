@@ -15,8 +15,9 @@
 //!   one, starts through a trampoline that marks it.
 //! - `pthread_mutex_lock`, on the marked thread only: when it has locked the *same* mutex
 //!   [`STREAK`] times in a row (the idle loop, for a few milliseconds: whenever it has
-//!   completions to run it frees buffers and counts tasks, under other mutexes), it sleeps before its next lock, 50 µs for its first [`SHORT_SLEEPS`] sleeps and
-//!   1 ms after that, until it locks another mutex. It never sleeps holding a lock. A
+//!   completions to run it frees buffers and counts tasks, under other mutexes), it sleeps
+//!   before its next lock, 50 µs for its first [`SHORT_SLEEPS`] sleeps and 1 ms after that,
+//!   until it locks another mutex. It never sleeps holding a lock. A
 //!   completion that arrives while it sleeps waits at most 1 ms (MLX's evaluation waits for
 //!   completions only beyond 10 graphs in flight; a new request's first step may wait once).
 //!
@@ -25,7 +26,7 @@
 //!
 //! Off until [`install`] (the binaries call it first thing; tests that link the library do not),
 //! and off with `MLXD_SPIN_GUARD=0`; inactive where libmlx.so has no CUDA worker (the CPU and
-//! Metal builds) and off Linux x86_64.
+//! Metal builds); it does nothing on other systems than Linux x86_64.
 
 /// Whether [`install`] found the guard on and MLX's CUDA worker in this process's libraries.
 pub fn active() -> bool {
