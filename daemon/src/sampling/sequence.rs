@@ -507,46 +507,46 @@ fn columns(
         out.push((Slot::Frequency, column!((0..b).map(|i| p(i).frequency_penalty).collect())));
     }
     if st.random {
-        out.push((
-            Slot::InvTemperature,
-            column!((0..b).map(|i| if random[i] { 1.0 / p(i).temperature } else { 1.0 }).collect()),
-        ));
-        if st.mixed_greedy {
-            out.push((Slot::Greedy, column!(random.iter().map(|&r| !r).collect())));
-        }
         let width = st.truncate.unwrap_or(v);
         let on = |i: usize, f: &dyn Fn(&SamplingParams) -> bool| random[i] && f(p(i));
-        if st.top_k {
-            let k = (0..b).map(|i| if on(i, &|q| q.top_k > 0) { (p(i).top_k as i32).min(width) } else { width });
-            out.push((Slot::TopK, column!(k.collect())));
-            out.push((Slot::Ranks, range(width, &[1, width])));
-        }
-        if let (Some(_), Some(c)) = (st.truncate, st.chunk) {
-            out.push((Slot::ChunkOffsets, range(c, &[1, 1, c])));
-        }
-        if st.top_p {
-            let x = (0..b).map(|i| if on(i, &|q| q.top_p < 1.0) { p(i).top_p } else { f32::INFINITY });
-            out.push((Slot::TopP, column!(x.collect())));
-        }
-        if st.min_p {
-            let x = (0..b).map(|i| if on(i, &|q| q.min_p > 0.0) { p(i).min_p.ln() } else { f32::NEG_INFINITY });
-            out.push((Slot::LnMinP, column!(x.collect())));
-        }
-        if st.typical {
-            let x = (0..b).map(|i| if on(i, &|q| q.typical_p < 1.0) { p(i).typical_p } else { f32::INFINITY });
-            out.push((Slot::Typical, column!(x.collect())));
-        }
+        // Each row's value, or the stage's neutral one where the row does not use it.
+        let inv_temperature = |i: usize| if random[i] { 1.0 / p(i).temperature } else { 1.0 };
+        let top_k = |i: usize| if on(i, &|q| q.top_k > 0) { (p(i).top_k as i32).min(width) } else { width };
+        let top_p = |i: usize| if on(i, &|q| q.top_p < 1.0) { p(i).top_p } else { f32::INFINITY };
+        let ln_min_p = |i: usize| if on(i, &|q| q.min_p > 0.0) { p(i).min_p.ln() } else { f32::NEG_INFINITY };
         if st.kernel {
-            // The same values as the columns above, one row each (every row draws here).
+            // The kernels take them as one array (every row draws here), no graph column.
             let row = |i: usize| super::cuda::RowParams {
-                inv_temperature: 1.0 / p(i).temperature,
-                top_k: if p(i).top_k > 0 { (p(i).top_k as i32).min(width) } else { width },
-                top_p: if p(i).top_p < 1.0 { p(i).top_p } else { f32::INFINITY },
-                ln_min_p: if p(i).min_p > 0.0 { p(i).min_p.ln() } else { f32::NEG_INFINITY },
+                inv_temperature: inv_temperature(i),
+                top_k: top_k(i),
+                top_p: top_p(i),
+                ln_min_p: ln_min_p(i),
                 penalty: p(i).repetition_penalty,
                 window_start: start(rows[i]),
             };
             out.push((Slot::KernelParams, super::cuda::params(&(0..b).map(row).collect::<Vec<_>>())));
+        } else {
+            out.push((Slot::InvTemperature, column!((0..b).map(inv_temperature).collect())));
+            if st.mixed_greedy {
+                out.push((Slot::Greedy, column!(random.iter().map(|&r| !r).collect())));
+            }
+            if st.top_k {
+                out.push((Slot::TopK, column!((0..b).map(top_k).collect())));
+                out.push((Slot::Ranks, range(width, &[1, width])));
+            }
+            if let (Some(_), Some(c)) = (st.truncate, st.chunk) {
+                out.push((Slot::ChunkOffsets, range(c, &[1, 1, c])));
+            }
+            if st.top_p {
+                out.push((Slot::TopP, column!((0..b).map(top_p).collect())));
+            }
+            if st.min_p {
+                out.push((Slot::LnMinP, column!((0..b).map(ln_min_p).collect())));
+            }
+            if st.typical {
+                let x = (0..b).map(|i| if on(i, &|q| q.typical_p < 1.0) { p(i).typical_p } else { f32::INFINITY });
+                out.push((Slot::Typical, column!(x.collect())));
+            }
         }
     }
     Ok(out)
