@@ -81,7 +81,8 @@ fn sampling_kernels_draw_what_the_graph_draws() {
     // chunks than k (stage 2 keeps only the chunks whose best beats the k-th best chunk's).
     // A batch of rows that each set other parameters (each reads its own row of the kernels'
     // parameter array).
-    let cases: [(&str, &[&SamplingParams], i32, i32, u64, bool, Dtype); 8] = [
+    type Case<'a> = (&'a str, &'a [&'a SamplingParams], i32, i32, u64, bool, Dtype);
+    let cases: [Case; 8] = [
         ("full", &[&full], 4, 2_100, 3, false, Dtype::Float32),
         ("full, bfloat16", &[&full], 4, 2_100, 3, false, Dtype::Bfloat16),
         ("full, float16", &[&full], 2, 2_100, 2, false, Dtype::Float16),
