@@ -10,9 +10,6 @@ use super::ModelError;
 use crate::cache::{BatchCache, LayerCache, SequenceCache};
 use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
 use mlx_rs::{nn, ops, Array};
-use std::sync::Arc;
-
-pub mod compiled;
 
 type Result<T> = std::result::Result<T, ModelError>;
 
@@ -124,25 +121,18 @@ impl Attention {
         Ok((q, k, v))
     }
 
-    /// One row's q, k and v (`[1, n, 1, head_dim]`) for a decode step, q and k rotated by
-    /// `rope` (the row's position as a number, or as an array the device reads).
-    fn roped_heads(&self, x: &Array, rope: &dyn Fn(&Array) -> Result<Array>) -> Result<(Array, Array, Array)> {
-        if let Some(qkv) = self.roped_together(x, rope)? {
-            return Ok(qkv);
-        }
-        let (q, k, v) = self.project_heads(x)?;
-        Ok((rope(&q)?, rope(&k)?, v))
-    }
-
-    /// One row's attention over its cache after writing `k` and `v` there (`[1, heads, 1,
-    /// head_dim]`, before the output projection).
-    fn attend_one(&self, q: &Array, k: &Array, v: &Array, cache: &mut LayerCache) -> Result<Array> {
-        let (k, v) = cache.update_and_fetch(k, v)?;
-        Ok(fast::scaled_dot_product_attention(q, &k, &v, self.scale, None, None)?)
-    }
-
-    /// The output projection of one row's attention (`o` from [`Self::attend_one`]).
-    fn project_out(&self, o: &Array) -> Result<Array> {
+    /// One decode step of a single sequence with its own cache.
+    fn decode_one(&self, x: &Array, cache: &mut LayerCache) -> Result<Array> {
+        let offset = cache.offset();
+        let (q, k, v) = match self.roped_together(x, offset)? {
+            Some(qkv) => qkv,
+            None => {
+                let (q, k, v) = self.project_heads(x)?;
+                (self.rope.forward(&q, offset)?, self.rope.forward(&k, offset)?, v)
+            }
+        };
+        let (k, v) = cache.update_and_fetch(&k, &v)?;
+        let o = fast::scaled_dot_product_attention(&q, &k, &v, self.scale, None, None)?;
         self.o_proj.forward(&o.reshape(&[1, self.heads * self.head_dim])?)
     }
 
@@ -150,17 +140,13 @@ impl Attention {
     /// their heads together, a kernel fewer per layer than rotating each (the stacked product
     /// holds q's heads, then k's, then v's). `None` where q or k has its own norm (Qwen3) or the
     /// projections are not stacked.
-    fn roped_together(
-        &self,
-        x: &Array,
-        rope: &dyn Fn(&Array) -> Result<Array>,
-    ) -> Result<Option<(Array, Array, Array)>> {
+    fn roped_together(&self, x: &Array, offset: i32) -> Result<Option<(Array, Array, Array)>> {
         if self.q_norm.is_some() || self.k_norm.is_some() {
             return Ok(None);
         }
         let Some(heads) = self.qkv.heads(x, self.head_dim)? else { return Ok(None) };
         let [qk, v] = one_per_part(ops::split_at_indices(&heads, &[self.heads + self.kv_heads], 1)?);
-        let [q, k] = one_per_part(ops::split_at_indices(&rope(&qk)?, &[self.heads], 1)?);
+        let [q, k] = one_per_part(ops::split_at_indices(&self.rope.forward(&qk, offset)?, &[self.heads], 1)?);
         Ok(Some((q, k, v)))
     }
 
@@ -273,24 +259,8 @@ impl Block {
         Ok(ops::add(&h, self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
     }
 
-    /// One decode step of a single sequence with its own cache.
     fn decode_one(&self, x: &Array, cache: &mut LayerCache) -> Result<Array> {
-        let offset = cache.offset();
-        let (q, k, v) = self.before_attention(x, &|a| self.self_attn.rope.forward(a, offset))?;
-        let o = self.self_attn.attend_one(&q, &k, &v, cache)?;
-        self.after_attention(x, &o)
-    }
-
-    /// A decode step's block up to attention: one row's q, k and v from the block's input `x`
-    /// (`[1, D]`), rotated by `rope`.
-    fn before_attention(&self, x: &Array, rope: &dyn Fn(&Array) -> Result<Array>) -> Result<(Array, Array, Array)> {
-        self.self_attn.roped_heads(&self.input_layernorm.forward(x)?, rope)
-    }
-
-    /// A decode step's block after attention: the block's output from its input `x` and the
-    /// row's attention `o` ([`Attention::attend_one`]).
-    fn after_attention(&self, x: &Array, o: &Array) -> Result<Array> {
-        let h = ops::add(x, self.self_attn.project_out(o)?)?;
+        let h = ops::add(x, self.self_attn.decode_one(&self.input_layernorm.forward(x)?, cache)?)?;
         Ok(ops::add(&h, self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
     }
 
@@ -306,17 +276,9 @@ pub struct Transformer {
     /// Checked hyper-parameters.
     pub args: ModelArgs,
     embed_tokens: Matrix,
-    layers: Vec<Arc<Block>>,
+    layers: Vec<Block>,
     norm: RmsNorm,
     lm_head: Option<Linear>,
-    /// Names this model's compiled decode pieces ([`compiled`]).
-    id: u64,
-}
-
-impl Drop for Transformer {
-    fn drop(&mut self) {
-        compiled::forget(self.id);
-    }
 }
 
 impl Transformer {
@@ -354,9 +316,7 @@ impl Transformer {
                 shown.join(", ")
             )));
         }
-        let layers = layers.into_iter().map(Arc::new).collect();
-        let id = compiled::model_id();
-        let model = Transformer { args, embed_tokens, layers, norm, lm_head, id };
+        let model = Transformer { args, embed_tokens, layers, norm, lm_head };
         model.prepare_batch_kernels();
         crate::sampling::prepare_kernels(model.args.vocab, model.norm.weight.dtype());
         Ok(model)
@@ -485,9 +445,6 @@ impl Transformer {
             }
         }
         if let [only] = caches {
-            if compiled::enabled() {
-                return compiled::decode(self, tokens, only);
-            }
             let mut h = self.embed_tokens.rows(tokens)?;
             for (block, layer) in self.layers.iter().zip(only.layers.iter_mut()) {
                 h = block.decode_one(&h, layer)?;
