@@ -77,6 +77,17 @@ fn check(model_type: &str, quant: Option<i32>) {
         assert!(err <= tolerance(), "{model_type} quant={quant:?}: decode step {i} rel err {err:e}");
     }
 
+    // One token at a time through the engine's decode step (`forward_batch` with one row).
+    let mut cache = SequenceCache::new(model.num_layers());
+    model.forward_all(&ids(&TOKENS[..4]), &mut cache).unwrap();
+    for (i, &t) in TOKENS.iter().enumerate().skip(4) {
+        let step = model.forward_batch(&Array::from_slice(&[t as i32], &[1]), &mut [&mut cache]).unwrap();
+        assert_eq!(step.shape(), &[1, vocab as i32]);
+        assert_eq!(cache.offset(), i as i32 + 1);
+        let err = rel_err(&to_vec(&step), &want[i * vocab..(i + 1) * vocab]);
+        assert!(err <= tolerance(), "{model_type} quant={quant:?}: one-row decode step {i} rel err {err:e}");
+    }
+
     // Trimming the cache and re-feeding gives the same logits.
     cache.trim(2);
     let again = model.forward_all(&ids(&TOKENS[TOKENS.len() - 2..]), &mut cache).unwrap();
