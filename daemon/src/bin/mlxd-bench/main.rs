@@ -12,6 +12,7 @@
 //! this executable, where `cargo build [--release] -p mlxd-plugin-passthrough -p mlxd-plugin-dry`
 //! puts them. mlx-lm has no counterpart, so plugin rows are mlxd only.
 
+mod alternate;
 mod batch;
 mod kernel_check;
 mod kernel_sources;
@@ -48,6 +49,10 @@ mlxd-bench sampler-cost [--shape NAME] [--dtype bf16|f32] [--samplers greedy,ful
                          [--profile DIR]
                                      host time of one sampling step alone, per variant
                                      (build / submit / read), on fixed device logits
+mlxd-bench alternate --shape ... [--samplers greedy,full] [--plugin ...] [--gen 8] [--repeats 150]
+                                     one sequence decoding on, the sampler changing every --gen
+                                     steps (variants in turn): each variant's cost against
+                                     greedy in the same host state, with its parts per step
 mlxd-bench kernel-check            mlxd's CUDA kernels for batched decode against MLX ops
 mlxd-bench kernel-sources --out DIR [--plugin-dir DIR] [--plugin NAME[:JSON]]...
                                      every CUDA kernel's source as MLX would compile it (or
@@ -143,6 +148,8 @@ struct Args {
     sampler_check: bool,
     /// `sampler-cost`: the host time of a sampling step alone.
     sampler_cost: bool,
+    /// `alternate`: sampler variants taking turns in one decode.
+    alternate: bool,
     /// `batch`: mlxd's CUDA kernels for several-row products and padded attention, MLX's ops, or both.
     model_kernels: String,
     /// `batch`: row `i`'s prompt is this many tokens longer per `i` (a padded stack).
@@ -182,6 +189,7 @@ fn parse_args() -> Result<Args> {
         batch: false,
         sampler_check: false,
         sampler_cost: false,
+        alternate: false,
         model_kernels: "on".into(),
         stagger: 0,
         clients: vec![1, 2, 4, 8, 16],
@@ -205,13 +213,14 @@ fn parse_args() -> Result<Args> {
         Some("batch") => a.batch = true,
         Some("sampler-check") => a.sampler_check = true,
         Some("sampler-cost") => a.sampler_cost = true,
+        Some("alternate") => a.alternate = true,
         Some("suite") => {
             a.suite = Some(suite::DEFAULT_MODELS.iter().map(|m| m.to_string()).collect());
             a.samplers = vec!["greedy".into(), "full".into()];
             a.plugins = vec![("passthrough".into(), "{}".into()), ("dry".into(), r#"{"multiplier":0.8}"#.into())];
         }
         _ => bail!(
-            "usage: mlxd-bench engine|serve|graph|batch|suite|sampler-check|sampler-cost|kernel-check|kernel-sources (--shape NAME | --model DIR) [options]; mlxd-bench --help lists them"
+            "usage: mlxd-bench engine|serve|graph|batch|suite|alternate|sampler-check|sampler-cost|kernel-check|kernel-sources (--shape NAME | --model DIR) [options]; mlxd-bench --help lists them"
         ),
     }
     while let Some(flag) = it.next() {
@@ -340,6 +349,13 @@ fn run() -> Result<()> {
             return print_batched_graph(&dir, args.clients[0]);
         }
         return print_step_graph(&dir, &variants);
+    }
+    if args.alternate {
+        let summary = alternate::run(&args, &dir)?;
+        if let Some(path) = &args.json {
+            std::fs::write(path, serde_json::to_string_pretty(&summary)?)?;
+        }
+        return Ok(());
     }
     if args.batch {
         let summary = batch::run(&args, &dir, &args.model_kernels)?;

@@ -97,7 +97,7 @@ fn resolve(spec: &str, args: &Args) -> Result<(String, String, PathBuf, bool)> {
 }
 
 /// What the numbers were measured on.
-fn stamp() -> Value {
+pub(crate) fn stamp() -> Value {
     let report = mlxd::runtime::Report::gather();
     let command = |program: &str, args: &[&str]| -> Option<String> {
         let out = std::process::Command::new(program).args(args).output().ok()?;
