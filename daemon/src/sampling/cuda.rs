@@ -19,7 +19,7 @@
 //!    token up to floating-point rounding at a filter's boundary; then the row's next key and,
 //!    with the penalty, its window shifted by the drawn token.
 //!
-//! By default the stages are two kernels (stage 2: one block of 1,024 threads per row; on an
+//! By default the stages are two kernels (stage 2: one block of 256 threads per row; on an
 //! H100, `mlxd-bench sampler-check` finds them drawing what the MLX-op graph draws, session 13:
 //! 512 of 512 draws of the full pipeline on float32 and bfloat16 logits). With
 //! `MLXD_SAMPLER_FUSED=1` they are one kernel, one node fewer per step: the row's last block to
@@ -372,9 +372,12 @@ const HANDOFF: &str = r#"
     __threadfence();
 "#;
 
-/// Threads of stage 2's block in the two-kernel version: 1,024, or `MLXD_SAMPLER_PICK_THREADS`
+/// Threads of stage 2's block in the two-kernel version: 256, or `MLXD_SAMPLER_PICK_THREADS`
 /// (256, 512 or 1,024; a measurement switch: fewer threads wait at each barrier, more share
-/// the passes over the candidates).
+/// the passes over the candidates). On an H100, 1,024 threads took 2 µs less device time
+/// (session 13, ncu), but in decode the full pipeline cost 1.94% of greedy's step time with
+/// them against 1.69% with 256, averaged over eight pairs of processes on four models, and
+/// 2.5% against 1.0% and 1.6% against 0.7% in two more (session 14, `mlxd-bench alternate`).
 fn pick_threads() -> i32 {
     static T: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
     *T.get_or_init(|| {
@@ -382,7 +385,7 @@ fn pick_threads() -> i32 {
             .ok()
             .and_then(|v| v.parse().ok())
             .filter(|t| [256, 512, 1024].contains(t))
-            .unwrap_or(1024)
+            .unwrap_or(256)
     })
 }
 
