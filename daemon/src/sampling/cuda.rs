@@ -186,8 +186,10 @@ const CHUNKS: &str = r#"
     mlxd_radix_select(n, (unsigned int)kk, [&](int i) { return mlxd_key_of(vals[i]); }, hist, &s_prefix, &s_mask, &s_need);
     const unsigned int kth = s_prefix;
     const unsigned int ties = s_need;
-    unsigned int* out_k = cand_k + ((size_t)row * G + g) * KMAX;
-    int* out_i = cand_i + ((size_t)row * G + g) * KMAX;
+    // The row's candidates in `cand` (see `CANDIDATE_WORDS`): keys, then ids, then maxima.
+    unsigned int* row_c = cand + (size_t)row * G * (2 * KMAX + 1);
+    unsigned int* out_k = row_c + g * KMAX;
+    int* out_i = reinterpret_cast<int*>(row_c + G * KMAX) + g * KMAX;
     for (int i = tid; i < n; i += nt) {
         const unsigned int u = mlxd_key_of(vals[i]);
         if (u > kth) {
@@ -199,7 +201,7 @@ const CHUNKS: &str = r#"
         }
     }
     for (int p = kk + tid; p < k; p += nt) { out_k[p] = 0u; out_i[p] = -1; }
-    if (tid == 0) cand_m[(size_t)row * G + g] = s_top;
+    if (tid == 0) row_c[2 * G * KMAX + g] = s_top;
 "#;
 
 /// Stage 2, one block per row (in the fused kernel, the row's last block of stage 1): a radix
@@ -219,9 +221,9 @@ const PICK: &str = r#"
     const int C = window_shape[1];
     const unsigned int k0 = keys[2 * row];
     const unsigned int k1 = keys[2 * row + 1];
-    const unsigned int* ck = cand_k + (size_t)row * G * KMAX;
-    const int* ci = cand_i + (size_t)row * G * KMAX;
-    const unsigned int* cm = cand_m + (size_t)row * G;
+    const unsigned int* ck = cand + (size_t)row * G * (2 * KMAX + 1);
+    const int* ci = reinterpret_cast<const int*>(ck + G * KMAX);
+    const unsigned int* cm = ck + 2 * G * KMAX;
 
     __shared__ unsigned int hist[256];
     __shared__ unsigned int s_prefix, s_mask, s_need, n_gt, n_eq, n_chunks, n_kept;
@@ -387,6 +389,13 @@ fn pick_threads() -> i32 {
             .filter(|t| [256, 512, 1024].contains(t))
             .unwrap_or(256)
     })
+}
+
+/// Words of a row's candidates between the stages, for `g` chunks: each chunk's `MAX_K` best
+/// keys, then their token ids, then each chunk's best key. One array, so a step allocates,
+/// tracks and passes one buffer between the kernels instead of three (host time per step).
+fn candidate_words(g: i32) -> i32 {
+    g * (2 * MAX_K + 1)
 }
 
 /// Logits per block of stage 1 (`CH` floats of shared memory).
@@ -618,10 +627,10 @@ pub fn prepare(vocab: i32, dtype: Dtype) {
 
 fn kernels() -> Kernels {
     const INPUTS: [&str; 5] = ["logits", "params", "window", "keys", "counter"];
-    const CANDIDATES: [&str; 3] = ["cand_k", "cand_i", "cand_m"];
+    const CANDIDATES: [&str; 1] = ["cand"];
     const DRAWN: [&str; 3] = ["token", "next_keys", "next_window"];
     let chunks = CudaKernel::new("mlxd_sample_chunks", &INPUTS[..3], &CANDIDATES, HEADER, CHUNKS, true);
-    let pick_inputs = ["cand_k", "cand_i", "cand_m", "params", "window", "keys"];
+    let pick_inputs = ["cand", "params", "window", "keys"];
     let pick = CudaKernel::new("mlxd_sample_pick", &pick_inputs, &DRAWN, HEADER, PICK, true);
     let outputs: Vec<&str> = CANDIDATES.iter().chain(&DRAWN).copied().collect();
     let body = format!("{{{CHUNKS}}}\n{HANDOFF}{{{PICK}}}");
@@ -699,8 +708,7 @@ pub(crate) fn sample(inp: &Inputs<'_>) -> Result<Drawn, Exception> {
         ("G", TemplateArg::Int(g)),
         ("KMAX", TemplateArg::Int(MAX_K)),
     ];
-    let slots: &[i32] = &[b, g * MAX_K];
-    let candidates = [(slots, Dtype::Uint32), (slots, Dtype::Int32), (&[b, g][..], Dtype::Uint32)];
+    let candidates = [(&[b, candidate_words(g)][..], Dtype::Uint32)];
     let drawn = [(&[b][..], Dtype::Uint32), (&[b, 2][..], Dtype::Uint32), (&[b, c][..], Dtype::Uint32)];
     let what = || format!("the sampling kernels for logits {:?}", inp.logits.shape());
     let out = with_kernels(|k| {
@@ -708,11 +716,11 @@ pub(crate) fn sample(inp: &Inputs<'_>) -> Result<Drawn, Exception> {
         if let (true, Some(counter)) = (fused(), inp.counter) {
             let inputs: Vec<&Array> = stage1.iter().copied().chain([inp.keys, counter]).collect();
             let all: Vec<_> = candidates.iter().chain(&drawn).copied().collect();
-            // The candidates (outputs 0 to 2) are the kernel's scratch.
-            Ok(k.fused.apply(&inputs, &all, &template, (256 * g, b, 1), (256, 1, 1), what)?.split_off(3))
+            // The candidates (output 0) are the kernel's scratch.
+            Ok(k.fused.apply(&inputs, &all, &template, (256 * g, b, 1), (256, 1, 1), what)?.split_off(1))
         } else {
             let cands = k.chunks.apply(&stage1, &candidates, &template, (256 * g, b, 1), (256, 1, 1), what)?;
-            let inputs = [&cands[0], &cands[1], &cands[2], inp.params, window, inp.keys];
+            let inputs = [&cands[0], inp.params, window, inp.keys];
             let t = pick_threads();
             k.pick.apply(&inputs, &drawn, &template, (t, b, 1), (t, 1, 1), what)
         }
