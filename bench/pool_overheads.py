@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Pooled per-round overheads of `mlxd-bench engine` / `suite` JSON files.
+"""Pooled per-round overheads of `mlxd-bench engine` / `suite` / `alternate` JSON files.
 
 Each run of a variant is set against the greedy run of its own round (both engines run their
 variants interleaved in rounds), the cost is 1 - variant / greedy decode tok/s, and the table
 gives, per model and pooled over all files, the median cost with a 90% bootstrap interval.
+In `alternate` files a round is a block of steps of each variant in one ongoing decode, and
+the cost is the variant's mean step time over greedy's in the round, minus 1.
 
-    python3 bench/pool_overheads.py e-llama.json e-qwen3-q4.json suite.json
+    python3 bench/pool_overheads.py e-llama.json e-qwen3-q4.json suite.json alt-*.json
 """
 import json
 import statistics
@@ -37,9 +39,24 @@ def row(label, engine, variant, c, bold=False):
     return f"| {label} | {engine} | {variant} | {len(c)} | {cost} |"
 
 
+def alternate_costs(data):
+    """(variant, percent costs by round) of an `mlxd-bench alternate` file."""
+    steps = {v["variant"]: v["round_mean_step_us"] for v in data["variants"]}
+    greedy = steps.get("greedy", [])
+    for variant, times in steps.items():
+        if variant != "greedy":
+            yield variant, [100.0 * (t / g - 1.0) for g, t in zip(greedy, times)]
+
+
 def main(paths):
     rows, pooled = [], {}
     for path in paths:
+        data = json.load(open(path))
+        if "block_steps" in data:
+            for variant, c in alternate_costs(data):
+                rows.append(row(data.get("model", path), "mlxd", variant, c))
+                pooled.setdefault(("mlxd", variant), []).extend(c)
+            continue
         for model, summary in engine_runs(path):
             for variant in summary["variants"]:
                 if variant == "greedy":
