@@ -13,7 +13,7 @@
 //! whenever it has grown by 1,024 positions. A variant's cost is the median over rounds of
 //! its mean step time against greedy's in the same round, with a 90% bootstrap interval.
 
-use crate::{median, xorshift, Args};
+use crate::{median, median_interval, Args};
 use anyhow::{Context, Result};
 use mlx_rs::transforms::async_eval;
 use mlx_rs::Array;
@@ -172,16 +172,10 @@ pub(crate) fn run(args: &Args, dir: &Path) -> Result<Value> {
 }
 
 /// The cost of `other` against `greedy`, round by round (`other / greedy - 1` of the mean step
-/// times, in percent): the median and a 90% interval (5th and 95th percentiles of the medians
-/// of 2,000 resamples of the rounds; a fixed seed keeps a printout reproducible).
+/// times, in percent): the median and its 90% interval ([`median_interval`]).
 fn paired(greedy: &[f64], other: &[f64]) -> (f64, f64, f64) {
-    let costs: Vec<f64> = greedy.iter().zip(other).map(|(g, o)| (o / g - 1.0) * 100.0).collect();
-    let mut next = xorshift(0x9E37_79B9_7F4A_7C15);
-    let mut medians: Vec<f64> = (0..2000)
-        .map(|_| median((0..costs.len()).map(|_| costs[(next() % costs.len() as u64) as usize]).collect()))
-        .collect();
-    medians.sort_by(f64::total_cmp);
-    (median(costs), medians[100], medians[1899])
+    let p = median_interval(greedy.iter().zip(other).map(|(g, o)| (o / g - 1.0) * 100.0).collect());
+    (p.median, p.low, p.high)
 }
 
 #[cfg(test)]

@@ -1016,14 +1016,19 @@ fn paired_cost(s: &Value, engine: &str, variant: &str, key: &str, time: bool) ->
     }
     let costs: Vec<f64> =
         other.iter().zip(&greedy).map(|(o, g)| (1.0 - if time { g / o } else { o / g }) * 100.0).collect();
-    // A 90% interval for the median: medians of 2,000 resamples (with replacement) of the pairs,
-    // their 5th and 95th percentiles. A fixed seed keeps a run's printout reproducible.
+    Some(median_interval(costs))
+}
+
+/// The median of `costs` (not empty) with a 90% interval for it: medians of 2,000 resamples
+/// (with replacement), their 5th and 95th percentiles. A fixed seed keeps a run's printout
+/// reproducible.
+fn median_interval(costs: Vec<f64>) -> Paired {
     let mut next = xorshift(0x9E37_79B9_7F4A_7C15);
     let mut medians: Vec<f64> = (0..2000)
         .map(|_| median((0..costs.len()).map(|_| costs[(next() % costs.len() as u64) as usize]).collect()))
         .collect();
     medians.sort_by(f64::total_cmp);
-    Some(Paired { median: median(costs), low: medians[100], high: medians[1899] })
+    Paired { median: median(costs), low: medians[100], high: medians[1899] }
 }
 
 /// A variant's cost against the greedy run of its round, in percent: the median over the
