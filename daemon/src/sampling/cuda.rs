@@ -186,7 +186,7 @@ const CHUNKS: &str = r#"
     mlxd_radix_select(n, (unsigned int)kk, [&](int i) { return mlxd_key_of(vals[i]); }, hist, &s_prefix, &s_mask, &s_need);
     const unsigned int kth = s_prefix;
     const unsigned int ties = s_need;
-    // The row's candidates in `cand` (see `CANDIDATE_WORDS`): keys, then ids, then maxima.
+    // The row's candidates in `cand` (`candidate_words` in cuda.rs): keys, ids, chunk maxima.
     unsigned int* row_c = cand + (size_t)row * G * (2 * KMAX + 1);
     unsigned int* out_k = row_c + g * KMAX;
     int* out_i = reinterpret_cast<int*>(row_c + G * KMAX) + g * KMAX;
