@@ -13,7 +13,7 @@
 //! whenever it has grown by 1,024 positions. A variant's cost is the median over rounds of
 //! its mean step time against greedy's in the same round, with a 90% bootstrap interval.
 
-use crate::{median, median_interval, Args};
+use crate::{median, median_interval, Args, Paired};
 use anyhow::{Context, Result};
 use mlx_rs::transforms::async_eval;
 use mlx_rs::Array;
@@ -137,7 +137,8 @@ pub(crate) fn run(args: &Args, dir: &Path) -> Result<Value> {
         let pick = |f: fn(&Parts) -> f64| median(parts[v].iter().map(f).collect());
         let step_us = median(means[v].clone());
         let cost = (v > 0).then(|| paired(&means[0], &means[v]));
-        let cost_text = cost.map_or(String::new(), |(m, lo, hi)| format!("{m:.2}% [{lo:.2}, {hi:.2}]"));
+        let cost_text =
+            cost.as_ref().map_or(String::new(), |p| format!("{:.2}% [{:.2}, {:.2}]", p.median, p.low, p.high));
         println!(
             "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {cost_text} |",
             variants[v].0,
@@ -158,7 +159,7 @@ pub(crate) fn run(args: &Args, dir: &Path) -> Result<Value> {
                 "launch": pick(|p| p.launch),
                 "read": pick(|p| p.read),
             },
-            "cost_vs_greedy_percent": cost.map(|(m, lo, hi)| json!({"median": m, "low": lo, "high": hi})),
+            "cost_vs_greedy_percent": cost.map(|p| json!({"median": p.median, "low": p.low, "high": p.high})),
         }));
     }
     Ok(json!({
@@ -173,9 +174,8 @@ pub(crate) fn run(args: &Args, dir: &Path) -> Result<Value> {
 
 /// The cost of `other` against `greedy`, round by round (`other / greedy - 1` of the mean step
 /// times, in percent): the median and its 90% interval ([`median_interval`]).
-fn paired(greedy: &[f64], other: &[f64]) -> (f64, f64, f64) {
-    let p = median_interval(greedy.iter().zip(other).map(|(g, o)| (o / g - 1.0) * 100.0).collect());
-    (p.median, p.low, p.high)
+fn paired(greedy: &[f64], other: &[f64]) -> Paired {
+    median_interval(greedy.iter().zip(other).map(|(g, o)| (o / g - 1.0) * 100.0).collect())
 }
 
 #[cfg(test)]
@@ -186,11 +186,12 @@ mod tests {
     fn paired_cost_is_the_median_ratio_of_the_rounds() {
         // 3% slower in every round, whatever the round's speed: no spread.
         let greedy = [100.0, 250.0, 180.0, 120.0];
-        let (m, lo, hi) = paired(&greedy, &greedy.map(|g| g * 1.03));
-        assert!((m - 3.0).abs() < 1e-9 && (lo - 3.0).abs() < 1e-9 && (hi - 3.0).abs() < 1e-9);
+        let p = paired(&greedy, &greedy.map(|g| g * 1.03));
+        assert!((p.median - 3.0).abs() < 1e-9 && (p.low - 3.0).abs() < 1e-9 && (p.high - 3.0).abs() < 1e-9);
         // 0..=10% over 11 rounds: median 5%, an interval around it inside the range.
         let other: Vec<f64> = (0..11).map(|i| 100.0 * (1.0 + i as f64 / 100.0)).collect();
-        let (m, lo, hi) = paired(&[100.0; 11], &other);
+        let p = paired(&[100.0; 11], &other);
+        let (m, lo, hi) = (p.median, p.low, p.high);
         assert!((m - 5.0).abs() < 1e-9 && lo < 5.0 && hi > 5.0 && lo >= 0.0 && hi <= 10.0, "{m} {lo} {hi}");
     }
 }

@@ -327,10 +327,7 @@ fn run() -> Result<()> {
     }
     if args.sampler_cost {
         let summary = sampler_cost::run(&args)?;
-        if let Some(path) = &args.json {
-            std::fs::write(path, serde_json::to_string_pretty(&summary)?)?;
-        }
-        return Ok(());
+        return write_summary(&args, &summary);
     }
     // Plugins resolve first: a missing one should not cost a model build to find out.
     let plugin_runs = plugin_variants(&args)?;
@@ -352,17 +349,11 @@ fn run() -> Result<()> {
     }
     if args.alternate {
         let summary = alternate::run(&args, &dir)?;
-        if let Some(path) = &args.json {
-            std::fs::write(path, serde_json::to_string_pretty(&summary)?)?;
-        }
-        return Ok(());
+        return write_summary(&args, &summary);
     }
     if args.batch {
         let summary = batch::run(&args, &dir, &args.model_kernels)?;
-        if let Some(path) = &args.json {
-            std::fs::write(path, serde_json::to_string_pretty(&summary)?)?;
-        }
-        return Ok(());
+        return write_summary(&args, &summary);
     }
     if args.serve {
         let summary = serve_load::run(serve_load::LoadArgs {
@@ -373,14 +364,16 @@ fn run() -> Result<()> {
             mlx_lm: args.mlx_lm,
             python: args.python.clone(),
         })?;
-        if let Some(path) = &args.json {
-            std::fs::write(path, serde_json::to_string_pretty(&summary)?)?;
-        }
-        return Ok(());
+        return write_summary(&args, &summary);
     }
     let summary = engine_compare(&args, &dir, &plugin_runs)?;
+    write_summary(&args, &summary)
+}
+
+/// Writes a command's summary to `--json FILE`, when given.
+fn write_summary(args: &Args, summary: &Value) -> Result<()> {
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&summary)?)?;
+        std::fs::write(path, serde_json::to_string_pretty(summary)?)?;
     }
     Ok(())
 }
