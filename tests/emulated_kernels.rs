@@ -369,11 +369,96 @@ fn greedy_through_dry_is_the_same_with_the_fused_pick() {
     assert_eq!(fused, operations, "the fused pick against MLX operations");
 }
 
+/// A tiny 4-bit checkpoint of `model_type` (MLX's affine format, groups of 32) with its floats
+/// (scales, biases, norms) in `floats` (mlx-community's 4-bit models have them in bfloat16).
+fn q4_model(dir: &std::path::Path, model_type: &str, floats: Dtype) -> mlxd::models::LoadedModel {
+    common::tiny::write_tiny_model(dir);
+    let mut config = common::tiny_config(model_type);
+    config["vocab_size"] = serde_json::json!(common::tiny::VOCAB);
+    common::write_checkpoint(dir, &config, Some(4));
+    let file = dir.join("model.safetensors");
+    let weights = Array::load_safetensors(&file).unwrap();
+    let cast: Vec<(String, Array)> = weights
+        .into_iter()
+        .map(|(k, v)| {
+            let v = if v.dtype() == Dtype::Float32 { v.as_dtype(floats).unwrap() } else { v };
+            (k, v)
+        })
+        .collect();
+    mlx_rs::transforms::eval(cast.iter().map(|(_, v)| v)).unwrap();
+    Array::save_safetensors(cast.iter().map(|(k, v)| (k.as_str(), v)), None, &file).unwrap();
+    mlxd::models::load(dir).unwrap()
+}
+
+/// Logits of one decode step (`forward_batch` with one row), fused or through MLX's operations.
+fn step(model: &mlxd::models::Transformer, token: u32, cache: &mut mlxd::cache::SequenceCache, fused: bool) -> Vec<f32> {
+    mlxd::models::fused::set_enabled(fused);
+    let logits = model.forward_batch(&Array::from_slice(&[token as i32], &[1]), &mut [cache]).unwrap();
+    mlxd::models::fused::set_enabled(true);
+    common::to_vec(&logits)
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32
+}
+
+/// The fused decode block (one kernel per block, its phases launched one by one here) decodes
+/// as MLX's operations do: Qwen3 (q/k norms) and Llama (Llama 3 RoPE scaling), 4-bit, past a
+/// prompt long enough that each head's attention is split into chunks. With float32 scales and
+/// activations the two agree to float rounding (the same arithmetic); in bfloat16 the values
+/// are rounded where MLX's step rounds them, but MLX's CPU kernels round some intermediate
+/// sums elsewhere, so logits differ by ~3% there and greedy tokens agree. The cache it writes in
+/// place stays the sequence's own: a prefix copy decoding first does not disturb the original,
+/// and a clone decodes on storage of its own.
+fn fused_decode_matches_mlx_operations() {
+    for (model_type, dtype, bound) in [
+        ("qwen3", Dtype::Float32, 1e-5),
+        ("llama", Dtype::Float32, 1e-5),
+        ("qwen3", Dtype::Bfloat16, 5e-2),
+        ("llama", Dtype::Bfloat16, 5e-2),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let loaded = q4_model(dir.path(), model_type, dtype);
+        let model = &loaded.model;
+        assert!(model.fused_decode(), "{model_type}: the fused step was not taken (or failed its check at load)");
+        let prompt: Vec<i32> = (0..21).map(|i| (i * 13 + 5) % 97).collect();
+        let mut fused = mlxd::cache::SequenceCache::new(model.num_layers());
+        model.forward_all(&Array::from_slice(&prompt, &[1, prompt.len() as i32]), &mut fused).unwrap();
+        let mut reference = fused.clone();
+        let before = mlxd::runtime::emulated_kernel_launches().get("mlxd_fused_block").copied().unwrap_or(0);
+        let (mut token, mut worst) = (7u32, 0.0f32);
+        for i in 0..5 {
+            let want = step(model, token, &mut reference, false);
+            let got = step(model, token, &mut fused, true);
+            let err = common::rel_err(&got, &want);
+            worst = worst.max(err);
+            assert!(err <= bound, "{model_type} {dtype:?} step {i}: fused logits rel err {err:e}");
+            assert_eq!(argmax(&got), argmax(&want), "{model_type} step {i}: greedy token");
+            token = argmax(&want);
+        }
+        let launches = mlxd::runtime::emulated_kernel_launches().get("mlxd_fused_block").copied().unwrap_or(0);
+        assert_eq!(launches - before, 5 * 5 * model.num_layers(), "five phases per block per step");
+        assert_eq!(fused.offset(), prompt.len() as i32 + 5);
+        // A prefix copy (as the prompt cache hands out) decodes first, then the original goes on.
+        let mut copy = fused.prefix_copy(prompt.len() as i32 + 2).unwrap();
+        let mut copy_ref = reference.prefix_copy(prompt.len() as i32 + 2).unwrap();
+        let got = step(model, 3, &mut copy, true);
+        let want = step(model, 3, &mut copy_ref, false);
+        assert!(common::rel_err(&got, &want) <= bound, "{model_type} {dtype:?}: the prefix copy's step");
+        let got = step(model, token, &mut fused, true);
+        let want = step(model, token, &mut reference, false);
+        let err = common::rel_err(&got, &want);
+        assert!(err <= bound, "{model_type} {dtype:?}: the original after its copy decoded: rel err {err:e}");
+        eprintln!("{model_type} {dtype:?}: fused decode, worst logits rel err {worst:e}");
+    }
+}
+
 #[test]
 fn cuda_kernels_compute_what_mlx_operations_compute() {
     mlxd::runtime::emulate_cuda_kernels();
     // Kernels are evaluated as they are called: the sampling step cannot be a compiled function.
     mlxd::sampling::set_compiled(false);
+    fused_decode_matches_mlx_operations();
     greedy_pick_with_append_and_the_append_are_exact();
     padded_attention_matches_masked_attention();
     tensor_core_products_match_float32_products();

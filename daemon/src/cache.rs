@@ -46,6 +46,12 @@ pub struct LayerCache {
     keys: Option<Array>,
     values: Option<Array>,
     offset: i32,
+    /// Present while `keys` and `values` are storage this cache made for the fused decode step
+    /// ([`Self::fused_storage`]), which writes into them in place: full, contiguous arrays no
+    /// other cache holds unless it holds a clone of this token too. Clones of the cache and the
+    /// views handed out ([`Self::prefix_copy`], [`Self::compact`]) clone the token, so a shared
+    /// buffer is never written in place; MLX's own writes drop it.
+    owned: Option<std::sync::Arc<()>>,
 }
 
 impl LayerCache {
@@ -82,6 +88,7 @@ impl LayerCache {
         *keys = write_positions(keys, k, self.offset)?;
         *values = write_positions(values, v, self.offset)?;
         self.offset = needed;
+        self.owned = None;
         Ok((keys.try_index((.., .., ..needed, ..))?, values.try_index((.., .., ..needed, ..))?))
     }
 
@@ -90,6 +97,48 @@ impl LayerCache {
         let n = n.clamp(0, self.offset);
         self.offset -= n;
         n
+    }
+
+    /// Keys and values (`[1, kv_heads, capacity, head_dim]`) the fused decode step may write
+    /// position `offset` of in place: this cache's own full arrays, with room for one more
+    /// position. Storage that is shared, a view, or full is first copied (the positions so far)
+    /// into new storage rounded up to a [`STEP`], as MLX's copy-on-write update would.
+    pub(crate) fn fused_storage(
+        &mut self,
+        kv_heads: i32,
+        head_dim: i32,
+        dtype: mlx_rs::Dtype,
+    ) -> Result<(Array, Array), mlx_rs::error::Exception> {
+        let fits = |a: &Option<Array>| {
+            a.as_ref().is_some_and(|a| {
+                a.shape() == [1, kv_heads, a.shape()[2], head_dim] && a.shape()[2] > self.offset && a.dtype() == dtype
+            })
+        };
+        let own = self.owned.as_ref().is_some_and(|t| std::sync::Arc::strong_count(t) == 1);
+        if !(own && fits(&self.keys) && fits(&self.values)) {
+            let room = (self.offset + 1 + STEP - 1) / STEP * STEP;
+            let fresh = |old: &Option<Array>| -> Result<Array, mlx_rs::error::Exception> {
+                let new = ops::zeros_dtype(&[1, kv_heads, room - self.offset, head_dim], dtype)?;
+                match old {
+                    Some(old) if self.offset > 0 => {
+                        ops::concatenate(&[old.try_index((.., .., ..self.offset, ..))?.as_dtype(dtype)?, new], 2)
+                    }
+                    _ => ops::zeros_dtype(&[1, kv_heads, room, head_dim], dtype),
+                }
+            };
+            let (k, v) = (fresh(&self.keys)?, fresh(&self.values)?);
+            // Evaluated now: the kernel that writes into them must get their final buffers.
+            mlx_rs::transforms::eval([&k, &v])?;
+            self.keys = Some(k);
+            self.values = Some(v);
+            self.owned = Some(std::sync::Arc::new(()));
+        }
+        Ok((self.keys.clone().expect("made above"), self.values.clone().expect("made above")))
+    }
+
+    /// One more position filled (by the fused decode step, in place).
+    pub(crate) fn advance_in_place(&mut self) {
+        self.offset += 1;
     }
 
     /// Device bytes held by the storage.
@@ -113,7 +162,12 @@ impl LayerCache {
                 _ => Ok(None),
             }
         };
-        let out = LayerCache { keys: own(&self.keys)?, values: own(&self.values)?, offset: self.offset };
+        let out = LayerCache {
+            keys: own(&self.keys)?,
+            values: own(&self.values)?,
+            offset: self.offset,
+            owned: self.owned.clone(),
+        };
         mlx_rs::transforms::eval([out.keys.as_ref(), out.values.as_ref()].into_iter().flatten())?;
         Ok(out)
     }
@@ -132,7 +186,12 @@ impl LayerCache {
                 _ => Ok(None),
             }
         };
-        Ok(LayerCache { keys: slice(&self.keys)?, values: slice(&self.values)?, offset: len.max(0) })
+        Ok(LayerCache {
+            keys: slice(&self.keys)?,
+            values: slice(&self.values)?,
+            offset: len.max(0),
+            owned: self.owned.clone(),
+        })
     }
 }
 
@@ -141,12 +200,15 @@ impl LayerCache {
 pub struct SequenceCache {
     /// One entry per decoder block.
     pub layers: Vec<LayerCache>,
+    /// Scratch space and barrier counters of the fused decode step (`crate::models::fused`),
+    /// written in place: a clone shares it, and whichever then decodes makes its own.
+    pub(crate) fused_work: Option<std::sync::Arc<crate::models::fused::Workspace>>,
 }
 
 impl SequenceCache {
     /// An empty cache for a model with `n` layers.
     pub fn new(n: usize) -> Self {
-        SequenceCache { layers: vec![LayerCache::default(); n] }
+        SequenceCache { layers: vec![LayerCache::default(); n], fused_work: None }
     }
 
     /// Positions cached (the same in every layer).
@@ -176,12 +238,18 @@ impl SequenceCache {
     /// Every layer [`LayerCache::compact`]ed: storage of its own, exactly as large as
     /// [`Self::nbytes`] then reports.
     pub fn compact(&self) -> Result<SequenceCache, mlx_rs::error::Exception> {
-        Ok(SequenceCache { layers: self.layers.iter().map(LayerCache::compact).collect::<Result<_, _>>()? })
+        Ok(SequenceCache {
+            layers: self.layers.iter().map(LayerCache::compact).collect::<Result<_, _>>()?,
+            fused_work: None,
+        })
     }
 
     /// The first `len` positions, as an independent cache.
     pub fn prefix_copy(&self, len: i32) -> Result<SequenceCache, mlx_rs::error::Exception> {
-        Ok(SequenceCache { layers: self.layers.iter().map(|l| l.prefix_copy(len)).collect::<Result<_, _>>()? })
+        Ok(SequenceCache {
+            layers: self.layers.iter().map(|l| l.prefix_copy(len)).collect::<Result<_, _>>()?,
+            fused_work: None,
+        })
     }
 }
 
@@ -319,9 +387,10 @@ impl BatchCache {
                     keys: Some(take(&self.keys[l])?),
                     values: Some(take(&self.values[l])?),
                     offset: self.cur - pad,
+                    owned: None,
                 });
             }
-            out.push((*id, SequenceCache { layers }));
+            out.push((*id, SequenceCache { layers, fused_work: None }));
         }
         Ok(out)
     }

@@ -52,6 +52,7 @@ const SHIM: &str = r#"
 #define __grid_constant__
 // One block runs at a time, so a function's statics are its block's shared memory.
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 
 namespace cooperative_groups {}
 
@@ -284,6 +285,9 @@ struct __half {
 };
 
 struct uint4 { unsigned int x, y, z, w; };
+struct alignas(16) float4 { float x, y, z, w; };
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+inline void __trap() { std::abort(); }
 inline uint4 make_uint4(unsigned int x, unsigned int y, unsigned int z, unsigned int w) { return {x, y, z, w}; }
 
 namespace mlxd_emu {
@@ -419,6 +423,13 @@ fn translate_ptx(src: &str) -> Result<String, String> {
         let (outputs, inputs) = (operands(sections.next()), operands(sections.next()));
         let instruction = template.split_whitespace().next().unwrap_or_default();
         let order = template.split_whitespace().skip(1).collect::<String>();
+        // The SM count (the fused decode kernel's barrier reads it): no limit here, where blocks
+        // run one after another.
+        if instruction == "mov.u32" && order.trim_end_matches(';') == "%0,%%nsmid" && outputs.len() == 1 {
+            out.push_str(&format!("({} = 1u << 30)", outputs[0]));
+            rest = &rest[close + 1..];
+            continue;
+        }
         let bf16 = match instruction {
             "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" => true,
             "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" => false,

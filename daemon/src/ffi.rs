@@ -101,7 +101,7 @@ pub fn record_cuda_kernels(dir: &Path) -> std::io::Result<()> {
 
 static EMULATING: AtomicBool = AtomicBool::new(false);
 
-fn emulating() -> bool {
+pub(crate) fn emulating() -> bool {
     EMULATING.load(Ordering::Relaxed)
 }
 
@@ -115,7 +115,7 @@ pub fn emulate_cuda_kernels() {
 
 /// Kernels are recorded or emulated: none reaches MLX, and the kernel paths are taken on any
 /// backend.
-fn off_device() -> bool {
+pub(crate) fn off_device() -> bool {
     RECORDING.get().is_some() || emulating()
 }
 

@@ -250,6 +250,11 @@ impl<const N: usize> Stacked<N> {
         Ok(Stacked { all: Some(all), parts, splits })
     }
 
+    /// The stacked projection, when the parts share one matrix.
+    pub fn stacked(&self) -> Option<&Linear> {
+        self.all.as_ref()
+    }
+
     /// Whether the parts share one matrix.
     pub fn is_stacked(&self) -> bool {
         self.all.is_some()
@@ -423,6 +428,17 @@ impl Rope {
             .collect();
         let n = periods.len() as i32;
         Rope { dims, base, scale: 1.0, periods: Some(Array::from_slice(&periods, &[n])) }
+    }
+
+    /// What a kernel needs to rotate as [`Self::forward`] does: the rotated channels, each pair's
+    /// period (channel `i` and `i + dims / 2` turn by `position * scale / periods[i]`), and the
+    /// position scale.
+    pub fn periods(&self) -> (i32, Vec<f32>, f32) {
+        let periods = match &self.periods {
+            Some(p) => p.as_slice::<f32>().to_vec(),
+            None => (0..self.dims / 2).map(|i| self.base.powf(2.0 * i as f32 / self.dims as f32)).collect(),
+        };
+        (self.dims, periods, self.scale)
     }
 
     /// Rotates `x` (`[B, heads, T, head_dim]`) for positions `offset..offset + T`.

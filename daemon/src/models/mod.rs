@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod cuda;
+pub mod fused;
 pub mod layers;
 pub mod safetensors;
 pub mod transformer;

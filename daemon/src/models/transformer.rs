@@ -4,6 +4,7 @@
 //! Field names follow the checkpoints' tensor names.
 
 use super::config::{ModelArgs, RopeScaling};
+use super::fused::FusedDecode;
 use super::layers::{last_position, one_per_part, Linear, Matrix, RmsNorm, Rope, Stacked};
 use super::weights::Weights;
 use super::ModelError;
@@ -236,6 +237,18 @@ fn swiglu(gate: &Array, up: &Array) -> Result<Array> {
     })
 }
 
+/// A block's arrays as the fused decode kernel takes them ([`super::fused`]).
+pub(super) struct FusedParts<'a> {
+    pub input_norm: &'a RmsNorm,
+    pub post_norm: &'a RmsNorm,
+    pub q_norm: Option<&'a RmsNorm>,
+    pub k_norm: Option<&'a RmsNorm>,
+    pub qkv: &'a Matrix,
+    pub o: &'a Matrix,
+    pub gate_up: &'a Matrix,
+    pub down: &'a Matrix,
+}
+
 /// One pre-norm decoder block.
 #[derive(Debug)]
 pub struct Block {
@@ -246,6 +259,26 @@ pub struct Block {
 }
 
 impl Block {
+    /// The block's arrays for the fused kernel: `None` where q/k/v or gate/up are not stacked
+    /// or a projection has a bias.
+    pub(super) fn fused_parts(&self) -> Option<FusedParts<'_>> {
+        let (attn, mlp) = (&self.self_attn, &self.mlp);
+        let (qkv, gate_up) = (attn.qkv.stacked()?, mlp.gate_up.stacked()?);
+        if qkv.bias.is_some() || gate_up.bias.is_some() || attn.o_proj.bias.is_some() || mlp.down_proj.bias.is_some() {
+            return None;
+        }
+        Some(FusedParts {
+            input_norm: &self.input_layernorm,
+            post_norm: &self.post_attention_layernorm,
+            q_norm: attn.q_norm.as_ref(),
+            k_norm: attn.k_norm.as_ref(),
+            qkv: &qkv.weight,
+            o: &attn.o_proj.weight,
+            gate_up: &gate_up.weight,
+            down: &mlp.down_proj.weight,
+        })
+    }
+
     fn decode_batched(
         &self,
         x: &Array,
@@ -279,6 +312,8 @@ pub struct Transformer {
     layers: Vec<Block>,
     norm: RmsNorm,
     lm_head: Option<Linear>,
+    /// One-sequence decode with each block as one CUDA kernel, where the model takes it.
+    fused: Option<FusedDecode>,
 }
 
 impl Transformer {
@@ -316,7 +351,9 @@ impl Transformer {
                 shown.join(", ")
             )));
         }
-        let model = Transformer { args, embed_tokens, layers, norm, lm_head };
+        let fused = layers.first().and_then(|b| FusedDecode::build(&layers, &b.self_attn.rope, &args));
+        let mut model = Transformer { args, embed_tokens, layers, norm, lm_head, fused };
+        model.prepare_fused_decode();
         model.prepare_batch_kernels();
         crate::sampling::prepare_kernels(model.args.vocab, model.norm.weight.dtype());
         Ok(model)
@@ -338,6 +375,47 @@ impl Transformer {
                 tracing::warn!(error = %e, "batched-decode CUDA kernels unavailable; using MLX's operations");
             }
         }
+    }
+
+    /// On CUDA, compiles the fused decode kernel now and checks one step of it against MLX's
+    /// operations (the first position of token 0); a kernel that fails to build or disagrees is
+    /// dropped with a warning, and the model decodes through MLX's operations.
+    fn prepare_fused_decode(&mut self) {
+        let Some(fused) = &self.fused else { return };
+        let started = std::time::Instant::now();
+        let check = || -> Result<f32> {
+            let x = self.embed_tokens.rows(&Array::from_slice(&[0i32], &[1]))?;
+            let mut cache = SequenceCache::new(self.layers.len());
+            let got = fused.decode(&x, &mut cache)?;
+            let mut h = x;
+            let mut cache = SequenceCache::new(self.layers.len());
+            for (block, layer) in self.layers.iter().zip(cache.layers.iter_mut()) {
+                h = block.decode_one(&h, layer)?;
+            }
+            let (got, want) = (got.as_dtype(mlx_rs::Dtype::Float32)?, h.as_dtype(mlx_rs::Dtype::Float32)?);
+            let err = ops::abs(&ops::subtract(&got, &want)?)?.max(None)?;
+            let top = ops::abs(&want)?.max(None)?;
+            let value = |a: &Array| a.try_item_exact::<f32>().map_err(|e| ModelError::Config(e.to_string()));
+            Ok(value(&err)? / value(&top)?.max(1e-6))
+        };
+        match check() {
+            Ok(err) if err <= 0.05 => {
+                tracing::info!(ms = started.elapsed().as_millis() as u64, err, "fused decode kernel ready")
+            }
+            Ok(err) => {
+                tracing::warn!(err, "fused decode kernel disagrees with MLX's operations; not used");
+                self.fused = None;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "fused decode kernel unavailable; using MLX's operations");
+                self.fused = None;
+            }
+        }
+    }
+
+    /// Whether one-sequence decode steps run each block as one kernel ([`super::fused`]).
+    pub fn fused_decode(&self) -> bool {
+        self.fused.is_some()
     }
 
     /// The kernel calls of a two-row step's first layer and head, on zeros.
@@ -446,6 +524,10 @@ impl Transformer {
         }
         if let [only] = caches {
             let mut h = self.embed_tokens.rows(tokens)?;
+            if let Some(fused) = self.fused.as_ref().filter(|f| f.takes(&h) && super::fused::enabled()) {
+                h = fused.decode(&h, only)?;
+                return self.head(&self.norm.forward(&h)?);
+            }
             for (block, layer) in self.layers.iter().zip(only.layers.iter_mut()) {
                 h = block.decode_one(&h, layer)?;
             }

@@ -7,7 +7,8 @@
 //! history append) for each logits dtype, a vocabulary that is a multiple of the chunk and one
 //! that is not, with and without a repetition window; the products of 2-16 rows in one, two and
 //! three parts for the 16-bit types; the padded attention for Qwen3-0.6B's and Llama-3.2-1B's
-//! heads in each float dtype; a plugin's history append; and the `dry` plugin's own kernel
+//! heads in each float dtype; the fused decode block for both shapes, 4-bit, in the 16-bit types; a
+//! plugin's history append; and the `dry` plugin's own kernel
 //! (loaded from `--plugin-dir`, by default this executable's folder). Each distinct compile is
 //! one JSON file in DIR. Fails when a kernel family was not reached, so a refactoring that
 //! moves a call site off these paths cannot silently shrink what the check compiles.
@@ -24,7 +25,8 @@ use mlxd::sampling::{SamplingParams, SequenceSampler};
 use std::path::{Path, PathBuf};
 
 /// Every kernel name (or name prefix, for plugins) the recording must contain.
-const EXPECTED: [&str; 9] = [
+const EXPECTED: [&str; 10] = [
+    "mlxd_fused_block",
     "mlxd_sample_chunks",
     "mlxd_sample_pick",
     "mlxd_sample-",
@@ -121,6 +123,11 @@ fn model() -> Result<()> {
             let (starts, offsets) = (Array::from_slice(&[0i32, 3], &[2]), Array::from_slice(&[10i32, 7], &[2]));
             mlxd::models::cuda::attention(&q, &kv, &kv, &starts, &offsets, 1.0 / (dh as f32).sqrt())?;
         }
+    }
+    // The fused decode block for the 4-bit Qwen3-0.6B and Llama-3.2-1B shapes.
+    for d in [Dtype::Bfloat16, Dtype::Float16] {
+        mlxd::models::fused::queue_for_shape(1024, 16, 8, 128, 3072, true, d)?;
+        mlxd::models::fused::queue_for_shape(2048, 32, 8, 64, 8192, false, d)?;
     }
     Ok(())
 }
