@@ -41,12 +41,50 @@ impl Parts {
     }
 }
 
+/// Greedy tokens from `base` with each block as one kernel and through MLX's operations, 64 steps
+/// each: prints how many agree, where they first part, and the first step's logits difference.
+fn greedy_agreement(model: &mlxd::models::Transformer, base: &mlxd::cache::SequenceCache, first: &Array) -> Result<()> {
+    let run = |fused: bool| -> Result<(Vec<u32>, Vec<f32>)> {
+        mlxd::models::fused::set_enabled(fused);
+        let (mut cache, mut last) = (base.clone(), first.clone());
+        let (mut ids, mut logits0) = (Vec::new(), Vec::new());
+        for i in 0..64 {
+            let logits = model.forward_batch(&last, &mut [&mut cache])?;
+            if i == 0 {
+                logits0 = logits.as_dtype(mlx_rs::Dtype::Float32)?.as_slice::<f32>().to_vec();
+            }
+            last = mlx_rs::ops::indexing::argmax_axis(&logits, -1, false)?.as_type::<u32>()?;
+            ids.push(read_ids(&last)?[0]);
+        }
+        mlxd::models::fused::set_enabled(true);
+        Ok((ids, logits0))
+    };
+    let (fused, lf) = run(true)?;
+    let (ops, lo) = run(false)?;
+    let same = fused.iter().zip(&ops).filter(|(a, b)| a == b).count();
+    let parted = fused.iter().zip(&ops).position(|(a, b)| a != b);
+    let diff = lf.iter().zip(&lo).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let top = lo.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+    println!(
+        "fused decode block vs MLX's operations, greedy from the prompt: {same}/64 tokens agree (first difference at {}), first step's logits differ by at most {:.3}% of the largest",
+        parted.map_or("none".to_string(), |p| p.to_string()),
+        100.0 * diff / top.max(1e-6)
+    );
+    Ok(())
+}
+
 pub(crate) fn run(args: &Args, dir: &Path) -> Result<Value> {
     let report = mlxd::runtime::Report::gather();
     let loaded = mlxd::models::load(dir)?;
     let model = &loaded.model;
     let vocab = model.args.vocab;
-    let variants = crate::variant_list(args, &crate::plugin_variants(args)?)?;
+    let mut variants = crate::variant_list(args, &crate::plugin_variants(args)?)?;
+    // Where the model decodes each block as one kernel, greedy through MLX's operations takes
+    // its turn too: the fused block's gain, measured the same way.
+    let unfused = model.fused_decode().then_some(variants.len());
+    if unfused.is_some() {
+        variants.push(("greedy-unfused".into(), mlxd::sampling::SamplingParams::default()));
+    }
     anyhow::ensure!(
         variants.first().is_some_and(|(n, _)| n == "greedy") && variants.len() > 1,
         "alternate compares variants with greedy: --samplers greedy,... (or plugins)"
@@ -67,13 +105,19 @@ pub(crate) fn run(args: &Args, dir: &Path) -> Result<Value> {
     let first = mlx_rs::ops::indexing::argmax_axis(&logits, -1, false)?.as_type::<u32>()?;
     first.eval()?;
     base.eval()?;
+    if unfused.is_some() {
+        greedy_agreement(model, &base, &first)?;
+    }
     let mut cache = base.clone();
     let mut last = first;
 
     // One decode step with sampler `v`: queues the next token, reads the one before it.
     let mut step = |v: usize, cache: &mut mlxd::cache::SequenceCache, last: &mut Array| -> Result<Parts> {
         let t0 = Instant::now();
-        let logits = model.forward_batch(last, &mut [&mut *cache])?;
+        mlxd::models::fused::set_enabled(Some(v) != unfused);
+        let logits = model.forward_batch(last, &mut [&mut *cache]);
+        mlxd::models::fused::set_enabled(true);
+        let logits = logits?;
         let t1 = Instant::now();
         let next = sample_batch(&logits, &mut [&mut samplers[v]])?;
         let t2 = Instant::now();
