@@ -116,39 +116,52 @@ __device__ inline void mlxd_grid_sync(unsigned int* sync, unsigned int P) {
     __syncthreads();
 }
 // MLXD_NR rows of a 4-bit affine product (rows[j] < 0: none) with xs (K floats, shared
-// memory): one warp, each lane a packed word (8 elements) at a time; the sums land in y on
-// every lane.
+// memory): one warp, each lane 32 elements (one 16-byte load) of every row at a time, so a
+// warp keeps MLXD_NR * 512 bytes of weights in flight per step; lanes read their eight float4s
+// of xs in rotated order, which keeps a quarter-warp's reads on distinct banks. The sums land
+// in y on every lane.
 template <int K, int GS, typename W, typename S>
 __device__ inline void mlxd_q4(const W* w, const S* s, const S* b, const float* xs, const int* rows, float* y) {
     const int lane = threadIdx.x & 31;
+    constexpr int C = K / 32;
     float acc[MLXD_NR];
 #pragma unroll
     for (int j = 0; j < MLXD_NR; ++j) acc[j] = 0.0f;
 #pragma unroll
-    for (int c0 = 0; c0 < K / 8; c0 += 32) {
+    for (int c0 = 0; c0 < C; c0 += 32) {
         const int c = c0 + lane;
-        if (c < K / 8) {
-            unsigned int q[MLXD_NR];
-#pragma unroll
-            for (int j = 0; j < MLXD_NR; ++j) q[j] = rows[j] >= 0 ? (unsigned int)w[(size_t)rows[j] * (K / 8) + c] : 0u;
-            float xv[8];
-            const float4 xa = *reinterpret_cast<const float4*>(xs + 8 * c);
-            const float4 xb = *reinterpret_cast<const float4*>(xs + 8 * c + 4);
-            xv[0] = xa.x; xv[1] = xa.y; xv[2] = xa.z; xv[3] = xa.w;
-            xv[4] = xb.x; xv[5] = xb.y; xv[6] = xb.z; xv[7] = xb.w;
-            float sx = 0.0f;
-#pragma unroll
-            for (int n = 0; n < 8; ++n) sx += xv[n];
-            const int g = (8 * c) / GS;
+        if (c < C) {
+            uint4 q[MLXD_NR];
+            float sc[MLXD_NR], bi[MLXD_NR], d[MLXD_NR];
+            const int g = (32 * c) / GS;
 #pragma unroll
             for (int j = 0; j < MLXD_NR; ++j) {
-                if (rows[j] < 0) continue;
-                float d = 0.0f;
-#pragma unroll
-                for (int n = 0; n < 8; ++n) d = fmaf((float)((q[j] >> (4 * n)) & 15u), xv[n], d);
-                const size_t gi = (size_t)rows[j] * (K / GS) + g;
-                acc[j] += static_cast<float>(s[gi]) * d + static_cast<float>(b[gi]) * sx;
+                const bool ok = rows[j] >= 0;
+                const int r = ok ? rows[j] : 0;
+                q[j] = ok ? reinterpret_cast<const uint4*>(w + (size_t)r * (K / 8))[c] : make_uint4(0u, 0u, 0u, 0u);
+                sc[j] = ok ? static_cast<float>(s[(size_t)r * (K / GS) + g]) : 0.0f;
+                bi[j] = ok ? static_cast<float>(b[(size_t)r * (K / GS) + g]) : 0.0f;
+                d[j] = 0.0f;
             }
+            const float4* x4 = reinterpret_cast<const float4*>(xs + 32 * c);
+            float sx = 0.0f;
+#pragma unroll
+            for (int t = 0; t < 8; ++t) {
+                const int u = (t + lane) & 7;
+                const float4 xv = x4[u];
+                sx += (xv.x + xv.y) + (xv.z + xv.w);
+                const int sh = (u & 1) * 16;
+#pragma unroll
+                for (int j = 0; j < MLXD_NR; ++j) {
+                    const unsigned int wd = (u >> 1) == 0 ? q[j].x : (u >> 1) == 1 ? q[j].y : (u >> 1) == 2 ? q[j].z : q[j].w;
+                    d[j] = fmaf((float)((wd >> sh) & 15u), xv.x, d[j]);
+                    d[j] = fmaf((float)((wd >> (sh + 4)) & 15u), xv.y, d[j]);
+                    d[j] = fmaf((float)((wd >> (sh + 8)) & 15u), xv.z, d[j]);
+                    d[j] = fmaf((float)((wd >> (sh + 12)) & 15u), xv.w, d[j]);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < MLXD_NR; ++j) acc[j] += sc[j] * d[j] + bi[j] * sx;
         }
     }
 #pragma unroll
