@@ -391,6 +391,10 @@ fn engine_compare(args: &Args, dir: &Path, plugin_runs: &[(String, SamplingParam
     );
 
     let model = mlxd::models::load(dir).with_context(|| format!("loading {}", dir.display()))?;
+    println!(
+        "one-sequence decode steps: {}",
+        if model.model.fused_decode() { "the fused block (one kernel per decoder block)" } else { "MLX's operations" }
+    );
     let weight_bytes = model.model.weight_bytes();
     let vocab = model.model.args.vocab as u32;
     let mut engine = Engine::new(model, EngineOptions { prompt_cache_bytes: 0, ..Default::default() });
