@@ -3,7 +3,7 @@
 //! thread), against the same computation in MLX operations. The GPU runs the same checks at
 //! full size (`mlxd-bench sampler-check`, `kernel-check`); these keep the kernels' logic under
 //! test in CI, where there is no GPU: the sampling kernels, the greedy pick with the history
-//! append, the append, the tensor-core products, the padded attention, DRY's kernel, and the
+//! append, the append, the tensor-core products, the padded attention, DRY's kernel, the fused decode block, and the
 //! engine's batched decode through the products and the attention against MLX's operations.
 //! Emulation is process-wide, so this file is its own test binary, and everything runs in one
 //! test (the switches it flips are process-wide too; launches are serialized anyway).

@@ -11,9 +11,9 @@
 //! `__syncthreads` is a barrier of the block's live threads (any call site, as the hardware's
 //! barrier 0 is), warp shuffles go through a per-warp buffer and barrier, a barrier that can never
 //! open aborts with the reason, atomics are C++ atomics, `bfloat16` and
-//! `half` convert as the device types do, and the one inline PTX instruction mlxd uses (the
-//! tensor cores' `mma.sync` m16n8k16) is translated into a warp-wide exchange of its fragments,
-//! laid out as the PTX ISA defines them. What it cannot show: timing, and races between blocks
+//! `half` convert as the device types do, the tensor cores' `mma.sync` m16n8k16 is translated into
+//! a warp-wide exchange of its fragments, laid out as the PTX ISA defines them, and `%nsmid` (the
+//! fused decode block's SM count) reads as unlimited. What it cannot show: timing, and races between blocks
 //! (they never run at once here, so a kernel that waits for another block to run concurrently
 //! would spin forever rather than pass).
 //!

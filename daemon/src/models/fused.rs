@@ -513,14 +513,11 @@ impl FusedDecode {
         for b in blocks {
             let parts = b.fused_parts()?;
             let norm = |n: &RmsNorm| n.weight.clone();
-            let (qkv, o, gu, down) = (
-                quantized(parts.qkv)?,
-                quantized(parts.o)?,
-                quantized(parts.gate_up)?,
-                quantized(parts.down)?,
-            );
+            let (qkv, o, gu, down) =
+                (quantized(parts.qkv)?, quantized(parts.o)?, quantized(parts.gate_up)?, quantized(parts.down)?);
             for (_, s, _, q) in [&qkv, &o, &gu, &down] {
-                let ok = q.bits == 4 && matches!(q.group_size, 32 | 64 | 128) && group.is_none_or(|g| g == q.group_size);
+                let ok =
+                    q.bits == 4 && matches!(q.group_size, 32 | 64 | 128) && group.is_none_or(|g| g == q.group_size);
                 if !ok || dtype.is_some_and(|d| d != s.dtype()) {
                     return None;
                 }
@@ -606,9 +603,10 @@ impl FusedDecode {
             let mut cell = cell.borrow_mut();
             let k = cell
                 .get_or_insert_with(|| CudaKernel::new("mlxd_fused_block", &INPUTS, &["out"], HEADER, SOURCE, false));
-            let out = k.apply(inputs, &[(&shape, self.dtype)], template, (grid * THREADS, 1, 1), (THREADS, 1, 1), || {
-                format!("the fused decode block for hidden size {}", self.dims.d)
-            })?;
+            let out =
+                k.apply(inputs, &[(&shape, self.dtype)], template, (grid * THREADS, 1, 1), (THREADS, 1, 1), || {
+                    format!("the fused decode block for hidden size {}", self.dims.d)
+                })?;
             Ok(out.into_iter().next().expect("one output"))
         })
     }
@@ -664,7 +662,11 @@ pub fn queue_for_shape(
     let dims = Dims { d, heads, kv_heads, head_dim, inter };
     let zeros = |shape: &[i32], t: Dtype| mlx_rs::ops::zeros_dtype(shape, t);
     let q4 = |rows: i32, cols: i32| -> std::result::Result<[Array; 3], mlx_rs::error::Exception> {
-        Ok([zeros(&[rows, cols / 8], Dtype::Uint32)?, zeros(&[rows, cols / 64], dtype)?, zeros(&[rows, cols / 64], dtype)?])
+        Ok([
+            zeros(&[rows, cols / 8], Dtype::Uint32)?,
+            zeros(&[rows, cols / 64], dtype)?,
+            zeros(&[rows, cols / 64], dtype)?,
+        ])
     };
     let [qw, qs, qb] = q4((heads + 2 * kv_heads) * head_dim, d)?;
     let [ow, os, ob] = q4(d, heads * head_dim)?;
