@@ -82,7 +82,7 @@ const SYNC_WORDS: i32 = 256;
 const HEADER: &str = r#"
 #define MLXD_WARPS 8
 #define MLXD_CHMAX 16
-#define MLXD_NR 8
+#define MLXD_NR 4
 __device__ inline unsigned int mlxd_nsmid() {
     unsigned int n;
     asm volatile("mov.u32 %0, %%nsmid;" : "=r"(n));
@@ -382,12 +382,11 @@ const SOURCE: &str = r#"
         const float n = rsqrtf(mlxd_block_sum(ss, red) / D + eps);
         for (int k = tid; k < D; k += 256) sh[k] = mlxd_round<T>(mlxd_round<T>(sh[k] * n) * static_cast<float>(w_post[k]));
         __syncthreads();
-        for (int r0 = gw; r0 < I; r0 += NW * (MLXD_NR / 2)) {
-#pragma unroll
-            for (int j = 0; j < MLXD_NR / 2; ++j) {
-                rows[2 * j] = r0 + j * NW < I ? r0 + j * NW : -1;
-                rows[2 * j + 1] = r0 + j * NW < I ? r0 + j * NW + I : -1;
-            }
+        for (int r0 = gw; r0 < I; r0 += NW * 2) {
+            rows[0] = r0;
+            rows[1] = r0 + I;
+            rows[2] = r0 + NW < I ? r0 + NW : -1;
+            rows[3] = r0 + NW < I ? r0 + NW + I : -1;
             mlxd_q4<D, GS>(gu_w, gu_s, gu_b, sh, rows, y);
             if (lane == 0) {
 #pragma unroll
