@@ -109,9 +109,13 @@ impl LayerCache {
         head_dim: i32,
         dtype: mlx_rs::Dtype,
     ) -> Result<(Array, Array), mlx_rs::error::Exception> {
+        // A view (a prefix copy's slice of a longer buffer) is strided: the kernel indexes rows
+        // by the array's own capacity, so only row-contiguous storage fits.
         let fits = |a: &Option<Array>| {
             a.as_ref().is_some_and(|a| {
-                a.shape() == [1, kv_heads, a.shape()[2], head_dim] && a.shape()[2] > self.offset && a.dtype() == dtype
+                let cap = a.shape()[2];
+                let contiguous = a.strides()[1..] == [(cap * head_dim) as usize, head_dim as usize, 1];
+                a.shape() == [1, kv_heads, cap, head_dim] && cap > self.offset && a.dtype() == dtype && contiguous
             })
         };
         let own = self.owned.as_ref().is_some_and(|t| std::sync::Arc::strong_count(t) == 1);
@@ -399,6 +403,58 @@ impl BatchCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The storage the fused decode step writes in place is this cache's alone: made fresh
+    /// (with the positions so far) unless the cache already owns it with room for one more; a
+    /// clone or a prefix copy makes the next writer copy, and MLX's own write gives it up.
+    #[test]
+    fn fused_storage_is_never_shared() {
+        let ptr = |a: &Array| {
+            a.eval().unwrap();
+            // SAFETY: an evaluated array.
+            unsafe { mlx_sys::mlx_array_data_float32(a.as_ptr()) as usize }
+        };
+        let mut c = LayerCache::default();
+        c.update_and_fetch(&positions(3, 0.0), &positions(3, 10.0)).unwrap();
+        let (k, v) = c.fused_storage(1, 1, mlx_rs::Dtype::Float32).unwrap();
+        assert_eq!(k.shape(), &[1, 1, STEP, 1]);
+        assert_eq!(values(&k)[..3], [0.0, 1.0, 2.0]);
+        assert_eq!(values(&v)[..3], [10.0, 11.0, 12.0]);
+        let own = ptr(&k);
+        c.advance_in_place();
+        assert_eq!(c.offset(), 4);
+        // Owned, with room: the same buffer again.
+        assert_eq!(ptr(&c.fused_storage(1, 1, mlx_rs::Dtype::Float32).unwrap().0), own);
+        // A clone shares it: the first to write copies, and the other is then its sole holder.
+        let mut twin = c.clone();
+        assert_ne!(ptr(&c.fused_storage(1, 1, mlx_rs::Dtype::Float32).unwrap().0), own);
+        assert_eq!(ptr(&twin.fused_storage(1, 1, mlx_rs::Dtype::Float32).unwrap().0), own);
+        // A prefix copy shares it too.
+        let own = ptr(&c.fused_storage(1, 1, mlx_rs::Dtype::Float32).unwrap().0);
+        let mut prefix = c.prefix_copy(2).unwrap();
+        assert_ne!(ptr(&c.fused_storage(1, 1, mlx_rs::Dtype::Float32).unwrap().0), own);
+        let (pk, _) = prefix.fused_storage(1, 1, mlx_rs::Dtype::Float32).unwrap();
+        assert_eq!(values(&pk)[..2], [0.0, 1.0]);
+        // A prefix copy of a two-head cache is a strided view: never written in place.
+        let heads = |t: i32| ops::broadcast_to(&positions(t, 0.0), &[1, 2, t, 1]).unwrap();
+        let mut wide = LayerCache::default();
+        wide.update_and_fetch(&heads(300), &heads(300)).unwrap();
+        wide.fused_storage(2, 1, mlx_rs::Dtype::Float32).unwrap();
+        let mut view = wide.prefix_copy(10).unwrap();
+        drop(wide);
+        let (vk, _) = view.fused_storage(2, 1, mlx_rs::Dtype::Float32).unwrap();
+        assert_eq!(vk.shape(), &[1, 2, STEP, 1]);
+        assert_eq!(vk.strides(), &[2 * STEP as usize, STEP as usize, 1, 1]);
+        assert_eq!(values(&vk)[STEP as usize..STEP as usize + 3], [0.0, 1.0, 2.0]);
+        // MLX's own write gives up ownership; full storage is regrown.
+        c.update_and_fetch(&positions(1, 5.0), &positions(1, 5.0)).unwrap();
+        assert!(c.owned.is_none());
+        let mut full = LayerCache::default();
+        full.update_and_fetch(&positions(STEP, 0.0), &positions(STEP, 0.0)).unwrap();
+        let (k, _) = full.fused_storage(1, 1, mlx_rs::Dtype::Float32).unwrap();
+        assert_eq!(k.shape(), &[1, 1, 2 * STEP, 1]);
+        assert_eq!(values(&k)[STEP as usize - 1], (STEP - 1) as f32);
+    }
 
     fn positions(t: i32, first: f32) -> Array {
         let data: Vec<f32> = (0..t).map(|i| first + i as f32).collect();
