@@ -121,13 +121,14 @@ impl LayerCache {
         let own = self.owned.as_ref().is_some_and(|t| std::sync::Arc::strong_count(t) == 1);
         if !(own && fits(&self.keys) && fits(&self.values)) {
             let room = (self.offset + 1 + STEP - 1) / STEP * STEP;
+            // The positions so far, then zeros up to `room` (all zeros for an empty cache).
             let fresh = |old: &Option<Array>| -> Result<Array, mlx_rs::error::Exception> {
-                let new = ops::zeros_dtype(&[1, kv_heads, room - self.offset, head_dim], dtype)?;
+                let tail = ops::zeros_dtype(&[1, kv_heads, room - self.offset, head_dim], dtype)?;
                 match old {
                     Some(old) if self.offset > 0 => {
-                        ops::concatenate(&[old.try_index((.., .., ..self.offset, ..))?.as_dtype(dtype)?, new], 2)
+                        ops::concatenate(&[old.try_index((.., .., ..self.offset, ..))?.as_dtype(dtype)?, tail], 2)
                     }
-                    _ => ops::zeros_dtype(&[1, kv_heads, room, head_dim], dtype),
+                    _ => Ok(tail),
                 }
             };
             let (k, v) = (fresh(&self.keys)?, fresh(&self.values)?);

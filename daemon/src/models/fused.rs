@@ -171,6 +171,32 @@ __device__ inline void mlxd_q4(const W* w, const S* s, const S* b, const float* 
         y[j] = v;
     }
 }
+// RMS norm of D values (load(k) gives value k) times w, each rounded to T where MLX rounds,
+// into sh; every thread of the block calls it.
+template <int D, typename T, typename L, typename Wn>
+__device__ inline void mlxd_norm_to_shared(L load, const Wn* w, float eps, float* sh, float* red) {
+    float ss = 0.0f;
+    for (int k = threadIdx.x; k < D; k += 256) { const float v = load(k); sh[k] = v; ss += v * v; }
+    const float n = rsqrtf(mlxd_block_sum(ss, red) / D + eps);
+    for (int k = threadIdx.x; k < D; k += 256) sh[k] = mlxd_round<T>(mlxd_round<T>(sh[k] * n) * static_cast<float>(w[k]));
+    __syncthreads();
+}
+// Rows 0..R of a 4-bit product with xs, MLXD_NR rows per warp at a time (warp gw of NW):
+// put(row, sum) on each warp's lane 0.
+template <int K, int GS, typename W, typename S, typename F>
+__device__ inline void mlxd_q4_rows(int R, int gw, int NW, const W* w, const S* s, const S* b, const float* xs, F put) {
+    int rows[MLXD_NR];
+    float y[MLXD_NR];
+    for (int r0 = gw; r0 < R; r0 += NW * MLXD_NR) {
+#pragma unroll
+        for (int j = 0; j < MLXD_NR; ++j) rows[j] = r0 + j * NW < R ? r0 + j * NW : -1;
+        mlxd_q4<K, GS>(w, s, b, xs, rows, y);
+        if ((threadIdx.x & 31) == 0) {
+#pragma unroll
+            for (int j = 0; j < MLXD_NR; ++j) if (rows[j] >= 0) put(rows[j], y[j]);
+        }
+    }
+}
 "#;
 
 const SOURCE: &str = r#"
@@ -208,24 +234,9 @@ const SOURCE: &str = r#"
     unsigned int* sy = const_cast<unsigned int*>(reinterpret_cast<const unsigned int*>(sync));
     T* kw = const_cast<T*>(kc);
     T* vw = const_cast<T*>(vc);
-    int rows[MLXD_NR];
-    float y[MLXD_NR];
     if constexpr (PHASE == 0 || PHASE == 1) {
-        float ss = 0.0f;
-        for (int k = tid; k < D; k += 256) { const float v = static_cast<float>(x[k]); ss += v * v; }
-        const float n = rsqrtf(mlxd_block_sum(ss, red) / D + eps);
-        for (int k = tid; k < D; k += 256)
-            sh[k] = mlxd_round<T>(mlxd_round<T>(static_cast<float>(x[k]) * n) * static_cast<float>(w_in[k]));
-        __syncthreads();
-        for (int r0 = gw; r0 < NQKV; r0 += NW * MLXD_NR) {
-#pragma unroll
-            for (int j = 0; j < MLXD_NR; ++j) rows[j] = r0 + j * NW < NQKV ? r0 + j * NW : -1;
-            mlxd_q4<D, GS>(qkv_w, qkv_s, qkv_b, sh, rows, y);
-            if (lane == 0) {
-#pragma unroll
-                for (int j = 0; j < MLXD_NR; ++j) if (rows[j] >= 0) ws[rows[j]] = mlxd_round<T>(y[j]);
-            }
-        }
+        mlxd_norm_to_shared<D, T>([&](int k) { return static_cast<float>(x[k]); }, w_in, eps, sh, red);
+        mlxd_q4_rows<D, GS>(NQKV, gw, NW, qkv_w, qkv_s, qkv_b, sh, [&](int r, float v) { ws[r] = mlxd_round<T>(v); });
     }
     if constexpr (PHASE == 0) mlxd_grid_sync(sy, P);
     if constexpr (PHASE == 0 || PHASE == 2) {
@@ -357,24 +368,15 @@ const SOURCE: &str = r#"
     if constexpr (PHASE == 0 || PHASE == 3) {
         for (int k = tid; k < H * HD; k += 256) sh[k] = __ldcg(ws + OFF_ATT + k);
         __syncthreads();
-        for (int r0 = gw; r0 < D; r0 += NW * MLXD_NR) {
-#pragma unroll
-            for (int j = 0; j < MLXD_NR; ++j) rows[j] = r0 + j * NW < D ? r0 + j * NW : -1;
-            mlxd_q4<H * HD, GS>(o_w, o_s, o_b, sh, rows, y);
-            if (lane == 0) {
-#pragma unroll
-                for (int j = 0; j < MLXD_NR; ++j)
-                    if (rows[j] >= 0) ws[OFF_H1 + rows[j]] = mlxd_round<T>(static_cast<float>(x[rows[j]]) + mlxd_round<T>(y[j]));
-            }
-        }
+        mlxd_q4_rows<H * HD, GS>(D, gw, NW, o_w, o_s, o_b, sh, [&](int r, float v) {
+            ws[OFF_H1 + r] = mlxd_round<T>(static_cast<float>(x[r]) + mlxd_round<T>(v));
+        });
     }
     if constexpr (PHASE == 0) mlxd_grid_sync(sy, P);
     if constexpr (PHASE == 0 || PHASE == 4) {
-        float ss = 0.0f;
-        for (int k = tid; k < D; k += 256) { const float v = __ldcg(ws + OFF_H1 + k); sh[k] = v; ss += v * v; }
-        const float n = rsqrtf(mlxd_block_sum(ss, red) / D + eps);
-        for (int k = tid; k < D; k += 256) sh[k] = mlxd_round<T>(mlxd_round<T>(sh[k] * n) * static_cast<float>(w_post[k]));
-        __syncthreads();
+        mlxd_norm_to_shared<D, T>([&](int k) { return __ldcg(ws + OFF_H1 + k); }, w_post, eps, sh, red);
+        int rows[MLXD_NR];
+        float y[MLXD_NR];
         for (int r0 = gw; r0 < I; r0 += NW * 2) {
             rows[0] = r0;
             rows[1] = r0 + I;
@@ -397,16 +399,9 @@ const SOURCE: &str = r#"
     if constexpr (PHASE == 0 || PHASE == 5) {
         for (int k = tid; k < I; k += 256) sh[k] = __ldcg(ws + OFF_MLP + k);
         __syncthreads();
-        for (int r0 = gw; r0 < D; r0 += NW * MLXD_NR) {
-#pragma unroll
-            for (int j = 0; j < MLXD_NR; ++j) rows[j] = r0 + j * NW < D ? r0 + j * NW : -1;
-            mlxd_q4<I, GS>(d_w, d_s, d_b, sh, rows, y);
-            if (lane == 0) {
-#pragma unroll
-                for (int j = 0; j < MLXD_NR; ++j)
-                    if (rows[j] >= 0) out[rows[j]] = static_cast<T>(__ldcg(ws + OFF_H1 + rows[j]) + mlxd_round<T>(y[j]));
-            }
-        }
+        mlxd_q4_rows<I, GS>(D, gw, NW, d_w, d_s, d_b, sh, [&](int r, float v) {
+            out[r] = static_cast<T>(__ldcg(ws + OFF_H1 + r) + mlxd_round<T>(v));
+        });
     }
 "#;
 
@@ -524,9 +519,10 @@ impl FusedDecode {
                 group = Some(q.group_size);
                 dtype = Some(s.dtype());
             }
+            // Without q/k norms (`QKN` false) the kernel never reads these two inputs.
             let (q_norm, k_norm) = match (parts.q_norm, parts.k_norm) {
-                (Some(q), Some(k)) => (norm(q), norm(k)),
-                (None, None) => (norm(parts.input_norm), norm(parts.input_norm)),
+                (Some(q), Some(k)) if args.qk_norm => (norm(q), norm(k)),
+                (None, None) if !args.qk_norm => (norm(parts.input_norm), norm(parts.input_norm)),
                 _ => return None,
             };
             let arrays = [
@@ -555,8 +551,7 @@ impl FusedDecode {
         {
             return None;
         }
-        let qk_norm = blocks[0].fused_parts()?.q_norm.is_some();
-        let template = template(dims, dtype, rope_dims, group?, qk_norm, args.eps, rope_scale);
+        let template = template(dims, dtype, rope_dims, group?, args.qk_norm, args.eps, rope_scale);
         let n = periods.len() as i32;
         let periods = Array::from_slice(&periods, &[n]);
         periods.eval().ok()?;

@@ -398,21 +398,17 @@ impl Transformer {
             let value = |a: &Array| a.try_item_exact::<f32>().map_err(|e| ModelError::Config(e.to_string()));
             Ok(value(&err)? / value(&top)?.max(1e-6))
         };
-        match check() {
-            Ok(err) if err <= 0.05 => match self.fused_is_faster() {
-                Ok((true, fused_ms, ops_ms)) => {
-                    tracing::info!(ms = started.elapsed().as_millis() as u64, err, fused_ms, ops_ms, "fused decode kernel ready")
-                }
-                Ok((false, fused_ms, ops_ms)) => {
-                    tracing::info!(fused_ms, ops_ms, "fused decode kernel slower than MLX's operations here; not used");
-                    self.fused = None;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "fused decode kernel unavailable; using MLX's operations");
-                    self.fused = None;
-                }
-            },
-            Ok(err) => {
+        // Timed only once it agrees.
+        let verdict = check().and_then(|err| Ok((err, if err <= 0.05 { Some(self.fused_is_faster()?) } else { None })));
+        match verdict {
+            Ok((err, Some((true, fused_ms, ops_ms)))) => {
+                tracing::info!(ms = started.elapsed().as_millis() as u64, err, fused_ms, ops_ms, "fused decode kernel ready")
+            }
+            Ok((_, Some((false, fused_ms, ops_ms)))) => {
+                tracing::info!(fused_ms, ops_ms, "fused decode kernel slower than MLX's operations here; not used");
+                self.fused = None;
+            }
+            Ok((err, None)) => {
                 tracing::warn!(err, "fused decode kernel disagrees with MLX's operations; not used");
                 self.fused = None;
             }
