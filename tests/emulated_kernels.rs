@@ -391,7 +391,12 @@ fn q4_model(dir: &std::path::Path, model_type: &str, floats: Dtype) -> mlxd::mod
 }
 
 /// Logits of one decode step (`forward_batch` with one row), fused or through MLX's operations.
-fn step(model: &mlxd::models::Transformer, token: u32, cache: &mut mlxd::cache::SequenceCache, fused: bool) -> Vec<f32> {
+fn step(
+    model: &mlxd::models::Transformer,
+    token: u32,
+    cache: &mut mlxd::cache::SequenceCache,
+    fused: bool,
+) -> Vec<f32> {
     mlxd::models::fused::set_enabled(fused);
     let logits = model.forward_batch(&Array::from_slice(&[token as i32], &[1]), &mut [cache]).unwrap();
     mlxd::models::fused::set_enabled(true);
@@ -450,7 +455,66 @@ fn fused_decode_matches_mlx_operations() {
         let err = common::rel_err(&got, &want);
         assert!(err <= bound, "{model_type} {dtype:?}: the original after its copy decoded: rel err {err:e}");
         eprintln!("{model_type} {dtype:?}: fused decode, worst logits rel err {worst:e}");
+        let worst = fused_batch_matches(model, bound, &format!("{model_type} {dtype:?}"));
+        eprintln!("{model_type} {dtype:?}: fused batched decode, worst logits rel err {worst:e}");
     }
+}
+
+/// Three sequences of different lengths stacked in one batch (the server's path, each row but
+/// the longest padded) decode through the fused kernel as through MLX's operations, row by
+/// row, for three steps; split back, each sequence's cache holds what the kernel wrote in place,
+/// and the shortest goes on alone. Returns the worst relative error of the logits.
+fn fused_batch_matches(model: &mlxd::models::Transformer, bound: f32, what: &str) -> f32 {
+    use mlxd::cache::{BatchCache, SequenceCache};
+    assert!(model.fused_batch_rows() >= 3, "{what}: batched steps do not take the fused kernel");
+    let lens = [21, 9, 30];
+    let caches: Vec<SequenceCache> = lens
+        .iter()
+        .enumerate()
+        .map(|(r, &n)| {
+            let prompt: Vec<i32> = (0..n).map(|i| (i * 7 + r as i32 * 11 + 3) % 97).collect();
+            let mut cache = SequenceCache::new(model.num_layers());
+            model.forward_all(&Array::from_slice(&prompt, &[1, n]), &mut cache).unwrap();
+            cache
+        })
+        .collect();
+    let views: Vec<&SequenceCache> = caches.iter().collect();
+    let mut fused = BatchCache::build(vec![0, 1, 2], &views).unwrap();
+    let mut reference = BatchCache::build(vec![0, 1, 2], &views).unwrap();
+    let before = mlxd::runtime::emulated_kernel_launches().get("mlxd_fused_block").copied().unwrap_or(0);
+    let (mut tokens, mut worst) = (vec![5i32, 17, 42], 0.0f32);
+    for i in 0..3 {
+        let t = Array::from_slice(&tokens, &[3]);
+        mlxd::models::fused::set_enabled(false);
+        let want = common::to_vec(&model.forward_batched(&t, &mut reference).unwrap());
+        mlxd::models::fused::set_enabled(true);
+        let got = common::to_vec(&model.forward_batched(&t, &mut fused).unwrap());
+        let vocab = want.len() / 3;
+        for r in 0..3 {
+            let (g, w) = (&got[r * vocab..(r + 1) * vocab], &want[r * vocab..(r + 1) * vocab]);
+            let err = common::rel_err(g, w);
+            worst = worst.max(err);
+            assert!(err <= bound, "{what} batched step {i} row {r}: fused logits rel err {err:e}");
+            // The greedy token is the reference's, or one it scores within the bound of its best
+            // (bfloat16 near-ties: MLX's CPU kernels round some sums where the GPU's do not).
+            let (best, top) = (argmax(w) as usize, w.iter().map(|v| v.abs()).fold(0.0f32, f32::max));
+            let pick = argmax(g) as usize;
+            assert!(
+                pick == best || w[best] - w[pick] <= bound * top,
+                "{what} batched step {i} row {r}: greedy token {pick}, the reference's {best}"
+            );
+            tokens[r] = argmax(w) as i32;
+        }
+    }
+    let launches = mlxd::runtime::emulated_kernel_launches().get("mlxd_fused_block").copied().unwrap_or(0);
+    assert_eq!(launches - before, 3 * 5 * model.num_layers(), "{what}: five phases per block per batched step");
+    let (mut fused, mut reference) = (fused.split().unwrap(), reference.split().unwrap());
+    assert_eq!(fused[1].1.offset(), lens[1] + 3);
+    let got = step(model, tokens[1] as u32, &mut fused[1].1, true);
+    let want = step(model, tokens[1] as u32, &mut reference[1].1, false);
+    let err = common::rel_err(&got, &want);
+    assert!(err <= bound, "{what}: a row split from the batch, alone: rel err {err:e}");
+    worst.max(err)
 }
 
 #[test]

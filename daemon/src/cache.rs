@@ -278,6 +278,8 @@ pub struct BatchCache {
     /// the padded-attention kernel and the mask.
     starts: Array,
     cur: i32,
+    /// The fused decode kernel's scratch for this batch ([`crate::models::fused`]).
+    pub(crate) fused_work: Option<std::sync::Arc<crate::models::fused::Workspace>>,
 }
 
 impl BatchCache {
@@ -309,7 +311,7 @@ impl BatchCache {
             values.push(stack(&|c: &LayerCache| &c.values)?);
         }
         let starts = Array::from_slice(&pad, &[pad.len() as i32]);
-        Ok(BatchCache { members, keys, values, pad, starts, cur })
+        Ok(BatchCache { members, keys, values, pad, starts, cur, fused_work: None })
     }
 
     /// Positions already cached per row (RoPE offsets of this step's tokens), `[B]` int32.
@@ -356,8 +358,28 @@ impl BatchCache {
     /// Writes this step's keys and values of `layer` at column `cur` and returns the layer's
     /// whole storage, `[B, kv_heads, capacity, head_dim]` each (columns past `cur` unused).
     pub fn update(&mut self, layer: usize, k: &Array, v: &Array) -> Result<(Array, Array), mlx_rs::error::Exception> {
-        let cap = self.keys[layer].shape()[2];
-        if self.cur + 1 > cap {
+        self.make_room(layer)?;
+        self.keys[layer] = write_positions(&self.keys[layer], k, self.cur)?;
+        self.values[layer] = write_positions(&self.values[layer], v, self.cur)?;
+        Ok((self.keys[layer].clone(), self.values[layer].clone()))
+    }
+
+    /// Layer `layer`'s whole storage with room for column `cur`, for a step that writes that
+    /// column in place (the fused decode kernel). The stack is never shared: it is made fresh
+    /// when the batch is built or grows, MLX's writes replace it, and [`BatchCache::split`] ends
+    /// the batch.
+    pub(crate) fn storage(&mut self, layer: usize) -> Result<(Array, Array), mlx_rs::error::Exception> {
+        self.make_room(layer)?;
+        Ok((self.keys[layer].clone(), self.values[layer].clone()))
+    }
+
+    /// The column this step writes.
+    pub(crate) fn column(&self) -> i32 {
+        self.cur
+    }
+
+    fn make_room(&mut self, layer: usize) -> Result<(), mlx_rs::error::Exception> {
+        if self.cur + 1 > self.keys[layer].shape()[2] {
             let grow = |a: &Array| -> Result<Array, mlx_rs::error::Exception> {
                 let s = a.shape();
                 ops::concatenate(&[a.clone(), ops::zeros_dtype(&[s[0], s[1], STEP, s[3]], a.dtype())?], 2)
@@ -365,9 +387,7 @@ impl BatchCache {
             self.keys[layer] = grow(&self.keys[layer])?;
             self.values[layer] = grow(&self.values[layer])?;
         }
-        self.keys[layer] = write_positions(&self.keys[layer], k, self.cur)?;
-        self.values[layer] = write_positions(&self.values[layer], v, self.cur)?;
-        Ok((self.keys[layer].clone(), self.values[layer].clone()))
+        Ok(())
     }
 
     /// Device bytes held by the stacked keys and values.

@@ -53,6 +53,8 @@ const SHIM: &str = r#"
 // One block runs at a time, so a function's statics are its block's shared memory.
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
+// Kernels that declare dynamic shared memory take a static buffer here instead.
+#define MLXD_EMULATED 1
 
 namespace cooperative_groups {}
 

@@ -211,6 +211,20 @@ impl CudaKernel {
         source: &str,
         row_contiguous: bool,
     ) -> Self {
+        Self::with_dynamic_shared(name, inputs, outputs, header, source, row_contiguous, 0)
+    }
+
+    /// As [`CudaKernel::new`], for a kernel that declares `bytes` of dynamic shared memory
+    /// (`extern __shared__`; MLX raises the kernel's limit past 48 KB where asked).
+    pub(crate) fn with_dynamic_shared(
+        name: &str,
+        inputs: &[&str],
+        outputs: &[&str],
+        header: &str,
+        source: &str,
+        row_contiguous: bool,
+        bytes: i32,
+    ) -> Self {
         let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
         let spec = KernelSource {
             name: name.to_string(),
@@ -236,7 +250,7 @@ impl CudaKernel {
                 source.as_ptr(),
                 header.as_ptr(),
                 row_contiguous,
-                0,
+                bytes,
             );
             mlx_sys::mlx_vector_string_free(ins);
             mlx_sys::mlx_vector_string_free(outs);

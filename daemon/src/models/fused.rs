@@ -1,5 +1,6 @@
-//! A whole decoder block of a one-sequence decode step as one CUDA kernel, for 4-bit models on
-//! MLX's CUDA backend.
+//! A whole decoder block of a decode step as one CUDA kernel, for 4-bit models on MLX's CUDA
+//! backend: one sequence, or a stacked batch of up to [`BATCH_MAX`] (the server's step when
+//! several clients decode at once).
 //!
 //! Why: a small model's single-stream decode on a GPU is bound by the host, not the device. MLX
 //! 0.32 spends a few microseconds of host time on every node of a step's graph, and a Qwen3-0.6B
@@ -7,13 +8,18 @@
 //! card's memory bandwidth allows. Fusing pieces of a block into a few custom kernels does not
 //! help (session 7: an MLX custom-kernel call costs the host about what 1.5 built-in nodes do),
 //! so here the block is **one** node: the kernel's blocks work through the block's phases and
-//! meet at grid-wide barriers between them.
+//! meet at grid-wide barriers between them. A batch's rows share every weight load: each lane
+//! unpacks its 32 weights once and multiplies them with every row's inputs, so B rows cost far
+//! less than B steps.
 //!
 //! Phases (`P` participating blocks of 256 threads, each warp taking whole rows of a product):
-//! 1. RMS norm of `x` (every block, into shared memory), then the stacked q/k/v product.
-//! 2. Per (query head, chunk of positions): q/k norms (Qwen3), RoPE, the new key and value
-//!    written into the cache at `pos`, attention over the chunk with an online softmax; the
-//!    last block to finish a head merges its chunks (a per-head ticket, no barrier).
+//! 1. RMS norm of each row of `x` (every block, into shared memory, in the model's dtype: MLX
+//!    rounds there too, so nothing is lost), then the stacked q/k/v product.
+//! 2. Per (row, query head, chunk of positions): q/k norms (Qwen3), RoPE at the row's own
+//!    position, the new key and value written into the cache at column `pos` (a batch's rows
+//!    are left-padded to one column; row b's live columns start at `starts[b]`), attention over
+//!    the chunk with an online softmax; the last block to finish a head merges its chunks (a
+//!    ticket per row and head, no barrier).
 //! 3. The output projection plus the residual.
 //! 4. RMS norm, the stacked gate/up product and SwiGLU.
 //! 5. The down projection plus the residual, into the block's output.
@@ -24,14 +30,15 @@
 //!
 //! Grid barriers need every participating block resident at once. The kernel launches
 //! [`GRID`] blocks and only the first `min(GRID, SMs / 2)` take part (the SM count read on the
-//! device, `%nsmid`); the rest return at once. Two blocks of this kernel fit on any SM (256
-//! threads, under 48 KB of shared memory), so even two such kernels running side by side are all
-//! resident. A barrier that never opens ends the kernel with a trap after a few seconds instead of
+//! device, `%nsmid`); the rest return at once. One block of this kernel fits on any SM beside
+//! another's (256 threads of at most ~170 registers, at most 96 KB of shared memory),
+//! so even two such kernels running side by side are all resident. A barrier that never opens ends the kernel with a trap after a few seconds instead of
 //! hanging the daemon.
 //!
 //! State written in place (MLX sees these as inputs): the key/value cache (so the cache storage
-//! must be the sequence's own, see [`LayerCache::fused_storage`]), and a per-sequence workspace
-//! of scratch floats and barrier counters ([`Workspace`]). The emulator (`crate::cuda_emulator`)
+//! must be the sequence's own, see [`LayerCache::fused_storage`]; a batch's stack always is, see
+//! [`BatchCache::storage`]), and a workspace of scratch floats and barrier counters per sequence
+//! or batch ([`Workspace`]). The emulator (`crate::cuda_emulator`)
 //! runs blocks one after another, so there each phase is a launch of its own (`PHASE` 1-5; 0 is
 //! all of them with the barriers, what the GPU runs), the
 //! launches standing in for the barriers.
@@ -39,7 +46,7 @@
 use super::layers::{Matrix, Quant, RmsNorm, Rope};
 use super::transformer::Block;
 use super::ModelError;
-use crate::cache::SequenceCache;
+use crate::cache::{BatchCache, LayerCache, SequenceCache};
 use crate::ffi::{CudaKernel, KernelSwitch, TemplateArg};
 use mlx_rs::{Array, Dtype};
 use std::cell::RefCell;
@@ -67,15 +74,23 @@ const EMULATED_GRID: i32 = 12;
 const THREADS: i32 = 256;
 /// Chunks of positions one head's attention is split into, at most.
 const CHUNKS_MAX: i32 = 16;
-/// Static shared memory the kernel may use, bytes (the 48 KB limit, with room for the rest).
-const SHARED_MAX: i32 = 46 * 1024;
-/// Barrier words: arrivals at 0, generation at 32, one ticket per query head from 64.
-const SYNC_WORDS: i32 = 256;
+/// Dynamic shared memory the kernel may take, bytes: the rows' inputs of a product, as the
+/// model's dtype. Two blocks of 96 KB fit an H100's SM, one an A100's or a consumer card's, so
+/// `SMs / 2` participating blocks stay resident even beside a second such kernel.
+const SHARED_MAX: i32 = 96 * 1024;
+/// Rows (sequences) one step of the kernel takes at most.
+pub const BATCH_MAX: i32 = 8;
+/// Barrier words: arrivals at 0, generation at 32, one ticket per (row, query head) from 64.
+const SYNC_WORDS: i32 = 64 + 64 * BATCH_MAX;
 
 const HEADER: &str = r#"
 #define MLXD_WARPS 8
 #define MLXD_CHMAX 16
-#define MLXD_NR 4
+#ifdef MLXD_EMULATED
+#define MLXD_DYNAMIC_SHARED(name, bytes) static __align__(16) unsigned char name[bytes]
+#else
+#define MLXD_DYNAMIC_SHARED(name, bytes) extern __shared__ __align__(16) unsigned char name[]
+#endif
 __device__ inline unsigned int mlxd_nsmid() {
     unsigned int n;
     asm volatile("mov.u32 %0, %%nsmid;" : "=r"(n));
@@ -115,86 +130,119 @@ __device__ inline void mlxd_grid_sync(unsigned int* sync, unsigned int P) {
     }
     __syncthreads();
 }
-// MLXD_NR rows of a 4-bit affine product (rows[j] < 0: none) with xs (K floats, shared
-// memory): one warp, each lane 32 elements (one 16-byte load) of every row at a time, so a
-// warp keeps MLXD_NR * 512 bytes of weights in flight per step; lanes read their eight float4s
-// of xs in rotated order, which keeps a quarter-warp's reads on distinct banks. The sums land
-// in y on every lane.
-template <int K, int GS, typename W, typename S>
-__device__ inline void mlxd_q4(const W* w, const S* s, const S* b, const float* xs, const int* rows, float* y) {
+// Eight consecutive values of T (16-byte aligned) as floats.
+template <typename T>
+__device__ inline void mlxd_load8(const T* p, float* v) {
+    if constexpr (sizeof(T) == 4) {
+        const float4 a = reinterpret_cast<const float4*>(p)[0];
+        const float4 b = reinterpret_cast<const float4*>(p)[1];
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    } else {
+        const uint4 u = *reinterpret_cast<const uint4*>(p);
+        const T* t = reinterpret_cast<const T*>(&u);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = static_cast<float>(t[e]);
+    }
+}
+// NR rows of a 4-bit affine product (rows[j] < 0: none) with B vectors of K values (xs: B rows
+// of K, shared memory): one warp, each lane 32 elements (one 16-byte load) of every row at a
+// time, so a warp keeps NR * 512 bytes of weights in flight per step. Each lane unpacks a
+// weight once for all B vectors; lanes start their four 8-value reads of xs at rotated offsets
+// (fewer bank conflicts). y[j][b]: row j with vector b, on every lane.
+template <int K, int GS, int NR, int B, typename T, typename W, typename S>
+__device__ inline void mlxd_q4(const W* w, const S* s, const S* b, const T* xs, const int* rows, float (*y)[B]) {
     const int lane = threadIdx.x & 31;
     constexpr int C = K / 32;
-    float acc[MLXD_NR];
+    float acc[NR][B];
 #pragma unroll
-    for (int j = 0; j < MLXD_NR; ++j) acc[j] = 0.0f;
+    for (int j = 0; j < NR; ++j)
+#pragma unroll
+        for (int v = 0; v < B; ++v) acc[j][v] = 0.0f;
 #pragma unroll
     for (int c0 = 0; c0 < C; c0 += 32) {
         const int c = c0 + lane;
         if (c < C) {
-            uint4 q[MLXD_NR];
-            float sc[MLXD_NR], bi[MLXD_NR], d[MLXD_NR];
+            uint4 q[NR];
+            float sc[NR], bi[NR];
             const int g = (32 * c) / GS;
 #pragma unroll
-            for (int j = 0; j < MLXD_NR; ++j) {
+            for (int j = 0; j < NR; ++j) {
                 const bool ok = rows[j] >= 0;
                 const int r = ok ? rows[j] : 0;
                 q[j] = ok ? reinterpret_cast<const uint4*>(w + (size_t)r * (K / 8))[c] : make_uint4(0u, 0u, 0u, 0u);
                 sc[j] = ok ? static_cast<float>(s[(size_t)r * (K / GS) + g]) : 0.0f;
                 bi[j] = ok ? static_cast<float>(b[(size_t)r * (K / GS) + g]) : 0.0f;
-                d[j] = 0.0f;
             }
-            const float4* x4 = reinterpret_cast<const float4*>(xs + 32 * c);
-            float sx = 0.0f;
+            float d[NR][B], sx[B];
 #pragma unroll
-            for (int t = 0; t < 8; ++t) {
-                const int u = (t + lane) & 7;
-                const float4 xv = x4[u];
-                sx += (xv.x + xv.y) + (xv.z + xv.w);
-                const int sh = (u & 1) * 16;
+            for (int v = 0; v < B; ++v) {
+                sx[v] = 0.0f;
 #pragma unroll
-                for (int j = 0; j < MLXD_NR; ++j) {
-                    const unsigned int wd = (u >> 1) == 0 ? q[j].x : (u >> 1) == 1 ? q[j].y : (u >> 1) == 2 ? q[j].z : q[j].w;
-                    d[j] = fmaf((float)((wd >> sh) & 15u), xv.x, d[j]);
-                    d[j] = fmaf((float)((wd >> (sh + 4)) & 15u), xv.y, d[j]);
-                    d[j] = fmaf((float)((wd >> (sh + 8)) & 15u), xv.z, d[j]);
-                    d[j] = fmaf((float)((wd >> (sh + 12)) & 15u), xv.w, d[j]);
+                for (int j = 0; j < NR; ++j) d[j][v] = 0.0f;
+            }
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+                const int u = (t + lane) & 3;
+                float wf[NR][8];
+#pragma unroll
+                for (int j = 0; j < NR; ++j) {
+                    const unsigned int wd = u == 0 ? q[j].x : u == 1 ? q[j].y : u == 2 ? q[j].z : q[j].w;
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) wf[j][e] = (float)((wd >> (4 * e)) & 15u);
+                }
+#pragma unroll
+                for (int v = 0; v < B; ++v) {
+                    float xv[8];
+                    mlxd_load8(xs + v * K + 32 * c + 8 * u, xv);
+                    sx[v] += ((xv[0] + xv[1]) + (xv[2] + xv[3])) + ((xv[4] + xv[5]) + (xv[6] + xv[7]));
+#pragma unroll
+                    for (int j = 0; j < NR; ++j)
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) d[j][v] = fmaf(wf[j][e], xv[e], d[j][v]);
                 }
             }
 #pragma unroll
-            for (int j = 0; j < MLXD_NR; ++j) acc[j] += sc[j] * d[j] + bi[j] * sx;
+            for (int j = 0; j < NR; ++j)
+#pragma unroll
+                for (int v = 0; v < B; ++v) acc[j][v] += sc[j] * d[j][v] + bi[j] * sx[v];
         }
     }
 #pragma unroll
-    for (int j = 0; j < MLXD_NR; ++j) {
-        float v = acc[j];
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        y[j] = v;
-    }
+    for (int j = 0; j < NR; ++j)
+#pragma unroll
+        for (int v = 0; v < B; ++v) {
+            float a = acc[j][v];
+            for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
+            y[j][v] = a;
+        }
 }
-// RMS norm of D values (load(k) gives value k) times w, each rounded to T where MLX rounds,
-// into sh; every thread of the block calls it.
+// RMS norm of D values (load(k) gives value k, a value of T) times w, each rounded to T where
+// MLX rounds, into sh; every thread of the block calls it.
 template <int D, typename T, typename L, typename Wn>
-__device__ inline void mlxd_norm_to_shared(L load, const Wn* w, float eps, float* sh, float* red) {
+__device__ inline void mlxd_norm_to_shared(L load, const Wn* w, float eps, T* sh, float* red) {
     float ss = 0.0f;
-    for (int k = threadIdx.x; k < D; k += 256) { const float v = load(k); sh[k] = v; ss += v * v; }
+    for (int k = threadIdx.x; k < D; k += 256) { const float v = load(k); sh[k] = static_cast<T>(v); ss += v * v; }
     const float n = rsqrtf(mlxd_block_sum(ss, red) / D + eps);
-    for (int k = threadIdx.x; k < D; k += 256) sh[k] = mlxd_round<T>(mlxd_round<T>(sh[k] * n) * static_cast<float>(w[k]));
+    for (int k = threadIdx.x; k < D; k += 256)
+        sh[k] = static_cast<T>(mlxd_round<T>(static_cast<float>(sh[k]) * n) * static_cast<float>(w[k]));
     __syncthreads();
 }
-// Rows 0..R of a 4-bit product with xs, MLXD_NR rows per warp at a time (warp gw of NW):
-// put(row, sum) on each warp's lane 0.
-template <int K, int GS, typename W, typename S, typename F>
-__device__ inline void mlxd_q4_rows(int R, int gw, int NW, const W* w, const S* s, const S* b, const float* xs, F put) {
-    int rows[MLXD_NR];
-    float y[MLXD_NR];
-    for (int r0 = gw; r0 < R; r0 += NW * MLXD_NR) {
+// Rows 0..R of a 4-bit product with the B vectors of xs, NR rows per warp at a time (warp gw
+// of NW): put(row, vector, sum), each sum from one lane.
+template <int K, int GS, int NR, int B, typename T, typename W, typename S, typename F>
+__device__ inline void mlxd_q4_rows(int R, int gw, int NW, const W* w, const S* s, const S* b, const T* xs, F put) {
+    const int lane = threadIdx.x & 31;
+    int rows[NR];
+    float y[NR][B];
+    for (int r0 = gw; r0 < R; r0 += NW * NR) {
 #pragma unroll
-        for (int j = 0; j < MLXD_NR; ++j) rows[j] = r0 + j * NW < R ? r0 + j * NW : -1;
-        mlxd_q4<K, GS>(w, s, b, xs, rows, y);
-        if ((threadIdx.x & 31) == 0) {
+        for (int j = 0; j < NR; ++j) rows[j] = r0 + j * NW < R ? r0 + j * NW : -1;
+        mlxd_q4<K, GS, NR, B>(w, s, b, xs, rows, y);
 #pragma unroll
-            for (int j = 0; j < MLXD_NR; ++j) if (rows[j] >= 0) put(rows[j], y[j]);
-        }
+        for (int j = 0; j < NR; ++j)
+#pragma unroll
+            for (int v = 0; v < B; ++v)
+                if (lane == (j * B + v) % 32 && rows[j] >= 0) put(rows[j], v, y[j][v]);
     }
 }
 "#;
@@ -205,12 +253,16 @@ const SOURCE: &str = r#"
     constexpr int OFF_PART = OFF_ATT + H * HD;
     constexpr int OFF_H1 = OFF_PART + H * MLXD_CHMAX * (HD + 2);
     constexpr int OFF_MLP = OFF_H1 + D;
+    constexpr int WF = OFF_MLP + I;
+    constexpr int NR = B <= 2 ? 4 : 2;
     constexpr int DL = HD / 8;
     const float eps = __int_as_float(EPS_BITS);
     const float rope_scale = __int_as_float(ROPE_SCALE_BITS);
     const float att_scale = __int_as_float(ATT_SCALE_BITS);
     const float neg_inf = __int_as_float(0xff800000);
-    __shared__ __align__(16) float sh[SH];
+    MLXD_DYNAMIC_SHARED(dyn, SMEM);
+    T* xs = reinterpret_cast<T*>(dyn);
+    float* sh = reinterpret_cast<float*>(dyn);
     __shared__ float hq[HD];
     __shared__ float hk[HD];
     __shared__ float hv[HD];
@@ -227,25 +279,33 @@ const SOURCE: &str = r#"
     if (blockIdx.x >= P) return;
     const int gw = blockIdx.x * MLXD_WARPS + warp;
     const int NW = (int)P * MLXD_WARPS;
-    const int p = pos[0];
+    const int cur = pos[0];
     const int cap = kc_shape[2];
-    const int CH = min(MLXD_CHMAX, max(1, (int)P / H));
-    float* ws = const_cast<float*>(work);
+    const int CH = min(MLXD_CHMAX, max(1, (int)P / (B * H)));
+    float* wk = const_cast<float*>(work);
     unsigned int* sy = const_cast<unsigned int*>(reinterpret_cast<const unsigned int*>(sync));
     T* kw = const_cast<T*>(kc);
     T* vw = const_cast<T*>(vc);
     if constexpr (PHASE == 0 || PHASE == 1) {
-        mlxd_norm_to_shared<D, T>([&](int k) { return static_cast<float>(x[k]); }, w_in, eps, sh, red);
-        mlxd_q4_rows<D, GS>(NQKV, gw, NW, qkv_w, qkv_s, qkv_b, sh, [&](int r, float v) { ws[r] = mlxd_round<T>(v); });
+        for (int v = 0; v < B; ++v)
+            mlxd_norm_to_shared<D, T>([&](int k) { return static_cast<float>(x[v * D + k]); }, w_in, eps, xs + v * D, red);
+        mlxd_q4_rows<D, GS, NR, B>(NQKV, gw, NW, qkv_w, qkv_s, qkv_b, xs, [&](int r, int v, float y) {
+            wk[v * WF + r] = mlxd_round<T>(y);
+        });
     }
     if constexpr (PHASE == 0) mlxd_grid_sync(sy, P);
     if constexpr (PHASE == 0 || PHASE == 2) {
         const int grp = tid >> 3;
         const int e = tid & 7;
-        for (int it = blockIdx.x; it < H * CH; it += P) {
-            const int h = it / CH;
+        for (int it = blockIdx.x; it < B * H * CH; it += P) {
+            const int row = it / (H * CH);
+            const int h = (it / CH) % H;
             const int c = it % CH;
             const int g = h / (H / KVH);
+            const int first = starts[row];
+            const int p = cur - first;
+            float* ws = wk + row * WF;
+            const size_t kv = ((size_t)row * KVH + g) * cap;
             float a = 0.0f, b = 0.0f;
             if (tid < HD) {
                 a = __ldcg(ws + h * HD + tid);
@@ -280,15 +340,15 @@ const SOURCE: &str = r#"
                 hq[tid] = a;
                 hk[tid] = b;
                 if (h % (H / KVH) == 0 && c == 0) {
-                    kw[((size_t)g * cap + p) * HD + tid] = static_cast<T>(b);
-                    vw[((size_t)g * cap + p) * HD + tid] = static_cast<T>(hv[tid]);
+                    kw[(kv + cur) * HD + tid] = static_cast<T>(b);
+                    vw[(kv + cur) * HD + tid] = static_cast<T>(hv[tid]);
                 }
             }
             __syncthreads();
-            const int len = p + 1;
+            const int len = cur + 1 - first;
             const int per = (len + CH - 1) / CH;
-            const int start = c * per;
-            const int end = min(len, start + per);
+            const int start = first + c * per;
+            const int end = min(cur + 1, start + per);
             float qf[DL], acc[DL];
 #pragma unroll
             for (int d = 0; d < DL; ++d) { qf[d] = hq[e * DL + d] * att_scale; acc[d] = 0.0f; }
@@ -297,11 +357,11 @@ const SOURCE: &str = r#"
                 const int j = j0 + grp;
                 const bool ok = j < end;
                 float kf[DL], vf[DL];
-                if (ok && j == p) {
+                if (ok && j == cur) {
 #pragma unroll
                     for (int d = 0; d < DL; ++d) { kf[d] = hk[e * DL + d]; vf[d] = hv[e * DL + d]; }
                 } else {
-                    const size_t at = ((size_t)g * cap + (ok ? j : start)) * HD + e * DL;
+                    const size_t at = (kv + (ok ? j : start)) * HD + e * DL;
 #pragma unroll
                     for (int d = 0; d < DL; ++d) { kf[d] = static_cast<float>(kc[at + d]); vf[d] = static_cast<float>(vc[at + d]); }
                 }
@@ -342,7 +402,7 @@ const SOURCE: &str = r#"
             }
             __threadfence();
             __syncthreads();
-            if (tid == 0) last = atomicAdd(sy + 64 + h, 1u) == (unsigned int)(CH - 1);
+            if (tid == 0) last = atomicAdd(sy + 64 + row * H + h, 1u) == (unsigned int)(CH - 1);
             __syncthreads();
             if (last) {
                 __threadfence();
@@ -359,59 +419,71 @@ const SOURCE: &str = r#"
                     }
                     ws[OFF_ATT + h * HD + tid] = mlxd_round<T>(num / den);
                 }
-                if (tid == 0) atomicExch(sy + 64 + h, 0u);
+                if (tid == 0) atomicExch(sy + 64 + row * H + h, 0u);
             }
             __syncthreads();
         }
     }
     if constexpr (PHASE == 0) mlxd_grid_sync(sy, P);
     if constexpr (PHASE == 0 || PHASE == 3) {
-        for (int k = tid; k < H * HD; k += 256) sh[k] = __ldcg(ws + OFF_ATT + k);
+        for (int k = tid; k < B * H * HD; k += 256) {
+            const int v = k / (H * HD);
+            xs[k] = static_cast<T>(__ldcg(wk + v * WF + OFF_ATT + k - v * H * HD));
+        }
         __syncthreads();
-        mlxd_q4_rows<H * HD, GS>(D, gw, NW, o_w, o_s, o_b, sh, [&](int r, float v) {
-            ws[OFF_H1 + r] = mlxd_round<T>(static_cast<float>(x[r]) + mlxd_round<T>(v));
+        mlxd_q4_rows<H * HD, GS, NR, B>(D, gw, NW, o_w, o_s, o_b, xs, [&](int r, int v, float y) {
+            wk[v * WF + OFF_H1 + r] = mlxd_round<T>(static_cast<float>(x[v * D + r]) + mlxd_round<T>(y));
         });
     }
     if constexpr (PHASE == 0) mlxd_grid_sync(sy, P);
     if constexpr (PHASE == 0 || PHASE == 4) {
-        mlxd_norm_to_shared<D, T>([&](int k) { return __ldcg(ws + OFF_H1 + k); }, w_post, eps, sh, red);
-        int rows[MLXD_NR];
-        float y[MLXD_NR];
-        for (int r0 = gw; r0 < I; r0 += NW * 2) {
-            rows[0] = r0;
-            rows[1] = r0 + I;
-            rows[2] = r0 + NW < I ? r0 + NW : -1;
-            rows[3] = r0 + NW < I ? r0 + NW + I : -1;
-            mlxd_q4<D, GS>(gu_w, gu_s, gu_b, sh, rows, y);
-            if (lane == 0) {
+        for (int v = 0; v < B; ++v)
+            mlxd_norm_to_shared<D, T>([&](int k) { return __ldcg(wk + v * WF + OFF_H1 + k); }, w_post, eps, xs + v * D, red);
+        // Each warp takes NR / 2 rows of the gate and the same rows of up.
+        int rows[NR];
+        float y[NR][B];
+        for (int r0 = gw; r0 < I; r0 += NW * (NR / 2)) {
 #pragma unroll
-                for (int j = 0; j < MLXD_NR; j += 2) {
-                    if (rows[j] < 0) continue;
-                    const float gt = mlxd_round<T>(y[j]);
-                    const float up = mlxd_round<T>(y[j + 1]);
-                    const float sg = mlxd_round<T>(1.0f / (1.0f + expf(-gt)));
-                    ws[OFF_MLP + rows[j]] = mlxd_round<T>(mlxd_round<T>(gt * sg) * up);
-                }
+            for (int j = 0; j < NR / 2; ++j) {
+                const int r = r0 + j * NW;
+                rows[2 * j] = r < I ? r : -1;
+                rows[2 * j + 1] = r < I ? r + I : -1;
             }
+            mlxd_q4<D, GS, NR, B>(gu_w, gu_s, gu_b, xs, rows, y);
+#pragma unroll
+            for (int j = 0; j < NR / 2; ++j)
+#pragma unroll
+                for (int v = 0; v < B; ++v) {
+                    if (lane != (j * B + v) % 32 || rows[2 * j] < 0) continue;
+                    const float gt = mlxd_round<T>(y[2 * j][v]);
+                    const float up = mlxd_round<T>(y[2 * j + 1][v]);
+                    const float sg = mlxd_round<T>(1.0f / (1.0f + expf(-gt)));
+                    wk[v * WF + OFF_MLP + rows[2 * j]] = mlxd_round<T>(mlxd_round<T>(gt * sg) * up);
+                }
         }
     }
     if constexpr (PHASE == 0) mlxd_grid_sync(sy, P);
     if constexpr (PHASE == 0 || PHASE == 5) {
-        for (int k = tid; k < I; k += 256) sh[k] = __ldcg(ws + OFF_MLP + k);
+        for (int k = tid; k < B * I; k += 256) {
+            const int v = k / I;
+            xs[k] = static_cast<T>(__ldcg(wk + v * WF + OFF_MLP + k - v * I));
+        }
         __syncthreads();
-        mlxd_q4_rows<I, GS>(D, gw, NW, d_w, d_s, d_b, sh, [&](int r, float v) {
-            out[r] = static_cast<T>(__ldcg(ws + OFF_H1 + r) + mlxd_round<T>(v));
+        mlxd_q4_rows<I, GS, NR, B>(D, gw, NW, d_w, d_s, d_b, xs, [&](int r, int v, float y) {
+            out[v * D + r] = static_cast<T>(__ldcg(wk + v * WF + OFF_H1 + r) + mlxd_round<T>(y));
         });
     }
 "#;
 
-const INPUTS: [&str; 23] = [
-    "x", "pos", "w_in", "w_post", "w_qn", "w_kn", "qkv_w", "qkv_s", "qkv_b", "o_w", "o_s", "o_b", "gu_w", "gu_s",
-    "gu_b", "d_w", "d_s", "d_b", "kc", "vc", "periods", "work", "sync",
+const INPUTS: [&str; 24] = [
+    "x", "pos", "starts", "w_in", "w_post", "w_qn", "w_kn", "qkv_w", "qkv_s", "qkv_b", "o_w", "o_s", "o_b", "gu_w",
+    "gu_s", "gu_b", "d_w", "d_s", "d_b", "kc", "vc", "periods", "work", "sync",
 ];
 
 thread_local! {
-    static KERNEL: RefCell<Option<CudaKernel>> = const { RefCell::new(None) };
+    /// The kernel objects made on this thread, one per dynamic shared memory size (MLX sets a
+    /// kernel's size when it makes the object).
+    static KERNELS: RefCell<Vec<(i32, CudaKernel)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// One block's arrays, in the kernel's input order from `w_in` to `d_b`.
@@ -428,6 +500,14 @@ pub struct FusedDecode {
     dtype: Dtype,
     template: Vec<(&'static str, TemplateArg)>,
     dims: Dims,
+    /// Rows one batched step may have (what the shared memory and the tickets allow).
+    batch_max: i32,
+    /// `[0]`: the one row of a one-sequence step starts at column 0.
+    no_padding: Array,
+    /// Whether one-sequence steps take the kernel (decided at load, [`super::Transformer`]).
+    pub(super) single: bool,
+    /// Whether batched steps (2..=`batch_max` rows) take it.
+    pub(super) batched: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -449,9 +529,12 @@ impl Dims {
             + self.inter
     }
 
-    /// Floats of the kernel's main shared buffer.
-    fn shared_floats(&self) -> i32 {
-        self.d.max(self.heads * self.head_dim).max(self.inter).max(32 * (self.head_dim + 2))
+    /// Bytes of dynamic shared memory for `rows` rows of `dtype`: every product's inputs, or
+    /// the attention's merge scratch (32 partial results of a head, floats).
+    fn shared_bytes(&self, rows: i32, dtype: Dtype) -> i32 {
+        let size = if dtype == Dtype::Float32 { 4 } else { 2 };
+        let widest = self.d.max(self.heads * self.head_dim).max(self.inter);
+        (rows * widest * size).max(32 * (self.head_dim + 2) * 4)
     }
 }
 
@@ -497,8 +580,7 @@ impl FusedDecode {
             && rope_dims % 2 == 0
             && dims.kv_heads > 0
             && dims.heads % dims.kv_heads == 0
-            && dims.heads + 64 <= SYNC_WORDS
-            && (dims.shared_floats() + 3 * dims.head_dim) * 4 <= SHARED_MAX;
+            && dims.heads + 64 <= SYNC_WORDS;
         if !shapes_ok {
             return None;
         }
@@ -551,31 +633,86 @@ impl FusedDecode {
         {
             return None;
         }
-        let template = template(dims, dtype, rope_dims, group?, args.qk_norm, args.eps, rope_scale);
+        let batch_max = (1..=BATCH_MAX)
+            .take_while(|&b| dims.shared_bytes(b, dtype) <= SHARED_MAX && 64 + b * dims.heads <= SYNC_WORDS)
+            .last()?;
+        let template = template(dims, dtype, rope_dims, group?, args.qk_norm, args.eps, rope_scale, batch_max);
         let n = periods.len() as i32;
         let periods = Array::from_slice(&periods, &[n]);
-        periods.eval().ok()?;
-        Some(FusedDecode { layers, periods, dtype, template, dims })
+        let no_padding = Array::from_slice(&[0i32], &[1]);
+        mlx_rs::transforms::eval([&periods, &no_padding]).ok()?;
+        Some(FusedDecode { layers, periods, dtype, template, dims, batch_max, no_padding, single: true, batched: true })
     }
 
-    /// Whether the step takes `x` (`[1, D]` of the model's dtype).
+    /// The most rows a batched step takes.
+    pub fn batch_max(&self) -> i32 {
+        self.batch_max
+    }
+
+    /// Whether a one-sequence step takes `x` (`[1, D]` of the model's dtype).
     pub fn takes(&self, x: &Array) -> bool {
-        x.dtype() == self.dtype && x.shape() == [1, self.dims.d]
+        self.single && x.dtype() == self.dtype && x.shape() == [1, self.dims.d]
+    }
+
+    /// Whether a batched step takes `x` (`[B, D]`, B from 2 to the model's most).
+    pub fn takes_batch(&self, x: &Array) -> bool {
+        let rows = x.shape().first().copied().unwrap_or(0);
+        self.batched
+            && x.dtype() == self.dtype
+            && x.ndim() == 2
+            && x.shape()[1] == self.dims.d
+            && (2..=self.batch_max).contains(&rows)
     }
 
     /// One decode step through every block: `x` is the embedded token (`[1, D]`), `cache` the
     /// sequence's, which moves on by one position. Returns the last block's output.
     pub fn decode(&self, x: &Array, cache: &mut SequenceCache) -> Result<Array> {
-        let work = cache.fused_workspace(self.dims.work_floats() as usize, || self.workspace())?;
-        let at = cache.offset();
-        let pos = Array::from_slice(&[at], &[1]);
-        let mut h = x.clone();
+        let work = cache.fused_workspace(self.dims.work_floats() as usize, || self.workspace(1))?;
+        let pos = Array::from_slice(&[cache.offset()], &[1]);
+        let (kv_heads, head_dim, dtype) = (self.dims.kv_heads, self.dims.head_dim, self.dtype);
+        let layers = &mut cache.layers;
+        let out =
+            self.blocks(x, &pos, &self.no_padding, &work, |l| layers[l].fused_storage(kv_heads, head_dim, dtype))?;
+        layers.iter_mut().for_each(LayerCache::advance_in_place);
+        Ok(out)
+    }
+
+    /// One decode step of a stacked batch (`x`: `[B, D]`, the batch's rows in order), writing
+    /// each row's key and value at the batch's next column in place (the stack is the batch's
+    /// own). Returns the last block's output; the caller moves the batch on.
+    pub fn decode_batch(&self, x: &Array, batch: &mut BatchCache) -> Result<Array> {
+        let rows = x.shape()[0];
+        let floats = (self.dims.work_floats() * rows) as usize;
+        let work = match &batch.fused_work {
+            Some(w) if w.floats() == floats => w.clone(),
+            _ => {
+                let w = Arc::new(self.workspace(rows)?);
+                batch.fused_work = Some(w.clone());
+                w
+            }
+        };
+        let pos = Array::from_slice(&[batch.column()], &[1]);
+        let starts = batch.starts().clone();
+        Ok(self.blocks(x, &pos, &starts, &work, |l| batch.storage(l))?)
+    }
+
+    /// Every block on `x` (`[B, D]`), the new keys and values at column `pos`, row b's first
+    /// live column `starts[b]`; `storage(layer)` gives that layer's cache arrays to write.
+    fn blocks(
+        &self,
+        x: &Array,
+        pos: &Array,
+        starts: &Array,
+        work: &Workspace,
+        mut storage: impl FnMut(usize) -> std::result::Result<(Array, Array), mlx_rs::error::Exception>,
+    ) -> Result<Array> {
+        let rows = x.shape()[0];
         let emulated = crate::ffi::emulating();
-        for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let (kc, vc) = lc.fused_storage(self.dims.kv_heads, self.dims.head_dim, self.dtype)?;
+        let mut h = x.clone();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let (kc, vc) = storage(l)?;
             let mut inputs: Vec<&Array> = Vec::with_capacity(INPUTS.len());
-            inputs.push(&h);
-            inputs.push(&pos);
+            inputs.extend([&h, pos, starts]);
             inputs.extend(layer.arrays.iter());
             inputs.extend([&kc, &vc, &self.periods, &work.work, &work.sync]);
             // Phases launched one by one are ordered only because the emulator runs each at once: MLX
@@ -585,38 +722,56 @@ impl FusedDecode {
             let mut out = None;
             for &phase in phases {
                 let mut template = self.template.clone();
-                template.push(("PHASE", TemplateArg::Int(phase)));
-                out = Some(self.apply(&inputs, &template, grid)?);
+                template.extend([("B", TemplateArg::Int(rows)), ("PHASE", TemplateArg::Int(phase))]);
+                out = Some(self.apply(&inputs, rows, &template, grid)?);
             }
-            lc.advance_in_place();
             h = out.expect("one phase at least");
         }
         Ok(h)
     }
 
-    fn apply(&self, inputs: &[&Array], template: &[(&str, TemplateArg)], grid: i32) -> Result<Array> {
-        let shape = [1, self.dims.d];
-        KERNEL.with(|cell| {
-            let mut cell = cell.borrow_mut();
-            let k = cell
-                .get_or_insert_with(|| CudaKernel::new("mlxd_fused_block", &INPUTS, &["out"], HEADER, SOURCE, false));
-            let out =
-                k.apply(inputs, &[(&shape, self.dtype)], template, (grid * THREADS, 1, 1), (THREADS, 1, 1), || {
-                    format!("the fused decode block for hidden size {}", self.dims.d)
-                })?;
+    fn apply(&self, inputs: &[&Array], rows: i32, template: &[(&str, TemplateArg)], grid: i32) -> Result<Array> {
+        let shape = [rows, self.dims.d];
+        let smem = self.dims.shared_bytes(self.batch_max, self.dtype);
+        KERNELS.with(|cell| {
+            let mut kernels = cell.borrow_mut();
+            let at = match kernels.iter().position(|(s, _)| *s == smem) {
+                Some(at) => at,
+                None => {
+                    let k = CudaKernel::with_dynamic_shared(
+                        "mlxd_fused_block",
+                        &INPUTS,
+                        &["out"],
+                        HEADER,
+                        SOURCE,
+                        false,
+                        smem,
+                    );
+                    kernels.push((smem, k));
+                    kernels.len() - 1
+                }
+            };
+            let out = kernels[at].1.apply(
+                inputs,
+                &[(&shape, self.dtype)],
+                template,
+                (grid * THREADS, 1, 1),
+                (THREADS, 1, 1),
+                || format!("the fused decode block for hidden size {}, {rows} rows", self.dims.d),
+            )?;
             Ok(out.into_iter().next().expect("one output"))
         })
     }
 
-    fn workspace(&self) -> std::result::Result<Workspace, mlx_rs::error::Exception> {
-        let work = mlx_rs::ops::zeros::<f32>(&[self.dims.work_floats()])?;
+    fn workspace(&self, rows: i32) -> std::result::Result<Workspace, mlx_rs::error::Exception> {
+        let work = mlx_rs::ops::zeros::<f32>(&[self.dims.work_floats() * rows])?;
         let sync = mlx_rs::ops::zeros::<u32>(&[SYNC_WORDS])?;
         mlx_rs::transforms::eval([&work, &sync])?;
         Ok(Workspace { work, sync })
     }
 }
 
-/// The kernel's template arguments for a model (all but `PHASE`).
+/// The kernel's template arguments for a model (all but `B` and `PHASE`).
 fn template(
     dims: Dims,
     dtype: Dtype,
@@ -625,6 +780,7 @@ fn template(
     qk_norm: bool,
     eps: f32,
     rope_scale: f32,
+    batch_max: i32,
 ) -> Vec<(&'static str, TemplateArg)> {
     let bits = |v: f32| TemplateArg::Int(v.to_bits() as i32);
     vec![
@@ -637,7 +793,7 @@ fn template(
         ("I", TemplateArg::Int(dims.inter)),
         ("GS", TemplateArg::Int(group)),
         ("QKN", TemplateArg::Bool(qk_norm)),
-        ("SH", TemplateArg::Int(dims.shared_floats())),
+        ("SMEM", TemplateArg::Int(dims.shared_bytes(batch_max, dtype))),
         ("EPS_BITS", bits(eps)),
         ("ROPE_SCALE_BITS", bits(rope_scale)),
         ("ATT_SCALE_BITS", bits((dims.head_dim as f32).powf(-0.5))),
@@ -645,7 +801,8 @@ fn template(
 }
 
 /// One fused step of a one-block model of these dimensions (4-bit, groups of 64) on zeros, at
-/// position 3: for recording the kernel MLX would compile for a model shape
+/// position 3, one sequence and the most rows a batched step takes: for recording the kernels
+/// MLX would compile for a model shape
 /// (`mlxd-bench kernel-sources`, whose NVRTC check compiles it) without loading the model.
 pub fn queue_for_shape(
     d: i32,
@@ -688,20 +845,36 @@ pub fn queue_for_shape(
         db,
     ];
     let periods: Vec<f32> = (0..head_dim / 2).map(|i| 10_000f32.powf(2.0 * i as f32 / head_dim as f32)).collect();
+    let batch_max = (1..=BATCH_MAX).take_while(|&b| dims.shared_bytes(b, dtype) <= SHARED_MAX).last().unwrap_or(1);
     let fused = FusedDecode {
         layers: vec![Layer { arrays }],
         periods: Array::from_slice(&periods, &[head_dim / 2]),
         dtype,
-        template: template(dims, dtype, head_dim, 64, qk_norm, 1e-6, 1.0),
+        template: template(dims, dtype, head_dim, 64, qk_norm, 1e-6, 1.0, batch_max),
         dims,
+        batch_max,
+        no_padding: Array::from_slice(&[0i32], &[1]),
+        single: true,
+        batched: true,
     };
+    let err = |e: ModelError| mlx_rs::error::Exception::custom(e.to_string());
     let mut cache = SequenceCache::new(1);
-    let x = zeros(&[1, d], dtype)?;
     for _ in 0..3 {
         cache.layers[0].fused_storage(kv_heads, head_dim, dtype)?;
         cache.layers[0].advance_in_place();
     }
-    fused.decode(&x, &mut cache).map_err(|e| mlx_rs::error::Exception::custom(e.to_string()))
+    let one = fused.decode(&zeros(&[1, d], dtype)?, &mut cache).map_err(err)?;
+    // The most rows a batched step takes, at column 3 of a stack whose rows start at 0..B.
+    let rows = batch_max;
+    let storage = zeros(&[rows, kv_heads, 256, head_dim], dtype)?;
+    let starts = Array::from_slice(&(0..rows).map(|r| r.min(3)).collect::<Vec<i32>>(), &[rows]);
+    let work = fused.workspace(rows)?;
+    let many = fused
+        .blocks(&zeros(&[rows, d], dtype)?, &Array::from_slice(&[3i32], &[1]), &starts, &work, |_| {
+            Ok((storage.clone(), storage.clone()))
+        })
+        .map_err(err)?;
+    mlx_rs::ops::concatenate(&[one, many], 0)
 }
 
 impl Workspace {

@@ -377,77 +377,131 @@ impl Transformer {
         }
     }
 
-    /// On CUDA, compiles the fused decode kernel now and checks one step of it against MLX's
-    /// operations (the first position of token 0); a kernel that fails to build or disagrees is
-    /// dropped with a warning, and the model decodes through MLX's operations.
+    /// On CUDA, compiles the fused decode kernel now and checks it against MLX's operations:
+    /// one sequence's first step, and a step of three padded rows. A kernel that fails to build
+    /// or disagrees is dropped with a warning, and the model decodes through MLX's operations;
+    /// where it agrees, each kind of step keeps it only if it is the faster there.
     fn prepare_fused_decode(&mut self) {
-        let Some(fused) = &self.fused else { return };
+        if self.fused.is_none() {
+            return;
+        }
         let started = std::time::Instant::now();
-        let check = || -> Result<f32> {
-            let x = self.embed_tokens.rows(&Array::from_slice(&[0i32], &[1]))?;
-            let mut cache = SequenceCache::new(self.layers.len());
-            let got = fused.decode(&x, &mut cache)?;
-            let mut h = x;
-            let mut cache = SequenceCache::new(self.layers.len());
-            for (block, layer) in self.layers.iter().zip(cache.layers.iter_mut()) {
-                h = block.decode_one(&h, layer)?;
-            }
-            let (got, want) = (got.as_dtype(mlx_rs::Dtype::Float32)?, h.as_dtype(mlx_rs::Dtype::Float32)?);
-            let err = ops::abs(&ops::subtract(&got, &want)?)?.max(None)?;
-            let top = ops::abs(&want)?.max(None)?;
-            let value = |a: &Array| a.try_item_exact::<f32>().map_err(|e| ModelError::Config(e.to_string()));
-            Ok(value(&err)? / value(&top)?.max(1e-6))
-        };
-        // Timed only once it agrees.
-        let verdict = check().and_then(|err| Ok((err, if err <= 0.05 { Some(self.fused_is_faster()?) } else { None })));
-        match verdict {
-            Ok((err, Some((true, fused_ms, ops_ms)))) => {
-                tracing::info!(ms = started.elapsed().as_millis() as u64, err, fused_ms, ops_ms, "fused decode kernel ready")
-            }
-            Ok((_, Some((false, fused_ms, ops_ms)))) => {
-                tracing::info!(fused_ms, ops_ms, "fused decode kernel slower than MLX's operations here; not used");
-                self.fused = None;
-            }
-            Ok((err, None)) => {
-                tracing::warn!(err, "fused decode kernel disagrees with MLX's operations; not used");
-                self.fused = None;
-            }
+        let checked = self.fused_error(1).and_then(|one| Ok((one, self.fused_error(3)?)));
+        let (one, many) = match checked {
+            Ok(errors) => errors,
             Err(e) => {
                 tracing::warn!(error = %e, "fused decode kernel unavailable; using MLX's operations");
+                self.fused = None;
+                return;
+            }
+        };
+        if one.max(many) > 0.05 {
+            tracing::warn!(one, many, "fused decode kernel disagrees with MLX's operations; not used");
+            self.fused = None;
+            return;
+        }
+        let rows = 4.min(self.fused.as_ref().map_or(1, |f| f.batch_max()));
+        let timed = self.fused_is_faster(1).and_then(|single| Ok((single, self.fused_is_faster(rows as usize)?)));
+        match timed {
+            Ok(((single, fused_ms, ops_ms), (batched, fused_rows_ms, ops_rows_ms))) => {
+                tracing::info!(
+                    ms = started.elapsed().as_millis() as u64,
+                    err = one.max(many),
+                    single,
+                    fused_ms,
+                    ops_ms,
+                    batched,
+                    rows,
+                    fused_rows_ms,
+                    ops_rows_ms,
+                    "fused decode kernel checked and timed against MLX's operations"
+                );
+                match &mut self.fused {
+                    Some(f) if single || batched => (f.single, f.batched) = (single, batched),
+                    _ => self.fused = None,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "fused decode kernel failed its timing; using MLX's operations");
                 self.fused = None;
             }
         }
     }
 
-    /// Times 24 one-sequence decode steps each way, twice, on a device (not when kernels are
+    /// Sequences of 1..=`rows` positions (token ids 0, 1, ...), prefilled: rows for a batch
+    /// whose stack pads all but the longest.
+    fn prefilled(&self, rows: usize) -> Result<Vec<SequenceCache>> {
+        (1..=rows as i32)
+            .map(|n| {
+                let mut cache = SequenceCache::new(self.layers.len());
+                self.prefill(&Array::from_slice(&(0..n).collect::<Vec<i32>>(), &[1, n]), &mut cache)?;
+                Ok(cache)
+            })
+            .collect()
+    }
+
+    /// One decode step of `rows` rows (one: a fresh sequence; more: prefilled rows of different
+    /// lengths, stacked), fused and through MLX's operations: the largest difference of the
+    /// outputs, relative to the largest value.
+    fn fused_error(&self, rows: usize) -> Result<f32> {
+        let tokens = Array::from_slice(&(0..rows as i32).collect::<Vec<i32>>(), &[rows as i32]);
+        let step = |fused: bool| -> Result<Array> {
+            super::fused::set_enabled(fused);
+            let out = if rows == 1 {
+                self.forward_batch(&tokens, &mut [&mut SequenceCache::new(self.layers.len())])
+            } else {
+                let caches = self.prefilled(rows)?;
+                let views: Vec<&SequenceCache> = caches.iter().collect();
+                self.forward_batched(&tokens, &mut BatchCache::build((0..rows as u64).collect(), &views)?)
+            };
+            super::fused::set_enabled(true);
+            Ok(out?.as_dtype(mlx_rs::Dtype::Float32)?)
+        };
+        let (got, want) = (step(true)?, step(false)?);
+        let err = ops::abs(&ops::subtract(&got, &want)?)?.max(None)?;
+        let top = ops::abs(&want)?.max(None)?;
+        let value = |a: &Array| a.try_item_exact::<f32>().map_err(|e| ModelError::Config(e.to_string()));
+        Ok(value(&err)? / value(&top)?.max(1e-6))
+    }
+
+    /// Times 24 decode steps of `rows` rows each way, twice, on a device (not when kernels are
     /// emulated or recorded): whether the fused block is the faster, and the better time of each
     /// in milliseconds. The fused block takes the host's time per node out of a step but runs the
     /// products at a fraction of the memory bandwidth MLX's own kernels reach, so it wins where a
     /// step is bound by the host (H100, 4-bit Qwen3-0.6B: 2x) and loses where a block's weights
-    /// are large enough for the device to bind (4-bit Llama-3.2-1B: 0.7x); timing it on the card
-    /// at hand decides.
-    fn fused_is_faster(&self) -> Result<(bool, f64, f64)> {
+    /// are large enough for the device to bind (4-bit Llama-3.2-1B, one row: 0.7x); timing it on
+    /// the card at hand decides.
+    fn fused_is_faster(&self, rows: usize) -> Result<(bool, f64, f64)> {
         if crate::ffi::off_device() {
             return Ok((true, 0.0, 0.0));
         }
         let time = |fused: bool| -> Result<f64> {
             super::fused::set_enabled(fused);
             let run = || -> Result<f64> {
-                let mut cache = SequenceCache::new(self.layers.len());
-                let mut token = Array::from_slice(&[0i32], &[1]);
+                let mut caches = self.prefilled(rows)?;
+                let mut batch = if rows > 1 {
+                    let views: Vec<&SequenceCache> = caches.iter().collect();
+                    Some(BatchCache::build((0..rows as u64).collect(), &views)?)
+                } else {
+                    None
+                };
+                let mut tokens = Array::from_slice(&vec![0i32; rows], &[rows as i32]);
                 let mut started = std::time::Instant::now();
                 for i in 0..32 {
                     if i == 8 {
                         started = std::time::Instant::now();
                     }
                     // As the engine steps: queue the next step, then wait for the one before.
-                    let logits = self.forward_batch(&token, &mut [&mut cache])?;
+                    let logits = match &mut batch {
+                        Some(batch) => self.forward_batched(&tokens, batch)?,
+                        None => self.forward_batch(&tokens, &mut [&mut caches[0]])?,
+                    };
                     let next = mlx_rs::ops::indexing::argmax_axis(&logits, -1, false)?;
                     mlx_rs::transforms::async_eval([&next])?;
-                    token.eval()?;
-                    token = next;
+                    tokens.eval()?;
+                    tokens = next;
                 }
-                token.eval()?;
+                tokens.eval()?;
                 Ok(started.elapsed().as_secs_f64() * 1e3)
             };
             let best = run().and_then(|a| Ok(a.min(run()?)));
@@ -460,7 +514,12 @@ impl Transformer {
 
     /// Whether one-sequence decode steps run each block as one kernel ([`super::fused`]).
     pub fn fused_decode(&self) -> bool {
-        self.fused.is_some()
+        self.fused.as_ref().is_some_and(|f| f.single)
+    }
+
+    /// The most rows a batched decode step runs through the fused kernel (0: none do).
+    pub fn fused_batch_rows(&self) -> usize {
+        self.fused.as_ref().filter(|f| f.batched).map_or(0, |f| f.batch_max() as usize)
     }
 
     /// The kernel calls of a two-row step's first layer and head, on zeros.
@@ -591,8 +650,13 @@ impl Transformer {
     /// One decode step for a stacked batch of sequences: `tokens` is `[B]`, in the batch's row
     /// order. Returns logits `[B, V]` and moves the batch to its next column.
     pub fn forward_batched(&self, tokens: &Array, batch: &mut BatchCache) -> Result<Array> {
-        let offsets = batch.offsets();
         let mut h = self.embed_tokens.rows(tokens)?;
+        if let Some(fused) = self.fused.as_ref().filter(|f| f.takes_batch(&h) && super::fused::enabled()) {
+            h = fused.decode_batch(&h, batch)?;
+            batch.advance();
+            return self.head(&self.norm.forward(&h)?);
+        }
+        let offsets = batch.offsets();
         let kernel = batch.padded() && self.layers.first().is_some_and(|b| b.self_attn.padded_kernel(h.dtype()));
         // The mask is built only where attention needs one.
         let mask = if kernel { None } else { batch.mask()? };

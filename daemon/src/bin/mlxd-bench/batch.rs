@@ -8,6 +8,9 @@
 //! kernels for several-row products and padded attention (`mlxd::models::cuda`) and with
 //! MLX's own operations (cuBLASLt, masked attention): the A/B for those kernels. The flag
 //! decides for the run (default `on`; they only run on CUDA), whatever `MLXD_MODEL_KERNELS` says.
+//! `--model-kernels fused` compares the fused decode block (`mlxd::models::fused`, one kernel per
+//! decoder block, for one row and for batches up to the model's most) with mlxd's kernels
+//! without it; `off` turns both off.
 
 use super::{per_step, random_prompt, Args};
 use anyhow::{Context, Result};
@@ -83,11 +86,17 @@ fn one_batch(
 
 /// The batch sizes of `--clients` against each other; prints the table and returns its JSON.
 pub fn run(args: &Args, dir: &Path, model_kernels: &str) -> Result<Value> {
-    let modes: Vec<bool> = match model_kernels {
-        "off" => vec![false],
-        "on" => vec![true],
-        "both" => vec![true, false],
-        other => anyhow::bail!("--model-kernels {other}: use off, on or both"),
+    // (mlxd's batched-decode kernels, the fused decode block) per mode.
+    let modes: Vec<(bool, bool)> = match model_kernels {
+        "off" => vec![(false, false)],
+        "on" => vec![(true, true)],
+        "both" => vec![(true, true), (false, false)],
+        "fused" => vec![(true, true), (true, false)],
+        other => anyhow::bail!("--model-kernels {other}: use off, on, both or fused"),
+    };
+    let set_mode = |(kernels, fused): (bool, bool)| {
+        mlxd::models::cuda::set_enabled(kernels);
+        mlxd::models::fused::set_enabled(fused);
     };
     let report = mlxd::runtime::Report::gather();
     let loading = Instant::now();
@@ -95,12 +104,14 @@ pub fn run(args: &Args, dir: &Path, model_kernels: &str) -> Result<Value> {
     // On CUDA this includes compiling the batched-decode kernels (when they are on).
     println!("model loaded in {:.0} ms", loading.elapsed().as_secs_f64() * 1e3);
     let vocab = model.model.args.vocab as u32;
+    let (fused_one, fused_rows) = (model.model.fused_decode(), model.model.fused_batch_rows());
+    println!("fused decode block: one sequence {fused_one}, batched steps of up to {fused_rows} rows");
     let mut engine = Engine::new(model, EngineOptions { prompt_cache_bytes: 0, ..Default::default() });
     engine.model.eos_ids.clear(); // random weights: run to the token count
     let sizes = args.clients.clone();
     // Warm-up: every size once in every mode (kernels, compiled graphs, allocator).
     for &mode in &modes {
-        mlxd::models::cuda::set_enabled(mode);
+        set_mode(mode);
         for &b in &sizes {
             one_batch(&mut engine, b, args.prompt, args.gen.min(32), vocab, args.stagger)?;
         }
@@ -110,12 +121,12 @@ pub fn run(args: &Args, dir: &Path, model_kernels: &str) -> Result<Value> {
     for _ in 0..args.repeats.max(1) {
         for (si, &b) in sizes.iter().enumerate() {
             for (mi, &mode) in modes.iter().enumerate() {
-                mlxd::models::cuda::set_enabled(mode);
+                set_mode(mode);
                 results[mi][si].push(one_batch(&mut engine, b, args.prompt, args.gen, vocab, args.stagger)?);
             }
         }
     }
-    mlxd::models::cuda::set_enabled(true);
+    set_mode((true, true));
 
     println!(
         "\n{} | {} | MLX {} | {} | prompt {} tok (+{} per row), {} tok per row, {} runs (median)",
@@ -140,7 +151,12 @@ pub fn run(args: &Args, dir: &Path, model_kernels: &str) -> Result<Value> {
             order.sort_by(|&x, &y| runs[x].tps.total_cmp(&runs[y].tps));
             let m = &runs[order[order.len() / 2]];
             let p = &m.profile;
-            let kernels = if mode { "mlxd" } else { "MLX" };
+            let fused = mode.1 && if b == 1 { fused_one } else { b <= fused_rows };
+            let kernels = match mode {
+                _ if fused => "fused block",
+                (true, _) => "mlxd",
+                (false, _) => "MLX",
+            };
             println!(
                 "| {b} | {kernels} | {:.1} | {:.2} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |",
                 m.tps,
@@ -153,7 +169,8 @@ pub fn run(args: &Args, dir: &Path, model_kernels: &str) -> Result<Value> {
             );
             out.push(json!({
                 "rows": b,
-                "model_kernels": mode,
+                "model_kernels": mode.0,
+                "fused_block": fused,
                 "aggregate_tps": runs.iter().map(|m| m.tps).collect::<Vec<_>>(),
                 "step_ms_median": m.step_ms,
                 "host_build_ms_per_step": per_step(p.build, p),

@@ -58,7 +58,7 @@ mlxd-bench kernel-sources --out DIR [--plugin-dir DIR] [--plugin NAME[:JSON]]...
                                      every CUDA kernel's source as MLX would compile it (or
                                      only the named plugins'), on any machine, for
                                      tests/nvrtc/check.py (see kernel_sources.rs)
-mlxd-bench batch --shape ... [--clients 1,2,4,8,16] [--model-kernels on|off|both] [--stagger N]
+mlxd-bench batch --shape ... [--clients 1,2,4,8,16] [--model-kernels on|off|both|fused] [--stagger N]
                                      the engine stepping B sequences together (no daemon)
 mlxd-bench suite --json out.json [--models qwen3-0.6b:bf16,qwen3-0.6b:q4,...|NAME=PATH|smollm2]
                  [--serve-model SHAPE:DTYPE|none] [--no-plugins] [engine and serve options]
@@ -392,8 +392,12 @@ fn engine_compare(args: &Args, dir: &Path, plugin_runs: &[(String, SamplingParam
 
     let model = mlxd::models::load(dir).with_context(|| format!("loading {}", dir.display()))?;
     println!(
-        "one-sequence decode steps: {}",
-        if model.model.fused_decode() { "the fused block (one kernel per decoder block)" } else { "MLX's operations" }
+        "one-sequence decode steps: {}; batched: {}",
+        if model.model.fused_decode() { "the fused block (one kernel per decoder block)" } else { "MLX's operations" },
+        match model.model.fused_batch_rows() {
+            0 => "MLX's operations".to_string(),
+            n => format!("the fused block up to {n} rows"),
+        }
     );
     let weight_bytes = model.model.weight_bytes();
     let vocab = model.model.args.vocab as u32;
