@@ -262,6 +262,11 @@ fn parse_args() -> Result<Args> {
 
 fn main() {
     mlxd::spin_guard::install();
+    // Warnings by default; RUST_LOG=mlxd=info shows what loading a model decided (e.g. the
+    // fused decode block's check and timing against MLX's operations).
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let code = match run() {
         Ok(()) => 0,
         Err(e) => {
