@@ -34,6 +34,7 @@ const SHIM: &str = r#"
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -429,6 +430,16 @@ fn translate_ptx(src: &str) -> Result<String, String> {
         // run one after another.
         if instruction == "mov.u32" && order.trim_end_matches(';') == "%0,%%nsmid" && outputs.len() == 1 {
             out.push_str(&format!("({} = 1u << 30)", outputs[0]));
+            rest = &rest[close + 1..];
+            continue;
+        }
+        // The global nanosecond clock (the fused decode kernel's optional timing).
+        if instruction == "mov.u64" && order.trim_end_matches(';') == "%0,%%globaltimer" && outputs.len() == 1 {
+            out.push_str(&format!(
+                "({} = (unsigned long long)std::chrono::duration_cast<std::chrono::nanoseconds>(\
+                 std::chrono::steady_clock::now().time_since_epoch()).count())",
+                outputs[0]
+            ));
             rest = &rest[close + 1..];
             continue;
         }

@@ -80,8 +80,15 @@ const CHUNKS_MAX: i32 = 16;
 const SHARED_MAX: i32 = 96 * 1024;
 /// Rows (sequences) one step of the kernel takes at most.
 pub const BATCH_MAX: i32 = 8;
-/// Barrier words: arrivals at 0, generation at 32, one ticket per (row, query head) from 64.
-const SYNC_WORDS: i32 = 64 + 64 * BATCH_MAX;
+/// Where the timing counters start in the barrier words (see [`TIMING_COUNTERS`]).
+const TIMING_AT: i32 = 64 + 64 * BATCH_MAX;
+/// 64-bit counters of `MLXD_FUSED_TIMING=1`: calls, then the nanoseconds of each stretch of
+/// block 0 (phase 1, barrier, phase 2, barrier, phase 3, barrier, phase 4, barrier, phase 5),
+/// the gap since the previous call's end and the gaps counted; the last holds that end.
+const TIMING_COUNTERS: i32 = 16;
+/// Barrier words: arrivals at 0, generation at 32, one ticket per (row, query head) from 64,
+/// then the timing counters.
+const SYNC_WORDS: i32 = TIMING_AT + 2 * TIMING_COUNTERS;
 
 const HEADER: &str = r#"
 #define MLXD_WARPS 8
@@ -91,6 +98,11 @@ const HEADER: &str = r#"
 #else
 #define MLXD_DYNAMIC_SHARED(name, bytes) extern __shared__ __align__(16) unsigned char name[]
 #endif
+__device__ inline unsigned long long mlxd_now() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
 __device__ inline unsigned int mlxd_nsmid() {
     unsigned int n;
     asm volatile("mov.u32 %0, %%nsmid;" : "=r"(n));
@@ -144,13 +156,13 @@ __device__ inline void mlxd_load8(const T* p, float* v) {
         for (int e = 0; e < 8; ++e) v[e] = static_cast<float>(t[e]);
     }
 }
-// NR rows of a 4-bit affine product (rows[j] < 0: none) with B vectors of K values (xs: B rows
-// of K, shared memory): one warp, each lane 32 elements (one 16-byte load) of every row at a
+// NR rows of a 4-bit affine product (rows[j] < 0: none) with nb <= B vectors of K values (xs:
+// rows of K, shared memory): one warp, each lane 32 elements (one 16-byte load) of every row at a
 // time, so a warp keeps NR * 512 bytes of weights in flight per step. Each lane unpacks a
 // weight once for all B vectors; lanes start their four 8-value reads of xs at rotated offsets
 // (fewer bank conflicts). y[j][b]: row j with vector b, on every lane.
 template <int K, int GS, int NR, int B, typename T, typename W, typename S>
-__device__ inline void mlxd_q4(const W* w, const S* s, const S* b, const T* xs, const int* rows, float (*y)[B]) {
+__device__ inline void mlxd_q4(const W* w, const S* s, const S* b, const T* xs, int nb, const int* rows, float (*y)[B]) {
     const int lane = threadIdx.x & 31;
     constexpr int C = K / 32;
     float acc[NR][B];
@@ -192,6 +204,7 @@ __device__ inline void mlxd_q4(const W* w, const S* s, const S* b, const T* xs, 
                 }
 #pragma unroll
                 for (int v = 0; v < B; ++v) {
+                    if (v >= nb) break;
                     float xv[8];
                     mlxd_load8(xs + v * K + 32 * c + 8 * u, xv);
                     sx[v] += ((xv[0] + xv[1]) + (xv[2] + xv[3])) + ((xv[4] + xv[5]) + (xv[6] + xv[7]));
@@ -227,22 +240,22 @@ __device__ inline void mlxd_norm_to_shared(L load, const Wn* w, float eps, T* sh
         sh[k] = static_cast<T>(mlxd_round<T>(static_cast<float>(sh[k]) * n) * static_cast<float>(w[k]));
     __syncthreads();
 }
-// Rows 0..R of a 4-bit product with the B vectors of xs, NR rows per warp at a time (warp gw
+// Rows 0..R of a 4-bit product with the nb vectors of xs, NR rows per warp at a time (warp gw
 // of NW): put(row, vector, sum), each sum from one lane.
 template <int K, int GS, int NR, int B, typename T, typename W, typename S, typename F>
-__device__ inline void mlxd_q4_rows(int R, int gw, int NW, const W* w, const S* s, const S* b, const T* xs, F put) {
+__device__ inline void mlxd_q4_rows(int R, int gw, int NW, const W* w, const S* s, const S* b, const T* xs, int nb, F put) {
     const int lane = threadIdx.x & 31;
     int rows[NR];
     float y[NR][B];
     for (int r0 = gw; r0 < R; r0 += NW * NR) {
 #pragma unroll
         for (int j = 0; j < NR; ++j) rows[j] = r0 + j * NW < R ? r0 + j * NW : -1;
-        mlxd_q4<K, GS, NR, B>(w, s, b, xs, rows, y);
+        mlxd_q4<K, GS, NR, B>(w, s, b, xs, nb, rows, y);
 #pragma unroll
         for (int j = 0; j < NR; ++j)
 #pragma unroll
             for (int v = 0; v < B; ++v)
-                if (lane == (j * B + v) % 32 && rows[j] >= 0) put(rows[j], v, y[j][v]);
+                if (lane == (j * B + v) % 32 && rows[j] >= 0 && v < nb) put(rows[j], v, y[j][v]);
     }
 }
 "#;
@@ -277,27 +290,51 @@ const SOURCE: &str = r#"
         P = min(P, half > 0 ? half : 1u);
     }
     if (blockIdx.x >= P) return;
+    // MLXD_FUSED_TIMING=1: block 0's thread 0 adds each stretch's nanoseconds to the counters.
+    unsigned long long* ctr = reinterpret_cast<unsigned long long*>(const_cast<unsigned int*>(reinterpret_cast<const unsigned int*>(sync)) + TIMING_AT);
+    unsigned long long t_prev = 0;
+    auto stamp = [&](int k) {
+        if constexpr (TIMED && PHASE == 0) {
+            if (blockIdx.x == 0 && threadIdx.x == 0) {
+                const unsigned long long t = mlxd_now();
+                if (k == 0) {
+                    ctr[0] += 1;
+                    const unsigned long long end = ctr[15];
+                    if (end != 0 && t > end && t - end < 1000000ull) { ctr[10] += t - end; ctr[11] += 1; }
+                } else {
+                    ctr[k] += t - t_prev;
+                }
+                if (k == 9) ctr[15] = t;
+                t_prev = t;
+            }
+        }
+    };
+    stamp(0);
     const int gw = blockIdx.x * MLXD_WARPS + warp;
     const int NW = (int)P * MLXD_WARPS;
+    // This call's rows: B is the most this variant takes.
+    const int NB = x_shape[0];
     const int cur = pos[0];
     const int cap = kc_shape[2];
-    const int CH = min(MLXD_CHMAX, max(1, (int)P / (B * H)));
+    const int CH = min(MLXD_CHMAX, max(1, (int)P / (NB * H)));
     float* wk = const_cast<float*>(work);
     unsigned int* sy = const_cast<unsigned int*>(reinterpret_cast<const unsigned int*>(sync));
     T* kw = const_cast<T*>(kc);
     T* vw = const_cast<T*>(vc);
     if constexpr (PHASE == 0 || PHASE == 1) {
-        for (int v = 0; v < B; ++v)
+        for (int v = 0; v < NB; ++v)
             mlxd_norm_to_shared<D, T>([&](int k) { return static_cast<float>(x[v * D + k]); }, w_in, eps, xs + v * D, red);
-        mlxd_q4_rows<D, GS, NR, B>(NQKV, gw, NW, qkv_w, qkv_s, qkv_b, xs, [&](int r, int v, float y) {
+        mlxd_q4_rows<D, GS, NR, B>(NQKV, gw, NW, qkv_w, qkv_s, qkv_b, xs, NB, [&](int r, int v, float y) {
             wk[v * WF + r] = mlxd_round<T>(y);
         });
     }
+    stamp(1);
     if constexpr (PHASE == 0) mlxd_grid_sync(sy, P);
+    stamp(2);
     if constexpr (PHASE == 0 || PHASE == 2) {
         const int grp = tid >> 3;
         const int e = tid & 7;
-        for (int it = blockIdx.x; it < B * H * CH; it += P) {
+        for (int it = blockIdx.x; it < NB * H * CH; it += P) {
             const int row = it / (H * CH);
             const int h = (it / CH) % H;
             const int c = it % CH;
@@ -424,20 +461,24 @@ const SOURCE: &str = r#"
             __syncthreads();
         }
     }
+    stamp(3);
     if constexpr (PHASE == 0) mlxd_grid_sync(sy, P);
+    stamp(4);
     if constexpr (PHASE == 0 || PHASE == 3) {
-        for (int k = tid; k < B * H * HD; k += 256) {
+        for (int k = tid; k < NB * H * HD; k += 256) {
             const int v = k / (H * HD);
             xs[k] = static_cast<T>(__ldcg(wk + v * WF + OFF_ATT + k - v * H * HD));
         }
         __syncthreads();
-        mlxd_q4_rows<H * HD, GS, NR, B>(D, gw, NW, o_w, o_s, o_b, xs, [&](int r, int v, float y) {
+        mlxd_q4_rows<H * HD, GS, NR, B>(D, gw, NW, o_w, o_s, o_b, xs, NB, [&](int r, int v, float y) {
             wk[v * WF + OFF_H1 + r] = mlxd_round<T>(static_cast<float>(x[v * D + r]) + mlxd_round<T>(y));
         });
     }
+    stamp(5);
     if constexpr (PHASE == 0) mlxd_grid_sync(sy, P);
+    stamp(6);
     if constexpr (PHASE == 0 || PHASE == 4) {
-        for (int v = 0; v < B; ++v)
+        for (int v = 0; v < NB; ++v)
             mlxd_norm_to_shared<D, T>([&](int k) { return __ldcg(wk + v * WF + OFF_H1 + k); }, w_post, eps, xs + v * D, red);
         // Each warp takes NR / 2 rows of the gate and the same rows of up.
         int rows[NR];
@@ -449,12 +490,12 @@ const SOURCE: &str = r#"
                 rows[2 * j] = r < I ? r : -1;
                 rows[2 * j + 1] = r < I ? r + I : -1;
             }
-            mlxd_q4<D, GS, NR, B>(gu_w, gu_s, gu_b, xs, rows, y);
+            mlxd_q4<D, GS, NR, B>(gu_w, gu_s, gu_b, xs, NB, rows, y);
 #pragma unroll
             for (int j = 0; j < NR / 2; ++j)
 #pragma unroll
                 for (int v = 0; v < B; ++v) {
-                    if (lane != (j * B + v) % 32 || rows[2 * j] < 0) continue;
+                    if (lane != (j * B + v) % 32 || rows[2 * j] < 0 || v >= NB) continue;
                     const float gt = mlxd_round<T>(y[2 * j][v]);
                     const float up = mlxd_round<T>(y[2 * j + 1][v]);
                     const float sg = mlxd_round<T>(1.0f / (1.0f + expf(-gt)));
@@ -462,17 +503,20 @@ const SOURCE: &str = r#"
                 }
         }
     }
+    stamp(7);
     if constexpr (PHASE == 0) mlxd_grid_sync(sy, P);
+    stamp(8);
     if constexpr (PHASE == 0 || PHASE == 5) {
-        for (int k = tid; k < B * I; k += 256) {
+        for (int k = tid; k < NB * I; k += 256) {
             const int v = k / I;
             xs[k] = static_cast<T>(__ldcg(wk + v * WF + OFF_MLP + k - v * I));
         }
         __syncthreads();
-        mlxd_q4_rows<I, GS, NR, B>(D, gw, NW, d_w, d_s, d_b, xs, [&](int r, int v, float y) {
+        mlxd_q4_rows<I, GS, NR, B>(D, gw, NW, d_w, d_s, d_b, xs, NB, [&](int r, int v, float y) {
             out[v * D + r] = static_cast<T>(__ldcg(wk + v * WF + OFF_H1 + r) + mlxd_round<T>(y));
         });
     }
+    stamp(9);
 "#;
 
 const INPUTS: [&str; 24] = [
@@ -649,6 +693,26 @@ impl FusedDecode {
         self.batch_max
     }
 
+    /// The variant of the kernel (the most rows it takes, its `B`) that a step of `rows` rows
+    /// runs, the rest of its rows idle: 1, 2, 4, 8 or the model's most. A server's batch grows
+    /// and shrinks a row at a time, and a size first seen mid-serving would stall every client
+    /// for a compile; these few are compiled when the model loads.
+    pub fn variant(&self, rows: i32) -> i32 {
+        [1, 2, 4, 8]
+            .into_iter()
+            .filter(|&v| v < self.batch_max)
+            .chain([self.batch_max])
+            .find(|&v| v >= rows)
+            .unwrap_or(self.batch_max)
+    }
+
+    /// Every variant [`FusedDecode::variant`] picks from.
+    pub fn variants(&self) -> Vec<i32> {
+        let mut all: Vec<i32> = (1..=self.batch_max).map(|r| self.variant(r)).collect();
+        all.dedup();
+        all
+    }
+
     /// Whether a one-sequence step takes `x` (`[1, D]` of the model's dtype).
     pub fn takes(&self, x: &Array) -> bool {
         self.single && x.dtype() == self.dtype && x.shape() == [1, self.dims.d]
@@ -722,7 +786,7 @@ impl FusedDecode {
             let mut out = None;
             for &phase in phases {
                 let mut template = self.template.clone();
-                template.extend([("B", TemplateArg::Int(rows)), ("PHASE", TemplateArg::Int(phase))]);
+                template.extend([("B", TemplateArg::Int(self.variant(rows))), ("PHASE", TemplateArg::Int(phase))]);
                 out = Some(self.apply(&inputs, rows, &template, grid)?);
             }
             h = out.expect("one phase at least");
@@ -771,6 +835,13 @@ impl FusedDecode {
     }
 }
 
+/// Whether the kernel counts its stretches' time (`MLXD_FUSED_TIMING=1`, read once; costs a
+/// few atomic adds per call, for `mlxd-bench fused-timing`).
+fn timing() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MLXD_FUSED_TIMING").is_ok_and(|v| v == "1"))
+}
+
 /// The kernel's template arguments for a model (all but `B` and `PHASE`).
 fn template(
     dims: Dims,
@@ -797,6 +868,8 @@ fn template(
         ("EPS_BITS", bits(eps)),
         ("ROPE_SCALE_BITS", bits(rope_scale)),
         ("ATT_SCALE_BITS", bits((dims.head_dim as f32).powf(-0.5))),
+        ("TIMING_AT", TemplateArg::Int(TIMING_AT)),
+        ("TIMED", TemplateArg::Bool(timing())),
     ]
 }
 
@@ -882,9 +955,39 @@ impl Workspace {
     fn floats(&self) -> usize {
         self.work.size()
     }
+
+    /// What the kernel counted under `MLXD_FUSED_TIMING=1` (all zeros otherwise): the calls, and
+    /// block 0's mean microseconds per call in phase 1, the barrier after it, phase 2, barrier,
+    /// phase 3, barrier, phase 4, barrier, phase 5, then the mean gap between the end of one
+    /// call and the start of the next.
+    pub fn timing(&self) -> std::result::Result<(u64, [f64; 10]), mlx_rs::error::Exception> {
+        self.sync.eval()?;
+        let words = self.sync.as_slice::<u32>();
+        let at = TIMING_AT as usize;
+        let counter = |i: usize| words[at + 2 * i] as u64 | (words[at + 2 * i + 1] as u64) << 32;
+        let calls = counter(0);
+        let mut out = [0.0; 10];
+        for (i, o) in out.iter_mut().enumerate().take(9) {
+            *o = counter(i + 1) as f64 / calls.max(1) as f64 / 1e3;
+        }
+        out[9] = counter(10) as f64 / counter(11).max(1) as f64 / 1e3;
+        Ok((calls, out))
+    }
+}
+
+impl BatchCache {
+    /// This batch's fused-kernel workspace, once a step has made one.
+    pub fn fused_workspace(&self) -> Option<&Workspace> {
+        self.fused_work.as_deref()
+    }
 }
 
 impl SequenceCache {
+    /// This sequence's fused-kernel workspace, once a step has made one.
+    pub fn fused_workspace_ref(&self) -> Option<&Workspace> {
+        self.fused_work.as_deref()
+    }
+
     /// This sequence's workspace, made on first use and whenever the one it holds is shared
     /// (the cache was cloned) or sized for another model.
     fn fused_workspace(

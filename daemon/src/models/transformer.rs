@@ -377,18 +377,37 @@ impl Transformer {
         }
     }
 
-    /// On CUDA, compiles the fused decode kernel now and checks it against MLX's operations:
-    /// one sequence's first step, and a step of three padded rows. A kernel that fails to build
-    /// or disagrees is dropped with a warning, and the model decodes through MLX's operations;
-    /// where it agrees, each kind of step keeps it only if it is the faster there.
+    /// On CUDA, compiles the fused decode kernel's variants now (1, 2, 4 and 8 rows, see
+    /// [`FusedDecode::variant`]) and checks each against MLX's operations: one sequence's first
+    /// step, and steps of padded rows (three rows in the variant for four). A kernel that fails
+    /// to build or disagrees is dropped with a warning, and the model decodes through MLX's
+    /// operations; where it agrees, each kind of step keeps it only if it is the faster there.
     fn prepare_fused_decode(&mut self) {
         if self.fused.is_none() {
             return;
         }
         let started = std::time::Instant::now();
-        let checked = self.fused_error(1).and_then(|one| Ok((one, self.fused_error(3)?)));
+        // One step of each variant of the kernel (which compiles them all now), and three rows
+        // in the variant for four (an idle row).
+        let mut sizes = self.fused.as_ref().map_or(vec![1], |f| f.variants());
+        if sizes.contains(&4) {
+            sizes.push(3);
+        }
+        let checked =
+            sizes.iter().map(|&rows| Ok((rows, self.fused_error(rows as usize)?))).collect::<Result<Vec<_>>>();
         let (one, many) = match checked {
-            Ok(errors) => errors,
+            Ok(errors) => {
+                errors.iter().fold(
+                    (0.0f32, 0.0f32),
+                    |(one, many), &(rows, err)| {
+                        if rows == 1 {
+                            (err, many)
+                        } else {
+                            (one, many.max(err))
+                        }
+                    },
+                )
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "fused decode kernel unavailable; using MLX's operations");
                 self.fused = None;

@@ -14,6 +14,7 @@
 
 mod alternate;
 mod batch;
+mod fused_timing;
 mod kernel_check;
 mod kernel_sources;
 mod profile;
@@ -60,6 +61,8 @@ mlxd-bench kernel-sources --out DIR [--plugin-dir DIR] [--plugin NAME[:JSON]]...
                                      tests/nvrtc/check.py (see kernel_sources.rs)
 mlxd-bench batch --shape ... [--clients 1,2,4,8,16] [--model-kernels on|off|both|fused] [--stagger N]
                                      the engine stepping B sequences together (no daemon)
+MLXD_FUSED_TIMING=1 mlxd-bench fused-timing --shape ... [--clients 1,2,4,8] [--stagger N]
+                                     the fused decode block's time per phase and barrier
 mlxd-bench suite --json out.json [--models qwen3-0.6b:bf16,qwen3-0.6b:q4,...|NAME=PATH|smollm2]
                  [--serve-model SHAPE:DTYPE|none] [--no-plugins] [engine and serve options]
                                      everything the report needs, in one run (see `suite`)
@@ -144,6 +147,7 @@ struct Args {
     graph: bool,
     serve: bool,
     batch: bool,
+    fused_timing: bool,
     /// `sampler-check`: the CUDA sampling kernel against the MLX-op graph.
     sampler_check: bool,
     /// `sampler-cost`: the host time of a sampling step alone.
@@ -187,6 +191,7 @@ fn parse_args() -> Result<Args> {
         graph: false,
         serve: false,
         batch: false,
+        fused_timing: false,
         sampler_check: false,
         sampler_cost: false,
         alternate: false,
@@ -211,6 +216,7 @@ fn parse_args() -> Result<Args> {
         Some("graph") => a.graph = true,
         Some("serve") => a.serve = true,
         Some("batch") => a.batch = true,
+        Some("fused-timing") => a.fused_timing = true,
         Some("sampler-check") => a.sampler_check = true,
         Some("sampler-cost") => a.sampler_cost = true,
         Some("alternate") => a.alternate = true,
@@ -266,7 +272,8 @@ fn main() {
     // fused decode block's check and timing against MLX's operations).
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
     let code = match run() {
         Ok(()) => 0,
         Err(e) => {
@@ -354,6 +361,10 @@ fn run() -> Result<()> {
     }
     if args.alternate {
         let summary = alternate::run(&args, &dir)?;
+        return write_summary(&args, &summary);
+    }
+    if args.fused_timing {
+        let summary = fused_timing::run(&args, &dir)?;
         return write_summary(&args, &summary);
     }
     if args.batch {
