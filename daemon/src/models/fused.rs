@@ -55,6 +55,9 @@ use std::sync::Arc;
 type Result<T> = std::result::Result<T, ModelError>;
 
 static SWITCH: KernelSwitch = KernelSwitch::new("MLXD_FUSED_DECODE");
+/// Batched steps alone (`MLXD_FUSED_BATCH=0`: one-sequence steps keep the kernel, batches run
+/// MLX's operations and mlxd's batched kernels), for comparing the two in a server.
+static BATCH_SWITCH: KernelSwitch = KernelSwitch::new("MLXD_FUSED_BATCH");
 
 /// Turns the fused decode step on or off for the whole process (on unless
 /// `MLXD_FUSED_DECODE=0`); it runs only where MLX runs on CUDA.
@@ -156,13 +159,29 @@ __device__ inline void mlxd_load8(const T* p, float* v) {
         for (int e = 0; e < 8; ++e) v[e] = static_cast<float>(t[e]);
     }
 }
+// The sums of each 32 consecutive values of the nb rows of xs (K values each) into xsum
+// (nb * K / 32 floats), for the products' bias terms; every thread of the block calls it.
+template <int K, typename T>
+__device__ inline void mlxd_chunk_sums(const T* xs, int nb, float* xsum) {
+    for (int i = threadIdx.x; i < nb * (K / 32); i += 256) {
+        float v[8], t = 0.0f;
+#pragma unroll
+        for (int p = 0; p < 4; ++p) {
+            mlxd_load8(xs + 32 * i + 8 * p, v);
+            t += ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+        }
+        xsum[i] = t;
+    }
+    __syncthreads();
+}
 // NR rows of a 4-bit affine product (rows[j] < 0: none) with nb <= B vectors of K values (xs:
-// rows of K, shared memory): one warp, each lane 32 elements (one 16-byte load) of every row at a
-// time, so a warp keeps NR * 512 bytes of weights in flight per step. Each lane unpacks a
-// weight once for all B vectors; lanes start their four 8-value reads of xs at rotated offsets
-// (fewer bank conflicts). y[j][b]: row j with vector b, on every lane.
+// rows of K, shared memory; xsum: their 32-value sums, mlxd_chunk_sums): one warp, each lane
+// 32 elements (one 16-byte load) of every row at a time, so a warp keeps NR * 512 bytes of
+// weights in flight per step. Each lane unpacks a weight once, already scaled, for all vectors
+// (the bias enters once per 32 values, through the sums); lanes start their four 8-value reads
+// of xs at rotated offsets (fewer bank conflicts). y[j][b]: row j with vector b, on every lane.
 template <int K, int GS, int NR, int B, typename T, typename W, typename S>
-__device__ inline void mlxd_q4(const W* w, const S* s, const S* b, const T* xs, int nb, const int* rows, float (*y)[B]) {
+__device__ inline void mlxd_q4(const W* w, const S* s, const S* b, const T* xs, const float* xsum, int nb, const int* rows, float (*y)[B]) {
     const int lane = threadIdx.x & 31;
     constexpr int C = K / 32;
     float acc[NR][B];
@@ -185,12 +204,12 @@ __device__ inline void mlxd_q4(const W* w, const S* s, const S* b, const T* xs, 
                 sc[j] = ok ? static_cast<float>(s[(size_t)r * (K / GS) + g]) : 0.0f;
                 bi[j] = ok ? static_cast<float>(b[(size_t)r * (K / GS) + g]) : 0.0f;
             }
-            float d[NR][B], sx[B];
 #pragma unroll
             for (int v = 0; v < B; ++v) {
-                sx[v] = 0.0f;
+                if (v >= nb) break;
+                const float sx = xsum[v * C + c];
 #pragma unroll
-                for (int j = 0; j < NR; ++j) d[j][v] = 0.0f;
+                for (int j = 0; j < NR; ++j) acc[j][v] = fmaf(bi[j], sx, acc[j][v]);
             }
 #pragma unroll
             for (int t = 0; t < 4; ++t) {
@@ -200,24 +219,19 @@ __device__ inline void mlxd_q4(const W* w, const S* s, const S* b, const T* xs, 
                 for (int j = 0; j < NR; ++j) {
                     const unsigned int wd = u == 0 ? q[j].x : u == 1 ? q[j].y : u == 2 ? q[j].z : q[j].w;
 #pragma unroll
-                    for (int e = 0; e < 8; ++e) wf[j][e] = (float)((wd >> (4 * e)) & 15u);
+                    for (int e = 0; e < 8; ++e) wf[j][e] = sc[j] * (float)((wd >> (4 * e)) & 15u);
                 }
 #pragma unroll
                 for (int v = 0; v < B; ++v) {
                     if (v >= nb) break;
                     float xv[8];
                     mlxd_load8(xs + v * K + 32 * c + 8 * u, xv);
-                    sx[v] += ((xv[0] + xv[1]) + (xv[2] + xv[3])) + ((xv[4] + xv[5]) + (xv[6] + xv[7]));
 #pragma unroll
                     for (int j = 0; j < NR; ++j)
 #pragma unroll
-                        for (int e = 0; e < 8; ++e) d[j][v] = fmaf(wf[j][e], xv[e], d[j][v]);
+                        for (int e = 0; e < 8; ++e) acc[j][v] = fmaf(wf[j][e], xv[e], acc[j][v]);
                 }
             }
-#pragma unroll
-            for (int j = 0; j < NR; ++j)
-#pragma unroll
-                for (int v = 0; v < B; ++v) acc[j][v] += sc[j] * d[j][v] + bi[j] * sx[v];
         }
     }
 #pragma unroll
@@ -243,14 +257,14 @@ __device__ inline void mlxd_norm_to_shared(L load, const Wn* w, float eps, T* sh
 // Rows 0..R of a 4-bit product with the nb vectors of xs, NR rows per warp at a time (warp gw
 // of NW): put(row, vector, sum), each sum from one lane.
 template <int K, int GS, int NR, int B, typename T, typename W, typename S, typename F>
-__device__ inline void mlxd_q4_rows(int R, int gw, int NW, const W* w, const S* s, const S* b, const T* xs, int nb, F put) {
+__device__ inline void mlxd_q4_rows(int R, int gw, int NW, const W* w, const S* s, const S* b, const T* xs, const float* xsum, int nb, F put) {
     const int lane = threadIdx.x & 31;
     int rows[NR];
     float y[NR][B];
     for (int r0 = gw; r0 < R; r0 += NW * NR) {
 #pragma unroll
         for (int j = 0; j < NR; ++j) rows[j] = r0 + j * NW < R ? r0 + j * NW : -1;
-        mlxd_q4<K, GS, NR, B>(w, s, b, xs, nb, rows, y);
+        mlxd_q4<K, GS, NR, B>(w, s, b, xs, xsum, nb, rows, y);
 #pragma unroll
         for (int j = 0; j < NR; ++j)
 #pragma unroll
@@ -267,7 +281,8 @@ const SOURCE: &str = r#"
     constexpr int OFF_H1 = OFF_PART + H * MLXD_CHMAX * (HD + 2);
     constexpr int OFF_MLP = OFF_H1 + D;
     constexpr int WF = OFF_MLP + I;
-    constexpr int NR = B <= 2 ? 4 : 2;
+    constexpr int NR = 4;
+    constexpr int KMAX = D > H * HD ? (D > I ? D : I) : (H * HD > I ? H * HD : I);
     constexpr int DL = HD / 8;
     const float eps = __int_as_float(EPS_BITS);
     const float rope_scale = __int_as_float(ROPE_SCALE_BITS);
@@ -280,6 +295,7 @@ const SOURCE: &str = r#"
     __shared__ float hk[HD];
     __shared__ float hv[HD];
     __shared__ float red[MLXD_WARPS];
+    __shared__ float xsum[B * (KMAX / 32)];
     __shared__ int last;
     const int tid = threadIdx.x;
     const int lane = tid & 31;
@@ -324,7 +340,8 @@ const SOURCE: &str = r#"
     if constexpr (PHASE == 0 || PHASE == 1) {
         for (int v = 0; v < NB; ++v)
             mlxd_norm_to_shared<D, T>([&](int k) { return static_cast<float>(x[v * D + k]); }, w_in, eps, xs + v * D, red);
-        mlxd_q4_rows<D, GS, NR, B>(NQKV, gw, NW, qkv_w, qkv_s, qkv_b, xs, NB, [&](int r, int v, float y) {
+        mlxd_chunk_sums<D>(xs, NB, xsum);
+        mlxd_q4_rows<D, GS, NR, B>(NQKV, gw, NW, qkv_w, qkv_s, qkv_b, xs, xsum, NB, [&](int r, int v, float y) {
             wk[v * WF + r] = mlxd_round<T>(y);
         });
     }
@@ -470,7 +487,8 @@ const SOURCE: &str = r#"
             xs[k] = static_cast<T>(__ldcg(wk + v * WF + OFF_ATT + k - v * H * HD));
         }
         __syncthreads();
-        mlxd_q4_rows<H * HD, GS, NR, B>(D, gw, NW, o_w, o_s, o_b, xs, NB, [&](int r, int v, float y) {
+        mlxd_chunk_sums<H * HD>(xs, NB, xsum);
+        mlxd_q4_rows<H * HD, GS, NR, B>(D, gw, NW, o_w, o_s, o_b, xs, xsum, NB, [&](int r, int v, float y) {
             wk[v * WF + OFF_H1 + r] = mlxd_round<T>(static_cast<float>(x[v * D + r]) + mlxd_round<T>(y));
         });
     }
@@ -480,6 +498,7 @@ const SOURCE: &str = r#"
     if constexpr (PHASE == 0 || PHASE == 4) {
         for (int v = 0; v < NB; ++v)
             mlxd_norm_to_shared<D, T>([&](int k) { return __ldcg(wk + v * WF + OFF_H1 + k); }, w_post, eps, xs + v * D, red);
+        mlxd_chunk_sums<D>(xs, NB, xsum);
         // Each warp takes NR / 2 rows of the gate and the same rows of up.
         int rows[NR];
         float y[NR][B];
@@ -490,7 +509,7 @@ const SOURCE: &str = r#"
                 rows[2 * j] = r < I ? r : -1;
                 rows[2 * j + 1] = r < I ? r + I : -1;
             }
-            mlxd_q4<D, GS, NR, B>(gu_w, gu_s, gu_b, xs, NB, rows, y);
+            mlxd_q4<D, GS, NR, B>(gu_w, gu_s, gu_b, xs, xsum, NB, rows, y);
 #pragma unroll
             for (int j = 0; j < NR / 2; ++j)
 #pragma unroll
@@ -512,7 +531,8 @@ const SOURCE: &str = r#"
             xs[k] = static_cast<T>(__ldcg(wk + v * WF + OFF_MLP + k - v * I));
         }
         __syncthreads();
-        mlxd_q4_rows<I, GS, NR, B>(D, gw, NW, d_w, d_s, d_b, xs, NB, [&](int r, int v, float y) {
+        mlxd_chunk_sums<I>(xs, NB, xsum);
+        mlxd_q4_rows<I, GS, NR, B>(D, gw, NW, d_w, d_s, d_b, xs, xsum, NB, [&](int r, int v, float y) {
             out[v * D + r] = static_cast<T>(__ldcg(wk + v * WF + OFF_H1 + r) + mlxd_round<T>(y));
         });
     }
@@ -722,6 +742,7 @@ impl FusedDecode {
     pub fn takes_batch(&self, x: &Array) -> bool {
         let rows = x.shape().first().copied().unwrap_or(0);
         self.batched
+            && BATCH_SWITCH.available()
             && x.dtype() == self.dtype
             && x.ndim() == 2
             && x.shape()[1] == self.dims.d
