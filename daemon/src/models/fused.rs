@@ -96,6 +96,7 @@ const SYNC_WORDS: i32 = TIMING_AT + 2 * TIMING_COUNTERS;
 const HEADER: &str = r#"
 #define MLXD_WARPS 8
 #define MLXD_CHMAX 16
+#define MLXD_NR 4
 #ifdef MLXD_EMULATED
 #define MLXD_DYNAMIC_SHARED(name, bytes) static __align__(16) unsigned char name[bytes]
 #else
@@ -145,6 +146,11 @@ __device__ inline void mlxd_grid_sync(unsigned int* sync, unsigned int P) {
     }
     __syncthreads();
 }
+// A if C, else B.
+template <bool C, typename A, typename B>
+struct mlxd_pick { using type = A; };
+template <typename A, typename B>
+struct mlxd_pick<false, A, B> { using type = B; };
 // Eight consecutive values of T (16-byte aligned) as floats.
 template <typename T>
 __device__ inline void mlxd_load8(const T* p, float* v) {
@@ -159,29 +165,69 @@ __device__ inline void mlxd_load8(const T* p, float* v) {
         for (int e = 0; e < 8; ++e) v[e] = static_cast<float>(t[e]);
     }
 }
-// The sums of each 32 consecutive values of the nb rows of xs (K values each) into xsum
-// (nb * K / 32 floats), for the products' bias terms; every thread of the block calls it.
-template <int K, typename T>
-__device__ inline void mlxd_chunk_sums(const T* xs, int nb, float* xsum) {
-    for (int i = threadIdx.x; i < nb * (K / 32); i += 256) {
-        float v[8], t = 0.0f;
+// One row of x (B = 1): MLXD_NR rows of a 4-bit affine product (rows[j] < 0: none) with xs (K
+// floats, shared memory): one warp, each lane 32 elements (one 16-byte load) of every row at a time, so a
+// warp keeps MLXD_NR * 512 bytes of weights in flight per step; lanes read their eight float4s
+// of xs in rotated order, which keeps a quarter-warp's reads on distinct banks. The sums land
+// in y on every lane.
+template <int K, int GS, typename W, typename S>
+__device__ inline void mlxd_q4_one(const W* w, const S* s, const S* b, const float* xs, const int* rows, float* y) {
+    const int lane = threadIdx.x & 31;
+    constexpr int C = K / 32;
+    float acc[MLXD_NR];
 #pragma unroll
-        for (int p = 0; p < 4; ++p) {
-            mlxd_load8(xs + 32 * i + 8 * p, v);
-            t += ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+    for (int j = 0; j < MLXD_NR; ++j) acc[j] = 0.0f;
+#pragma unroll
+    for (int c0 = 0; c0 < C; c0 += 32) {
+        const int c = c0 + lane;
+        if (c < C) {
+            uint4 q[MLXD_NR];
+            float sc[MLXD_NR], bi[MLXD_NR], d[MLXD_NR];
+            const int g = (32 * c) / GS;
+#pragma unroll
+            for (int j = 0; j < MLXD_NR; ++j) {
+                const bool ok = rows[j] >= 0;
+                const int r = ok ? rows[j] : 0;
+                q[j] = ok ? reinterpret_cast<const uint4*>(w + (size_t)r * (K / 8))[c] : make_uint4(0u, 0u, 0u, 0u);
+                sc[j] = ok ? static_cast<float>(s[(size_t)r * (K / GS) + g]) : 0.0f;
+                bi[j] = ok ? static_cast<float>(b[(size_t)r * (K / GS) + g]) : 0.0f;
+                d[j] = 0.0f;
+            }
+            const float4* x4 = reinterpret_cast<const float4*>(xs + 32 * c);
+            float sx = 0.0f;
+#pragma unroll
+            for (int t = 0; t < 8; ++t) {
+                const int u = (t + lane) & 7;
+                const float4 xv = x4[u];
+                sx += (xv.x + xv.y) + (xv.z + xv.w);
+                const int sh = (u & 1) * 16;
+#pragma unroll
+                for (int j = 0; j < MLXD_NR; ++j) {
+                    const unsigned int wd = (u >> 1) == 0 ? q[j].x : (u >> 1) == 1 ? q[j].y : (u >> 1) == 2 ? q[j].z : q[j].w;
+                    d[j] = fmaf((float)((wd >> sh) & 15u), xv.x, d[j]);
+                    d[j] = fmaf((float)((wd >> (sh + 4)) & 15u), xv.y, d[j]);
+                    d[j] = fmaf((float)((wd >> (sh + 8)) & 15u), xv.z, d[j]);
+                    d[j] = fmaf((float)((wd >> (sh + 12)) & 15u), xv.w, d[j]);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < MLXD_NR; ++j) acc[j] += sc[j] * d[j] + bi[j] * sx;
         }
-        xsum[i] = t;
     }
-    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < MLXD_NR; ++j) {
+        float v = acc[j];
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        y[j] = v;
+    }
 }
 // NR rows of a 4-bit affine product (rows[j] < 0: none) with nb <= B vectors of K values (xs:
-// rows of K, shared memory; xsum: their 32-value sums, mlxd_chunk_sums): one warp, each lane
-// 32 elements (one 16-byte load) of every row at a time, so a warp keeps NR * 512 bytes of
-// weights in flight per step. Each lane unpacks a weight once, already scaled, for all vectors
-// (the bias enters once per 32 values, through the sums); lanes start their four 8-value reads
-// of xs at rotated offsets (fewer bank conflicts). y[j][b]: row j with vector b, on every lane.
+// rows of K, shared memory): one warp, each lane 32 elements (one 16-byte load) of every row at a
+// time, so a warp keeps NR * 512 bytes of weights in flight per step. Each lane unpacks a
+// weight once for all B vectors; lanes start their four 8-value reads of xs at rotated offsets
+// (fewer bank conflicts). y[j][b]: row j with vector b, on every lane.
 template <int K, int GS, int NR, int B, typename T, typename W, typename S>
-__device__ inline void mlxd_q4(const W* w, const S* s, const S* b, const T* xs, const float* xsum, int nb, const int* rows, float (*y)[B]) {
+__device__ inline void mlxd_q4(const W* w, const S* s, const S* b, const T* xs, int nb, const int* rows, float (*y)[B]) {
     const int lane = threadIdx.x & 31;
     constexpr int C = K / 32;
     float acc[NR][B];
@@ -204,12 +250,12 @@ __device__ inline void mlxd_q4(const W* w, const S* s, const S* b, const T* xs, 
                 sc[j] = ok ? static_cast<float>(s[(size_t)r * (K / GS) + g]) : 0.0f;
                 bi[j] = ok ? static_cast<float>(b[(size_t)r * (K / GS) + g]) : 0.0f;
             }
+            float d[NR][B], sx[B];
 #pragma unroll
             for (int v = 0; v < B; ++v) {
-                if (v >= nb) break;
-                const float sx = xsum[v * C + c];
+                sx[v] = 0.0f;
 #pragma unroll
-                for (int j = 0; j < NR; ++j) acc[j][v] = fmaf(bi[j], sx, acc[j][v]);
+                for (int j = 0; j < NR; ++j) d[j][v] = 0.0f;
             }
 #pragma unroll
             for (int t = 0; t < 4; ++t) {
@@ -219,19 +265,24 @@ __device__ inline void mlxd_q4(const W* w, const S* s, const S* b, const T* xs, 
                 for (int j = 0; j < NR; ++j) {
                     const unsigned int wd = u == 0 ? q[j].x : u == 1 ? q[j].y : u == 2 ? q[j].z : q[j].w;
 #pragma unroll
-                    for (int e = 0; e < 8; ++e) wf[j][e] = sc[j] * (float)((wd >> (4 * e)) & 15u);
+                    for (int e = 0; e < 8; ++e) wf[j][e] = (float)((wd >> (4 * e)) & 15u);
                 }
 #pragma unroll
                 for (int v = 0; v < B; ++v) {
                     if (v >= nb) break;
                     float xv[8];
                     mlxd_load8(xs + v * K + 32 * c + 8 * u, xv);
+                    sx[v] += ((xv[0] + xv[1]) + (xv[2] + xv[3])) + ((xv[4] + xv[5]) + (xv[6] + xv[7]));
 #pragma unroll
                     for (int j = 0; j < NR; ++j)
 #pragma unroll
-                        for (int e = 0; e < 8; ++e) acc[j][v] = fmaf(wf[j][e], xv[e], acc[j][v]);
+                        for (int e = 0; e < 8; ++e) d[j][v] = fmaf(wf[j][e], xv[e], d[j][v]);
                 }
             }
+#pragma unroll
+            for (int j = 0; j < NR; ++j)
+#pragma unroll
+                for (int v = 0; v < B; ++v) acc[j][v] += sc[j] * d[j][v] + bi[j] * sx[v];
         }
     }
 #pragma unroll
@@ -244,27 +295,40 @@ __device__ inline void mlxd_q4(const W* w, const S* s, const S* b, const T* xs, 
         }
 }
 // RMS norm of D values (load(k) gives value k, a value of T) times w, each rounded to T where
-// MLX rounds, into sh; every thread of the block calls it.
-template <int D, typename T, typename L, typename Wn>
-__device__ inline void mlxd_norm_to_shared(L load, const Wn* w, float eps, T* sh, float* red) {
+// MLX rounds, into sh (floats, or T: exact either way); every thread of the block calls it.
+template <int D, typename T, typename XS, typename L, typename Wn>
+__device__ inline void mlxd_norm_to_shared(L load, const Wn* w, float eps, XS* sh, float* red) {
     float ss = 0.0f;
-    for (int k = threadIdx.x; k < D; k += 256) { const float v = load(k); sh[k] = static_cast<T>(v); ss += v * v; }
+    for (int k = threadIdx.x; k < D; k += 256) { const float v = load(k); sh[k] = static_cast<XS>(v); ss += v * v; }
     const float n = rsqrtf(mlxd_block_sum(ss, red) / D + eps);
     for (int k = threadIdx.x; k < D; k += 256)
-        sh[k] = static_cast<T>(mlxd_round<T>(static_cast<float>(sh[k]) * n) * static_cast<float>(w[k]));
+        sh[k] = static_cast<XS>(mlxd_round<T>(mlxd_round<T>(static_cast<float>(sh[k]) * n) * static_cast<float>(w[k])));
     __syncthreads();
+}
+// NR rows of a product with nb rows of xs: mlxd_q4_one for one row (floats), mlxd_q4 for more.
+template <int K, int GS, int NR, int B, typename XS, typename W, typename S>
+__device__ inline void mlxd_q4_any(const W* w, const S* s, const S* b, const XS* xs, int nb, const int* rows, float (*y)[B]) {
+    if constexpr (B == 1) {
+        static_assert(NR == MLXD_NR, "one row: MLXD_NR rows per warp");
+        float y1[MLXD_NR];
+        mlxd_q4_one<K, GS>(w, s, b, xs, rows, y1);
+#pragma unroll
+        for (int j = 0; j < NR; ++j) y[j][0] = y1[j];
+    } else {
+        mlxd_q4<K, GS, NR, B>(w, s, b, xs, nb, rows, y);
+    }
 }
 // Rows 0..R of a 4-bit product with the nb vectors of xs, NR rows per warp at a time (warp gw
 // of NW): put(row, vector, sum), each sum from one lane.
-template <int K, int GS, int NR, int B, typename T, typename W, typename S, typename F>
-__device__ inline void mlxd_q4_rows(int R, int gw, int NW, const W* w, const S* s, const S* b, const T* xs, const float* xsum, int nb, F put) {
+template <int K, int GS, int NR, int B, typename XS, typename W, typename S, typename F>
+__device__ inline void mlxd_q4_rows(int R, int gw, int NW, const W* w, const S* s, const S* b, const XS* xs, int nb, F put) {
     const int lane = threadIdx.x & 31;
     int rows[NR];
     float y[NR][B];
     for (int r0 = gw; r0 < R; r0 += NW * NR) {
 #pragma unroll
         for (int j = 0; j < NR; ++j) rows[j] = r0 + j * NW < R ? r0 + j * NW : -1;
-        mlxd_q4<K, GS, NR, B>(w, s, b, xs, xsum, nb, rows, y);
+        mlxd_q4_any<K, GS, NR, B>(w, s, b, xs, nb, rows, y);
 #pragma unroll
         for (int j = 0; j < NR; ++j)
 #pragma unroll
@@ -281,21 +345,22 @@ const SOURCE: &str = r#"
     constexpr int OFF_H1 = OFF_PART + H * MLXD_CHMAX * (HD + 2);
     constexpr int OFF_MLP = OFF_H1 + D;
     constexpr int WF = OFF_MLP + I;
-    constexpr int NR = 4;
-    constexpr int KMAX = D > H * HD ? (D > I ? D : I) : (H * HD > I ? H * HD : I);
+    constexpr int NR = B <= 2 ? 4 : 2;
+    // One row's inputs are kept as floats, several rows' in the model's dtype (exact: MLX rounds
+    // there too), which fits up to 8 rows in the shared memory.
+    using XS = typename mlxd_pick<B == 1, float, T>::type;
     constexpr int DL = HD / 8;
     const float eps = __int_as_float(EPS_BITS);
     const float rope_scale = __int_as_float(ROPE_SCALE_BITS);
     const float att_scale = __int_as_float(ATT_SCALE_BITS);
     const float neg_inf = __int_as_float(0xff800000);
     MLXD_DYNAMIC_SHARED(dyn, SMEM);
-    T* xs = reinterpret_cast<T*>(dyn);
+    XS* xs = reinterpret_cast<XS*>(dyn);
     float* sh = reinterpret_cast<float*>(dyn);
     __shared__ float hq[HD];
     __shared__ float hk[HD];
     __shared__ float hv[HD];
     __shared__ float red[MLXD_WARPS];
-    __shared__ float xsum[B * (KMAX / 32)];
     __shared__ int last;
     const int tid = threadIdx.x;
     const int lane = tid & 31;
@@ -340,8 +405,7 @@ const SOURCE: &str = r#"
     if constexpr (PHASE == 0 || PHASE == 1) {
         for (int v = 0; v < NB; ++v)
             mlxd_norm_to_shared<D, T>([&](int k) { return static_cast<float>(x[v * D + k]); }, w_in, eps, xs + v * D, red);
-        mlxd_chunk_sums<D>(xs, NB, xsum);
-        mlxd_q4_rows<D, GS, NR, B>(NQKV, gw, NW, qkv_w, qkv_s, qkv_b, xs, xsum, NB, [&](int r, int v, float y) {
+        mlxd_q4_rows<D, GS, NR, B>(NQKV, gw, NW, qkv_w, qkv_s, qkv_b, xs, NB, [&](int r, int v, float y) {
             wk[v * WF + r] = mlxd_round<T>(y);
         });
     }
@@ -484,11 +548,10 @@ const SOURCE: &str = r#"
     if constexpr (PHASE == 0 || PHASE == 3) {
         for (int k = tid; k < NB * H * HD; k += 256) {
             const int v = k / (H * HD);
-            xs[k] = static_cast<T>(__ldcg(wk + v * WF + OFF_ATT + k - v * H * HD));
+            xs[k] = static_cast<XS>(__ldcg(wk + v * WF + OFF_ATT + k - v * H * HD));
         }
         __syncthreads();
-        mlxd_chunk_sums<H * HD>(xs, NB, xsum);
-        mlxd_q4_rows<H * HD, GS, NR, B>(D, gw, NW, o_w, o_s, o_b, xs, xsum, NB, [&](int r, int v, float y) {
+        mlxd_q4_rows<H * HD, GS, NR, B>(D, gw, NW, o_w, o_s, o_b, xs, NB, [&](int r, int v, float y) {
             wk[v * WF + OFF_H1 + r] = mlxd_round<T>(static_cast<float>(x[v * D + r]) + mlxd_round<T>(y));
         });
     }
@@ -498,7 +561,6 @@ const SOURCE: &str = r#"
     if constexpr (PHASE == 0 || PHASE == 4) {
         for (int v = 0; v < NB; ++v)
             mlxd_norm_to_shared<D, T>([&](int k) { return __ldcg(wk + v * WF + OFF_H1 + k); }, w_post, eps, xs + v * D, red);
-        mlxd_chunk_sums<D>(xs, NB, xsum);
         // Each warp takes NR / 2 rows of the gate and the same rows of up.
         int rows[NR];
         float y[NR][B];
@@ -509,7 +571,7 @@ const SOURCE: &str = r#"
                 rows[2 * j] = r < I ? r : -1;
                 rows[2 * j + 1] = r < I ? r + I : -1;
             }
-            mlxd_q4<D, GS, NR, B>(gu_w, gu_s, gu_b, xs, xsum, NB, rows, y);
+            mlxd_q4_any<D, GS, NR, B>(gu_w, gu_s, gu_b, xs, NB, rows, y);
 #pragma unroll
             for (int j = 0; j < NR / 2; ++j)
 #pragma unroll
@@ -528,11 +590,10 @@ const SOURCE: &str = r#"
     if constexpr (PHASE == 0 || PHASE == 5) {
         for (int k = tid; k < NB * I; k += 256) {
             const int v = k / I;
-            xs[k] = static_cast<T>(__ldcg(wk + v * WF + OFF_MLP + k - v * I));
+            xs[k] = static_cast<XS>(__ldcg(wk + v * WF + OFF_MLP + k - v * I));
         }
         __syncthreads();
-        mlxd_chunk_sums<I>(xs, NB, xsum);
-        mlxd_q4_rows<I, GS, NR, B>(D, gw, NW, d_w, d_s, d_b, xs, xsum, NB, [&](int r, int v, float y) {
+        mlxd_q4_rows<I, GS, NR, B>(D, gw, NW, d_w, d_s, d_b, xs, NB, [&](int r, int v, float y) {
             out[v * D + r] = static_cast<T>(__ldcg(wk + v * WF + OFF_H1 + r) + mlxd_round<T>(y));
         });
     }
@@ -593,10 +654,11 @@ impl Dims {
             + self.inter
     }
 
-    /// Bytes of dynamic shared memory for `rows` rows of `dtype`: every product's inputs, or
-    /// the attention's merge scratch (32 partial results of a head, floats).
+    /// Bytes of dynamic shared memory for the variant of `rows` rows of `dtype`: every
+    /// product's inputs (floats for one row, the model's dtype for more), or the attention's
+    /// merge scratch (32 partial results of a head, floats).
     fn shared_bytes(&self, rows: i32, dtype: Dtype) -> i32 {
-        let size = if dtype == Dtype::Float32 { 4 } else { 2 };
+        let size = if dtype == Dtype::Float32 || rows == 1 { 4 } else { 2 };
         let widest = self.d.max(self.heads * self.head_dim).max(self.inter);
         (rows * widest * size).max(32 * (self.head_dim + 2) * 4)
     }
@@ -700,7 +762,7 @@ impl FusedDecode {
         let batch_max = (1..=BATCH_MAX)
             .take_while(|&b| dims.shared_bytes(b, dtype) <= SHARED_MAX && 64 + b * dims.heads <= SYNC_WORDS)
             .last()?;
-        let template = template(dims, dtype, rope_dims, group?, args.qk_norm, args.eps, rope_scale, batch_max);
+        let template = template(dims, dtype, rope_dims, group?, args.qk_norm, args.eps, rope_scale);
         let n = periods.len() as i32;
         let periods = Array::from_slice(&periods, &[n]);
         let no_padding = Array::from_slice(&[0i32], &[1]);
@@ -807,17 +869,28 @@ impl FusedDecode {
             let mut out = None;
             for &phase in phases {
                 let mut template = self.template.clone();
-                template.extend([("B", TemplateArg::Int(self.variant(rows))), ("PHASE", TemplateArg::Int(phase))]);
-                out = Some(self.apply(&inputs, rows, &template, grid)?);
+                let (variant, smem) = (self.variant(rows), self.dims.shared_bytes(self.variant(rows), self.dtype));
+                template.extend([
+                    ("B", TemplateArg::Int(variant)),
+                    ("SMEM", TemplateArg::Int(smem)),
+                    ("PHASE", TemplateArg::Int(phase)),
+                ]);
+                out = Some(self.apply(&inputs, rows, smem, &template, grid)?);
             }
             h = out.expect("one phase at least");
         }
         Ok(h)
     }
 
-    fn apply(&self, inputs: &[&Array], rows: i32, template: &[(&str, TemplateArg)], grid: i32) -> Result<Array> {
+    fn apply(
+        &self,
+        inputs: &[&Array],
+        rows: i32,
+        smem: i32,
+        template: &[(&str, TemplateArg)],
+        grid: i32,
+    ) -> Result<Array> {
         let shape = [rows, self.dims.d];
-        let smem = self.dims.shared_bytes(self.batch_max, self.dtype);
         KERNELS.with(|cell| {
             let mut kernels = cell.borrow_mut();
             let at = match kernels.iter().position(|(s, _)| *s == smem) {
@@ -863,7 +936,7 @@ fn timing() -> bool {
     *ON.get_or_init(|| std::env::var("MLXD_FUSED_TIMING").is_ok_and(|v| v == "1"))
 }
 
-/// The kernel's template arguments for a model (all but `B` and `PHASE`).
+/// The kernel's template arguments for a model (all but `B`, `SMEM` and `PHASE`).
 fn template(
     dims: Dims,
     dtype: Dtype,
@@ -872,7 +945,6 @@ fn template(
     qk_norm: bool,
     eps: f32,
     rope_scale: f32,
-    batch_max: i32,
 ) -> Vec<(&'static str, TemplateArg)> {
     let bits = |v: f32| TemplateArg::Int(v.to_bits() as i32);
     vec![
@@ -885,7 +957,6 @@ fn template(
         ("I", TemplateArg::Int(dims.inter)),
         ("GS", TemplateArg::Int(group)),
         ("QKN", TemplateArg::Bool(qk_norm)),
-        ("SMEM", TemplateArg::Int(dims.shared_bytes(batch_max, dtype))),
         ("EPS_BITS", bits(eps)),
         ("ROPE_SCALE_BITS", bits(rope_scale)),
         ("ATT_SCALE_BITS", bits((dims.head_dim as f32).powf(-0.5))),
@@ -944,7 +1015,7 @@ pub fn queue_for_shape(
         layers: vec![Layer { arrays }],
         periods: Array::from_slice(&periods, &[head_dim / 2]),
         dtype,
-        template: template(dims, dtype, head_dim, 64, qk_norm, 1e-6, 1.0, batch_max),
+        template: template(dims, dtype, head_dim, 64, qk_norm, 1e-6, 1.0),
         dims,
         batch_max,
         no_padding: Array::from_slice(&[0i32], &[1]),
