@@ -416,6 +416,8 @@ fn argmax(v: &[f32]) -> u32 {
 /// place stays the sequence's own: a prefix copy decoding first does not disturb the original,
 /// and a clone decodes on storage of its own.
 fn fused_decode_matches_mlx_operations() {
+    // Batched steps take the kernel only when asked (checked at load).
+    mlxd::models::fused::set_batches_enabled(true);
     for (model_type, dtype, bound) in [
         ("qwen3", Dtype::Float32, 1e-5),
         ("llama", Dtype::Float32, 1e-5),

@@ -377,72 +377,64 @@ impl Transformer {
         }
     }
 
-    /// On CUDA, compiles the fused decode kernel's variants now (1, 2, 4 and 8 rows, see
-    /// [`FusedDecode::variant`]) and checks each against MLX's operations: one sequence's first
-    /// step, and steps of padded rows (three rows in the variant for four). A kernel that fails
-    /// to build or disagrees is dropped with a warning, and the model decodes through MLX's
-    /// operations; where it agrees, each kind of step keeps it only if it is the faster there.
+    /// On CUDA, compiles the fused decode kernel now and checks it against MLX's operations:
+    /// one sequence's first step and, where batches take it (`MLXD_FUSED_BATCH=1`), a step of
+    /// each batched variant (2, 4 and 8 rows, see [`FusedDecode::variant`]; three rows in the
+    /// variant for four). Each kind of step keeps the kernel only where it agrees (within 5% of
+    /// the largest value) and times faster than MLX's operations; otherwise that kind decodes
+    /// through MLX's operations, with a warning where it disagreed or failed.
     fn prepare_fused_decode(&mut self) {
-        if self.fused.is_none() {
-            return;
-        }
+        let Some(variants) = self.fused.as_ref().map(|f| f.variants()) else { return };
         let started = std::time::Instant::now();
-        // One step of each variant of the kernel (which compiles them all now), and three rows
-        // in the variant for four (an idle row).
-        let mut sizes = self.fused.as_ref().map_or(vec![1], |f| f.variants());
-        if sizes.contains(&4) {
-            sizes.push(3);
-        }
-        let checked =
-            sizes.iter().map(|&rows| Ok((rows, self.fused_error(rows as usize)?))).collect::<Result<Vec<_>>>();
-        let (one, many) = match checked {
-            Ok(errors) => {
-                errors.iter().fold(
-                    (0.0f32, 0.0f32),
-                    |(one, many), &(rows, err)| {
-                        if rows == 1 {
-                            (err, many)
-                        } else {
-                            (one, many.max(err))
-                        }
-                    },
-                )
+        let single = self.fused_kind_ok(&[1], "one-sequence");
+        let batched = if super::fused::batches_enabled() {
+            let mut sizes: Vec<i32> = variants.into_iter().filter(|&v| v > 1).collect();
+            if sizes.contains(&4) {
+                sizes.push(3);
             }
+            !sizes.is_empty() && self.fused_kind_ok(&sizes, "batched")
+        } else {
+            false
+        };
+        tracing::info!(ms = started.elapsed().as_millis() as u64, single, batched, "fused decode kernel prepared");
+        match &mut self.fused {
+            Some(f) if single || batched => (f.single, f.batched) = (single, batched),
+            _ => self.fused = None,
+        }
+    }
+
+    /// Whether steps of `sizes` rows (all one, or all several) keep the fused kernel: each
+    /// agrees with MLX's operations, and the first size (or four rows) times faster.
+    fn fused_kind_ok(&self, sizes: &[i32], kind: &str) -> bool {
+        let checked = sizes.iter().map(|&rows| self.fused_error(rows as usize)).collect::<Result<Vec<f32>>>();
+        let err = match checked {
+            Ok(errors) => errors.into_iter().fold(0.0f32, f32::max),
             Err(e) => {
-                tracing::warn!(error = %e, "fused decode kernel unavailable; using MLX's operations");
-                self.fused = None;
-                return;
+                tracing::warn!(kind, error = %e, "fused decode kernel unavailable; using MLX's operations");
+                return false;
             }
         };
-        if one.max(many) > 0.05 {
-            tracing::warn!(one, many, "fused decode kernel disagrees with MLX's operations; not used");
-            self.fused = None;
-            return;
+        if err > 0.05 {
+            tracing::warn!(kind, err, "fused decode kernel disagrees with MLX's operations; not used");
+            return false;
         }
-        let rows = 4.min(self.fused.as_ref().map_or(1, |f| f.batch_max()));
-        let timed = self.fused_is_faster(1).and_then(|single| Ok((single, self.fused_is_faster(rows as usize)?)));
-        match timed {
-            Ok(((single, fused_ms, ops_ms), (batched, fused_rows_ms, ops_rows_ms))) => {
+        let rows = if sizes.contains(&4) { 4 } else { sizes[0] };
+        match self.fused_is_faster(rows as usize) {
+            Ok((faster, fused_ms, ops_ms)) => {
                 tracing::info!(
-                    ms = started.elapsed().as_millis() as u64,
-                    err = one.max(many),
-                    single,
+                    kind,
+                    rows,
+                    err,
                     fused_ms,
                     ops_ms,
-                    batched,
-                    rows,
-                    fused_rows_ms,
-                    ops_rows_ms,
-                    "fused decode kernel checked and timed against MLX's operations"
+                    faster,
+                    "fused decode kernel timed against MLX's operations"
                 );
-                match &mut self.fused {
-                    Some(f) if single || batched => (f.single, f.batched) = (single, batched),
-                    _ => self.fused = None,
-                }
+                faster
             }
             Err(e) => {
-                tracing::warn!(error = %e, "fused decode kernel failed its timing; using MLX's operations");
-                self.fused = None;
+                tracing::warn!(kind, error = %e, "fused decode kernel failed its timing; using MLX's operations");
+                false
             }
         }
     }

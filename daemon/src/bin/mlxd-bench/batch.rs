@@ -8,9 +8,10 @@
 //! kernels for several-row products and padded attention (`mlxd::models::cuda`) and with
 //! MLX's own operations (cuBLASLt, masked attention): the A/B for those kernels. The flag
 //! decides for the run (default `on`; they only run on CUDA), whatever `MLXD_MODEL_KERNELS` says.
-//! `--model-kernels fused` compares the fused decode block (`mlxd::models::fused`, one kernel per
-//! decoder block, for one row and for batches up to the model's most) with mlxd's kernels
-//! without it; `off` turns both off.
+//! `--model-kernels fused` compares the fused decode block (`mlxd::models::fused`, one kernel
+//! per decoder block, for one row and for batches up to the model's most; it turns the batches'
+//! opt-in kernel on, see `MLXD_FUSED_BATCH`) with mlxd's kernels without it; `off` turns both
+//! off.
 
 use super::{per_step, random_prompt, Args};
 use anyhow::{Context, Result};
@@ -98,6 +99,10 @@ pub fn run(args: &Args, dir: &Path, model_kernels: &str) -> Result<Value> {
         mlxd::models::cuda::set_enabled(kernels);
         mlxd::models::fused::set_enabled(fused);
     };
+    if model_kernels == "fused" {
+        // Batched steps take the fused block only when asked, and it is checked at load.
+        mlxd::models::fused::set_batches_enabled(true);
+    }
     let report = mlxd::runtime::Report::gather();
     let loading = Instant::now();
     let model = mlxd::models::load(dir).with_context(|| format!("loading {}", dir.display()))?;
