@@ -483,7 +483,7 @@ fn fused_batch_matches(model: &mlxd::models::Transformer, bound: f32, what: &str
     let views: Vec<&SequenceCache> = caches.iter().collect();
     let mut fused = BatchCache::build(vec![0, 1, 2], &views).unwrap();
     let mut reference = BatchCache::build(vec![0, 1, 2], &views).unwrap();
-    let before = mlxd::runtime::emulated_kernel_launches().get("mlxd_fused_block").copied().unwrap_or(0);
+    let before = mlxd::runtime::emulated_kernel_launches().get("mlxd_fused_batch").copied().unwrap_or(0);
     let (mut tokens, mut worst) = (vec![5i32, 17, 42], 0.0f32);
     for i in 0..3 {
         let t = Array::from_slice(&tokens, &[3]);
@@ -508,7 +508,7 @@ fn fused_batch_matches(model: &mlxd::models::Transformer, bound: f32, what: &str
             tokens[r] = argmax(w) as i32;
         }
     }
-    let launches = mlxd::runtime::emulated_kernel_launches().get("mlxd_fused_block").copied().unwrap_or(0);
+    let launches = mlxd::runtime::emulated_kernel_launches().get("mlxd_fused_batch").copied().unwrap_or(0);
     assert_eq!(launches - before, 3 * 5 * model.num_layers(), "{what}: five phases per block per batched step");
     let (mut fused, mut reference) = (fused.split().unwrap(), reference.split().unwrap());
     assert_eq!(fused[1].1.offset(), lens[1] + 3);

@@ -1,6 +1,7 @@
 //! A whole decoder block of a decode step as one CUDA kernel, for 4-bit models on MLX's CUDA
-//! backend: one sequence, or a stacked batch of up to [`BATCH_MAX`] (the server's step when
-//! several clients decode at once).
+//! backend: one sequence (on by default where it times faster), or a stacked batch of up to
+//! [`BATCH_MAX`] rows (the server's step when several clients decode at once; opt-in,
+//! `MLXD_FUSED_BATCH=1`).
 //!
 //! Why: a small model's single-stream decode on a GPU is bound by the host, not the device. MLX
 //! 0.32 spends a few microseconds of host time on every node of a step's graph, and a Qwen3-0.6B
@@ -8,40 +9,43 @@
 //! card's memory bandwidth allows. Fusing pieces of a block into a few custom kernels does not
 //! help (session 7: an MLX custom-kernel call costs the host about what 1.5 built-in nodes do),
 //! so here the block is **one** node: the kernel's blocks work through the block's phases and
-//! meet at grid-wide barriers between them. A batch's rows share every weight load: each lane
-//! unpacks its 32 weights once and multiplies them with every row's inputs, so B rows cost far
-//! less than B steps.
+//! meet at grid-wide barriers between them.
 //!
 //! Phases (`P` participating blocks of 256 threads, each warp taking whole rows of a product):
-//! 1. RMS norm of each row of `x` (every block, into shared memory, in the model's dtype: MLX
-//!    rounds there too, so nothing is lost), then the stacked q/k/v product.
-//! 2. Per (row, query head, chunk of positions): q/k norms (Qwen3), RoPE at the row's own
-//!    position, the new key and value written into the cache at column `pos` (a batch's rows
-//!    are left-padded to one column; row b's live columns start at `starts[b]`), attention over
-//!    the chunk with an online softmax; the last block to finish a head merges its chunks (a
-//!    ticket per row and head, no barrier).
+//! 1. RMS norm of each row of `x` (every block, into shared memory), then the stacked q/k/v
+//!    product.
+//! 2. Per (row, query head, chunk of positions): q/k norms (Qwen3), RoPE at the row's position,
+//!    the new key and value written into the cache at column `pos` (a batch's rows are
+//!    left-padded to one column; row b's live columns start at `starts[b]`), attention over the
+//!    chunk with an online softmax; the last block to finish a head merges its chunks (a ticket
+//!    per row and head, no barrier).
 //! 3. The output projection plus the residual.
 //! 4. RMS norm, the stacked gate/up product and SwiGLU.
 //! 5. The down projection plus the residual, into the block's output.
 //!
+//! Two kernel texts: one row ([`SOURCE_ONE`], session 15's, floats in static shared memory)
+//! and batches ([`SOURCE`]: the rows' inputs in the model's dtype in dynamic shared memory, each
+//! weight unpacked once for all rows, variants for 2, 4 and 8 rows). Running one row through the
+//! batched text cost 20% of the single stream on the H100 (session 16), so the one-row text
+//! stays as measured, and the attention phase is written in both.
+//!
 //! Intermediate values are rounded to the model's dtype wherever MLX's own step materializes an
 //! array, so the fused step follows MLX's arithmetic closely (`tests/emulated_kernels.rs` checks
-//! it against the unfused step).
+//! both kernels against the unfused step).
 //!
 //! Grid barriers need every participating block resident at once. The kernel launches
 //! [`GRID`] blocks and only the first `min(GRID, SMs / 2)` take part (the SM count read on the
-//! device, `%nsmid`); the rest return at once. One block of this kernel fits on any SM beside
-//! another's (256 threads of at most ~170 registers, at most 96 KB of shared memory),
-//! so even two such kernels running side by side are all resident. A barrier that never opens ends the kernel with a trap after a few seconds instead of
-//! hanging the daemon.
+//! device, `%nsmid`); the rest return at once. One block of either kernel fits on any SM beside
+//! another's (256 threads of at most ~170 registers, at most 96 KB of shared memory), so even
+//! two such kernels running side by side are all resident. A barrier that never opens ends the
+//! kernel with a trap after a few seconds instead of hanging the daemon.
 //!
 //! State written in place (MLX sees these as inputs): the key/value cache (so the cache storage
-//! must be the sequence's own, see [`LayerCache::fused_storage`]; a batch's stack always is, see
+//! must be the sequence's own, see `LayerCache::fused_storage`; a batch's stack always is, see
 //! [`BatchCache::storage`]), and a workspace of scratch floats and barrier counters per sequence
-//! or batch ([`Workspace`]). The emulator (`crate::cuda_emulator`)
-//! runs blocks one after another, so there each phase is a launch of its own (`PHASE` 1-5; 0 is
-//! all of them with the barriers, what the GPU runs), the
-//! launches standing in for the barriers.
+//! or batch ([`Workspace`]). The emulator (`crate::cuda_emulator`) runs blocks one after
+//! another, so there each phase is a launch of its own (`PHASE` 1-5; 0 is all of them with the
+//! barriers, what the GPU runs), the launches standing in for the barriers.
 
 use super::layers::{Matrix, Quant, RmsNorm, Rope};
 use super::transformer::Block;
@@ -93,6 +97,9 @@ const CHUNKS_MAX: i32 = 16;
 /// model's dtype. Two blocks of 96 KB fit an H100's SM, one an A100's or a consumer card's, so
 /// `SMs / 2` participating blocks stay resident even beside a second such kernel.
 const SHARED_MAX: i32 = 96 * 1024;
+/// Static shared memory the one-row kernel may use, bytes (the 48 KB limit, with room for the
+/// rest).
+const ONE_ROW_SHARED_MAX: i32 = 46 * 1024;
 /// Rows (sequences) one step of the kernel takes at most.
 pub const BATCH_MAX: i32 = 8;
 /// Where the timing counters start in the barrier words (see [`TIMING_COUNTERS`]).
@@ -105,10 +112,352 @@ const TIMING_COUNTERS: i32 = 16;
 /// then the timing counters.
 const SYNC_WORDS: i32 = TIMING_AT + 2 * TIMING_COUNTERS;
 
-const HEADER: &str = r#"
+// The one-sequence kernel, as session 15 measured it (690 tok/s on 4-bit Qwen3-0.6B, H100).
+// Session 16 ran one row through the batched kernel below instead and lost 20% (run 5: 569
+// against 708 tok/s, same card, same run), so one row keeps its own text, floats in static
+// shared memory, four rows per warp.
+const HEADER_ONE: &str = r#"
 #define MLXD_WARPS 8
 #define MLXD_CHMAX 16
 #define MLXD_NR 4
+__device__ inline unsigned int mlxd_nsmid() {
+    unsigned int n;
+    asm volatile("mov.u32 %0, %%nsmid;" : "=r"(n));
+    return n;
+}
+template <typename T>
+__device__ inline float mlxd_round(float v) { return static_cast<float>(static_cast<T>(v)); }
+// Sum of v over the block (256 threads); red: MLXD_WARPS floats of shared memory.
+__device__ inline float mlxd_block_sum(float v, float* red) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float t = 0.0f;
+    for (int w = 0; w < MLXD_WARPS; ++w) t += red[w];
+    return t;
+}
+// The first P blocks wait here for each other. sync[0] counts arrivals (back to 0 when the
+// last one arrives), sync[32] is the barrier's generation.
+__device__ inline void mlxd_grid_sync(unsigned int* sync, unsigned int P) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        volatile unsigned int* gen = sync + 32;
+        const unsigned int g = *gen;
+        __threadfence();
+        if (atomicAdd(sync, 1u) == P - 1) {
+            atomicExch(sync, 0u);
+            __threadfence();
+            atomicAdd(sync + 32, 1u);
+        } else {
+            unsigned int spins = 0;
+            while (*gen == g) {
+                if (++spins > (1u << 28)) __trap();
+            }
+        }
+        __threadfence();
+    }
+    __syncthreads();
+}
+// MLXD_NR rows of a 4-bit affine product (rows[j] < 0: none) with xs (K floats, shared
+// memory): one warp, each lane 32 elements (one 16-byte load) of every row at a time, so a
+// warp keeps MLXD_NR * 512 bytes of weights in flight per step; lanes read their eight float4s
+// of xs in rotated order, which keeps a quarter-warp's reads on distinct banks. The sums land
+// in y on every lane.
+template <int K, int GS, typename W, typename S>
+__device__ inline void mlxd_q4(const W* w, const S* s, const S* b, const float* xs, const int* rows, float* y) {
+    const int lane = threadIdx.x & 31;
+    constexpr int C = K / 32;
+    float acc[MLXD_NR];
+#pragma unroll
+    for (int j = 0; j < MLXD_NR; ++j) acc[j] = 0.0f;
+#pragma unroll
+    for (int c0 = 0; c0 < C; c0 += 32) {
+        const int c = c0 + lane;
+        if (c < C) {
+            uint4 q[MLXD_NR];
+            float sc[MLXD_NR], bi[MLXD_NR], d[MLXD_NR];
+            const int g = (32 * c) / GS;
+#pragma unroll
+            for (int j = 0; j < MLXD_NR; ++j) {
+                const bool ok = rows[j] >= 0;
+                const int r = ok ? rows[j] : 0;
+                q[j] = ok ? reinterpret_cast<const uint4*>(w + (size_t)r * (K / 8))[c] : make_uint4(0u, 0u, 0u, 0u);
+                sc[j] = ok ? static_cast<float>(s[(size_t)r * (K / GS) + g]) : 0.0f;
+                bi[j] = ok ? static_cast<float>(b[(size_t)r * (K / GS) + g]) : 0.0f;
+                d[j] = 0.0f;
+            }
+            const float4* x4 = reinterpret_cast<const float4*>(xs + 32 * c);
+            float sx = 0.0f;
+#pragma unroll
+            for (int t = 0; t < 8; ++t) {
+                const int u = (t + lane) & 7;
+                const float4 xv = x4[u];
+                sx += (xv.x + xv.y) + (xv.z + xv.w);
+                const int sh = (u & 1) * 16;
+#pragma unroll
+                for (int j = 0; j < MLXD_NR; ++j) {
+                    const unsigned int wd = (u >> 1) == 0 ? q[j].x : (u >> 1) == 1 ? q[j].y : (u >> 1) == 2 ? q[j].z : q[j].w;
+                    d[j] = fmaf((float)((wd >> sh) & 15u), xv.x, d[j]);
+                    d[j] = fmaf((float)((wd >> (sh + 4)) & 15u), xv.y, d[j]);
+                    d[j] = fmaf((float)((wd >> (sh + 8)) & 15u), xv.z, d[j]);
+                    d[j] = fmaf((float)((wd >> (sh + 12)) & 15u), xv.w, d[j]);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < MLXD_NR; ++j) acc[j] += sc[j] * d[j] + bi[j] * sx;
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < MLXD_NR; ++j) {
+        float v = acc[j];
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        y[j] = v;
+    }
+}
+// RMS norm of D values (load(k) gives value k) times w, each rounded to T where MLX rounds,
+// into sh; every thread of the block calls it.
+template <int D, typename T, typename L, typename Wn>
+__device__ inline void mlxd_norm_to_shared(L load, const Wn* w, float eps, float* sh, float* red) {
+    float ss = 0.0f;
+    for (int k = threadIdx.x; k < D; k += 256) { const float v = load(k); sh[k] = v; ss += v * v; }
+    const float n = rsqrtf(mlxd_block_sum(ss, red) / D + eps);
+    for (int k = threadIdx.x; k < D; k += 256) sh[k] = mlxd_round<T>(mlxd_round<T>(sh[k] * n) * static_cast<float>(w[k]));
+    __syncthreads();
+}
+// Rows 0..R of a 4-bit product with xs, MLXD_NR rows per warp at a time (warp gw of NW):
+// put(row, sum) on each warp's lane 0.
+template <int K, int GS, typename W, typename S, typename F>
+__device__ inline void mlxd_q4_rows(int R, int gw, int NW, const W* w, const S* s, const S* b, const float* xs, F put) {
+    int rows[MLXD_NR];
+    float y[MLXD_NR];
+    for (int r0 = gw; r0 < R; r0 += NW * MLXD_NR) {
+#pragma unroll
+        for (int j = 0; j < MLXD_NR; ++j) rows[j] = r0 + j * NW < R ? r0 + j * NW : -1;
+        mlxd_q4<K, GS>(w, s, b, xs, rows, y);
+        if ((threadIdx.x & 31) == 0) {
+#pragma unroll
+            for (int j = 0; j < MLXD_NR; ++j) if (rows[j] >= 0) put(rows[j], y[j]);
+        }
+    }
+}
+"#;
+
+const SOURCE_ONE: &str = r#"
+    constexpr int NQKV = (H + 2 * KVH) * HD;
+    constexpr int OFF_ATT = NQKV;
+    constexpr int OFF_PART = OFF_ATT + H * HD;
+    constexpr int OFF_H1 = OFF_PART + H * MLXD_CHMAX * (HD + 2);
+    constexpr int OFF_MLP = OFF_H1 + D;
+    constexpr int DL = HD / 8;
+    const float eps = __int_as_float(EPS_BITS);
+    const float rope_scale = __int_as_float(ROPE_SCALE_BITS);
+    const float att_scale = __int_as_float(ATT_SCALE_BITS);
+    const float neg_inf = __int_as_float(0xff800000);
+    __shared__ __align__(16) float sh[SH];
+    __shared__ float hq[HD];
+    __shared__ float hk[HD];
+    __shared__ float hv[HD];
+    __shared__ float red[MLXD_WARPS];
+    __shared__ int last;
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    unsigned int P = gridDim.x;
+    if constexpr (PHASE == 0) {
+        const unsigned int half = mlxd_nsmid() / 2;
+        P = min(P, half > 0 ? half : 1u);
+    }
+    if (blockIdx.x >= P) return;
+    const int gw = blockIdx.x * MLXD_WARPS + warp;
+    const int NW = (int)P * MLXD_WARPS;
+    const int p = pos[0];
+    const int cap = kc_shape[2];
+    const int CH = min(MLXD_CHMAX, max(1, (int)P / H));
+    float* ws = const_cast<float*>(work);
+    unsigned int* sy = const_cast<unsigned int*>(reinterpret_cast<const unsigned int*>(sync));
+    T* kw = const_cast<T*>(kc);
+    T* vw = const_cast<T*>(vc);
+    if constexpr (PHASE == 0 || PHASE == 1) {
+        mlxd_norm_to_shared<D, T>([&](int k) { return static_cast<float>(x[k]); }, w_in, eps, sh, red);
+        mlxd_q4_rows<D, GS>(NQKV, gw, NW, qkv_w, qkv_s, qkv_b, sh, [&](int r, float v) { ws[r] = mlxd_round<T>(v); });
+    }
+    if constexpr (PHASE == 0) mlxd_grid_sync(sy, P);
+    if constexpr (PHASE == 0 || PHASE == 2) {
+        const int grp = tid >> 3;
+        const int e = tid & 7;
+        for (int it = blockIdx.x; it < H * CH; it += P) {
+            const int h = it / CH;
+            const int c = it % CH;
+            const int g = h / (H / KVH);
+            float a = 0.0f, b = 0.0f;
+            if (tid < HD) {
+                a = __ldcg(ws + h * HD + tid);
+                b = __ldcg(ws + (H + g) * HD + tid);
+                hv[tid] = __ldcg(ws + (H + KVH + g) * HD + tid);
+            }
+            if constexpr (QKN) {
+                const float na = rsqrtf(mlxd_block_sum(a * a, red) / HD + eps);
+                const float nb = rsqrtf(mlxd_block_sum(b * b, red) / HD + eps);
+                if (tid < HD) {
+                    a = mlxd_round<T>(mlxd_round<T>(a * na) * static_cast<float>(w_qn[tid]));
+                    b = mlxd_round<T>(mlxd_round<T>(b * nb) * static_cast<float>(w_kn[tid]));
+                }
+            }
+            if (tid < HD) { hq[tid] = a; hk[tid] = b; }
+            __syncthreads();
+            if (tid < RD) {
+                const int half = RD / 2;
+                const float theta = (float)p * rope_scale / periods[tid % half];
+                float sn, cs;
+                sincosf(theta, &sn, &cs);
+                if (tid < half) {
+                    a = mlxd_round<T>(a * cs - hq[tid + half] * sn);
+                    b = mlxd_round<T>(b * cs - hk[tid + half] * sn);
+                } else {
+                    a = mlxd_round<T>(a * cs + hq[tid - half] * sn);
+                    b = mlxd_round<T>(b * cs + hk[tid - half] * sn);
+                }
+            }
+            __syncthreads();
+            if (tid < HD) {
+                hq[tid] = a;
+                hk[tid] = b;
+                if (h % (H / KVH) == 0 && c == 0) {
+                    kw[((size_t)g * cap + p) * HD + tid] = static_cast<T>(b);
+                    vw[((size_t)g * cap + p) * HD + tid] = static_cast<T>(hv[tid]);
+                }
+            }
+            __syncthreads();
+            const int len = p + 1;
+            const int per = (len + CH - 1) / CH;
+            const int start = c * per;
+            const int end = min(len, start + per);
+            float qf[DL], acc[DL];
+#pragma unroll
+            for (int d = 0; d < DL; ++d) { qf[d] = hq[e * DL + d] * att_scale; acc[d] = 0.0f; }
+            float m = neg_inf, l = 0.0f;
+            for (int j0 = start; j0 < end; j0 += 32) {
+                const int j = j0 + grp;
+                const bool ok = j < end;
+                float kf[DL], vf[DL];
+                if (ok && j == p) {
+#pragma unroll
+                    for (int d = 0; d < DL; ++d) { kf[d] = hk[e * DL + d]; vf[d] = hv[e * DL + d]; }
+                } else {
+                    const size_t at = ((size_t)g * cap + (ok ? j : start)) * HD + e * DL;
+#pragma unroll
+                    for (int d = 0; d < DL; ++d) { kf[d] = static_cast<float>(kc[at + d]); vf[d] = static_cast<float>(vc[at + d]); }
+                }
+                float s = 0.0f;
+#pragma unroll
+                for (int d = 0; d < DL; ++d) s = fmaf(qf[d], kf[d], s);
+                s += __shfl_xor_sync(0xffffffffu, s, 4);
+                s += __shfl_xor_sync(0xffffffffu, s, 2);
+                s += __shfl_xor_sync(0xffffffffu, s, 1);
+                if (ok) {
+                    const float mn = fmaxf(m, s);
+                    const float cr = expf(m - mn);
+                    const float pr = expf(s - mn);
+                    l = l * cr + pr;
+#pragma unroll
+                    for (int d = 0; d < DL; ++d) acc[d] = fmaf(pr, vf[d], acc[d] * cr);
+                    m = mn;
+                }
+            }
+            float* mb = sh + grp * (HD + 2);
+#pragma unroll
+            for (int d = 0; d < DL; ++d) mb[e * DL + d] = acc[d];
+            if (e == 0) { mb[HD] = m; mb[HD + 1] = l; }
+            __syncthreads();
+            float* part = ws + OFF_PART + (h * MLXD_CHMAX + c) * (HD + 2);
+            if (tid < HD) {
+                float top = neg_inf;
+                for (int q = 0; q < 32; ++q) top = fmaxf(top, sh[q * (HD + 2) + HD]);
+                float num = 0.0f, den = 0.0f;
+                for (int q = 0; q < 32; ++q) {
+                    const float mq = sh[q * (HD + 2) + HD];
+                    const float f = mq == neg_inf ? 0.0f : expf(mq - top);
+                    num += sh[q * (HD + 2) + tid] * f;
+                    den += sh[q * (HD + 2) + HD + 1] * f;
+                }
+                part[tid] = num;
+                if (tid == 0) { part[HD] = top; part[HD + 1] = den; }
+            }
+            __threadfence();
+            __syncthreads();
+            if (tid == 0) last = atomicAdd(sy + 64 + h, 1u) == (unsigned int)(CH - 1);
+            __syncthreads();
+            if (last) {
+                __threadfence();
+                if (tid < HD) {
+                    const float* base = ws + OFF_PART + h * MLXD_CHMAX * (HD + 2);
+                    float top = neg_inf;
+                    for (int q = 0; q < CH; ++q) top = fmaxf(top, __ldcg(base + q * (HD + 2) + HD));
+                    float num = 0.0f, den = 0.0f;
+                    for (int q = 0; q < CH; ++q) {
+                        const float mq = __ldcg(base + q * (HD + 2) + HD);
+                        const float f = mq == neg_inf ? 0.0f : expf(mq - top);
+                        num += __ldcg(base + q * (HD + 2) + tid) * f;
+                        den += __ldcg(base + q * (HD + 2) + HD + 1) * f;
+                    }
+                    ws[OFF_ATT + h * HD + tid] = mlxd_round<T>(num / den);
+                }
+                if (tid == 0) atomicExch(sy + 64 + h, 0u);
+            }
+            __syncthreads();
+        }
+    }
+    if constexpr (PHASE == 0) mlxd_grid_sync(sy, P);
+    if constexpr (PHASE == 0 || PHASE == 3) {
+        for (int k = tid; k < H * HD; k += 256) sh[k] = __ldcg(ws + OFF_ATT + k);
+        __syncthreads();
+        mlxd_q4_rows<H * HD, GS>(D, gw, NW, o_w, o_s, o_b, sh, [&](int r, float v) {
+            ws[OFF_H1 + r] = mlxd_round<T>(static_cast<float>(x[r]) + mlxd_round<T>(v));
+        });
+    }
+    if constexpr (PHASE == 0) mlxd_grid_sync(sy, P);
+    if constexpr (PHASE == 0 || PHASE == 4) {
+        mlxd_norm_to_shared<D, T>([&](int k) { return __ldcg(ws + OFF_H1 + k); }, w_post, eps, sh, red);
+        int rows[MLXD_NR];
+        float y[MLXD_NR];
+        for (int r0 = gw; r0 < I; r0 += NW * 2) {
+            rows[0] = r0;
+            rows[1] = r0 + I;
+            rows[2] = r0 + NW < I ? r0 + NW : -1;
+            rows[3] = r0 + NW < I ? r0 + NW + I : -1;
+            mlxd_q4<D, GS>(gu_w, gu_s, gu_b, sh, rows, y);
+            if (lane == 0) {
+#pragma unroll
+                for (int j = 0; j < MLXD_NR; j += 2) {
+                    if (rows[j] < 0) continue;
+                    const float gt = mlxd_round<T>(y[j]);
+                    const float up = mlxd_round<T>(y[j + 1]);
+                    const float sg = mlxd_round<T>(1.0f / (1.0f + expf(-gt)));
+                    ws[OFF_MLP + rows[j]] = mlxd_round<T>(mlxd_round<T>(gt * sg) * up);
+                }
+            }
+        }
+    }
+    if constexpr (PHASE == 0) mlxd_grid_sync(sy, P);
+    if constexpr (PHASE == 0 || PHASE == 5) {
+        for (int k = tid; k < I; k += 256) sh[k] = __ldcg(ws + OFF_MLP + k);
+        __syncthreads();
+        mlxd_q4_rows<I, GS>(D, gw, NW, d_w, d_s, d_b, sh, [&](int r, float v) {
+            out[r] = static_cast<T>(__ldcg(ws + OFF_H1 + r) + mlxd_round<T>(v));
+        });
+    }
+"#;
+
+const INPUTS_ONE: [&str; 23] = [
+    "x", "pos", "w_in", "w_post", "w_qn", "w_kn", "qkv_w", "qkv_s", "qkv_b", "o_w", "o_s", "o_b", "gu_w", "gu_s",
+    "gu_b", "d_w", "d_s", "d_b", "kc", "vc", "periods", "work", "sync",
+];
+
+// The batched kernel (2 to 8 rows, `B` the most a variant takes).
+const HEADER: &str = r#"
+#define MLXD_WARPS 8
+#define MLXD_CHMAX 16
 #ifdef MLXD_EMULATED
 #define MLXD_DYNAMIC_SHARED(name, bytes) static __align__(16) unsigned char name[bytes]
 #else
@@ -158,11 +507,6 @@ __device__ inline void mlxd_grid_sync(unsigned int* sync, unsigned int P) {
     }
     __syncthreads();
 }
-// A if C, else B.
-template <bool C, typename A, typename B>
-struct mlxd_pick { using type = A; };
-template <typename A, typename B>
-struct mlxd_pick<false, A, B> { using type = B; };
 // Eight consecutive values of T (16-byte aligned) as floats.
 template <typename T>
 __device__ inline void mlxd_load8(const T* p, float* v) {
@@ -175,62 +519,6 @@ __device__ inline void mlxd_load8(const T* p, float* v) {
         const T* t = reinterpret_cast<const T*>(&u);
 #pragma unroll
         for (int e = 0; e < 8; ++e) v[e] = static_cast<float>(t[e]);
-    }
-}
-// One row of x (B = 1): MLXD_NR rows of a 4-bit affine product (rows[j] < 0: none) with xs (K
-// floats, shared memory): one warp, each lane 32 elements (one 16-byte load) of every row at a time, so a
-// warp keeps MLXD_NR * 512 bytes of weights in flight per step; lanes read their eight float4s
-// of xs in rotated order, which keeps a quarter-warp's reads on distinct banks. The sums land
-// in y on every lane.
-template <int K, int GS, typename W, typename S>
-__device__ inline void mlxd_q4_one(const W* w, const S* s, const S* b, const float* xs, const int* rows, float* y) {
-    const int lane = threadIdx.x & 31;
-    constexpr int C = K / 32;
-    float acc[MLXD_NR];
-#pragma unroll
-    for (int j = 0; j < MLXD_NR; ++j) acc[j] = 0.0f;
-#pragma unroll
-    for (int c0 = 0; c0 < C; c0 += 32) {
-        const int c = c0 + lane;
-        if (c < C) {
-            uint4 q[MLXD_NR];
-            float sc[MLXD_NR], bi[MLXD_NR], d[MLXD_NR];
-            const int g = (32 * c) / GS;
-#pragma unroll
-            for (int j = 0; j < MLXD_NR; ++j) {
-                const bool ok = rows[j] >= 0;
-                const int r = ok ? rows[j] : 0;
-                q[j] = ok ? reinterpret_cast<const uint4*>(w + (size_t)r * (K / 8))[c] : make_uint4(0u, 0u, 0u, 0u);
-                sc[j] = ok ? static_cast<float>(s[(size_t)r * (K / GS) + g]) : 0.0f;
-                bi[j] = ok ? static_cast<float>(b[(size_t)r * (K / GS) + g]) : 0.0f;
-                d[j] = 0.0f;
-            }
-            const float4* x4 = reinterpret_cast<const float4*>(xs + 32 * c);
-            float sx = 0.0f;
-#pragma unroll
-            for (int t = 0; t < 8; ++t) {
-                const int u = (t + lane) & 7;
-                const float4 xv = x4[u];
-                sx += (xv.x + xv.y) + (xv.z + xv.w);
-                const int sh = (u & 1) * 16;
-#pragma unroll
-                for (int j = 0; j < MLXD_NR; ++j) {
-                    const unsigned int wd = (u >> 1) == 0 ? q[j].x : (u >> 1) == 1 ? q[j].y : (u >> 1) == 2 ? q[j].z : q[j].w;
-                    d[j] = fmaf((float)((wd >> sh) & 15u), xv.x, d[j]);
-                    d[j] = fmaf((float)((wd >> (sh + 4)) & 15u), xv.y, d[j]);
-                    d[j] = fmaf((float)((wd >> (sh + 8)) & 15u), xv.z, d[j]);
-                    d[j] = fmaf((float)((wd >> (sh + 12)) & 15u), xv.w, d[j]);
-                }
-            }
-#pragma unroll
-            for (int j = 0; j < MLXD_NR; ++j) acc[j] += sc[j] * d[j] + bi[j] * sx;
-        }
-    }
-#pragma unroll
-    for (int j = 0; j < MLXD_NR; ++j) {
-        float v = acc[j];
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        y[j] = v;
     }
 }
 // NR rows of a 4-bit affine product (rows[j] < 0: none) with nb <= B vectors of K values (xs:
@@ -307,7 +595,7 @@ __device__ inline void mlxd_q4(const W* w, const S* s, const S* b, const T* xs, 
         }
 }
 // RMS norm of D values (load(k) gives value k, a value of T) times w, each rounded to T where
-// MLX rounds, into sh (floats, or T: exact either way); every thread of the block calls it.
+// MLX rounds, into sh (in the model's dtype: exact); every thread of the block calls it.
 template <int D, typename T, typename XS, typename L, typename Wn>
 __device__ inline void mlxd_norm_to_shared(L load, const Wn* w, float eps, XS* sh, float* red) {
     float ss = 0.0f;
@@ -316,19 +604,6 @@ __device__ inline void mlxd_norm_to_shared(L load, const Wn* w, float eps, XS* s
     for (int k = threadIdx.x; k < D; k += 256)
         sh[k] = static_cast<XS>(mlxd_round<T>(mlxd_round<T>(static_cast<float>(sh[k]) * n) * static_cast<float>(w[k])));
     __syncthreads();
-}
-// NR rows of a product with nb rows of xs: mlxd_q4_one for one row (floats), mlxd_q4 for more.
-template <int K, int GS, int NR, int B, typename XS, typename W, typename S>
-__device__ inline void mlxd_q4_any(const W* w, const S* s, const S* b, const XS* xs, int nb, const int* rows, float (*y)[B]) {
-    if constexpr (B == 1) {
-        static_assert(NR == MLXD_NR, "one row: MLXD_NR rows per warp");
-        float y1[MLXD_NR];
-        mlxd_q4_one<K, GS>(w, s, b, xs, rows, y1);
-#pragma unroll
-        for (int j = 0; j < NR; ++j) y[j][0] = y1[j];
-    } else {
-        mlxd_q4<K, GS, NR, B>(w, s, b, xs, nb, rows, y);
-    }
 }
 // Rows 0..R of a 4-bit product with the nb vectors of xs, NR rows per warp at a time (warp gw
 // of NW): put(row, vector, sum), each sum from one lane.
@@ -340,7 +615,7 @@ __device__ inline void mlxd_q4_rows(int R, int gw, int NW, const W* w, const S* 
     for (int r0 = gw; r0 < R; r0 += NW * NR) {
 #pragma unroll
         for (int j = 0; j < NR; ++j) rows[j] = r0 + j * NW < R ? r0 + j * NW : -1;
-        mlxd_q4_any<K, GS, NR, B>(w, s, b, xs, nb, rows, y);
+        mlxd_q4<K, GS, NR, B>(w, s, b, xs, nb, rows, y);
 #pragma unroll
         for (int j = 0; j < NR; ++j)
 #pragma unroll
@@ -358,9 +633,9 @@ const SOURCE: &str = r#"
     constexpr int OFF_MLP = OFF_H1 + D;
     constexpr int WF = OFF_MLP + I;
     constexpr int NR = B <= 2 ? 4 : 2;
-    // One row's inputs are kept as floats, several rows' in the model's dtype (exact: MLX rounds
-    // there too), which fits up to 8 rows in the shared memory.
-    using XS = typename mlxd_pick<B == 1, float, T>::type;
+    // The rows' inputs are kept in the model's dtype (exact: MLX rounds there too), which fits
+    // up to 8 rows in the shared memory.
+    using XS = T;
     constexpr int DL = HD / 8;
     const float eps = __int_as_float(EPS_BITS);
     const float rope_scale = __int_as_float(ROPE_SCALE_BITS);
@@ -583,7 +858,7 @@ const SOURCE: &str = r#"
                 rows[2 * j] = r < I ? r : -1;
                 rows[2 * j + 1] = r < I ? r + I : -1;
             }
-            mlxd_q4_any<D, GS, NR, B>(gu_w, gu_s, gu_b, xs, NB, rows, y);
+            mlxd_q4<D, GS, NR, B>(gu_w, gu_s, gu_b, xs, NB, rows, y);
 #pragma unroll
             for (int j = 0; j < NR / 2; ++j)
 #pragma unroll
@@ -612,7 +887,7 @@ const SOURCE: &str = r#"
     stamp(9);
 "#;
 
-const INPUTS: [&str; 24] = [
+const INPUTS_BATCH: [&str; 24] = [
     "x", "pos", "starts", "w_in", "w_post", "w_qn", "w_kn", "qkv_w", "qkv_s", "qkv_b", "o_w", "o_s", "o_b", "gu_w",
     "gu_s", "gu_b", "d_w", "d_s", "d_b", "kc", "vc", "periods", "work", "sync",
 ];
@@ -666,11 +941,16 @@ impl Dims {
             + self.inter
     }
 
-    /// Bytes of dynamic shared memory for the variant of `rows` rows of `dtype`: every
-    /// product's inputs (floats for one row, the model's dtype for more), or the attention's
-    /// merge scratch (32 partial results of a head, floats).
+    /// Floats of the one-row kernel's main shared buffer.
+    fn shared_floats(&self) -> i32 {
+        self.d.max(self.heads * self.head_dim).max(self.inter).max(32 * (self.head_dim + 2))
+    }
+
+    /// Bytes of the batched kernel's dynamic shared memory for `rows` rows of `dtype`: every
+    /// product's inputs in the model's dtype, or the attention's merge scratch (32 partial
+    /// results of a head, floats).
     fn shared_bytes(&self, rows: i32, dtype: Dtype) -> i32 {
-        let size = if dtype == Dtype::Float32 || rows == 1 { 4 } else { 2 };
+        let size = if dtype == Dtype::Float32 { 4 } else { 2 };
         let widest = self.d.max(self.heads * self.head_dim).max(self.inter);
         (rows * widest * size).max(32 * (self.head_dim + 2) * 4)
     }
@@ -718,7 +998,8 @@ impl FusedDecode {
             && rope_dims % 2 == 0
             && dims.kv_heads > 0
             && dims.heads % dims.kv_heads == 0
-            && dims.heads + 64 <= SYNC_WORDS;
+            && dims.heads + 64 <= SYNC_WORDS
+            && (dims.shared_floats() + 3 * dims.head_dim) * 4 <= ONE_ROW_SHARED_MAX;
         if !shapes_ok {
             return None;
         }
@@ -792,7 +1073,10 @@ impl FusedDecode {
     /// and shrinks a row at a time, and a size first seen mid-serving would stall every client
     /// for a compile; these few are compiled when the model loads.
     pub fn variant(&self, rows: i32) -> i32 {
-        [1, 2, 4, 8]
+        if rows <= 1 {
+            return 1;
+        }
+        [2, 4, 8]
             .into_iter()
             .filter(|&v| v < self.batch_max)
             .chain([self.batch_max])
@@ -800,9 +1084,9 @@ impl FusedDecode {
             .unwrap_or(self.batch_max)
     }
 
-    /// Every variant [`FusedDecode::variant`] picks from.
+    /// Every batched variant [`FusedDecode::variant`] picks from (none where the most is 1).
     pub fn variants(&self) -> Vec<i32> {
-        let mut all: Vec<i32> = (1..=self.batch_max).map(|r| self.variant(r)).collect();
+        let mut all: Vec<i32> = (2..=self.batch_max).map(|r| self.variant(r)).collect();
         all.dedup();
         all
     }
@@ -870,8 +1154,11 @@ impl FusedDecode {
         let mut h = x.clone();
         for (l, layer) in self.layers.iter().enumerate() {
             let (kc, vc) = storage(l)?;
-            let mut inputs: Vec<&Array> = Vec::with_capacity(INPUTS.len());
-            inputs.extend([&h, pos, starts]);
+            let mut inputs: Vec<&Array> = Vec::with_capacity(INPUTS_BATCH.len());
+            inputs.extend([&h, pos]);
+            if rows > 1 {
+                inputs.push(starts);
+            }
             inputs.extend(layer.arrays.iter());
             inputs.extend([&kc, &vc, &self.periods, &work.work, &work.sync]);
             // Phases launched one by one are ordered only because the emulator runs each at once: MLX
@@ -881,12 +1168,20 @@ impl FusedDecode {
             let mut out = None;
             for &phase in phases {
                 let mut template = self.template.clone();
-                let (variant, smem) = (self.variant(rows), self.dims.shared_bytes(self.variant(rows), self.dtype));
-                template.extend([
-                    ("B", TemplateArg::Int(variant)),
-                    ("SMEM", TemplateArg::Int(smem)),
-                    ("PHASE", TemplateArg::Int(phase)),
-                ]);
+                let smem = if rows == 1 {
+                    template.push(("SH", TemplateArg::Int(self.dims.shared_floats())));
+                    0
+                } else {
+                    let (variant, smem) = (self.variant(rows), self.dims.shared_bytes(self.variant(rows), self.dtype));
+                    template.extend([
+                        ("TIMING_AT", TemplateArg::Int(TIMING_AT)),
+                        ("TIMED", TemplateArg::Bool(timing())),
+                        ("B", TemplateArg::Int(variant)),
+                        ("SMEM", TemplateArg::Int(smem)),
+                    ]);
+                    smem
+                };
+                template.push(("PHASE", TemplateArg::Int(phase)));
                 out = Some(self.apply(&inputs, rows, smem, &template, grid)?);
             }
             h = out.expect("one phase at least");
@@ -907,16 +1202,21 @@ impl FusedDecode {
             let mut kernels = cell.borrow_mut();
             let at = match kernels.iter().position(|(s, _)| *s == smem) {
                 Some(at) => at,
+                // 0: the one-row kernel (static shared memory).
                 None => {
-                    let k = CudaKernel::with_dynamic_shared(
-                        "mlxd_fused_block",
-                        &INPUTS,
-                        &["out"],
-                        HEADER,
-                        SOURCE,
-                        false,
-                        smem,
-                    );
+                    let k = if smem == 0 {
+                        CudaKernel::new("mlxd_fused_block", &INPUTS_ONE, &["out"], HEADER_ONE, SOURCE_ONE, false)
+                    } else {
+                        CudaKernel::with_dynamic_shared(
+                            "mlxd_fused_batch",
+                            &INPUTS_BATCH,
+                            &["out"],
+                            HEADER,
+                            SOURCE,
+                            false,
+                            smem,
+                        )
+                    };
                     kernels.push((smem, k));
                     kernels.len() - 1
                 }
@@ -972,8 +1272,6 @@ fn template(
         ("EPS_BITS", bits(eps)),
         ("ROPE_SCALE_BITS", bits(rope_scale)),
         ("ATT_SCALE_BITS", bits((dims.head_dim as f32).powf(-0.5))),
-        ("TIMING_AT", TemplateArg::Int(TIMING_AT)),
-        ("TIMED", TemplateArg::Bool(timing())),
     ]
 }
 

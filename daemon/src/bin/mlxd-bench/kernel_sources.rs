@@ -25,8 +25,9 @@ use mlxd::sampling::{SamplingParams, SequenceSampler};
 use std::path::{Path, PathBuf};
 
 /// Every kernel name (or name prefix, for plugins) the recording must contain.
-const EXPECTED: [&str; 10] = [
+const EXPECTED: [&str; 11] = [
     "mlxd_fused_block",
+    "mlxd_fused_batch",
     "mlxd_sample_chunks",
     "mlxd_sample_pick",
     "mlxd_sample-",
