@@ -23,8 +23,8 @@
 //! 4. RMS norm, the stacked gate/up product and SwiGLU.
 //! 5. The down projection plus the residual, into the block's output.
 //!
-//! Two kernel texts: one row ([`SOURCE_ONE`], session 15's, floats in static shared memory)
-//! and batches ([`SOURCE`]: the rows' inputs in the model's dtype in dynamic shared memory, each
+//! Two kernel texts: one row (`SOURCE_ONE`, session 15's, floats in static shared memory)
+//! and batches (`SOURCE`: the rows' inputs in the model's dtype in dynamic shared memory, each
 //! weight unpacked once for all rows, variants for 2, 4 and 8 rows). Running one row through the
 //! batched text cost 20% of the single stream on the H100 (session 16), so the one-row text
 //! stays as measured, and the attention phase is written in both.
@@ -42,7 +42,7 @@
 //!
 //! State written in place (MLX sees these as inputs): the key/value cache (so the cache storage
 //! must be the sequence's own, see `LayerCache::fused_storage`; a batch's stack always is, see
-//! [`BatchCache::storage`]), and a workspace of scratch floats and barrier counters per sequence
+//! `BatchCache::storage`), and a workspace of scratch floats and barrier counters per sequence
 //! or batch ([`Workspace`]). The emulator (`crate::cuda_emulator`) runs blocks one after
 //! another, so there each phase is a launch of its own (`PHASE` 1-5; 0 is all of them with the
 //! barriers, what the GPU runs), the launches standing in for the barriers.
