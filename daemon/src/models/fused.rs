@@ -112,14 +112,13 @@ const TIMING_COUNTERS: i32 = 16;
 /// then the timing counters.
 const SYNC_WORDS: i32 = TIMING_AT + 2 * TIMING_COUNTERS;
 
-// The one-sequence kernel, as session 15 measured it (690 tok/s on 4-bit Qwen3-0.6B, H100).
-// Session 16 ran one row through the batched kernel below instead and lost 20% (run 5: 569
-// against 708 tok/s, same card, same run), so one row keeps its own text, floats in static
-// shared memory, four rows per warp.
-const HEADER_ONE: &str = r#"
+/// Device helpers both kernel texts start with: the SM count, rounding to the model's dtype,
+/// a block-wide sum, the grid barrier and the RMS norm into shared memory.
+macro_rules! common_header {
+    () => {
+        r#"
 #define MLXD_WARPS 8
 #define MLXD_CHMAX 16
-#define MLXD_NR 4
 __device__ inline unsigned int mlxd_nsmid() {
     unsigned int n;
     asm volatile("mov.u32 %0, %%nsmid;" : "=r"(n));
@@ -159,6 +158,30 @@ __device__ inline void mlxd_grid_sync(unsigned int* sync, unsigned int P) {
     }
     __syncthreads();
 }
+// RMS norm of D values (load(k) gives value k, a value of T) times w, each rounded to T where
+// MLX rounds, into sh (floats, or the model's dtype: exact either way); every thread of the
+// block calls it.
+template <int D, typename T, typename XS, typename L, typename Wn>
+__device__ inline void mlxd_norm_to_shared(L load, const Wn* w, float eps, XS* sh, float* red) {
+    float ss = 0.0f;
+    for (int k = threadIdx.x; k < D; k += 256) { const float v = load(k); sh[k] = static_cast<XS>(v); ss += v * v; }
+    const float n = rsqrtf(mlxd_block_sum(ss, red) / D + eps);
+    for (int k = threadIdx.x; k < D; k += 256)
+        sh[k] = static_cast<XS>(mlxd_round<T>(mlxd_round<T>(static_cast<float>(sh[k]) * n) * static_cast<float>(w[k])));
+    __syncthreads();
+}
+"#
+    };
+}
+
+// The one-sequence kernel, as session 15 measured it (690 tok/s on 4-bit Qwen3-0.6B, H100).
+// Session 16 ran one row through the batched kernel below instead and lost 20% (run 5: 569
+// against 708 tok/s, same card, same run), so one row keeps its own text, floats in static
+// shared memory, four rows per warp.
+const HEADER_ONE: &str = concat!(
+    common_header!(),
+    r#"
+#define MLXD_NR 4
 // MLXD_NR rows of a 4-bit affine product (rows[j] < 0: none) with xs (K floats, shared
 // memory): one warp, each lane 32 elements (one 16-byte load) of every row at a time, so a
 // warp keeps MLXD_NR * 512 bytes of weights in flight per step; lanes read their eight float4s
@@ -215,16 +238,6 @@ __device__ inline void mlxd_q4(const W* w, const S* s, const S* b, const float* 
         y[j] = v;
     }
 }
-// RMS norm of D values (load(k) gives value k) times w, each rounded to T where MLX rounds,
-// into sh; every thread of the block calls it.
-template <int D, typename T, typename L, typename Wn>
-__device__ inline void mlxd_norm_to_shared(L load, const Wn* w, float eps, float* sh, float* red) {
-    float ss = 0.0f;
-    for (int k = threadIdx.x; k < D; k += 256) { const float v = load(k); sh[k] = v; ss += v * v; }
-    const float n = rsqrtf(mlxd_block_sum(ss, red) / D + eps);
-    for (int k = threadIdx.x; k < D; k += 256) sh[k] = mlxd_round<T>(mlxd_round<T>(sh[k] * n) * static_cast<float>(w[k]));
-    __syncthreads();
-}
 // Rows 0..R of a 4-bit product with xs, MLXD_NR rows per warp at a time (warp gw of NW):
 // put(row, sum) on each warp's lane 0.
 template <int K, int GS, typename W, typename S, typename F>
@@ -241,7 +254,8 @@ __device__ inline void mlxd_q4_rows(int R, int gw, int NW, const W* w, const S* 
         }
     }
 }
-"#;
+"#
+);
 
 const SOURCE_ONE: &str = r#"
     constexpr int NQKV = (H + 2 * KVH) * HD;
@@ -455,9 +469,9 @@ const INPUTS_ONE: [&str; 23] = [
 ];
 
 // The batched kernel (2 to 8 rows, `B` the most a variant takes).
-const HEADER: &str = r#"
-#define MLXD_WARPS 8
-#define MLXD_CHMAX 16
+const HEADER: &str = concat!(
+    common_header!(),
+    r#"
 #ifdef MLXD_EMULATED
 #define MLXD_DYNAMIC_SHARED(name, bytes) static __align__(16) unsigned char name[bytes]
 #else
@@ -467,45 +481,6 @@ __device__ inline unsigned long long mlxd_now() {
     unsigned long long t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     return t;
-}
-__device__ inline unsigned int mlxd_nsmid() {
-    unsigned int n;
-    asm volatile("mov.u32 %0, %%nsmid;" : "=r"(n));
-    return n;
-}
-template <typename T>
-__device__ inline float mlxd_round(float v) { return static_cast<float>(static_cast<T>(v)); }
-// Sum of v over the block (256 threads); red: MLXD_WARPS floats of shared memory.
-__device__ inline float mlxd_block_sum(float v, float* red) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    __syncthreads();
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-    __syncthreads();
-    float t = 0.0f;
-    for (int w = 0; w < MLXD_WARPS; ++w) t += red[w];
-    return t;
-}
-// The first P blocks wait here for each other. sync[0] counts arrivals (back to 0 when the
-// last one arrives), sync[32] is the barrier's generation.
-__device__ inline void mlxd_grid_sync(unsigned int* sync, unsigned int P) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        volatile unsigned int* gen = sync + 32;
-        const unsigned int g = *gen;
-        __threadfence();
-        if (atomicAdd(sync, 1u) == P - 1) {
-            atomicExch(sync, 0u);
-            __threadfence();
-            atomicAdd(sync + 32, 1u);
-        } else {
-            unsigned int spins = 0;
-            while (*gen == g) {
-                if (++spins > (1u << 28)) __trap();
-            }
-        }
-        __threadfence();
-    }
-    __syncthreads();
 }
 // Eight consecutive values of T (16-byte aligned) as floats.
 template <typename T>
@@ -594,17 +569,6 @@ __device__ inline void mlxd_q4(const W* w, const S* s, const S* b, const T* xs, 
             y[j][v] = a;
         }
 }
-// RMS norm of D values (load(k) gives value k, a value of T) times w, each rounded to T where
-// MLX rounds, into sh (in the model's dtype: exact); every thread of the block calls it.
-template <int D, typename T, typename XS, typename L, typename Wn>
-__device__ inline void mlxd_norm_to_shared(L load, const Wn* w, float eps, XS* sh, float* red) {
-    float ss = 0.0f;
-    for (int k = threadIdx.x; k < D; k += 256) { const float v = load(k); sh[k] = static_cast<XS>(v); ss += v * v; }
-    const float n = rsqrtf(mlxd_block_sum(ss, red) / D + eps);
-    for (int k = threadIdx.x; k < D; k += 256)
-        sh[k] = static_cast<XS>(mlxd_round<T>(mlxd_round<T>(static_cast<float>(sh[k]) * n) * static_cast<float>(w[k])));
-    __syncthreads();
-}
 // Rows 0..R of a 4-bit product with the nb vectors of xs, NR rows per warp at a time (warp gw
 // of NW): put(row, vector, sum), each sum from one lane.
 template <int K, int GS, int NR, int B, typename XS, typename W, typename S, typename F>
@@ -623,7 +587,8 @@ __device__ inline void mlxd_q4_rows(int R, int gw, int NW, const W* w, const S* 
                 if (lane == (j * B + v) % 32 && rows[j] >= 0 && v < nb) put(rows[j], v, y[j][v]);
     }
 }
-"#;
+"#
+);
 
 const SOURCE: &str = r#"
     constexpr int NQKV = (H + 2 * KVH) * HD;
@@ -946,6 +911,15 @@ impl Dims {
         self.d.max(self.heads * self.head_dim).max(self.inter).max(32 * (self.head_dim + 2))
     }
 
+    /// The most rows one batched step takes: what the shared memory and the tickets allow (1:
+    /// no batched step does; the one-row kernel's own limit is stricter than one row here).
+    fn batch_max(&self, dtype: Dtype) -> i32 {
+        (1..=BATCH_MAX)
+            .take_while(|&b| self.shared_bytes(b, dtype) <= SHARED_MAX && 64 + b * self.heads <= SYNC_WORDS)
+            .last()
+            .unwrap_or(1)
+    }
+
     /// Bytes of the batched kernel's dynamic shared memory for `rows` rows of `dtype`: every
     /// product's inputs in the model's dtype, or the attention's merge scratch (32 partial
     /// results of a head, floats).
@@ -1052,9 +1026,7 @@ impl FusedDecode {
         {
             return None;
         }
-        let batch_max = (1..=BATCH_MAX)
-            .take_while(|&b| dims.shared_bytes(b, dtype) <= SHARED_MAX && 64 + b * dims.heads <= SYNC_WORDS)
-            .last()?;
+        let batch_max = dims.batch_max(dtype);
         let template = template(dims, dtype, rope_dims, group?, args.qk_norm, args.eps, rope_scale);
         let n = periods.len() as i32;
         let periods = Array::from_slice(&periods, &[n]);
@@ -1110,7 +1082,7 @@ impl FusedDecode {
     /// One decode step through every block: `x` is the embedded token (`[1, D]`), `cache` the
     /// sequence's, which moves on by one position. Returns the last block's output.
     pub fn decode(&self, x: &Array, cache: &mut SequenceCache) -> Result<Array> {
-        let work = cache.fused_workspace(self.dims.work_floats() as usize, || self.workspace(1))?;
+        let work = own_workspace(&mut cache.fused_work, self.dims.work_floats() as usize, || self.workspace(1))?;
         let pos = Array::from_slice(&[cache.offset()], &[1]);
         let (kv_heads, head_dim, dtype) = (self.dims.kv_heads, self.dims.head_dim, self.dtype);
         let layers = &mut cache.layers;
@@ -1126,14 +1098,7 @@ impl FusedDecode {
     pub fn decode_batch(&self, x: &Array, batch: &mut BatchCache) -> Result<Array> {
         let rows = x.shape()[0];
         let floats = (self.dims.work_floats() * rows) as usize;
-        let work = match &batch.fused_work {
-            Some(w) if w.floats() == floats => w.clone(),
-            _ => {
-                let w = Arc::new(self.workspace(rows)?);
-                batch.fused_work = Some(w.clone());
-                w
-            }
-        };
+        let work = own_workspace(&mut batch.fused_work, floats, || self.workspace(rows))?;
         let pos = Array::from_slice(&[batch.column()], &[1]);
         let starts = batch.starts().clone();
         Ok(self.blocks(x, &pos, &starts, &work, |l| batch.storage(l))?)
@@ -1320,7 +1285,7 @@ pub fn queue_for_shape(
         db,
     ];
     let periods: Vec<f32> = (0..head_dim / 2).map(|i| 10_000f32.powf(2.0 * i as f32 / head_dim as f32)).collect();
-    let batch_max = (1..=BATCH_MAX).take_while(|&b| dims.shared_bytes(b, dtype) <= SHARED_MAX).last().unwrap_or(1);
+    let batch_max = dims.batch_max(dtype);
     let fused = FusedDecode {
         layers: vec![Layer { arrays }],
         periods: Array::from_slice(&periods, &[head_dim / 2]),
@@ -1386,24 +1351,24 @@ impl BatchCache {
 
 impl SequenceCache {
     /// This sequence's fused-kernel workspace, once a step has made one.
-    pub fn fused_workspace_ref(&self) -> Option<&Workspace> {
+    pub fn fused_workspace(&self) -> Option<&Workspace> {
         self.fused_work.as_deref()
     }
+}
 
-    /// This sequence's workspace, made on first use and whenever the one it holds is shared
-    /// (the cache was cloned) or sized for another model.
-    fn fused_workspace(
-        &mut self,
-        floats: usize,
-        make: impl FnOnce() -> std::result::Result<Workspace, mlx_rs::error::Exception>,
-    ) -> std::result::Result<Arc<Workspace>, mlx_rs::error::Exception> {
-        match &self.fused_work {
-            Some(w) if Arc::strong_count(w) == 1 && w.floats() == floats => Ok(w.clone()),
-            _ => {
-                let w = Arc::new(make()?);
-                self.fused_work = Some(w.clone());
-                Ok(w)
-            }
+/// The workspace in `slot` (a sequence's or a batch's), made on first use and whenever the one
+/// it holds is shared (a sequence's cache was cloned) or sized for another model or batch.
+fn own_workspace(
+    slot: &mut Option<Arc<Workspace>>,
+    floats: usize,
+    make: impl FnOnce() -> std::result::Result<Workspace, mlx_rs::error::Exception>,
+) -> std::result::Result<Arc<Workspace>, mlx_rs::error::Exception> {
+    match slot {
+        Some(w) if Arc::strong_count(w) == 1 && w.floats() == floats => Ok(w.clone()),
+        _ => {
+            let w = Arc::new(make()?);
+            *slot = Some(w.clone());
+            Ok(w)
         }
     }
 }

@@ -456,12 +456,13 @@ impl Transformer {
     /// outputs, relative to the largest value.
     fn fused_error(&self, rows: usize) -> Result<f32> {
         let tokens = Array::from_slice(&(0..rows as i32).collect::<Vec<i32>>(), &[rows as i32]);
+        // Both steps stack the same prefilled rows (the stack is a copy of its own).
+        let caches = if rows > 1 { self.prefilled(rows)? } else { Vec::new() };
         let step = |fused: bool| -> Result<Array> {
             super::fused::set_enabled(fused);
             let out = if rows == 1 {
                 self.forward_batch(&tokens, &mut [&mut SequenceCache::new(self.layers.len())])
             } else {
-                let caches = self.prefilled(rows)?;
                 let views: Vec<&SequenceCache> = caches.iter().collect();
                 self.forward_batched(&tokens, &mut BatchCache::build((0..rows as u64).collect(), &views)?)
             };
@@ -486,10 +487,13 @@ impl Transformer {
         if crate::ffi::off_device() {
             return Ok((true, 0.0, 0.0));
         }
+        // Every run starts from clones of the same prefilled rows (a fused step writes its own
+        // copy of a cloned cache, and a batch stacks copies).
+        let prefilled = self.prefilled(rows)?;
         let time = |fused: bool| -> Result<f64> {
             super::fused::set_enabled(fused);
             let run = || -> Result<f64> {
-                let mut caches = self.prefilled(rows)?;
+                let mut caches = prefilled.clone();
                 let mut batch = if rows > 1 {
                     let views: Vec<&SequenceCache> = caches.iter().collect();
                     Some(BatchCache::build((0..rows as u64).collect(), &views)?)

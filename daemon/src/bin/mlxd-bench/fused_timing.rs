@@ -75,7 +75,7 @@ pub fn run(args: &Args, dir: &Path) -> Result<Value> {
         tokens.eval()?;
         let work = match &batch {
             Some(b) => b.fused_workspace(),
-            None => caches[0].fused_workspace_ref(),
+            None => caches[0].fused_workspace(),
         }
         .context("no fused step ran")?;
         let (calls, us) = work.timing()?;
