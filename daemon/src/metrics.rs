@@ -71,6 +71,10 @@ impl Metrics {
                     "host_build_us_total": s.host_build_us.load(Ordering::Relaxed),
                     "host_build_cpu_us_total": s.host_build_cpu_us.load(Ordering::Relaxed),
                     "device_wait_us_total": s.device_wait_us.load(Ordering::Relaxed),
+                    "model_graph_us_total": s.model_graph_us.load(Ordering::Relaxed),
+                    "sampler_graph_us_total": s.sampler_graph_us.load(Ordering::Relaxed),
+                    "batch_restacks_total": s.restacks.load(Ordering::Relaxed),
+                    "token_joins_total": s.token_joins.load(Ordering::Relaxed),
                     "memory_share_bytes": match s.kv_limit.load(Ordering::Relaxed) {
                         u64::MAX => Value::Null,
                         limit => json!(limit),

@@ -253,3 +253,37 @@ fn mapped_blas(maps: &str) -> String {
     }
     "none mapped".into()
 }
+
+/// The primitives of the graph that computes `out`, counted by kind (MLX's own graph printer,
+/// through a temporary file): what one step costs the host to build and launch, since on a GPU
+/// every primitive does. For benchmarks and the `MLXD_STEP_GRAPH` log line, not the serving path.
+pub fn graph_kinds(out: &mlx_rs::Array) -> std::io::Result<std::collections::BTreeMap<String, usize>> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("mlxd-step-graph-{}-{n}.txt", std::process::id()));
+    let c_path = CString::new(path.to_string_lossy().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: plain C stdio on a file this function owns; the vector and namer are freed after use.
+    unsafe {
+        let f = libc::fopen(c_path.as_ptr(), c"w".as_ptr());
+        if f.is_null() {
+            return Err(std::io::Error::last_os_error());
+        }
+        let v = mlx_sys::mlx_vector_array_new_value(out.as_ptr());
+        let namer = mlx_sys::mlx_node_namer_new();
+        mlx_sys::mlx_print_graph(f as *mut _, namer, v);
+        mlx_sys::mlx_node_namer_free(namer);
+        mlx_sys::mlx_vector_array_free(v);
+        libc::fclose(f);
+    }
+    let text = std::fs::read_to_string(&path);
+    let _ = std::fs::remove_file(&path);
+    let mut kinds = std::collections::BTreeMap::new();
+    for line in text?.lines() {
+        if let Some(kind) =
+            line.split_whitespace().next().filter(|w| w.chars().next().is_some_and(|c| c.is_ascii_uppercase()))
+        {
+            *kinds.entry(kind.to_string()).or_default() += 1;
+        }
+    }
+    Ok(kinds)
+}

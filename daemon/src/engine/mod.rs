@@ -295,6 +295,12 @@ pub struct StepProfile {
     /// Host time inside `start` (prompt-cache lookup, prefill graph building and chunk
     /// evaluation, first sample queued).
     pub start: Duration,
+    /// Steps that stacked their rows' caches anew (the set of rows changed): each copies every
+    /// row's KV state into one batch.
+    pub restacks: u64,
+    /// Steps whose input tokens were joined from several earlier steps' outputs (rows that
+    /// joined or sat out), rather than taken whole from the last step.
+    pub token_joins: u64,
 }
 
 impl Drop for Engine {
@@ -436,7 +442,7 @@ impl Engine {
                 logits
             }
         };
-        let pending = match sample(&logits, &mut [&mut sampler], req.sampler.logprobs.unwrap_or(0) > 0)?.0.pop() {
+        let pending = match sample(&logits, &mut [&mut sampler], req.sampler.logprobs.unwrap_or(0) > 0, false)?.0.pop() {
             Some(Ok(p)) => Some(p),
             Some(Err(e)) => return Err(e.into()),
             None => None,
@@ -523,7 +529,10 @@ impl Engine {
                 // The same rows in the same order as the step that made them: its `[B]` array
                 // as it is, instead of joining a view of it per row (B + 1 more primitives).
                 Some(step) => step.tokens.clone(),
-                None => stack(pending.iter().map(|p| p.token.clone()).collect())?,
+                None => {
+                    self.profile.token_joins += u64::from(pending.len() > 1);
+                    stack(pending.iter().map(|p| p.token.clone()).collect())?
+                }
             };
             let want_logprobs = going_on.iter().any(|&i| rows[i].req.sampler.logprobs.unwrap_or(0) > 0);
             let logits = if going_on.len() == 1 {
@@ -541,6 +550,7 @@ impl Engine {
                     }
                     let caches: Vec<&SequenceCache> = going_on.iter().map(|&i| &rows[i].cache).collect();
                     let batch = BatchCache::build(members, &caches)?;
+                    self.profile.restacks += 1;
                     for &i in &going_on {
                         rows[i].cache = SequenceCache::default();
                     }
@@ -555,7 +565,8 @@ impl Engine {
                 .map(|(_, r)| &mut r.sampler)
                 .collect();
             let graph_started = Instant::now();
-            let (sampled, sampler_built) = sample(&logits, &mut samplers, want_logprobs)?;
+            let dump = step_graph_wanted(self.steps);
+            let (sampled, sampler_built) = sample(&logits, &mut samplers, want_logprobs, dump)?;
             self.profile.graph += graph_started - build_started;
             self.profile.sampler += sampler_built;
             self.profile.built += 1;
@@ -566,12 +577,21 @@ impl Engine {
                 }
             }
         }
-        self.profile.build += build_started.elapsed();
+        let built = build_started.elapsed();
+        self.profile.build += built;
         self.profile.build_cpu += thread_cpu_time().saturating_sub(build_cpu_started);
 
+        let waited_before = self.profile.wait;
         if !running.is_empty() {
             self.report(rows, &running, on_token)?;
         }
+        tracing::trace!(
+            step = self.steps,
+            rows = going_on.len(),
+            build_us = built.as_micros() as u64,
+            wait_us = (self.profile.wait - waited_before).as_micros() as u64,
+            "decode step"
+        );
         for &i in &live {
             let row = &mut *rows[i];
             if going_on.contains(&i) {
@@ -730,10 +750,23 @@ fn sample(
     logits: &Array,
     samplers: &mut [&mut SequenceSampler],
     want_logprobs: bool,
+    dump_graph: bool,
 ) -> Result<(Vec<Result<Pending, SamplingError>>, Duration), ModelError> {
     let started = Instant::now();
     let sampled = sample_batch_with_logprobs(logits, samplers)?;
     let built = started.elapsed();
+    if dump_graph {
+        // Before the step is queued: once it runs, MLX detaches the graph it printed from.
+        match crate::runtime::graph_kinds(&sampled.tokens) {
+            Ok(kinds) => tracing::info!(
+                rows = samplers.len(),
+                primitives = kinds.values().sum::<usize>(),
+                kinds = ?kinds,
+                "decode step graph (MLXD_STEP_GRAPH)"
+            ),
+            Err(e) => tracing::warn!(error = %e, "MLXD_STEP_GRAPH: cannot print the step's graph"),
+        }
+    }
     let lp = if want_logprobs { sampled.logprobs } else { None };
     let mut queue: Vec<&Array> = vec![&sampled.tokens];
     if let Some(l) = &lp {
@@ -779,6 +812,20 @@ fn stack(mut arrays: Vec<Array>) -> Result<Array, ModelError> {
 fn tokens_array(ids: &[u32]) -> Array {
     let v: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
     Array::from_slice(&v, &[1, v.len() as i32])
+}
+
+/// `MLXD_STEP_GRAPH=N[,M...]`: log the primitives of the engine's decode steps N, M, ... by
+/// kind (counted from 1 since the engine started; a measurement aid: printing a graph costs
+/// milliseconds).
+fn step_graph_wanted(step: u64) -> bool {
+    static STEPS: std::sync::OnceLock<Vec<u64>> = std::sync::OnceLock::new();
+    STEPS
+        .get_or_init(|| {
+            std::env::var("MLXD_STEP_GRAPH")
+                .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+                .unwrap_or_default()
+        })
+        .contains(&step)
 }
 
 /// `MLXD_POLL_TOKENS=1`: poll each token for availability before reading it (measurement).

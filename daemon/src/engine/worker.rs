@@ -140,6 +140,15 @@ pub struct WorkerStats {
     pub host_build_cpu_us: AtomicU64,
     /// See `host_build_us`.
     pub device_wait_us: AtomicU64,
+    /// Parts of `host_build_us`: building the model's graph, and the sampler's (the rest is
+    /// queueing the step).
+    pub model_graph_us: AtomicU64,
+    /// See `model_graph_us`.
+    pub sampler_graph_us: AtomicU64,
+    /// Steps that restacked the batch's KV caches (its set of rows changed).
+    pub restacks: AtomicU64,
+    /// Steps whose input tokens were joined from several steps' outputs.
+    pub token_joins: AtomicU64,
     /// When the thread last came back to its loop, milliseconds since [`epoch`].
     heartbeat_ms: AtomicU64,
     /// The thread is waiting for a command (nothing to do, so no heartbeat is due).
@@ -649,6 +658,10 @@ impl Worker {
         self.stats.host_build_us.store(profile.build.as_micros() as u64, Ordering::Relaxed);
         self.stats.host_build_cpu_us.store(profile.build_cpu.as_micros() as u64, Ordering::Relaxed);
         self.stats.device_wait_us.store(profile.wait.as_micros() as u64, Ordering::Relaxed);
+        self.stats.model_graph_us.store(profile.graph.as_micros() as u64, Ordering::Relaxed);
+        self.stats.sampler_graph_us.store(profile.sampler.as_micros() as u64, Ordering::Relaxed);
+        self.stats.restacks.store(profile.restacks, Ordering::Relaxed);
+        self.stats.token_joins.store(profile.token_joins, Ordering::Relaxed);
         // The step restacked the batch without the rows that had ended.
         self.retired.clear();
         match result {

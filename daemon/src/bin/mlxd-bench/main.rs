@@ -25,6 +25,7 @@ mod suite;
 use anyhow::{bail, Context, Result};
 use mlx_rs::{random, Array, Dtype};
 use mlxd::engine::{Engine, EngineOptions, GenerateRequest, Outcome};
+use mlxd::runtime::graph_kinds;
 use mlxd::sampling::SamplingParams;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -883,35 +884,6 @@ fn fused_pick_check(report: &mlxd::runtime::Report) -> Result<(usize, usize)> {
     );
     mlxd::sampling::set_sampler_fused(false);
     Ok(agree)
-}
-
-/// Primitives of the graph that computes `out`, by kind (MLX's own graph printer).
-fn graph_kinds(out: &Array) -> Result<std::collections::BTreeMap<String, usize>> {
-    let path = std::env::temp_dir().join(format!("mlxd-step-graph-{}.txt", std::process::id()));
-    let c_path = std::ffi::CString::new(path.to_string_lossy().as_bytes())?;
-    let mode = std::ffi::CString::new("w")?;
-    // SAFETY: plain C stdio; the vector and namer are freed after use.
-    unsafe {
-        let f = libc::fopen(c_path.as_ptr(), mode.as_ptr());
-        anyhow::ensure!(!f.is_null(), "cannot write {}", path.display());
-        let v = mlx_sys::mlx_vector_array_new_value(out.as_ptr());
-        let namer = mlx_sys::mlx_node_namer_new();
-        mlx_sys::mlx_print_graph(f as *mut _, namer, v);
-        mlx_sys::mlx_node_namer_free(namer);
-        mlx_sys::mlx_vector_array_free(v);
-        libc::fclose(f);
-    }
-    let text = std::fs::read_to_string(&path)?;
-    let _ = std::fs::remove_file(&path);
-    let mut kinds = std::collections::BTreeMap::new();
-    for line in text.lines() {
-        if let Some(kind) =
-            line.split_whitespace().next().filter(|w| w.chars().next().is_some_and(|c| c.is_ascii_uppercase()))
-        {
-            *kinds.entry(kind.to_string()).or_default() += 1;
-        }
-    }
-    Ok(kinds)
 }
 
 fn run_json(o: &Outcome, peak: usize) -> Value {

@@ -12,7 +12,8 @@
 //! the primitive count of one step, and says where a variant's extra time sits (build, submit,
 //! or waiting for the device).
 
-use crate::{graph_kinds, median, plugin_variants, Args};
+use crate::{median, plugin_variants, Args};
+use mlxd::runtime::graph_kinds;
 use anyhow::{Context, Result};
 use mlx_rs::random;
 use mlx_rs::transforms::async_eval;

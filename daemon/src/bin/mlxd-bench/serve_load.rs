@@ -94,7 +94,9 @@ fn start_mlxd(dir: &Path) -> Result<(Server, String)> {
     let mut child = Command::new(&bin)
         .args(["serve", "--config"])
         .arg(&config)
-        .env("MLXD_LOG", "warn")
+        // Warnings unless the bench's own MLXD_LOG asks for more (e.g. `warn,mlxd::engine=trace`:
+        // every decode step's rows and times).
+        .env("MLXD_LOG", std::env::var("MLXD_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
@@ -198,9 +200,9 @@ fn summarize(runs: &[ClientRun], wall: f64) -> Value {
     })
 }
 
-/// The model's step counters from the daemon's `status`: decode steps, and microseconds of host
-/// build, its thread CPU time, and device wait, summed since the model loaded.
-async fn step_counters(addr: &str) -> Result<[f64; 4]> {
+/// The model's step counters from the daemon's `status`, summed since the model loaded (see
+/// [`COUNTERS`]).
+async fn step_counters(addr: &str) -> Result<[f64; COUNTERS.len()]> {
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/")).await?;
     ws.next().await.context("hello")??;
     ws.send(Message::text(json!({"type": "status", "id": "s"}).to_string())).await?;
@@ -210,13 +212,7 @@ async fn step_counters(addr: &str) -> Result<[f64; 4]> {
         let v: Value = serde_json::from_str(t.as_str())?;
         if v["id"] == "s" {
             let m = &v["data"]["resident_models"][0];
-            let f = |k: &str| m[k].as_f64().unwrap_or(0.0);
-            return Ok([
-                f("decode_steps"),
-                f("host_build_us_total"),
-                f("host_build_cpu_us_total"),
-                f("device_wait_us_total"),
-            ]);
+            return Ok(COUNTERS.map(|(k, _)| m[k].as_f64().unwrap_or(0.0)));
         }
     }
 }
@@ -260,12 +256,32 @@ impl CpuMeter {
     }
 }
 
+/// The `status` counters a level is measured by (the first is the step count), and the name of
+/// each one's per-step figure (milliseconds for times, a count per step otherwise).
+const COUNTERS: [(&str, &str); 9] = [
+    ("decode_steps", "steps"),
+    ("host_build_us_total", "host_build_ms_per_step"),
+    ("host_build_cpu_us_total", "host_build_cpu_ms_per_step"),
+    ("device_wait_us_total", "device_wait_ms_per_step"),
+    ("model_graph_us_total", "model_graph_ms_per_step"),
+    ("sampler_graph_us_total", "sampler_graph_ms_per_step"),
+    ("batch_restacks_total", "restacks"),
+    ("token_joins_total", "token_joins"),
+    ("requests", "requests"),
+];
+
 /// What one level's decode steps cost inside the daemon, per step: to compare with
 /// `mlxd-bench engine`'s split of the same model (a gap between the two is the daemon's own).
-fn step_split(before: [f64; 4], after: [f64; 4]) -> Value {
+/// Counts (steps, restacks, token joins, requests) are the level's totals.
+fn step_split(before: [f64; COUNTERS.len()], after: [f64; COUNTERS.len()]) -> Value {
     let steps = (after[0] - before[0]).max(1.0);
-    let ms = |i: usize| (after[i] - before[i]) / steps / 1e3;
-    json!({"steps": after[0] - before[0], "host_build_ms_per_step": ms(1), "host_build_cpu_ms_per_step": ms(2), "device_wait_ms_per_step": ms(3)})
+    let mut out = serde_json::Map::new();
+    for (i, (counter, name)) in COUNTERS.iter().enumerate() {
+        let delta = after[i] - before[i];
+        let per_step = if counter.ends_with("_us_total") { delta / steps / 1e3 } else { delta };
+        out.insert(name.to_string(), json!(per_step));
+    }
+    Value::Object(out)
 }
 
 async fn level<F, Fut>(n: usize, prompt: usize, gen: usize, client: F) -> Result<Value>
