@@ -75,6 +75,13 @@ pub fn batches_enabled() -> bool {
     BATCH_SWITCH.available()
 }
 
+/// `MLXD_FUSED_BATCH=force`: batched steps take the fused kernel wherever it agrees with MLX's
+/// operations at load, without the load-time timing deciding (for measuring it in serving).
+pub fn batches_forced() -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| std::env::var("MLXD_FUSED_BATCH").is_ok_and(|v| v == "force"))
+}
+
 /// Turns the fused decode step on or off for the whole process (on unless
 /// `MLXD_FUSED_DECODE=0`); it runs only where MLX runs on CUDA.
 pub fn set_enabled(enabled: bool) {

@@ -419,6 +419,10 @@ impl Transformer {
             return false;
         }
         let rows = if sizes.contains(&4) { 4 } else { sizes[0] };
+        if rows > 1 && super::fused::batches_forced() {
+            tracing::info!(kind, err, "fused decode kernel checked; not timed (MLXD_FUSED_BATCH=force)");
+            return true;
+        }
         match self.fused_is_faster(rows as usize) {
             Ok((faster, fused_ms, ops_ms)) => {
                 tracing::info!(
@@ -439,10 +443,10 @@ impl Transformer {
         }
     }
 
-    /// Sequences of 1..=`rows` positions (token ids 0, 1, ...), prefilled: rows for a batch
-    /// whose stack pads all but the longest.
-    fn prefilled(&self, rows: usize) -> Result<Vec<SequenceCache>> {
-        (1..=rows as i32)
+    /// Sequences of `base + 1 ..= base + rows` positions (token ids 0, 1, ...), prefilled: rows
+    /// for a batch whose stack pads all but the longest.
+    fn prefilled(&self, rows: usize, base: i32) -> Result<Vec<SequenceCache>> {
+        (base + 1..=base + rows as i32)
             .map(|n| {
                 let mut cache = SequenceCache::new(self.layers.len());
                 self.prefill(&Array::from_slice(&(0..n).collect::<Vec<i32>>(), &[1, n]), &mut cache)?;
@@ -457,7 +461,7 @@ impl Transformer {
     fn fused_error(&self, rows: usize) -> Result<f32> {
         let tokens = Array::from_slice(&(0..rows as i32).collect::<Vec<i32>>(), &[rows as i32]);
         // Both steps stack the same prefilled rows (the stack is a copy of its own).
-        let caches = if rows > 1 { self.prefilled(rows)? } else { Vec::new() };
+        let caches = if rows > 1 { self.prefilled(rows, 0)? } else { Vec::new() };
         let step = |fused: bool| -> Result<Array> {
             super::fused::set_enabled(fused);
             let out = if rows == 1 {
@@ -484,12 +488,17 @@ impl Transformer {
     /// are large enough for the device to bind (4-bit Llama-3.2-1B, one row: 0.7x); timing it on
     /// the card at hand decides.
     fn fused_is_faster(&self, rows: usize) -> Result<(bool, f64, f64)> {
+        /// Positions the timed batch's rows hold before their steps (plus 1 to `rows`).
+        const TIMED_ROW_POSITIONS: i32 = 96;
         if crate::ffi::off_device() {
             return Ok((true, 0.0, 0.0));
         }
         // Every run starts from clones of the same prefilled rows (a fused step writes its own
-        // copy of a cloned cache, and a batch stacks copies).
-        let prefilled = self.prefilled(rows)?;
+        // copy of a cloned cache, and a batch stacks copies). Batched rows are about as long as
+        // served ones: with rows of 1-4 positions, MLX's operations timed 2.5 ms a 4-row step
+        // at load, against 3.6-4.2 ms in the engine's 4-row batches of 65-192 positions
+        // (session 17, run 1), and turned the fused kernel down.
+        let prefilled = self.prefilled(rows, if rows > 1 { TIMED_ROW_POSITIONS } else { 0 })?;
         let time = |fused: bool| -> Result<f64> {
             super::fused::set_enabled(fused);
             let run = || -> Result<f64> {
