@@ -247,3 +247,60 @@ fn bad_prompts_are_errors() {
     let err = e.generate(&greedy(vec![1, 999_999], 5), |_| true).unwrap_err().to_string();
     assert!(err.contains("999999") && err.contains("vocabulary"), "{err}");
 }
+
+/// Rows end at different steps, one sits a step out and one joins late: the batch keeps the
+/// rows that go on (gathered, not restacked, when rows only leave), and every row generates
+/// what it generates alone; an ended row's cache still serves the prompt cache.
+#[test]
+fn rows_leaving_and_joining_a_batch_generate_what_they_generate_alone() {
+    let mut e = engine(256 << 20);
+    let questions = ["What is the capital of France?", "Name a color.", "Count to five.", "Say hello."];
+    let prompts: Vec<Vec<u32>> = questions.iter().map(|q| chat_prompt(&e, &[("user", q)])).collect();
+    let lengths = [4, 9, 14, 6];
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .zip(lengths)
+        .map(|(p, n)| e.generate(&greedy(p.clone(), n), |_| true).unwrap().ids)
+        .collect();
+    e.clear_prompt_cache();
+    e.reset_profile();
+    let mut rows: Vec<Option<mlxd::engine::Row>> =
+        (0..3).map(|i| Some(e.start(greedy(prompts[i].clone(), lengths[i])).unwrap())).collect();
+    rows.push(None);
+    let mut ids: Vec<Vec<u32>> = vec![Vec::new(); 4];
+    for step in 0.. {
+        if step == 7 {
+            rows[3] = Some(e.start(greedy(prompts[3].clone(), lengths[3])).unwrap());
+        }
+        // Row 2 sits step 10 out (its client was slow to read).
+        let stepping: Vec<usize> = (0..4).filter(|&i| rows[i].is_some() && !(step == 10 && i == 2)).collect();
+        if stepping.is_empty() {
+            break;
+        }
+        let mut refs: Vec<&mut mlxd::engine::Row> = Vec::new();
+        for (i, r) in rows.iter_mut().enumerate() {
+            if let Some(r) = r.as_mut().filter(|_| stepping.contains(&i)) {
+                refs.push(r);
+            }
+        }
+        e.step(&mut refs, |k, ev| {
+            ids[stepping[k]].push(ev.id);
+            true
+        })
+        .unwrap();
+        for r in rows.iter_mut() {
+            if r.as_ref().is_some_and(|r| r.finished().is_some()) {
+                e.finish(r.take().unwrap());
+            }
+        }
+    }
+    assert_eq!(ids, alone);
+    let p = e.profile();
+    // Row 0 ends by step 5 and row 2 pauses at step 10: the others are gathered both times.
+    assert!(p.regathers >= 2, "rows that left were gathered out of the stack: {p:?}");
+    // The first three, the late one at step 7, row 2 back at step 11.
+    assert!(p.restacks >= 3, "rows that joined were stacked: {p:?}");
+    // The row that ended first left its cache (views of the stack) to the prompt cache.
+    let again = e.generate(&greedy(prompts[0].clone(), lengths[0]), |_| true).unwrap();
+    assert_eq!((again.ids, again.cached_tokens), (alone[0].clone(), prompts[0].len()));
+}

@@ -246,3 +246,64 @@ fn stacked_batch_decodes_like_each_sequence_alone() {
         }
     }
 }
+
+/// Sequences leave a stacked batch without restacking the rest: one that ended takes its cache
+/// (`detach`) and the next step gathers the others' rows (`retain`); one that sits a step out
+/// leaves with its cache. Every sequence, in the batch or out of it, decodes as it does alone.
+#[test]
+fn a_batch_keeps_its_rows_when_others_leave() {
+    let prefixes: [&[u32]; 3] = [&[1, 2, 3], &[9, 8, 7, 6, 5, 4], &[42]];
+    let tmp = tempfile::tempdir().unwrap();
+    write_checkpoint(tmp.path(), &tiny_config("qwen3"), None);
+    let model = load(tmp.path());
+    let mut solo = Vec::new();
+    let mut rows = Vec::new();
+    for p in prefixes {
+        let mut c = SequenceCache::new(model.num_layers());
+        model.forward_all(&ids(p), &mut c).unwrap();
+        solo.push(c.clone());
+        rows.push(c);
+    }
+    let refs: Vec<&SequenceCache> = rows.iter().collect();
+    let mut batch = mlxd::cache::BatchCache::build(vec![10, 11, 12], &refs).unwrap();
+    let check = |out: &Array, row: usize, token: u32, solo: &mut SequenceCache, what: &str| {
+        let want = to_vec(&model.forward_last(&ids(&[token]), solo).unwrap());
+        let got = to_vec(&out.try_index(row as i32).unwrap());
+        let err = rel_err(&got, &want);
+        assert!(err <= tolerance(), "{what}: rel err {err:e}");
+    };
+    for (s, tokens) in [[11u32, 22, 33], [5, 6, 7]].iter().enumerate() {
+        let out = model.forward_batched(&Array::from_slice(&tokens.map(|t| t as i32), &[3]), &mut batch).unwrap();
+        for (i, &t) in tokens.iter().enumerate() {
+            check(&out, i, t, &mut solo[i], &format!("three rows, step {s}, row {i}"));
+        }
+    }
+    // Row 11 ends: it takes its cache; the stack is untouched until the others step.
+    let mut ended = batch.detach(11).unwrap().expect("a member");
+    assert!(batch.detach(11).unwrap().is_none(), "a member detaches once");
+    assert!(!batch.deserted());
+    assert_eq!(ended.offset(), solo[1].offset());
+    let got = to_vec(&model.forward_last(&ids(&[3]), &mut ended).unwrap());
+    let want = to_vec(&model.forward_last(&ids(&[3]), &mut solo[1].clone()).unwrap());
+    assert!(rel_err(&got, &want) <= tolerance(), "the ended row's own cache");
+    // Keep order matters: the members are gathered, not reordered.
+    assert!(batch.retain(&[12, 10]).unwrap().is_none());
+    let leaving = batch.retain(&[10, 12]).unwrap().expect("an ordered subset");
+    assert!(leaving.is_empty(), "an ended member gets no cache back");
+    assert_eq!(batch.members, vec![10, 12]);
+    let out = model.forward_batched(&Array::from_slice(&[40, 41], &[2]), &mut batch).unwrap();
+    check(&out, 0, 40, &mut solo[0], "two rows kept, row 10");
+    check(&out, 1, 41, &mut solo[2], "two rows kept, row 12");
+    // Row 10 sits a step out: it leaves with its cache and goes on alone.
+    let leaving = batch.retain(&[12]).unwrap().expect("an ordered subset");
+    assert_eq!(leaving.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![10]);
+    let mut out_of_batch = leaving.into_iter().next().unwrap().1;
+    let out = model.forward_batched(&Array::from_slice(&[50], &[1]), &mut batch).unwrap();
+    check(&out, 0, 50, &mut solo[2], "one row kept");
+    let got = to_vec(&model.forward_last(&ids(&[51]), &mut out_of_batch).unwrap());
+    let want = to_vec(&model.forward_last(&ids(&[51]), &mut solo[0]).unwrap());
+    assert!(rel_err(&got, &want) <= tolerance(), "the row that sat out, alone");
+    assert!(batch.detach(12).unwrap().is_some());
+    assert!(batch.deserted());
+    assert!(batch.split().unwrap().is_empty(), "departed members get nothing back");
+}

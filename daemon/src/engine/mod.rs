@@ -295,9 +295,12 @@ pub struct StepProfile {
     /// Host time inside `start` (prompt-cache lookup, prefill graph building and chunk
     /// evaluation, first sample queued).
     pub start: Duration,
-    /// Steps that stacked their rows' caches anew (the set of rows changed): each copies every
-    /// row's KV state into one batch.
+    /// Steps that stacked their rows' caches anew (sequences joined): each copies every row's
+    /// KV state into one batch.
     pub restacks: u64,
+    /// Steps that kept part of the batch (sequences left): one gather per layer's keys and
+    /// values.
+    pub regathers: u64,
     /// Steps whose input tokens were joined from several earlier steps' outputs (rows that
     /// joined or sat out), rather than taken whole from the last step.
     pub token_joins: u64,
@@ -542,8 +545,16 @@ impl Engine {
                 self.model.model.forward_batch(&tokens, &mut [&mut row.cache])?
             } else {
                 let members: Vec<u64> = going_on.iter().map(|&i| rows[i].id).collect();
+                if let Some(batch) = self.batch.as_mut().filter(|b| b.members != members) {
+                    // Sequences left (ended, or sat out a step): the others' rows are gathered
+                    // from the stack as they are; those sitting out take their caches along.
+                    if let Some(leaving) = batch.retain(&members)? {
+                        self.profile.regathers += 1;
+                        self.returned.extend(leaving);
+                    }
+                }
                 if self.batch.as_ref().is_none_or(|b| b.members != members) {
-                    // The set of sequences changed: hand every cache back, stack the new set.
+                    // Sequences joined: hand every cache back, stack the new set.
                     self.unstack()?;
                     for &i in &going_on {
                         self.reclaim(rows[i]);
@@ -718,11 +729,16 @@ impl Engine {
 
     /// Ends a row: its KV state goes to the prompt cache, its summary to the caller.
     pub fn finish(&mut self, mut row: Row) -> Outcome {
-        if self.batch.as_ref().is_some_and(|b| b.members.contains(&row.id)) {
-            // Keep the others stacked only if they still form the next batch: simplest is to
-            // split now; the next step restacks whoever goes on.
-            if let Err(e) = self.unstack() {
-                tracing::warn!(error = %e, "splitting the batch failed; the finished sequence's KV state is dropped");
+        if let Some(batch) = self.batch.as_mut() {
+            // The ended sequence takes its cache (views of the stack); the others stay stacked
+            // and their next step gathers their rows (see `step`).
+            match batch.detach(row.id) {
+                Ok(Some(cache)) => row.cache = cache,
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "the finished sequence's KV state is dropped"),
+            }
+            if batch.deserted() {
+                self.batch = None;
             }
         }
         self.reclaim(&mut row);

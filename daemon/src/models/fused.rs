@@ -1093,6 +1093,15 @@ impl FusedDecode {
         let pos = Array::from_slice(&[cache.offset()], &[1]);
         let (kv_heads, head_dim, dtype) = (self.dims.kv_heads, self.dims.head_dim, self.dtype);
         let layers = &mut cache.layers;
+        // Storage the kernel may write in place, made where a layer's does not fit (a fresh
+        // sequence: all of them) and evaluated in one wait.
+        let mut fresh = Vec::new();
+        for layer in layers.iter_mut() {
+            fresh.extend(layer.prepare_fused_storage(kv_heads, head_dim, dtype)?.into_iter().flatten());
+        }
+        if !fresh.is_empty() {
+            mlx_rs::transforms::eval(fresh.iter())?;
+        }
         let out =
             self.blocks(x, &pos, &self.no_padding, &work, |l| layers[l].fused_storage(kv_heads, head_dim, dtype))?;
         layers.iter_mut().for_each(LayerCache::advance_in_place);

@@ -459,6 +459,27 @@ impl Transformer {
     /// lengths, stacked), fused and through MLX's operations: the largest difference of the
     /// outputs, relative to the largest value.
     fn fused_error(&self, rows: usize) -> Result<f32> {
+        let (got, want) = self.fused_step_pair(rows)?;
+        let err = ops::abs(&ops::subtract(&got, &want)?)?.max(None)?;
+        let top = ops::abs(&want)?.max(None)?;
+        let value = |a: &Array| a.try_item_exact::<f32>().map_err(|e| ModelError::Config(e.to_string()));
+        Ok(value(&err)? / value(&top)?.max(1e-6))
+    }
+
+    /// The outputs [`Self::fused_error`] compares (float32, fused first), on the host: for
+    /// `mlxd-bench fused-check`, which repeats the check to tell a kernel that gives different
+    /// answers to the same input from one that is merely imprecise.
+    #[doc(hidden)]
+    pub fn fused_check_outputs(&self, rows: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (got, want) = self.fused_step_pair(rows)?;
+        let host = |a: &Array| -> Result<Vec<f32>> {
+            a.eval()?;
+            Ok(a.try_as_slice::<f32>().map_err(|e| ModelError::Config(e.to_string()))?.to_vec())
+        };
+        Ok((host(&got)?, host(&want)?))
+    }
+
+    fn fused_step_pair(&self, rows: usize) -> Result<(Array, Array)> {
         let tokens = Array::from_slice(&(0..rows as i32).collect::<Vec<i32>>(), &[rows as i32]);
         // Both steps stack the same prefilled rows (the stack is a copy of its own).
         let caches = if rows > 1 { self.prefilled(rows, 0)? } else { Vec::new() };
@@ -473,11 +494,7 @@ impl Transformer {
             super::fused::set_enabled(true);
             Ok(out?.as_dtype(mlx_rs::Dtype::Float32)?)
         };
-        let (got, want) = (step(true)?, step(false)?);
-        let err = ops::abs(&ops::subtract(&got, &want)?)?.max(None)?;
-        let top = ops::abs(&want)?.max(None)?;
-        let value = |a: &Array| a.try_item_exact::<f32>().map_err(|e| ModelError::Config(e.to_string()));
-        Ok(value(&err)? / value(&top)?.max(1e-6))
+        Ok((step(true)?, step(false)?))
     }
 
     /// Times 24 decode steps of `rows` rows each way, three times, on a device (not when kernels are

@@ -14,6 +14,7 @@
 
 mod alternate;
 mod batch;
+mod fused_check;
 mod fused_timing;
 mod kernel_check;
 mod kernel_sources;
@@ -62,6 +63,9 @@ mlxd-bench kernel-sources --out DIR [--plugin-dir DIR] [--plugin NAME[:JSON]]...
                                      tests/nvrtc/check.py (see kernel_sources.rs)
 mlxd-bench batch --shape ... [--clients 1,2,4,8,16] [--model-kernels on|off|both|fused] [--stagger N]
                                      the engine stepping B sequences together (no daemon)
+mlxd-bench fused-check --shape ... [--clients 1,2,3,4,8] [--repeats 20]
+                                     the fused block's load-time check repeated: its error,
+                                     and whether the kernel answers the same input the same
 MLXD_FUSED_TIMING=1 mlxd-bench fused-timing --shape ... [--clients 1,2,4,8] [--stagger N]
                                      the fused decode block's time per phase and barrier
 mlxd-bench suite --json out.json [--models qwen3-0.6b:bf16,qwen3-0.6b:q4,...|NAME=PATH|smollm2]
@@ -149,6 +153,8 @@ struct Args {
     serve: bool,
     batch: bool,
     fused_timing: bool,
+    /// `fused-check`: the fused block's load-time check, repeated.
+    fused_check: bool,
     /// `sampler-check`: the CUDA sampling kernel against the MLX-op graph.
     sampler_check: bool,
     /// `sampler-cost`: the host time of a sampling step alone.
@@ -193,6 +199,7 @@ fn parse_args() -> Result<Args> {
         serve: false,
         batch: false,
         fused_timing: false,
+        fused_check: false,
         sampler_check: false,
         sampler_cost: false,
         alternate: false,
@@ -218,6 +225,7 @@ fn parse_args() -> Result<Args> {
         Some("serve") => a.serve = true,
         Some("batch") => a.batch = true,
         Some("fused-timing") => a.fused_timing = true,
+        Some("fused-check") => a.fused_check = true,
         Some("sampler-check") => a.sampler_check = true,
         Some("sampler-cost") => a.sampler_cost = true,
         Some("alternate") => a.alternate = true,
@@ -366,6 +374,10 @@ fn run() -> Result<()> {
     }
     if args.fused_timing {
         let summary = fused_timing::run(&args, &dir)?;
+        return write_summary(&args, &summary);
+    }
+    if args.fused_check {
+        let summary = fused_check::run(&args, &dir)?;
         return write_summary(&args, &summary);
     }
     if args.batch {
