@@ -416,7 +416,7 @@ fn argmax(v: &[f32]) -> u32 {
 /// place stays the sequence's own: a prefix copy decoding first does not disturb the original,
 /// and a clone decodes on storage of its own.
 fn fused_decode_matches_mlx_operations() {
-    // Batched steps take the kernel only when asked (checked at load).
+    // Batched steps take the kernel (the default; a process with MLXD_FUSED_BATCH=0 would not).
     mlxd::models::fused::set_batches_enabled(true);
     for (model_type, dtype, bound) in [
         ("qwen3", Dtype::Float32, 1e-5),

@@ -445,7 +445,8 @@ impl Engine {
                 logits
             }
         };
-        let pending = match sample(&logits, &mut [&mut sampler], req.sampler.logprobs.unwrap_or(0) > 0, false)?.0.pop() {
+        let pending = match sample(&logits, &mut [&mut sampler], req.sampler.logprobs.unwrap_or(0) > 0, false)?.0.pop()
+        {
             Some(Ok(p)) => Some(p),
             Some(Err(e)) => return Err(e.into()),
             None => None,

@@ -1,7 +1,7 @@
 //! A whole decoder block of a decode step as one CUDA kernel, for 4-bit models on MLX's CUDA
 //! backend: one sequence (on by default where it times faster), or a stacked batch of up to
-//! [`BATCH_MAX`] rows (the server's step when several clients decode at once; opt-in,
-//! `MLXD_FUSED_BATCH=1`).
+//! [`BATCH_MAX`] rows (the server's step when several clients decode at once; also where it
+//! times faster, `MLXD_FUSED_BATCH=0` turns it off).
 //!
 //! Why: a small model's single-stream decode on a GPU is bound by the host, not the device. MLX
 //! 0.32 spends a few microseconds of host time on every node of a step's graph, and a Qwen3-0.6B
@@ -59,10 +59,12 @@ use std::sync::Arc;
 type Result<T> = std::result::Result<T, ModelError>;
 
 static SWITCH: KernelSwitch = KernelSwitch::new("MLXD_FUSED_DECODE");
-/// Batched steps (opt-in, `MLXD_FUSED_BATCH=1`): on the H100 the kernel made the engine's
-/// batches 1.6-1.9x faster, but its load-time check against MLX's operations disagreed once in
-/// four loads (session 16, docs/benchmarks.md), so it waits for that to be understood.
-static BATCH_SWITCH: KernelSwitch = KernelSwitch::off_by_default("MLXD_FUSED_BATCH");
+/// Batched steps (on unless `MLXD_FUSED_BATCH=0`). Session 16 kept them opt-in after one
+/// load-time check in four disagreed (6.5%); session 17 (`mlxd-bench fused-check`, 150 repeats
+/// per batch size on an H100) found the kernel answering the same input identically every time,
+/// and MLX's own operations, the reference, answering an 8-row step differently once in 30-60
+/// repeats (4-8% of the largest logit), so a disagreement is now checked once more.
+static BATCH_SWITCH: KernelSwitch = KernelSwitch::new("MLXD_FUSED_BATCH");
 
 /// Turns the fused kernel for batched steps on or off (see `MLXD_FUSED_BATCH`); it is checked
 /// and timed at load only while on.

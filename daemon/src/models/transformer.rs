@@ -303,6 +303,10 @@ impl Block {
     }
 }
 
+/// How far the fused decode kernel's logits may be from MLX's operations' at load (largest
+/// difference over the largest logit): bfloat16 rounding in different places gives 1-3%.
+const FUSED_TOLERANCE: f32 = 0.05;
+
 /// The whole decoder with its embedding and LM head.
 #[derive(Debug)]
 pub struct Transformer {
@@ -378,7 +382,7 @@ impl Transformer {
     }
 
     /// On CUDA, compiles the fused decode kernel now and checks it against MLX's operations:
-    /// one sequence's first step and, where batches take it (`MLXD_FUSED_BATCH=1`), a step of
+    /// one sequence's first step and, unless batches are off (`MLXD_FUSED_BATCH=0`), a step of
     /// each batched variant (2, 4 and 8 rows, see [`FusedDecode::variant`]; three rows in the
     /// variant for four). Each kind of step keeps the kernel only where it agrees (within 5% of
     /// the largest value) and times faster than MLX's operations; otherwise that kind decodes
@@ -404,9 +408,27 @@ impl Transformer {
     }
 
     /// Whether steps of `sizes` rows (all one, or all several) keep the fused kernel: each
-    /// agrees with MLX's operations, and the first size (or four rows) times faster.
+    /// agrees with MLX's operations, and the first size (or four rows) times faster. A size
+    /// that disagrees is checked once more, since MLX's own operations, the reference, do not
+    /// always give the same answer to the same 8-row step (session 17: once in 30-60 repeats,
+    /// by 4-8% of the largest logit, where the fused kernel gave the same answer every time).
     fn fused_kind_ok(&self, sizes: &[i32], kind: &str) -> bool {
-        let checked = sizes.iter().map(|&rows| self.fused_error(rows as usize)).collect::<Result<Vec<f32>>>();
+        let check = |rows: i32| -> Result<f32> {
+            let first = self.fused_error(rows as usize)?;
+            if first <= FUSED_TOLERANCE {
+                return Ok(first);
+            }
+            let again = self.fused_error(rows as usize)?;
+            tracing::info!(
+                kind,
+                rows,
+                first,
+                again,
+                "fused decode kernel disagreed with MLX's operations; checked again"
+            );
+            Ok(first.min(again))
+        };
+        let checked = sizes.iter().map(|&rows| check(rows)).collect::<Result<Vec<f32>>>();
         let err = match checked {
             Ok(errors) => errors.into_iter().fold(0.0f32, f32::max),
             Err(e) => {
@@ -414,7 +436,7 @@ impl Transformer {
                 return false;
             }
         };
-        if err > 0.05 {
+        if err > FUSED_TOLERANCE {
             tracing::warn!(kind, err, "fused decode kernel disagrees with MLX's operations; not used");
             return false;
         }

@@ -10,7 +10,7 @@
 //! decides for the run (default `on`; they only run on CUDA), whatever `MLXD_MODEL_KERNELS` says.
 //! `--model-kernels fused` compares the fused decode block (`mlxd::models::fused`, one kernel
 //! per decoder block, for one row and for batches up to the model's most; it turns the batches'
-//! opt-in kernel on, see `MLXD_FUSED_BATCH`) with mlxd's kernels without it; `off` turns both
+//! kernel on even where `MLXD_FUSED_BATCH=0`) with mlxd's kernels without it; `off` turns both
 //! off.
 
 use super::{per_step, random_prompt, Args};
@@ -100,7 +100,7 @@ pub fn run(args: &Args, dir: &Path, model_kernels: &str) -> Result<Value> {
         mlxd::models::fused::set_enabled(fused);
     };
     if model_kernels == "fused" {
-        // Batched steps take the fused block only when asked, and it is checked at load.
+        // Batched steps take the fused block even where MLXD_FUSED_BATCH=0 (checked at load).
         mlxd::models::fused::set_batches_enabled(true);
     }
     let report = mlxd::runtime::Report::gather();

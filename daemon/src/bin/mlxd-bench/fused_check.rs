@@ -3,8 +3,8 @@
 //! fused kernel and through MLX's operations, and compares: the error the load-time check
 //! judges (largest difference over the largest value), and whether each side gives the same
 //! numbers as its own first repeat. A kernel that answers the same input differently (a race)
-//! shows there, apart from one that is only imprecise. Batched rows need `MLXD_FUSED_BATCH=1`
-//! (or `force`, which also keeps a kernel that times slower at load).
+//! shows there, apart from one that is only imprecise. `MLXD_FUSED_BATCH=force` checks batched
+//! rows even where the kernel times slower at load.
 
 use super::Args;
 use anyhow::{Context, Result};

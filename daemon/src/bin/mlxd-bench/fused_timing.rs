@@ -1,5 +1,5 @@
 //! `mlxd-bench fused-timing`: where the batched fused decode block's time goes on the GPU. Run
-//! with `MLXD_FUSED_TIMING=1 MLXD_FUSED_BATCH=1` (the kernel then counts, for its block 0, the nanoseconds of each phase
+//! with `MLXD_FUSED_TIMING=1` (the kernel then counts, for its block 0, the nanoseconds of each phase
 //! and of each grid barrier's wait, and the gap between one block's kernel and the next); for
 //! each batch size it decodes `--gen` steps from prompts of `--prompt` tokens (row i: `i *
 //! --stagger` more) and prints block 0's mean microseconds per call in each stretch. Without the
@@ -43,7 +43,7 @@ pub fn run(args: &Args, dir: &Path) -> Result<Value> {
             continue;
         }
         if rows > most {
-            println!("| {rows} | not fused (MLXD_FUSED_BATCH=1 turns batches on) |");
+            println!("| {rows} | not fused (turned down at load, or MLXD_FUSED_BATCH=0) |");
             continue;
         }
         let mut caches: Vec<SequenceCache> = (0..rows)

@@ -13,10 +13,10 @@
 //! or waiting for the device).
 
 use crate::{median, plugin_variants, Args};
-use mlxd::runtime::graph_kinds;
 use anyhow::{Context, Result};
 use mlx_rs::random;
 use mlx_rs::transforms::async_eval;
+use mlxd::runtime::graph_kinds;
 use mlxd::sampling::{sample_batch, SamplingParams, SequenceSampler};
 use serde_json::{json, Value};
 use std::time::Instant;
