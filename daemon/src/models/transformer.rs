@@ -385,18 +385,25 @@ impl Transformer {
     /// one sequence's first step and, unless batches are off (`MLXD_FUSED_BATCH=0`), a step of
     /// each batched variant (2, 4 and 8 rows, see [`FusedDecode::variant`]; three rows in the
     /// variant for four). Each kind of step keeps the kernel only where it agrees (within 5% of
-    /// the largest value) and times faster than MLX's operations; otherwise that kind decodes
-    /// through MLX's operations, with a warning where it disagreed or failed.
+    /// the largest value) and is the faster: one sequence's step is timed against MLX's
+    /// operations, and batched steps follow its verdict (they are timed only where one
+    /// sequence's step is not faster fused). Otherwise that kind decodes through MLX's
+    /// operations, with a warning where it disagreed or failed.
     fn prepare_fused_decode(&mut self) {
         let Some(variants) = self.fused.as_ref().map(|f| f.variants()) else { return };
         let started = std::time::Instant::now();
-        let single = self.fused_kind_ok(&[1], "one-sequence");
+        let single = self.fused_kind_ok(&[1], "one-sequence", true);
         let batched = if super::fused::batches_enabled() {
             let mut sizes: Vec<i32> = variants.into_iter().filter(|&v| v > 1).collect();
             if sizes.contains(&4) {
                 sizes.push(3);
             }
-            !sizes.is_empty() && self.fused_kind_ok(&sizes, "batched")
+            // Where one sequence's step is faster fused, a batch's is too: MLX's operations build
+            // as many nodes per step for a batch, and more launches. Timing batches at load was
+            // unreliable (session 17: MLX's operations timed 60-97 ms for the same 24 four-row
+            // steps in four loads, and 4.2-5.5 ms a step when serving, against 2.8 ms fused).
+            let timed = !single && !super::fused::batches_forced();
+            !sizes.is_empty() && self.fused_kind_ok(&sizes, "batched", timed)
         } else {
             false
         };
@@ -408,11 +415,12 @@ impl Transformer {
     }
 
     /// Whether steps of `sizes` rows (all one, or all several) keep the fused kernel: each
-    /// agrees with MLX's operations, and the first size (or four rows) times faster. A size
+    /// agrees with MLX's operations, and (where `timed`) the first size (or four rows) times
+    /// faster. A size
     /// that disagrees is checked once more, since MLX's own operations, the reference, do not
     /// always give the same answer to the same 8-row step (session 17: once in 30-60 repeats,
     /// by 4-8% of the largest logit, where the fused kernel gave the same answer every time).
-    fn fused_kind_ok(&self, sizes: &[i32], kind: &str) -> bool {
+    fn fused_kind_ok(&self, sizes: &[i32], kind: &str, timed: bool) -> bool {
         let check = |rows: i32| -> Result<f32> {
             let first = self.fused_error(rows as usize)?;
             if first <= FUSED_TOLERANCE {
@@ -441,8 +449,8 @@ impl Transformer {
             return false;
         }
         let rows = if sizes.contains(&4) { 4 } else { sizes[0] };
-        if rows > 1 && super::fused::batches_forced() {
-            tracing::info!(kind, err, "fused decode kernel checked; not timed (MLXD_FUSED_BATCH=force)");
+        if !timed {
+            tracing::info!(kind, err, "fused decode kernel checked; not timed (one sequence's step is faster fused, or MLXD_FUSED_BATCH=force)");
             return true;
         }
         match self.fused_is_faster(rows as usize) {
