@@ -205,6 +205,26 @@ fn batched_decode_step_equals_each_sequence_alone() {
     }
 }
 
+/// Each prefix prefilled alone (its cache, to decode alone from) and all of them stacked as one
+/// batch of `members`.
+fn stacked(
+    model: &Transformer,
+    prefixes: &[&[u32]],
+    members: Vec<u64>,
+) -> (Vec<SequenceCache>, mlxd::cache::BatchCache) {
+    let solo: Vec<SequenceCache> = prefixes
+        .iter()
+        .map(|p| {
+            let mut c = SequenceCache::new(model.num_layers());
+            model.forward_all(&ids(p), &mut c).unwrap();
+            c
+        })
+        .collect();
+    let refs: Vec<&SequenceCache> = solo.iter().collect();
+    let batch = mlxd::cache::BatchCache::build(members, &refs).unwrap();
+    (solo, batch)
+}
+
 /// Rows of different lengths (left-padded, attention masked) and of equal lengths (no padding,
 /// no mask) decode in a stack as each does alone.
 #[test]
@@ -215,16 +235,7 @@ fn stacked_batch_decodes_like_each_sequence_alone() {
         let tmp = tempfile::tempdir().unwrap();
         write_checkpoint(tmp.path(), &tiny_config(model_type), None);
         let model = load(tmp.path());
-        let mut solo = Vec::new();
-        let mut rows = Vec::new();
-        for p in prefixes {
-            let mut c = SequenceCache::new(model.num_layers());
-            model.forward_all(&ids(p), &mut c).unwrap();
-            solo.push(c.clone());
-            rows.push(c);
-        }
-        let refs: Vec<&SequenceCache> = rows.iter().collect();
-        let mut batch = mlxd::cache::BatchCache::build(vec![10, 11, 12], &refs).unwrap();
+        let (mut solo, mut batch) = stacked(&model, &prefixes, vec![10, 11, 12]);
         let steps = [[11u32, 22, 33], [5, 6, 7], [90, 91, 92], [1, 1, 1]];
         for (s, tokens) in steps.iter().enumerate() {
             let out = model.forward_batched(&Array::from_slice(&tokens.map(|t| t as i32), &[3]), &mut batch).unwrap();
@@ -256,16 +267,7 @@ fn a_batch_keeps_its_rows_when_others_leave() {
     let tmp = tempfile::tempdir().unwrap();
     write_checkpoint(tmp.path(), &tiny_config("qwen3"), None);
     let model = load(tmp.path());
-    let mut solo = Vec::new();
-    let mut rows = Vec::new();
-    for p in prefixes {
-        let mut c = SequenceCache::new(model.num_layers());
-        model.forward_all(&ids(p), &mut c).unwrap();
-        solo.push(c.clone());
-        rows.push(c);
-    }
-    let refs: Vec<&SequenceCache> = rows.iter().collect();
-    let mut batch = mlxd::cache::BatchCache::build(vec![10, 11, 12], &refs).unwrap();
+    let (mut solo, mut batch) = stacked(&model, &prefixes, vec![10, 11, 12]);
     let check = |out: &Array, row: usize, token: u32, solo: &mut SequenceCache, what: &str| {
         let want = to_vec(&model.forward_last(&ids(&[token]), solo).unwrap());
         let got = to_vec(&out.try_index(row as i32).unwrap());
