@@ -74,6 +74,7 @@ impl Metrics {
                     "model_graph_us_total": s.model_graph_us.load(Ordering::Relaxed),
                     "sampler_graph_us_total": s.sampler_graph_us.load(Ordering::Relaxed),
                     "batch_restacks_total": s.restacks.load(Ordering::Relaxed),
+                    "batch_regathers_total": s.regathers.load(Ordering::Relaxed),
                     "token_joins_total": s.token_joins.load(Ordering::Relaxed),
                     "memory_share_bytes": match s.kv_limit.load(Ordering::Relaxed) {
                         u64::MAX => Value::Null,

@@ -145,8 +145,10 @@ pub struct WorkerStats {
     pub model_graph_us: AtomicU64,
     /// See `model_graph_us`.
     pub sampler_graph_us: AtomicU64,
-    /// Steps that restacked the batch's KV caches (its set of rows changed).
+    /// Steps that restacked the batch's KV caches (sequences joined).
     pub restacks: AtomicU64,
+    /// Steps that gathered the rows that go on out of the stack (sequences left).
+    pub regathers: AtomicU64,
     /// Steps whose input tokens were joined from several steps' outputs.
     pub token_joins: AtomicU64,
     /// When the thread last came back to its loop, milliseconds since [`epoch`].
@@ -661,6 +663,7 @@ impl Worker {
         self.stats.model_graph_us.store(profile.graph.as_micros() as u64, Ordering::Relaxed);
         self.stats.sampler_graph_us.store(profile.sampler.as_micros() as u64, Ordering::Relaxed);
         self.stats.restacks.store(profile.restacks, Ordering::Relaxed);
+        self.stats.regathers.store(profile.regathers, Ordering::Relaxed);
         self.stats.token_joins.store(profile.token_joins, Ordering::Relaxed);
         // The step restacked the batch without the rows that had ended.
         self.retired.clear();
