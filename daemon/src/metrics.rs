@@ -56,6 +56,8 @@ impl Metrics {
                 let s = &h.stats;
                 let steps = s.steps.load(Ordering::Relaxed);
                 let requests = s.requests.load(Ordering::Relaxed);
+                let p = *s.step_profile.lock().unwrap_or_else(|e| e.into_inner());
+                let us = |d: std::time::Duration| d.as_micros() as u64;
                 json!({
                     "name": name,
                     "running": s.running.load(Ordering::Relaxed),
@@ -68,14 +70,14 @@ impl Metrics {
                     "kv_cache_bytes": s.kv_bytes.load(Ordering::Relaxed),
                     "prompt_cache_bytes": s.prompt_cache_bytes.load(Ordering::Relaxed),
                     "memory_plan_bytes": s.kv_reserved.load(Ordering::Relaxed),
-                    "host_build_us_total": s.host_build_us.load(Ordering::Relaxed),
-                    "host_build_cpu_us_total": s.host_build_cpu_us.load(Ordering::Relaxed),
-                    "device_wait_us_total": s.device_wait_us.load(Ordering::Relaxed),
-                    "model_graph_us_total": s.model_graph_us.load(Ordering::Relaxed),
-                    "sampler_graph_us_total": s.sampler_graph_us.load(Ordering::Relaxed),
-                    "batch_restacks_total": s.restacks.load(Ordering::Relaxed),
-                    "batch_regathers_total": s.regathers.load(Ordering::Relaxed),
-                    "token_joins_total": s.token_joins.load(Ordering::Relaxed),
+                    "host_build_us_total": us(p.build),
+                    "host_build_cpu_us_total": us(p.build_cpu),
+                    "device_wait_us_total": us(p.wait),
+                    "model_graph_us_total": us(p.graph),
+                    "sampler_graph_us_total": us(p.sampler),
+                    "batch_restacks_total": p.restacks,
+                    "batch_regathers_total": p.regathers,
+                    "token_joins_total": p.token_joins,
                     "memory_share_bytes": match s.kv_limit.load(Ordering::Relaxed) {
                         u64::MAX => Value::Null,
                         limit => json!(limit),

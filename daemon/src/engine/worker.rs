@@ -132,25 +132,11 @@ pub struct WorkerStats {
     pub slow_client_cancels: AtomicU64,
     /// Device bytes of the prompt cache (KV state and logits of finished prompts).
     pub prompt_cache_bytes: AtomicU64,
-    /// Where decode steps' time went, summed since the model loaded (microseconds): building
-    /// and launching the next step on the host, the thread's CPU time for that, and waiting
-    /// for the device's tokens (see [`crate::engine::StepProfile`]).
-    pub host_build_us: AtomicU64,
-    /// See `host_build_us`.
-    pub host_build_cpu_us: AtomicU64,
-    /// See `host_build_us`.
-    pub device_wait_us: AtomicU64,
-    /// Parts of `host_build_us`: building the model's graph, and the sampler's (the rest is
-    /// queueing the step).
-    pub model_graph_us: AtomicU64,
-    /// See `model_graph_us`.
-    pub sampler_graph_us: AtomicU64,
-    /// Steps that restacked the batch's KV caches (sequences joined).
-    pub restacks: AtomicU64,
-    /// Steps that gathered the rows that go on out of the stack (sequences left).
-    pub regathers: AtomicU64,
-    /// Steps whose input tokens were joined from several steps' outputs.
-    pub token_joins: AtomicU64,
+    /// The engine's step profile as of its last decode step, summed since the model loaded:
+    /// where steps' time went (building and launching on the host, the thread's CPU time for
+    /// that, waiting for the device) and how often the batch was restacked or gathered (see
+    /// [`crate::engine::StepProfile`]).
+    pub step_profile: std::sync::Mutex<super::StepProfile>,
     /// When the thread last came back to its loop, milliseconds since [`epoch`].
     heartbeat_ms: AtomicU64,
     /// The thread is waiting for a command (nothing to do, so no heartbeat is due).
@@ -657,15 +643,8 @@ impl Worker {
         let started = Instant::now();
         let result = self.engine.step(&mut rows, |i, ev| jobs[i].events.try_send(JobEvent::Token(ev.clone())).is_ok());
         let profile = self.engine.profile();
-        self.stats.host_build_us.store(profile.build.as_micros() as u64, Ordering::Relaxed);
-        self.stats.host_build_cpu_us.store(profile.build_cpu.as_micros() as u64, Ordering::Relaxed);
-        self.stats.device_wait_us.store(profile.wait.as_micros() as u64, Ordering::Relaxed);
-        self.stats.model_graph_us.store(profile.graph.as_micros() as u64, Ordering::Relaxed);
-        self.stats.sampler_graph_us.store(profile.sampler.as_micros() as u64, Ordering::Relaxed);
-        self.stats.restacks.store(profile.restacks, Ordering::Relaxed);
-        self.stats.regathers.store(profile.regathers, Ordering::Relaxed);
-        self.stats.token_joins.store(profile.token_joins, Ordering::Relaxed);
-        // The step restacked the batch without the rows that had ended.
+        *self.stats.step_profile.lock().unwrap_or_else(|e| e.into_inner()) = profile;
+        // The step restacked or gathered the batch without the rows that had ended.
         self.retired.clear();
         match result {
             Ok(()) => {

@@ -416,10 +416,10 @@ impl Transformer {
 
     /// Whether steps of `sizes` rows (all one, or all several) keep the fused kernel: each
     /// agrees with MLX's operations, and (where `timed`) the first size (or four rows) times
-    /// faster. A size
-    /// that disagrees is checked once more, since MLX's own operations, the reference, do not
-    /// always give the same answer to the same 8-row step (session 17: once in 30-60 repeats,
-    /// by 4-8% of the largest logit, where the fused kernel gave the same answer every time).
+    /// faster. A size that disagrees is checked once more, since MLX's own operations, the
+    /// reference, do not always give the same answer to the same 8-row step (session 17: once
+    /// in 30-60 repeats, by 4-8% of the largest logit, where the fused kernel gave the same
+    /// answer every time).
     fn fused_kind_ok(&self, sizes: &[i32], kind: &str, timed: bool) -> bool {
         let check = |rows: i32| -> Result<f32> {
             let first = self.fused_error(rows as usize)?;
