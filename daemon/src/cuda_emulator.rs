@@ -288,10 +288,13 @@ struct __half {
 };
 
 struct uint4 { unsigned int x, y, z, w; };
-struct alignas(16) float4 { float x, y, z, w; };
+// Not 16-byte aligned here: MLX's CPU arrays start 8 bytes into their allocation, where
+// cudaMalloc's are 256-byte aligned; the kernels' 16-byte loads keep offsets in multiples of 16.
+struct float4 { float x, y, z, w; };
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 inline void __trap() { std::abort(); }
 inline uint4 make_uint4(unsigned int x, unsigned int y, unsigned int z, unsigned int w) { return {x, y, z, w}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 
 namespace mlxd_emu {
 inline float half_of(unsigned int reg, int high, bool bf16) {

@@ -34,11 +34,16 @@
 //! both kernels against the unfused step).
 //!
 //! Grid barriers need every participating block resident at once. The kernel launches
-//! [`GRID`] blocks and only the first `min(GRID, SMs / 2)` take part (the SM count read on the
-//! device, `%nsmid`); the rest return at once. One block of either kernel fits on any SM beside
-//! another's (256 threads of at most ~170 registers, at most 96 KB of shared memory), so even
-//! two such kernels running side by side are all resident. A barrier that never opens ends the
-//! kernel with a trap after a few seconds instead of hanging the daemon.
+//! [`GRID`] blocks and only the first `P` take part (the SM count read on the device, `%nsmid`);
+//! the rest return at once. The one-row kernel takes ~170 registers a thread, so a block has an
+//! SM to itself, and `P` is half the SMs. A batched kernel's block fits on an SM beside another
+//! (at most 128 registers a thread, which `tests/nvrtc` checks, and at most half an SM's shared
+//! memory, which the kernel checks for the architecture it is compiled for), so it takes every SM
+//! (session 18: an 8-row step's block 107 µs instead of 128 µs), and half of them where two do
+//! not fit. Either kind completes on half the SMs, so two kernels running side by side (two
+//! models' streams) are always all resident: a stuck pair would need both to hold less than half.
+//! At most two models hold the kernel at once ([`MODELS_MAX`]). A barrier that never opens ends
+//! the kernel with a trap after a few seconds instead of hanging the daemon.
 //!
 //! State written in place (MLX sees these as inputs): the key/value cache (so the cache storage
 //! must be the sequence's own, see `LayerCache::fused_storage`; a batch's stack always is, see
@@ -95,7 +100,7 @@ pub fn enabled() -> bool {
     SWITCH.available()
 }
 
-/// Blocks launched per layer; at most `SMs / 2` of them take part.
+/// Blocks launched per layer; at most the SM count take part (half of it for one row).
 pub const GRID: i32 = 160;
 /// Blocks launched per phase when emulated (no SM count there: all of them take part).
 const EMULATED_GRID: i32 = 12;
@@ -103,8 +108,8 @@ const THREADS: i32 = 256;
 /// Chunks of positions one head's attention is split into, at most.
 const CHUNKS_MAX: i32 = 16;
 /// Dynamic shared memory the kernel may take, bytes: the rows' inputs of a product, as the
-/// model's dtype. Two blocks of 96 KB fit an H100's SM, one an A100's or a consumer card's, so
-/// `SMs / 2` participating blocks stay resident even beside a second such kernel.
+/// model's dtype. Two blocks of 96 KB fit an H100's SM, one an A100's or a consumer card's
+/// (there the variants that take more than half an SM's shared memory run on half the SMs).
 const SHARED_MAX: i32 = 96 * 1024;
 /// Static shared memory the one-row kernel may use, bytes (the 48 KB limit, with room for the
 /// rest).
@@ -288,8 +293,8 @@ const SOURCE_ONE: &str = r#"
     const int warp = tid >> 5;
     unsigned int P = gridDim.x;
     if constexpr (PHASE == 0) {
-        const unsigned int half = mlxd_nsmid() / 2;
-        P = min(P, half > 0 ? half : 1u);
+        const unsigned int part = mlxd_nsmid() / SMDIV;
+        P = min(P, part > 0 ? part : 1u);
     }
     if (blockIdx.x >= P) return;
     const int gw = blockIdx.x * MLXD_WARPS + warp;
@@ -481,6 +486,18 @@ const INPUTS_ONE: [&str; 23] = [
 const HEADER: &str = concat!(
     common_header!(),
     r#"
+// Shared memory of one SM on the architecture this is compiled for, bytes (the CUDA
+// programming guide's table), and what a block of this kernel takes beyond its dynamic shared
+// memory: its static shared memory (under 2 KB, tests/nvrtc checks) and the 1 KB the driver
+// reserves per block.
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 800 || __CUDA_ARCH__ == 870)
+#define MLXD_SM_SHARED (164 * 1024)
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && __CUDA_ARCH__ < 1200
+#define MLXD_SM_SHARED (228 * 1024)
+#else
+#define MLXD_SM_SHARED (100 * 1024)
+#endif
+#define MLXD_BLOCK_SHARED_SLACK (3 * 1024)
 #ifdef MLXD_EMULATED
 #define MLXD_DYNAMIC_SHARED(name, bytes) static __align__(16) unsigned char name[bytes]
 #else
@@ -504,6 +521,73 @@ __device__ inline void mlxd_load8(const T* p, float* v) {
 #pragma unroll
         for (int e = 0; e < 8; ++e) v[e] = static_cast<float>(t[e]);
     }
+}
+// Eight floats into eight consecutive values of T (16-byte aligned), one store.
+template <typename T>
+__device__ inline void mlxd_store8(T* p, const float* v) {
+    if constexpr (sizeof(T) == 4) {
+        reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+        reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+    } else {
+        uint4 u;
+        T* t = reinterpret_cast<T*>(&u);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) t[e] = static_cast<T>(v[e]);
+        *reinterpret_cast<uint4*>(p) = u;
+    }
+}
+// Eight consecutive floats of the workspace (16-byte aligned), past the L1 (other blocks wrote
+// them before the last grid barrier).
+__device__ inline void mlxd_ldcg8(const float* p, float* v) {
+    const float4 a = __ldcg(reinterpret_cast<const float4*>(p));
+    const float4 b = __ldcg(reinterpret_cast<const float4*>(p) + 1);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+// RMS norm of nb rows of D values, one warp per row (no block-wide sums, so the rows' loads
+// are in flight together; session 16's kernel normed row after row, ~2 us each): load8(v, c, f)
+// puts values 8c..8c+7 of row v in f. Each value is scaled and multiplied by w, rounded to T
+// where MLX rounds, into sh[v * D + k]; the raw values wait in sh (exact: they are values of T).
+template <int D, typename T, typename XS, typename L, typename Wn>
+__device__ inline void mlxd_norm_rows(int nb, L load8, const Wn* w, float eps, XS* sh) {
+    const int lane = threadIdx.x & 31;
+    for (int v = threadIdx.x >> 5; v < nb; v += MLXD_WARPS) {
+        XS* row = sh + v * D;
+        float ss = 0.0f;
+#pragma unroll 4
+        for (int c = lane; c < D / 8; c += 32) {
+            float f[8];
+            load8(v, c, f);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) ss = fmaf(f[e], f[e], ss);
+            mlxd_store8(row + 8 * c, f);
+        }
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        const float n = rsqrtf(ss / D + eps);
+        for (int c = lane; c < D / 8; c += 32) {
+            float f[8];
+            mlxd_load8(row + 8 * c, f);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) f[e] = mlxd_round<T>(mlxd_round<T>(f[e] * n) * static_cast<float>(w[8 * c + e]));
+            mlxd_store8(row + 8 * c, f);
+        }
+    }
+    __syncthreads();
+}
+// xs[v * N + k] = src[v * stride + k] for nb rows of N workspace floats, as XS, eight values
+// per thread at a time with several loads in flight (one value per thread at a time took
+// ~1 us per row at 8 rows).
+template <int N, typename XS>
+__device__ inline void mlxd_fill_rows(int nb, const float* src, int stride, XS* xs) {
+    constexpr int N8 = N / 8;
+#pragma unroll 4
+    for (int i = threadIdx.x; i < nb * N8; i += 256) {
+        const int v = i / N8;
+        const int c = i - v * N8;
+        float f[8];
+        mlxd_ldcg8(src + (size_t)v * stride + 8 * c, f);
+        mlxd_store8(xs + v * N + 8 * c, f);
+    }
+    __syncthreads();
 }
 // NR rows of a 4-bit affine product (rows[j] < 0: none) with nb <= B vectors of K values (xs:
 // rows of K, shared memory): one warp, each lane 32 elements (one 16-byte load) of every row at a
@@ -606,6 +690,9 @@ const SOURCE: &str = r#"
     constexpr int OFF_H1 = OFF_PART + H * MLXD_CHMAX * (HD + 2);
     constexpr int OFF_MLP = OFF_H1 + D;
     constexpr int WF = OFF_MLP + I;
+    // Rows of the workspace and of the inputs in shared memory are read and written eight
+    // values at a time, 16-byte aligned.
+    static_assert(HD % 8 == 0 && D % 8 == 0 && I % 8 == 0, "8-value loads need dimensions in multiples of 8");
     constexpr int NR = B <= 2 ? 4 : 2;
     // The rows' inputs are kept in the model's dtype (exact: MLX rounds there too), which fits
     // up to 8 rows in the shared memory.
@@ -628,8 +715,10 @@ const SOURCE: &str = r#"
     const int warp = tid >> 5;
     unsigned int P = gridDim.x;
     if constexpr (PHASE == 0) {
-        const unsigned int half = mlxd_nsmid() / 2;
-        P = min(P, half > 0 ? half : 1u);
+        // Every SM takes part where two of these blocks fit on one (see GRID in fused.rs).
+        const unsigned int n = mlxd_nsmid();
+        const unsigned int part = 2 * (SMEM + MLXD_BLOCK_SHARED_SLACK) <= MLXD_SM_SHARED ? n : n / 2;
+        P = min(P, part > 0 ? part : 1u);
     }
     if (blockIdx.x >= P) return;
     // MLXD_FUSED_TIMING=1: block 0's thread 0 adds each stretch's nanoseconds to the counters.
@@ -664,8 +753,10 @@ const SOURCE: &str = r#"
     T* kw = const_cast<T*>(kc);
     T* vw = const_cast<T*>(vc);
     if constexpr (PHASE == 0 || PHASE == 1) {
-        for (int v = 0; v < NB; ++v)
-            mlxd_norm_to_shared<D, T>([&](int k) { return static_cast<float>(x[v * D + k]); }, w_in, eps, xs + v * D, red);
+        mlxd_norm_rows<D, T>(NB, [&](int v, int c, float* f) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) f[e] = static_cast<float>(x[v * D + 8 * c + e]);
+        }, w_in, eps, xs);
         mlxd_q4_rows<D, GS, NR, B>(NQKV, gw, NW, qkv_w, qkv_s, qkv_b, xs, NB, [&](int r, int v, float y) {
             wk[v * WF + r] = mlxd_round<T>(y);
         });
@@ -807,11 +898,7 @@ const SOURCE: &str = r#"
     if constexpr (PHASE == 0) mlxd_grid_sync(sy, P);
     stamp(4);
     if constexpr (PHASE == 0 || PHASE == 3) {
-        for (int k = tid; k < NB * H * HD; k += 256) {
-            const int v = k / (H * HD);
-            xs[k] = static_cast<XS>(__ldcg(wk + v * WF + OFF_ATT + k - v * H * HD));
-        }
-        __syncthreads();
+        mlxd_fill_rows<H * HD>(NB, wk + OFF_ATT, WF, xs);
         mlxd_q4_rows<H * HD, GS, NR, B>(D, gw, NW, o_w, o_s, o_b, xs, NB, [&](int r, int v, float y) {
             wk[v * WF + OFF_H1 + r] = mlxd_round<T>(static_cast<float>(x[v * D + r]) + mlxd_round<T>(y));
         });
@@ -820,8 +907,7 @@ const SOURCE: &str = r#"
     if constexpr (PHASE == 0) mlxd_grid_sync(sy, P);
     stamp(6);
     if constexpr (PHASE == 0 || PHASE == 4) {
-        for (int v = 0; v < NB; ++v)
-            mlxd_norm_to_shared<D, T>([&](int k) { return __ldcg(wk + v * WF + OFF_H1 + k); }, w_post, eps, xs + v * D, red);
+        mlxd_norm_rows<D, T>(NB, [&](int v, int c, float* f) { mlxd_ldcg8(wk + v * WF + OFF_H1 + 8 * c, f); }, w_post, eps, xs);
         // Each warp takes NR / 2 rows of the gate and the same rows of up.
         int rows[NR];
         float y[NR][B];
@@ -849,11 +935,7 @@ const SOURCE: &str = r#"
     if constexpr (PHASE == 0) mlxd_grid_sync(sy, P);
     stamp(8);
     if constexpr (PHASE == 0 || PHASE == 5) {
-        for (int k = tid; k < NB * I; k += 256) {
-            const int v = k / I;
-            xs[k] = static_cast<XS>(__ldcg(wk + v * WF + OFF_MLP + k - v * I));
-        }
-        __syncthreads();
+        mlxd_fill_rows<I>(NB, wk + OFF_MLP, WF, xs);
         mlxd_q4_rows<I, GS, NR, B>(D, gw, NW, d_w, d_s, d_b, xs, NB, [&](int r, int v, float y) {
             out[v * D + r] = static_cast<T>(__ldcg(wk + v * WF + OFF_H1 + r) + mlxd_round<T>(y));
         });
@@ -894,6 +976,43 @@ pub struct FusedDecode {
     pub(super) single: bool,
     /// Whether batched steps (2..=`batch_max` rows) take it.
     pub(super) batched: bool,
+    /// This model's place among the few that may hold the kernel at once (see [`Slot`]).
+    _slot: Slot,
+}
+
+/// Models that may hold the fused kernel at once in one process, on a GPU.
+const MODELS_MAX: usize = 2;
+
+/// A model's hold on the fused kernel. Grid barriers need all of a kernel's participating blocks
+/// resident at once, and two models decode on two streams, so their kernels can run side by
+/// side: any two fit (see [`GRID`]), three could each hold SMs the others wait for, which
+/// would end in the barrier's trap. So at most [`MODELS_MAX`] models hold the kernel; a third
+/// decodes through MLX's operations until one of them unloads. The emulator (one block at a time,
+/// no barriers) takes no slot.
+#[derive(Debug)]
+struct Slot {
+    counted: bool,
+}
+
+static MODELS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl Slot {
+    fn take() -> Option<Slot> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if crate::ffi::emulating() {
+            return Some(Slot { counted: false });
+        }
+        MODELS.fetch_update(SeqCst, SeqCst, |n| (n < MODELS_MAX).then_some(n + 1)).ok()?;
+        Some(Slot { counted: true })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.counted {
+            MODELS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -1041,7 +1160,26 @@ impl FusedDecode {
         let periods = Array::from_slice(&periods, &[n]);
         let no_padding = Array::from_slice(&[0i32], &[1]);
         mlx_rs::transforms::eval([&periods, &no_padding]).ok()?;
-        Some(FusedDecode { layers, periods, dtype, template, dims, batch_max, no_padding, single: true, batched: true })
+        let Some(slot) = Slot::take() else {
+            tracing::info!(
+                models = MODELS_MAX,
+                "fused decode kernel not used: as many models as may hold it at once already do; \
+                 this one decodes through MLX's operations"
+            );
+            return None;
+        };
+        Some(FusedDecode {
+            layers,
+            periods,
+            dtype,
+            template,
+            dims,
+            batch_max,
+            no_padding,
+            single: true,
+            batched: true,
+            _slot: slot,
+        })
     }
 
     /// The most rows a batched step takes.
@@ -1153,6 +1291,7 @@ impl FusedDecode {
                 let mut template = self.template.clone();
                 let smem = if rows == 1 {
                     template.push(("SH", TemplateArg::Int(self.dims.shared_floats())));
+                    template.push(("SMDIV", TemplateArg::Int(one_row_sm_divisor())));
                     0
                 } else {
                     let (variant, smem) = (self.variant(rows), self.dims.shared_bytes(self.variant(rows), self.dtype));
@@ -1221,6 +1360,18 @@ impl FusedDecode {
         let sync = mlx_rs::ops::zeros::<u32>(&[SYNC_WORDS])?;
         mlx_rs::transforms::eval([&work, &sync])?;
         Ok(Workspace { work, sync })
+    }
+}
+
+/// The one-row kernel's participating blocks are the SM count over this: 2 (see [`GRID`]).
+/// `MLXD_FUSED_SMS=all` makes it 1, for measuring (then two models decoding at once could
+/// stall each other: not for serving).
+fn one_row_sm_divisor() -> i32 {
+    static ALL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *ALL.get_or_init(|| std::env::var("MLXD_FUSED_SMS").is_ok_and(|v| v == "all")) {
+        1
+    } else {
+        2
     }
 }
 
@@ -1314,6 +1465,8 @@ pub fn queue_for_shape(
         no_padding: Array::from_slice(&[0i32], &[1]),
         single: true,
         batched: true,
+        // Recording the kernels' sources, not a model that decodes.
+        _slot: Slot { counted: false },
     };
     let err = |e: ModelError| mlx_rs::error::Exception::custom(e.to_string());
     let mut cache = SequenceCache::new(1);
