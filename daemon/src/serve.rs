@@ -66,6 +66,8 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {} (server.listen): {e}", cfg.server.listen))?;
     let addr = listener.local_addr()?;
+    // One configured model: its fused decode kernel may take the whole GPU (models::fused).
+    crate::models::fused::set_one_model(cfg.models.len() == 1);
     let registry = Arc::new(Registry::new(cfg.clone()));
     let plugins = Arc::new(crate::plugins::PluginRegistry::new(cfg.plugins.dirs.clone()));
     let (shutdown_tx, _) = tokio::sync::broadcast::channel(1);

@@ -22,7 +22,11 @@ fn main() -> Result<()> {
             print!("{}", mlxd::runtime::Report::gather().with_matmul_benchmark().render());
             Ok(())
         }
-        Some("generate") => generate(&args[1..]),
+        Some("generate") => {
+            // One model in this process (see mlxd::models::fused::set_one_model).
+            mlxd::models::fused::set_one_model(true);
+            generate(&args[1..])
+        }
         Some("serve") => serve(&args[1..]),
         Some("help" | "--help" | "-h") => {
             println!("{USAGE}");

@@ -36,7 +36,8 @@
 //! Grid barriers need every participating block resident at once. The kernel launches
 //! [`GRID`] blocks and only the first `P` take part (the SM count read on the device, `%nsmid`);
 //! the rest return at once. The one-row kernel takes ~170 registers a thread, so a block has an
-//! SM to itself, and `P` is half the SMs. A batched kernel's block fits on an SM beside another
+//! SM to itself, and `P` is half the SMs, or all of them in a process that serves one model
+//! ([`set_one_model`]: nothing else runs such a kernel beside it). A batched kernel's block fits on an SM beside another
 //! (at most 128 registers a thread, which `tests/nvrtc` checks, and at most half an SM's shared
 //! memory, which the kernel checks for the architecture it is compiled for), so it takes every SM
 //! (session 18: an 8-row step's block 107 µs instead of 128 µs), and half of them where two do
@@ -977,33 +978,63 @@ pub struct FusedDecode {
     /// Whether batched steps (2..=`batch_max` rows) take it.
     pub(super) batched: bool,
     /// This model's place among the few that may hold the kernel at once (see [`Slot`]).
-    _slot: Slot,
+    slot: Slot,
 }
 
-/// Models that may hold the fused kernel at once in one process, on a GPU.
+/// Models that may hold the fused kernel at once in one process, on a GPU (one where the
+/// process serves one model, see [`set_one_model`]).
 const MODELS_MAX: usize = 2;
+
+/// Whether this process serves one model at a time ([`set_one_model`]).
+static ONE_MODEL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Declares, before any model loads, that this process serves one model at a time (a daemon
+/// with one configured model, `mlxd generate`, the benchmarks). Then one model holds the fused
+/// kernel and its one-row kernel takes every SM (session 18: 747 against 697 tok/s on an H100,
+/// same machine). Otherwise two models may hold it, and one row takes half the SMs, so that
+/// two models' kernels side by side are always all resident.
+pub fn set_one_model(one: bool) {
+    ONE_MODEL.store(one, std::sync::atomic::Ordering::SeqCst);
+}
 
 /// A model's hold on the fused kernel. Grid barriers need all of a kernel's participating blocks
 /// resident at once, and two models decode on two streams, so their kernels can run side by
 /// side: any two fit (see [`GRID`]), three could each hold SMs the others wait for, which
-/// would end in the barrier's trap. So at most [`MODELS_MAX`] models hold the kernel; a third
-/// decodes through MLX's operations until one of them unloads. The emulator (one block at a time,
-/// no barriers) takes no slot.
+/// would end in the barrier's trap. So at most [`MODELS_MAX`] models hold the kernel (one in a
+/// one-model process, whose one-row kernel takes every SM); another decodes through MLX's
+/// operations. The emulator (one block at a time, no barriers) takes no slot.
 #[derive(Debug)]
 struct Slot {
     counted: bool,
+    /// The one-row kernel's participating blocks are the SM count over this: 1 in a one-model
+    /// process, else 2.
+    one_row_divisor: i32,
 }
 
 static MODELS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 impl Slot {
     fn take() -> Option<Slot> {
+        Self::take_within(std::time::Duration::from_secs(5))
+    }
+
+    fn take_within(wait: std::time::Duration) -> Option<Slot> {
         use std::sync::atomic::Ordering::SeqCst;
+        let one = ONE_MODEL.load(SeqCst);
+        let (most, one_row_divisor) = if one { (1, 1) } else { (MODELS_MAX, 2) };
         if crate::ffi::emulating() {
-            return Some(Slot { counted: false });
+            return Some(Slot { counted: false, one_row_divisor });
         }
-        MODELS.fetch_update(SeqCst, SeqCst, |n| (n < MODELS_MAX).then_some(n + 1)).ok()?;
-        Some(Slot { counted: true })
+        // A model unloaded a moment ago may still be ending on its thread (its stream
+        // synchronized, then its slot let go): wait for that a little, not for a stuck one.
+        let deadline = std::time::Instant::now() + wait;
+        while MODELS.fetch_update(SeqCst, SeqCst, |n| (n < most).then_some(n + 1)).is_err() {
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Some(Slot { counted: true, one_row_divisor })
     }
 }
 
@@ -1161,10 +1192,10 @@ impl FusedDecode {
         let no_padding = Array::from_slice(&[0i32], &[1]);
         mlx_rs::transforms::eval([&periods, &no_padding]).ok()?;
         let Some(slot) = Slot::take() else {
-            tracing::info!(
-                models = MODELS_MAX,
-                "fused decode kernel not used: as many models as may hold it at once already do; \
-                 this one decodes through MLX's operations"
+            tracing::warn!(
+                one_model = ONE_MODEL.load(std::sync::atomic::Ordering::SeqCst),
+                "fused decode kernel not used: as many models as may hold it at once already do \
+                 (one in a process serving one model, else two); this one decodes through MLX's operations"
             );
             return None;
         };
@@ -1178,7 +1209,7 @@ impl FusedDecode {
             no_padding,
             single: true,
             batched: true,
-            _slot: slot,
+            slot,
         })
     }
 
@@ -1291,7 +1322,7 @@ impl FusedDecode {
                 let mut template = self.template.clone();
                 let smem = if rows == 1 {
                     template.push(("SH", TemplateArg::Int(self.dims.shared_floats())));
-                    template.push(("SMDIV", TemplateArg::Int(one_row_sm_divisor())));
+                    template.push(("SMDIV", TemplateArg::Int(self.slot.one_row_divisor)));
                     0
                 } else {
                     let (variant, smem) = (self.variant(rows), self.dims.shared_bytes(self.variant(rows), self.dtype));
@@ -1360,18 +1391,6 @@ impl FusedDecode {
         let sync = mlx_rs::ops::zeros::<u32>(&[SYNC_WORDS])?;
         mlx_rs::transforms::eval([&work, &sync])?;
         Ok(Workspace { work, sync })
-    }
-}
-
-/// The one-row kernel's participating blocks are the SM count over this: 2 (see [`GRID`]).
-/// `MLXD_FUSED_SMS=all` makes it 1, for measuring (then two models decoding at once could
-/// stall each other: not for serving).
-fn one_row_sm_divisor() -> i32 {
-    static ALL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *ALL.get_or_init(|| std::env::var("MLXD_FUSED_SMS").is_ok_and(|v| v == "all")) {
-        1
-    } else {
-        2
     }
 }
 
@@ -1466,7 +1485,7 @@ pub fn queue_for_shape(
         single: true,
         batched: true,
         // Recording the kernels' sources, not a model that decodes.
-        _slot: Slot { counted: false },
+        slot: Slot { counted: false, one_row_divisor: 2 },
     };
     let err = |e: ModelError| mlx_rs::error::Exception::custom(e.to_string());
     let mut cache = SequenceCache::new(1);
@@ -1541,5 +1560,39 @@ fn own_workspace(
             *slot = Some(w.clone());
             Ok(w)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn two_models_hold_the_kernel_at_most_and_one_in_a_one_model_process() {
+        set_one_model(false);
+        let a = Slot::take_within(Duration::ZERO).expect("a first model holds the kernel");
+        let b = Slot::take_within(Duration::ZERO).expect("and a second");
+        assert!(Slot::take_within(Duration::from_millis(50)).is_none(), "a third decodes through MLX's operations");
+        assert_eq!((a.one_row_divisor, b.one_row_divisor), (2, 2), "two models: one row on half the SMs");
+        drop(b);
+        let c = Slot::take_within(Duration::ZERO).expect("an unloaded model's slot is free again");
+        drop((a, c));
+
+        set_one_model(true);
+        let only = Slot::take_within(Duration::ZERO).expect("the one model holds the kernel");
+        assert_eq!(only.one_row_divisor, 1, "one model: one row on every SM");
+        assert!(Slot::take_within(Duration::ZERO).is_none(), "no second model beside it");
+        // A reload while the unloaded model's thread is still ending waits for its slot.
+        let ending = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            drop(only);
+        });
+        let next = Slot::take_within(Duration::from_secs(10)).expect("the slot let go is taken");
+        ending.join().unwrap();
+        assert!(MODELS.load(std::sync::atomic::Ordering::SeqCst) == 1);
+        drop(next);
+        assert_eq!(MODELS.load(std::sync::atomic::Ordering::SeqCst), 0);
+        set_one_model(false);
     }
 }

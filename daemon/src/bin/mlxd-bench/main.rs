@@ -277,6 +277,8 @@ fn parse_args() -> Result<Args> {
 
 fn main() {
     mlxd::spin_guard::install();
+    // Each benchmark holds one model at a time (the daemon it starts is its own process).
+    mlxd::models::fused::set_one_model(true);
     // Warnings by default; RUST_LOG=mlxd=info shows what loading a model decided (e.g. the
     // fused decode block's check and timing against MLX's operations).
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
