@@ -304,3 +304,58 @@ fn rows_leaving_and_joining_a_batch_generate_what_they_generate_alone() {
     let again = e.generate(&greedy(prompts[0].clone(), lengths[0]), |_| true).unwrap();
     assert_eq!((again.ids, again.cached_tokens), (alone[0].clone(), prompts[0].len()));
 }
+
+/// A burst of requests starts together: prompts the prompt cache has nothing for share one
+/// prefill pass (padded to the longest), the cached one starts on its own, a bad sampler fails
+/// only its request, and every row generates what it generates started alone.
+#[test]
+fn requests_started_together_generate_what_they_generate_alone() {
+    let mut e = engine(256 << 20);
+    // Raw text with different first tokens: chat prompts would share the template's opening,
+    // which the prompt cache serves (a cached prefix starts a request on its own).
+    let texts = ["Paris is the capital of", "Colors of the rainbow are", "Write a haiku about the sea:"];
+    let prompts: Vec<Vec<u32>> = texts.iter().map(|t| e.model.tokenizer.encode(t, false).unwrap()).collect();
+    assert!(prompts[1][0] != prompts[0][0] && prompts[2][0] != prompts[0][0]);
+    let alone: Vec<Vec<u32>> =
+        prompts.iter().map(|p| e.generate(&greedy(p.clone(), 8), |_| true).unwrap().ids).collect();
+    e.clear_prompt_cache();
+    // The first prompt is cached (it ran alone before); the other two are not.
+    e.generate(&greedy(prompts[0].clone(), 8), |_| true).unwrap();
+    e.reset_profile();
+    let bad = GenerateRequest {
+        sampler: SamplingParams { temperature: 0.7, top_p: 0.0, ..Default::default() },
+        ..greedy(prompts[1].clone(), 8)
+    };
+    let reqs = vec![greedy(prompts[1].clone(), 8), greedy(prompts[0].clone(), 8), bad, greedy(prompts[2].clone(), 8)];
+    let started = e.start_many(reqs);
+    assert_eq!(e.profile().prefill_passes, 1, "the two uncached prompts share one pass");
+    let mut rows = Vec::new();
+    let mut which = Vec::new();
+    for (i, r) in started.into_iter().enumerate() {
+        match r {
+            Ok(row) => {
+                rows.push(row);
+                which.push(i);
+            }
+            Err(err) => assert_eq!(i, 2, "only the bad sampler fails: {err}"),
+        }
+    }
+    assert_eq!(which, vec![0, 1, 3]);
+    assert_eq!(rows[1].prompt_tokens(), prompts[0].len());
+    let mut ids: Vec<Vec<u32>> = vec![Vec::new(); 3];
+    while rows.iter().any(|r| r.finished().is_none()) {
+        let mut refs: Vec<&mut mlxd::engine::Row> = rows.iter_mut().filter(|r| r.finished().is_none()).collect();
+        let live: Vec<usize> = (0..3).filter(|&k| ids[k].len() < 8).collect();
+        e.step(&mut refs, |k, ev| {
+            ids[live[k]].push(ev.id);
+            true
+        })
+        .unwrap();
+    }
+    assert_eq!(ids, vec![alone[1].clone(), alone[0].clone(), alone[2].clone()]);
+    let outcomes: Vec<_> = rows.into_iter().map(|r| e.finish(r)).collect();
+    assert_eq!(outcomes[1].cached_tokens, prompts[0].len(), "the cached prompt was served from the cache");
+    // A prompt prefilled in a shared pass left its state to the prompt cache like any other.
+    let again = e.generate(&greedy(prompts[2].clone(), 8), |_| true).unwrap();
+    assert_eq!((again.ids, again.cached_tokens), (alone[2].clone(), prompts[2].len()));
+}

@@ -258,6 +258,19 @@ impl SequenceCache {
         self.layers.iter().map(LayerCache::nbytes).sum()
     }
 
+    /// Row `row`'s first `len` positions of a cache that holds several sequences side by side
+    /// (a prefill of several prompts, each starting at position 0), as that sequence's own
+    /// cache: views, no copy (a later write copies, as MLX's copy-on-write does).
+    pub fn row(&self, row: i32, len: i32) -> Result<SequenceCache, mlx_rs::error::Exception> {
+        let view = |a: &Option<Array>| a.as_ref().map(|a| a.try_index((row..row + 1, .., ..len, ..))).transpose();
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| Ok(LayerCache { keys: view(&l.keys)?, values: view(&l.values)?, offset: len, owned: None }))
+            .collect::<Result<_, mlx_rs::error::Exception>>()?;
+        Ok(SequenceCache { layers, fused_work: None })
+    }
+
     /// Evaluates the cached keys and values (the end of a prefill chunk).
     pub fn eval(&self) -> Result<(), mlx_rs::error::Exception> {
         let arrays: Vec<&Array> =

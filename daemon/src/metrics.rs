@@ -77,6 +77,7 @@ impl Metrics {
                     "sampler_graph_us_total": us(p.sampler),
                     "batch_restacks_total": p.restacks,
                     "batch_regathers_total": p.regathers,
+                    "prefill_passes_total": p.prefill_passes,
                     "token_joins_total": p.token_joins,
                     "memory_share_bytes": match s.kv_limit.load(Ordering::Relaxed) {
                         u64::MAX => Value::Null,

@@ -241,10 +241,26 @@ impl Row {
         self.req.prompt.len()
     }
 
+    /// The most tokens it may generate.
+    pub fn max_tokens(&self) -> usize {
+        self.req.max_tokens
+    }
+
     /// Device bytes of its KV cache.
     pub fn cache_bytes(&self) -> usize {
         self.cache.nbytes()
     }
+}
+
+/// What starting a row produced, for [`Engine::new_row`].
+struct Started {
+    sampler: SequenceSampler,
+    cache: SequenceCache,
+    fed: Vec<u32>,
+    cached: usize,
+    logits: Array,
+    pending: Option<Pending>,
+    started: Instant,
 }
 
 /// A resident model and the state that serves it.
@@ -301,6 +317,8 @@ pub struct StepProfile {
     /// Steps that kept part of the batch (sequences left): one gather per layer's keys and
     /// values.
     pub regathers: u64,
+    /// Forward passes that prefilled several prompts together ([`Engine::start_many`]).
+    pub prefill_passes: u64,
     /// Steps whose input tokens were joined from several earlier steps' outputs (rows that
     /// joined or sat out), rather than taken whole from the last step.
     pub token_joins: u64,
@@ -451,26 +469,150 @@ impl Engine {
             Some(Err(e)) => return Err(e.into()),
             None => None,
         };
-        let stops = StopMatcher::new(&req.stop);
+        Ok(self.new_row(req, Started { sampler, cache, fed, cached, logits, pending, started }))
+    }
+
+    /// A started row: its prompt is in `cache` and its first token queued.
+    fn new_row(&mut self, req: GenerateRequest, s: Started) -> Row {
         self.next_row += 1;
-        Ok(Row {
+        Row {
             id: self.next_row,
             decoder: StreamDecoder::new(self.model.tokenizer.clone()),
-            stops,
-            cache,
-            sampler,
-            fed,
+            stops: StopMatcher::new(&req.stop),
+            cache: s.cache,
+            sampler: s.sampler,
+            fed: s.fed,
             ids: Vec::new(),
             text: String::new(),
-            pending,
-            prompt_logits: self.prompt_cache.enabled().then_some(logits),
-            started,
+            pending: s.pending,
+            prompt_logits: self.prompt_cache.enabled().then_some(s.logits),
+            started: s.started,
             first_token_at: None,
-            cached_tokens: cached,
+            cached_tokens: s.cached,
             finished: (req.max_tokens == 0).then_some(FinishReason::Length),
             failure: None,
             req,
-        })
+        }
+    }
+
+    /// Starts several requests, results in their order. Those the prompt cache has nothing for
+    /// are prefilled together, in forward passes of at most `prefill_chunk` tokens (padding
+    /// included: every row of a pass is as long as its longest prompt), so a burst of clients
+    /// pays for about one prefill instead of one each; the others start one by one
+    /// ([`Engine::start`]). A pass that fails is retried one request at a time.
+    pub fn start_many(&mut self, reqs: Vec<GenerateRequest>) -> Vec<Result<Row, ModelError>> {
+        let stream = self.stream.clone();
+        let t = Instant::now();
+        let n = reqs.len() as u64;
+        let rows = mlx_rs::with_stream(&stream, || self.start_many_on_stream(reqs));
+        self.profile.starts += n;
+        self.profile.start += t.elapsed();
+        tracing::trace!(requests = n, us = t.elapsed().as_micros() as u64, "started");
+        rows
+    }
+
+    fn start_many_on_stream(&mut self, reqs: Vec<GenerateRequest>) -> Vec<Result<Row, ModelError>> {
+        let chunk = self.options.prefill_chunk.max(1);
+        let vocab = self.model.model.args.vocab as u32;
+        let mut passes: Vec<Vec<usize>> = Vec::new();
+        let mut alone: Vec<usize> = Vec::new();
+        let mut pass: Vec<usize> = Vec::new();
+        let mut longest = 0;
+        for (i, req) in reqs.iter().enumerate() {
+            let p = &req.prompt;
+            let together = shared_prefill()
+                && !p.is_empty() && p.len() <= chunk && p.iter().all(|&t| t < vocab) && self.prompt_cache.serves(p) == 0;
+            if !together {
+                alone.push(i);
+                continue;
+            }
+            if !pass.is_empty() && (pass.len() + 1) * longest.max(p.len()) > chunk {
+                passes.push(std::mem::take(&mut pass));
+                longest = 0;
+            }
+            longest = longest.max(p.len());
+            pass.push(i);
+        }
+        passes.push(pass);
+        let mut out: Vec<Option<Result<Row, ModelError>>> = (0..reqs.len()).map(|_| None).collect();
+        for pass in passes {
+            if pass.len() < 2 {
+                alone.extend(pass);
+                continue;
+            }
+            match self.prefill_pass(pass.iter().map(|&i| reqs[i].clone()).collect()) {
+                Ok(rows) => {
+                    self.profile.prefill_passes += 1;
+                    for (&i, row) in pass.iter().zip(rows) {
+                        out[i] = Some(row);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, rows = pass.len(), "prefilling prompts together failed; one at a time");
+                    alone.extend(pass);
+                }
+            }
+        }
+        for i in alone {
+            out[i] = Some(self.start_on_stream(reqs[i].clone()));
+        }
+        out.into_iter().map(|r| r.expect("every request placed")).collect()
+    }
+
+    /// One forward pass over several prompts (none cached, each within a chunk), then their
+    /// first tokens sampled together. A request whose sampler cannot be made fails alone.
+    fn prefill_pass(&mut self, reqs: Vec<GenerateRequest>) -> Result<Vec<Result<Row, ModelError>>, ModelError> {
+        let started = Instant::now();
+        let vocab = self.model.model.args.vocab as usize;
+        let mut made: Vec<Result<SequenceSampler, ModelError>> =
+            reqs.iter().map(|r| Ok(SequenceSampler::new(&r.sampler, vocab, &r.prompt)?)).collect();
+        let members: Vec<usize> = (0..reqs.len()).filter(|&i| made[i].is_ok()).collect();
+        let mut results: Vec<Option<Result<Row, ModelError>>> = (0..reqs.len()).map(|_| None).collect();
+        if members.len() >= 1 {
+            let longest = members.iter().map(|&i| reqs[i].prompt.len()).max().unwrap_or(1);
+            let mut ids = vec![0i32; members.len() * longest];
+            for (r, &i) in members.iter().enumerate() {
+                for (c, &t) in reqs[i].prompt.iter().enumerate() {
+                    ids[r * longest + c] = t as i32;
+                }
+            }
+            let lens: Vec<i32> = members.iter().map(|&i| reqs[i].prompt.len() as i32).collect();
+            let tokens = Array::from_slice(&ids, &[members.len() as i32, longest as i32]);
+            let (logits, caches) = self.model.model.prefill_rows(&tokens, &lens)?;
+            let mut samplers: Vec<SequenceSampler> = members
+                .iter()
+                .map(|&i| std::mem::replace(&mut made[i], Err(ModelError::Config(String::new()))))
+                .map(|m| m.expect("members made theirs"))
+                .collect();
+            let want_logprobs = members.iter().any(|&i| reqs[i].sampler.logprobs.unwrap_or(0) > 0);
+            let mut refs: Vec<&mut SequenceSampler> = samplers.iter_mut().collect();
+            let (pending, _) = sample(&logits, &mut refs, want_logprobs, false)?;
+            for (((r, &i), (sampler, cache)), pending) in
+                members.iter().enumerate().zip(samplers.into_iter().zip(caches)).zip(pending)
+            {
+                let req = reqs[i].clone();
+                results[i] = Some(match pending {
+                    Ok(p) => {
+                        let logits = logits.try_index(r as i32..r as i32 + 1)?;
+                        let fed = req.prompt.clone();
+                        Ok(self.new_row(
+                            req,
+                            Started { sampler, cache, fed, cached: 0, logits, pending: Some(p), started },
+                        ))
+                    }
+                    Err(e) => Err(e.into()),
+                });
+            }
+        }
+        Ok(results
+            .into_iter()
+            .zip(made)
+            .map(|(r, m)| match (r, m) {
+                (Some(r), _) => r,
+                (None, Err(e)) => Err(e),
+                (None, Ok(_)) => unreachable!("a request with a sampler is a member"),
+            })
+            .collect())
     }
 
     /// Advances every unfinished row by one token. Rows that have just started first get their
@@ -834,6 +976,13 @@ fn tokens_array(ids: &[u32]) -> Array {
 /// `MLXD_STEP_GRAPH=N[,M...]`: log the primitives of the engine's decode steps N, M, ... by
 /// kind (counted from 1 since the engine started; a measurement aid: printing a graph costs
 /// milliseconds).
+/// Whether a burst's prompts share prefill passes (`MLXD_SHARED_PREFILL=0`: one at a time, to
+/// compare).
+fn shared_prefill() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MLXD_SHARED_PREFILL").map_or(true, |v| v != "0"))
+}
+
 fn step_graph_wanted(step: u64) -> bool {
     static STEPS: std::sync::OnceLock<Vec<u64>> = std::sync::OnceLock::new();
     STEPS

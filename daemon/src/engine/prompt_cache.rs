@@ -78,6 +78,11 @@ impl PromptCache {
         self.budget > 0
     }
 
+    /// How many tokens of `prompt` [`Self::lookup`] would serve (without counting as a use).
+    pub fn serves(&self, prompt: &[u32]) -> usize {
+        self.entries.iter().map(|e| e.serves(prompt)).max().unwrap_or(0)
+    }
+
     /// The entry that serves the most of `prompt` (see [`Hit`]).
     pub fn lookup(&mut self, prompt: &[u32]) -> Option<Hit> {
         let (idx, len) =

@@ -308,8 +308,20 @@ struct Active {
 }
 
 enum Admission {
-    Row(Row, usize),
+    Ready(GenerateRequest),
     Wait,
+}
+
+/// The error a client gets for a request the engine could not start.
+fn start_error(e: ModelError) -> (ErrorCode, String) {
+    match e {
+        ModelError::Sampling(s @ crate::sampling::SamplingError::Plugin(_)) => (ErrorCode::PluginError, s.to_string()),
+        ModelError::Sampling(s) => {
+            (ErrorCode::InvalidRequest, format!("`sampling.{}", s.to_string().trim_start_matches('`')))
+        }
+        ModelError::Config(m) => (ErrorCode::InvalidRequest, m),
+        other => (ErrorCode::Internal, other.to_string()),
+    }
 }
 
 struct Worker {
@@ -323,6 +335,8 @@ struct Worker {
     /// Positions of sequences that ended since the last decode step: the stacked batch still
     /// holds their rows until the next step restacks it, so they still count in the memory plan.
     retired: Vec<usize>,
+    /// Positions of the jobs admitted in this round and not yet started (they start together).
+    admitting: Vec<usize>,
 }
 
 impl Worker {
@@ -335,6 +349,7 @@ impl Worker {
             waiting: VecDeque::new(),
             active: Vec::new(),
             retired: Vec::new(),
+            admitting: Vec::new(),
         }
     }
 
@@ -383,8 +398,11 @@ impl Worker {
         }
     }
 
+    /// Admits waiting jobs while the batch has room and their KV memory fits, then starts them
+    /// together ([`Engine::start_many`]: a burst's prompts share prefill passes).
     fn admit(&mut self) {
-        while self.active.len() < self.limits.max_batch {
+        let mut starting: Vec<(Job, GenerateRequest)> = Vec::new();
+        while self.active.len() + starting.len() < self.limits.max_batch {
             let Some((job, mut prompt)) = self.waiting.pop_front() else { break };
             self.stats.queued.fetch_sub(1, Ordering::SeqCst);
             if job.cancel.load(Ordering::SeqCst) || job.events.is_closed() {
@@ -401,11 +419,10 @@ impl Worker {
                 self.stats.requests.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            match self.start(&job, &mut prompt) {
-                Ok(Admission::Row(row, positions)) => {
-                    let _ = job.events.try_send(JobEvent::Started { prompt_tokens: row.prompt_tokens() });
-                    self.active.push(Active { job, row, positions, failed: false, paused_since: None });
-                    self.fit_prompt_cache();
+            match self.prepare(&job, &mut prompt) {
+                Ok(Admission::Ready(req)) => {
+                    self.admitting.push(req.prompt.len() + req.max_tokens);
+                    starting.push((job, req));
                 }
                 Ok(Admission::Wait) => {
                     // Not enough KV memory until running sequences finish: first in line waits.
@@ -420,6 +437,25 @@ impl Worker {
                 }
             }
         }
+        if !starting.is_empty() {
+            let (jobs, reqs): (Vec<Job>, Vec<GenerateRequest>) = starting.into_iter().unzip();
+            let started = self.engine.start_many(reqs);
+            self.admitting.clear();
+            for (job, row) in jobs.into_iter().zip(started) {
+                match row.map_err(start_error) {
+                    Ok(row) => {
+                        let positions = row.prompt_tokens() + row.max_tokens();
+                        let _ = job.events.try_send(JobEvent::Started { prompt_tokens: row.prompt_tokens() });
+                        self.active.push(Active { job, row, positions, failed: false, paused_since: None });
+                    }
+                    Err((code, message)) => {
+                        let _ = job.events.try_send(JobEvent::Error { code, message });
+                        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            self.fit_prompt_cache();
+        }
         self.stats.running.store(self.active.len(), Ordering::SeqCst);
     }
 
@@ -428,7 +464,13 @@ impl Worker {
     /// `extra` positions decode together: every row of a stacked batch is as long as its
     /// longest, rounded up to the cache's allocation step.
     fn kv_plan(&self, extra: Option<usize>) -> u64 {
-        let lens = self.active.iter().map(|a| a.positions).chain(self.retired.iter().copied()).chain(extra);
+        let lens = self
+            .active
+            .iter()
+            .map(|a| a.positions)
+            .chain(self.retired.iter().copied())
+            .chain(self.admitting.iter().copied())
+            .chain(extra);
         let (n, longest) = lens.fold((0u64, 0usize), |(n, m), l| (n + 1, m.max(l)));
         if n == 0 {
             return 0;
@@ -451,7 +493,7 @@ impl Worker {
     /// chunk.
     fn memory_plan(&self, extra: Option<(usize, usize)>) -> u64 {
         let plan = self.kv_plan(extra.map(|(positions, _)| positions));
-        let rows = self.active.len() + self.retired.len() + usize::from(extra.is_some());
+        let rows = self.active.len() + self.retired.len() + self.admitting.len() + usize::from(extra.is_some());
         let model = &self.engine.model.model;
         let decode = model.decode_activation_bytes(rows.max(1));
         let prefill =
@@ -488,7 +530,7 @@ impl Worker {
             self.engine.limit_prompt_cache((limit - plan) as usize);
             return Ok(true);
         }
-        if self.active.is_empty() && self.retired.is_empty() {
+        if self.active.is_empty() && self.retired.is_empty() && self.admitting.is_empty() {
             return Err((
                 ErrorCode::OutOfMemory,
                 format!(
@@ -505,9 +547,9 @@ impl Worker {
         Ok(false)
     }
 
-    /// Tokenizes the job's prompt (once: `prompt` keeps it across waits), reserves its KV memory
-    /// and starts it.
-    fn start(&mut self, job: &Job, prompt: &mut Option<Vec<u32>>) -> Result<Admission, (ErrorCode, String)> {
+    /// Tokenizes the job's prompt (once: `prompt` keeps it across waits) and reserves its KV
+    /// memory: the request to start, or `Wait`.
+    fn prepare(&mut self, job: &Job, prompt: &mut Option<Vec<u32>>) -> Result<Admission, (ErrorCode, String)> {
         let invalid = |m: String| (ErrorCode::InvalidRequest, m);
         let prompt = match prompt {
             Some(p) => p,
@@ -535,23 +577,12 @@ impl Worker {
         if !self.reserve(positions, prompt.len())? {
             return Ok(Admission::Wait);
         }
-        let req = GenerateRequest {
+        Ok(Admission::Ready(GenerateRequest {
             prompt: std::mem::take(prompt),
             max_tokens: job.max_tokens,
             stop: job.stop.clone(),
             sampler: job.sampling.clone(),
-        };
-        let row = self.engine.start(req).map_err(|e| match e {
-            ModelError::Sampling(s @ crate::sampling::SamplingError::Plugin(_)) => {
-                (ErrorCode::PluginError, s.to_string())
-            }
-            ModelError::Sampling(s) => {
-                (ErrorCode::InvalidRequest, format!("`sampling.{}", s.to_string().trim_start_matches('`')))
-            }
-            ModelError::Config(m) => (ErrorCode::InvalidRequest, m),
-            other => (ErrorCode::Internal, other.to_string()),
-        })?;
-        Ok(Admission::Row(row, positions))
+        }))
     }
 
     fn render(&mut self, messages: &[Message]) -> Result<String, String> {

@@ -687,6 +687,22 @@ impl Transformer {
         Ok(cache.eval()?)
     }
 
+    /// Several prompts in one forward pass: `tokens` is `[B, T]`, row b's prompt in its first
+    /// `lens[b]` columns and padding after it (causal attention keeps the padding out of every
+    /// real position). Returns each row's logits at its last prompt token (`[B, V]`) and each
+    /// row's own cache (views of the pass's).
+    pub fn prefill_rows(&self, tokens: &Array, lens: &[i32]) -> Result<(Array, Vec<SequenceCache>)> {
+        let mut cache = SequenceCache::new(self.layers.len());
+        let h = self.hidden(tokens, &mut cache)?;
+        let (b, d) = (lens.len() as i32, h.shape()[2]);
+        let last: Vec<i32> = lens.iter().map(|&l| l - 1).collect();
+        let at = ops::broadcast_to(&Array::from_slice(&last, &[b, 1, 1]), &[b, 1, d])?;
+        let logits = self.head(&h.take_along_axis(&at, 1)?.reshape(&[b, d])?)?;
+        let rows =
+            lens.iter().enumerate().map(|(r, &len)| cache.row(r as i32, len)).collect::<std::result::Result<_, _>>()?;
+        Ok((logits, rows))
+    }
+
     /// One decode step for several sequences, each with its own cache: `tokens` is `[B]` (the
     /// last sampled id of each row, still on the device). Returns logits `[B, V]`. Several rows
     /// are stacked for the step and handed back; a server keeps the stack across steps instead

@@ -258,7 +258,7 @@ impl CpuMeter {
 
 /// The `status` counters a level is measured by (the first is the step count), and the name of
 /// each one's per-step figure (milliseconds for times, a count per step otherwise).
-const COUNTERS: [(&str, &str); 10] = [
+const COUNTERS: [(&str, &str); 11] = [
     ("decode_steps", "steps"),
     ("host_build_us_total", "host_build_ms_per_step"),
     ("host_build_cpu_us_total", "host_build_cpu_ms_per_step"),
@@ -267,13 +267,15 @@ const COUNTERS: [(&str, &str); 10] = [
     ("sampler_graph_us_total", "sampler_graph_ms_per_step"),
     ("batch_restacks_total", "restacks"),
     ("batch_regathers_total", "regathers"),
+    ("prefill_passes_total", "prefill_passes"),
     ("token_joins_total", "token_joins"),
     ("requests", "requests"),
 ];
 
 /// What one level's decode steps cost inside the daemon, per step: to compare with
 /// `mlxd-bench engine`'s split of the same model (a gap between the two is the daemon's own).
-/// Counts (steps, restacks, regathers, token joins, requests) are the level's totals.
+/// Counts (steps, restacks, regathers, shared prefill passes, token joins, requests) are the
+/// level's totals.
 fn step_split(before: [f64; COUNTERS.len()], after: [f64; COUNTERS.len()]) -> Value {
     let steps = (after[0] - before[0]).max(1.0);
     let mut out = serde_json::Map::new();
