@@ -521,7 +521,10 @@ impl Engine {
         for (i, req) in reqs.iter().enumerate() {
             let p = &req.prompt;
             let together = shared_prefill()
-                && !p.is_empty() && p.len() <= chunk && p.iter().all(|&t| t < vocab) && self.prompt_cache.serves(p) == 0;
+                && !p.is_empty()
+                && p.len() <= chunk
+                && p.iter().all(|&t| t < vocab)
+                && self.prompt_cache.serves(p) == 0;
             if !together {
                 alone.push(i);
                 continue;
