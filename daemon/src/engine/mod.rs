@@ -241,11 +241,6 @@ impl Row {
         self.req.prompt.len()
     }
 
-    /// The most tokens it may generate.
-    pub fn max_tokens(&self) -> usize {
-        self.req.max_tokens
-    }
-
     /// Device bytes of its KV cache.
     pub fn cache_bytes(&self) -> usize {
         self.cache.nbytes()
@@ -571,7 +566,7 @@ impl Engine {
             reqs.iter().map(|r| Ok(SequenceSampler::new(&r.sampler, vocab, &r.prompt)?)).collect();
         let members: Vec<usize> = (0..reqs.len()).filter(|&i| made[i].is_ok()).collect();
         let mut results: Vec<Option<Result<Row, ModelError>>> = (0..reqs.len()).map(|_| None).collect();
-        if members.len() >= 1 {
+        if !members.is_empty() {
             let longest = members.iter().map(|&i| reqs[i].prompt.len()).max().unwrap_or(1);
             let mut ids = vec![0i32; members.len() * longest];
             for (r, &i) in members.iter().enumerate() {
@@ -976,9 +971,6 @@ fn tokens_array(ids: &[u32]) -> Array {
     Array::from_slice(&v, &[1, v.len() as i32])
 }
 
-/// `MLXD_STEP_GRAPH=N[,M...]`: log the primitives of the engine's decode steps N, M, ... by
-/// kind (counted from 1 since the engine started; a measurement aid: printing a graph costs
-/// milliseconds).
 /// Whether a burst's prompts share prefill passes (`MLXD_SHARED_PREFILL=0`: one at a time, to
 /// compare).
 fn shared_prefill() -> bool {
@@ -986,6 +978,9 @@ fn shared_prefill() -> bool {
     *ON.get_or_init(|| std::env::var("MLXD_SHARED_PREFILL").map_or(true, |v| v != "0"))
 }
 
+/// `MLXD_STEP_GRAPH=N[,M...]`: log the primitives of the engine's decode steps N, M, ... by
+/// kind (counted from 1 since the engine started; a measurement aid: printing a graph costs
+/// milliseconds).
 fn step_graph_wanted(step: u64) -> bool {
     static STEPS: std::sync::OnceLock<Vec<u64>> = std::sync::OnceLock::new();
     STEPS

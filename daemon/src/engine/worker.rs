@@ -308,7 +308,8 @@ struct Active {
 }
 
 enum Admission {
-    Ready(GenerateRequest),
+    /// The request to start and the KV positions reserved for it.
+    Ready(GenerateRequest, usize),
     Wait,
 }
 
@@ -420,8 +421,8 @@ impl Worker {
                 continue;
             }
             match self.prepare(&job, &mut prompt) {
-                Ok(Admission::Ready(req)) => {
-                    self.admitting.push(req.prompt.len() + req.max_tokens);
+                Ok(Admission::Ready(req, positions)) => {
+                    self.admitting.push(positions);
                     starting.push((job, req));
                 }
                 Ok(Admission::Wait) => {
@@ -440,11 +441,10 @@ impl Worker {
         if !starting.is_empty() {
             let (jobs, reqs): (Vec<Job>, Vec<GenerateRequest>) = starting.into_iter().unzip();
             let started = self.engine.start_many(reqs);
-            self.admitting.clear();
-            for (job, row) in jobs.into_iter().zip(started) {
+            let reserved = std::mem::take(&mut self.admitting);
+            for ((job, row), positions) in jobs.into_iter().zip(started).zip(reserved) {
                 match row.map_err(start_error) {
                     Ok(row) => {
-                        let positions = row.prompt_tokens() + row.max_tokens();
                         let _ = job.events.try_send(JobEvent::Started { prompt_tokens: row.prompt_tokens() });
                         self.active.push(Active { job, row, positions, failed: false, paused_since: None });
                     }
@@ -548,7 +548,7 @@ impl Worker {
     }
 
     /// Tokenizes the job's prompt (once: `prompt` keeps it across waits) and reserves its KV
-    /// memory: the request to start, or `Wait`.
+    /// memory: the request to start with the positions reserved, or `Wait`.
     fn prepare(&mut self, job: &Job, prompt: &mut Option<Vec<u32>>) -> Result<Admission, (ErrorCode, String)> {
         let invalid = |m: String| (ErrorCode::InvalidRequest, m);
         let prompt = match prompt {
@@ -577,12 +577,15 @@ impl Worker {
         if !self.reserve(positions, prompt.len())? {
             return Ok(Admission::Wait);
         }
-        Ok(Admission::Ready(GenerateRequest {
-            prompt: std::mem::take(prompt),
-            max_tokens: job.max_tokens,
-            stop: job.stop.clone(),
-            sampler: job.sampling.clone(),
-        }))
+        Ok(Admission::Ready(
+            GenerateRequest {
+                prompt: std::mem::take(prompt),
+                max_tokens: job.max_tokens,
+                stop: job.stop.clone(),
+                sampler: job.sampling.clone(),
+            },
+            positions,
+        ))
     }
 
     fn render(&mut self, messages: &[Message]) -> Result<String, String> {
