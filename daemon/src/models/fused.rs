@@ -34,17 +34,16 @@
 //! both kernels against the unfused step).
 //!
 //! Grid barriers need every participating block resident at once. The kernel launches
-//! [`GRID`] blocks and only the first `P` take part (the SM count read on the device, `%nsmid`);
-//! the rest return at once. The one-row kernel takes ~170 registers a thread, so a block has an
-//! SM to itself, and `P` is half the SMs, or all of them in a process that serves one model
-//! ([`set_one_model`]: nothing else runs such a kernel beside it). A batched kernel's block fits on an SM beside another
-//! (at most 128 registers a thread, which `tests/nvrtc` checks, and at most half an SM's shared
-//! memory, which the kernel checks for the architecture it is compiled for), so it takes every SM
-//! (session 18: an 8-row step's block 107 µs instead of 128 µs), and half of them where two do
-//! not fit. Either kind completes on half the SMs, so two kernels running side by side (two
-//! models' streams) are always all resident: a stuck pair would need both to hold less than half.
-//! At most two models hold the kernel at once ([`MODELS_MAX`]). A barrier that never opens ends
-//! the kernel with a trap after a few seconds instead of hanging the daemon.
+//! [`GRID`] blocks and only the first `P` take part (the SM count read on the device, `%nsmid`,
+//! over the template's `SMDIV`); the rest return at once. Either kernel counts on one block per
+//! SM, no more: `P` is every SM in a process that serves one model ([`set_one_model`]: nothing
+//! else runs such a kernel beside it), else half of them, so that two models' kernels side by
+//! side (two streams) are always all resident. At most two models hold the kernel at once
+//! ([`MODELS_MAX`]). Two blocks of the batched kernel on one SM would fit by its registers and
+//! shared memory, but on an H200 (session 19) a launch of two per SM never opened its first
+//! barrier: the driver does not promise that residency, so nothing here relies on it. A barrier
+//! that never opens ends the kernel with a trap after a few seconds instead of hanging the
+//! daemon (the CUDA context is lost with it).
 //!
 //! State written in place (MLX sees these as inputs): the key/value cache (so the cache storage
 //! must be the sequence's own, see `LayerCache::fused_storage`; a batch's stack always is, see
@@ -101,7 +100,8 @@ pub fn enabled() -> bool {
     SWITCH.available()
 }
 
-/// Blocks launched per layer; at most the SM count take part (half of it for one row).
+/// Blocks launched per layer; at most the SM count take part (half of it where two models may
+/// hold the kernel).
 pub const GRID: i32 = 160;
 /// Blocks launched per phase when emulated (no SM count there: all of them take part).
 const EMULATED_GRID: i32 = 12;
@@ -487,18 +487,6 @@ const INPUTS_ONE: [&str; 23] = [
 const HEADER: &str = concat!(
     common_header!(),
     r#"
-// Shared memory of one SM on the architecture this is compiled for, bytes (the CUDA
-// programming guide's table), and what a block of this kernel takes beyond its dynamic shared
-// memory: its static shared memory (under 2 KB, tests/nvrtc checks) and the 1 KB the driver
-// reserves per block.
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 800 || __CUDA_ARCH__ == 870)
-#define MLXD_SM_SHARED (164 * 1024)
-#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && __CUDA_ARCH__ < 1200
-#define MLXD_SM_SHARED (228 * 1024)
-#else
-#define MLXD_SM_SHARED (100 * 1024)
-#endif
-#define MLXD_BLOCK_SHARED_SLACK (3 * 1024)
 #ifdef MLXD_EMULATED
 #define MLXD_DYNAMIC_SHARED(name, bytes) static __align__(16) unsigned char name[bytes]
 #else
@@ -716,9 +704,8 @@ const SOURCE: &str = r#"
     const int warp = tid >> 5;
     unsigned int P = gridDim.x;
     if constexpr (PHASE == 0) {
-        // Every SM takes part where two of these blocks fit on one (see GRID in fused.rs).
-        const unsigned int n = mlxd_nsmid();
-        const unsigned int part = 2 * (SMEM + MLXD_BLOCK_SHARED_SLACK) <= MLXD_SM_SHARED ? n : n / 2;
+        // Every SM in a process serving one model, else half of them (see GRID in fused.rs).
+        const unsigned int part = mlxd_nsmid() / SMDIV;
         P = min(P, part > 0 ? part : 1u);
     }
     if (blockIdx.x >= P) return;
@@ -990,25 +977,25 @@ static ONE_MODEL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool:
 
 /// Declares, before any model loads, that this process serves one model at a time (a daemon
 /// with one configured model, `mlxd generate`, the benchmarks). Then one model holds the fused
-/// kernel and its one-row kernel takes every SM (session 18: 747 against 697 tok/s on an H100,
-/// same machine). Otherwise two models may hold it, and one row takes half the SMs, so that
-/// two models' kernels side by side are always all resident.
+/// kernel and it takes every SM (session 18, one row: 747 against 697 tok/s on an H100, same
+/// machine; an 8-row block 107 µs instead of 128 µs). Otherwise two models may hold it, and
+/// each takes half the SMs, so that two models' kernels side by side are always all resident.
 pub fn set_one_model(one: bool) {
     ONE_MODEL.store(one, std::sync::atomic::Ordering::SeqCst);
 }
 
 /// A model's hold on the fused kernel. Grid barriers need all of a kernel's participating blocks
 /// resident at once, and two models decode on two streams, so their kernels can run side by
-/// side: any two fit (see [`GRID`]), three could each hold SMs the others wait for, which
-/// would end in the barrier's trap. So at most [`MODELS_MAX`] models hold the kernel (one in a
-/// one-model process, whose one-row kernel takes every SM); another decodes through MLX's
+/// side: two on half the SMs each fit (see [`GRID`]), three could each hold SMs the others wait
+/// for, which would end in the barrier's trap. So at most [`MODELS_MAX`] models hold the kernel
+/// (one in a one-model process, whose kernels take every SM); another decodes through MLX's
 /// operations. The emulator (one block at a time, no barriers) takes no slot.
 #[derive(Debug)]
 struct Slot {
     counted: bool,
-    /// The one-row kernel's participating blocks are the SM count over this: 1 in a one-model
+    /// Either kernel's participating blocks are the SM count over this: 1 in a one-model
     /// process, else 2.
-    one_row_divisor: i32,
+    sm_divisor: i32,
 }
 
 static MODELS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -1021,9 +1008,9 @@ impl Slot {
     fn take_within(wait: std::time::Duration) -> Option<Slot> {
         use std::sync::atomic::Ordering::SeqCst;
         let one = ONE_MODEL.load(SeqCst);
-        let (most, one_row_divisor) = if one { (1, 1) } else { (MODELS_MAX, 2) };
+        let (most, sm_divisor) = if one { (1, 1) } else { (MODELS_MAX, 2) };
         if crate::ffi::emulating() {
-            return Some(Slot { counted: false, one_row_divisor });
+            return Some(Slot { counted: false, sm_divisor });
         }
         // A model unloaded a moment ago may still be ending on its thread (its stream
         // synchronized, then its slot let go): wait for that a little, not for a stuck one.
@@ -1034,7 +1021,7 @@ impl Slot {
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        Some(Slot { counted: true, one_row_divisor })
+        Some(Slot { counted: true, sm_divisor })
     }
 }
 
@@ -1322,7 +1309,6 @@ impl FusedDecode {
                 let mut template = self.template.clone();
                 let smem = if rows == 1 {
                     template.push(("SH", TemplateArg::Int(self.dims.shared_floats())));
-                    template.push(("SMDIV", TemplateArg::Int(self.slot.one_row_divisor)));
                     0
                 } else {
                     let (variant, smem) = (self.variant(rows), self.dims.shared_bytes(self.variant(rows), self.dtype));
@@ -1334,6 +1320,7 @@ impl FusedDecode {
                     ]);
                     smem
                 };
+                template.push(("SMDIV", TemplateArg::Int(self.slot.sm_divisor)));
                 template.push(("PHASE", TemplateArg::Int(phase)));
                 out = Some(self.apply(&inputs, rows, smem, &template, grid)?);
             }
@@ -1485,7 +1472,7 @@ pub fn queue_for_shape(
         single: true,
         batched: true,
         // Recording the kernels' sources, not a model that decodes.
-        slot: Slot { counted: false, one_row_divisor: 2 },
+        slot: Slot { counted: false, sm_divisor: 2 },
     };
     let err = |e: ModelError| mlx_rs::error::Exception::custom(e.to_string());
     let mut cache = SequenceCache::new(1);
@@ -1574,14 +1561,14 @@ mod tests {
         let a = Slot::take_within(Duration::ZERO).expect("a first model holds the kernel");
         let b = Slot::take_within(Duration::ZERO).expect("and a second");
         assert!(Slot::take_within(Duration::from_millis(50)).is_none(), "a third decodes through MLX's operations");
-        assert_eq!((a.one_row_divisor, b.one_row_divisor), (2, 2), "two models: one row on half the SMs");
+        assert_eq!((a.sm_divisor, b.sm_divisor), (2, 2), "two models: each kernel on half the SMs");
         drop(b);
         let c = Slot::take_within(Duration::ZERO).expect("an unloaded model's slot is free again");
         drop((a, c));
 
         set_one_model(true);
         let only = Slot::take_within(Duration::ZERO).expect("the one model holds the kernel");
-        assert_eq!(only.one_row_divisor, 1, "one model: one row on every SM");
+        assert_eq!(only.sm_divisor, 1, "one model: every SM");
         assert!(Slot::take_within(Duration::ZERO).is_none(), "no second model beside it");
         // A reload while the unloaded model's thread is still ending waits for its slot.
         let ending = std::thread::spawn(move || {
