@@ -10,6 +10,22 @@ use std::fmt::Write as _;
 pub use crate::cuda_emulator::launches as emulated_kernel_launches;
 pub use crate::ffi::{emulate_cuda_kernels, record_cuda_kernels, recorded_cuda_kernels};
 
+/// MLX's CUDA backend keeps instantiated CUDA graphs in an LRU cache (400 by default,
+/// `MLX_CUDA_GRAPH_CACHE_SIZE`) and counts every miss for the life of the process; past twice
+/// the capacity it throws "Cache thrashing is happening" from whatever evaluation comes next
+/// (`mlx/backend/cuda/lru_cache.h`, MLX 0.32). Misses only ever add up: each new prompt length,
+/// batch size or model shape is one, so a daemon serving for days would get there, and on an H200
+/// in session 19 a benchmark process reached it on its third model. An evicted graph is only
+/// instantiated again, so the check is turned off (`MLX_ENABLE_CACHE_THRASHING_CHECK=0`) unless
+/// the environment sets it. The binaries call this first, before MLX reads its environment and
+/// before any other thread exists.
+pub fn prepare_mlx_environment() {
+    const CHECK: &str = "MLX_ENABLE_CACHE_THRASHING_CHECK";
+    if std::env::var_os(CHECK).is_none() {
+        std::env::set_var(CHECK, "0");
+    }
+}
+
 /// A snapshot of the MLX runtime this process loaded.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Report {
@@ -286,4 +302,19 @@ pub fn graph_kinds(out: &mlx_rs::Array) -> std::io::Result<std::collections::BTr
         }
     }
     Ok(kinds)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_graph_cache_check_is_off_unless_the_environment_says_otherwise() {
+        const CHECK: &str = "MLX_ENABLE_CACHE_THRASHING_CHECK";
+        std::env::remove_var(CHECK);
+        super::prepare_mlx_environment();
+        assert_eq!(std::env::var(CHECK).as_deref(), Ok("0"), "off by default");
+        std::env::set_var(CHECK, "1");
+        super::prepare_mlx_environment();
+        assert_eq!(std::env::var(CHECK).as_deref(), Ok("1"), "an explicit setting is kept");
+        std::env::remove_var(CHECK);
+    }
 }

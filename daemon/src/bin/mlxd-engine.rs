@@ -15,6 +15,7 @@ const USAGE: &str = "usage:
                                       one generation, streamed to stdout (default model: SmolLM2)";
 
 fn main() -> Result<()> {
+    mlxd::runtime::prepare_mlx_environment();
     mlxd::spin_guard::install();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {

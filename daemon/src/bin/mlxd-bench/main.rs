@@ -276,6 +276,7 @@ fn parse_args() -> Result<Args> {
 }
 
 fn main() {
+    mlxd::runtime::prepare_mlx_environment();
     mlxd::spin_guard::install();
     // Each benchmark holds one model at a time (the daemon it starts is its own process).
     mlxd::models::fused::set_one_model(true);
