@@ -197,27 +197,27 @@ const HEADER_ONE: &str = concat!(
     common_header!(),
     r#"
 #define MLXD_NR 4
-// MLXD_NR rows of a 4-bit affine product (rows[j] < 0: none) with xs (K floats, shared
+// NR rows of a 4-bit affine product (rows[j] < 0: none) with xs (K floats, shared
 // memory): one warp, each lane 32 elements (one 16-byte load) of every row at a time, so a
-// warp keeps MLXD_NR * 512 bytes of weights in flight per step; lanes read their eight float4s
+// warp keeps NR * 512 bytes of weights in flight per step; lanes read their eight float4s
 // of xs in rotated order, which keeps a quarter-warp's reads on distinct banks. The sums land
 // in y on every lane.
-template <int K, int GS, typename W, typename S>
+template <int K, int GS, int NR, typename W, typename S>
 __device__ inline void mlxd_q4(const W* w, const S* s, const S* b, const float* xs, const int* rows, float* y) {
     const int lane = threadIdx.x & 31;
     constexpr int C = K / 32;
-    float acc[MLXD_NR];
+    float acc[NR];
 #pragma unroll
-    for (int j = 0; j < MLXD_NR; ++j) acc[j] = 0.0f;
+    for (int j = 0; j < NR; ++j) acc[j] = 0.0f;
 #pragma unroll
     for (int c0 = 0; c0 < C; c0 += 32) {
         const int c = c0 + lane;
         if (c < C) {
-            uint4 q[MLXD_NR];
-            float sc[MLXD_NR], bi[MLXD_NR], d[MLXD_NR];
+            uint4 q[NR];
+            float sc[NR], bi[NR], d[NR];
             const int g = (32 * c) / GS;
 #pragma unroll
-            for (int j = 0; j < MLXD_NR; ++j) {
+            for (int j = 0; j < NR; ++j) {
                 const bool ok = rows[j] >= 0;
                 const int r = ok ? rows[j] : 0;
                 q[j] = ok ? reinterpret_cast<const uint4*>(w + (size_t)r * (K / 8))[c] : make_uint4(0u, 0u, 0u, 0u);
@@ -234,7 +234,7 @@ __device__ inline void mlxd_q4(const W* w, const S* s, const S* b, const float* 
                 sx += (xv.x + xv.y) + (xv.z + xv.w);
                 const int sh = (u & 1) * 16;
 #pragma unroll
-                for (int j = 0; j < MLXD_NR; ++j) {
+                for (int j = 0; j < NR; ++j) {
                     const unsigned int wd = (u >> 1) == 0 ? q[j].x : (u >> 1) == 1 ? q[j].y : (u >> 1) == 2 ? q[j].z : q[j].w;
                     d[j] = fmaf((float)((wd >> sh) & 15u), xv.x, d[j]);
                     d[j] = fmaf((float)((wd >> (sh + 4)) & 15u), xv.y, d[j]);
@@ -243,29 +243,40 @@ __device__ inline void mlxd_q4(const W* w, const S* s, const S* b, const float* 
                 }
             }
 #pragma unroll
-            for (int j = 0; j < MLXD_NR; ++j) acc[j] += sc[j] * d[j] + bi[j] * sx;
+            for (int j = 0; j < NR; ++j) acc[j] += sc[j] * d[j] + bi[j] * sx;
         }
     }
 #pragma unroll
-    for (int j = 0; j < MLXD_NR; ++j) {
+    for (int j = 0; j < NR; ++j) {
         float v = acc[j];
         for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
         y[j] = v;
     }
 }
-// Rows 0..R of a 4-bit product with xs, MLXD_NR rows per warp at a time (warp gw of NW):
-// put(row, sum) on each warp's lane 0.
-template <int K, int GS, typename W, typename S, typename F>
+// Rows r0, r0 + NW, ... (NR of them, those below R) of a 4-bit product with xs: put(row, sum)
+// on the warp's lane 0.
+template <int K, int GS, int NR, typename W, typename S, typename F>
+__device__ inline void mlxd_q4_group(int r0, int R, int NW, const W* w, const S* s, const S* b, const float* xs, F& put) {
+    int rows[NR];
+    float y[NR];
+#pragma unroll
+    for (int j = 0; j < NR; ++j) rows[j] = r0 + j * NW < R ? r0 + j * NW : -1;
+    mlxd_q4<K, GS, NR>(w, s, b, xs, rows, y);
+    if ((threadIdx.x & 31) == 0) {
+#pragma unroll
+        for (int j = 0; j < NR; ++j) if (rows[j] >= 0) put(rows[j], y[j]);
+    }
+}
+// Rows 0..R of a 4-bit product with xs, MLXD_NR rows per warp at a time (warp gw of NW). A warp
+// with one row left takes it alone (FIT): a product with no more rows than warps (the output
+// and down projections) would otherwise compute MLXD_NR - 1 empty rows beside it.
+template <int K, int GS, bool FIT, typename W, typename S, typename F>
 __device__ inline void mlxd_q4_rows(int R, int gw, int NW, const W* w, const S* s, const S* b, const float* xs, F put) {
-    int rows[MLXD_NR];
-    float y[MLXD_NR];
     for (int r0 = gw; r0 < R; r0 += NW * MLXD_NR) {
-#pragma unroll
-        for (int j = 0; j < MLXD_NR; ++j) rows[j] = r0 + j * NW < R ? r0 + j * NW : -1;
-        mlxd_q4<K, GS>(w, s, b, xs, rows, y);
-        if ((threadIdx.x & 31) == 0) {
-#pragma unroll
-            for (int j = 0; j < MLXD_NR; ++j) if (rows[j] >= 0) put(rows[j], y[j]);
+        if (FIT && r0 + NW >= R) {
+            mlxd_q4_group<K, GS, 1>(r0, R, NW, w, s, b, xs, put);
+        } else {
+            mlxd_q4_group<K, GS, MLXD_NR>(r0, R, NW, w, s, b, xs, put);
         }
     }
 }
@@ -309,7 +320,7 @@ const SOURCE_ONE: &str = r#"
     T* vw = const_cast<T*>(vc);
     if constexpr (PHASE == 0 || PHASE == 1) {
         mlxd_norm_to_shared<D, T>([&](int k) { return static_cast<float>(x[k]); }, w_in, eps, sh, red);
-        mlxd_q4_rows<D, GS>(NQKV, gw, NW, qkv_w, qkv_s, qkv_b, sh, [&](int r, float v) { ws[r] = mlxd_round<T>(v); });
+        mlxd_q4_rows<D, GS, NR1>(NQKV, gw, NW, qkv_w, qkv_s, qkv_b, sh, [&](int r, float v) { ws[r] = mlxd_round<T>(v); });
     }
     if constexpr (PHASE == 0) mlxd_grid_sync(sy, P);
     if constexpr (PHASE == 0 || PHASE == 2) {
@@ -441,7 +452,7 @@ const SOURCE_ONE: &str = r#"
     if constexpr (PHASE == 0 || PHASE == 3) {
         for (int k = tid; k < H * HD; k += 256) sh[k] = __ldcg(ws + OFF_ATT + k);
         __syncthreads();
-        mlxd_q4_rows<H * HD, GS>(D, gw, NW, o_w, o_s, o_b, sh, [&](int r, float v) {
+        mlxd_q4_rows<H * HD, GS, NR1>(D, gw, NW, o_w, o_s, o_b, sh, [&](int r, float v) {
             ws[OFF_H1 + r] = mlxd_round<T>(static_cast<float>(x[r]) + mlxd_round<T>(v));
         });
     }
@@ -455,7 +466,12 @@ const SOURCE_ONE: &str = r#"
             rows[1] = r0 + I;
             rows[2] = r0 + NW < I ? r0 + NW : -1;
             rows[3] = r0 + NW < I ? r0 + NW + I : -1;
-            mlxd_q4<D, GS>(gu_w, gu_s, gu_b, sh, rows, y);
+            // A warp's last gate/up pair alone, not beside an empty one (NR1).
+            if (NR1 && rows[2] < 0) {
+                mlxd_q4<D, GS, 2>(gu_w, gu_s, gu_b, sh, rows, y);
+            } else {
+                mlxd_q4<D, GS, MLXD_NR>(gu_w, gu_s, gu_b, sh, rows, y);
+            }
             if (lane == 0) {
 #pragma unroll
                 for (int j = 0; j < MLXD_NR; j += 2) {
@@ -472,7 +488,7 @@ const SOURCE_ONE: &str = r#"
     if constexpr (PHASE == 0 || PHASE == 5) {
         for (int k = tid; k < I; k += 256) sh[k] = __ldcg(ws + OFF_MLP + k);
         __syncthreads();
-        mlxd_q4_rows<I, GS>(D, gw, NW, d_w, d_s, d_b, sh, [&](int r, float v) {
+        mlxd_q4_rows<I, GS, NR1>(D, gw, NW, d_w, d_s, d_b, sh, [&](int r, float v) {
             out[r] = static_cast<T>(__ldcg(ws + OFF_H1 + r) + mlxd_round<T>(v));
         });
     }
@@ -651,22 +667,33 @@ __device__ inline void mlxd_q4(const W* w, const S* s, const S* b, const T* xs, 
             y[j][v] = a;
         }
 }
-// Rows 0..R of a 4-bit product with the nb vectors of xs, NR rows per warp at a time (warp gw
-// of NW): put(row, vector, sum), each sum from one lane.
+// Rows r0, r0 + NW, ... (NR of them, those below R) of a 4-bit product with the nb vectors of
+// xs: put(row, vector, sum), each sum from one lane.
 template <int K, int GS, int NR, int B, typename XS, typename W, typename S, typename F>
-__device__ inline void mlxd_q4_rows(int R, int gw, int NW, const W* w, const S* s, const S* b, const XS* xs, int nb, F put) {
+__device__ inline void mlxd_q4_group(int r0, int R, int NW, const W* w, const S* s, const S* b, const XS* xs, int nb, F& put) {
     const int lane = threadIdx.x & 31;
     int rows[NR];
     float y[NR][B];
+#pragma unroll
+    for (int j = 0; j < NR; ++j) rows[j] = r0 + j * NW < R ? r0 + j * NW : -1;
+    mlxd_q4<K, GS, NR, B>(w, s, b, xs, nb, rows, y);
+#pragma unroll
+    for (int j = 0; j < NR; ++j)
+#pragma unroll
+        for (int v = 0; v < B; ++v)
+            if (lane == (j * B + v) % 32 && rows[j] >= 0 && v < nb) put(rows[j], v, y[j][v]);
+}
+// Rows 0..R of a 4-bit product with the nb vectors of xs, NR rows per warp at a time (warp gw
+// of NW). A warp with one row left takes it alone (FIT): with no more rows than warps (the
+// output and down projections) each warp would otherwise compute NR - 1 empty rows.
+template <int K, int GS, int NR, int B, bool FIT, typename XS, typename W, typename S, typename F>
+__device__ inline void mlxd_q4_rows(int R, int gw, int NW, const W* w, const S* s, const S* b, const XS* xs, int nb, F put) {
     for (int r0 = gw; r0 < R; r0 += NW * NR) {
-#pragma unroll
-        for (int j = 0; j < NR; ++j) rows[j] = r0 + j * NW < R ? r0 + j * NW : -1;
-        mlxd_q4<K, GS, NR, B>(w, s, b, xs, nb, rows, y);
-#pragma unroll
-        for (int j = 0; j < NR; ++j)
-#pragma unroll
-            for (int v = 0; v < B; ++v)
-                if (lane == (j * B + v) % 32 && rows[j] >= 0 && v < nb) put(rows[j], v, y[j][v]);
+        if (FIT && r0 + NW >= R) {
+            mlxd_q4_group<K, GS, 1, B>(r0, R, NW, w, s, b, xs, nb, put);
+        } else {
+            mlxd_q4_group<K, GS, NR, B>(r0, R, NW, w, s, b, xs, nb, put);
+        }
     }
 }
 "#
@@ -745,7 +772,7 @@ const SOURCE: &str = r#"
 #pragma unroll
             for (int e = 0; e < 8; ++e) f[e] = static_cast<float>(x[v * D + 8 * c + e]);
         }, w_in, eps, xs);
-        mlxd_q4_rows<D, GS, NR, B>(NQKV, gw, NW, qkv_w, qkv_s, qkv_b, xs, NB, [&](int r, int v, float y) {
+        mlxd_q4_rows<D, GS, NR, B, NR1>(NQKV, gw, NW, qkv_w, qkv_s, qkv_b, xs, NB, [&](int r, int v, float y) {
             wk[v * WF + r] = mlxd_round<T>(y);
         });
     }
@@ -887,7 +914,7 @@ const SOURCE: &str = r#"
     stamp(4);
     if constexpr (PHASE == 0 || PHASE == 3) {
         mlxd_fill_rows<H * HD>(NB, wk + OFF_ATT, WF, xs);
-        mlxd_q4_rows<H * HD, GS, NR, B>(D, gw, NW, o_w, o_s, o_b, xs, NB, [&](int r, int v, float y) {
+        mlxd_q4_rows<H * HD, GS, NR, B, NR1>(D, gw, NW, o_w, o_s, o_b, xs, NB, [&](int r, int v, float y) {
             wk[v * WF + OFF_H1 + r] = mlxd_round<T>(static_cast<float>(x[v * D + r]) + mlxd_round<T>(y));
         });
     }
@@ -924,7 +951,7 @@ const SOURCE: &str = r#"
     stamp(8);
     if constexpr (PHASE == 0 || PHASE == 5) {
         mlxd_fill_rows<I>(NB, wk + OFF_MLP, WF, xs);
-        mlxd_q4_rows<I, GS, NR, B>(D, gw, NW, d_w, d_s, d_b, xs, NB, [&](int r, int v, float y) {
+        mlxd_q4_rows<I, GS, NR, B, NR1>(D, gw, NW, d_w, d_s, d_b, xs, NB, [&](int r, int v, float y) {
             out[v * D + r] = static_cast<T>(__ldcg(wk + v * WF + OFF_H1 + r) + mlxd_round<T>(y));
         });
     }
@@ -1412,6 +1439,7 @@ fn template(
         ("EPS_BITS", bits(eps)),
         ("ROPE_SCALE_BITS", bits(rope_scale)),
         ("ATT_SCALE_BITS", bits((dims.head_dim as f32).powf(-0.5))),
+        ("NR1", TemplateArg::Bool(std::env::var("MLXD_FUSED_NR1").as_deref() != Ok("0"))),
     ]
 }
 
