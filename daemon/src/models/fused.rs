@@ -109,8 +109,8 @@ const THREADS: i32 = 256;
 /// Chunks of positions one head's attention is split into, at most.
 const CHUNKS_MAX: i32 = 16;
 /// Dynamic shared memory the kernel may take, bytes: the rows' inputs of a product, as the
-/// model's dtype. Two blocks of 96 KB fit an H100's SM, one an A100's or a consumer card's
-/// (there the variants that take more than half an SM's shared memory run on half the SMs).
+/// model's dtype (one block per SM; consumer cards let a block take up to 99 KB, data-center
+/// ones more).
 const SHARED_MAX: i32 = 96 * 1024;
 /// Static shared memory the one-row kernel may use, bytes (the 48 KB limit, with room for the
 /// rest).
