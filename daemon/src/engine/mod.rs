@@ -562,10 +562,17 @@ impl Engine {
     fn prefill_pass(&mut self, reqs: Vec<GenerateRequest>) -> Result<Vec<Result<Row, ModelError>>, ModelError> {
         let started = Instant::now();
         let vocab = self.model.model.args.vocab as usize;
-        let mut made: Vec<Result<SequenceSampler, ModelError>> =
-            reqs.iter().map(|r| Ok(SequenceSampler::new(&r.sampler, vocab, &r.prompt)?)).collect();
-        let members: Vec<usize> = (0..reqs.len()).filter(|&i| made[i].is_ok()).collect();
         let mut results: Vec<Option<Result<Row, ModelError>>> = (0..reqs.len()).map(|_| None).collect();
+        let (mut members, mut samplers) = (Vec::new(), Vec::new());
+        for (i, r) in reqs.iter().enumerate() {
+            match SequenceSampler::new(&r.sampler, vocab, &r.prompt) {
+                Ok(s) => {
+                    members.push(i);
+                    samplers.push(s);
+                }
+                Err(e) => results[i] = Some(Err(e.into())),
+            }
+        }
         if !members.is_empty() {
             let longest = members.iter().map(|&i| reqs[i].prompt.len()).max().unwrap_or(1);
             let mut ids = vec![0i32; members.len() * longest];
@@ -577,11 +584,6 @@ impl Engine {
             let lens: Vec<i32> = members.iter().map(|&i| reqs[i].prompt.len() as i32).collect();
             let tokens = Array::from_slice(&ids, &[members.len() as i32, longest as i32]);
             let (logits, caches) = self.model.model.prefill_rows(&tokens, &lens)?;
-            let mut samplers: Vec<SequenceSampler> = members
-                .iter()
-                .map(|&i| std::mem::replace(&mut made[i], Err(ModelError::Config(String::new()))))
-                .map(|m| m.expect("members made theirs"))
-                .collect();
             let want_logprobs = members.iter().any(|&i| reqs[i].sampler.logprobs.unwrap_or(0) > 0);
             let mut refs: Vec<&mut SequenceSampler> = samplers.iter_mut().collect();
             let (pending, _) = sample(&logits, &mut refs, want_logprobs, false)?;
@@ -602,15 +604,7 @@ impl Engine {
                 });
             }
         }
-        Ok(results
-            .into_iter()
-            .zip(made)
-            .map(|(r, m)| match (r, m) {
-                (Some(r), _) => r,
-                (None, Err(e)) => Err(e),
-                (None, Ok(_)) => unreachable!("a request with a sampler is a member"),
-            })
-            .collect())
+        Ok(results.into_iter().map(|r| r.expect("every request is a member or failed its sampler")).collect())
     }
 
     /// Advances every unfinished row by one token. Rows that have just started first get their
