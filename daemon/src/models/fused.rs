@@ -1,5 +1,5 @@
-//! A whole decoder block of a decode step as one CUDA kernel, for 4-bit models on MLX's CUDA
-//! backend: one sequence (on by default where it times faster), or a stacked batch of up to
+//! Every decoder block of a decode step in one CUDA kernel launch, for 4-bit models on MLX's
+//! CUDA backend: one sequence (on by default where it times faster), or a stacked batch of up to
 //! [`BATCH_MAX`] rows (the server's step when several clients decode at once; also where it
 //! times faster, `MLXD_FUSED_BATCH=0` turns it off).
 //!
@@ -9,7 +9,11 @@
 //! card's memory bandwidth allows. Fusing pieces of a block into a few custom kernels does not
 //! help (session 7: an MLX custom-kernel call costs the host about what 1.5 built-in nodes do),
 //! so here the block is **one** node: the kernel's blocks work through the block's phases and
-//! meet at grid-wide barriers between them.
+//! meet at grid-wide barriers between them. Since session 20 one launch runs all the decoder
+//! blocks (`NL` of them, one more barrier between two): a step is one node, not one per block,
+//! which took the host's share of a 4-bit Qwen3-0.6B step on an H200 from 0.77 to 0.34 ms and
+//! the kernel boundaries (a launch's gap, and its blocks starting one after another) out of the
+//! device's time. `MLXD_FUSED_LAYERS=N` runs N blocks per launch instead.
 //!
 //! Phases (`P` participating blocks of 256 threads, each warp taking whole rows of a product):
 //! 1. RMS norm of each row of `x` (every block, into shared memory), then the stacked q/k/v
@@ -21,7 +25,13 @@
 //!    per row and head, no barrier).
 //! 3. The output projection plus the residual.
 //! 4. RMS norm, the stacked gate/up product and SwiGLU.
-//! 5. The down projection plus the residual, into the block's output.
+//! 5. The down projection plus the residual, into the block's output: the launch's output for
+//!    its last block, else one of two workspace buffers (block l writes buffer l % 2, which
+//!    block l + 1 reads as its `x`).
+//!
+//! A launch's blocks reach their arrays through `mlxd_select(l)`: kernel parameters cannot be
+//! indexed by a loop counter, so the body starts with a switch over the launch's blocks
+//! (written for `NL` by [`layer_table`]) that puts block l's 18 arrays in shared memory.
 //!
 //! Two kernel texts: one row (`SOURCE_ONE`, session 15's, floats in static shared memory)
 //! and batches (`SOURCE`: the rows' inputs in the model's dtype in dynamic shared memory, each
@@ -49,8 +59,9 @@
 //! must be the sequence's own, see `LayerCache::fused_storage`; a batch's stack always is, see
 //! `BatchCache::storage`), and a workspace of scratch floats and barrier counters per sequence
 //! or batch ([`Workspace`]). The emulator (`crate::cuda_emulator`) runs blocks one after
-//! another, so there each phase is a launch of its own (`PHASE` 1-5; 0 is all of them with the
-//! barriers, what the GPU runs), the launches standing in for the barriers.
+//! another, so there each phase of each decoder block is a launch of its own (`PHASE` 1-5 over
+//! the `span` input's one block; 0 is all of them with the barriers, what the GPU runs), the
+//! launches standing in for the barriers.
 
 use super::layers::{Matrix, Quant, RmsNorm, Rope};
 use super::transformer::Block;
@@ -105,6 +116,9 @@ pub fn enabled() -> bool {
 pub const GRID: i32 = 160;
 /// Blocks launched per phase when emulated (no SM count there: all of them take part).
 const EMULATED_GRID: i32 = 12;
+/// Threads per block (eight warps; the bodies' `NT`). Session 20 tried 512 on an H200: the
+/// batched kernel then needed more registers than an SM has for a block of 512 (the launch
+/// failed), and one row ran 2-4% slower.
 const THREADS: i32 = 256;
 /// Chunks of positions one head's attention is split into, at most.
 const CHUNKS_MAX: i32 = 16;
@@ -132,23 +146,57 @@ const SYNC_WORDS: i32 = TIMING_AT + 2 * TIMING_COUNTERS;
 macro_rules! common_header {
     () => {
         r#"
-#define MLXD_WARPS 8
 #define MLXD_CHMAX 16
 __device__ inline unsigned int mlxd_nsmid() {
     unsigned int n;
     asm volatile("mov.u32 %0, %%nsmid;" : "=r"(n));
     return n;
 }
+__device__ inline unsigned long long mlxd_now() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+// MLXD_FUSED_TIMING=1: block 0's thread 0 adds each stretch's nanoseconds to the counters ctr
+// (k 0 starts a call and counts the gap since the last call's end; 1-9 end a stretch).
+__device__ inline void mlxd_stamp(unsigned long long* ctr, int k, unsigned long long& t_prev) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    const unsigned long long t = mlxd_now();
+    if (k == 0) {
+        ctr[0] += 1;
+        const unsigned long long end = ctr[15];
+        if (end != 0 && t > end && t - end < 1000000ull) { ctr[10] += t - end; ctr[11] += 1; }
+    } else {
+        ctr[k] += t - t_prev;
+    }
+    if (k == 9) ctr[15] = t;
+    t_prev = t;
+}
 template <typename T>
 __device__ inline float mlxd_round(float v) { return static_cast<float>(static_cast<T>(v)); }
-// Sum of v over the block (256 threads); red: MLXD_WARPS floats of shared memory.
+// The body's stamp(k) (MLXD_FUSED_TIMING=1, see mlxd_stamp).
+#define MLXD_TIMING_STAMPS \
+    unsigned long long* ctr = reinterpret_cast<unsigned long long*>(const_cast<unsigned int*>(reinterpret_cast<const unsigned int*>(sync)) + TIMING_AT); \
+    unsigned long long t_prev = 0; \
+    auto stamp = [&](int k) { if constexpr (TIMED && PHASE == 0) mlxd_stamp(ctr, k, t_prev); };
+// A launch takes NL consecutive decoder blocks; mlxd_select(l) (the body's MLXD_LAYER_TABLE,
+// written for NL by fused.rs) puts block l's arrays in lp (shared memory), in LAYER_INPUTS'
+// order, and each phase takes the ones it reads.
+#define MLXD_P(i, type) static_cast<const type*>(lp[i])
+#define MLXD_LAYER_POINTERS_1 const T* w_in = MLXD_P(0, T); const uint32_t* qkv_w = MLXD_P(4, uint32_t); const T* qkv_s = MLXD_P(5, T); const T* qkv_b = MLXD_P(6, T);
+#define MLXD_LAYER_POINTERS_2 const T* w_qn = MLXD_P(2, T); const T* w_kn = MLXD_P(3, T); const T* kc = MLXD_P(16, T); const T* vc = MLXD_P(17, T); T* kw = const_cast<T*>(kc); T* vw = const_cast<T*>(vc);
+#define MLXD_LAYER_POINTERS_3 const uint32_t* o_w = MLXD_P(7, uint32_t); const T* o_s = MLXD_P(8, T); const T* o_b = MLXD_P(9, T);
+#define MLXD_LAYER_POINTERS_4 const T* w_post = MLXD_P(1, T); const uint32_t* gu_w = MLXD_P(10, uint32_t); const T* gu_s = MLXD_P(11, T); const T* gu_b = MLXD_P(12, T);
+#define MLXD_LAYER_POINTERS_5 const uint32_t* d_w = MLXD_P(13, uint32_t); const T* d_s = MLXD_P(14, T); const T* d_b = MLXD_P(15, T);
+// Sum of v over the block; red: a float of shared memory per warp.
+template <int NT>
 __device__ inline float mlxd_block_sum(float v, float* red) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     __syncthreads();
     if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
     __syncthreads();
     float t = 0.0f;
-    for (int w = 0; w < MLXD_WARPS; ++w) t += red[w];
+    for (int w = 0; w < NT / 32; ++w) t += red[w];
     return t;
 }
 // The first P blocks wait here for each other. sync[0] counts arrivals (back to 0 when the
@@ -176,12 +224,12 @@ __device__ inline void mlxd_grid_sync(unsigned int* sync, unsigned int P) {
 // RMS norm of D values (load(k) gives value k, a value of T) times w, each rounded to T where
 // MLX rounds, into sh (floats, or the model's dtype: exact either way); every thread of the
 // block calls it.
-template <int D, typename T, typename XS, typename L, typename Wn>
+template <int NT, int D, typename T, typename XS, typename L, typename Wn>
 __device__ inline void mlxd_norm_to_shared(L load, const Wn* w, float eps, XS* sh, float* red) {
     float ss = 0.0f;
-    for (int k = threadIdx.x; k < D; k += 256) { const float v = load(k); sh[k] = static_cast<XS>(v); ss += v * v; }
-    const float n = rsqrtf(mlxd_block_sum(ss, red) / D + eps);
-    for (int k = threadIdx.x; k < D; k += 256)
+    for (int k = threadIdx.x; k < D; k += NT) { const float v = load(k); sh[k] = static_cast<XS>(v); ss += v * v; }
+    const float n = rsqrtf(mlxd_block_sum<NT>(ss, red) / D + eps);
+    for (int k = threadIdx.x; k < D; k += NT)
         sh[k] = static_cast<XS>(mlxd_round<T>(mlxd_round<T>(static_cast<float>(sh[k]) * n) * static_cast<float>(w[k])));
     __syncthreads();
 }
@@ -268,13 +316,17 @@ __device__ inline void mlxd_q4_group(int r0, int R, int NW, const W* w, const S*
     }
 }
 // Rows 0..R of a 4-bit product with xs, MLXD_NR rows per warp at a time (warp gw of NW). A warp
-// with one row left takes it alone (FIT): a product with no more rows than warps (the output
-// and down projections) would otherwise compute MLXD_NR - 1 empty rows beside it.
+// with one or two rows left takes just those (FIT): a product with no more rows than warps (the
+// output and down projections), or not many more (q/k/v of a Llama-3.2-1B shape), would
+// otherwise compute empty rows beside them.
 template <int K, int GS, bool FIT, typename W, typename S, typename F>
 __device__ inline void mlxd_q4_rows(int R, int gw, int NW, const W* w, const S* s, const S* b, const float* xs, F put) {
     for (int r0 = gw; r0 < R; r0 += NW * MLXD_NR) {
-        if (FIT && r0 + NW >= R) {
+        const int left = (R - r0 + NW - 1) / NW;
+        if (FIT && left == 1) {
             mlxd_q4_group<K, GS, 1>(r0, R, NW, w, s, b, xs, put);
+        } else if (FIT && left == 2) {
+            mlxd_q4_group<K, GS, 2>(r0, R, NW, w, s, b, xs, put);
         } else {
             mlxd_q4_group<K, GS, MLXD_NR>(r0, R, NW, w, s, b, xs, put);
         }
@@ -289,6 +341,8 @@ const SOURCE_ONE: &str = r#"
     constexpr int OFF_PART = OFF_ATT + H * HD;
     constexpr int OFF_H1 = OFF_PART + H * MLXD_CHMAX * (HD + 2);
     constexpr int OFF_MLP = OFF_H1 + D;
+    // Two buffers of a block's output between blocks of one launch (block l writes l % 2).
+    constexpr int OFF_HB = OFF_MLP + I;
     constexpr int DL = HD / 8;
     const float eps = __int_as_float(EPS_BITS);
     const float rope_scale = __int_as_float(ROPE_SCALE_BITS);
@@ -298,7 +352,7 @@ const SOURCE_ONE: &str = r#"
     __shared__ float hq[HD];
     __shared__ float hk[HD];
     __shared__ float hv[HD];
-    __shared__ float red[MLXD_WARPS];
+    __shared__ float red[NT / 32];
     __shared__ int last;
     const int tid = threadIdx.x;
     const int lane = tid & 31;
@@ -309,21 +363,32 @@ const SOURCE_ONE: &str = r#"
         P = min(P, part > 0 ? part : 1u);
     }
     if (blockIdx.x >= P) return;
-    const int gw = blockIdx.x * MLXD_WARPS + warp;
-    const int NW = (int)P * MLXD_WARPS;
+    MLXD_TIMING_STAMPS
+    // Warps: this one's place among all taking part, and how many.
+    const int gw = blockIdx.x * (NT / 32) + warp;
+    const int NW = (int)P * (NT / 32);
     const int p = pos[0];
-    const int cap = kc_shape[2];
+    const int cap = kc_0_shape[2];
     const int CH = min(MLXD_CHMAX, max(1, (int)P / H));
     float* ws = const_cast<float*>(work);
     unsigned int* sy = const_cast<unsigned int*>(reinterpret_cast<const unsigned int*>(sync));
-    T* kw = const_cast<T*>(kc);
-    T* vw = const_cast<T*>(vc);
+    MLXD_LAYER_TABLE
+    for (int l = span[0]; l < span[1]; ++l) {
+    mlxd_select(l);
+    stamp(0);
+    // The block's input: x for the launch's first block, else the previous block's output.
+    const float* hin = ws + OFF_HB + ((l + 1) & 1) * D;
+    auto x_at = [&](int k) { return l == 0 ? static_cast<float>(x[k]) : __ldcg(hin + k); };
     if constexpr (PHASE == 0 || PHASE == 1) {
-        mlxd_norm_to_shared<D, T>([&](int k) { return static_cast<float>(x[k]); }, w_in, eps, sh, red);
+        MLXD_LAYER_POINTERS_1
+        mlxd_norm_to_shared<NT, D, T>(x_at, w_in, eps, sh, red);
         mlxd_q4_rows<D, GS, NR1>(NQKV, gw, NW, qkv_w, qkv_s, qkv_b, sh, [&](int r, float v) { ws[r] = mlxd_round<T>(v); });
     }
+    stamp(1);
     if constexpr (PHASE == 0) mlxd_grid_sync(sy, P);
+    stamp(2);
     if constexpr (PHASE == 0 || PHASE == 2) {
+        MLXD_LAYER_POINTERS_2
         const int grp = tid >> 3;
         const int e = tid & 7;
         for (int it = blockIdx.x; it < H * CH; it += P) {
@@ -337,8 +402,8 @@ const SOURCE_ONE: &str = r#"
                 hv[tid] = __ldcg(ws + (H + KVH + g) * HD + tid);
             }
             if constexpr (QKN) {
-                const float na = rsqrtf(mlxd_block_sum(a * a, red) / HD + eps);
-                const float nb = rsqrtf(mlxd_block_sum(b * b, red) / HD + eps);
+                const float na = rsqrtf(mlxd_block_sum<NT>(a * a, red) / HD + eps);
+                const float nb = rsqrtf(mlxd_block_sum<NT>(b * b, red) / HD + eps);
                 if (tid < HD) {
                     a = mlxd_round<T>(mlxd_round<T>(a * na) * static_cast<float>(w_qn[tid]));
                     b = mlxd_round<T>(mlxd_round<T>(b * nb) * static_cast<float>(w_kn[tid]));
@@ -377,7 +442,7 @@ const SOURCE_ONE: &str = r#"
 #pragma unroll
             for (int d = 0; d < DL; ++d) { qf[d] = hq[e * DL + d] * att_scale; acc[d] = 0.0f; }
             float m = neg_inf, l = 0.0f;
-            for (int j0 = start; j0 < end; j0 += 32) {
+            for (int j0 = start; j0 < end; j0 += NT / 8) {
                 const int j = j0 + grp;
                 const bool ok = j < end;
                 float kf[DL], vf[DL];
@@ -413,9 +478,9 @@ const SOURCE_ONE: &str = r#"
             float* part = ws + OFF_PART + (h * MLXD_CHMAX + c) * (HD + 2);
             if (tid < HD) {
                 float top = neg_inf;
-                for (int q = 0; q < 32; ++q) top = fmaxf(top, sh[q * (HD + 2) + HD]);
+                for (int q = 0; q < NT / 8; ++q) top = fmaxf(top, sh[q * (HD + 2) + HD]);
                 float num = 0.0f, den = 0.0f;
-                for (int q = 0; q < 32; ++q) {
+                for (int q = 0; q < NT / 8; ++q) {
                     const float mq = sh[q * (HD + 2) + HD];
                     const float f = mq == neg_inf ? 0.0f : expf(mq - top);
                     num += sh[q * (HD + 2) + tid] * f;
@@ -448,17 +513,23 @@ const SOURCE_ONE: &str = r#"
             __syncthreads();
         }
     }
+    stamp(3);
     if constexpr (PHASE == 0) mlxd_grid_sync(sy, P);
+    stamp(4);
     if constexpr (PHASE == 0 || PHASE == 3) {
-        for (int k = tid; k < H * HD; k += 256) sh[k] = __ldcg(ws + OFF_ATT + k);
+        MLXD_LAYER_POINTERS_3
+        for (int k = tid; k < H * HD; k += NT) sh[k] = __ldcg(ws + OFF_ATT + k);
         __syncthreads();
         mlxd_q4_rows<H * HD, GS, NR1>(D, gw, NW, o_w, o_s, o_b, sh, [&](int r, float v) {
-            ws[OFF_H1 + r] = mlxd_round<T>(static_cast<float>(x[r]) + mlxd_round<T>(v));
+            ws[OFF_H1 + r] = mlxd_round<T>(x_at(r) + mlxd_round<T>(v));
         });
     }
+    stamp(5);
     if constexpr (PHASE == 0) mlxd_grid_sync(sy, P);
+    stamp(6);
     if constexpr (PHASE == 0 || PHASE == 4) {
-        mlxd_norm_to_shared<D, T>([&](int k) { return __ldcg(ws + OFF_H1 + k); }, w_post, eps, sh, red);
+        MLXD_LAYER_POINTERS_4
+        mlxd_norm_to_shared<NT, D, T>([&](int k) { return __ldcg(ws + OFF_H1 + k); }, w_post, eps, sh, red);
         int rows[MLXD_NR];
         float y[MLXD_NR];
         for (int r0 = gw; r0 < I; r0 += NW * 2) {
@@ -484,20 +555,61 @@ const SOURCE_ONE: &str = r#"
             }
         }
     }
+    stamp(7);
     if constexpr (PHASE == 0) mlxd_grid_sync(sy, P);
+    stamp(8);
     if constexpr (PHASE == 0 || PHASE == 5) {
-        for (int k = tid; k < I; k += 256) sh[k] = __ldcg(ws + OFF_MLP + k);
+        MLXD_LAYER_POINTERS_5
+        for (int k = tid; k < I; k += NT) sh[k] = __ldcg(ws + OFF_MLP + k);
         __syncthreads();
+        float* hout = ws + OFF_HB + (l & 1) * D;
         mlxd_q4_rows<I, GS, NR1>(D, gw, NW, d_w, d_s, d_b, sh, [&](int r, float v) {
-            out[r] = static_cast<T>(__ldcg(ws + OFF_H1 + r) + mlxd_round<T>(v));
+            const float o = __ldcg(ws + OFF_H1 + r) + mlxd_round<T>(v);
+            if (l == NL - 1) out[r] = static_cast<T>(o); else hout[r] = mlxd_round<T>(o);
         });
+    }
+    stamp(9);
+    if constexpr (PHASE == 0) { if (l + 1 < span[1]) mlxd_grid_sync(sy, P); }
     }
 "#;
 
-const INPUTS_ONE: [&str; 23] = [
-    "x", "pos", "w_in", "w_post", "w_qn", "w_kn", "qkv_w", "qkv_s", "qkv_b", "o_w", "o_s", "o_b", "gu_w", "gu_s",
-    "gu_b", "d_w", "d_s", "d_b", "kc", "vc", "periods", "work", "sync",
+/// Each decoder block's inputs, in `mlxd_select`'s order (`lp[i]`): its 16 arrays from `w_in`
+/// to `d_b` ([`Layer`]), then its key and value cache.
+const LAYER_INPUTS: [&str; 18] = [
+    "w_in", "w_post", "w_qn", "w_kn", "qkv_w", "qkv_s", "qkv_b", "o_w", "o_s", "o_b", "gu_w", "gu_s", "gu_b", "d_w",
+    "d_s", "d_b", "kc", "vc",
 ];
+
+/// A kernel's inputs for `nl` blocks per launch: `first` (x, pos and for batches starts), the
+/// launch's span of blocks, each block's [`LAYER_INPUTS`] suffixed with its index in the launch,
+/// then what every block shares.
+fn input_names(first: &[&str], nl: usize) -> Vec<String> {
+    let mut names: Vec<String> = first.iter().map(|n| n.to_string()).collect();
+    names.push("span".into());
+    for l in 0..nl {
+        names.extend(LAYER_INPUTS.iter().map(|n| format!("{n}_{l}")));
+    }
+    names.extend(["periods", "work", "sync"].map(String::from));
+    names
+}
+
+/// The body's `MLXD_LAYER_TABLE` for `nl` blocks per launch: `lp`, and `mlxd_select(l)`, which
+/// has thread 0 put block l's arrays there (a switch over the launch's blocks: the arrays are
+/// kernel parameters, which a loop cannot index) and the block wait for them.
+fn layer_table(nl: usize) -> String {
+    let mut t = String::from(
+        "__shared__ const void* lp[18];\nauto mlxd_select = [&](int l) {\nif (threadIdx.x == 0) {\nswitch (l) {\n",
+    );
+    for l in 0..nl {
+        t.push_str(&format!("case {l}:"));
+        for (i, n) in LAYER_INPUTS.iter().enumerate() {
+            t.push_str(&format!(" lp[{i}] = {n}_{l};"));
+        }
+        t.push_str(" break;\n");
+    }
+    t.push_str("}\n}\n__syncthreads();\n};\n");
+    t
+}
 
 // The batched kernel (2 to 8 rows, `B` the most a variant takes).
 const HEADER: &str = concat!(
@@ -508,11 +620,6 @@ const HEADER: &str = concat!(
 #else
 #define MLXD_DYNAMIC_SHARED(name, bytes) extern __shared__ __align__(16) unsigned char name[]
 #endif
-__device__ inline unsigned long long mlxd_now() {
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
 // Eight consecutive values of T (16-byte aligned) as floats.
 template <typename T>
 __device__ inline void mlxd_load8(const T* p, float* v) {
@@ -552,10 +659,10 @@ __device__ inline void mlxd_ldcg8(const float* p, float* v) {
 // are in flight together; session 16's kernel normed row after row, ~2 us each): load8(v, c, f)
 // puts values 8c..8c+7 of row v in f. Each value is scaled and multiplied by w, rounded to T
 // where MLX rounds, into sh[v * D + k]; the raw values wait in sh (exact: they are values of T).
-template <int D, typename T, typename XS, typename L, typename Wn>
+template <int NT, int D, typename T, typename XS, typename L, typename Wn>
 __device__ inline void mlxd_norm_rows(int nb, L load8, const Wn* w, float eps, XS* sh) {
     const int lane = threadIdx.x & 31;
-    for (int v = threadIdx.x >> 5; v < nb; v += MLXD_WARPS) {
+    for (int v = threadIdx.x >> 5; v < nb; v += NT / 32) {
         XS* row = sh + v * D;
         float ss = 0.0f;
 #pragma unroll 4
@@ -581,11 +688,11 @@ __device__ inline void mlxd_norm_rows(int nb, L load8, const Wn* w, float eps, X
 // xs[v * N + k] = src[v * stride + k] for nb rows of N workspace floats, as XS, eight values
 // per thread at a time with several loads in flight (one value per thread at a time took
 // ~1 us per row at 8 rows).
-template <int N, typename XS>
+template <int NT, int N, typename XS>
 __device__ inline void mlxd_fill_rows(int nb, const float* src, int stride, XS* xs) {
     constexpr int N8 = N / 8;
 #pragma unroll 4
-    for (int i = threadIdx.x; i < nb * N8; i += 256) {
+    for (int i = threadIdx.x; i < nb * N8; i += NT) {
         const int v = i / N8;
         const int c = i - v * N8;
         float f[8];
@@ -684,13 +791,17 @@ __device__ inline void mlxd_q4_group(int r0, int R, int NW, const W* w, const S*
             if (lane == (j * B + v) % 32 && rows[j] >= 0 && v < nb) put(rows[j], v, y[j][v]);
 }
 // Rows 0..R of a 4-bit product with the nb vectors of xs, NR rows per warp at a time (warp gw
-// of NW). A warp with one row left takes it alone (FIT): with no more rows than warps (the
-// output and down projections) each warp would otherwise compute NR - 1 empty rows.
+// of NW). A warp with fewer rows left than NR takes just those (FIT: one, or two of four): with
+// no more rows than warps (the output and down projections) each warp would otherwise compute
+// NR - 1 empty rows.
 template <int K, int GS, int NR, int B, bool FIT, typename XS, typename W, typename S, typename F>
 __device__ inline void mlxd_q4_rows(int R, int gw, int NW, const W* w, const S* s, const S* b, const XS* xs, int nb, F put) {
     for (int r0 = gw; r0 < R; r0 += NW * NR) {
-        if (FIT && r0 + NW >= R) {
+        const int left = (R - r0 + NW - 1) / NW;
+        if (FIT && left == 1) {
             mlxd_q4_group<K, GS, 1, B>(r0, R, NW, w, s, b, xs, nb, put);
+        } else if (FIT && NR > 2 && left == 2) {
+            mlxd_q4_group<K, GS, 2, B>(r0, R, NW, w, s, b, xs, nb, put);
         } else {
             mlxd_q4_group<K, GS, NR, B>(r0, R, NW, w, s, b, xs, nb, put);
         }
@@ -705,7 +816,9 @@ const SOURCE: &str = r#"
     constexpr int OFF_PART = OFF_ATT + H * HD;
     constexpr int OFF_H1 = OFF_PART + H * MLXD_CHMAX * (HD + 2);
     constexpr int OFF_MLP = OFF_H1 + D;
-    constexpr int WF = OFF_MLP + I;
+    // Two buffers of a block's output between blocks of one launch (block l writes l % 2).
+    constexpr int OFF_HB = OFF_MLP + I;
+    constexpr int WF = OFF_HB + 2 * D;
     // Rows of the workspace and of the inputs in shared memory are read and written eight
     // values at a time, 16-byte aligned.
     static_assert(HD % 8 == 0 && D % 8 == 0 && I % 8 == 0, "8-value loads need dimensions in multiples of 8");
@@ -724,7 +837,7 @@ const SOURCE: &str = r#"
     __shared__ float hq[HD];
     __shared__ float hk[HD];
     __shared__ float hv[HD];
-    __shared__ float red[MLXD_WARPS];
+    __shared__ float red[NT / 32];
     __shared__ int last;
     const int tid = threadIdx.x;
     const int lane = tid & 31;
@@ -736,41 +849,33 @@ const SOURCE: &str = r#"
         P = min(P, part > 0 ? part : 1u);
     }
     if (blockIdx.x >= P) return;
-    // MLXD_FUSED_TIMING=1: block 0's thread 0 adds each stretch's nanoseconds to the counters.
-    unsigned long long* ctr = reinterpret_cast<unsigned long long*>(const_cast<unsigned int*>(reinterpret_cast<const unsigned int*>(sync)) + TIMING_AT);
-    unsigned long long t_prev = 0;
-    auto stamp = [&](int k) {
-        if constexpr (TIMED && PHASE == 0) {
-            if (blockIdx.x == 0 && threadIdx.x == 0) {
-                const unsigned long long t = mlxd_now();
-                if (k == 0) {
-                    ctr[0] += 1;
-                    const unsigned long long end = ctr[15];
-                    if (end != 0 && t > end && t - end < 1000000ull) { ctr[10] += t - end; ctr[11] += 1; }
-                } else {
-                    ctr[k] += t - t_prev;
-                }
-                if (k == 9) ctr[15] = t;
-                t_prev = t;
-            }
-        }
-    };
-    stamp(0);
-    const int gw = blockIdx.x * MLXD_WARPS + warp;
-    const int NW = (int)P * MLXD_WARPS;
+    MLXD_TIMING_STAMPS
+    // Warps: this one's place among all taking part, and how many.
+    const int gw = blockIdx.x * (NT / 32) + warp;
+    const int NW = (int)P * (NT / 32);
     // This call's rows: B is the most this variant takes.
     const int NB = x_shape[0];
     const int cur = pos[0];
-    const int cap = kc_shape[2];
+    const int cap = kc_0_shape[2];
     const int CH = min(MLXD_CHMAX, max(1, (int)P / (NB * H)));
     float* wk = const_cast<float*>(work);
     unsigned int* sy = const_cast<unsigned int*>(reinterpret_cast<const unsigned int*>(sync));
-    T* kw = const_cast<T*>(kc);
-    T* vw = const_cast<T*>(vc);
+    MLXD_LAYER_TABLE
+    for (int l = span[0]; l < span[1]; ++l) {
+    mlxd_select(l);
+    stamp(0);
+    // Row v's input: x for the launch's first block, else the previous block's output.
+    const int hin = OFF_HB + ((l + 1) & 1) * D;
+    auto x_at = [&](int v, int k) { return l == 0 ? static_cast<float>(x[v * D + k]) : __ldcg(wk + v * WF + hin + k); };
     if constexpr (PHASE == 0 || PHASE == 1) {
-        mlxd_norm_rows<D, T>(NB, [&](int v, int c, float* f) {
+        MLXD_LAYER_POINTERS_1
+        mlxd_norm_rows<NT, D, T>(NB, [&](int v, int c, float* f) {
+            if (l == 0) {
 #pragma unroll
-            for (int e = 0; e < 8; ++e) f[e] = static_cast<float>(x[v * D + 8 * c + e]);
+                for (int e = 0; e < 8; ++e) f[e] = static_cast<float>(x[v * D + 8 * c + e]);
+            } else {
+                mlxd_ldcg8(wk + v * WF + hin + 8 * c, f);
+            }
         }, w_in, eps, xs);
         mlxd_q4_rows<D, GS, NR, B, NR1>(NQKV, gw, NW, qkv_w, qkv_s, qkv_b, xs, NB, [&](int r, int v, float y) {
             wk[v * WF + r] = mlxd_round<T>(y);
@@ -780,6 +885,7 @@ const SOURCE: &str = r#"
     if constexpr (PHASE == 0) mlxd_grid_sync(sy, P);
     stamp(2);
     if constexpr (PHASE == 0 || PHASE == 2) {
+        MLXD_LAYER_POINTERS_2
         const int grp = tid >> 3;
         const int e = tid & 7;
         for (int it = blockIdx.x; it < NB * H * CH; it += P) {
@@ -798,8 +904,8 @@ const SOURCE: &str = r#"
                 hv[tid] = __ldcg(ws + (H + KVH + g) * HD + tid);
             }
             if constexpr (QKN) {
-                const float na = rsqrtf(mlxd_block_sum(a * a, red) / HD + eps);
-                const float nb = rsqrtf(mlxd_block_sum(b * b, red) / HD + eps);
+                const float na = rsqrtf(mlxd_block_sum<NT>(a * a, red) / HD + eps);
+                const float nb = rsqrtf(mlxd_block_sum<NT>(b * b, red) / HD + eps);
                 if (tid < HD) {
                     a = mlxd_round<T>(mlxd_round<T>(a * na) * static_cast<float>(w_qn[tid]));
                     b = mlxd_round<T>(mlxd_round<T>(b * nb) * static_cast<float>(w_kn[tid]));
@@ -838,7 +944,7 @@ const SOURCE: &str = r#"
 #pragma unroll
             for (int d = 0; d < DL; ++d) { qf[d] = hq[e * DL + d] * att_scale; acc[d] = 0.0f; }
             float m = neg_inf, l = 0.0f;
-            for (int j0 = start; j0 < end; j0 += 32) {
+            for (int j0 = start; j0 < end; j0 += NT / 8) {
                 const int j = j0 + grp;
                 const bool ok = j < end;
                 float kf[DL], vf[DL];
@@ -874,9 +980,9 @@ const SOURCE: &str = r#"
             float* part = ws + OFF_PART + (h * MLXD_CHMAX + c) * (HD + 2);
             if (tid < HD) {
                 float top = neg_inf;
-                for (int q = 0; q < 32; ++q) top = fmaxf(top, sh[q * (HD + 2) + HD]);
+                for (int q = 0; q < NT / 8; ++q) top = fmaxf(top, sh[q * (HD + 2) + HD]);
                 float num = 0.0f, den = 0.0f;
-                for (int q = 0; q < 32; ++q) {
+                for (int q = 0; q < NT / 8; ++q) {
                     const float mq = sh[q * (HD + 2) + HD];
                     const float f = mq == neg_inf ? 0.0f : expf(mq - top);
                     num += sh[q * (HD + 2) + tid] * f;
@@ -913,16 +1019,18 @@ const SOURCE: &str = r#"
     if constexpr (PHASE == 0) mlxd_grid_sync(sy, P);
     stamp(4);
     if constexpr (PHASE == 0 || PHASE == 3) {
-        mlxd_fill_rows<H * HD>(NB, wk + OFF_ATT, WF, xs);
+        MLXD_LAYER_POINTERS_3
+        mlxd_fill_rows<NT, H * HD>(NB, wk + OFF_ATT, WF, xs);
         mlxd_q4_rows<H * HD, GS, NR, B, NR1>(D, gw, NW, o_w, o_s, o_b, xs, NB, [&](int r, int v, float y) {
-            wk[v * WF + OFF_H1 + r] = mlxd_round<T>(static_cast<float>(x[v * D + r]) + mlxd_round<T>(y));
+            wk[v * WF + OFF_H1 + r] = mlxd_round<T>(x_at(v, r) + mlxd_round<T>(y));
         });
     }
     stamp(5);
     if constexpr (PHASE == 0) mlxd_grid_sync(sy, P);
     stamp(6);
     if constexpr (PHASE == 0 || PHASE == 4) {
-        mlxd_norm_rows<D, T>(NB, [&](int v, int c, float* f) { mlxd_ldcg8(wk + v * WF + OFF_H1 + 8 * c, f); }, w_post, eps, xs);
+        MLXD_LAYER_POINTERS_4
+        mlxd_norm_rows<NT, D, T>(NB, [&](int v, int c, float* f) { mlxd_ldcg8(wk + v * WF + OFF_H1 + 8 * c, f); }, w_post, eps, xs);
         // Each warp takes NR / 2 rows of the gate and the same rows of up.
         int rows[NR];
         float y[NR][B];
@@ -950,23 +1058,22 @@ const SOURCE: &str = r#"
     if constexpr (PHASE == 0) mlxd_grid_sync(sy, P);
     stamp(8);
     if constexpr (PHASE == 0 || PHASE == 5) {
-        mlxd_fill_rows<I>(NB, wk + OFF_MLP, WF, xs);
+        MLXD_LAYER_POINTERS_5
+        mlxd_fill_rows<NT, I>(NB, wk + OFF_MLP, WF, xs);
         mlxd_q4_rows<I, GS, NR, B, NR1>(D, gw, NW, d_w, d_s, d_b, xs, NB, [&](int r, int v, float y) {
-            out[v * D + r] = static_cast<T>(__ldcg(wk + v * WF + OFF_H1 + r) + mlxd_round<T>(y));
+            const float o = __ldcg(wk + v * WF + OFF_H1 + r) + mlxd_round<T>(y);
+            if (l == NL - 1) out[v * D + r] = static_cast<T>(o); else wk[v * WF + OFF_HB + (l & 1) * D + r] = mlxd_round<T>(o);
         });
     }
     stamp(9);
+    if constexpr (PHASE == 0) { if (l + 1 < span[1]) mlxd_grid_sync(sy, P); }
+    }
 "#;
-
-const INPUTS_BATCH: [&str; 24] = [
-    "x", "pos", "starts", "w_in", "w_post", "w_qn", "w_kn", "qkv_w", "qkv_s", "qkv_b", "o_w", "o_s", "o_b", "gu_w",
-    "gu_s", "gu_b", "d_w", "d_s", "d_b", "kc", "vc", "periods", "work", "sync",
-];
 
 thread_local! {
     /// The kernel objects made on this thread, one per dynamic shared memory size (MLX sets a
-    /// kernel's size when it makes the object).
-    static KERNELS: RefCell<Vec<(i32, CudaKernel)>> = const { RefCell::new(Vec::new()) };
+    /// kernel's size when it makes the object) and blocks per launch (their inputs).
+    static KERNELS: RefCell<Vec<((i32, usize), CudaKernel)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// One block's arrays, in the kernel's input order from `w_in` to `d_b`.
@@ -987,6 +1094,10 @@ pub struct FusedDecode {
     batch_max: i32,
     /// `[0]`: the one row of a one-sequence step starts at column 0.
     no_padding: Array,
+    /// Decoder blocks one launch runs (all of them unless `MLXD_FUSED_LAYERS` says fewer).
+    per_launch: usize,
+    /// `[0, n]` for each block count a launch has (made once, not every step).
+    spans: Vec<(i32, Array)>,
     /// Whether one-sequence steps take the kernel (decided at load, [`super::Transformer`]).
     pub(super) single: bool,
     /// Whether batched steps (2..=`batch_max` rows) take it.
@@ -1077,11 +1188,12 @@ impl Dims {
             + self.heads * CHUNKS_MAX * (self.head_dim + 2)
             + self.d
             + self.inter
+            + 2 * self.d
     }
 
     /// Floats of the one-row kernel's main shared buffer.
     fn shared_floats(&self) -> i32 {
-        self.d.max(self.heads * self.head_dim).max(self.inter).max(32 * (self.head_dim + 2))
+        self.d.max(self.heads * self.head_dim).max(self.inter).max(THREADS / 8 * (self.head_dim + 2))
     }
 
     /// The most rows one batched step takes: what the shared memory and the tickets allow (1:
@@ -1094,12 +1206,12 @@ impl Dims {
     }
 
     /// Bytes of the batched kernel's dynamic shared memory for `rows` rows of `dtype`: every
-    /// product's inputs in the model's dtype, or the attention's merge scratch (32 partial
-    /// results of a head, floats).
+    /// product's inputs in the model's dtype, or the attention's merge scratch (a head's partial
+    /// results, one per eight threads, floats).
     fn shared_bytes(&self, rows: i32, dtype: Dtype) -> i32 {
         let size = if dtype == Dtype::Float32 { 4 } else { 2 };
         let widest = self.d.max(self.heads * self.head_dim).max(self.inter);
-        (rows * widest * size).max(32 * (self.head_dim + 2) * 4)
+        (rows * widest * size).max(THREADS / 8 * (self.head_dim + 2) * 4)
     }
 }
 
@@ -1213,7 +1325,12 @@ impl FusedDecode {
             );
             return None;
         };
+        let per_launch = layers_per_launch(layers.len());
+        let spans = spans(layers.len(), per_launch);
+        mlx_rs::transforms::eval(spans.iter().map(|(_, a)| a)).ok()?;
         Some(FusedDecode {
+            per_launch,
+            spans,
             layers,
             periods,
             dtype,
@@ -1225,6 +1342,17 @@ impl FusedDecode {
             batched: true,
             slot,
         })
+    }
+
+    /// Decoder blocks one launch of the kernel runs.
+    pub fn per_launch(&self) -> usize {
+        self.per_launch
+    }
+
+    /// Runs `n` blocks per launch from now on (at least one; the last launch takes the rest).
+    pub fn set_per_launch(&mut self, n: usize) {
+        self.per_launch = n.clamp(1, self.layers.len().max(1));
+        self.spans = spans(self.layers.len(), self.per_launch);
     }
 
     /// The most rows a batched step takes.
@@ -1318,40 +1446,64 @@ impl FusedDecode {
         let rows = x.shape()[0];
         let emulated = crate::ffi::emulating();
         let mut h = x.clone();
-        for (l, layer) in self.layers.iter().enumerate() {
-            let (kc, vc) = storage(l)?;
-            let mut inputs: Vec<&Array> = Vec::with_capacity(INPUTS_BATCH.len());
-            inputs.extend([&h, pos]);
-            if rows > 1 {
-                inputs.push(starts);
+        let mut template = self.template.clone();
+        template.extend([("TIMING_AT", TemplateArg::Int(TIMING_AT)), ("TIMED", TemplateArg::Bool(timing()))]);
+        let smem = if rows == 1 {
+            template.push(("SH", TemplateArg::Int(self.dims.shared_floats())));
+            0
+        } else {
+            let (variant, smem) = (self.variant(rows), self.dims.shared_bytes(self.variant(rows), self.dtype));
+            template.extend([("B", TemplateArg::Int(variant)), ("SMEM", TemplateArg::Int(smem))]);
+            smem
+        };
+        template.push(("SMDIV", TemplateArg::Int(self.slot.sm_divisor)));
+        let grid = if emulated { EMULATED_GRID } else { GRID };
+        for (c, chunk) in self.layers.chunks(self.per_launch).enumerate() {
+            let caches = (0..chunk.len())
+                .map(|i| storage(c * self.per_launch + i))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            // Every block's cache has the columns of the first (the kernel reads its shape).
+            if caches.iter().any(|(k, v)| k.shape() != caches[0].0.shape() || v.shape() != k.shape()) {
+                return Err(ModelError::Config("fused decode: the blocks' caches differ in shape".into()));
             }
-            inputs.extend(layer.arrays.iter());
-            inputs.extend([&kc, &vc, &self.periods, &work.work, &work.sync]);
-            // Phases launched one by one are ordered only because the emulator runs each at once: MLX
-            // sees no dependency between them (the workspace is written in place).
-            let phases: &[i32] = if emulated { &[1, 2, 3, 4, 5] } else { &[0] };
-            let grid = if emulated { EMULATED_GRID } else { GRID };
+            let nl = chunk.len() as i32;
+            let mut template = template.clone();
+            template.push(("NL", TemplateArg::Int(nl)));
+            // On a GPU one launch runs the chunk's blocks, phases and blocks parted by grid
+            // barriers. The emulator has no barriers: each (block, phase) is a launch of its own,
+            // ordered only because it runs each at once (MLX sees no dependency between them:
+            // the workspace is written in place).
+            let launches: Vec<(i32, i32)> = if emulated {
+                (0..nl).flat_map(|l| (1..=5).map(move |phase| (l, phase))).collect()
+            } else {
+                vec![(-1, 0)]
+            };
             let mut out = None;
-            for &phase in phases {
-                let mut template = self.template.clone();
-                let smem = if rows == 1 {
-                    template.push(("SH", TemplateArg::Int(self.dims.shared_floats())));
-                    0
-                } else {
-                    let (variant, smem) = (self.variant(rows), self.dims.shared_bytes(self.variant(rows), self.dtype));
-                    template.extend([
-                        ("TIMING_AT", TemplateArg::Int(TIMING_AT)),
-                        ("TIMED", TemplateArg::Bool(timing())),
-                        ("B", TemplateArg::Int(variant)),
-                        ("SMEM", TemplateArg::Int(smem)),
-                    ]);
-                    smem
+            for (l, phase) in launches {
+                let one;
+                let span = match self.spans.iter().find(|(n, _)| l < 0 && *n == nl) {
+                    Some((_, all)) => all,
+                    None => {
+                        one = Array::from_slice(&if l < 0 { [0, nl] } else { [l, l + 1] }, &[2]);
+                        &one
+                    }
                 };
-                template.push(("SMDIV", TemplateArg::Int(self.slot.sm_divisor)));
+                let mut inputs: Vec<&Array> = Vec::with_capacity(7 + LAYER_INPUTS.len() * chunk.len());
+                inputs.extend([&h, pos]);
+                if rows > 1 {
+                    inputs.push(starts);
+                }
+                inputs.push(span);
+                for (layer, (kc, vc)) in chunk.iter().zip(&caches) {
+                    inputs.extend(layer.arrays.iter());
+                    inputs.extend([kc, vc]);
+                }
+                inputs.extend([&self.periods, &work.work, &work.sync]);
+                let mut template = template.clone();
                 template.push(("PHASE", TemplateArg::Int(phase)));
-                out = Some(self.apply(&inputs, rows, smem, &template, grid)?);
+                out = Some(self.apply(&inputs, rows, smem, chunk.len(), &template, grid)?);
             }
-            h = out.expect("one phase at least");
+            h = out.expect("one launch at least");
         }
         Ok(h)
     }
@@ -1361,30 +1513,36 @@ impl FusedDecode {
         inputs: &[&Array],
         rows: i32,
         smem: i32,
+        nl: usize,
         template: &[(&str, TemplateArg)],
         grid: i32,
     ) -> Result<Array> {
         let shape = [rows, self.dims.d];
         KERNELS.with(|cell| {
             let mut kernels = cell.borrow_mut();
-            let at = match kernels.iter().position(|(s, _)| *s == smem) {
+            let at = match kernels.iter().position(|(key, _)| *key == (smem, nl)) {
                 Some(at) => at,
                 // 0: the one-row kernel (static shared memory).
                 None => {
+                    let first: &[&str] = if smem == 0 { &["x", "pos"] } else { &["x", "pos", "starts"] };
+                    let names = input_names(first, nl);
+                    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                    let (header_text, source) = if smem == 0 { (HEADER_ONE, SOURCE_ONE) } else { (HEADER, SOURCE) };
+                    let source = source.replace("MLXD_LAYER_TABLE", &layer_table(nl));
                     let k = if smem == 0 {
-                        CudaKernel::new("mlxd_fused_block", &INPUTS_ONE, &["out"], HEADER_ONE, SOURCE_ONE, false)
+                        CudaKernel::new("mlxd_fused_block", &names, &["out"], header_text, &source, false)
                     } else {
                         CudaKernel::with_dynamic_shared(
                             "mlxd_fused_batch",
-                            &INPUTS_BATCH,
+                            &names,
                             &["out"],
-                            HEADER,
-                            SOURCE,
+                            header_text,
+                            &source,
                             false,
                             smem,
                         )
                     };
-                    kernels.push((smem, k));
+                    kernels.push(((smem, nl), k));
                     kernels.len() - 1
                 }
             };
@@ -1406,6 +1564,22 @@ impl FusedDecode {
         mlx_rs::transforms::eval([&work, &sync])?;
         Ok(Workspace { work, sync })
     }
+}
+
+/// The spans `[0, n]` of a model of `layers` blocks run `per_launch` at a time.
+fn spans(layers: usize, per_launch: usize) -> Vec<(i32, Array)> {
+    let mut counts = vec![per_launch.min(layers) as i32];
+    if per_launch > 0 && layers % per_launch != 0 && layers > per_launch {
+        counts.push((layers % per_launch) as i32);
+    }
+    counts.into_iter().map(|n| (n, Array::from_slice(&[0, n], &[2]))).collect()
+}
+
+/// Decoder blocks per launch for a model of `layers` blocks: all of them, so that a step is one
+/// launch (one MLX node, no gaps between kernels), unless `MLXD_FUSED_LAYERS=N` asks for N.
+fn layers_per_launch(layers: usize) -> usize {
+    let asked = std::env::var("MLXD_FUSED_LAYERS").ok().and_then(|v| v.parse::<usize>().ok());
+    asked.unwrap_or(layers).clamp(1, layers.max(1))
 }
 
 /// Whether the kernel counts its stretches' time (`MLXD_FUSED_TIMING=1`, read once; costs a
@@ -1440,13 +1614,14 @@ fn template(
         ("ROPE_SCALE_BITS", bits(rope_scale)),
         ("ATT_SCALE_BITS", bits((dims.head_dim as f32).powf(-0.5))),
         ("NR1", TemplateArg::Bool(std::env::var("MLXD_FUSED_NR1").as_deref() != Ok("0"))),
+        ("NT", TemplateArg::Int(THREADS)),
     ]
 }
 
-/// One fused step of a one-block model of these dimensions (4-bit, groups of 64) on zeros, at
-/// position 3, one sequence and the most rows a batched step takes: for recording the kernels
-/// MLX would compile for a model shape
-/// (`mlxd-bench kernel-sources`, whose NVRTC check compiles it) without loading the model.
+/// One fused step of a two-block model of these dimensions (4-bit, groups of 64; both blocks in
+/// one launch) on zeros, at position 3, one sequence and the most rows a batched step takes: for
+/// recording the kernels MLX would compile for a model shape (`mlxd-bench kernel-sources`, whose
+/// NVRTC check compiles it) without loading the model.
 pub fn queue_for_shape(
     d: i32,
     heads: i32,
@@ -1489,8 +1664,12 @@ pub fn queue_for_shape(
     ];
     let periods: Vec<f32> = (0..head_dim / 2).map(|i| 10_000f32.powf(2.0 * i as f32 / head_dim as f32)).collect();
     let batch_max = dims.batch_max(dtype);
+    // Two blocks in one launch (the same arrays twice), as a model's step runs them.
+    let second = Layer { arrays: arrays.clone() };
     let fused = FusedDecode {
-        layers: vec![Layer { arrays }],
+        per_launch: 2,
+        spans: spans(2, 2),
+        layers: vec![Layer { arrays }, second],
         periods: Array::from_slice(&periods, &[head_dim / 2]),
         dtype,
         template: template(dims, dtype, head_dim, 64, qk_norm, 1e-6, 1.0),
@@ -1503,10 +1682,12 @@ pub fn queue_for_shape(
         slot: Slot { counted: false, sm_divisor: 2 },
     };
     let err = |e: ModelError| mlx_rs::error::Exception::custom(e.to_string());
-    let mut cache = SequenceCache::new(1);
+    let mut cache = SequenceCache::new(2);
     for _ in 0..3 {
-        cache.layers[0].fused_storage(kv_heads, head_dim, dtype)?;
-        cache.layers[0].advance_in_place();
+        for layer in cache.layers.iter_mut() {
+            layer.fused_storage(kv_heads, head_dim, dtype)?;
+            layer.advance_in_place();
+        }
     }
     let one = fused.decode(&zeros(&[1, d], dtype)?, &mut cache).map_err(err)?;
     // The most rows a batched step takes, at column 3 of a stack whose rows start at 0..B.
@@ -1582,6 +1763,35 @@ fn own_workspace(
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_launch_of_several_blocks_names_each_blocks_arrays_and_selects_them_by_index() {
+        let names = input_names(&["x", "pos"], 3);
+        assert_eq!(names.len(), 2 + 1 + 3 * LAYER_INPUTS.len() + 3);
+        assert_eq!(&names[..4], ["x", "pos", "span", "w_in_0"]);
+        assert_eq!(names[3 + LAYER_INPUTS.len()], "w_in_1", "block 1's arrays follow block 0's 18");
+        assert_eq!(names[2 + 3 * LAYER_INPUTS.len()], "vc_2");
+        assert_eq!(&names[names.len() - 3..], ["periods", "work", "sync"]);
+        let table = layer_table(3);
+        for l in 0..3 {
+            assert!(table.contains(&format!("case {l}:")), "{table}");
+            for (i, n) in LAYER_INPUTS.iter().enumerate() {
+                assert!(table.contains(&format!("lp[{i}] = {n}_{l};")), "block {l}'s {n} at lp[{i}]");
+            }
+        }
+        assert!(!table.contains("case 3:"));
+    }
+
+    #[test]
+    fn spans_cover_a_models_blocks_in_launches_of_the_asked_size() {
+        let counts = |layers, per| spans(layers, per).into_iter().map(|(n, _)| n).collect::<Vec<i32>>();
+        assert_eq!(counts(28, 28), [28], "one launch of every block");
+        assert_eq!(counts(28, 7), [7], "four launches of 7");
+        assert_eq!(counts(5, 2), [2, 1], "two launches of 2 and one of the last block");
+        assert_eq!(counts(2, 9), [2], "asking for more blocks than the model has");
+        let span = &spans(5, 2)[1].1;
+        assert_eq!(span.as_slice::<i32>(), [0, 1]);
+    }
 
     #[test]
     fn two_models_hold_the_kernel_at_most_and_one_in_a_one_model_process() {

@@ -392,7 +392,15 @@ impl Transformer {
     fn prepare_fused_decode(&mut self) {
         let Some(variants) = self.fused.as_ref().map(|f| f.variants()) else { return };
         let started = std::time::Instant::now();
-        let single = self.fused_kind_ok(&[1], "one-sequence", true);
+        let mut single = self.fused_kind_ok(&[1], "one-sequence", true);
+        // A launch of every block passes the kernel all their arrays (18 pointers a block); a
+        // device that cannot take that many parameters, or anything else that fails a launch of
+        // several, gets one launch per block, as before session 20.
+        if let Some(f) = self.fused.as_mut().filter(|f| !single && f.per_launch() > 1) {
+            tracing::info!(per_launch = f.per_launch(), "fused decode kernel tried again with one block per launch");
+            f.set_per_launch(1);
+            single = self.fused_kind_ok(&[1], "one-sequence", true);
+        }
         let batched = if super::fused::batches_enabled() {
             let mut sizes: Vec<i32> = variants.into_iter().filter(|&v| v > 1).collect();
             if sizes.contains(&4) {

@@ -1,9 +1,10 @@
-//! `mlxd-bench fused-timing`: where the batched fused decode block's time goes on the GPU. Run
-//! with `MLXD_FUSED_TIMING=1` (the kernel then counts, for its block 0, the nanoseconds of each phase
-//! and of each grid barrier's wait, and the gap between one block's kernel and the next); for
-//! each batch size it decodes `--gen` steps from prompts of `--prompt` tokens (row i: `i *
-//! --stagger` more) and prints block 0's mean microseconds per call in each stretch. Without the
-//! variable the counters stay zero and it says so.
+//! `mlxd-bench fused-timing`: where the fused decode block's time goes on the GPU, one row or a
+//! batch. Run with `MLXD_FUSED_TIMING=1` (the kernel then counts, for its block 0, the
+//! nanoseconds of each phase and of each grid barrier's wait, and the gap before each decoder
+//! block: the barrier between two blocks of one launch, or the time between launches); for each
+//! batch size it decodes `--gen` steps from prompts of `--prompt` tokens (row i: `i * --stagger`
+//! more) and prints block 0's mean microseconds per block in each stretch. Without the variable
+//! the counters stay zero and it says so.
 
 use super::Args;
 use anyhow::{bail, Context, Result};
@@ -22,7 +23,7 @@ const STRETCHES: [&str; 10] = [
     "norm + gate/up",
     "barrier",
     "down",
-    "gap between kernels",
+    "gap before a block",
 ];
 
 pub fn run(args: &Args, dir: &Path) -> Result<Value> {
@@ -37,12 +38,11 @@ pub fn run(args: &Args, dir: &Path) -> Result<Value> {
     println!("|{}", " --- |".repeat(STRETCHES.len() + 3));
     let mut out = Vec::new();
     for &rows in &args.clients {
-        if rows == 1 {
-            // The one-row kernel is session 15's text, without the counters.
-            println!("| 1 | (the one-row kernel counts nothing) |");
+        if rows == 1 && !model.fused_decode() {
+            println!("| 1 | not fused (turned down at load, or MLXD_FUSED_DECODE=0) |");
             continue;
         }
-        if rows > most {
+        if rows > 1 && rows > most {
             println!("| {rows} | not fused (turned down at load, or MLXD_FUSED_BATCH=0) |");
             continue;
         }

@@ -425,7 +425,7 @@ fn engine_compare(args: &Args, dir: &Path, plugin_runs: &[(String, SamplingParam
     let model = mlxd::models::load(dir).with_context(|| format!("loading {}", dir.display()))?;
     println!(
         "one-sequence decode steps: {}; batched: {}",
-        if model.model.fused_decode() { "the fused block (one kernel per decoder block)" } else { "MLX's operations" },
+        if model.model.fused_decode() { "the fused block (one kernel launch for all decoder blocks)" } else { "MLX's operations" },
         match model.model.fused_batch_rows() {
             0 => "MLX's operations".to_string(),
             n => format!("the fused block up to {n} rows"),
