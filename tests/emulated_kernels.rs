@@ -418,16 +418,26 @@ fn argmax(v: &[f32]) -> u32 {
 fn fused_decode_matches_mlx_operations() {
     // Batched steps take the kernel (the default; a process with MLXD_FUSED_BATCH=0 would not).
     mlxd::models::fused::set_batches_enabled(true);
-    for (model_type, dtype, bound) in [
-        ("qwen3", Dtype::Float32, 1e-5),
-        ("llama", Dtype::Float32, 1e-5),
-        ("qwen3", Dtype::Bfloat16, 5e-2),
-        ("llama", Dtype::Bfloat16, 5e-2),
+    // Both blocks of the tiny models in one launch (the default), and for one model one launch
+    // per block (what a device that fails the launch of several gets at load).
+    for (model_type, dtype, bound, one_per_launch) in [
+        ("qwen3", Dtype::Float32, 1e-5, false),
+        ("llama", Dtype::Float32, 1e-5, false),
+        ("qwen3", Dtype::Bfloat16, 5e-2, false),
+        ("llama", Dtype::Bfloat16, 5e-2, true),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let loaded = q4_model(dir.path(), model_type, dtype);
+        let mut loaded = q4_model(dir.path(), model_type, dtype);
+        if one_per_launch {
+            loaded.model.set_fused_blocks_per_launch(1);
+        }
         let model = &loaded.model;
         assert!(model.fused_decode(), "{model_type}: the fused step was not taken (or failed its check at load)");
+        if one_per_launch {
+            assert_eq!(model.fused_blocks_per_launch(), 1);
+        } else if std::env::var_os("MLXD_FUSED_LAYERS").is_none() {
+            assert_eq!(model.fused_blocks_per_launch(), model.num_layers(), "a step's blocks in one launch");
+        }
         let prompt: Vec<i32> = (0..21).map(|i| (i * 13 + 5) % 97).collect();
         let mut fused = mlxd::cache::SequenceCache::new(model.num_layers());
         model.forward_all(&Array::from_slice(&prompt, &[1, prompt.len() as i32]), &mut fused).unwrap();

@@ -591,9 +591,23 @@ impl Transformer {
         Ok((fused < ops, fused, ops))
     }
 
-    /// Whether one-sequence decode steps run each block as one kernel ([`super::fused`]).
+    /// Whether one-sequence decode steps run the blocks as one fused kernel ([`super::fused`]).
     pub fn fused_decode(&self) -> bool {
         self.fused.as_ref().is_some_and(|f| f.single)
+    }
+
+    /// Decoder blocks per launch of the fused kernel (0: no fused kernel).
+    pub fn fused_blocks_per_launch(&self) -> usize {
+        self.fused.as_ref().map_or(0, |f| f.per_launch())
+    }
+
+    /// Runs `n` decoder blocks per launch of the fused kernel from now on (what a failed launch
+    /// of all of them at load falls back to, `n` = 1; for tests and measurements).
+    #[doc(hidden)]
+    pub fn set_fused_blocks_per_launch(&mut self, n: usize) {
+        if let Some(f) = self.fused.as_mut() {
+            f.set_per_launch(n);
+        }
     }
 
     /// The most rows a batched decode step runs through the fused kernel (0: none do).

@@ -10,8 +10,8 @@
 //! decides for the run (default `on`; they only run on CUDA), whatever `MLXD_MODEL_KERNELS` says.
 //! `--model-kernels fused` compares the fused decode block (`mlxd::models::fused`, one kernel
 //! launch for all the decoder blocks, for one row and for batches up to the model's most; it
-//! turns the batches' kernel on even where `MLXD_FUSED_BATCH=0`) with mlxd's kernels without it; `off` turns both
-//! off.
+//! turns the batches' kernel on even where `MLXD_FUSED_BATCH=0`) with mlxd's kernels without
+//! it; `off` turns both off.
 
 use super::{per_step, random_prompt, Args};
 use anyhow::{Context, Result};
