@@ -373,12 +373,13 @@ const SOURCE_ONE: &str = r#"
     float* ws = const_cast<float*>(work);
     unsigned int* sy = const_cast<unsigned int*>(reinterpret_cast<const unsigned int*>(sync));
     MLXD_LAYER_TABLE
-    for (int l = span[0]; l < span[1]; ++l) {
-    mlxd_select(l);
+    for (int li = span[0]; li < span[1]; ++li) {
+    mlxd_select(li);
     stamp(0);
-    // The block's input: x for the launch's first block, else the previous block's output.
-    const float* hin = ws + OFF_HB + ((l + 1) & 1) * D;
-    auto x_at = [&](int k) { return l == 0 ? static_cast<float>(x[k]) : __ldcg(hin + k); };
+    // Decoder block li of the launch (the attention's running sum is an l of its own). Its
+    // input: x for the launch's first block, else the previous block's output.
+    const float* hin = ws + OFF_HB + ((li + 1) & 1) * D;
+    auto x_at = [&](int k) { return li == 0 ? static_cast<float>(x[k]) : __ldcg(hin + k); };
     if constexpr (PHASE == 0 || PHASE == 1) {
         MLXD_LAYER_POINTERS_1
         mlxd_norm_to_shared<NT, D, T>(x_at, w_in, eps, sh, red);
@@ -562,14 +563,14 @@ const SOURCE_ONE: &str = r#"
         MLXD_LAYER_POINTERS_5
         for (int k = tid; k < I; k += NT) sh[k] = __ldcg(ws + OFF_MLP + k);
         __syncthreads();
-        float* hout = ws + OFF_HB + (l & 1) * D;
+        float* hout = ws + OFF_HB + (li & 1) * D;
         mlxd_q4_rows<I, GS, NR1>(D, gw, NW, d_w, d_s, d_b, sh, [&](int r, float v) {
             const float o = __ldcg(ws + OFF_H1 + r) + mlxd_round<T>(v);
-            if (l == NL - 1) out[r] = static_cast<T>(o); else hout[r] = mlxd_round<T>(o);
+            if (li == NL - 1) out[r] = static_cast<T>(o); else hout[r] = mlxd_round<T>(o);
         });
     }
     stamp(9);
-    if constexpr (PHASE == 0) { if (l + 1 < span[1]) mlxd_grid_sync(sy, P); }
+    if constexpr (PHASE == 0) { if (li + 1 < span[1]) mlxd_grid_sync(sy, P); }
     }
 "#;
 
@@ -861,16 +862,17 @@ const SOURCE: &str = r#"
     float* wk = const_cast<float*>(work);
     unsigned int* sy = const_cast<unsigned int*>(reinterpret_cast<const unsigned int*>(sync));
     MLXD_LAYER_TABLE
-    for (int l = span[0]; l < span[1]; ++l) {
-    mlxd_select(l);
+    for (int li = span[0]; li < span[1]; ++li) {
+    mlxd_select(li);
     stamp(0);
-    // Row v's input: x for the launch's first block, else the previous block's output.
-    const int hin = OFF_HB + ((l + 1) & 1) * D;
-    auto x_at = [&](int v, int k) { return l == 0 ? static_cast<float>(x[v * D + k]) : __ldcg(wk + v * WF + hin + k); };
+    // Decoder block li of the launch (the attention's running sum is an l of its own). Row v's
+    // input: x for the launch's first block, else the previous block's output.
+    const int hin = OFF_HB + ((li + 1) & 1) * D;
+    auto x_at = [&](int v, int k) { return li == 0 ? static_cast<float>(x[v * D + k]) : __ldcg(wk + v * WF + hin + k); };
     if constexpr (PHASE == 0 || PHASE == 1) {
         MLXD_LAYER_POINTERS_1
         mlxd_norm_rows<NT, D, T>(NB, [&](int v, int c, float* f) {
-            if (l == 0) {
+            if (li == 0) {
 #pragma unroll
                 for (int e = 0; e < 8; ++e) f[e] = static_cast<float>(x[v * D + 8 * c + e]);
             } else {
@@ -1062,11 +1064,11 @@ const SOURCE: &str = r#"
         mlxd_fill_rows<NT, I>(NB, wk + OFF_MLP, WF, xs);
         mlxd_q4_rows<I, GS, NR, B, NR1>(D, gw, NW, d_w, d_s, d_b, xs, NB, [&](int r, int v, float y) {
             const float o = __ldcg(wk + v * WF + OFF_H1 + r) + mlxd_round<T>(y);
-            if (l == NL - 1) out[v * D + r] = static_cast<T>(o); else wk[v * WF + OFF_HB + (l & 1) * D + r] = mlxd_round<T>(o);
+            if (li == NL - 1) out[v * D + r] = static_cast<T>(o); else wk[v * WF + OFF_HB + (li & 1) * D + r] = mlxd_round<T>(o);
         });
     }
     stamp(9);
-    if constexpr (PHASE == 0) { if (l + 1 < span[1]) mlxd_grid_sync(sy, P); }
+    if constexpr (PHASE == 0) { if (li + 1 < span[1]) mlxd_grid_sync(sy, P); }
     }
 "#;
 
