@@ -118,7 +118,7 @@ impl LayerCache {
         head_dim: i32,
         dtype: mlx_rs::Dtype,
     ) -> Result<(Array, Array), mlx_rs::error::Exception> {
-        if let Some(fresh) = self.prepare_fused_storage(kv_heads, head_dim, dtype)? {
+        if let Some(fresh) = self.prepare_fused_storage(kv_heads, head_dim, dtype, 0)? {
             // Evaluated now: the kernel that writes into them must get their final buffers.
             mlx_rs::transforms::eval(fresh.iter())?;
         }
@@ -128,12 +128,15 @@ impl LayerCache {
     /// Makes the storage [`Self::fused_storage`] hands out where the cache's own does not fit,
     /// and returns the new arrays, not yet evaluated: the caller evaluates them (a sequence's
     /// first fused step makes every layer's, and one wait for all of them costs the host far
-    /// less than one per layer).
+    /// less than one per layer). The storage holds at least `min_capacity` positions: one
+    /// launch of the fused kernel runs every layer with the first layer's capacity, so a
+    /// sequence's layers are given one.
     pub(crate) fn prepare_fused_storage(
         &mut self,
         kv_heads: i32,
         head_dim: i32,
         dtype: mlx_rs::Dtype,
+        min_capacity: i32,
     ) -> Result<Option<[Array; 2]>, mlx_rs::error::Exception> {
         // A view (a prefix copy's slice of a longer buffer) is strided: the kernel indexes rows
         // by the array's own capacity, so only row-contiguous storage fits.
@@ -141,14 +144,18 @@ impl LayerCache {
             a.as_ref().is_some_and(|a| {
                 let cap = a.shape()[2];
                 let contiguous = a.strides()[1..] == [(cap * head_dim) as usize, head_dim as usize, 1];
-                a.shape() == [1, kv_heads, cap, head_dim] && cap > self.offset && a.dtype() == dtype && contiguous
+                a.shape() == [1, kv_heads, cap, head_dim]
+                    && cap > self.offset
+                    && cap >= min_capacity
+                    && a.dtype() == dtype
+                    && contiguous
             })
         };
         let own = self.owned.as_ref().is_some_and(|t| std::sync::Arc::strong_count(t) == 1);
         if own && fits(&self.keys) && fits(&self.values) {
             return Ok(None);
         }
-        let room = (self.offset + 1 + STEP - 1) / STEP * STEP;
+        let room = ((self.offset + 1 + STEP - 1) / STEP * STEP).max(min_capacity);
         // The positions so far, then zeros up to `room` (all zeros for an empty cache).
         let fresh = |old: &Option<Array>| -> Result<Array, mlx_rs::error::Exception> {
             let tail = ops::zeros_dtype(&[1, kv_heads, room - self.offset, head_dim], dtype)?;
@@ -164,6 +171,11 @@ impl LayerCache {
         self.values = Some(v.clone());
         self.owned = Some(std::sync::Arc::new(()));
         Ok(Some([k, v]))
+    }
+
+    /// Positions the storage the fused kernel writes holds (0 before it has any).
+    pub(crate) fn fused_capacity(&self) -> i32 {
+        self.keys.as_ref().map_or(0, |k| if k.ndim() == 4 { k.shape()[2] } else { 0 })
     }
 
     /// One more position filled (by the fused decode step, in place).
@@ -577,6 +589,25 @@ mod tests {
         let (k, _) = full.fused_storage(1, 1, mlx_rs::Dtype::Float32).unwrap();
         assert_eq!(k.shape(), &[1, 1, 2 * STEP, 1]);
         assert_eq!(values(&k)[STEP as usize - 1], (STEP - 1) as f32);
+    }
+
+    #[test]
+    fn fused_storage_takes_a_capacity_asked_for_and_keeps_the_positions() {
+        // A layer whose storage holds STEP positions, asked for as many as another layer's 2 * STEP.
+        let mut c = LayerCache::default();
+        c.update_and_fetch(&positions(3, 0.0), &positions(3, 10.0)).unwrap();
+        c.fused_storage(1, 1, mlx_rs::Dtype::Float32).unwrap();
+        assert_eq!(c.fused_capacity(), STEP);
+        let made = c.prepare_fused_storage(1, 1, mlx_rs::Dtype::Float32, 2 * STEP).unwrap();
+        assert!(made.is_some(), "storage too small for the capacity asked for is made again");
+        assert_eq!(c.fused_capacity(), 2 * STEP);
+        let (k, v) = c.fused_storage(1, 1, mlx_rs::Dtype::Float32).unwrap();
+        assert_eq!(k.shape(), &[1, 1, 2 * STEP, 1]);
+        assert_eq!(values(&k)[..4], [0.0, 1.0, 2.0, 0.0]);
+        assert_eq!(values(&v)[..3], [10.0, 11.0, 12.0]);
+        // Already that large: kept.
+        assert!(c.prepare_fused_storage(1, 1, mlx_rs::Dtype::Float32, 2 * STEP).unwrap().is_none());
+        assert_eq!(LayerCache::default().fused_capacity(), 0);
     }
 
     fn positions(t: i32, first: f32) -> Array {

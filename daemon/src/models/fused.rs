@@ -1412,7 +1412,15 @@ impl FusedDecode {
         // sequence: all of them) and evaluated in one wait.
         let mut fresh = Vec::new();
         for layer in layers.iter_mut() {
-            fresh.extend(layer.prepare_fused_storage(kv_heads, head_dim, dtype)?.into_iter().flatten());
+            fresh.extend(layer.prepare_fused_storage(kv_heads, head_dim, dtype, 0)?.into_iter().flatten());
+        }
+        // One launch reads every layer's capacity from the first's: a layer with less (its
+        // storage kept from an earlier size) is given the most any layer has.
+        let most = layers.iter().map(LayerCache::fused_capacity).max().unwrap_or(0);
+        if layers.iter().any(|l| l.fused_capacity() != most) {
+            for layer in layers.iter_mut() {
+                fresh.extend(layer.prepare_fused_storage(kv_heads, head_dim, dtype, most)?.into_iter().flatten());
+            }
         }
         if !fresh.is_empty() {
             mlx_rs::transforms::eval(fresh.iter())?;
