@@ -133,9 +133,10 @@ const ONE_ROW_SHARED_MAX: i32 = 46 * 1024;
 pub const BATCH_MAX: i32 = 8;
 /// Where the timing counters start in the barrier words (see [`TIMING_COUNTERS`]).
 const TIMING_AT: i32 = 64 + 64 * BATCH_MAX;
-/// 64-bit counters of `MLXD_FUSED_TIMING=1`: calls, then the nanoseconds of each stretch of
-/// block 0 (phase 1, barrier, phase 2, barrier, phase 3, barrier, phase 4, barrier, phase 5),
-/// the gap since the previous call's end and the gaps counted; the last holds that end.
+/// 64-bit counters of `MLXD_FUSED_TIMING=1`: decoder blocks run, then the nanoseconds of each
+/// stretch of block 0 (phase 1, barrier, phase 2, barrier, phase 3, barrier, phase 4, barrier,
+/// phase 5), the barriers between blocks of a launch and how many, the gaps between launches and
+/// how many; the last holds the latest block's end.
 const TIMING_COUNTERS: i32 = 16;
 /// Barrier words: arrivals at 0, generation at 32, one ticket per (row, query head) from 64,
 /// then the timing counters.
@@ -158,14 +159,17 @@ __device__ inline unsigned long long mlxd_now() {
     return t;
 }
 // MLXD_FUSED_TIMING=1: block 0's thread 0 adds each stretch's nanoseconds to the counters ctr
-// (k 0 starts a call and counts the gap since the last call's end; 1-9 end a stretch).
-__device__ inline void mlxd_stamp(unsigned long long* ctr, int k, unsigned long long& t_prev) {
+// (k 0 starts a decoder block and counts the gap since the last one's end: at 10-11 when it
+// follows a block of the same launch (the barrier between them), at 12-13 when it starts a
+// launch; 1-9 end a stretch).
+__device__ inline void mlxd_stamp(unsigned long long* ctr, int k, unsigned long long& t_prev, bool first) {
     if (blockIdx.x != 0 || threadIdx.x != 0) return;
     const unsigned long long t = mlxd_now();
     if (k == 0) {
         ctr[0] += 1;
         const unsigned long long end = ctr[15];
-        if (end != 0 && t > end && t - end < 1000000ull) { ctr[10] += t - end; ctr[11] += 1; }
+        const int at = first ? 12 : 10;
+        if (end != 0 && t > end && t - end < 1000000ull) { ctr[at] += t - end; ctr[at + 1] += 1; }
     } else {
         ctr[k] += t - t_prev;
     }
@@ -178,7 +182,7 @@ __device__ inline float mlxd_round(float v) { return static_cast<float>(static_c
 #define MLXD_TIMING_STAMPS \
     unsigned long long* ctr = reinterpret_cast<unsigned long long*>(const_cast<unsigned int*>(reinterpret_cast<const unsigned int*>(sync)) + TIMING_AT); \
     unsigned long long t_prev = 0; \
-    auto stamp = [&](int k) { if constexpr (TIMED && PHASE == 0) mlxd_stamp(ctr, k, t_prev); };
+    auto stamp = [&](int k, bool first = false) { if constexpr (TIMED && PHASE == 0) mlxd_stamp(ctr, k, t_prev, first); };
 // A launch takes NL consecutive decoder blocks; mlxd_select(l) (the body's MLXD_LAYER_TABLE,
 // written for NL by fused.rs) puts block l's arrays in lp (shared memory), in LAYER_INPUTS'
 // order, and each phase takes the ones it reads.
@@ -375,7 +379,7 @@ const SOURCE_ONE: &str = r#"
     MLXD_LAYER_TABLE
     for (int li = span[0]; li < span[1]; ++li) {
     mlxd_select(li);
-    stamp(0);
+    stamp(0, li == span[0]);
     // Decoder block li of the launch (the attention's running sum is an l of its own). Its
     // input: x for the launch's first block, else the previous block's output.
     const float* hin = ws + OFF_HB + ((li + 1) & 1) * D;
@@ -864,7 +868,7 @@ const SOURCE: &str = r#"
     MLXD_LAYER_TABLE
     for (int li = span[0]; li < span[1]; ++li) {
     mlxd_select(li);
-    stamp(0);
+    stamp(0, li == span[0]);
     // Decoder block li of the launch (the attention's running sum is an l of its own). Row v's
     // input: x for the launch's first block, else the previous block's output.
     const int hin = OFF_HB + ((li + 1) & 1) * D;
@@ -1719,21 +1723,23 @@ impl Workspace {
         self.work.size()
     }
 
-    /// What the kernel counted under `MLXD_FUSED_TIMING=1` (all zeros otherwise): the calls, and
-    /// block 0's mean microseconds per call in phase 1, the barrier after it, phase 2, barrier,
-    /// phase 3, barrier, phase 4, barrier, phase 5, then the mean gap between the end of one
-    /// call and the start of the next.
-    pub fn timing(&self) -> std::result::Result<(u64, [f64; 10]), mlx_rs::error::Exception> {
+    /// What the kernel counted under `MLXD_FUSED_TIMING=1` (all zeros otherwise): the decoder
+    /// blocks run, and block 0's mean microseconds per decoder block in phase 1, the barrier
+    /// after it, phase 2, barrier, phase 3, barrier, phase 4, barrier, phase 5, then the mean
+    /// barrier between two blocks of one launch and the mean gap between one launch's end and
+    /// the next one's start (0 where there were none).
+    pub fn timing(&self) -> std::result::Result<(u64, [f64; 11]), mlx_rs::error::Exception> {
         self.sync.eval()?;
         let words = self.sync.as_slice::<u32>();
         let at = TIMING_AT as usize;
         let counter = |i: usize| words[at + 2 * i] as u64 | (words[at + 2 * i + 1] as u64) << 32;
         let calls = counter(0);
-        let mut out = [0.0; 10];
+        let mut out = [0.0; 11];
         for (i, o) in out.iter_mut().enumerate().take(9) {
             *o = counter(i + 1) as f64 / calls.max(1) as f64 / 1e3;
         }
         out[9] = counter(10) as f64 / counter(11).max(1) as f64 / 1e3;
+        out[10] = counter(12) as f64 / counter(13).max(1) as f64 / 1e3;
         Ok((calls, out))
     }
 }

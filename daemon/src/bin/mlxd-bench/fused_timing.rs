@@ -1,7 +1,7 @@
 //! `mlxd-bench fused-timing`: where the fused decode block's time goes on the GPU, one row or a
 //! batch. Run with `MLXD_FUSED_TIMING=1` (the kernel then counts, for its block 0, the
-//! nanoseconds of each phase and of each grid barrier's wait, and the gap before each decoder
-//! block: the barrier between two blocks of one launch, or the time between launches); for each
+//! nanoseconds of each phase and of each grid barrier's wait, the barrier between two decoder
+//! blocks of one launch, and the time between one launch's end and the next's start); for each
 //! batch size it decodes `--gen` steps from prompts of `--prompt` tokens (row i: `i * --stagger`
 //! more) and prints block 0's mean microseconds per block in each stretch. Without the variable
 //! the counters stay zero and it says so.
@@ -13,7 +13,7 @@ use mlxd::cache::{BatchCache, SequenceCache};
 use serde_json::{json, Value};
 use std::path::Path;
 
-const STRETCHES: [&str; 10] = [
+const STRETCHES: [&str; 11] = [
     "norm + qkv",
     "barrier",
     "attention",
@@ -23,7 +23,8 @@ const STRETCHES: [&str; 10] = [
     "norm + gate/up",
     "barrier",
     "down",
-    "gap before a block",
+    "barrier between blocks",
+    "gap between launches",
 ];
 
 pub fn run(args: &Args, dir: &Path) -> Result<Value> {
