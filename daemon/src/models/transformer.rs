@@ -303,6 +303,17 @@ impl Block {
     }
 }
 
+/// What the load-time check made of a kind of fused step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FusedVerdict {
+    /// It agrees with MLX's operations (and, where timed, is faster): kept.
+    Kept,
+    /// It ran, but disagreed or was slower.
+    TurnedDown,
+    /// It did not run (a launch failed).
+    Failed,
+}
+
 /// How far the fused decode kernel's logits may be from MLX's operations' at load (largest
 /// difference over the largest logit): bfloat16 rounding in different places gives 1-3%.
 const FUSED_TOLERANCE: f32 = 0.05;
@@ -392,15 +403,16 @@ impl Transformer {
     fn prepare_fused_decode(&mut self) {
         let Some(variants) = self.fused.as_ref().map(|f| f.variants()) else { return };
         let started = std::time::Instant::now();
-        let mut single = self.fused_kind_ok(&[1], "one-sequence", true);
-        // A launch of every block passes the kernel all their arrays (18 pointers a block); a
-        // device that cannot take that many parameters, or anything else that fails a launch of
-        // several, gets one launch per block, as before session 20.
-        if let Some(f) = self.fused.as_mut().filter(|f| !single && f.per_launch() > 1) {
+        let mut verdict = self.fused_kind_verdict(&[1], "one-sequence", true);
+        // A launch of every block passes the kernel all their arrays (18 pointers a block): a
+        // device that fails such a launch (too many parameters, say) gets one launch per block,
+        // as before session 20. A kernel that ran but disagreed or was slower is not retried.
+        if let Some(f) = self.fused.as_mut().filter(|f| verdict == FusedVerdict::Failed && f.per_launch() > 1) {
             tracing::info!(per_launch = f.per_launch(), "fused decode kernel tried again with one block per launch");
             f.set_per_launch(1);
-            single = self.fused_kind_ok(&[1], "one-sequence", true);
+            verdict = self.fused_kind_verdict(&[1], "one-sequence", true);
         }
+        let single = verdict == FusedVerdict::Kept;
         let batched = if super::fused::batches_enabled() {
             let mut sizes: Vec<i32> = variants.into_iter().filter(|&v| v > 1).collect();
             if sizes.contains(&4) {
@@ -429,6 +441,11 @@ impl Transformer {
     /// in 30-60 repeats, by 4-8% of the largest logit, where the fused kernel gave the same
     /// answer every time).
     fn fused_kind_ok(&self, sizes: &[i32], kind: &str, timed: bool) -> bool {
+        self.fused_kind_verdict(sizes, kind, timed) == FusedVerdict::Kept
+    }
+
+    /// [`Self::fused_kind_ok`], telling a kernel that failed to run from one turned down.
+    fn fused_kind_verdict(&self, sizes: &[i32], kind: &str, timed: bool) -> FusedVerdict {
         let check = |rows: i32| -> Result<f32> {
             let first = self.fused_error(rows as usize)?;
             if first <= FUSED_TOLERANCE {
@@ -449,17 +466,17 @@ impl Transformer {
             Ok(errors) => errors.into_iter().fold(0.0f32, f32::max),
             Err(e) => {
                 tracing::warn!(kind, error = %e, "fused decode kernel unavailable; using MLX's operations");
-                return false;
+                return FusedVerdict::Failed;
             }
         };
         if err > FUSED_TOLERANCE {
             tracing::warn!(kind, err, "fused decode kernel disagrees with MLX's operations; not used");
-            return false;
+            return FusedVerdict::TurnedDown;
         }
         let rows = if sizes.contains(&4) { 4 } else { sizes[0] };
         if !timed {
             tracing::info!(kind, err, "fused decode kernel checked; not timed (one sequence's step is faster fused, or MLXD_FUSED_BATCH=force)");
-            return true;
+            return FusedVerdict::Kept;
         }
         match self.fused_is_faster(rows as usize) {
             Ok((faster, fused_ms, ops_ms)) => {
@@ -472,11 +489,15 @@ impl Transformer {
                     faster,
                     "fused decode kernel timed against MLX's operations"
                 );
-                faster
+                if faster {
+                    FusedVerdict::Kept
+                } else {
+                    FusedVerdict::TurnedDown
+                }
             }
             Err(e) => {
                 tracing::warn!(kind, error = %e, "fused decode kernel failed its timing; using MLX's operations");
-                false
+                FusedVerdict::Failed
             }
         }
     }
