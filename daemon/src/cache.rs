@@ -571,7 +571,7 @@ mod tests {
         let (pk, _) = prefix.fused_storage(1, 1, mlx_rs::Dtype::Float32).unwrap();
         assert_eq!(values(&pk)[..2], [0.0, 1.0]);
         // A prefix copy of a two-head cache is a strided view: never written in place.
-        let heads = |t: i32| ops::broadcast_to(&positions(t, 0.0), &[1, 2, t, 1]).unwrap();
+        let heads = |t: i32| ops::broadcast_to(positions(t, 0.0), &[1, 2, t, 1]).unwrap();
         let mut wide = LayerCache::default();
         wide.update_and_fetch(&heads(300), &heads(300)).unwrap();
         wide.fused_storage(2, 1, mlx_rs::Dtype::Float32).unwrap();

@@ -1444,7 +1444,7 @@ impl FusedDecode {
         let work = own_workspace(&mut batch.fused_work, floats, || self.workspace(rows))?;
         let pos = Array::from_slice(&[batch.column()], &[1]);
         let starts = batch.starts().clone();
-        Ok(self.blocks(x, &pos, &starts, &work, |l| batch.storage(l))?)
+        self.blocks(x, &pos, &starts, &work, |l| batch.storage(l))
     }
 
     /// Every block on `x` (`[B, D]`), the new keys and values at column `pos`, row b's first

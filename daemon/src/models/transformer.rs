@@ -739,7 +739,7 @@ impl Transformer {
         let h = self.hidden(tokens, &mut cache)?;
         let (b, d) = (lens.len() as i32, h.shape()[2]);
         let last: Vec<i32> = lens.iter().map(|&l| l - 1).collect();
-        let at = ops::broadcast_to(&Array::from_slice(&last, &[b, 1, 1]), &[b, 1, d])?;
+        let at = ops::broadcast_to(Array::from_slice(&last, &[b, 1, 1]), &[b, 1, d])?;
         let logits = self.head(&h.take_along_axis(&at, 1)?.reshape(&[b, d])?)?;
         let rows =
             lens.iter().enumerate().map(|(r, &len)| cache.row(r as i32, len)).collect::<std::result::Result<_, _>>()?;

@@ -35,7 +35,7 @@ pub fn run(args: &Args) -> Result<()> {
     };
     let mut summary = json!({
         "stamp": stamp(),
-        "bandwidth": bandwidth().map_or_else(|e| json!({"error": format!("{e:#}")}), |b| b),
+        "bandwidth": bandwidth().unwrap_or_else(|e| json!({"error": format!("{e:#}")})),
         "models": [],
         "serve": null,
         "skipped": [],
