@@ -309,3 +309,22 @@ fn a_batch_keeps_its_rows_when_others_leave() {
     assert!(batch.deserted());
     assert!(batch.split().unwrap().is_empty(), "departed members get nothing back");
 }
+
+#[test]
+fn step_part_times_measure_every_part_and_move_the_sequence_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_checkpoint(tmp.path(), &tiny_config("qwen3"), None);
+    let model = load(tmp.path());
+    let mut cache = SequenceCache::new(model.num_layers());
+    model.forward_all(&ids(&TOKENS[..4]), &mut cache).unwrap();
+    let (k, repeats) = (3, 2);
+    let parts = model.step_part_times(&mut cache, k, repeats).unwrap();
+    let names: Vec<&str> = parts.iter().map(|p| p.0).collect();
+    assert_eq!(names[..4], ["embedding", "decoder blocks", "final norm + head", "greedy pick"]);
+    assert!(names[4].starts_with("whole step"), "{names:?}");
+    for (name, us) in &parts {
+        assert!(us.is_finite() && *us > 0.0, "{name}: {us} µs");
+    }
+    // The blocks and the whole steps each decoded k positions per round, warm-up included.
+    assert_eq!(cache.offset(), 4 + 2 * (k * (repeats + 1)) as i32);
+}

@@ -757,14 +757,7 @@ impl Transformer {
             }
         }
         if let [only] = caches {
-            let mut h = self.embed_tokens.rows(tokens)?;
-            if let Some(fused) = self.fused.as_ref().filter(|f| f.takes(&h) && super::fused::enabled()) {
-                h = fused.decode(&h, only)?;
-                return self.head(&self.norm.forward(&h)?);
-            }
-            for (block, layer) in self.layers.iter().zip(only.layers.iter_mut()) {
-                h = block.decode_one(&h, layer)?;
-            }
+            let h = self.decode_blocks(&self.embed_tokens.rows(tokens)?, only)?;
             return self.head(&self.norm.forward(&h)?);
         }
         let members: Vec<u64> = (0..caches.len() as u64).collect();
@@ -775,6 +768,80 @@ impl Transformer {
             *caches[i as usize] = cache;
         }
         Ok(logits)
+    }
+
+    /// Every decoder block on one sequence's embedded token `h` (`[1, D]`): the fused kernel
+    /// where it takes the step, else block by block.
+    fn decode_blocks(&self, h: &Array, cache: &mut SequenceCache) -> Result<Array> {
+        if let Some(fused) = self.fused.as_ref().filter(|f| f.takes(h) && super::fused::enabled()) {
+            return fused.decode(h, cache);
+        }
+        let mut h = h.clone();
+        for (block, layer) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            h = block.decode_one(&h, layer)?;
+        }
+        Ok(h)
+    }
+
+    /// Where a one-sequence greedy decode step's time goes, for `mlxd-bench step-parts`: each
+    /// part is queued `k` times and evaluated at once (the decoder blocks and whole steps
+    /// chained, as decoding chains them; the embedding, the final norm with the head, and the
+    /// greedy pick on one fixed input each), `repeats` times after a warm-up; the median wall
+    /// time over `k`, microseconds. Queued together, a part's launches follow each other on the
+    /// device, so this is its device time where the host keeps ahead. `cache` holds a
+    /// prefilled sequence and moves on by `2 * k * (repeats + 1)` positions.
+    #[doc(hidden)]
+    pub fn step_part_times(
+        &self,
+        cache: &mut SequenceCache,
+        k: usize,
+        repeats: usize,
+    ) -> Result<Vec<(&'static str, f64)>> {
+        if cache.layers.len() != self.layers.len() {
+            *cache = SequenceCache::new(self.layers.len());
+        }
+        let time = |part: &mut dyn FnMut() -> Result<Vec<Array>>| -> Result<f64> {
+            let mut per_call = Vec::with_capacity(repeats);
+            for round in 0..=repeats {
+                let start = std::time::Instant::now();
+                let outs = part()?;
+                mlx_rs::transforms::eval(outs.iter())?;
+                if round > 0 {
+                    per_call.push(start.elapsed().as_secs_f64() * 1e6 / k.max(1) as f64);
+                }
+            }
+            per_call.sort_by(f64::total_cmp);
+            Ok(per_call.get(per_call.len() / 2).copied().unwrap_or(f64::NAN))
+        };
+        let token = Array::from_slice(&[1i32], &[1]);
+        let h0 = self.embed_tokens.rows(&token)?;
+        let logits = self.head(&self.norm.forward(&h0)?)?;
+        mlx_rs::transforms::eval([&h0, &logits])?;
+        let pick = |l: &Array| ops::indexing::argmax_axis(l, -1, false).map_err(ModelError::from);
+        let embedding = time(&mut || (0..k).map(|_| Ok(self.embed_tokens.rows(&token)?)).collect())?;
+        let blocks = time(&mut || {
+            let mut h = h0.clone();
+            for _ in 0..k {
+                h = self.decode_blocks(&h, cache)?;
+            }
+            Ok(vec![h])
+        })?;
+        let head = time(&mut || (0..k).map(|_| self.head(&self.norm.forward(&h0)?)).collect())?;
+        let greedy = time(&mut || (0..k).map(|_| pick(&logits)).collect())?;
+        let step = time(&mut || {
+            let mut t = token.clone();
+            for _ in 0..k {
+                t = pick(&self.forward_batch(&t, &mut [&mut *cache])?)?;
+            }
+            Ok(vec![t])
+        })?;
+        Ok(vec![
+            ("embedding", embedding),
+            ("decoder blocks", blocks),
+            ("final norm + head", head),
+            ("greedy pick", greedy),
+            ("whole step (all of the above, chained)", step),
+        ])
     }
 
     /// One decode step for a stacked batch of sequences: `tokens` is `[B]`, in the batch's row

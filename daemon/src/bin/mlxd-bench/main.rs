@@ -16,6 +16,7 @@ mod alternate;
 mod batch;
 mod fused_check;
 mod fused_timing;
+mod step_parts;
 mod kernel_check;
 mod kernel_sources;
 mod profile;
@@ -68,6 +69,9 @@ mlxd-bench fused-check --shape ... [--clients 1,2,3,4,8] [--repeats 20]
                                      and whether the kernel answers the same input the same
 MLXD_FUSED_TIMING=1 mlxd-bench fused-timing --shape ... [--clients 1,2,4,8] [--stagger N]
                                      the fused decode block's time per phase and barrier
+mlxd-bench step-parts --shape ... [--prompt 128] [--gen 16] [--repeats 10]
+                                     a one-sequence step's parts (embedding, decoder blocks,
+                                     head, greedy pick) queued --gen at a time: device time each
 mlxd-bench suite --json out.json [--models qwen3-0.6b:bf16,qwen3-0.6b:q4,...|NAME=PATH|smollm2]
                  [--serve-model SHAPE:DTYPE|none] [--no-plugins] [engine and serve options]
                                      everything the report needs, in one run (see `suite`)
@@ -153,6 +157,7 @@ struct Args {
     serve: bool,
     batch: bool,
     fused_timing: bool,
+    step_parts: bool,
     /// `fused-check`: the fused block's load-time check, repeated.
     fused_check: bool,
     /// `sampler-check`: the CUDA sampling kernel against the MLX-op graph.
@@ -199,6 +204,7 @@ fn parse_args() -> Result<Args> {
         serve: false,
         batch: false,
         fused_timing: false,
+        step_parts: false,
         fused_check: false,
         sampler_check: false,
         sampler_cost: false,
@@ -225,6 +231,7 @@ fn parse_args() -> Result<Args> {
         Some("serve") => a.serve = true,
         Some("batch") => a.batch = true,
         Some("fused-timing") => a.fused_timing = true,
+        Some("step-parts") => a.step_parts = true,
         Some("fused-check") => a.fused_check = true,
         Some("sampler-check") => a.sampler_check = true,
         Some("sampler-cost") => a.sampler_cost = true,
@@ -377,6 +384,10 @@ fn run() -> Result<()> {
     }
     if args.fused_timing {
         let summary = fused_timing::run(&args, &dir)?;
+        return write_summary(&args, &summary);
+    }
+    if args.step_parts {
+        let summary = step_parts::run(&args, &dir)?;
         return write_summary(&args, &summary);
     }
     if args.fused_check {
