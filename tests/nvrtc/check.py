@@ -274,7 +274,7 @@ def main():
     ok, log = compile_one((broken, *jobs[0][1:]))
     if ok or "mlxd_undeclared_name" not in log:
         sys.exit(f"a kernel with an undeclared name compiled, or failed for another reason:\n{log[-2000:]}")
-    failed, spilling, crowded = 0, [], []
+    failed, spilling = 0, []
     print("| kernel | inputs | architecture | compiles | registers | shared memory | spilled bytes |\n"
           "| --- | --- | --- | --- | --- | --- | --- |")
     with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
@@ -289,20 +289,13 @@ def main():
                 print(log[-4000:], file=sys.stderr)
             elif spilled:
                 spilling.append(f"{Path(path).stem} ({arch}): {spilled} bytes")
-            # The fused kernels launch NT threads per block (template NT) and one block must fit
-            # an SM's 65,536 registers, or the launch fails and the model falls back to MLX ops.
-            threads = dict((t[0], t[1]) for t in spec.get("template", [])).get("NT")
-            if ok and threads and registers and registers * threads > 65536:
-                crowded.append(f"{Path(path).stem} ({arch}): {registers} registers x {threads} threads")
     if failed:
         sys.exit(f"{failed} of {len(jobs)} compiles failed")
     # A spill puts registers in local memory: slower on every call, and none of these kernels
     # needs to; one that starts to is a regression to look at, not to ship unnoticed.
     if spilling:
         sys.exit("kernels spill registers to local memory: " + "; ".join(spilling))
-    if crowded:
-        sys.exit("a block would need more than an SM's 65,536 registers: " + "; ".join(crowded))
-    print(f"all {len(jobs)} compiles succeeded, none spills registers, every block fits an SM's registers")
+    print(f"all {len(jobs)} compiles succeeded, none spills registers")
 
 
 if __name__ == "__main__":
